@@ -1,0 +1,7 @@
+"""clsp: contrastive learning with synthetic positives (Zeng et al., ECCV 2024)."""
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("clsp")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,34 @@
+"""`clsp data info|sheet SOURCE`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from clsp.sources import SPEC_HELP, open_source
+from shards.sheet import image_grid
+
+app = typer.Typer(help=f"Inspect data sources ({SPEC_HELP}).", no_args_is_help=True)
+
+
+@app.command("info")
+def info_command(source: str = typer.Argument(..., help=SPEC_HELP),
+                 split: str = typer.Option("train", help="train | test | all"),
+                 image_size: int = typer.Option(None, help="Resize images to this many pixels (square).")) -> None:
+    """Count, image size, classes and content fingerprint of a source."""
+    typer.echo(json.dumps(open_source(source, split, image_size).describe(), indent=2))
+
+
+@app.command("sheet")
+def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
+                  out: Path = typer.Option(..., "--out", help="PNG file to write."),
+                  split: str = typer.Option("train", help="train | test | all"),
+                  image_size: int = typer.Option(None, help="Resize images to this many pixels (square)."),
+                  rows: int = typer.Option(8, min=1), columns: int = typer.Option(12, min=1)) -> None:
+    """A grid of the first images of a source."""
+    records = list(open_source(source, split, image_size).records(0, rows * columns))
+    grid = [[r.image for r in records[i:i + columns]] for i in range(0, len(records), columns)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(grid, anchor_gap=0).save(out)
+    typer.echo(out)

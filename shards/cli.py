@@ -1,0 +1,51 @@
+"""`clsp shards verify|info|sheet`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from shards.manifest import read_manifest
+from shards.sheet import contact_sheet
+from shards.verify import verify
+
+app = typer.Typer(help="Inspect and check shard directories (the contract between teams).", no_args_is_help=True)
+
+
+@app.command("verify")
+def verify_command(directory: Path = typer.Argument(..., help="Shard directory (holds manifest.json).")) -> None:
+    """Check every shard opens, every anchor appears exactly once with K positives, and checksums match."""
+    problems = verify(directory)
+    if problems:
+        for problem in problems:
+            typer.echo(f"FAIL {problem}", err=True)
+        typer.echo(f"{directory}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    manifest = read_manifest(str(directory))
+    typer.echo(f"{directory}: OK ({manifest.count} anchors x {manifest.k} positives in {len(manifest.shards)} shards)")
+
+
+@app.command("info")
+def info_command(location: str = typer.Argument(..., help="Shard directory or URL."),
+                 as_json: bool = typer.Option(False, "--json", help="Print the whole manifest run metadata as JSON.")) -> None:
+    """Show what made a shard directory: source, generator, sampler settings, K, seed."""
+    manifest = read_manifest(location)
+    if as_json:
+        typer.echo(json.dumps({"count": manifest.count, "shards": len(manifest.shards), "run": manifest.run},
+                              indent=2, sort_keys=True))
+        return
+    run = manifest.run
+    typer.echo(f"anchors     {manifest.count} in {len(manifest.shards)} shards, K = {manifest.k}, "
+               f"{run.get('image_size')} px")
+    for key in ("source", "generator", "sampler"):
+        typer.echo(f"{key:<11} " + ", ".join(f"{k}={v}" for k, v in sorted(run.get(key, {}).items())))
+    typer.echo(f"seed        {run.get('seed')}   clsp {run.get('package_version')}")
+
+
+@app.command("sheet")
+def sheet_command(directory: str = typer.Argument(..., help="Shard directory or URL."),
+                  out: Path = typer.Option(..., "--out", help="PNG file to write."),
+                  anchors: int = typer.Option(8, min=1, help="How many anchors (rows).")) -> None:
+    """Contact sheet: anchors in the first column, their positives to the right."""
+    typer.echo(contact_sheet(directory, out, anchors))

@@ -1,0 +1,85 @@
+"""An atomic, reproducible shard writer.
+
+A shard is written to a hidden temporary name in the same directory and renamed to `shard-NNNNNN.tar` only after every
+sample is in and the bytes are on disk: a crash, a kill or a full disk leaves no file under a final name. Members get a
+fixed mtime, owner and mode, so identical samples give byte-identical tars. Names come from the shard's index, which the
+caller derives from a fixed anchor range, so parallel processes never write the same name.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from pathlib import Path
+
+from shards.schema import SchemaError, ShardSample, encode_sample, sample_sha256
+
+SHARD_PATTERN = re.compile(r"^shard-[0-9]{6}\.tar$")
+TEMP_PREFIX = ".tmp-"
+
+
+def shard_name(index: int) -> str:
+    if not 0 <= index < 1_000_000:
+        raise ValueError(f"shard index {index} is outside 0..999999")
+    return f"shard-{index:06d}.tar"
+
+
+def temp_files(directory: str | Path) -> list[Path]:
+    """Unfinished shards a crashed writer left behind (never read as shards)."""
+    return sorted(Path(directory).glob(f"{TEMP_PREFIX}*"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """`with ShardWriter(path, k, image_size) as w: w.write(sample)`; the shard appears at `path` on a clean exit."""
+
+    def __init__(self, path: str | Path, k: int, image_size: int):
+        self.path = Path(path)
+        if not SHARD_PATTERN.match(self.path.name):
+            raise ValueError(f"shard file name {self.path.name!r} must look like {shard_name(0)}")
+        self.k, self.image_size = k, image_size
+        self.temp = self.path.with_name(f"{TEMP_PREFIX}{self.path.name}.{os.getpid()}")
+        self.checksums: dict[str, str] = {}  # anchor id -> sample sha256, in write order
+
+    def __enter__(self) -> "ShardWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.temp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def write(self, sample: ShardSample) -> str:
+        if sample.anchor_id in self.checksums:
+            raise SchemaError(f"anchor {sample.anchor_id} is written twice to {self.path.name}")
+        members = encode_sample(sample, self.k, self.image_size)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.checksums[sample.anchor_id] = sample_sha256(members)
+        return self.checksums[sample.anchor_id]
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self._file.close()
+            self.temp.unlink(missing_ok=True)
+            raise
+        if exc_type is not None:
+            self.temp.unlink(missing_ok=True)
+            return
+        os.replace(self.temp, self.path)  # atomic on POSIX: the final name only ever holds a complete shard
+        _fsync_dir(self.path.parent)

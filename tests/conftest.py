@@ -1,0 +1,52 @@
+"""Shared test fixtures: data the tests make themselves (shard directories, Parquet files, image folders)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)  # CI has 2 cores; tiny models run faster single-threaded and leave room for subprocess tests
+
+from shards.manifest import write_manifest
+from shards.schema import ShardSample
+from shards.writer import ShardWriter, shard_name
+
+
+def random_sample(anchor_id: str, k: int, size: int, label: int, seed: int) -> ShardSample:
+    rng = np.random.default_rng(seed)
+    return ShardSample(anchor_id, rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+                       rng.integers(0, 256, (k, size, size, 3), dtype=np.uint8), label,
+                       [int(s) for s in rng.integers(0, 2**62, k)])
+
+
+def build_shard_dir(directory: Path, counts=(4, 4, 3), k: int = 2, size: int = 8, classes: int = 3) -> Path:
+    """A complete shard directory of random images: len(counts) shards holding counts[i] anchors each."""
+    directory.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for index, count in enumerate(counts):
+        with ShardWriter(directory / shard_name(index), k, size) as writer:
+            for _ in range(count):
+                writer.write(random_sample(f"anchor-{n:05d}", k, size, n % classes, seed=n))
+                n += 1
+    run = {"source": {"spec": "test", "split": "train", "fingerprint": "0" * 64, "count": n},
+           "generator": {"model_id": "none", "weights_sha256": "0" * 64}, "sampler": {"w": 0.1, "steps": 2, "eta": 0.1},
+           "k": k, "seed": 0, "image_size": size, "anchors_per_shard": max(counts), "package_version": "test"}
+    write_manifest(directory, run)
+    return directory
+
+
+@pytest.fixture
+def shard_dir(tmp_path: Path) -> Path:
+    return build_shard_dir(tmp_path / "shards")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+

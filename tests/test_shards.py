@@ -1,0 +1,177 @@
+"""The shard contract: round trip, reproducible and atomic writing, and verify catching every corruption."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import build_shard_dir, random_sample
+from shards.manifest import MANIFEST, read_manifest, write_manifest
+from shards.reader import ShardError, epoch_shards, iter_samples, iter_shard
+from shards.schema import SchemaError
+from shards.verify import verify
+from shards.writer import ShardWriter, shard_name, temp_files
+
+
+def test_round_trip_keeps_every_pixel_label_and_seed(tmp_path):
+    expected = random_sample("digits-0007", k=3, size=8, label=7, seed=1)
+    with ShardWriter(tmp_path / shard_name(0), k=3, image_size=8) as writer:
+        writer.write(expected)
+    (sample,) = list(iter_shard(str(tmp_path / shard_name(0))))
+    assert sample.key == "digits-0007" and sample.k == 3 and sample.label == 7
+    assert np.array_equal(sample.anchor(), expected.anchor)
+    for j in range(3):
+        assert np.array_equal(sample.positive(j), expected.positives[j])
+    assert sample.meta == {"anchor_id": "digits-0007", "seeds": expected.seeds}
+
+
+def test_identical_input_gives_byte_identical_shards(tmp_path):
+    a = build_shard_dir(tmp_path / "a")
+    b = build_shard_dir(tmp_path / "b")
+    for name in sorted(p.name for p in a.glob("shard-*.tar")):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "index.parquet").read_bytes() == (b / "index.parquet").read_bytes()
+
+
+def test_crash_inside_writer_leaves_no_shard_and_no_temp_file(tmp_path):
+    with pytest.raises(RuntimeError, match="disk"):
+        with ShardWriter(tmp_path / shard_name(3), k=2, image_size=8) as writer:
+            writer.write(random_sample("a", 2, 8, 0, 0))
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_checks_samples_against_the_schema(tmp_path):
+    with ShardWriter(tmp_path / shard_name(0), k=2, image_size=8) as writer:
+        with pytest.raises(SchemaError, match="no dots"):
+            writer.write(random_sample("bad.id", 2, 8, 0, 0))
+        with pytest.raises(SchemaError, match="positives must be uint8"):
+            writer.write(random_sample("short", 1, 8, 0, 0))
+        writer.write(random_sample("ok", 2, 8, 0, 0))
+        with pytest.raises(SchemaError, match="written twice"):
+            writer.write(random_sample("ok", 2, 8, 0, 0))
+
+
+def test_sound_directory_verifies_and_manifest_records_the_run(shard_dir):
+    assert verify(shard_dir) == []
+    manifest = read_manifest(str(shard_dir))
+    assert manifest.count == 11 and manifest.k == 2 and len(manifest.shards) == 3
+    assert manifest.index.column("anchor_id").to_pylist() == [f"anchor-{i:05d}" for i in range(11)]
+    assert [s.key for s in iter_samples(manifest.shard_locations())] == manifest.index.column("anchor_id").to_pylist()
+
+
+def test_truncated_shard_is_reported(shard_dir):
+    path = shard_dir / shard_name(1)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    problems = verify(shard_dir)
+    assert any("shard-000001.tar: cannot be read as a tar" in p and "truncated" in p for p in problems)
+    assert any("shard-000001.tar: sha256 differs" in p for p in problems)
+    with pytest.raises(ShardError, match="shard-000001.tar"):
+        list(iter_shard(str(path)))
+
+
+class _Payload:
+    """Unpickling this would create a directory: proof that something ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def _append_member(shard: Path, name: str, data: bytes) -> None:
+    with tarfile.open(shard, "a") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def test_hostile_pickle_member_is_reported_and_never_run(shard_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    _append_member(shard_dir / shard_name(0), "anchor-00003.pyd", pickle.dumps(_Payload(str(marker))))
+    problems = verify(shard_dir)
+    assert any("anchor-00003" in p and "outside the schema" in p and ".pyd" in p for p in problems)
+    for sample in iter_samples(read_manifest(str(shard_dir)).shard_locations()):  # read and decode everything
+        sample.anchor(), [sample.positive(j) for j in range(sample.k)], sample.label, sample.meta
+        assert all(key in {"anchor.png", "cls.txt", "meta.json"} or key.startswith("pos") for key in sample.members)
+    assert not marker.exists()
+
+
+def test_manifest_that_disagrees_with_its_shards_is_reported(shard_dir):
+    manifest = json.loads((shard_dir / MANIFEST).read_text())
+    manifest["shards"][2]["count"] = 5
+    manifest["shards"] = manifest["shards"][1:]  # forget shard 0
+    (shard_dir / MANIFEST).write_text(json.dumps(manifest))
+    problems = verify(shard_dir)
+    assert any("shard-000000.tar: on disk but not in manifest.json" in p for p in problems)
+    assert any("shard-000002.tar: holds 3 samples, manifest.json says 5" in p for p in problems)
+
+
+def test_changed_index_is_reported(shard_dir):
+    (shard_dir / "index.parquet").write_bytes((shard_dir / "index.parquet").read_bytes() + b"x")
+    assert any("index.parquet does not match the checksum" in p for p in verify(shard_dir))
+
+
+def test_duplicated_anchor_is_reported(shard_dir):
+    with ShardWriter(shard_dir / shard_name(3), k=2, image_size=8) as writer:
+        writer.write(random_sample("anchor-00002", 2, 8, 2, seed=99))
+    write_manifest(shard_dir, read_manifest(str(shard_dir)).run)
+    assert any("anchor anchor-00002 appears 2 times" in p for p in verify(shard_dir))
+
+
+def test_wrong_number_of_positives_and_leftover_temp_file_are_reported(tmp_path):
+    directory = build_shard_dir(tmp_path / "s", counts=(2,), k=2)
+    with ShardWriter(directory / shard_name(1), k=1, image_size=8) as writer:
+        writer.write(random_sample("short-one", 1, 8, 0, 0))
+    write_manifest(directory, read_manifest(str(directory)).run)
+    (directory / ".tmp-shard-000002.tar.123").write_bytes(b"partial")
+    problems = verify(directory)
+    assert any("short-one has 1 positives, expected 2" in p for p in problems)
+    assert any("unfinished file left by an interrupted writer" in p for p in problems)
+    assert temp_files(directory)
+
+
+def test_missing_manifest_and_other_schema_version_are_refused(shard_dir):
+    manifest = json.loads((shard_dir / MANIFEST).read_text())
+    manifest["schema_version"] = 99
+    (shard_dir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="schema version 99.*reads version 1"):
+        read_manifest(str(shard_dir))
+    (shard_dir / MANIFEST).unlink()
+    with pytest.raises(ShardError, match="no manifest.json.*rerun"):
+        read_manifest(str(shard_dir))
+
+
+def test_pipe_urls_and_path_escapes_are_refused(shard_dir):
+    with pytest.raises(ShardError, match="refusing to open 'pipe:"):
+        list(iter_shard("pipe:touch /tmp/x"))
+    with pytest.raises(ShardError, match="refusing"):
+        read_manifest("ftp://host/x")
+    manifest = json.loads((shard_dir / MANIFEST).read_text())
+    manifest["shards"][0]["name"] = "../../etc/passwd"
+    (shard_dir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="shard names must look like"):
+        read_manifest(str(shard_dir))
+
+
+def test_fsspec_url_reads_the_same_samples(shard_dir):
+    local = [s.key for s in iter_samples(read_manifest(str(shard_dir)).shard_locations())]
+    manifest = read_manifest(f"file://{shard_dir}")
+    assert [s.key for s in iter_samples(manifest.shard_locations())] == local
+
+
+def test_epoch_shards_reshuffles_and_partitions_by_rank():
+    shards = [f"s/shard-{i:06d}.tar" for i in range(20)]
+    first, second = epoch_shards(shards, 0, 0), epoch_shards(shards, 0, 1)
+    assert sorted(first) == sorted(shards) and first != second
+    assert epoch_shards(shards, 0, 0) == first  # reproducible from (seed, epoch)
+    ranks = [epoch_shards(shards, 0, 3, rank, 3) for rank in range(3)]
+    assert sorted(sum(ranks, [])) == sorted(shards)
+    assert not set(ranks[0]) & set(ranks[1])

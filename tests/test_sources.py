@@ -1,0 +1,147 @@
+"""Data sources: the embedded digits, HF-layout Parquet, an image folder and torchvision's CIFAR folders."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from clsp.errors import UserError
+from clsp.sources import load_arrays, open_source
+
+
+def _png(rng, size=8) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _parquet(directory, rng, n=7, split="train") -> None:
+    """A file in the Hugging Face datasets layout (struct image column, ClassLabel names in the schema metadata)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    features = {"info": {"features": {"img": {"_type": "Image"},
+                                      "label": {"_type": "ClassLabel", "names": ["cat", "dog", "eel"]}}}}
+    table = pa.table({"img": [{"bytes": _png(rng), "path": None} for _ in range(n)], "label": [i % 3 for i in range(n)]})
+    table = table.replace_schema_metadata({"huggingface": json.dumps(features)})
+    pq.write_table(table, directory / f"{split}-00000-of-00001.parquet", row_group_size=3)
+
+
+def _assert_ids_good(source):
+    ids = source.ids()
+    assert len(ids) == len(set(ids)) == len(source)
+    assert all("." not in i and "/" not in i for i in ids)
+    return ids
+
+
+def test_digits_is_the_real_dataset_with_a_fixed_split():
+    train, test = open_source("digits"), open_source("digits", split="test")
+    assert (len(train), len(test), train.image_size) == (1437, 360, 16)
+    images, labels, ids = load_arrays(test)
+    assert images.shape == (360, 16, 16, 3) and images.dtype == np.uint8
+    assert sorted(set(labels.tolist())) == list(range(10))
+    assert ids[:2] == ["digits-0000", "digits-0005"] and not set(ids) & set(train.ids())
+    assert _assert_ids_good(train) == open_source("digits").ids()  # stable across opens
+    assert open_source("digits", image_size=8).records(0, 1).__next__().image.shape == (8, 8, 3)
+
+
+def test_fingerprint_is_stable_and_tracks_content_and_size():
+    a, b = open_source("digits", split="test"), open_source("digits", split="test")
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != open_source("digits", split="test", image_size=8).fingerprint()
+    assert a.fingerprint() != open_source("digits", split="train").fingerprint()
+
+
+def test_parquet_in_hub_layout_reads_in_row_groups(tmp_path):
+    rng = np.random.default_rng(0)
+    _parquet(tmp_path / "plain_text", rng, n=7)
+    _parquet(tmp_path / "plain_text", rng, n=2, split="test")
+    source = open_source(f"parquet:{tmp_path}")
+    assert len(source) == 7 and source.classes == ["cat", "dog", "eel"]
+    ids = _assert_ids_good(source)
+    assert ids[0] == "train-00000-of-00001-0000000" and ids[-1].endswith("0000006")
+    tail = list(source.records(4, 7))  # slicing crosses row groups of 3
+    assert [r.anchor_id for r in tail] == ids[4:] and [r.label for r in tail] == [1, 2, 0]
+    assert len(open_source(f"parquet:{tmp_path}", split="test")) == 2
+    before = source.fingerprint()
+    _parquet(tmp_path / "plain_text", np.random.default_rng(1), n=7)  # same ids and labels, other pixels
+    assert open_source(f"parquet:{tmp_path}").fingerprint() != before
+
+
+def test_image_folder_with_classes_and_resizing(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("b", "a"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / name / f"img.{i}.png").write_bytes(_png(rng, size=12))
+        (tmp_path / name / "sub" / "x.png").write_bytes(_png(rng, size=12))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    source = open_source(f"folder:{tmp_path}", image_size=8)
+    assert source.classes == ["a", "b"] and len(source) == 8
+    ids = _assert_ids_good(source)
+    assert ids[0] == "a-img_0" and "a-sub_x" in ids
+    images, labels, _ = load_arrays(source)
+    assert images.shape == (8, 8, 8, 3) and labels.tolist() == [0] * 4 + [1] * 4
+
+
+def _cifar_batch(path, n, rng, label_key=b"labels", payload=None) -> None:
+    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: list(range(n))}
+    if payload is not None:
+        batch[b"extra"] = payload
+    path.write_bytes(pickle.dumps(batch))
+
+
+def test_cifar10_folder_reads_like_torchvision(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for i in range(1, 6):
+        _cifar_batch(root / f"data_batch_{i}", 2, rng)
+    _cifar_batch(root / "test_batch", 3, rng)
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane", b"automobile"]}))
+    train = open_source(f"cifar10:{tmp_path}")
+    assert len(train) == 10 and train.classes == ["airplane", "automobile"]
+    record = next(iter(open_source(f"cifar10:{root}", split="test")))
+    assert record.anchor_id == "cifar10-test-00000" and record.image.shape == (32, 32, 3)
+    raw = pickle.loads((root / "test_batch").read_bytes())[b"data"][0]
+    assert np.array_equal(record.image, raw.reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_cifar_batch_with_code_in_it_is_refused_and_not_run(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    marker = tmp_path / "pwned"
+    _cifar_batch(root / "train", 2, rng, b"fine_labels", payload=_Payload(str(marker)))
+    with pytest.raises(UserError, match="os.makedirs.*not a CIFAR batch"):
+        open_source(f"cifar100:{tmp_path}")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mnist", "unknown source"), ("webdataset:/x", "unknown source kind"), ("folder:/no/such/dir", "does not exist"),
+    ("parquet:/no/such/*.parquet", "no Parquet files"), ("cifar10:/no/such", "lacks data_batch_1"),
+])
+def test_bad_specs_name_the_problem(spec, message):
+    with pytest.raises(UserError, match=message):
+        open_source(spec)
+
+
+def test_bad_split_and_size_are_refused():
+    with pytest.raises(UserError, match="unknown split 'val'"):
+        open_source("digits", split="val")
+    with pytest.raises(UserError, match="out of range"):
+        open_source("digits", image_size=2)
