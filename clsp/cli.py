@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -33,21 +32,15 @@ STAGES = [  # (name, module holding `app`)
 ]
 
 
-class _UserFacingError(click.ClickException):
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
 class _Group(TyperGroup):
     """Turns the errors a user can fix into one clear line and exit status 2, for every sub-command."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except (UserError, ShardError, SchemaError) as error:
-            raise _UserFacingError(str(error)) from None
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(cls=_Group, help="Contrastive learning with synthetic positives: build diffusion-positive shards, "

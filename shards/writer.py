@@ -70,12 +70,13 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._tar.close()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            try:
+                self._tar.close()
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            finally:
+                self._file.close()  # may fail again on a full disk: the temp file is removed all the same
         except BaseException:
-            self._file.close()
             self.temp.unlink(missing_ok=True)
             raise
         if exc_type is not None:

@@ -175,3 +175,28 @@ def test_epoch_shards_reshuffles_and_partitions_by_rank():
     ranks = [epoch_shards(shards, 0, 3, rank, 3) for rank in range(3)]
     assert sorted(sum(ranks, [])) == sorted(shards)
     assert not set(ranks[0]) & set(ranks[1])
+
+
+_FILL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from conftest import random_sample
+from shards.writer import ShardWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # writes past the limit fail with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+with ShardWriter(sys.argv[1], k=4, image_size=32) as writer:
+    for i in range(20):
+        writer.write(random_sample(f"a{i}", 4, 32, 0, i))
+"""
+
+
+def test_disk_filling_up_leaves_no_shard_and_no_temp_file(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "out" / shard_name(0)
+    target.parent.mkdir()
+    result = subprocess.run([sys.executable, "-c", _FILL_DISK, str(target), str(Path(__file__).parent)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "File too large" in result.stderr
+    assert list(target.parent.iterdir()) == []

@@ -1,0 +1,48 @@
+"""Evaluation: embeddings once, then kNN, linear probe, audits of the synthetic positives, plots and the report.
+
+This file holds only the results-file rule shared by the stage (stdlib only): a result is never overwritten silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+
+def write_new(path: str | Path, content: str | bytes) -> Path:
+    """Write a result file without ever replacing a different earlier one.
+
+    If `path` is free it is written (atomically); if the newest of the series holds the same bytes it is left as is;
+    otherwise it goes to the next free `stem-2.ext`, `stem-3.ext`, ... with a note on stderr. Returns the path written.
+    """
+    path = Path(path)
+    data = content.encode() if isinstance(content, str) else content
+    path.parent.mkdir(parents=True, exist_ok=True)
+    newest = latest(path)
+    if newest is not None and newest.read_bytes() == data:
+        return newest  # same result as the newest one: nothing to write
+    if newest is None:
+        candidate = path
+    else:  # one past the newest number, so `latest` finds this file
+        n = int(newest.stem.rsplit("-", 1)[1]) + 1 if newest != path else 2
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    tmp = candidate.with_name(candidate.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, candidate)
+    if candidate != path:
+        print(f"note: {path} holds an earlier, different result; wrote {candidate} instead", file=sys.stderr)
+    return candidate
+
+
+def latest(path: str | Path) -> Path | None:
+    """The newest of `path`, `stem-2.ext`, `stem-3.ext`, ... (highest number), or None when none exists."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return None
+    pattern = re.compile(re.escape(path.stem) + r"-(\d+)" + re.escape(path.suffix) + r"$")
+    numbered = [(int(m.group(1)), p) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
+    if numbered:
+        return max(numbered)[1]
+    return path if path.exists() else None

@@ -1,0 +1,233 @@
+"""Audit of synthetic positives: do they keep the anchor's class, how hard are they, how varied are they?
+
+Fixed feature space: PCA of raw pixels (scaled to [0, 1]) fitted on the real training images. It needs no download, does
+not depend on the model being evaluated (so every run is audited in the same space), and its distances are pixel
+distances along the data's main directions of variation. A randomly initialised CNN would be a fixed space too, but its
+distances measure nothing learned; a pretrained network would need a download. Each number for the synthetic positives
+stands beside the same number for each anchor's nearest real neighbour in that space (NNCLR's positive).
+
+Reference classifier: scikit-learn LogisticRegression on the standardised PCA features of the labelled real images; its
+accuracy on the held-out split is reported so that the agreement numbers can be trusted (or not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    max_anchors: int = 256  # anchors sampled from the shards (by hashed id, so the sample does not depend on order)
+    pca_components: int = 32
+    max_fit: int = 10000  # real images used to fit PCA and the classifier (the neighbour search uses all of them)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_anchors <= 0 or self.pca_components <= 0 or self.max_fit <= 1:
+            raise ValueError("audit max_anchors, pca_components must be > 0 and max_fit > 1")
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return images.reshape(images.shape[0], -1).astype(np.float32) / 255.0  # (N, H*W*3) in [0, 1]
+
+
+def _mean_pairwise(points: np.ndarray) -> np.ndarray:
+    """(N, K, c) -> (N,) mean Euclidean distance over the K*(K-1)/2 pairs of each row."""
+    diff = points[:, :, None, :] - points[:, None, :, :]  # (N, K, K, c)
+    dist = np.sqrt((diff**2).sum(-1))  # (N, K, K)
+    k = points.shape[1]
+    return dist.sum(axis=(1, 2)) / (k * (k - 1))
+
+
+def _pairwise_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, c), (M, c) -> (N, M) Euclidean distances, via |a|^2 + |b|^2 - 2ab (never an (N, M, c) tensor)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sq = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def _pct(mask: np.ndarray) -> float:
+    return float(mask.mean() * 100.0) if mask.size else float("nan")
+
+
+def audit_arrays(
+    anchors: np.ndarray,
+    positives: np.ndarray,
+    anchor_labels: np.ndarray,
+    real_images: np.ndarray,
+    real_labels: np.ndarray,
+    anchor_real_index: np.ndarray | None = None,
+    heldout_images: np.ndarray | None = None,
+    heldout_labels: np.ndarray | None = None,
+    config: AuditConfig = AuditConfig(),
+) -> dict:
+    """Audit numbers from arrays: anchors (N,H,W,3), positives (N,K,H,W,3), labels (N,), real set (M,H,W,3)/(M,).
+
+    `anchor_real_index[i]` is anchor i's row in the real set (-1 if absent); that row is never its own neighbour.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n, k = positives.shape[:2]
+    if anchors.shape[0] != n or anchor_labels.shape[0] != n or positives.shape[2:] != anchors.shape[1:]:
+        raise ValueError(f"anchors {anchors.shape}, positives {positives.shape}, labels {anchor_labels.shape} disagree")
+    if real_images.shape[1:] != anchors.shape[1:]:
+        raise ValueError(f"real images {real_images.shape[1:]} and shard images {anchors.shape[1:]} differ in size: "
+                         "open the source at the shards' image size")
+    index = np.full(n, -1) if anchor_real_index is None else np.asarray(anchor_real_index)
+    rng = np.random.default_rng(config.seed)
+    fit_rows = rng.permutation(real_images.shape[0])[: config.max_fit]
+    real_x = _flat(real_images)  # (M, P)
+    pca = PCA(n_components=min(config.pca_components, len(fit_rows), real_x.shape[1]), random_state=config.seed)
+    pca.fit(real_x[fit_rows])
+    real_z = pca.transform(real_x)  # (M, c)
+    anchor_z = pca.transform(_flat(anchors))  # (N, c)
+    pos_z = pca.transform(_flat(positives.reshape(n * k, *anchors.shape[1:]))).reshape(n, k, -1)  # (N, K, c)
+
+    labelled = real_labels[fit_rows] >= 0
+    if len(np.unique(real_labels[fit_rows][labelled])) < 2:
+        raise ValueError("the real data needs labels of at least 2 classes for the reference classifier")
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    classifier.fit(real_z[fit_rows][labelled], real_labels[fit_rows][labelled])
+
+    # nearest real neighbours of each anchor, never the anchor itself (by row, or by exact identity when unknown)
+    dist = _pairwise_distance(anchor_z, real_z)  # (N, M)
+    own = index >= 0
+    dist[np.arange(n)[own], index[own]] = np.inf
+    dist[(~own)[:, None] & (dist <= 1e-4)] = np.inf
+    knn_idx = np.argsort(dist, axis=1)[:, :k]  # (N, K) nearest first
+    nn_idx = knn_idx[:, 0]  # (N,)
+
+    has_label = anchor_labels >= 0
+    pos_pred = classifier.predict(pos_z.reshape(n * k, -1)).reshape(n, k)  # (N, K)
+    nn_pred = classifier.predict(real_z[nn_idx])  # (N,)
+    anchor_pred = classifier.predict(anchor_z)  # (N,)
+    labels_l = anchor_labels[has_label]
+    hard_pos = np.sqrt(((pos_z - anchor_z[:, None, :]) ** 2).sum(-1))  # (N, K)
+    hard_nn = dist[np.arange(n), nn_idx]  # (N,)
+    pair_a, pair_b = rng.integers(0, len(real_z), 2000), rng.integers(0, len(real_z), 2000)
+    typical = float(np.median(np.sqrt(((real_z[pair_a] - real_z[pair_b]) ** 2).sum(-1))))
+    result = {
+        "anchors": int(n),
+        "k": int(k),
+        "labelled_anchors": int(has_label.sum()),
+        "feature_space": f"PCA({pca.n_components_}) of raw pixels in [0,1], fitted on {len(fit_rows)} real images",
+        "explained_variance_pct": float(pca.explained_variance_ratio_.sum() * 100.0),
+        "reference_classifier": "LogisticRegression on standardised PCA features of the real labelled images",
+        "typical_real_pair_distance": typical,
+        "agreement_pct": {
+            "synthetic": _pct(pos_pred[has_label] == labels_l[:, None]),
+            "nearest_real": _pct(nn_pred[has_label] == labels_l),
+            "nearest_real_true_label": _pct(real_labels[nn_idx][has_label] == labels_l),
+            "anchor_itself": _pct(anchor_pred[has_label] == labels_l),
+        },
+        "hardness": {"synthetic": float(hard_pos.mean()), "nearest_real": float(hard_nn.mean())},
+        "diversity": {
+            "synthetic": float(_mean_pairwise(pos_z).mean()) if k > 1 else None,
+            "nearest_real": float(_mean_pairwise(real_z[knn_idx]).mean()) if k > 1 else None,
+        },
+        "config": asdict(config),
+    }
+    if heldout_images is not None and heldout_labels is not None and (heldout_labels >= 0).any():
+        keep = heldout_labels >= 0
+        pred = classifier.predict(pca.transform(_flat(heldout_images[keep])))
+        result["reference_heldout_accuracy_pct"] = _pct(pred == heldout_labels[keep])
+    return result
+
+
+def audit_markdown(result: dict) -> str:
+    """The audit as a Markdown table (synthetic positives beside each anchor's nearest real neighbour)."""
+    a, h, d = result["agreement_pct"], result["hardness"], result["diversity"]
+    fmt = lambda v, p=1: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
+    lines = [
+        f"Audit of {result['anchors']} anchors x {result['k']} synthetic positives. Feature space: "
+        f"{result['feature_space']} ({result['explained_variance_pct']:.1f}% of pixel variance).",
+        "",
+        "| metric | synthetic positives | nearest real neighbour (NNCLR) |",
+        "|---|---|---|",
+        f"| class agreement with anchor, % (reference classifier) | {fmt(a['synthetic'])} | {fmt(a['nearest_real'])} |",
+        f"| hardness: distance to anchor (mean) | {fmt(h['synthetic'], 3)} | {fmt(h['nearest_real'], 3)} |",
+        f"| diversity: mean pairwise distance among {result['k']} | {fmt(d['synthetic'], 3)} | "
+        f"{fmt(d['nearest_real'], 3)} (its {result['k']} nearest) |",
+        "",
+        f"Scale: median distance between two random real images {result['typical_real_pair_distance']:.3f}. "
+        f"The nearest neighbour's true label matches the anchor's {fmt(a['nearest_real_true_label'])}% of the time; "
+        f"the reference classifier ({result['reference_classifier']}) labels the anchors themselves correctly "
+        f"{fmt(a['anchor_itself'])}% of the time"
+        + (f" and held-out real images {fmt(result['reference_heldout_accuracy_pct'])}%." if
+           "reference_heldout_accuracy_pct" in result else "."),
+    ]
+    if result.get("source_matches_shards") is False:
+        lines += ["", "WARNING: the shards were not made from this source (fingerprints differ): the anchors' nearest "
+                      "real neighbours and the reference classifier come from other data."]
+    return "\n".join(lines) + "\n"
+
+
+def _sample_key(seed: int, anchor_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}|{anchor_id}".encode()).digest()[:8], "big")
+
+
+def load_shard_sample(shards_dir: str, max_anchors: int, seed: int = 0):
+    """(anchors (N,H,W,3), positives (N,K,H,W,3), labels (N,), ids, manifest run dict) for a hashed-id sample."""
+    from shards.manifest import read_manifest
+    from shards.reader import iter_samples
+
+    manifest = read_manifest(shards_dir)
+    heap: list[tuple[int, str, object]] = []  # max-heap (negated keys) of the max_anchors smallest hashed ids
+    for sample in iter_samples(manifest.shard_locations()):
+        item = (-_sample_key(seed, sample.key), sample.key, sample)
+        if len(heap) < max_anchors:
+            heapq.heappush(heap, item)
+        elif item[0] > heap[0][0]:
+            heapq.heapreplace(heap, item)
+    if not heap:
+        raise ValueError(f"{shards_dir} holds no samples: build shards with `clsp synth run` first")
+    chosen = [s for _, _, s in sorted(heap, key=lambda t: t[1])]  # id order
+    anchors = np.stack([s.anchor() for s in chosen])
+    positives = np.stack([np.stack([s.positive(j) for j in range(s.k)]) for s in chosen])
+    labels = np.array([s.label for s in chosen], dtype=np.int64)
+    return anchors, positives, labels, [s.key for s in chosen], manifest.run
+
+
+def audit_shards(shards_dir: str, source_spec: str, config: AuditConfig = AuditConfig()) -> dict:
+    """Audit a sample of a shard directory against its real source (train split fits, test split checks)."""
+    from clsp.errors import UserError
+    from clsp.sources import load_arrays, open_source
+
+    anchors, positives, labels, ids, run = load_shard_sample(shards_dir, config.max_anchors, config.seed)
+    size = int(anchors.shape[1])
+    real_images, real_labels, real_ids = load_arrays(open_source(source_spec, "train", image_size=size))
+    row = {anchor_id: i for i, anchor_id in enumerate(real_ids)}
+    index = np.array([row.get(anchor_id, -1) for anchor_id in ids])
+    try:
+        held_images, held_labels, _ = load_arrays(open_source(source_spec, "test", image_size=size))
+    except UserError:  # a source without a test split is audited without the held-out check
+        held_images, held_labels = None, None
+    result = audit_arrays(anchors, positives, labels, real_images, real_labels, index, held_images, held_labels, config)
+    result["shards"] = {"source": run.get("source"), "generator": run.get("generator"), "sampler": run.get("sampler")}
+    made_from = run.get("source") or {}
+    try:  # were the shards made from this very source? (fingerprints cover ids, labels, pixels and image size)
+        same = open_source(source_spec, made_from.get("split", "train"), image_size=size).fingerprint()
+        result["source_matches_shards"] = same == made_from.get("fingerprint")
+    except UserError:
+        result["source_matches_shards"] = False
+    result["anchors_found_in_source"] = int((index >= 0).sum())
+    return result
+
+
+def write_audit(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """audit.json and audit.md in out_dir (never silently replacing an earlier, different audit)."""
+    from eval import write_new
+
+    out_dir = Path(out_dir)
+    json_path = write_new(out_dir / "audit.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    md_path = write_new(out_dir / "audit.md", audit_markdown(result))
+    return json_path, md_path

@@ -1,0 +1,107 @@
+"""Embeddings from a frozen backbone, computed once and cached beside the checkpoint.
+
+Cache layout: `<run_dir>/features/<source-fingerprint>.npy` (np.save, no pickle) with a `.json` sidecar naming the
+backbone's weights hash and the normalisation. A cache whose weights hash or normalisation differs from the backbone in
+hand (e.g. training went on after the features were cached) is recomputed and replaced: it is a cache, not a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 hex over the names, dtypes, shapes and bytes of all parameters and buffers (state_dict order)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor cannot be viewed as bytes
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel from a run's config.json: its `normalize` section (or top-level mean/std)."""
+    for section in (config.get("normalize") or {}, config):
+        if isinstance(section, dict) and "mean" in section and "std" in section:
+            mean, std = tuple(float(v) for v in section["mean"]), tuple(float(v) for v in section["std"])
+            if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+                raise ValueError(f"config mean/std must be 3 floats each with std > 0, got {mean} {std}")
+            return mean, std
+    raise ValueError("the run's config.json has no `mean`/`std`; re-run training with a clsp version that records them")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def _embed(backbone: nn.Module, images: np.ndarray, mean, std, batch_size: int, device: torch.device) -> np.ndarray:
+    backbone.to(device).eval()  # eval: BN uses its running stats and does not update them
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)  # (B, H, W, 3)
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+        feats = backbone((x - mean_t) / std_t)  # (B, D)
+        out.append(feats.float().flatten(1).cpu().numpy())
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def extract_features(
+    backbone: nn.Module,
+    images: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    source_fingerprint: str | None = None,
+) -> np.ndarray:
+    """Backbone features (N, D) float32 of uint8 images (N, H, W, 3); the backbone is left in eval mode.
+
+    With `cache_dir` and `source_fingerprint`, reads/writes `cache_dir/<source_fingerprint>.npy` keyed by the
+    backbone's weights hash.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    device = resolve_device(device) if isinstance(device, str) else device
+    if cache_dir is None or source_fingerprint is None:
+        return _embed(backbone, images, mean, std, batch_size, device)
+
+    key = {
+        "weights_sha256": weights_hash(backbone),
+        "source_fingerprint": source_fingerprint,
+        "count": int(images.shape[0]),
+        "image_size": int(images.shape[1]),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+    }
+    cache_dir = Path(cache_dir)
+    npy, sidecar = cache_dir / f"{source_fingerprint}.npy", cache_dir / f"{source_fingerprint}.json"
+    if npy.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == key:
+        cached = np.load(npy, allow_pickle=False)
+        if cached.shape[0] == images.shape[0]:
+            return cached
+    feats = _embed(backbone, images, mean, std, batch_size, device)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_suffix(".npy.tmp")
+    with open(tmp, "wb") as fh:  # file handle: np.save would otherwise append another ".npy"
+        np.save(fh, feats, allow_pickle=False)
+    os.replace(tmp, npy)
+    sidecar.write_text(json.dumps(key, indent=2) + "\n")  # written after the array: a half-written pair never matches
+    return feats

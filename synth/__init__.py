@@ -1,0 +1,4 @@
+"""Synthetic-positive generation: generator loading, the split-UNet CLSP sampler, and the shard-building job.
+
+Kept free of imports so that `import synth` is cheap; import the submodules you need (synth.models, synth.sampler).
+"""

@@ -1,0 +1,57 @@
+"""`clsp synth run SOURCE --model M --out DIR`: build synthetic-positive shards (one process, or many under torchrun /
+accelerate launch: `torchrun --nproc_per_node 4 $(which clsp) synth run ...`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Generate synthetic positives into shards.", no_args_is_help=True)
+
+
+@app.callback()
+def main() -> None:
+    """Generate synthetic positives into shards (`clsp synth run`)."""
+
+
+@app.command("run")
+def run(
+    source: str = typer.Argument(..., help="digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"),
+    model: str = typer.Option(..., "--model", help="generator dir (unet/, scheduler/) or hub id"),
+    out: Path = typer.Option(..., "--out", help="shard directory"),
+    preset: Optional[str] = typer.Option(None, help="defaults for a known run: embedded (digits, K=4, 16 steps)"),
+    split: Optional[str] = typer.Option(None, help="train | test | all (default: train)"),
+    image_size: Optional[int] = typer.Option(None, help="read the source at this size (default: native)"),
+    resize: Optional[bool] = typer.Option(None, "--resize", help="resize anchors to the generator's sample size"),
+    k: Optional[int] = typer.Option(None, "--k", help="positives per anchor (default: 8)"),
+    w: Optional[float] = typer.Option(None, help="weight of the sample's own bottleneck, 0..1 (default: 0.1)"),
+    steps: Optional[int] = typer.Option(None, help="DDIM steps (default: 100)"),
+    eta: Optional[float] = typer.Option(None, help="DDIM eta, 0..1 (default: 0.1)"),
+    share_anchor_noise: Optional[bool] = typer.Option(None, "--share-anchor-noise",
+                                                      help="the K candidates of an anchor share its noised copy"),
+    seed: Optional[int] = typer.Option(None, help="base seed, keyed with (anchor id, j) (default: 0)"),
+    anchors_per_shard: Optional[int] = typer.Option(None, help="anchors per shard file (default: 1000)"),
+    batch_size: Optional[int] = typer.Option(None,
+                                             help="rows (anchors x K) per forward (default: 256 on CPU; GPU: fill it)"),
+    limit: Optional[int] = typer.Option(None, help="only the first N anchors"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+    no_bf16: Optional[bool] = typer.Option(None, "--no-bf16", help="full fp32 on the GPU"),
+    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the UNet blocks (GPU)"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete shards made with other settings"),
+) -> None:
+    """Make K synthetic positives per anchor of SOURCE with the generator MODEL; write shards + manifest to OUT.
+    Rerun the same command to resume; finished shards are kept."""
+    from synth.job import config_from_options, run_synth
+
+    cfg = config_from_options(
+        preset, source=source, model=model, out=out, split=split, image_size=image_size, resize=resize, k=k, w=w,
+        steps=steps, eta=eta, share_anchor_noise=share_anchor_noise, seed=seed, anchors_per_shard=anchors_per_shard,
+        batch_size=batch_size, limit=limit, device=device, bf16=None if no_bf16 is None else not no_bf16,
+        compile=compile, overwrite=overwrite,
+    )
+    run_synth(cfg)
+
+
+if __name__ == "__main__":  # `torchrun --nproc_per_node N -m synth.cli run ...` (or `-m clsp synth run ...`)
+    app()

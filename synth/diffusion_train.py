@@ -1,0 +1,448 @@
+"""Train an unconditional DDPM (epsilon prediction, linear betas) on any data source, as CLSP trains one per dataset.
+
+The data set is held in memory as a uint8 tensor (fine up to CIFAR size). Step `s` draws its batch, timesteps and noise
+from a generator seeded by (seed, s) alone, and the learning rate is a function of `s`, so a resumed run repeats an
+uninterrupted one exactly and the global batch does not depend on the number of processes (each rank takes its slice).
+
+Output directory:
+    train_config.json                   what was asked for (a later run must match it to resume)
+    checkpoints/step-000500/            unet.safetensors, ema_unet.safetensors, state.pt (optimizer, step, loss)
+    samples/step-000500.png             DDIM sample grid of the EMA model from a fixed seed, one per checkpoint
+    log.csv                             step, loss, lr, images_per_s
+    unet/ scheduler/ model_index.json   the EMA generator (synth.models.save_generator), model_index.json last
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DModel
+
+from clsp.errors import UserError
+from clsp.sources import SPLITS, load_arrays, open_source
+
+RUN_OPTIONS = ("out", "resume", "overwrite")  # how to run, not what to train: may differ between a run and its resume
+MIXED_PRECISION = ("auto", "no", "bf16")  # auto: bf16 on a GPU, no on the CPU
+LR_SCHEDULES = ("constant", "cosine")
+LOG_EVERY = 25  # steps per log.csv row
+
+
+@dataclass(frozen=True)
+class DiffusionTrainConfig:
+    """Defaults: the DDPM CIFAR-10 setup the CLSP authors use (35.7M parameters); PRESETS['embedded']: a small one."""
+
+    out: Path
+    source: str = "digits"
+    split: str = "train"
+    image_size: int | None = None  # None: the source's own size (digits: 16)
+    # UNet2DModel: one level per entry of `channels`; `attention_levels` index the levels with self-attention
+    channels: tuple[int, ...] = (128, 256, 256, 256)
+    layers_per_block: int = 2
+    attention_levels: tuple[int, ...] = (1,)
+    norm_groups: int = 32
+    dropout: float = 0.1
+    # noise schedule (DDPM CIFAR-10): T = 1000, linear betas 1e-4 .. 0.02
+    train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # optimisation
+    batch_size: int = 128  # global: split across processes
+    lr: float = 2e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 5000
+    steps: int = 800_000
+    grad_clip: float = 1.0
+    snr_gamma: float = 0.0  # 0: the plain DDPM loss; > 0: Min-SNR weighting
+    ema_decay: float = 0.9999
+    hflip: bool = True
+    mixed_precision: str = "auto"
+    seed: int = 0
+    # checkpoints and sample grids
+    checkpoint_every: int = 10_000
+    keep_checkpoints: int = 2
+    sample_steps: int = 50  # DDIM steps for the grid
+    grid_size: int = 64
+    # run options (not compared on resume)
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "attention_levels", tuple(sorted({int(a) for a in self.attention_levels})))
+        problems = []
+        if self.split not in SPLITS:
+            problems.append(f"split {self.split!r}: use one of {', '.join(SPLITS)}")
+        if not self.channels or min(self.channels) < 1:
+            problems.append(f"channels {self.channels}: give one positive width per level, e.g. 32,64,64")
+        elif any(c % self.norm_groups for c in self.channels):
+            problems.append(f"channels {self.channels} are not all divisible by norm_groups={self.norm_groups}: "
+                            f"change one or the other")
+        if any(not 0 <= a < len(self.channels) for a in self.attention_levels):
+            problems.append(f"attention_levels {self.attention_levels}: use level numbers 0..{len(self.channels) - 1}")
+        levels = len(self.channels)
+        if self.image_size is not None and (self.image_size < 4 or self.image_size % 2 ** (levels - 1)):
+            problems.append(f"image_size {self.image_size}: must be >= 4 and divisible by {2 ** (levels - 1)} "
+                            f"for a {levels}-level UNet")
+        positive = dict(layers_per_block=self.layers_per_block, norm_groups=self.norm_groups,
+                        batch_size=self.batch_size, steps=self.steps, checkpoint_every=self.checkpoint_every,
+                        keep_checkpoints=self.keep_checkpoints, sample_steps=self.sample_steps,
+                        grid_size=self.grid_size, lr=self.lr, grad_clip=self.grad_clip)
+        problems += [f"{k} = {v}: must be > 0" for k, v in positive.items() if not v > 0]
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps = {self.warmup_steps}: must be >= 0")
+        if self.snr_gamma < 0:
+            problems.append(f"snr_gamma = {self.snr_gamma}: must be >= 0 (0 turns Min-SNR weighting off)")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout = {self.dropout}: must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay = {self.ema_decay}: must be in [0, 1), e.g. 0.999")
+        if self.train_timesteps < 2 or self.sample_steps > self.train_timesteps:
+            problems.append(f"train_timesteps = {self.train_timesteps}, sample_steps = {self.sample_steps}: "
+                            f"need 2 <= train_timesteps and sample_steps <= train_timesteps")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            problems.append(f"betas {self.beta_start}..{self.beta_end}: need 0 < beta_start < beta_end < 1")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"mixed_precision {self.mixed_precision!r}: use one of {', '.join(MIXED_PRECISION)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule {self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+        if problems:
+            raise UserError("invalid diffusion training config: " + "; ".join(problems))
+
+    def training_fields(self) -> dict:
+        """The settings that define the model and its training run, as JSON values (tuples become lists)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUN_OPTIONS}
+        return json.loads(json.dumps(values))
+
+
+# Presets give values for the fields they name; explicit options override them.
+PRESETS: dict[str, dict] = {
+    # Embedded digits (16x16 RGB, 1,437 images): 1.1M parameters, about 4 minutes on 2 CPU cores. Tuned at equal
+    # compute: Min-SNR weighting and batch 32 (more, smaller steps) gave clearly better digits than the plain loss.
+    "embedded": dict(
+        source="digits", split="train", image_size=16, channels=(32, 64, 64), layers_per_block=1,
+        attention_levels=(1,), norm_groups=8, dropout=0.0, batch_size=32, lr=2e-3, lr_schedule="cosine",
+        warmup_steps=100, steps=1600, snr_gamma=5.0, ema_decay=0.995, hflip=False, checkpoint_every=400,
+        grid_size=64,
+    ),
+    "ddpm-cifar10": {},  # the dataclass defaults
+}
+
+
+def build_unet(cfg: DiffusionTrainConfig, image_size: int) -> UNet2DModel:
+    levels = range(len(cfg.channels))
+    down = tuple("AttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
+    up = tuple("AttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels))
+    return UNet2DModel(
+        sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=cfg.channels,
+        layers_per_block=cfg.layers_per_block, down_block_types=down, up_block_types=up,
+        norm_num_groups=cfg.norm_groups, attention_head_dim=None, dropout=cfg.dropout,
+    )
+
+
+def build_scheduler(cfg: DiffusionTrainConfig) -> DDIMScheduler:
+    """Training noise schedule and sampler in one: 'trailing' spacing starts sampling at t = T - 1 (not 'linspace')."""
+    return DDIMScheduler(num_train_timesteps=cfg.train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                         beta_schedule="linear", clip_sample=True, set_alpha_to_one=True,
+                         timestep_spacing="trailing", prediction_type="epsilon")
+
+
+def diffusion_loss(unet, scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
+    """DDPM simple loss || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2; x0, noise: (B, 3, H, W).
+
+    snr_gamma > 0 weights each sample by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023): less effort on the
+    nearly clean timesteps, so global shape is learnt in fewer steps.
+    """
+    x_t = scheduler.add_noise(x0, noise, timesteps)  # (B, 3, H, W)
+    per_sample = (unet(x_t, timesteps).sample.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma > 0:
+        abar = scheduler.alphas_cumprod.to(x0.device)[timesteps]  # (B,)
+        snr = abar / (1 - abar)
+        per_sample = per_sample * snr.clamp(max=snr_gamma) / snr
+    return per_sample.mean()
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """CPU generator for everything random in one training step, keyed on (seed, step) only."""
+    digest = hashlib.sha256(f"diffusion-train|{seed}|{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def lr_at(cfg: DiffusionTrainConfig, step: int) -> float:
+    """Learning rate for (0-based) step: linear warm-up, then constant or cosine decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model, with d warmed up as min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - d)
+
+
+@torch.no_grad()
+def sample_grid(unet: UNet2DModel, scheduler: DDIMScheduler, count: int, steps: int, seed: int) -> torch.Tensor:
+    """`count` DDIM (eta 0) samples from a fixed seed -> (count, 3, H, W) in [0, 1]."""
+    sampler = DDIMScheduler.from_config(scheduler.config)
+    sampler.set_timesteps(steps)
+    size, device = unet.config.sample_size, unet.device
+    x = torch.randn((count, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(device)  # x_T
+    for t in sampler.timesteps:
+        eps = unet(x, t).sample
+        x = sampler.step(eps, t, x, eta=0.0).prev_sample
+    return ((x.clamp(-1, 1) + 1) / 2).float().cpu()
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    from torchvision.utils import save_image
+
+    if images.shape[-1] < 64:  # small images: enlarge (nearest) so the grid can be looked at
+        images = F.interpolate(images, scale_factor=math.ceil(64 / images.shape[-1]), mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    save_image(images, tmp, nrow=max(1, int(math.sqrt(len(images)))), padding=2, pad_value=1.0)
+    tmp.replace(path)
+
+
+
+# --- output directory and checkpoints -------------------------------------------------------------------------------
+CONFIG_NAME = "train_config.json"
+STEP_PREFIX = "step-"
+
+
+def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place only when fully written), oldest first."""
+    found = []
+    for path in (out / "checkpoints").glob(f"{STEP_PREFIX}*"):
+        number = path.name[len(STEP_PREFIX):]
+        if path.is_dir() and number.isdigit():
+            found.append((int(number), path))
+    return sorted(found)
+
+
+def prepare_out_dir(cfg: DiffusionTrainConfig) -> int:
+    """Check `out` against cfg; return the step to resume from (0: fresh; -1: already finished, nothing to do)."""
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory")
+    saved_file = out / CONFIG_NAME
+    if out.is_dir() and any(out.iterdir()):
+        if not saved_file.is_file():
+            raise UserError(f"--out {out} is not empty and was not made by `clsp diffusion train`: "
+                            f"choose a new or empty directory")
+        if cfg.overwrite:
+            shutil.rmtree(out)  # ours (it holds our config): start over
+        else:
+            saved = json.loads(saved_file.read_text())
+            now = cfg.training_fields()
+            differs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+                       if saved.get(k) != now.get(k)]
+            if differs:
+                raise UserError(f"--out {out} holds a run with another config ({'; '.join(differs)}): "
+                                f"pass the same options to resume it, another --out, or --overwrite to replace it")
+            last = checkpoint_dirs(out)[-1][0] if checkpoint_dirs(out) else 0
+            finished = (out / "model_index.json").is_file() and last >= cfg.steps
+            if not cfg.resume:
+                what = ("a finished generator" if finished else
+                        f"an unfinished run ({f'checkpoint at step {last}' if last else 'no checkpoint yet'})")
+                raise UserError(f"--out {out} already holds {what} with this config: pass --resume to "
+                                f"{'keep it' if finished else 'continue it'} or --overwrite to train again")
+            if finished:
+                return -1
+            (out / "model_index.json").unlink(missing_ok=True)  # about to change: must not look complete
+            return last
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(json.dumps(cfg.training_fields(), indent=2) + "\n")
+    return 0
+
+
+def save_checkpoint(out: Path, step: int, unet, ema, optimizer, extra: dict, keep: int) -> Path:
+    """Write checkpoints/step-N/ via a temp dir + rename; keep the newest `keep`."""
+    from safetensors.torch import save_file
+
+    final = out / "checkpoints" / f"{STEP_PREFIX}{step:06d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp / "ema_unet.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, **extra}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for _, old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, unet, ema, optimizer) -> dict:
+    """Restore weights (safetensors) and optimizer state (torch.load, weights_only); return the state dict."""
+    from safetensors.torch import load_file
+
+    unet.load_state_dict(load_file(path / "unet.safetensors"))
+    ema.load_state_dict(load_file(path / "ema_unet.safetensors"))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def append_log(out: Path, rows: list[dict], truncate_after: int | None = None) -> None:
+    """Append rows to log.csv; on resume, first drop rows past the checkpoint (they will be trained again)."""
+    path, fields = out / "log.csv", ["step", "loss", "lr", "images_per_s"]
+    kept = []
+    if path.is_file():
+        kept = list(csv.DictReader(path.open()))
+        if truncate_after is not None:
+            kept = [r for r in kept if int(r["step"]) <= truncate_after]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept + rows)
+
+
+# --- the training run -----------------------------------------------------------------------------------------------
+def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Path:
+    """Train (or resume) per cfg; write the EMA generator to cfg.out and return cfg.out. `command`: for the card."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from synth.models import save_generator
+
+    cuda = torch.cuda.is_available()
+    precision = ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise UserError(f"batch_size {cfg.batch_size} does not split over {world} processes: use a multiple of {world}")
+    refusal, start = None, 0
+    if accelerator.is_main_process:  # it alone inspects and prepares the output directory
+        try:
+            start = prepare_out_dir(cfg)
+        except UserError as err:
+            refusal, start = err, -2
+    start = broadcast_int(accelerator, start)
+    if start == -2:
+        raise refusal or UserError(f"the main process refused --out {cfg.out} (see its message)")
+    if start < 0:
+        accelerator.print(f"{cfg.out} already holds the finished generator for this config: nothing to do")
+        return cfg.out
+
+    source = open_source(cfg.source, cfg.split, cfg.image_size)
+    images_np, _, _ = load_arrays(source)  # (N, H, W, 3) uint8
+    size = images_np.shape[1]
+    if size % 2 ** (len(cfg.channels) - 1):
+        raise UserError(f"{source.name} images are {size} px, not divisible by {2 ** (len(cfg.channels) - 1)} "
+                        f"for a {len(cfg.channels)}-level UNet: pass --image-size or fewer channel levels")
+    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(accelerator.device)  # (N, 3, H, W) uint8
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        unet = build_unet(cfg, size)
+    ema = copy.deepcopy(unet).requires_grad_(False).eval().to(accelerator.device)
+    scheduler = build_scheduler(cfg)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    raw = accelerator.unwrap_model(unet)
+    state = {"loss": float("nan"), "wall_time_s": 0.0}
+    if start > 0:
+        state = load_checkpoint(checkpoint_dirs(cfg.out)[-1][1], raw, ema, optimizer)
+        accelerator.print(f"resuming {cfg.out} from step {start}")
+    if accelerator.is_main_process:
+        append_log(cfg.out, [], truncate_after=start)
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not accelerator.is_main_process, desc="diffusion train")
+    t0, window, log_rows, tick = time.perf_counter(), [], [], time.perf_counter()
+    local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    unet.train()
+    for step in range(start, cfg.steps):
+        g = step_generator(cfg.seed, step)  # the global batch: every rank draws it all and takes its slice
+        index = torch.randint(len(images), (cfg.batch_size,), generator=g)[local]
+        timesteps = torch.randint(cfg.train_timesteps, (cfg.batch_size,), generator=g)[local]
+        noise = torch.randn((cfg.batch_size, 3, size, size), generator=g)[local]  # (b, 3, H, W)
+        flip = (torch.rand(cfg.batch_size, generator=g) < 0.5)[local]
+        x0 = images[index.to(images.device)].float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
+        if cfg.hflip:
+            x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        loss = diffusion_loss(unet, scheduler, x0, noise.to(x0.device), timesteps.to(x0.device), cfg.snr_gamma)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(ema, raw, cfg.ema_decay, step)
+        window.append(loss.detach())
+        done = step + 1
+        if done % LOG_EVERY == 0 or done == cfg.steps or done % cfg.checkpoint_every == 0:
+            mean = accelerator.reduce(torch.stack(window).mean(), "mean").item()
+            now = time.perf_counter()
+            log_rows.append({"step": done, "loss": f"{mean:.5f}", "lr": f"{lr_at(cfg, step):.3g}",
+                             "images_per_s": f"{len(window) * cfg.batch_size / (now - tick):.1f}"})
+            state["loss"], window, tick = mean, [], now
+            bar.set_postfix(loss=f"{mean:.4f}")
+        bar.update(1)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if accelerator.is_main_process:
+                state["wall_time_s"] = state.get("wall_time_s", 0.0) + time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_checkpoint(cfg.out, done, raw, ema, optimizer,
+                                {"loss": state["loss"], "wall_time_s": state["wall_time_s"]}, cfg.keep_checkpoints)
+                save_grid(sample_grid(ema, scheduler, cfg.grid_size, cfg.sample_steps, cfg.seed),
+                          cfg.out / "samples" / f"{STEP_PREFIX}{done:06d}.png")
+                append_log(cfg.out, log_rows)
+                log_rows = []
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    if accelerator.is_main_process:
+        card = {
+            "model_id": f"clsp-ddpm-{cfg.source.partition(':')[0]}-{size}px",
+            "command": command or "synth.diffusion_train.train_diffusion (Python API)",
+            "seed": cfg.seed, "config": cfg.training_fields(),
+            "source": {"spec": cfg.source, "split": cfg.split, "count": len(source),
+                       "fingerprint": source.fingerprint()},
+            "steps": cfg.steps, "final_loss": state["loss"], "wall_time_s": round(state["wall_time_s"], 1),
+            "parameters": sum(p.numel() for p in ema.parameters()), "processes": world,
+            "mixed_precision": precision, "package_versions": package_versions(),
+        }
+        save_generator(cfg.out, ema.cpu(), scheduler, card)
+    accelerator.wait_for_everyone()
+    return cfg.out
+
+
+def broadcast_int(accelerator, value: int) -> int:
+    """The main process's value on every process."""
+    from accelerate.utils import broadcast
+
+    if accelerator.num_processes == 1:
+        return value
+    return int(broadcast(torch.tensor([value], device=accelerator.device))[0])
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("clsp", "torch", "diffusers", "accelerate", "torchvision", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+

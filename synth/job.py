@@ -1,0 +1,327 @@
+"""The synth job: a data source -> shards of (anchor, K synthetic positives) + a manifest, on one CPU, one GPU or many
+processes under `accelerate launch` / `torchrun`.
+
+Work is divided by shard, never by rank: shard i holds anchors [i * aps, (i + 1) * aps) in id order and is made by
+rank i % world_size, so every world size writes the same files. Every random draw comes from a torch.Generator keyed on
+(seed, anchor id, candidate), so the output depends on neither batch size nor world size. A shard appears under its
+final name only when complete (ShardWriter), so a killed job is resumed by running the same command again.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from clsp import __version__
+from clsp.errors import UserError
+from clsp.sources import Record, open_source
+from shards.manifest import INDEX, MANIFEST, write_manifest
+from shards.schema import SCHEMA_VERSION, ShardSample
+from shards.writer import SHARD_PATTERN, ShardWriter, shard_name, temp_files
+from synth.models import load_generator
+from synth.sampler import SamplerConfig, candidate_seed, row_generators, sample_positives, start_noise
+
+RUN_FILE = "run.json"  # the intended run, written before any shard: a rerun is compared against it
+CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --batch-size is not given
+GPU_BATCH_ROWS = 2048  # first try on a GPU; halved on out-of-memory until it fits
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name; any other missing path is an error
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    source: str  # a clsp.sources spec: digits | parquet:PATH | folder:DIR | cifar10:DIR | cifar100:DIR
+    model: str  # generator dir (diffusers layout: unet/, scheduler/) or hub id
+    out: Path  # shard directory
+    split: str = "train"
+    image_size: int | None = None  # size the source is read at; None: its native size
+    resize: bool = False  # resize anchors to the generator's sample size (else a size mismatch is an error)
+    k: int = 8  # positives per anchor
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    seed: int = 0
+    anchors_per_shard: int = 1000
+    batch_size: int | None = None  # rows (anchors x K) per forward; None: CPU_BATCH_ROWS, or fill the GPU
+    limit: int | None = None  # only the first N anchors (quick runs, tests)
+    device: str | None = None  # "cpu" | "cuda"; None: cuda when available
+    bf16: bool = True  # bf16 autocast on a GPU (ignored on the CPU)
+    compile: bool = False  # torch.compile the UNet's blocks
+    overwrite: bool = False  # clear shards made with other settings instead of refusing
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        problems = []
+        if self.k < 1:
+            problems.append(f"K = {self.k}: need at least 1 positive per anchor (--k 8 is the paper's)")
+        if self.anchors_per_shard < 1:
+            problems.append(f"anchors per shard = {self.anchors_per_shard}: use 1 or more (e.g. 1000)")
+        if self.batch_size is not None and self.batch_size < 1:
+            problems.append(f"batch size = {self.batch_size}: use 1 or more rows, or leave it out")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit = {self.limit}: use 1 or more anchors, or leave it out for all")
+        if self.seed < 0:
+            problems.append(f"seed = {self.seed}: use a seed >= 0")
+        if self.device not in (None, "cpu", "cuda"):
+            problems.append(f"device {self.device!r}: use cpu or cuda")
+        if self.resize and self.image_size is not None:
+            problems.append("--resize and --image-size both set the anchor size: keep one")
+        if not Path(self.model).expanduser().exists() and not HUB_ID.match(self.model):
+            problems.append(f"model {self.model} does not exist: train one with `clsp diffusion train SOURCE "
+                            f"--out {self.model}` or give a hub id such as google/ddpm-cifar10-32")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+# The embedded default: 1,437 digits anchors (16 px) x K=4, 16 steps: ~230 CPU-seconds (~2-2.5 min on 2 cores).
+PRESETS: dict[str, dict] = {
+    "embedded": dict(source="digits", split="train", k=4, sampler=SamplerConfig(steps=16), anchors_per_shard=240),
+}
+
+SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
+
+
+def config_from_options(preset: str | None = None, **options) -> SynthConfig:
+    """Preset values, then every option that is not None. Sampler options (w, steps, eta, share_anchor_noise) go into
+    the SamplerConfig. Invalid values raise UserError."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset]) if preset else {}
+    given = {name: value for name, value in options.items() if value is not None}
+    sampler_given = {name: given.pop(name) for name in list(given) if name in SAMPLER_OPTIONS}
+    values.update(given)
+    try:
+        values["sampler"] = replace(values.get("sampler", SamplerConfig()), **sampler_given)
+    except ValueError as error:  # SamplerConfig validates w, steps, eta
+        raise UserError(str(error)) from None
+    return SynthConfig(**values)
+
+
+def run_synth(cfg: SynthConfig):
+    """Make every missing shard of `cfg.out`, then (main process) write the manifest. Returns the Manifest on the main
+    process, None on the others. Run under torchrun/accelerate for several processes; works as a single process."""
+    from accelerate import PartialState  # imported here: `import synth.job` stays cheap
+
+    use_cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible: drop --device or use --device cpu")
+    state = PartialState(cpu=not use_cuda)  # cpu=True: torchrun on a CPU machine forms a gloo group
+    unet, scheduler, info = _load_generator(cfg)
+    source = _open_matching_source(cfg, _sample_size(unet))
+    count = len(source) if cfg.limit is None else min(cfg.limit, len(source))
+    if count == 0:
+        raise UserError(f"{source.name} holds no images: check the source spec and split")
+    run = run_metadata(cfg, source, count, info)
+    _prepare_out_dir(cfg, run, state)
+
+    num_shards = math.ceil(count / cfg.anchors_per_shard)
+    todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
+    mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
+    state.wait_for_everyone()  # all ranks listed the dir before any new shard appears
+    unet = _prepare_unet(unet, cfg, state.device)
+    batch_rows = cfg.batch_size or (GPU_BATCH_ROWS if use_cuda else CPU_BATCH_ROWS)
+    progress = _progress_bar(cfg, todo, count, num_shards, state)
+    try:
+        for index in mine:
+            start, stop = index * cfg.anchors_per_shard, min((index + 1) * cfg.anchors_per_shard, count)
+            records = list(source.records(start, stop))
+            began = time.perf_counter()
+            batch_rows = _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progress)
+            rate = len(records) * cfg.k / (time.perf_counter() - began)
+            tqdm.write(f"[rank {state.process_index}] wrote {shard_name(index)}: {len(records)} anchors x {cfg.k} "
+                       f"positives ({rate:.1f} images/s)", file=sys.stderr)
+    finally:
+        progress.close()  # before any error message, so that it starts on its own line
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    manifest = write_manifest(cfg.out, run)
+    tqdm.write(f"{cfg.out}: {num_shards} shards, {count} anchors x {cfg.k} positives; manifest written",
+               file=sys.stderr)
+    return manifest
+
+
+# --- setup ---------------------------------------------------------------------------------------------------------
+def _load_generator(cfg: SynthConfig):
+    unet, scheduler, info = load_generator(cfg.model)  # raises UserError naming the fix
+    try:
+        cfg.sampler.check_scheduler(scheduler)  # steps <= the generator's training timesteps
+    except ValueError as error:
+        raise UserError(f"{cfg.model}: {error}") from None
+    if unet.config.in_channels != 3 or unet.config.out_channels != 3:
+        raise UserError(f"{cfg.model} makes {unet.config.out_channels}-channel images; the anchors are RGB: "
+                        f"use a generator trained on RGB images")
+    return unet.eval().requires_grad_(False), scheduler, info
+
+
+def _sample_size(unet) -> int:
+    size = unet.config.sample_size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def _open_matching_source(cfg: SynthConfig, model_size: int):
+    if cfg.resize:
+        return open_source(cfg.source, cfg.split, model_size)
+    source = open_source(cfg.source, cfg.split, cfg.image_size)
+    if source.image_size != model_size:
+        raise UserError(f"{source.name} images are {source.image_size} px but the generator {cfg.model} makes "
+                        f"{model_size} px images: pass --resize to resize the anchors to {model_size} px")
+    return source
+
+
+def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
+    """What the shards are made of: the manifest's `run` record, also written to run.json before any shard."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": {"spec": cfg.source, "split": cfg.split, "fingerprint": source.fingerprint(), "count": count},
+        "generator": {"model_id": info["model_id"], "weights_sha256": info["weights_sha256"]},
+        "sampler": {"w": cfg.sampler.w, "steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
+                    "share_anchor_noise": cfg.sampler.share_anchor_noise},
+        "k": cfg.k,
+        "seed": cfg.seed,
+        "image_size": source.image_size,
+        "anchors_per_shard": cfg.anchors_per_shard,
+        "package_version": __version__,
+    }
+
+
+# Keys that decide the shards' content; a dir made with other values is refused (spec text and version may differ).
+_IDENTITY = ["schema_version", "source.split", "source.fingerprint", "source.count", "generator.weights_sha256",
+             "sampler.w", "sampler.steps", "sampler.eta", "sampler.share_anchor_noise", "k", "seed", "image_size",
+             "anchors_per_shard"]
+
+
+def _lookup(run: dict, dotted: str):
+    for part in dotted.split("."):
+        run = run.get(part) if isinstance(run, dict) else None
+    return run
+
+
+def run_differences(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every identity key that differs."""
+    return [f"{key}: {_lookup(old, key)!r} in the directory, {_lookup(new, key)!r} now"
+            for key in _IDENTITY if _lookup(old, key) != _lookup(new, key)]
+
+
+def _stale_files(out: Path) -> list[Path]:
+    """What a resumed run deletes: temp files of killed writers, and the manifest/index (rewritten at the end)."""
+    return temp_files(out) + [p for p in (out / MANIFEST, out / INDEX) if p.is_file()]
+
+
+def _finished_shards(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if SHARD_PATTERN.match(p.name)) if out.is_dir() else []
+
+
+def _prepare_out_dir(cfg: SynthConfig, run: dict, state) -> None:
+    """All ranks check the dir (read only), then the main process clears/writes it while the others wait."""
+    out, run_file = cfg.out, cfg.out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory")
+    old = json.loads(run_file.read_text()) if run_file.is_file() else None
+    has_shards = bool(_finished_shards(out))
+    if not cfg.overwrite:
+        if old is not None and run_differences(old, run):
+            raise UserError(f"{out} holds shards made with other settings ("
+                            f"{'; '.join(run_differences(old, run))}): pass --overwrite to delete them and start "
+                            f"again, or choose another --out")
+        if old is None and has_shards:
+            raise UserError(f"{out} holds shard files but no {RUN_FILE}, so their settings are unknown: pass "
+                            f"--overwrite to delete them, or choose another --out")
+    state.wait_for_everyone()  # everyone has read the old state before it changes
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in _stale_files(out) + (_finished_shards(out) if cfg.overwrite else []):
+            path.unlink(missing_ok=True)
+        temp = run_file.with_name(RUN_FILE + ".tmp")
+        temp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+        os.replace(temp, run_file)
+    state.wait_for_everyone()
+
+
+def _prepare_unet(unet, cfg: SynthConfig, device: torch.device):
+    unet = unet.to(device)
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    if cfg.compile:  # the sampler calls the blocks directly (split UNet), so compile them, not unet.forward
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            if block is not None:
+                block.compile()
+    return unet
+
+
+def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int, state):
+    """One bar on the main process over all ranks' remaining images. The main process only sees its own work, so it
+    advances by its own images x world size (an estimate when ranks run at different speeds)."""
+    images = sum(min((i + 1) * cfg.anchors_per_shard, count) - i * cfg.anchors_per_shard for i in todo) * cfg.k
+    world = state.num_processes
+    skipped = num_shards - len(todo)
+    desc = "synth" + (f" (rank 0 x {world})" if world > 1 else "")
+    if state.is_main_process and skipped:
+        tqdm.write(f"{cfg.out}: {skipped} of {num_shards} shards already finished, skipped", file=sys.stderr)
+    return tqdm(total=images, desc=desc, unit="img", disable=not state.is_main_process, dynamic_ncols=True)
+
+
+# --- one shard -----------------------------------------------------------------------------------------------------
+def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progress) -> int:
+    """Sample and write shard `index`; returns the batch size (rows) that fitted, for the next shard."""
+    path = cfg.out / shard_name(index)
+    writer = ShardWriter(path, k=cfg.k, image_size=records[0].image.shape[0])
+    try:
+        with writer:
+            done = 0
+            while done < len(records):
+                per_batch = max(1, batch_rows // cfg.k)  # whole anchors: shared anchor noise needs all K rows
+                batch = records[done:done + per_batch]
+                try:
+                    positives, seeds = sample_batch(cfg, batch, unet, scheduler, state.device)
+                except torch.cuda.OutOfMemoryError:
+                    if per_batch == 1:
+                        raise UserError(f"one anchor x K={cfg.k} does not fit on the GPU: lower --k") from None
+                    torch.cuda.empty_cache()
+                    batch_rows = max(cfg.k, batch_rows // 2)  # same seeds per row: a smaller batch, same output
+                    continue
+                for record, images, row_seeds in zip(batch, positives, seeds):
+                    writer.write(ShardSample(anchor_id=record.anchor_id, anchor=record.image, positives=images,
+                                             label=record.label, seeds=row_seeds))
+                done += len(batch)
+                progress.update(len(batch) * cfg.k * state.num_processes)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            writer.temp.unlink(missing_ok=True)  # the writer cannot always: its final flush fails too
+            raise UserError(f"disk full while writing {path.name} in {cfg.out}: free some space and run the same "
+                            f"command again (finished shards are kept; {path.name} was not written)") from None
+        raise
+    return batch_rows
+
+
+def sample_batch(cfg: SynthConfig, batch: list[Record], unet, scheduler, device: torch.device):
+    """K positives for each anchor of `batch` -> (uint8 (A, K, H, W, 3), seeds [[K ints]] per anchor).
+
+    Row a * K + j is candidate j of anchor a. Its x_T and all its per-step noise come from a generator seeded by
+    candidate_seed(seed, anchor_id, j), so a row's output depends only on its anchor, j and the seed.
+    """
+    k = cfg.k
+    seeds = [[candidate_seed(cfg.seed, r.anchor_id, j) for j in range(k)] for r in batch]
+    generators = row_generators([s for row in seeds for s in row])  # A * K CPU generators, row a * K + j
+    size = batch[0].image.shape[0]
+    x_T = start_noise(generators, (unet.config.in_channels, size, size))  # (A*K, C, H, W): each row's first draw
+    anchor_generators = None
+    if cfg.sampler.share_anchor_noise:  # one generator object per anchor, shared by its K rows
+        per_anchor = row_generators([candidate_seed(cfg.seed, r.anchor_id, "anchor") for r in batch])
+        anchor_generators = [g for g in per_anchor for _ in range(k)]
+    pixels = torch.from_numpy(np.stack([r.image for r in batch]))  # (A, H, W, 3) uint8
+    anchors = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (A, 3, H, W) in [-1, 1]
+    anchors = anchors.repeat_interleave(k, dim=0)  # (A*K, 3, H, W)
+    fast = device.type == "cuda" and cfg.bf16  # bf16 autocast + channels_last inside the sampler
+    x0 = sample_positives(unet, scheduler, x_T, anchors, generators, cfg.sampler, anchor_generators, fast=fast)
+    images = ((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (A*K, 3, H, W)
+    images = images.permute(0, 2, 3, 1).reshape(len(batch), k, size, size, 3).cpu().numpy()  # (A, K, H, W, 3)
+    return images, seeds

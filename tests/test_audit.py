@@ -1,0 +1,64 @@
+"""Audit of synthetic positives on hand-made arrays: identical positives, wrong-class positives, spread positives."""
+
+import json
+
+import numpy as np
+import pytest
+
+from eval.audit import AuditConfig, audit_arrays, audit_markdown, write_audit
+
+
+def digit_like(n_per_class: int, seed: int):
+    """Three classes of 8x8 RGB images: a bright bar in a class-specific place, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), n_per_class)
+    images = rng.integers(0, 40, size=(len(labels), 8, 8, 3))
+    for c in range(3):
+        images[labels == c, 2 * c + 1 : 2 * c + 3, :, :] += 200
+    return images.astype(np.uint8), labels
+
+
+CONFIG = AuditConfig(max_anchors=64, pca_components=8)
+
+
+def test_positives_equal_to_anchors_are_easy_and_agree():
+    real, labels = digit_like(20, 0)
+    anchors, anchor_labels = real[::4], labels[::4]
+    positives = np.repeat(anchors[:, None], 3, axis=1)  # (N, 3, 8, 8, 3): K copies of the anchor
+    result = audit_arrays(anchors, positives, anchor_labels, real, labels, np.arange(0, len(real), 4), config=CONFIG)
+    assert result["hardness"]["synthetic"] == pytest.approx(0.0, abs=1e-6)
+    assert result["diversity"]["synthetic"] == pytest.approx(0.0, abs=1e-6)
+    assert result["agreement_pct"]["synthetic"] == 100.0
+    assert result["hardness"]["nearest_real"] > 0.0  # the anchor itself is never its own neighbour
+    assert result["agreement_pct"]["nearest_real_true_label"] == 100.0
+    assert result["diversity"]["nearest_real"] > 0.0
+
+
+def test_wrong_class_positives_disagree_and_are_far():
+    real, labels = digit_like(20, 1)
+    anchors, anchor_labels = real[labels == 0][:10], labels[labels == 0][:10]
+    positives = np.repeat(real[labels == 2][:10, None], 2, axis=1)  # class-2 images as "positives" of class 0
+    result = audit_arrays(anchors, positives, anchor_labels, real, labels, config=CONFIG)
+    assert result["agreement_pct"]["synthetic"] == 0.0
+    assert result["hardness"]["synthetic"] > result["hardness"]["nearest_real"]
+    assert result["agreement_pct"]["anchor_itself"] == 100.0
+
+
+def test_audit_writes_json_and_markdown_without_overwriting(tmp_path):
+    real, labels = digit_like(10, 2)
+    positives = np.stack([real[:6], np.roll(real[:6], 1, axis=1)], axis=1)  # (6, 2, 8, 8, 3)
+    result = audit_arrays(real[:6], positives, labels[:6], real, labels, heldout_images=real, heldout_labels=labels,
+                          config=CONFIG)
+    json_path, md_path = write_audit(result, tmp_path)
+    assert json.loads(json_path.read_text())["k"] == 2
+    table = md_path.read_text()
+    assert "| class agreement with anchor" in table and "held-out real images" in table
+    changed = dict(result, anchors=7)
+    assert write_audit(changed, tmp_path)[0].name == "audit-2.json"
+    assert "synthetic positives" in audit_markdown(result)
+
+
+def test_audit_refuses_size_mismatch():
+    real, labels = digit_like(5, 3)
+    with pytest.raises(ValueError, match="image size"):
+        audit_arrays(real[:2, :4, :4], np.zeros((2, 2, 4, 4, 3), np.uint8), labels[:2], real, labels, config=CONFIG)

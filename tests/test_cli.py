@@ -1,0 +1,58 @@
+"""The `clsp` command: stages mounted, version, and the data / shards commands with their exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from clsp import __version__
+from clsp.cli import STAGES, app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage_and_version_prints():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name, _ in STAGES:
+        assert name in result.output
+    assert runner.invoke(app, ["--version"]).output.strip() == f"clsp {__version__}"
+
+
+def test_console_entry_point_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "clsp", "shards", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "verify" in result.stdout
+
+
+def test_data_info_and_sheet_on_the_embedded_source(tmp_path):
+    result = runner.invoke(app, ["data", "info", "digits", "--split", "test"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["count"] == 360 and info["classes"] == 10 and len(info["fingerprint"]) == 64
+    result = runner.invoke(app, ["data", "sheet", "digits", "--out", str(tmp_path / "d.png"), "--rows", "2"])
+    assert result.exit_code == 0 and (tmp_path / "d.png").stat().st_size > 0
+
+
+def test_bad_source_exits_2_with_one_clear_line():
+    result = runner.invoke(app, ["data", "info", "nope:/x"])
+    assert result.exit_code == 2
+    assert "error: unknown source kind 'nope'" in result.output
+
+
+def test_shards_verify_info_and_sheet(shard_dir, tmp_path):
+    ok = runner.invoke(app, ["shards", "verify", str(shard_dir)])
+    assert ok.exit_code == 0 and "OK (11 anchors x 2 positives in 3 shards)" in ok.output
+    info = runner.invoke(app, ["shards", "info", str(shard_dir), "--json"])
+    assert json.loads(info.output)["run"]["k"] == 2
+    sheet = runner.invoke(app, ["shards", "sheet", str(shard_dir), "--out", str(tmp_path / "s.png")])
+    assert sheet.exit_code == 0 and (tmp_path / "s.png").exists()
+    (shard_dir / "shard-000001.tar").write_bytes(b"garbage")
+    bad = runner.invoke(app, ["shards", "verify", str(shard_dir)])
+    assert bad.exit_code == 1 and "FAIL shard-000001.tar" in bad.output and "problem(s)" in bad.output
+
+
+def test_shards_info_on_a_directory_without_manifest_exits_2(tmp_path):
+    result = runner.invoke(app, ["shards", "info", str(tmp_path)])
+    assert result.exit_code == 2 and "has no manifest.json" in result.output

@@ -1,0 +1,135 @@
+"""`clsp diffusion train`: tiny real runs (8 px digits, 8-channel UNet, a few steps) through the real code paths."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from clsp.errors import UserError
+from clsp.sources import load_arrays, open_source
+from synth.diffusion_cli import app, config_from_options
+from synth.diffusion_train import (PRESETS, DiffusionTrainConfig, build_scheduler, build_unet, checkpoint_dirs,
+                                   diffusion_loss, train_diffusion)
+from synth.models import load_generator
+
+TINY = dict(source="digits", split="test", image_size=8, channels=(8, 8), layers_per_block=1, attention_levels=(1,),
+            norm_groups=4, dropout=0.0, batch_size=8, lr=1e-3, warmup_steps=1, steps=4, ema_decay=0.9,
+            hflip=True, checkpoint_every=2, sample_steps=3, grid_size=4)
+
+
+def tiny(out: Path, **changes) -> DiffusionTrainConfig:
+    return DiffusionTrainConfig(out=out, **{**TINY, **changes})
+
+
+def test_tiny_run_writes_a_loadable_generator_checkpoints_and_grids(tmp_path):
+    out = train_diffusion(tiny(tmp_path / "run"), command="clsp diffusion train digits --test")
+    assert (out / "model_index.json").is_file()
+    assert [step for step, _ in checkpoint_dirs(out)] == [2, 4]
+    unet, scheduler, info = load_generator(out)
+    assert unet.config.sample_size == 8 and scheduler.config.num_train_timesteps == 1000
+    # the generator is the EMA model of the last checkpoint, not the raw weights
+    ema = load_file(checkpoint_dirs(out)[-1][1] / "ema_unet.safetensors")
+    raw = load_file(checkpoint_dirs(out)[-1][1] / "unet.safetensors")
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in ema.items())
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    with torch.no_grad():
+        assert unet(torch.zeros(2, 3, 8, 8), 10).sample.shape == (2, 3, 8, 8)
+    for step in (2, 4):  # 2x2 grid of 8 px samples, enlarged 8x, 2 px padding
+        with Image.open(out / "samples" / f"step-{step:06d}.png") as grid:
+            assert grid.size == (2 * (64 + 2) + 2,) * 2
+    card = json.loads((out / "card.json").read_text())
+    assert card["steps"] == 4 and card["seed"] == 0 and math.isfinite(card["final_loss"])
+    assert card["command"] == "clsp diffusion train digits --test" and card["config"]["channels"] == [8, 8]
+    assert card["source"]["fingerprint"] == open_source("digits", "test", 8).fingerprint()
+    assert {"torch", "diffusers", "accelerate"} <= set(card["package_versions"])
+    assert info["weights_sha256"] == card["weights_sha256"]
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    cfg = tiny(Path("unused"))
+    torch.manual_seed(0)
+    unet, scheduler = build_unet(cfg, 8), build_scheduler(cfg)
+    images, _, _ = load_arrays(open_source("digits", "test", 8), limit=16)
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (16, 3, 8, 8)
+    noise, timesteps = torch.randn_like(x0), torch.randint(0, 1000, (16,))
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = diffusion_loss(unet, scheduler, x0, noise, timesteps)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
+    out = tmp_path / "run"
+    train_diffusion(tiny(out))
+    straight = {name: load_file(out / "checkpoints" / "step-000004" / name)
+                for name in ("unet.safetensors", "ema_unet.safetensors")}
+    halfway = load_file(out / "checkpoints" / "step-000002" / "unet.safetensors")
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # as if killed right after the step-2 checkpoint
+
+    with pytest.raises(UserError, match="unfinished run .*step 2.*--resume"):
+        train_diffusion(tiny(out))
+    train_diffusion(tiny(out, resume=True))
+    assert (out / "model_index.json").is_file()
+    for name, expected in straight.items():
+        resumed = load_file(out / "checkpoints" / "step-000004" / name)
+        assert all(torch.equal(resumed[k], expected[k]) for k in expected), name
+    assert any(not torch.equal(halfway[k], straight["unet.safetensors"][k]) for k in halfway)
+    steps = [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4]  # one row per step, none repeated by the resume
+
+
+def test_refuses_another_config_over_an_existing_run(tmp_path):
+    out = tmp_path / "run"
+    train_diffusion(tiny(out, steps=2))
+    with pytest.raises(UserError, match=r"another config \(lr: 0\.001 there, 0\.002 now; steps: 2 there, 4 now\).*"
+                                        r"--overwrite"):
+        train_diffusion(tiny(out, lr=2e-3, steps=4, resume=True))
+    with pytest.raises(UserError, match="finished generator"):
+        train_diffusion(tiny(out, steps=2))
+    assert train_diffusion(tiny(out, steps=2, resume=True)) == out  # finished: nothing to do
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not made by `clsp diffusion train`"):
+        train_diffusion(tiny(foreign, overwrite=True))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_config_validation_and_preset_overrides(tmp_path):
+    with pytest.raises(UserError, match="not all divisible by norm_groups=8"):
+        DiffusionTrainConfig(out=tmp_path, channels=(12, 24), norm_groups=8)
+    with pytest.raises(UserError, match="attention_levels"):
+        DiffusionTrainConfig(out=tmp_path, channels=(8, 8), norm_groups=4, attention_levels=(2,))
+    with pytest.raises(UserError, match="unknown preset"):
+        config_from_options("nope", out=tmp_path)
+    cfg = config_from_options("embedded", out=tmp_path, steps=7, hflip=None)
+    assert cfg.steps == 7 and cfg.channels == PRESETS["embedded"]["channels"] and cfg.hflip is False
+    with pytest.raises(Exception):
+        cfg.steps = 8  # frozen
+
+
+def test_cli_overwrite_replaces_a_run_with_other_settings(tmp_path):
+    out = tmp_path / "run"
+    base = ["train", "digits", "--out", str(out), "--split", "test", "--image-size", "8", "--channels", "8,8",
+            "--norm-groups", "4", "--attention-levels", "none", "--batch-size", "4", "--steps", "1",
+            "--checkpoint-every", "1", "--sample-steps", "2", "--grid-size", "1"]
+    runner = CliRunner()
+    assert runner.invoke(app, base).exit_code == 0
+    refused = runner.invoke(app, base + ["--seed", "3"])
+    assert isinstance(refused.exception, UserError) and "seed: 0 there, 3 now" in str(refused.exception)
+    replaced = runner.invoke(app, base + ["--seed", "3", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "card.json").read_text())["seed"] == 3

@@ -1,0 +1,264 @@
+"""Evaluation: weighted kNN, the linear probe and its frozen-backbone guard, the feature cache, report aggregation."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eval import latest, write_new
+from eval.features import extract_features, weights_hash
+from eval.knn import knn_accuracy, knn_predict
+from eval.linear import BackboneChangedError, ProbeConfig, linear_probe_accuracy, probe_backbone
+from eval.report import aggregate, mean_std, report, verdicts
+from train.backbones import build_backbone
+
+FAST_PROBE = ProbeConfig(epochs=20, lr=0.5, batch_size=32, milestones=(12, 16))
+
+
+def clustered(n_per_class: int, classes: int, dim: int, noise: float, seed: int):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 3.0
+    labels = np.repeat(np.arange(classes), n_per_class)
+    return (centres[labels] + noise * rng.normal(size=(len(labels), dim))).astype(np.float32), labels
+
+
+def test_knn_high_on_clusters_and_chance_on_random_labels():
+    x_train, y_train = clustered(100, 5, 16, 0.5, seed=0)
+    x_test, y_test = clustered(40, 5, 16, 0.5, seed=0)  # same centres (same seed), fresh noise draws below
+    x_test = x_test + 0.3 * np.random.default_rng(1).normal(size=x_test.shape).astype(np.float32)
+    accs = knn_accuracy(x_train, y_train, x_test, y_test)
+    assert set(accs) == {5, 10, 20, 50, 100, 200}
+    assert min(accs.values()) > 95.0
+
+    rng = np.random.default_rng(2)
+    noise_train, noise_test = rng.normal(size=(1000, 16)), rng.normal(size=(1000, 16))
+    random_accs = knn_accuracy(noise_train, rng.integers(0, 5, 1000), noise_test, rng.integers(0, 5, 1000))
+    assert all(abs(a - 20.0) < 6.0 for a in random_accs.values()), random_accs
+
+
+def brute_force_knn(train, train_labels, test, k, temperature, classes):
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    preds = []
+    for q in test:
+        sims = train @ q
+        order = np.argsort(-sims, kind="stable")[:k]
+        votes = np.zeros(classes)
+        for i in order:
+            votes[train_labels[i]] += math.exp(sims[i] / temperature)
+        preds.append(int(np.argmax(votes)))
+    return np.array(preds)
+
+
+def test_knn_matches_brute_force_and_caps_k_at_train_size():
+    rng = np.random.default_rng(3)
+    train, labels, test = rng.normal(size=(30, 6)), rng.integers(0, 4, 30), rng.normal(size=(11, 6))
+    preds = knn_predict(train, labels, test, ks=(1, 3, 7, 200), temperature=0.5, chunk_size=4)
+    assert sorted(preds) == [1, 3, 7, 30]  # 200 capped at the 30 train rows
+    for k, pred in preds.items():
+        np.testing.assert_array_equal(pred, brute_force_knn(train, labels, test, k, 0.5, 4))
+
+
+def test_knn_refuses_unlabelled_data():
+    with pytest.raises(ValueError, match="unknown labels"):
+        knn_predict(np.ones((3, 2)), np.array([0, -1, 1]), np.ones((1, 2)))
+
+
+def test_linear_probe_learns_separable_data():
+    x_train, y_train = clustered(60, 4, 10, 0.3, seed=4)
+    x_test, y_test = clustered(20, 4, 10, 0.3, seed=4)
+    result = linear_probe_accuracy(x_train, y_train, x_test, y_test, FAST_PROBE)
+    assert result["top1"] > 95.0 and result["train_top1"] > 95.0
+    shuffled = linear_probe_accuracy(x_train, np.random.default_rng(0).permutation(y_train), x_test, y_test,
+                                     FAST_PROBE)
+    assert shuffled["top1"] < 60.0  # permuted labels carry no signal: the probe cannot generalise
+
+
+def test_probe_config_rejects_bad_schedule():
+    with pytest.raises(ValueError, match="milestones"):
+        ProbeConfig(epochs=10, milestones=(12,))
+
+
+class StuckInTrainMode(nn.Module):
+    """A backbone whose eval() is ignored (e.g. a wrapper that forces train mode): BatchNorm stats keep moving."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.inner = backbone
+
+    def train(self, mode: bool = True):
+        return super().train(True)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def tiny_images(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.integers(0, 60, size=(n, 8, 8, 3))
+    images[labels == 1, 2:6, 2:6, :] += 180  # class 1: a bright square
+    return images.astype(np.uint8), labels
+
+
+def test_probe_backbone_passes_for_frozen_and_raises_when_the_backbone_changes():
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", width=4, small_stem=True)
+    train_images, train_labels = tiny_images(48, 0)
+    test_images, test_labels = tiny_images(16, 1)
+    norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    before = weights_hash(backbone)
+    backbone.train()  # probe_backbone must put it in eval mode itself
+    result = probe_backbone(backbone, train_images, train_labels, test_images, test_labels, *norm, FAST_PROBE,
+                            batch_size=16)
+    assert 0.0 <= result["top1"] <= 100.0
+    assert weights_hash(backbone) == before and not backbone.training
+    assert all(p.requires_grad for p in backbone.parameters())  # restored afterwards
+
+    with pytest.raises(BackboneChangedError, match="running_mean"):
+        probe_backbone(StuckInTrainMode(backbone), train_images, train_labels, test_images, test_labels, *norm,
+                       FAST_PROBE, batch_size=16)
+
+
+def test_feature_cache_is_keyed_by_weights(tmp_path):
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18", width=2, small_stem=True)
+    images, _ = tiny_images(10, 2)
+    norm = ((0.5,) * 3, (0.25,) * 3)
+    first = extract_features(backbone, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="abc")
+    assert first.shape == (10, dim) and first.dtype == np.float32
+    np.testing.assert_allclose(first, extract_features(backbone, images, *norm, batch_size=10), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(np.load(tmp_path / "abc.npy", allow_pickle=False), first)
+    with torch.no_grad():
+        backbone.conv1.weight.mul_(2.0)  # new weights: the cache must not be reused
+    second = extract_features(backbone, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="abc")
+    assert not np.allclose(first, second)
+    assert json.loads((tmp_path / "abc.json").read_text())["weights_sha256"] == weights_hash(backbone)
+
+
+def test_write_new_never_overwrites_a_different_result(tmp_path, capsys):
+    target = tmp_path / "r.json"
+    assert write_new(target, "a") == target
+    assert write_new(target, "a") == target  # same content: nothing new
+    assert write_new(target, "b").name == "r-2.json"
+    assert target.read_text() == "a" and latest(target).read_text() == "b"
+    assert write_new(target, "a").name == "r-3.json"  # differs from the newest, so a new file
+    assert "r-3.json" in capsys.readouterr().err
+
+
+def make_run(root, name, method, positives, seed, linear, knn):
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"method": method, "positives": positives, "lam": 1.0, "seed": seed}))
+    (run / "eval" / "results.json").write_text(json.dumps(
+        {"run": name, "linear_top1": linear, "knn_best": knn, "knn_best_k": 20, "knn_k20": knn}))
+    (run / "log.csv").write_text("step,epoch,lr,loss,loss_base,loss_clsp,images_per_s,knn_top1\n"
+                                 "1,0,0.1,5.0,4.5,0.5,100,\n2,0,0.1,4.0,3.7,0.3,100,40.0\n")
+    return run
+
+
+def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
+    runs = [make_run(tmp_path, f"simclr-synthetic-seed{s}", "simclr", "synthetic", s, lin, lin - 1)
+            for s, lin in enumerate((80.0, 82.0, 84.0))]
+    runs += [make_run(tmp_path, f"simclr-none-seed{s}", "simclr", "none", s, lin, lin - 1)
+             for s, lin in enumerate((70.0, 71.0, 72.0))]
+    out = report(runs, tmp_path / "report")
+    groups = {g["positives"]: g for g in out["groups"]}
+    assert groups["synthetic"]["linear_top1"] == pytest.approx((82.0, 2.0, 3))  # sample std (ddof=1)
+    assert groups["none"]["knn_best"] == pytest.approx((70.0, 1.0, 3))
+    assert groups["synthetic"]["seeds"] == [0, 1, 2]
+    assert "beats it by +11.00 points" in out["verdicts"][0]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| simclr | synthetic | 1.0 | 3 | 81.00 ± 2.00 | 81.00 ± 2.00 | 82.00 ± 2.00 |" in text
+    csv_lines = (tmp_path / "report" / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 7 and csv_lines[0].startswith("run,method,positives,lam,seed")
+    assert (tmp_path / "report" / "summary.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "pictures" / "simclr-none-seed0-training.png").is_file()
+
+
+def test_verdict_reports_noise_and_single_seeds_honestly():
+    assert math.isnan(mean_std([3.0])[1])
+    close = aggregate([
+        {"method": "moco", "positives": p, "lam": 0.5, "seed": s, "linear_top1": v, "knn_best": v, "knn_k20": v}
+        for p, vals in (("synthetic", (50.0, 60.0)), ("augment", (51.0, 59.0))) for s, v in enumerate(vals)])
+    assert "is within noise of it by +0.00 points" in verdicts(close)[0]
+    single = aggregate([{"method": "moco", "positives": p, "lam": 0.5, "seed": 0, "linear_top1": v, "knn_best": v,
+                         "knn_k20": v} for p, v in (("synthetic", 60.0), ("none", 50.0))])
+    assert "no verdict" in verdicts(single)[0]
+
+
+# --- end to end: a tiny trained run, evaluated through the CLI and through a resumable study --------------------------
+
+TINY_TRAIN = (("width", 2), ("epochs", 1), ("batch_size", 4), ("workers", 0), ("proj_hidden", 16), ("proj_dim", 8),
+              ("warmup_epochs", 0.0), ("bf16", False))
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """Shards (8 px, K=2, 3 classes) and a labelled image-folder source with train/ and test/ splits of 8 px images."""
+    from PIL import Image
+
+    from conftest import build_shard_dir
+
+    root = tmp_path_factory.mktemp("world")
+    shards = build_shard_dir(root / "shards", counts=(6, 6), k=2, size=8)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for c in range(3):
+            (root / "images" / split / f"c{c}").mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 50, (8, 8, 3)).astype(np.uint8)
+                image[:, 2 * c : 2 * c + 3] = 230  # a class-specific bright column band
+                Image.fromarray(image).save(root / "images" / split / f"c{c}" / f"{i}.png")
+    return root, shards, f"folder:{root / 'images'}"
+
+
+def test_eval_all_command_end_to_end_and_idempotent(tiny_world):
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+    from train.loop import make_config, train
+
+    root, shards, source = tiny_world
+    run = root / "run-simclr"
+    train(make_config(None, shards=str(shards), out=str(run), method="simclr", positives="synthetic",
+                      **dict(TINY_TRAIN)))
+    args = ["eval", "all", str(run), "--shards", str(shards), "--source", source, "--out", str(root / "report"),
+            "--probe-epochs", "3", "--audit-anchors", "8"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "kNN top-1 %" in first.output and "class agreement" in first.output
+    made = sorted(p.name for p in (root / "report").rglob("*") if p.is_file())
+    assert {"report.md", "results.csv", "audit.json", "audit.md", "contact_sheet.png", "summary.png"} <= set(made)
+    assert {"run-simclr-training.png", "run-simclr-tsne.png"} <= set(made)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["method"] == "simclr" and results["positives"] == "synthetic" and results["seed"] == 0
+    assert set(results["knn"]) == {"5", "10", "20", "24"}  # 50, 100, 200 capped at the 24 train images
+    second = CliRunner().invoke(app, args)  # same inputs: same results, no new files
+    assert second.exit_code == 0, second.output
+    assert sorted(p.name for p in (root / "report").rglob("*") if p.is_file()) == made
+
+    from clsp.errors import UserError
+
+    with pytest.raises(UserError, match="has no eval/results.json"):  # the root CLI prints it as one `error:` line
+        report([root], root / "r2")
+
+
+def test_study_trains_evaluates_reports_and_resumes(tiny_world, capsys):
+    from eval.report import EvalConfig, StudyConfig, study
+
+    root, shards, source = tiny_world
+    config = StudyConfig(str(shards), source, str(root / "study"), methods=("simclr",), positives=("none", "synthetic"),
+                         seeds=(0, 1), train_preset=None, train_options=TINY_TRAIN,
+                         eval=EvalConfig(probe=ProbeConfig(epochs=3, milestones=(2,))))
+    summary = study(config)
+    assert [(g["positives"], len(g["seeds"])) for g in summary["groups"]] == [("none", 2), ("synthetic", 2)]
+    assert summary["verdicts"][0].startswith("- simclr (lam 1.0, seeds [0, 1]): synthetic")
+    assert sorted(p.name for p in (root / "study" / "runs").iterdir()) == [
+        "simclr-none-seed0", "simclr-none-seed1", "simclr-synthetic-seed0", "simclr-synthetic-seed1"]
+    capsys.readouterr()
+    study(config)  # everything exists: nothing is trained or evaluated again
+    assert capsys.readouterr().out.count("results exist, skipped") == 4

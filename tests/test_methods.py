@@ -1,0 +1,201 @@
+"""Backbones and methods: shapes, loss decreases over SGD steps, CLSP wiring, momentum targets, config validation."""
+import pytest
+import torch
+import torchvision
+
+from train.backbones import build_backbone, mlp_head, wants_small_stem
+from train.distributed import FeatureQueue
+from train.methods import METHOD_DEFAULTS, MethodConfig, build_method
+
+METHODS = ("simclr", "moco", "nnclr", "byol")
+TINY_HEADS = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+
+
+def tiny_method(name, positives="none", **overrides):
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18", width=4)
+    queue = {"queue_size": 16} if name in ("moco", "nnclr") else {}
+    cfg = MethodConfig.for_method(name, positives=positives, **{**TINY_HEADS, **queue, **overrides})
+    return build_method(name, backbone, dim, cfg)
+
+
+def fixed_batch(b=8, size=8):
+    g = torch.Generator().manual_seed(1)
+    v1, v2, v3 = torch.randn(3, b, 3, size, size, generator=g).unbind(0)
+    return v1, v2, v3, torch.arange(b)
+
+
+def test_backbone_matches_torchvision_and_width_scales_every_stage():
+    net, dim = build_backbone("resnet18", width=64, small_stem=False)
+    reference = torchvision.models.resnet18()
+    reference_state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert dim == 512 and net.load_state_dict(reference_state).missing_keys == []
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    small, small_dim = build_backbone("resnet18", width=16)
+    assert small_dim == 128
+    assert 12 < count(net) / count(small) < 20  # ~4x fewer channels everywhere -> ~16x fewer weights
+    deep, deep_dim = build_backbone("resnet50", width=8)
+    assert deep_dim == 8 * 8 * 4
+    assert deep(torch.randn(2, 3, 16, 16)).shape == (2, 256)
+    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, torch.nn.Identity)
+    assert wants_small_stem(32) and not wants_small_stem(224)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vit_b16")
+
+
+def test_mlp_head_layout():
+    with_bn, without_bn = mlp_head(8, 16, 4, True), mlp_head(8, 16, 4, False)
+    assert [type(m).__name__ for m in with_bn] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in without_bn] == ["Linear", "ReLU", "Linear"]
+    assert with_bn(torch.randn(3, 8)).shape == (3, 4)
+
+
+@pytest.mark.parametrize("positives", ["none", "synthetic"])
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_decreases_over_sgd_steps(name, positives):
+    method = tiny_method(name, positives)
+    v1, v2, v3, ids = fixed_batch()
+    third = None if positives == "none" else v3
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(8):
+        out = method([v1, v2], ids, third)
+        assert set(out) == {"loss", "loss_base", "loss_clsp"} and torch.isfinite(out["loss"])
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        method.after_step(step / 8)
+        losses.append(out["loss"].item())
+    # MoCo's first loss sees an empty queue (and keys equal to queries), so compare from step 1
+    assert losses[-1] < losses[1] and losses[-1] < max(losses[:2])
+    if positives == "none":
+        assert out["loss_clsp"].item() == 0.0
+    else:
+        assert out["loss_clsp"].item() > 0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_clsp_term_weighting_and_third_view_is_no_negative(name):
+    method = tiny_method(name, "synthetic", lam=0.7)
+    method.eval()  # no queue writes, BN frozen: forwards are comparable
+    v1, v2, v3, ids = fixed_batch()
+    out = method([v1, v2], ids, v3)
+    assert out["loss"].item() == pytest.approx(out["loss_base"].item() + 0.7 * out["loss_clsp"].item(), rel=1e-6)
+    other = method([v1, v2], ids, torch.randn_like(v3))
+    assert other["loss_base"].item() == pytest.approx(out["loss_base"].item(), rel=1e-6)  # third view not a negative
+    assert other["loss_clsp"].item() != pytest.approx(out["loss_clsp"].item())
+    assert method([v1, v2], ids, v1)["loss_clsp"].item() == pytest.approx(0.0, abs=1e-6)  # z3 == z1
+
+
+def test_third_view_rules_and_input_checks():
+    v1, v2, v3, ids = fixed_batch()
+    with pytest.raises(ValueError, match="takes no third view"):
+        tiny_method("simclr", "none")([v1, v2], ids, v3)
+    with pytest.raises(ValueError, match="needs the third view"):
+        tiny_method("simclr", "augment")([v1, v2], ids, None)
+    with pytest.raises(ValueError, match="two augmented real views"):
+        tiny_method("simclr", "none")([v1], ids)
+    with pytest.raises(ValueError, match="ids must have shape"):
+        tiny_method("simclr", "none")([v1, v2], ids[:4])
+
+
+@pytest.mark.parametrize("name", ["moco", "byol"])
+def test_after_step_moves_target_by_the_scheduled_momentum(name):
+    method = tiny_method(name, "none")
+    v1, v2, _, ids = fixed_batch()
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    method([v1, v2], ids)["loss"].backward()
+    optimizer.step()
+    target_before = [p.clone() for p in method.target_backbone.parameters()]
+    method.after_step(0.0)  # momentum_base = 0.99
+    for t0, o, t in zip(target_before, method.backbone.parameters(), method.target_backbone.parameters()):
+        assert not t.requires_grad
+        assert torch.allclose(t, 0.99 * t0 + 0.01 * o, atol=1e-6)
+    if name == "byol":  # BYOL ends at momentum 1.0: the target freezes
+        frozen = [p.clone() for p in method.target_backbone.parameters()]
+        method.after_step(1.0)
+        assert all(torch.equal(a, b) for a, b in zip(frozen, method.target_backbone.parameters()))
+
+
+def test_queue_state_is_in_the_state_dict_and_only_fills_in_training():
+    method = tiny_method("moco", "none")
+    v1, v2, _, ids = fixed_batch()
+    method.eval()
+    method([v1, v2], ids)
+    assert int(method.queue.filled) == 0
+    method.train()
+    method([v1, v2], ids)
+    assert int(method.queue.filled) == 16
+    clone = tiny_method("moco", "none")
+    clone.load_state_dict(method.state_dict())
+    assert torch.equal(clone.queue.get(), method.queue.get())
+    assert "queue.features" in method.state_dict()
+
+
+def test_defaults_and_config_validation():
+    assert METHOD_DEFAULTS["simclr"]["lam"] == 1.0 and METHOD_DEFAULTS["simclr"]["temperature"] == 0.2
+    moco = MethodConfig.for_method("moco", temperature=None)  # None keeps the default
+    assert (moco.lam, moco.queue_size, moco.momentum_base, moco.momentum_final) == (0.5, 32768, 0.99, 0.999)
+    byol = MethodConfig.for_method("byol")
+    assert (byol.momentum_base, byol.momentum_final) == (0.99, 1.0)
+    backbone, dim = build_backbone("resnet18", width=4)
+    with pytest.raises(ValueError, match="unknown method 'swav'"):
+        build_method("swav", backbone, dim, MethodConfig())
+    with pytest.raises(ValueError, match="unknown method"):
+        MethodConfig.for_method("swav")
+    with pytest.raises(ValueError, match="positives must be one of"):
+        MethodConfig(positives="real")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        MethodConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="lam"):
+        MethodConfig(lam=-1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        MethodConfig(momentum_base=0.999, momentum_final=0.99)
+    with pytest.raises(ValueError, match="unknown MethodConfig field"):
+        MethodConfig.for_method("simclr", tau=0.1)
+    with pytest.raises(ValueError, match="moco needs queue_size"):
+        build_method("moco", backbone, dim, MethodConfig())  # SimCLR-style config has no queue
+    with pytest.raises(TypeError, match="MethodConfig"):
+        build_method("simclr", backbone, dim, {"lam": 1.0})
+    assert build_method("simclr", backbone, dim).backbone is backbone  # the encoder evaluated downstream
+
+
+def _two_rank_method_worker(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two processes share the cores
+    v1, v2, _, ids = fixed_batch(b=8)
+    methods, expected = {}, {}
+    for name in ("simclr", "nnclr"):  # reference first, in one process with the whole batch
+        methods[name] = method = tiny_method(name, "none").eval()  # eval BN: features ignore the batch
+        single = method([v1, v2], ids)["loss"]
+        params = [p for p in method.parameters() if p.requires_grad]
+        expected[name] = (single.item(), torch.autograd.grad(single, params))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = slice(rank * 4, (rank + 1) * 4)
+        for name, method in methods.items():
+            params = [p for p in method.parameters() if p.requires_grad]
+            local = method([v1[rows], v2[rows]], ids[rows])["loss"]  # negatives come from both ranks
+            grads = torch.autograd.grad(local, params)
+            for g in grads:  # what DDP does: average over ranks
+                dist.all_reduce(g)
+                g /= world
+            mean_loss = local.detach().clone()
+            dist.all_reduce(mean_loss)
+            single_loss, single_grads = expected[name]
+            assert mean_loss.item() / world == pytest.approx(single_loss, rel=1e-5), name
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, single_grads)), name
+        queue = FeatureQueue(size=6, dim=2)  # enqueue gathers: 8 rows in rank order, rows 6, 7 wrap to slots 0, 1
+        queue.enqueue(torch.arange(8.0).repeat(2, 1).T[rows])
+        assert queue.get()[:, 0].tolist() == [6.0, 7.0, 2.0, 3.0, 4.0, 5.0] and int(queue.ptr) == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gathers_match_one_process_on_the_whole_batch(tmp_path):
+    # SimCLR negatives and NNCLR predictions gathered across ranks (gloo), and the queue filled from both ranks
+    import torch.multiprocessing as mp
+
+    # fork: the children reuse the imported modules instead of importing torch again
+    mp.start_processes(_two_rank_method_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, start_method="fork")

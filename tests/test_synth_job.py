@@ -1,0 +1,178 @@
+"""The synth job on a tiny saved generator (8 px digits, K=2, 2 DDIM steps, 15 anchors in 5 shards): one process vs
+two under torchrun, kill + resume, refusing other settings, and the CLI's errors."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import DDIMScheduler
+from typer.testing import CliRunner
+
+from clsp.cli import app
+from shards.manifest import read_manifest
+from shards.reader import iter_shard
+from shards.verify import verify
+from shards.writer import temp_files
+from synth.job import SynthConfig, config_from_options, run_synth
+from synth.models import save_generator, tiny_unet
+from synth.sampler import SamplerConfig, candidate_seed
+
+SIZE, K, STEPS, LIMIT, PER_SHARD = 8, 2, 2, 15, 3
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen") / "generator"
+    save_generator(out, tiny_unet(sample_size=SIZE, block_out_channels=(8, 8)),
+                   DDIMScheduler(num_train_timesteps=1000, clip_sample=True), {"model_id": "tiny-test"})
+    return out
+
+
+def config(generator: Path, out: Path, **changes) -> SynthConfig:
+    values = dict(source="digits", model=str(generator), out=out, image_size=SIZE, k=K,
+                  sampler=SamplerConfig(steps=STEPS), anchors_per_shard=PER_SHARD, limit=LIMIT)
+    return SynthConfig(**{**values, **changes})
+
+
+def cli_options(generator: Path, out: Path) -> list[str]:
+    return ["run", "digits", "--model", str(generator), "--out", str(out), "--image-size", str(SIZE), "--k", str(K),
+            "--steps", str(STEPS), "--anchors-per-shard", str(PER_SHARD), "--limit", str(LIMIT)]
+
+
+def shard_hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("shard-*.tar"))}
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def reference(generator, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run: the bytes every other way of running must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "shards"
+    run_synth(config(generator, out))
+    return out
+
+
+def test_one_process_writes_complete_shards_with_keyed_seeds(reference):
+    manifest = read_manifest(reference)
+    assert [s["name"] for s in manifest.shards] == [f"shard-{i:06d}.tar" for i in range(5)]
+    assert [s["count"] for s in manifest.shards] == [3, 3, 3, 3, 3]
+    assert verify(reference) == []
+    assert manifest.run["k"] == K and manifest.run["sampler"]["steps"] == STEPS
+    assert manifest.run["generator"]["model_id"] == "tiny-test" and manifest.run["source"]["count"] == LIMIT
+    samples = [s for p in sorted(reference.glob("shard-*.tar")) for s in iter_shard(str(p))]
+    assert [s.key for s in samples] == manifest.index.column("anchor_id").to_pylist()
+    first = samples[0]
+    assert first.meta["seeds"] == [candidate_seed(0, first.key, j) for j in range(K)]
+    positives = np.stack([first.positive(j) for j in range(K)])  # (K, H, W, 3)
+    assert positives.shape == (K, SIZE, SIZE, 3) and positives.dtype == np.uint8
+    assert not np.array_equal(positives[0], positives[1])  # different seeds, different candidates
+    assert temp_files(reference) == []
+
+
+def test_output_does_not_depend_on_batch_size(generator, reference, tmp_path):
+    run_synth(config(generator, tmp_path / "b", batch_size=K))  # one anchor per forward instead of all of a shard
+    assert shard_hashes(tmp_path / "b") == shard_hashes(reference)
+
+
+def test_shared_anchor_noise_is_keyed_on_the_anchor_too(generator, reference, tmp_path):
+    shared = SamplerConfig(steps=STEPS, share_anchor_noise=True)
+    run_synth(config(generator, tmp_path / "whole", sampler=shared))
+    run_synth(config(generator, tmp_path / "one", sampler=shared, batch_size=K))
+    assert shard_hashes(tmp_path / "whole") == shard_hashes(tmp_path / "one")
+    assert shard_hashes(tmp_path / "whole") != shard_hashes(reference)
+    assert read_manifest(tmp_path / "whole").run["sampler"]["share_anchor_noise"] is True
+
+
+def test_two_processes_under_torchrun_write_the_same_bytes(generator, reference, tmp_path):
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "synth.cli", *cli_options(generator, out)]
+    result = subprocess.run(command, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[rank 1] wrote shard-000001.tar" in result.stderr  # shard i goes to rank i % 2
+    assert shard_hashes(out) == shard_hashes(reference)
+    assert read_manifest(out).index.to_pylist() == read_manifest(reference).index.to_pylist()
+
+
+def test_a_job_killed_part_way_resumes_to_the_same_shards(generator, reference, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "synth.cli", *cli_options(generator, out), "--batch-size", str(K)]
+    job = subprocess.Popen(command, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        while not (out / "shard-000000.tar").exists():
+            assert job.poll() is None, "the job ended before writing its first shard"
+            time.sleep(0.005)
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.kill()
+        job.wait()
+    assert not (out / "manifest.json").exists()  # it was stopped before the end
+    assert len(shard_hashes(out)) < 5
+    (out / ".tmp-shard-000004.tar.99999").write_bytes(b"half a tar")  # what a writer killed mid-shard leaves
+    run_synth(config(generator, out))
+    assert temp_files(out) == []
+    assert shard_hashes(out) == shard_hashes(reference)
+    assert read_manifest(out).index.to_pylist() == read_manifest(reference).index.to_pylist()
+
+
+def test_other_settings_are_refused_unless_overwrite(generator, tmp_path):
+    out = tmp_path / "dir"
+    small = ["run", "digits", "--model", str(generator), "--out", str(out), "--image-size", str(SIZE), "--k", "1",
+             "--steps", "1", "--limit", "2", "--anchors-per-shard", "2"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["synth", *small]).exit_code == 0
+    before = shard_hashes(out)
+    again = runner.invoke(app, ["synth", *small])  # same settings: nothing to redo
+    assert again.exit_code == 0 and shard_hashes(out) == before
+    refused = runner.invoke(app, ["synth", *small, "--seed", "7"])
+    assert refused.exit_code == 2
+    assert "seed: 0 in the directory, 7 now" in refused.output and "--overwrite" in refused.output
+    assert shard_hashes(out) == before
+    accepted = runner.invoke(app, ["synth", *small, "--seed", "7", "--overwrite"])
+    assert accepted.exit_code == 0, accepted.output
+    assert read_manifest(out).run["seed"] == 7
+    assert shard_hashes(out).keys() == before.keys() and shard_hashes(out) != before
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--w", "1.5"], "w must be a number in [0, 1]"),
+    (["--eta", "-0.1"], "eta must be a number in [0, 1]"),
+    (["--k", "0"], "need at least 1 positive"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--steps", "1001"], "exceeds the generator's num_train_timesteps = 1000"),
+    (["--image-size", "16"], "pass --resize"),
+    (["--model", "MISSING"], "does not exist"),
+])
+def test_bad_values_exit_with_a_clear_message(generator, tmp_path, options, message):
+    args = ["synth", "run", "digits", "--model", str(generator), "--out", str(tmp_path / "o"), "--limit", "1",
+            "--image-size", str(SIZE)]
+    args = [str(tmp_path / "missing") if a == "MISSING" else a for a in args + options]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_resize_makes_the_anchors_the_generators_size(generator, tmp_path):
+    out = tmp_path / "resized"
+    result = CliRunner().invoke(app, ["synth", "run", "digits", "--model", str(generator), "--out", str(out),
+                                      "--resize", "--k", "1", "--steps", "1", "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out).run["image_size"] == SIZE  # digits are 16 px natively
+
+
+def test_preset_then_explicit_options(generator, tmp_path):
+    cfg = config_from_options("embedded", model=str(generator), out=tmp_path, steps=3, k=None)
+    assert (cfg.source, cfg.k, cfg.sampler.steps, cfg.sampler.w) == ("digits", 4, 3, 0.1)

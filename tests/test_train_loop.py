@@ -1,0 +1,188 @@
+"""The training loop end to end on tiny shards: files written, refusal to clobber, resume after SIGKILL/SIGTERM with
+identical weights, NaN stop, corrupt shards, two processes under torchrun, and the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from clsp.errors import UserError
+from conftest import build_shard_dir
+from train.checkpoint import load_backbone, read_json
+from train.loop import make_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "_train_worker.py"
+COUNTS = (10, 7, 9)  # 26 anchors in uneven shards: 6 steps of 4 per epoch on one process, 3 on two
+TINY = dict(width=4, epochs=3, batch_size=4, lr=0.05, warmup_epochs=1.0, proj_hidden=16, proj_dim=8, workers=0,
+            seed=1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return build_shard_dir(tmp_path_factory.mktemp("loop") / "shards", counts=COUNTS, k=2)
+
+
+def options(shards: Path, out: Path, **extra) -> dict:
+    return {**TINY, "shards": str(shards), "out": str(out), **extra}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-6), name
+
+
+def log_steps(run: Path) -> list[int]:
+    with open(run / "log.csv", newline="") as handle:
+        return [int(row["step"]) for row in csv.DictReader(handle)]
+
+
+def on_optimizer_step(n: int, action):
+    """A torch-global hook calling `action()` right after the n-th optimizer step (fault injection)."""
+    done = [0]
+
+    def hook(optimizer, args, kwargs) -> None:
+        done[0] += 1
+        if done[0] == n:
+            action(optimizer)
+
+    return register_optimizer_step_post_hook(hook)
+
+
+def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, tmp_path):
+    out = tmp_path / "run"
+    assert train(make_config(**options(shards, out, knn_every=1, knn_source="digits"))) == out
+    for name in ("checkpoint/model.safetensors", "checkpoint/optimizer.pt", "checkpoint/rng-rank0.pt", "log.csv",
+                 "backbone.safetensors", "config.json", "summary.json"):
+        assert (out / name).exists(), name
+    assert log_steps(out) == list(range(1, 19))
+    with open(out / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    knn = [float(r["knn_top1"]) for r in rows if r["knn_top1"]]
+    assert len(knn) == 3 and all(0.0 <= v <= 1.0 for v in knn)  # one per epoch
+    assert read_json(out / "checkpoint" / "position.json") == {"epoch": 3, "step": 0, "global_step": 18}
+    backbone, config = load_backbone(out)
+    assert not backbone.training and config["image_size"] == 8 and config["data"]["source"]["count"] == 26
+    features = backbone(torch.zeros(2, 3, 8, 8))
+    assert features.shape == (2, config["backbone"]["feat_dim"])
+    saved = weights(out)
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, saved[f"backbone.{name}"]), name
+
+    with pytest.raises(UserError, match="--resume to continue"):
+        train(make_config(**options(shards, out)))
+    stamp = (out / "backbone.safetensors").stat().st_mtime_ns
+    assert train(make_config(**options(shards, out, resume=True))) == out  # finished, same options: nothing to do
+    assert (out / "backbone.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match=r"lr: 0\.05 -> 0\.1.*seed: 1 -> 2|seed"):
+        train(make_config(**options(shards, out, resume=True, lr=0.1, seed=2)))
+    train(make_config(**options(shards, out, overwrite=True, epochs=1, warmup_epochs=0.0)))
+    assert log_steps(out) == list(range(1, 7))
+
+
+def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_weights(shards, tmp_path):
+    moco = dict(method="moco", queue_size=16)  # queue and momentum encoder must survive the restart too
+    train(make_config(**options(shards, tmp_path / "straight", **moco)))
+    killed = tmp_path / "killed"
+    spec = tmp_path / "killed.json"
+    spec.write_text(json.dumps(options(shards, killed, **moco)))
+    result = subprocess.run([sys.executable, str(WORKER), str(spec), "--kill-after-step", "8"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert read_json(killed / "checkpoint" / "position.json")["epoch"] == 1 and not (killed / "summary.json").exists()
+    train(make_config(**options(shards, killed, resume=True, **moco)))
+    assert_same_weights(tmp_path / "straight", killed)
+    assert log_steps(killed) == list(range(1, 19))  # rows written after the checkpoint were not duplicated
+
+
+def test_sigterm_mid_epoch_checkpoints_there_and_resume_with_workers_matches(shards, tmp_path):
+    two_workers = dict(workers=2, shuffle_buffer=5)
+    train(make_config(**options(shards, tmp_path / "straight", **two_workers)))
+    stopped = tmp_path / "stopped"
+    handle = on_optimizer_step(9, lambda _: os.kill(os.getpid(), signal.SIGTERM))  # seen at the next step's check
+    try:
+        with pytest.raises(UserError, match="SIGTERM after step 10"):
+            train(make_config(**options(shards, stopped, **two_workers)))
+    finally:
+        handle.remove()
+    assert read_json(stopped / "checkpoint" / "position.json") == {"epoch": 1, "step": 4, "global_step": 10}
+    train(make_config(**options(shards, stopped, resume=True, **two_workers)))
+    assert_same_weights(tmp_path / "straight", stopped)
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    with pytest.raises(UserError, match=r"non-finite at step \d+ .*Lower --lr"):
+        train(make_config(**options(shards, tmp_path / "huge", lr=1e30, warmup_epochs=0.0)))
+    assert not (tmp_path / "huge" / "checkpoint").exists() and not (tmp_path / "huge" / "backbone.safetensors").exists()
+
+    def poison(optimizer) -> None:  # a weight turns NaN after step 7 (in epoch 2): step 8's loss is NaN
+        with torch.no_grad():
+            optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+
+    out = tmp_path / "poisoned"
+    handle = on_optimizer_step(7, poison)
+    try:
+        with pytest.raises(UserError, match="non-finite at step 8 "):
+            train(make_config(**options(shards, out)))
+    finally:
+        handle.remove()
+    assert read_json(out / "checkpoint" / "position.json")["epoch"] == 1  # not overwritten after the NaN
+    assert all(torch.isfinite(t).all() for t in weights(out).values())
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "backbone.safetensors")).values())
+    assert not (out / "summary.json").exists()
+
+
+def test_a_corrupt_shard_is_named_or_skipped_and_counted(tmp_path):
+    directory = build_shard_dir(tmp_path / "shards", counts=COUNTS, k=2)
+    broken = directory / "shard-000001.tar"
+    broken.write_bytes(broken.read_bytes()[:700])
+    with pytest.raises(UserError, match="shard-000001.tar.*--skip-corrupt"):
+        train(make_config(**options(directory, tmp_path / "run", epochs=1, warmup_epochs=0.0)))
+    train(make_config(**options(directory, tmp_path / "run", epochs=1, warmup_epochs=0.0, skip_corrupt=True,
+                                overwrite=True)))
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["skipped_shards"] == ["shard-000001.tar"] and summary["steps"] == 6
+
+
+def test_two_processes_under_torchrun_take_equal_steps(shards, tmp_path):
+    out = tmp_path / "ddp"
+    spec = tmp_path / "ddp.json"
+    spec.write_text(json.dumps(options(shards, out, epochs=2, warmup_epochs=0.5)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+               str(spec)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_json(out / "summary.json")
+    assert summary["world_size"] == 2 and summary["steps_per_rank_this_launch"] == [6, 6]  # 26 // (2 * 4) = 3 a epoch
+    assert log_steps(out) == list(range(1, 7))
+    assert {p.name for p in (out / "checkpoint").glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+
+
+def test_cli_applies_the_preset_under_explicit_options(shards, tmp_path):
+    from train.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["run", str(shards), "--out", str(out), "--preset", "embedded", "--width", "4",
+                                      "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--proj-hidden",
+                                      "8", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    config = read_json(out / "config.json")["config"]
+    assert config["width"] == 4 and config["batch_size"] == 4 and config["proj_dim"] == 128  # 128: from the preset
+    result = CliRunner().invoke(app, ["run", str(shards), "--out", str(out), "--positives", "sometimes"])
+    assert isinstance(result.exception, UserError) and "--positives" in str(result.exception)

@@ -1,0 +1,93 @@
+"""ResNet encoders (torchvision blocks) with a width knob and the small-image stem, plus the MLP heads of the methods.
+
+torchvision's ``resnet18(width_per_group=...)`` only widens the inside of Bottleneck blocks, so this module assembles
+the same stages from torchvision's ``BasicBlock``/``Bottleneck`` with every stage scaled by ``width / 64``:
+``width=64`` is exactly torchvision's ResNet (minus ``fc``), ``width=16`` has about 1/16 of its parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+# name -> (block type, blocks per stage)
+RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+SMALL_STEM_MAX_SIZE = 64  # images up to this size (CIFAR 32 px, digits 16 px) use the 3x3 stride-1 stem
+
+
+def wants_small_stem(image_size: int) -> bool:
+    """True for images small enough that a 7x7/2 conv + max-pool would throw away most of the resolution."""
+    return image_size <= SMALL_STEM_MAX_SIZE
+
+
+class ResNetTrunk(nn.Module):
+    """ResNet without ``fc``: (B, 3, H, W) -> (B, D) pooled features, D = ``feat_dim``.
+
+    Module names follow torchvision (conv1, bn1, layer1..layer4), so torchvision state dicts load with ``strict=False``.
+    """
+
+    def __init__(self, block: type[nn.Module], layers: tuple[int, ...], width: int = 64, small_stem: bool = True):
+        super().__init__()
+        if small_stem:  # CIFAR stem: keep full resolution into layer1
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:  # ImageNet stem: /4 before layer1
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        inplanes = width
+        for index, blocks in enumerate(layers):
+            planes = width * 2**index
+            stage, inplanes = _make_stage(block, inplanes, planes, blocks, stride=1 if index == 0 else 2)
+            self.add_module(f"layer{index + 1}", stage)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feat_dim = inplanes  # width * 8 * block.expansion
+        _init_like_torchvision(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, w, H', W')
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, D, H'/8, W'/8)
+        return torch.flatten(self.avgpool(x), 1)  # (B, D)
+
+
+def _make_stage(block, inplanes: int, planes: int, blocks: int, stride: int) -> tuple[nn.Sequential, int]:
+    out_planes = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out_planes:  # projection shortcut when the shape changes
+        downsample = nn.Sequential(conv1x1(inplanes, out_planes, stride), nn.BatchNorm2d(out_planes))
+    modules = [block(inplanes, planes, stride, downsample)]
+    modules += [block(out_planes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*modules), out_planes
+
+
+def _init_like_torchvision(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def build_backbone(name: str, width: int = 64, small_stem: bool = True) -> tuple[nn.Module, int]:
+    """Encoder mapping (B, 3, H, W) -> (B, D); returns (module, D). ``width`` is the channel count of the stem."""
+    if name not in RESNET_LAYOUTS:
+        raise ValueError(f"unknown backbone {name!r}: choose one of {sorted(RESNET_LAYOUTS)}")
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"backbone width must be a positive integer (64 = standard ResNet), got {width!r}")
+    block, layers = RESNET_LAYOUTS[name]
+    trunk = ResNetTrunk(block, layers, width=width, small_stem=small_stem)
+    return trunk, trunk.feat_dim
+
+
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequential:
+    """Projector/predictor: Linear(in, hidden) [- BN] - ReLU - Linear(hidden, out); (B, in) -> (B, out)."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(hidden_dim))
+    layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+    return nn.Sequential(*layers)

@@ -1,0 +1,177 @@
+"""Which side limits training: `python -m train.bench [--device cuda]` measures, in one run,
+
+  train     one CLSP-SimCLR step of ResNet-18 on three views per anchor (two real + the synthetic one), input already
+            on the device: anchors/s, and achieved FLOP/s (vs the device's peak on a known GPU)
+  loader    the shard stream (decode the anchor and one of K positives) + BatchAugment of the three views on the device
+  augment   BatchAugment alone on uint8 batches already on the device
+  pil       the per-image torchvision/PIL pipeline (train.augment.pil_reference), three views per anchor, one process
+ratio = loader / train: above 1 the model is the bottleneck, below 1 the input pipeline is.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from shards.schema import ShardSample
+from shards.writer import ShardWriter, shard_name
+from train.augment import BatchAugment, pil_reference
+from train.backbones import build_backbone
+from train.methods import MethodConfig, build_method
+from train.stream import ShardStream, StreamConfig
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense tensor core
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str = "cpu"
+    width: int = 64        # ResNet-18 stem channels (64 = standard)
+    size: int = 32         # image side, px
+    batch: int = 32        # anchors per step
+    steps: int = 3         # timed training steps (after one warm-up step)
+    anchors: int = 512     # anchors in the temporary shards for the loader
+    k: int = 8
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"device {self.device!r} is not available: use cpu{' or cuda' * torch.cuda.is_available()}")
+        if min(self.width, self.size, self.batch, self.steps, self.anchors, self.k) < 1 or self.workers < 0:
+            raise ValueError("width, size, batch, steps, anchors and k must be >= 1, workers >= 0")
+        if self.anchors < self.batch:
+            raise ValueError(f"anchors ({self.anchors}) must fill at least one batch ({self.batch})")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
+    backbone, feat_dim = build_backbone("resnet18", cfg.width, small_stem=True)
+    method = build_method("simclr", backbone, feat_dim, MethodConfig.for_method("simclr")).to(device)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
+    views = [torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device) for _ in range(3)]  # (B, 3, S, S) each
+    ids = torch.arange(cfg.batch, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            loss = method(views[:2], ids, views[2])["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:  # also the warm-up step
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / cfg.steps
+    flops = counter.get_total_flops() / seconds
+    result = {"anchors_per_s": cfg.batch / seconds, "views_per_s": 3 * cfg.batch / seconds,
+              "gflop_per_step": counter.get_total_flops() / 1e9, "achieved_tflop_s": flops / 1e12}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in name), None)
+        result.update(device_name=name, peak_bf16_tflop_s=peak and peak / 1e12, fraction_of_peak=peak and flops / peak)
+    return result
+
+
+def write_bench_shards(directory: Path, cfg: BenchConfig) -> list[str]:
+    rng = np.random.default_rng(0)
+    urls, per_shard = [], 128
+    for first in range(0, cfg.anchors, per_shard):
+        path = directory / shard_name(first // per_shard)
+        with ShardWriter(path, cfg.k, cfg.size) as writer:
+            for n in range(first, min(first + per_shard, cfg.anchors)):
+                images = rng.integers(0, 256, (cfg.k + 1, cfg.size, cfg.size, 3), dtype=np.uint8)
+                writer.write(ShardSample(f"a{n}", images[0], images[1:], n % 10, list(range(cfg.k))))
+        urls.append(str(path))
+    return urls
+
+
+def bench_inputs(cfg: BenchConfig, device: torch.device, urls: list[str]) -> dict:
+    augment = BatchAugment("simclr", cfg.size).to(device)
+    steps = cfg.anchors // cfg.batch
+    stream = ShardStream(StreamConfig(tuple(urls), cfg.batch, steps, cfg.k), {f"a{n}": n for n in range(cfg.anchors)})
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    start = time.perf_counter()
+    for batch in loader:
+        anchor = batch["anchor"].to(device, non_blocking=True)  # (B, S, S, 3) uint8
+        views = [augment(anchor), augment(anchor), augment(batch["positive"].to(device, non_blocking=True))]
+    _sync(device)
+    loader_rate = steps * cfg.batch / (time.perf_counter() - start)
+
+    anchor = batch["anchor"].to(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        views = [augment(anchor) for _ in range(3)]
+    _sync(device)
+    augment_rate = steps * cfg.batch / (time.perf_counter() - start)
+    del views
+
+    reference = pil_reference("simclr", cfg.size)
+    images = [Image.fromarray(a) for a in batch["anchor"].numpy()]  # (S, S, 3) uint8 each
+    start = time.perf_counter()
+    for image in images:
+        for _ in range(3):
+            reference(image)
+    pil_rate = len(images) / (time.perf_counter() - start)
+    return {"loader_anchors_per_s": loader_rate, "augment_anchors_per_s": augment_rate,
+            "pil_anchors_per_s": pil_rate}
+
+
+def bench(cfg: BenchConfig) -> dict:
+    device = torch.device(cfg.device)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        urls = write_bench_shards(Path(directory), cfg)
+        inputs = bench_inputs(cfg, device, urls)
+    train = bench_train(cfg, device)
+    return {"config": asdict(cfg), "threads": torch.get_num_threads(), "train": train, "inputs": inputs,
+            "loader_over_train": inputs["loader_anchors_per_s"] / train["anchors_per_s"],
+            "batch_augment_over_pil": inputs["augment_anchors_per_s"] / inputs["pil_anchors_per_s"]}
+
+
+def main(device: str = typer.Option("cpu", help="cpu | cuda"), width: int = typer.Option(64),
+         size: int = typer.Option(32), batch: int = typer.Option(32, help="Anchors per step."),
+         steps: int = typer.Option(3, help="Timed training steps."), anchors: int = typer.Option(512),
+         workers: int = typer.Option(0, help="Loader processes."),
+         out: Path = typer.Option(None, help="Also write the results as JSON here.")) -> None:
+    """Training vs input-pipeline throughput (anchors/s; each anchor is three augmented views)."""
+    if device == "cuda":  # GPU defaults: a batch worth timing
+        batch, anchors = max(batch, 256), max(anchors, 4096)
+    result = bench(BenchConfig(device, width, size, batch, steps, anchors, workers=workers))
+    t, i = result["train"], result["inputs"]
+    lines = [f"device {device}, {result['threads']} threads, ResNet-18 width {width} at {size} px, batch {batch}",
+             f"train            {t['anchors_per_s']:9.1f} anchors/s  ({t['views_per_s']:.1f} views/s, "
+             f"{t['achieved_tflop_s'] * 1e3:.1f} GFLOP/s achieved)",
+             f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of {result['config']['k']} "
+             f"positives, 3 augmented views)",
+             f"augment only     {i['augment_anchors_per_s']:9.1f} anchors/s  (BatchAugment, 3 views)",
+             f"PIL reference    {i['pil_anchors_per_s']:9.1f} anchors/s  (per image, 3 views)",
+             f"loader/train = {result['loader_over_train']:.2f} "
+             f"({'the model' if result['loader_over_train'] > 1 else 'the input pipeline'} limits training); "
+             f"batch augment / PIL = {result['batch_augment_over_pil']:.2f}"]
+    if t.get("fraction_of_peak") is not None:
+        lines.append(f"{t['device_name']}: {t['fraction_of_peak']:.1%} of {t['peak_bf16_tflop_s']:.0f} TFLOP/s bf16 peak")
+    typer.echo("\n".join(lines))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)

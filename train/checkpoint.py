@@ -1,0 +1,194 @@
+"""Training state on disk: checkpoints that survive a kill, the run's config and the backbone for evaluation.
+
+A run directory holds:
+    config.json             what the run is (training options, data, backbone, normalisation); written at the start
+    checkpoint/             the last complete checkpoint: model.safetensors (weights, incl. queues and momentum
+                            encoders as buffers), optimizer.pt, scheduler.pt, rng-rank{R}.pt (torch, numpy, python,
+                            cuda RNG of each process) and position.json (next epoch, step in epoch, global step)
+    backbone.safetensors    the encoder evaluated downstream (`load_backbone`)
+    log.csv, summary.json   per-step log; summary.json appears when the run finished
+A checkpoint is written to a temporary directory and renamed into place, so a kill leaves the previous one intact.
+Non-weight state is read back with `torch.load(weights_only=True)`; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY = "checkpoint", "backbone.safetensors", "config.json", "log.csv", "summary.json"
+RUN_FILES = (CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY)
+LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1")
+_TEMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
+
+
+class Processes(Protocol):  # an accelerate Accelerator or PartialState
+    process_index: int
+    is_main_process: bool
+
+    def wait_for_everyone(self) -> None: ...
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temp, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss_next))
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The last complete checkpoint, also when a kill fell between the two renames of `save_checkpoint`."""
+    for name in (CHECKPOINT, _OLD):
+        if (out / name / "position.json").exists():
+            return out / name
+    return None
+
+
+def save_checkpoint(out: Path, procs: Processes, model: nn.Module, optimizer, scheduler, position: dict,
+                    backbone: nn.Module) -> Path:
+    """Every process calls this (it synchronises them). `model` and `backbone` are unwrapped (no DDP)."""
+    temp, final, old = out / _TEMP, out / CHECKPOINT, out / _OLD
+    if procs.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+    procs.wait_for_everyone()
+    torch.save(rng_state(), temp / f"rng-rank{procs.process_index}.pt")
+    if procs.is_main_process:
+        save_model(model, str(temp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), temp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), temp / "scheduler.pt")
+        write_json(temp / "position.json", position)
+        save_backbone(out, backbone)
+    procs.wait_for_everyone()
+    if procs.is_main_process:  # swap in the new checkpoint; `find_checkpoint` copes with a kill between the renames
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        temp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    procs.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(checkpoint: Path, process_index: int, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG; returns the position to continue from."""
+    rng_file = checkpoint / f"rng-rank{process_index}.pt"
+    if not rng_file.exists():
+        raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written by fewer processes")
+    load_model(model, str(checkpoint / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
+    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    return read_json(checkpoint / "position.json")
+
+
+def save_backbone(out: Path, backbone: nn.Module) -> None:
+    temp = out / f".{BACKBONE}.tmp"
+    save_model(backbone, str(temp))
+    os.replace(temp, out / BACKBONE)
+
+
+def load_backbone(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """(backbone in eval mode on the CPU, run config dict) from a run directory's backbone.safetensors + config.json.
+
+    The config has `image_size` and `normalize` {mean, std}: feed the backbone (B, 3, image_size, image_size) floats
+    normalised with them, as the training augmentation did."""
+    from train.backbones import build_backbone
+
+    run_dir = Path(run_dir)
+    for name in (CONFIG, BACKBONE):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} does not exist: train a model there first "
+                                    "(`clsp train run SHARDS --out DIR`)")
+    config = read_json(run_dir / CONFIG)
+    spec = config["backbone"]
+    backbone, _ = build_backbone(spec["name"], width=spec["width"], small_stem=spec["small_stem"])
+    load_model(backbone, str(run_dir / BACKBONE))
+    return backbone.eval(), config
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs between two nested dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def remove_run(out: Path) -> None:
+    """Delete what a previous run wrote to `out` (only the files this module names)."""
+    for name in (*RUN_FILES, _TEMP, _OLD):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class RunLog:
+    """log.csv rows, appended at flush (the main process writes); rows past the resumed checkpoint are dropped."""
+
+    def __init__(self, path: Path, writer: bool, keep_steps: int):
+        self.path, self.writer, self.rows, self.last = path, writer, [], None
+        if writer and path.exists():
+            with open(path, newline="") as handle:
+                kept = [r for r in csv.DictReader(handle) if int(r["step"]) <= keep_steps]
+            self.path.unlink()
+            self.rows = kept
+            self.flush()
+
+    def add(self, **row) -> None:
+        self.last = {"knn_top1": "", **row}
+        self.rows.append(self.last)
+
+    def set_last(self, **values) -> None:
+        if self.last is not None:
+            self.last.update(values)
+
+    def flush(self) -> None:
+        if self.writer and self.rows:
+            new = not self.path.exists()
+            with open(self.path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, LOG_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                                 for r in self.rows)
+        self.rows = []

@@ -1,0 +1,65 @@
+"""`clsp train run SHARDS --out DIR ...`: options -> TrainConfig -> train.loop.train.
+
+Several processes: `torchrun --nproc_per_node N -m train.cli run ...` or `accelerate launch -m train.cli run ...`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from train.loop import PRESETS, make_config, train
+
+app = typer.Typer(help="Contrastive training from shards (streaming, resumable, one or many processes).",
+                  no_args_is_help=True)
+
+
+@app.callback()
+def main() -> None:
+    """Contrastive training from shards."""
+
+
+@app.command("run")
+def run_command(
+    shards: str = typer.Argument(..., help="Shard directory or fsspec URL (file://, https://, s3://) with manifest.json."),
+    out: str = typer.Option(..., "--out", help="Run directory: checkpoint/, log.csv, backbone.safetensors, config.json."),
+    preset: Optional[str] = typer.Option(None, help=f"Defaults for a known setting: {', '.join(PRESETS)}; "
+                                         "options given here override it."),
+    method: Optional[str] = typer.Option(None, help="simclr | moco | byol | nnclr."),
+    positives: Optional[str] = typer.Option(None, help="synthetic (CLSP) | augment (third real view) | none."),
+    lam: Optional[float] = typer.Option(None, help="Weight of the CLSP term [method default]."),
+    backbone: Optional[str] = typer.Option(None, help="resnet18 | resnet50."),
+    width: Optional[int] = typer.Option(None, help="Backbone stem channels (64 = standard ResNet)."),
+    image_size: Optional[int] = typer.Option(None, help="Augmented view size [the shards' image size]."),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="Anchors per step per process."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (after warm-up)."),
+    momentum: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None),
+    warmup_epochs: Optional[float] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None, help="sgd."),
+    proj_hidden: Optional[int] = typer.Option(None, help="Projector hidden width [method default]."),
+    proj_dim: Optional[int] = typer.Option(None, help="Projection size [method default]."),
+    temperature: Optional[float] = typer.Option(None, help="InfoNCE temperature [method default]."),
+    queue_size: Optional[int] = typer.Option(None, help="MoCo queue / NNCLR support set size [method default]."),
+    seed: Optional[int] = typer.Option(None),
+    workers: Optional[int] = typer.Option(None, help="Loader processes per training process."),
+    shuffle_buffer: Optional[int] = typer.Option(None, help="Samples mixed per loader process."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast on GPUs [on]."),
+    knn_every: Optional[int] = typer.Option(None, help="Epochs between kNN monitor runs (0: off)."),
+    knn_source: Optional[str] = typer.Option(None, help="Labelled source for the kNN monitor, e.g. digits."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable shards (counted in summary.json)."),
+    expect_k: Optional[int] = typer.Option(None, help="Refuse shards that do not hold this many positives per anchor."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same options); no-op if finished."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+) -> None:
+    """Train an encoder on shards; the backbone lands in OUT/backbone.safetensors."""
+    options = dict(locals())
+    preset = options.pop("preset")
+    for flag in ("skip_corrupt", "resume", "overwrite"):
+        options[flag] = options[flag] or None  # unset unless given, so a preset could set them
+    typer.echo(train(make_config(preset, **options)))
+
+
+if __name__ == "__main__":  # torchrun / accelerate launch -m train.cli run ...
+    app()

@@ -1,0 +1,323 @@
+"""The training loop: stream shards -> augment on the device -> method forward -> backward -> schedule -> log -> checkpoint.
+
+It knows nothing about methods beyond `Method.forward(views, ids, third) -> dict(loss, loss_base, loss_clsp)`,
+`Method.after_step(progress)` and `Method.backbone`. One process on the CPU, or many under `torchrun`/`accelerate launch`
+(DDP, bf16 autocast on GPUs). `batch_size` is per process; every process takes `steps_per_epoch` equal batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from clsp import __version__
+from clsp.errors import UserError
+from shards.manifest import read_manifest
+from shards.reader import ShardError
+from train.augment import DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
+from train.backbones import build_backbone, wants_small_stem
+from train.checkpoint import (CONFIG, LOG, SUMMARY, RunLog, config_differences, find_checkpoint, load_checkpoint,
+                              read_json, remove_run, save_backbone, save_checkpoint, write_json)
+from train.methods import METHOD_DEFAULTS, MethodConfig, build_method
+from train.stream import POSITIVES, ShardStream, StreamConfig, steps_per_epoch
+
+log = logging.getLogger(__name__)
+# Options that may change when a run is resumed: they do not change what is computed.
+OPERATIONAL = ("out", "workers", "resume", "overwrite", "knn_every", "knn_source")
+PRESETS = {  # embedded: 16 px digits (1,437 anchors) on 2 CPU cores, about 3 minutes a run (66 steps)
+    "embedded": dict(backbone="resnet18", width=16, epochs=6, batch_size=128, lr=0.3, warmup_epochs=1.0,
+                     weight_decay=5e-4, proj_hidden=512, proj_dim=128, queue_size=1024, workers=1),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    shards: str                        # shard directory or fsspec URL (with manifest.json)
+    out: str                           # run directory
+    method: str = "simclr"
+    positives: str = "synthetic"       # synthetic | augment (third real view) | none
+    lam: float | None = None           # CLSP weight; None: the method's default
+    backbone: str = "resnet18"
+    width: int = 64                    # stem channels (64 = standard ResNet)
+    image_size: int | None = None      # augmentation output size; None: the shards' image size
+    epochs: int = 100
+    batch_size: int = 256              # per process
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 10.0        # linear warm-up, then cosine to 0, per step
+    optimizer: str = "sgd"
+    proj_hidden: int | None = None     # method settings; None: the method's default
+    proj_dim: int | None = None
+    temperature: float | None = None
+    queue_size: int | None = None
+    seed: int = 0
+    workers: int = 2                   # loader processes per training process
+    shuffle_buffer: int = 256
+    bf16: bool = True                  # autocast on GPUs (ignored on the CPU)
+    knn_every: int = 0                 # epochs between kNN monitor runs (0: off)
+    knn_source: str | None = None      # labelled source spec for the monitor, e.g. "digits"
+    skip_corrupt: bool = False
+    expect_k: int | None = None        # refuse shards with another K
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(message)
+        need(self.method in METHOD_DEFAULTS, f"unknown method {self.method!r}: choose one of {sorted(METHOD_DEFAULTS)}")
+        need(self.positives in POSITIVES, f"--positives must be one of {', '.join(POSITIVES)}, got {self.positives!r}")
+        need(self.optimizer == "sgd", f"optimizer {self.optimizer!r} is not available: use sgd")
+        for name in ("width", "epochs", "batch_size"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        need(self.lr > 0 and self.momentum >= 0 and self.weight_decay >= 0, "--lr must be > 0, momentum and "
+             "weight decay >= 0")
+        need(0 <= self.warmup_epochs <= self.epochs,
+             f"--warmup-epochs ({self.warmup_epochs}) must lie in 0..--epochs ({self.epochs}): lower it")
+        need(self.workers >= 0 and self.knn_every >= 0, "--workers and --knn-every must be >= 0")
+        need(self.image_size is None or self.image_size >= 8, "--image-size must be >= 8 pixels")
+        need(self.knn_every == 0 or bool(self.knn_source), "--knn-every needs --knn-source (a labelled source spec)")
+        need(not (self.resume and self.overwrite), "pass --resume or --overwrite, not both")
+        self.method_config()  # validates lam, temperature, widths
+
+    def method_config(self) -> MethodConfig:
+        try:
+            return MethodConfig.for_method(self.method, positives=self.positives, lam=self.lam,
+                                           temperature=self.temperature, proj_hidden=self.proj_hidden,
+                                           proj_dim=self.proj_dim, queue_size=self.queue_size)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+
+
+def make_config(preset: str | None = None, **options) -> TrainConfig:
+    """TrainConfig from a preset (or the defaults) with the given options on top; options that are None are unset."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown TrainConfig option(s) {unknown}")
+    return TrainConfig(**{**PRESETS.get(preset, {}), **{k: v for k, v in options.items() if v is not None}})
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then half-cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) the run in `cfg.out`; returns the run directory. Call on every process of a launch."""
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.bf16 and cuda else "no",
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    try:
+        manifest = read_manifest(cfg.shards)
+    except (ShardError, OSError) as error:
+        raise UserError(f"cannot open shards at {cfg.shards}: {error}") from None
+    if cfg.expect_k is not None and manifest.k != cfg.expect_k:
+        raise UserError(f"{cfg.shards} holds K={manifest.k} positives per anchor, but --expect-k is {cfg.expect_k}")
+    size = cfg.image_size or int(manifest.run["image_size"])
+    world, spe = acc.num_processes, steps_per_epoch(manifest.count, acc.num_processes, cfg.batch_size)
+    total = spe * cfg.epochs
+
+    set_seed(cfg.seed)  # identical initial weights on every process
+    small_stem = wants_small_stem(size)
+    backbone, feat_dim = build_backbone(cfg.backbone, cfg.width, small_stem=small_stem)
+    method = build_method(cfg.method, backbone, feat_dim, cfg.method_config())
+    recipe = cfg.method if cfg.method in RECIPES else "simclr"
+    shard_sums = hashlib.sha256("".join(s["sha256"] for s in manifest.shards).encode()).hexdigest()
+    run = {"config": asdict(cfg), "method": asdict(method.cfg), "augment": recipe, "image_size": size,
+           "backbone": {"name": cfg.backbone, "width": cfg.width, "small_stem": small_stem, "feat_dim": feat_dim},
+           "normalize": {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}, "package_version": __version__,
+           "data": {"count": manifest.count, "k": manifest.k, "shard_image_size": int(manifest.run["image_size"]),
+                    "source": manifest.run["source"], "generator": manifest.run.get("generator"),
+                    "shards_sha256": shard_sums, "world_size": world, "steps_per_epoch": spe}}
+    out = Path(cfg.out)
+    checkpoint = _prepare_out(out, run, cfg, acc)
+    if checkpoint == "finished":
+        return out
+
+    augment = BatchAugment(recipe, size, DEFAULT_MEAN, DEFAULT_STD).to(acc.device)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=cfg.lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup_steps=round(cfg.warmup_epochs * spe), total_steps=total))
+    model, optimizer = acc.prepare(method, optimizer)  # model: DDP-wrapped when world > 1, autocast when bf16
+    set_seed(cfg.seed, device_specific=True)  # processes augment differently; a checkpoint's RNG replaces this
+    position = {"epoch": 0, "step": 0, "global_step": 0}
+    if checkpoint is not None:
+        position = load_checkpoint(checkpoint, acc.process_index, method, optimizer, scheduler)
+        acc.print(f"resuming {out} at epoch {position['epoch']} step {position['step']}")
+
+    ids = {a: i for i, a in enumerate(manifest.index.column("anchor_id").to_pylist())}
+    stream = ShardStream(StreamConfig(tuple(manifest.shard_locations()), cfg.batch_size, spe, manifest.k, cfg.seed,
+                                      cfg.positives, acc.process_index, world, cfg.shuffle_buffer, cfg.skip_corrupt), ids)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
+                        generator=torch.Generator())  # own generator: iterators must not consume the global RNG
+    monitor = _KnnMonitor(cfg.knn_source, size) if cfg.knn_every and acc.is_main_process else None
+    run_log = RunLog(out / LOG, acc.is_main_process, keep_steps=position["global_step"])
+    bar = tqdm(total=total, initial=position["global_step"], disable=not acc.is_main_process,
+               desc=f"{cfg.method}/{cfg.positives}", dynamic_ncols=True)
+    skipped: set[str] = set()
+    steps_here = 0
+    started = time.perf_counter()
+    with _SigtermFlag() as sigterm:
+        for epoch in range(position["epoch"], cfg.epochs):
+            stream.set_position(epoch, position["step"] if epoch == position["epoch"] else 0)
+            model.train()
+            tick = time.perf_counter()
+            for step, batch in enumerate(loader, start=stream.start_step):
+                for name in set(batch["skipped"]) - skipped:
+                    log.warning("skipped unreadable shard %s (--skip-corrupt)", name)
+                skipped.update(batch["skipped"])
+                if "error" in batch:
+                    raise UserError(batch["error"])
+                gstep = epoch * spe + step
+                anchor = batch["anchor"].to(acc.device, non_blocking=True)  # (B, H, W, 3) uint8
+                views = [augment(anchor), augment(anchor)]  # 2 x (B, 3, S, S), independent strong augmentations
+                third = None  # (B, 3, S, S): the synthetic positive, or a third real view, with the same augmentation
+                if cfg.positives == "synthetic":
+                    third = augment(batch["positive"].to(acc.device, non_blocking=True))
+                elif cfg.positives == "augment":
+                    third = augment(anchor)
+                losses = model(views, batch["ids"].to(acc.device), third)
+                lr = scheduler.get_last_lr()[0]
+                diverged, stop = _any_process(acc, not torch.isfinite(losses["loss"].detach()).item(), sigterm.raised)
+                if diverged:
+                    run_log.flush()
+                    raise UserError(f"loss became non-finite at step {gstep + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
+                                    f"training stopped and the last good checkpoint in {out} is kept. Lower --lr or "
+                                    "raise --warmup-epochs, then start again with --overwrite")
+                acc.backward(losses["loss"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                method.after_step((gstep + 1) / total)
+                steps_here += 1
+                now = time.perf_counter()
+                run_log.add(step=gstep + 1, epoch=epoch + 1, lr=lr, images_per_s=world * len(anchor) / (now - tick),
+                            **{k: float(v.detach()) for k, v in losses.items()})
+                tick = now
+                bar.update(1)
+                bar.set_postfix(loss=f"{run_log.last['loss']:.3f}")
+                if stop:
+                    done = step + 1 == spe
+                    run_log.flush()
+                    save_checkpoint(out, acc, method, optimizer, scheduler, {"epoch": epoch + done, "step": 0 if
+                                    done else step + 1, "global_step": gstep + 1}, method.backbone)
+                    raise UserError(f"stopped by SIGTERM after step {gstep + 1}; a checkpoint was saved: rerun "
+                                    "the same command with --resume to continue")
+            if monitor is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+                run_log.set_last(knn_top1=monitor(method.backbone, acc.device))
+            run_log.flush()
+            save_checkpoint(out, acc, method, optimizer, scheduler, {"epoch": epoch + 1, "step": 0,
+                            "global_step": (epoch + 1) * spe}, method.backbone)
+    bar.close()
+    counts = acc.gather(torch.tensor([steps_here, len(skipped)], device=acc.device).view(1, 2)).view(-1, 2).tolist()
+    if acc.is_main_process:
+        save_backbone(out, method.backbone)
+        last = run_log.last or {}
+        write_json(out / SUMMARY, {"finished": True, "epochs": cfg.epochs, "steps": total, "world_size": world,
+                                   "steps_per_rank_this_launch": [c[0] for c in counts],
+                                   "skipped_shards": sorted(skipped), "skipped_per_rank": [c[1] for c in counts],
+                                   "final_loss": last.get("loss"), "knn_top1": last.get("knn_top1") or None,
+                                   "wall_s_this_launch": round(time.perf_counter() - started, 2)})
+    acc.wait_for_everyone()
+    return out
+
+
+def _prepare_out(out: Path, run: dict, cfg: TrainConfig, acc: Accelerator) -> Path | str | None:
+    """Refuse to clobber a run; returns the checkpoint to resume from, None to start fresh, or "finished"."""
+    config_file = out / CONFIG
+    found = None
+    if config_file.exists() and not cfg.overwrite:
+        if not cfg.resume:
+            raise UserError(f"{out} already holds a training run; pass --resume to continue it (same options) or "
+                            "--overwrite to replace it")
+        old, new = read_json(config_file), dict(run)
+        for side in (old, new):
+            side.pop("package_version", None)
+            side["config"] = {k: v for k, v in side.get("config", {}).items() if k not in OPERATIONAL}
+        differences = config_differences(old, new)
+        if differences:
+            raise UserError(f"cannot resume {out}: it was started with other settings ({'; '.join(differences)}); "
+                            "rerun with the original options, or use --overwrite or another --out")
+        if (out / SUMMARY).exists():
+            acc.print(f"{out} is already finished with these settings: nothing to do")
+            return "finished"
+        found = find_checkpoint(out)
+    acc.wait_for_everyone()  # every process has decided before the main one writes
+    if acc.is_main_process:
+        if cfg.overwrite:
+            remove_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(config_file, run)
+    acc.wait_for_everyone()
+    return found
+
+
+def _any_process(acc: Accelerator, *flags: bool) -> list[bool]:
+    """The flags OR-ed over all processes, so that every process stops at the same step."""
+    values = torch.tensor([float(f) for f in flags], device=acc.device)
+    if acc.num_processes > 1:
+        values = acc.reduce(values, reduction="sum")
+    return [bool(v > 0) for v in values.tolist()]
+
+
+class _KnnMonitor:
+    """Weighted kNN top-1 (k 20, cosine, T 0.07) of the backbone on a labelled source: train split -> test split."""
+
+    def __init__(self, spec: str, size: int, limit: int = 5000):
+        from clsp.sources import load_arrays, open_source
+        from train.augment import EvalTransform
+
+        self.bank = load_arrays(open_source(spec, "train", image_size=size), limit)[:2]
+        self.query = load_arrays(open_source(spec, "test", image_size=size), limit)[:2]
+        self.transform = EvalTransform(size, DEFAULT_MEAN, DEFAULT_STD)
+
+    @torch.no_grad()
+    def __call__(self, backbone: torch.nn.Module, device: torch.device, k: int = 20, t: float = 0.07) -> float:
+        was_training = backbone.training
+        backbone.eval()
+        embed = lambda x: torch.nn.functional.normalize(torch.cat([  # noqa: E731  (N, D) unit rows
+            backbone(self.transform(torch.from_numpy(x[i:i + 512]).to(device))).float() for i in range(0, len(x), 512)]))
+        bank, query = embed(self.bank[0]), embed(self.query[0])
+        bank_labels, query_labels = torch.from_numpy(self.bank[1]).to(device), torch.from_numpy(self.query[1]).to(device)
+        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)  # (Q, k)
+        votes = torch.zeros(len(query), int(bank_labels.max()) + 1, device=device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / t).exp())
+        backbone.train(was_training)
+        return float((votes.argmax(1) == query_labels).float().mean())
+
+
+class _SigtermFlag:
+    """Within the block, SIGTERM only raises a flag: the loop checkpoints at the end of the step and stops."""
+
+    def __enter__(self) -> "_SigtermFlag":
+        self.raised, self.previous = False, None
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: keep the default behaviour
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

@@ -1,0 +1,154 @@
+"""Self-supervised methods, one small file each, registered by name; each may add the CLSP term.
+
+    cfg = MethodConfig.for_method("moco", positives="synthetic")        # per-method defaults + overrides
+    method = build_method("moco", backbone, feat_dim, cfg)
+    out = method([v1, v2], ids, third=v3)   # dict(loss, loss_base, loss_clsp); v*: (B, 3, H, W) augmented
+    out["loss"].backward(); optimizer.step(); method.after_step(progress)   # momentum encoders
+
+A method subclass implements ``project`` (online projection) and ``base_loss``; ``Method.forward`` adds
+lam * clsp_term(z1, z3) with z1 the projection of view 1 and z3 that of the third view. The third view only enters
+that term: it is never a negative for any anchor.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from train.losses import clsp_term
+
+POSITIVES = ("synthetic", "augment", "none")  # synthetic positive / third real augmented view / no third view
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Method settings; build with ``MethodConfig.for_method(name, ...)`` to start from that method's defaults."""
+
+    positives: str = "synthetic"
+    lam: float = 1.0  # weight of the CLSP term
+    temperature: float = 0.2  # InfoNCE temperature (unused by BYOL)
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    proj_bn: bool = False  # BatchNorm1d in the projector's hidden layer
+    pred_hidden: int = 4096  # predictor hidden width (BYOL, NNCLR)
+    queue_size: int = 0  # MoCo negatives / NNCLR support set
+    momentum_base: float = 0.99  # target-encoder momentum at progress 0 (MoCo, BYOL) ...
+    momentum_final: float = 0.999  # ... rising on a cosine to this at progress 1
+
+    def __post_init__(self) -> None:
+        if self.positives not in POSITIVES:
+            raise ValueError(f"positives must be one of {POSITIVES}, got {self.positives!r}")
+        if not self.lam >= 0:
+            raise ValueError(f"lam (CLSP weight) must be >= 0, got {self.lam}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (typical 0.1-0.5), got {self.temperature}")
+        for name in ("proj_hidden", "proj_dim", "pred_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive layer width, got {getattr(self, name)}")
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        if not 0.0 <= self.momentum_base <= self.momentum_final <= 1.0:
+            raise ValueError(
+                "momentum must satisfy 0 <= momentum_base <= momentum_final <= 1, "
+                f"got base={self.momentum_base}, final={self.momentum_final}"
+            )
+
+    @classmethod
+    def for_method(cls, name: str, **overrides) -> "MethodConfig":
+        """METHOD_DEFAULTS[name] updated with ``overrides``; overrides that are None keep the default."""
+        if name not in METHOD_DEFAULTS:
+            raise ValueError(f"unknown method {name!r}: choose one of {sorted(METHOD_DEFAULTS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown MethodConfig field(s) {unknown}: valid fields are {sorted(known)}")
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return cls(**{**METHOD_DEFAULTS[name], **given})
+
+
+class Method(nn.Module):
+    """Base class: input checks, the CLSP term and the result dict. ``backbone`` is the encoder evaluated later."""
+
+    defaults: ClassVar[dict] = {}  # MethodConfig values this method starts from
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig):
+        super().__init__()
+        self.backbone, self.feat_dim, self.cfg = backbone, feat_dim, cfg
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Online projection (B, 3, H, W) -> (B, proj_dim), not normalised."""
+        raise NotImplementedError
+
+    def base_loss(self, v1: torch.Tensor, v2: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base method's loss on two views, and z1 = the online projection of v1 (B, proj_dim)."""
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Called after each optimizer step with progress = step / total_steps in [0, 1]."""
+
+    def forward(self, views: list[torch.Tensor], ids: torch.Tensor, third: torch.Tensor | None = None) -> dict:
+        self._check_inputs(views, ids, third)
+        loss_base, z1 = self.base_loss(views[0], views[1], ids)
+        if third is None:
+            loss_clsp = loss_base.new_zeros(())
+        else:
+            loss_clsp = clsp_term(z1, self.project(third))
+        return {"loss": loss_base + self.cfg.lam * loss_clsp, "loss_base": loss_base, "loss_clsp": loss_clsp}
+
+    def _check_inputs(self, views, ids, third) -> None:
+        if len(views) != 2:
+            raise ValueError(f"expected views=[v1, v2] (two augmented real views), got {len(views)} views")
+        shape = views[0].shape
+        if views[0].ndim != 4 or views[1].shape != shape:
+            shapes = [tuple(v.shape) for v in views]
+            raise ValueError(f"views must be two (B, 3, H, W) tensors of one shape, got {shapes}")
+        if ids.shape != (shape[0],):
+            raise ValueError(f"ids must have shape (B,) = ({shape[0]},), got {tuple(ids.shape)}")
+        if self.cfg.positives == "none" and third is not None:
+            raise ValueError("positives='none' takes no third view: pass third=None or use synthetic/augment")
+        if self.cfg.positives != "none" and third is None:
+            raise ValueError(f"positives={self.cfg.positives!r} needs the third view: pass third=(B, 3, H, W)")
+        if third is not None and third.shape != shape:
+            raise ValueError(f"third view must have the views' shape {tuple(shape)}, got {tuple(third.shape)}")
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with gradients off: the momentum (target) twin of an online network."""
+    twin = copy.deepcopy(module)
+    twin.requires_grad_(False)
+    return twin
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+METHOD_DEFAULTS: dict[str, dict] = {}  # name -> MethodConfig field values that differ per method
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a Method available to ``build_method(name, ...)``."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered (by {_REGISTRY[name].__name__})")
+        _REGISTRY[name] = cls
+        METHOD_DEFAULTS[name] = dict(cls.defaults)
+        return cls
+
+    return decorate
+
+
+def build_method(name: str, backbone: nn.Module, feat_dim: int, cfg: MethodConfig | None = None) -> Method:
+    """Wrap ``backbone`` ((B, 3, H, W) -> (B, feat_dim)) in method ``name``; cfg defaults to the method's defaults."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}: choose one of {sorted(_REGISTRY)}")
+    if cfg is None:
+        cfg = MethodConfig.for_method(name)
+    if not isinstance(cfg, MethodConfig):
+        raise TypeError(f"cfg must be a MethodConfig, got {type(cfg).__name__}")
+    return _REGISTRY[name](backbone, feat_dim, cfg)
+
+
+# The built-in methods register themselves on import (kept last: they import the names above).
+from train.methods import byol, moco, nnclr, simclr  # noqa: E402,F401

@@ -1,0 +1,52 @@
+"""NNCLR: the nearest neighbour of z1 in a support set of past projections is the positive of view 2's prediction."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from train.backbones import mlp_head
+from train.distributed import FeatureQueue, gather_with_grad, world_info
+from train.losses import nnclr_loss
+from train.methods import Method, MethodConfig, register
+
+
+@register("nnclr")
+class NNCLR(Method):
+    # NNCLR (CIFAR settings): tau 0.2, support set 65536, BN heads (projector 4096 -> 256, predictor 4096)
+    defaults = {
+        "lam": 1.0, "temperature": 0.2, "proj_hidden": 4096, "proj_dim": 256, "proj_bn": True,
+        "pred_hidden": 4096, "queue_size": 65536,
+    }
+
+    def __init__(self, backbone, feat_dim: int, cfg: MethodConfig):
+        super().__init__(backbone, feat_dim, cfg)
+        if cfg.queue_size < 1:
+            raise ValueError("nnclr needs queue_size >= 1 (support set, default 65536): use MethodConfig.for_method")
+        self.projector = mlp_head(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.proj_bn)
+        self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True)
+        self.support = FeatureQueue(cfg.queue_size, cfg.proj_dim)  # normalised z1 of past batches
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))  # (B, p)
+
+    @torch.no_grad()
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, p) normalised -> (B, p) nearest support row by cosine; z itself while the support set is empty."""
+        support = self.support.get()  # (S, p)
+        if len(support) == 0:
+            return z
+        return support[(z @ support.T).argmax(dim=1)]
+
+    def base_loss(self, v1, v2, ids):
+        z1, z2 = self.project(v1), self.project(v2)  # (B, p)
+        p1, p2 = self.predictor(z1), self.predictor(z2)  # (B, p)
+        z1n, z2n = F.normalize(z1.detach(), dim=1), F.normalize(z2.detach(), dim=1)
+        nn1, nn2 = self.nearest(z1n), self.nearest(z2n)  # (B, p)
+        rank, _ = world_info()
+        first = rank * len(v1)  # our rows in the gathered predictions
+        p1_all, p2_all = gather_with_grad(p1), gather_with_grad(p2)  # (world * B, p)
+        t = self.cfg.temperature
+        loss = (nnclr_loss(nn1, p2_all, t, first) + nnclr_loss(nn2, p1_all, t, first)) / 2
+        if self.training:
+            self.support.enqueue(z1n)
+        return loss, z1

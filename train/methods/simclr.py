@@ -1,0 +1,31 @@
+"""SimCLR: InfoNCE over two views, negatives = every other view in the (global) batch."""
+from __future__ import annotations
+
+import torch
+
+from train.backbones import mlp_head
+from train.distributed import concat_all_gather, gather_with_grad, world_info
+from train.losses import info_nce
+from train.methods import Method, MethodConfig, register
+
+
+@register("simclr")
+class SimCLR(Method):
+    # method.md: tau 0.2, lam 1.0, projector Linear(d, 4096) - ReLU - Linear(4096, 256)
+    defaults = {"lam": 1.0, "temperature": 0.2, "proj_hidden": 4096, "proj_dim": 256, "proj_bn": False}
+
+    def __init__(self, backbone, feat_dim: int, cfg: MethodConfig):
+        super().__init__(backbone, feat_dim, cfg)
+        self.projector = mlp_head(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.proj_bn)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))  # (B, p)
+
+    def base_loss(self, v1, v2, ids):
+        z1, z2 = self.project(v1), self.project(v2)  # (B, p) each
+        z = torch.cat([z1, z2])  # (2B, p): both views of this rank
+        z_ids = torch.cat([ids, ids])  # (2B,)
+        rank, world = world_info()
+        anchors = slice(rank * len(z), (rank + 1) * len(z))  # this rank's rows after the gather
+        z_all, ids_all = gather_with_grad(z), concat_all_gather(z_ids)  # (world * 2B, p), (world * 2B,)
+        return info_nce(z_all, ids_all, self.cfg.temperature, anchors if world > 1 else None), z1

@@ -1,0 +1,194 @@
+"""Streaming training input: shards -> batches of (anchor, one synthetic positive, id, label), equal-length per rank.
+
+Order of the stream for one epoch:
+  1. shard order reshuffled from (seed, epoch) and split by rank (`shards.reader.epoch_shards`), then split by loader worker;
+  2. each worker reads its shards in turn (cycling them when its quota is not reached), through a small shuffle buffer of
+     raw (undecoded) samples;
+  3. each anchor visit draws ONE of its K positives uniformly, from a generator keyed on (seed, epoch, anchor id, pass), and
+     decodes only the anchor and that positive.
+Every rank yields exactly `steps_per_epoch` batches per epoch, so ranks with uneven shards never hang DDP. The dataset
+yields whole batches (use `DataLoader(stream, batch_size=None)`); worker w yields global batches b with b % workers == w,
+which is the order in which the DataLoader interleaves workers, so `start_step` can resume mid-epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from clsp.errors import UserError
+from shards.reader import epoch_shards, iter_samples
+
+log = logging.getLogger(__name__)
+
+POSITIVES = ("synthetic", "augment", "none")  # third view: a synthetic positive, a third real view, or none
+
+
+def keyed_seed(*parts: object) -> int:
+    """63-bit seed from a sha256 of the parts: independent of rank, worker, batch position and world size."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def positive_index(seed: int, epoch: int, anchor_id: str, k: int, visit: int = 0) -> int:
+    """Which of the anchor's K positives this visit uses: uniform, keyed on (seed, epoch, anchor id[, repeat visit])."""
+    key = (seed, epoch, anchor_id) if visit == 0 else (seed, epoch, anchor_id, visit)
+    return int(np.random.default_rng(keyed_seed("positive", *key)).integers(k))
+
+
+def steps_per_epoch(count: int, world_size: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: every rank takes this many batches of `batch_size` anchors."""
+    steps = count // (world_size * batch_size)
+    if steps < 1:
+        raise UserError(f"{count} anchors cannot fill one batch of {batch_size} on each of {world_size} processes; "
+                        f"lower --batch-size to at most {max(1, count // world_size)}")
+    return steps
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    urls: tuple[str, ...]          # every shard of the run (see shards.reader.shard_urls)
+    batch_size: int                # per rank
+    steps_per_epoch: int
+    k: int                         # positives per anchor in the shards
+    seed: int = 0
+    positives: str = "synthetic"
+    rank: int = 0
+    world_size: int = 1
+    shuffle_buffer: int = 256      # raw samples held per worker to mix shard order into batches
+    skip_corrupt: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise UserError("no shards to read; point SHARDS at a directory written by `clsp synth run`")
+        if self.positives not in POSITIVES:
+            raise UserError(f"positives={self.positives!r} is not one of {', '.join(POSITIVES)}")
+        if self.positives == "synthetic" and self.k < 1:
+            raise UserError("positives=synthetic needs shards with K >= 1 positives per anchor; use --positives augment")
+        if self.batch_size < 1 or self.steps_per_epoch < 1 or self.shuffle_buffer < 1:
+            raise UserError("batch_size, steps_per_epoch and shuffle_buffer must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {self.rank} is outside world size {self.world_size}")
+
+
+def shard_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+class ShardStream(IterableDataset):
+    """Yields dicts: anchor (B, H, W, 3) uint8, positive (B, H, W, 3) uint8 or absent, ids (B,) int64, labels (B,) int64,
+    skipped (list of shard names found unreadable since the previous batch), error (str, only on a fatal read error)."""
+
+    def __init__(self, cfg: StreamConfig, id_index: Mapping[str, int]):
+        self.cfg = cfg
+        self.id_index = id_index   # anchor id -> row of the manifest index (the integer id the losses use)
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        """Call before creating the DataLoader iterator: worker processes copy the dataset when the iterator starts."""
+        if not 0 <= start_step <= self.cfg.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside 0..{self.cfg.steps_per_epoch}")
+        self.epoch, self.start_step = epoch, start_step
+
+    def worker_plan(self, worker: int, workers: int) -> tuple[list[str], int, int]:
+        """(this worker's shards, its batches this epoch, how many of them to skip for a mid-epoch resume)."""
+        cfg = self.cfg
+        urls = epoch_shards(list(cfg.urls), cfg.seed, self.epoch, cfg.rank, cfg.world_size)
+        if not urls:  # fewer shards than ranks: reuse one so that this rank still yields its quota
+            urls = [cfg.urls[(cfg.rank + self.epoch) % len(cfg.urls)]]
+        active = min(workers, len(urls))  # a worker without a shard yields nothing
+        if worker >= active:
+            return [], 0, 0
+        # The DataLoader asks workers 0, 1, ... in turn from the first batch it delivers, so after a mid-epoch start
+        # process-worker `worker` plays the part of the worker that owns global batch start_step + worker.
+        worker = (worker + self.start_step) % active
+        steps = cfg.steps_per_epoch // active + (worker < cfg.steps_per_epoch % active)
+        skip = max(0, -(-(self.start_step - worker) // active))  # batches b < start_step with b % active == worker
+        return urls[worker::active], steps, min(skip, steps)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        urls, steps, skip = self.worker_plan(worker, workers)
+        if steps == 0:
+            return
+        self._bad: set[str] = set()        # names of shards found unreadable (skip_corrupt): not reopened
+        self._skipped: list[str] = []      # ... of which not yet reported in a batch
+        samples = self._raw_samples(urls)
+        try:
+            for _ in range(skip * self.cfg.batch_size):  # fast-forward without decoding
+                next(samples)
+            for _ in range(steps - skip):
+                batch = self._batch(samples)
+                self._skipped.clear()
+                yield batch
+        except UserError as err:  # hand the message to the main process as data: no worker traceback in front of it
+            yield {"error": str(err), "skipped": list(self._skipped)}
+
+    def _raw_samples(self, urls: list[str]) -> Iterator[tuple[object, int]]:
+        """(RawSample, pass number) forever: cycles the worker's shards through a seeded shuffle buffer."""
+        cfg = self.cfg
+        rng = random.Random(keyed_seed("buffer", cfg.seed, self.epoch, *[shard_name(u) for u in urls]))
+        buffer: list[tuple[object, int]] = []
+        visit = 0
+        while True:
+            read = 0
+            for url in urls:
+                if shard_name(url) in self._bad:
+                    continue
+                try:
+                    for sample in iter_samples([url]):
+                        buffer.append((sample, visit))
+                        read += 1
+                        if len(buffer) >= cfg.shuffle_buffer:
+                            yield buffer.pop(rng.randrange(len(buffer)))
+                except Exception as exc:  # a missing, truncated or malformed shard: name it
+                    self._corrupt(url, exc)
+            if read == 0:
+                raise UserError(f"no readable samples in shards {', '.join(shard_name(u) for u in urls)}; "
+                                "re-create them (`clsp shards verify` lists problems)")
+            while buffer:  # end of a pass: every sample read is used before any is read again
+                yield buffer.pop(rng.randrange(len(buffer)))
+            visit += 1
+
+    def _corrupt(self, url: str, exc: Exception) -> None:
+        name = shard_name(url)
+        if not self.cfg.skip_corrupt:
+            raise UserError(f"shard {name} could not be read ({type(exc).__name__}: {exc}); re-create it, "
+                            "or pass --skip-corrupt to skip unreadable shards") from exc
+        if name not in self._bad:  # the loop logs it and counts it
+            log.debug("skipping unreadable shard %s (%s: %s)", name, type(exc).__name__, exc)
+            self._bad.add(name)
+            self._skipped.append(name)
+
+    def _batch(self, samples: Iterator[tuple[object, int]]) -> dict:
+        cfg = self.cfg
+        anchors, positives, ids, labels = [], [], [], []
+        while len(anchors) < cfg.batch_size:
+            sample, visit = next(samples)
+            if sample.key not in self.id_index:
+                raise UserError(f"anchor {sample.key!r} in shard {shard_name(sample.shard)} is not in the manifest "
+                                "index; the shards and manifest.json belong to different runs")
+            try:
+                anchor = sample.anchor()  # (H, W, 3) uint8: decode only what this visit uses
+                if cfg.positives == "synthetic":
+                    positives.append(sample.positive(positive_index(cfg.seed, self.epoch, sample.key, cfg.k, visit)))
+            except Exception as exc:  # an undecodable image inside an otherwise readable tar
+                self._corrupt(sample.shard, exc)
+                del positives[len(anchors):]
+                continue
+            anchors.append(anchor)
+            ids.append(self.id_index[sample.key])
+            labels.append(sample.label)
+        batch = {"anchor": torch.from_numpy(np.stack(anchors)), "ids": torch.tensor(ids, dtype=torch.int64),
+                 "labels": torch.tensor(labels, dtype=torch.int64), "skipped": list(self._skipped)}
+        if positives:
+            batch["positive"] = torch.from_numpy(np.stack(positives))
+        return batch
