@@ -10,6 +10,8 @@ import re
 import sys
 from pathlib import Path
 
+import shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
+
 
 def write_new(path: str | Path, content: str | bytes) -> Path:
     """Write a result file without ever replacing a different earlier one.

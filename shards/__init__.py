@@ -2,3 +2,7 @@
 
 Imports nothing else of the project, so a team that only reads shards needs only this package.
 """
+# pyarrow must be loaded before torch: with torch loaded first, a process that has read Parquet aborts at exit
+# ("terminate called without an active exception", seen with torch 2.14 and pyarrow 26). Every package of the
+# project imports `shards` first for this reason.
+import pyarrow  # noqa: F401

@@ -116,7 +116,7 @@ def read_manifest(location: str | Path) -> Manifest:
         data = handle.read()
     if hashlib.sha256(data).hexdigest() != manifest.get("index", {}).get("sha256"):
         raise ShardError(f"{location}/{INDEX} does not match the checksum in {MANIFEST}: the index was changed")
-    index = pq.read_table(io.BytesIO(data))
+    index = pq.read_table(io.BytesIO(data), use_threads=False)  # no arrow thread pool: torch + arrow pools can abort at exit
     if index.schema.names != INDEX_SCHEMA.names:
         raise ShardError(f"{location}/{INDEX} has columns {index.schema.names}, expected {INDEX_SCHEMA.names}")
     return Manifest(location, manifest["run"], shards, index, int(manifest["count"]))

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import shards  # noqa: F401  (before torch: loads pyarrow first, see shards/__init__.py)
 import torch
 
 torch.set_num_threads(1)  # CI has 2 cores; tiny models run faster single-threaded and leave room for subprocess tests
