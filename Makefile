@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 $(MODEL)/model_index.json: | setup
-	$(CLSP) diffusion train $(SOURCE) --out $(MODEL) --preset embedded
+	$(CLSP) diffusion train $(SOURCE) --out $(MODEL) --preset embedded --resume
 
 synth: $(MODEL)/model_index.json
 	$(CLSP) synth run $(SOURCE) --model $(MODEL) --out $(SHARDS) --preset embedded

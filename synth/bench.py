@@ -162,6 +162,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "split_flops_per_s": flops["split"] * steps * split_ips,
         "naive_flops_per_s": flops["naive"] * steps * naive_ips,
         "shared_noise_images_per_s": shared_ips,
+        "shared_noise_flops_per_image": flops["split_shared"] * steps,
+        "shared_noise_flop_saving": 1 - flops["split_shared"] / flops["split"],
         "diversity_own_anchor_noise": mean_pairwise_l2(out_split, cfg.k),
         "diversity_shared_anchor_noise": mean_pairwise_l2(out_shared, cfg.k),
         "mean_l2_to_anchor_own": float((out_split.cpu() - anchors).flatten(1).norm(dim=1).mean()),
@@ -179,9 +181,12 @@ def _flops_per_image(unet, anchors, shape, cfg: BenchConfig) -> dict[str, float]
     x = torch.randn((b, *shape)).to(device)
     a_t = anchors.to(device)
     counts = {}
+    own = torch.arange(b, device=device)  # (B,): each row its own noised anchor
+    shared = own // cfg.k  # (B,): the K candidates of an anchor share one noised anchor (rows are anchor-major)
     steps = {
-        "split": lambda: mixed_eps(unet, x, a_t, 500, cfg.w),
-        "naive": lambda: _hooked_eps(unet, x, a_t, 500, cfg.w),
+        "split": lambda: mixed_eps(unet, x, a_t, 500, cfg.w, own),
+        "split_shared": lambda: mixed_eps(unet, x, a_t[::cfg.k], 500, cfg.w, shared),
+        "naive": lambda: _hooked_eps(unet, x, a_t, 500, cfg.w, own),
         "forward": lambda: unet(x, 500),
         "encoder": lambda: encode(unet, x, 500),
     }
@@ -211,7 +216,7 @@ def format_table(r: dict) -> str:
                           f"naive {r['naive_flops_per_image'] / 1e9:.3f} G ({c['steps']} steps)"),
         ("step cost", f"split step = {r['split_step_over_forward']:.3f} forward passes; encoder = "
                       f"{100 * r['encoder_share_of_forward']:.1f}% of a forward"),
-        ("shared anchor noise", f"{r['shared_noise_images_per_s']:.2f} images/s"),
+        ("shared anchor noise", f"{r['shared_noise_images_per_s']:.2f} images/s, {r['shared_noise_flops_per_image'] / 1e9:.3f} GFLOP/image ({100 * r['shared_noise_flop_saving']:.1f}% fewer FLOPs)"),
         ("diversity (mean L2 among K)", f"own noise {r['diversity_own_anchor_noise']:.3f}, shared "
                                         f"{r['diversity_shared_anchor_noise']:.3f}"),
         ("mean L2 to anchor", f"own noise {r['mean_l2_to_anchor_own']:.3f}, "

@@ -92,12 +92,17 @@ def ddim_scheduler(scheduler, steps: int) -> DDIMScheduler:
     return fresh
 
 
-def mixed_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w: float) -> torch.Tensor:
-    """Split-UNet noise prediction: encoder on [x; a_t] in one call, decoder once on the mixed bottleneck."""
+def mixed_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w: float,
+              anchor_row: torch.Tensor) -> torch.Tensor:
+    """Split-UNet noise prediction: encoder on [x; a_t] in one call, decoder once on the mixed bottleneck.
+
+    x (B, C, H, W); a_t (A, C, H, W) noised anchors, A <= B (A < B when candidates share their anchor's noise, so the
+    anchor's encoder pass runs once per anchor, not once per candidate); anchor_row (B,) long: row i uses a_t[anchor_row[i]].
+    """
     b = x.shape[0]
-    temb = embed_time(unet, t, 2 * b)  # (2B, D)
-    h, skips = encode(unet, torch.cat([x, a_t]), t, temb=temb)  # h (2B, C', h, w)
-    h_mix = w * h[:b] + (1.0 - w) * h[b:]  # (B, C', h, w): sample's vs anchor's bottleneck
+    temb = embed_time(unet, t, b + a_t.shape[0])  # (B + A, D)
+    h, skips = encode(unet, torch.cat([x, a_t]), t, temb=temb)  # h (B + A, C', h, w)
+    h_mix = w * h[:b] + (1.0 - w) * h[b:][anchor_row]  # (B, C', h, w): sample's vs anchor's bottleneck
     return decode(unet, h_mix, tuple(s[:b] for s in skips), temb[:b], t)  # the anchor's skips are not used
 
 
@@ -139,14 +144,15 @@ def naive_reference(
     return _ddim_loop(_hooked_eps, unet, scheduler, x_T, anchors, generators, config, anchor_generators, fast)
 
 
-def _hooked_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w: float) -> torch.Tensor:
+def _hooked_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w: float,
+                anchor_row: torch.Tensor) -> torch.Tensor:
     captured: list[torch.Tensor] = []
 
     def capture(module, args, output):
         captured.append(output)
 
     def mix(module, args, output):
-        return w * output + (1.0 - w) * captured[0]
+        return w * output + (1.0 - w) * captured[0][anchor_row]
 
     handle = unet.mid_block.register_forward_hook(capture)
     try:
@@ -173,15 +179,22 @@ def _ddim_loop(eps_fn: EpsFn, unet, scheduler, x_T, anchors, generators, config,
     layout = torch.channels_last if use_fast else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_fast else contextlib.nullcontext()
     b, row_shape = x_T.shape[0], tuple(x_T.shape[1:])
+    # one noised anchor per noise group: per row normally, per anchor when its candidates share the anchor noise
+    first_rows = torch.tensor([rows[0] for _, rows in groups])  # (A,)
+    anchor_row = torch.empty(b, dtype=torch.long)  # (B,): row -> its group
+    for index, (_, rows) in enumerate(groups):
+        anchor_row[rows] = index
+    anchor_row = anchor_row.to(device)
 
     x = x_T.to(device=device, dtype=torch.float32)  # (B, C, H, W); scheduler maths stays fp32
     anchors = anchors.to(device=device, dtype=torch.float32)
     with torch.inference_mode():
         for t in sched.timesteps.tolist():
-            noise = _draw_groups(groups, b, row_shape).to(device)  # (B, C, H, W)
-            a_t = sched.add_noise(anchors, noise, torch.full((b,), t, dtype=torch.long))  # anchor noised to t
-            with autocast:
-                eps = eps_fn(unet, _model_input(x, unet, layout), _model_input(a_t, unet, layout), t, config.w)
+            noise = _draw_groups(groups, row_shape).to(device)  # (A, C, H, W)
+            a_t = sched.add_noise(anchors[first_rows], noise, torch.full((len(groups),), t, dtype=torch.long))
+            with autocast:  # a_t: (A, C, H, W), the anchors noised to t
+                eps = eps_fn(unet, _model_input(x, unet, layout), _model_input(a_t, unet, layout), t, config.w,
+                             anchor_row)
             variance_noise = draw_rows(generators, row_shape).to(device) if config.eta > 0 else None
             x = sched.step(eps.float(), t, x, eta=config.eta, variance_noise=variance_noise).prev_sample
     return x.clamp(-1.0, 1.0)
@@ -232,8 +245,6 @@ def _anchor_noise_groups(generators, anchor_generators, anchors, share: bool):
     return list(groups.values())
 
 
-def _draw_groups(groups, b: int, row_shape: tuple[int, ...]) -> torch.Tensor:
-    noise = torch.empty((b, *row_shape))  # (B, C, H, W) on the CPU
-    for g, rows in groups:
-        noise[rows] = torch.randn(row_shape, generator=g)
-    return noise
+def _draw_groups(groups, row_shape: tuple[int, ...]) -> torch.Tensor:
+    """One anchor-noise draw per group, in group order -> (A, C, H, W) on the CPU."""
+    return torch.stack([torch.randn(row_shape, generator=g) for g, _ in groups])
