@@ -160,7 +160,7 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
     with _user_errors():
         config = StudyConfig(shards, source, str(out), split(methods), split(positives),
                              tuple(int(s) for s in split(seeds)), "embedded" if preset == "embedded" else None,
-                             _eval_config(source, preset, None, 256, device))
+                             eval=_eval_config(source, preset, None, 256, device))
         summary = study(config)
     typer.echo("\n".join(summary["verdicts"]))
     typer.echo(f"wrote {summary['report']} ({len(summary['groups'])} groups)")
