@@ -12,13 +12,14 @@ accuracy on the held-out split is reported so that the agreement numbers can be 
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from clsp.hashing import keyed_seed
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def audit_markdown(result: dict) -> str:
 
 
 def _sample_key(seed: int, anchor_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}|{anchor_id}".encode()).digest()[:8], "big")
+    return keyed_seed(seed, anchor_id)
 
 
 def load_shard_sample(shards_dir: str, max_anchors: int, seed: int = 0):

@@ -7,7 +7,6 @@ hand (e.g. training went on after the features were cached) is recomputed and re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -17,15 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-def weights_hash(module: nn.Module) -> str:
-    """sha256 hex over the names, dtypes, shapes and bytes of all parameters and buffers (state_dict order)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor cannot be viewed as bytes
-        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+from clsp.hashing import weights_sha256
 
 
 def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -84,7 +75,7 @@ def extract_features(
         return _embed(backbone, images, mean, std, batch_size, device)
 
     key = {
-        "weights_sha256": weights_hash(backbone),
+        "weights_sha256": weights_sha256(backbone),
         "source_fingerprint": source_fingerprint,
         "count": int(images.shape[0]),
         "image_size": int(images.shape[1]),

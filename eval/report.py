@@ -74,7 +74,8 @@ def _labelled_split(spec: str, split: str, image_size: int):
 
 def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict:
     """kNN and/or linear probe of a run's backbone on the source's train/test splits; writes <run>/eval/ files."""
-    from eval.features import extract_features, normalization_from_config, weights_hash
+    from clsp.hashing import weights_sha256
+    from eval.features import extract_features, normalization_from_config
     from train.checkpoint import load_backbone
 
     run_dir = Path(run_dir)
@@ -89,7 +90,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict
         return extract_features(backbone, images, mean, std, config.batch_size, config.device, cache, fingerprint)
 
     result = run_identity(run_config)
-    result.update(run=run_dir.name, source=config.source, weights_sha256=weights_hash(backbone),
+    result.update(run=run_dir.name, source=config.source, weights_sha256=weights_sha256(backbone),
                   train_fingerprint=train_fp, test_fingerprint=test_fp, eval_config=asdict(config))
     if config.linear:  # first, so the guarded forward pass is the one that fills the feature cache
         probe = probe_backbone(backbone, train_images, train_labels, test_images, test_labels, mean, std,

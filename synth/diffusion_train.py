@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.errors import UserError
+from clsp.hashing import keyed_seed
 from clsp.sources import SPLITS, load_arrays, open_source
 from synth.diffusion_run_dir import (STEP_PREFIX, append_log, checkpoint_dirs, load_checkpoint, prepare_out_dir,
                                      save_checkpoint)
@@ -175,8 +175,7 @@ def diffusion_loss(unet, scheduler, x0: torch.Tensor, noise: torch.Tensor, times
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """CPU generator for everything random in one training step, keyed on (seed, step) only."""
-    digest = hashlib.sha256(f"diffusion-train|{seed}|{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator().manual_seed(keyed_seed("diffusion-train", seed, step))
 
 
 def lr_at(cfg: DiffusionTrainConfig, step: int) -> float:

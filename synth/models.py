@@ -12,7 +12,6 @@ DDIMScheduler built from its config (same betas and timestep count).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -23,26 +22,11 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.errors import UserError
+from clsp.hashing import weights_sha256
 
 CARD_NAME = "card.json"
 INDEX_NAME = "model_index.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
-def weights_sha256(model_or_state_dict: torch.nn.Module | dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every state-dict tensor in sorted name order.
-
-    It identifies the weights themselves, whatever file format or layout they were stored in.
-    """
-    state = model_or_state_dict
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def generator_info(model_id: str, unet: UNet2DModel, scheduler) -> dict:

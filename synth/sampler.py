@@ -16,13 +16,13 @@ anchor_generators are given), variance noise (only when eta > 0).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
+from clsp.hashing import keyed_seed
 from synth.models import as_ddim
 from synth.unet_split import check_supported, decode, embed_time, encode
 
@@ -62,8 +62,7 @@ def candidate_seed(seed: int, anchor_id: str, candidate: int | str) -> int:
     """63-bit seed keyed on (run seed, anchor id, candidate): independent of rank, batch and world size."""
     if not isinstance(anchor_id, str) or not anchor_id:
         raise ValueError(f"anchor_id must be a non-empty string, got {anchor_id!r}")
-    key = f"clsp|{int(seed)}|{anchor_id}|{candidate}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+    return keyed_seed("clsp", int(seed), anchor_id, candidate)
 
 
 def row_generators(seeds: list[int]) -> list[torch.Generator]:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from clsp.hashing import weights_sha256
 from eval import latest, write_new
-from eval.features import extract_features, weights_hash
+from eval.features import extract_features
 from eval.knn import knn_accuracy, knn_predict
 from eval.linear import BackboneChangedError, ProbeConfig, linear_probe_accuracy, probe_backbone
 from eval.report import aggregate, mean_std, report, verdicts
@@ -110,12 +111,12 @@ def test_probe_backbone_passes_for_frozen_and_raises_when_the_backbone_changes()
     train_images, train_labels = tiny_images(48, 0)
     test_images, test_labels = tiny_images(16, 1)
     norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    before = weights_hash(backbone)
+    before = weights_sha256(backbone)
     backbone.train()  # probe_backbone must put it in eval mode itself
     result = probe_backbone(backbone, train_images, train_labels, test_images, test_labels, *norm, FAST_PROBE,
                             batch_size=16)
     assert 0.0 <= result["top1"] <= 100.0
-    assert weights_hash(backbone) == before and not backbone.training
+    assert weights_sha256(backbone) == before and not backbone.training
     assert all(p.requires_grad for p in backbone.parameters())  # restored afterwards
 
     with pytest.raises(BackboneChangedError, match="running_mean"):
@@ -136,7 +137,7 @@ def test_feature_cache_is_keyed_by_weights(tmp_path):
         backbone.conv1.weight.mul_(2.0)  # new weights: the cache must not be reused
     second = extract_features(backbone, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="abc")
     assert not np.allclose(first, second)
-    assert json.loads((tmp_path / "abc.json").read_text())["weights_sha256"] == weights_hash(backbone)
+    assert json.loads((tmp_path / "abc.json").read_text())["weights_sha256"] == weights_sha256(backbone)
 
 
 def test_write_new_never_overwrites_a_different_result(tmp_path, capsys):

@@ -7,7 +7,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from clsp.errors import UserError
-from synth.models import ddpm_cifar10_unet, load_generator, save_generator, tiny_unet, weights_sha256
+from clsp.hashing import weights_sha256
+from synth.models import ddpm_cifar10_unet, load_generator, save_generator, tiny_unet
 from synth.unet_split import decode, embed_time, encode
 
 

@@ -12,7 +12,6 @@ which is the order in which the DataLoader interleaves workers, so `start_step` 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections.abc import Iterator, Mapping
@@ -23,17 +22,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clsp.errors import UserError
+from clsp.hashing import keyed_seed
 from shards.reader import epoch_shards, iter_samples
 
 log = logging.getLogger(__name__)
 
 POSITIVES = ("synthetic", "augment", "none")  # third view: a synthetic positive, a third real view, or none
-
-
-def keyed_seed(*parts: object) -> int:
-    """63-bit seed from a sha256 of the parts: independent of rank, worker, batch position and world size."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def positive_index(seed: int, epoch: int, anchor_id: str, k: int, visit: int = 0) -> int:
