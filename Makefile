@@ -54,6 +54,7 @@ bench: setup
 	$(PY) -m synth.bench
 	$(PY) -m train.bench
 
+# Removes the environment and caches only: generators, shards and runs under runs/ cost hours and are kept.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
