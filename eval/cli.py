@@ -144,6 +144,23 @@ def all_command(run: Path = typer.Argument(..., help="training run directory"),
     typer.echo(f"wrote {summary['report']}, {summary['csv']}, {summary['audit']}, {summary['sheet']}")
 
 
+def _key_values(options: list[str]) -> tuple[tuple[str, object], ...]:
+    """["epochs=20", "lr=0.1"] -> (("epochs", 20), ("lr", 0.1)); a value that is not JSON stays a string."""
+    import json
+
+    pairs = []
+    for option in options:
+        key, sep, text = option.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--train-option {option!r} must look like KEY=VALUE, e.g. epochs=20")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        pairs.append((key.strip().replace("-", "_"), value))
+    return tuple(pairs)
+
+
 @app.command("study")
 def study_command(shards: str = typer.Argument(..., help="shard directory to train every run on"),
                   source: str = typer.Option("digits", help=SOURCE_HELP),
@@ -152,6 +169,10 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
                   positives: str = typer.Option("none,augment,synthetic", help="comma-separated kinds of positives"),
                   seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
                   preset: str = typer.Option("embedded", help="training and probe preset: " + PRESET_HELP),
+                  train_option: Optional[list[str]] = typer.Option(
+                      None, "--train-option", help="KEY=VALUE set on every training run (a `clsp train run` option, "
+                      "JSON value), repeatable, e.g. --train-option epochs=20"),
+                  probe_epochs: Optional[int] = typer.Option(None, help="override the preset's probe epochs"),
                   device: str = typer.Option("cpu", help="evaluation device: cpu | cuda | auto")) -> None:
     """Train and evaluate methods x positives x seeds, then report; rerun to resume (finished runs are skipped)."""
     from eval.report import StudyConfig, study
@@ -160,7 +181,8 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
     with _user_errors():
         config = StudyConfig(shards, source, str(out), split(methods), split(positives),
                              tuple(int(s) for s in split(seeds)), "embedded" if preset == "embedded" else None,
-                             eval=_eval_config(source, preset, None, 256, device))
+                             train_options=_key_values(train_option or []),
+                             eval=_eval_config(source, preset, probe_epochs, 256, device))
         summary = study(config)
     typer.echo("\n".join(summary["verdicts"]))
     typer.echo(f"wrote {summary['report']} ({len(summary['groups'])} groups)")

@@ -263,3 +263,21 @@ def test_study_trains_evaluates_reports_and_resumes(tiny_world, capsys):
     capsys.readouterr()
     study(config)  # everything exists: nothing is trained or evaluated again
     assert capsys.readouterr().out.count("results exist, skipped") == 4
+
+
+def test_study_command_passes_training_options_and_reports(tiny_world):
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+
+    root, shards, source = tiny_world
+    options = [arg for key, value in TINY_TRAIN for arg in ("--train-option", f"{key}={json.dumps(value)}")]
+    result = CliRunner().invoke(app, ["eval", "study", str(shards), "--source", source, "--out", str(root / "cli-study"),
+                                      "--methods", "simclr", "--positives", "none", "--seeds", "0", "--preset", "paper",
+                                      "--probe-epochs", "2", *options])
+    assert result.exit_code == 0, result.output
+    config = json.loads((root / "cli-study" / "runs" / "simclr-none-seed0" / "config.json").read_text())
+    assert config["config"]["width"] == 2 and config["config"]["epochs"] == 1
+    assert (root / "cli-study" / "report.md").is_file()
+    bad = CliRunner().invoke(app, ["eval", "study", str(shards), "--out", str(root / "x"), "--train-option", "epochs"])
+    assert bad.exit_code == 2 and "must look like KEY=VALUE" in bad.output
