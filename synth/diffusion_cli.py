@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from clsp.errors import UserError
+from clsp.presets import preset_values
 
 app = typer.Typer(help="Train unconditional diffusion generators (one per dataset, as CLSP does).",
                   no_args_is_help=True)
@@ -74,10 +75,7 @@ def config_from_options(preset: str | None, **options):
     """Preset values, overridden by the options that were given (None = not given)."""
     from synth.diffusion_train import PRESETS, DiffusionTrainConfig
 
-    if preset is not None and preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-    given = {k: v for k, v in options.items() if v is not None}
-    return DiffusionTrainConfig(**{**PRESETS.get(preset or "", {}), **given})
+    return DiffusionTrainConfig(**preset_values(PRESETS, preset, options))
 
 
 def int_list(text: str | None, what: str) -> tuple[int, ...] | None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from clsp import __version__
 from clsp.errors import UserError
+from clsp.presets import preset_values
 from clsp.sources import Record, open_source
 from shards.manifest import INDEX, MANIFEST, write_manifest
 from shards.schema import SCHEMA_VERSION, ShardSample
@@ -91,12 +92,8 @@ SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
 def config_from_options(preset: str | None = None, **options) -> SynthConfig:
     """Preset values, then every option that is not None. Sampler options (w, steps, eta, share_anchor_noise) go into
     the SamplerConfig. Invalid values raise UserError."""
-    if preset is not None and preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset]) if preset else {}
-    given = {name: value for name, value in options.items() if value is not None}
-    sampler_given = {name: given.pop(name) for name in list(given) if name in SAMPLER_OPTIONS}
-    values.update(given)
+    values = preset_values(PRESETS, preset, options)
+    sampler_given = {name: values.pop(name) for name in list(values) if name in SAMPLER_OPTIONS}
     try:
         values["sampler"] = replace(values.get("sampler", SamplerConfig()), **sampler_given)
     except ValueError as error:  # SamplerConfig validates w, steps, eta

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from clsp import __version__
 from clsp.errors import UserError
+from clsp.presets import preset_values
 from shards.manifest import read_manifest
 from shards.reader import ShardError
 from train.augment import DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
@@ -107,13 +108,10 @@ class TrainConfig:
 
 def make_config(preset: str | None = None, **options) -> TrainConfig:
     """TrainConfig from a preset (or the defaults) with the given options on top; options that are None are unset."""
-    if preset is not None and preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise TypeError(f"unknown TrainConfig option(s) {unknown}")
-    return TrainConfig(**{**PRESETS.get(preset, {}), **{k: v for k, v in options.items() if v is not None}})
+    return TrainConfig(**preset_values(PRESETS, preset, options))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
