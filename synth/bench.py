@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from synth.job import prepare_unet
 from synth.models import ddpm_cifar10_scheduler, ddpm_cifar10_unet, tiny_unet
 from synth.sampler import (
     SamplerConfig,
@@ -28,7 +29,6 @@ from synth.sampler import (
     sample_positives,
     start_noise,
 )
-from synth.unet_split import compile_blocks
 
 MODELS = ("small", "ddpm-cifar10")
 
@@ -43,7 +43,7 @@ class BenchConfig:
     eta: float = 0.1
     device: str = "cpu"
     compile: bool = False
-    fast: bool = True  # bf16 autocast + channels_last on CUDA (no effect on the CPU)
+    fast: bool = True  # bf16 autocast on CUDA, as the job's default (no effect on the CPU)
     repeats: int = 2
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -100,11 +100,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     unet, scheduler = build_model(cfg.model)
-    unet = unet.to(device).eval()
-    if cfg.fast and cfg.on_cuda:
-        unet = unet.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        compile_blocks(unet)
+    unet = prepare_unet(unet.eval(), device, cfg.compile)
     size, channels = unet.config.sample_size, unet.config.in_channels
     shape = (channels, size, size)
     n_anchors = batch // cfg.k
@@ -236,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--eta", type=float, default=0.1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet blocks")
-    p.add_argument("--no-fast", dest="fast", action="store_false", help="CUDA: plain fp32, no channels_last")
+    p.add_argument("--no-fast", dest="fast", action="store_false", help="CUDA: fp32, no bf16 autocast")
     p.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds; the best is reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

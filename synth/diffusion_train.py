@@ -224,14 +224,14 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
 # --- the training run -----------------------------------------------------------------------------------------------
 def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Path:
     """Train (or resume) per cfg; write the EMA generator to cfg.out and return cfg.out. `command`: for the card."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from clsp.accelerator import fresh_accelerator
     from synth.models import save_generator
 
     cuda = torch.cuda.is_available()
     precision = ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
+    accelerator = fresh_accelerator(cpu=not cuda, mixed_precision=precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} does not split over {world} processes: use a multiple of {world}")

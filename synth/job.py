@@ -31,6 +31,7 @@ from shards.schema import SCHEMA_VERSION, ShardSample
 from shards.writer import SHARD_PATTERN, ShardWriter, shard_name, temp_files
 from synth.models import load_generator
 from synth.sampler import SamplerConfig, candidate_seed, row_generators, sample_positives, start_noise
+from synth.unet_split import compile_blocks
 
 RUN_FILE = "run.json"  # the intended run, written before any shard: a rerun is compared against it
 CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --batch-size is not given
@@ -122,7 +123,7 @@ def run_synth(cfg: SynthConfig):
     todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
     mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
     state.wait_for_everyone()  # all ranks listed the dir before any new shard appears
-    unet = _prepare_unet(unet, cfg, state.device)
+    unet = prepare_unet(unet, state.device, cfg.compile)
     batch_rows = cfg.batch_size or (GPU_BATCH_ROWS if use_cuda else CPU_BATCH_ROWS)
     progress = _progress_bar(cfg, todo, count, num_shards, state)
     try:
@@ -242,15 +243,18 @@ def _prepare_out_dir(cfg: SynthConfig, run: dict, state) -> None:
     state.wait_for_everyone()
 
 
-def _prepare_unet(unet, cfg: SynthConfig, device: torch.device):
+def prepare_unet(unet, device: torch.device, compile: bool = False):
+    """The UNet as the job samples with it (the benchmark too): on `device`; on a GPU channels_last and cuDNN in its
+    deterministic mode; with `compile`, the blocks the split sampler calls compiled."""
     unet = unet.to(device)
     if device.type == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    if cfg.compile:  # the sampler calls the blocks directly (split UNet), so compile them, not unet.forward
-        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-            if block is not None:
-                block.compile()
+        # Same settings, same GPU and software -> the same shard bytes: cuDNN's autotuner may pick a different
+        # convolution algorithm in each run (measured: every shard differed between two identical H100 runs).
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    if compile:  # the sampler calls the blocks directly (split UNet), so compile them, not unet.forward
+        compile_blocks(unet)
     return unet
 
 

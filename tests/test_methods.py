@@ -197,5 +197,7 @@ def test_two_process_gathers_match_one_process_on_the_whole_batch(tmp_path):
     # SimCLR negatives and NNCLR predictions gathered across ranks (gloo), and the queue filled from both ranks
     import torch.multiprocessing as mp
 
-    # fork: the children reuse the imported modules instead of importing torch again
-    mp.start_processes(_two_rank_method_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, start_method="fork")
+    # fork: the children reuse the imported modules instead of importing torch again. Not on a machine with a GPU:
+    # there autograd's per-device threads, started by any earlier backward pass, do not survive a fork.
+    start = "spawn" if torch.cuda.is_available() else "fork"
+    mp.start_processes(_two_rank_method_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, start_method=start)

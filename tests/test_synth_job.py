@@ -37,14 +37,15 @@ def generator(tmp_path_factory) -> Path:
 
 
 def config(generator: Path, out: Path, **changes) -> SynthConfig:
-    values = dict(source="digits", model=str(generator), out=out, image_size=SIZE, k=K,
+    values = dict(source="digits", model=str(generator), out=out, image_size=SIZE, k=K, device="cpu",
                   sampler=SamplerConfig(steps=STEPS), anchors_per_shard=PER_SHARD, limit=LIMIT)
     return SynthConfig(**{**values, **changes})
 
 
 def cli_options(generator: Path, out: Path) -> list[str]:
     return ["run", "digits", "--model", str(generator), "--out", str(out), "--image-size", str(SIZE), "--k", str(K),
-            "--steps", str(STEPS), "--anchors-per-shard", str(PER_SHARD), "--limit", str(LIMIT)]
+            "--steps", str(STEPS), "--anchors-per-shard", str(PER_SHARD), "--limit", str(LIMIT),
+            "--device", "cpu"]  # the in-process reference runs on the CPU too, also on a machine with a GPU
 
 
 def shard_hashes(directory: Path) -> dict[str, str]:
@@ -52,7 +53,8 @@ def shard_hashes(directory: Path) -> dict[str, str]:
 
 
 def subprocess_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +100,11 @@ def test_two_processes_under_torchrun_write_the_same_bytes(generator, reference,
     out = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "synth.cli", *cli_options(generator, out)]
-    result = subprocess.run(command, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Two gloo processes on the CPU, with any GPU hidden: this test is about the CPU launch. The head of stderr holds
+    # the error of the rank that failed first, the tail the launcher's summary.
+    env = {**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[:3000] + "\n[...]\n" + result.stderr[-3000:]
     assert "[rank 1] wrote shard-000001.tar" in result.stderr  # shard i goes to rank i % 2
     assert shard_hashes(out) == shard_hashes(reference)
     assert read_manifest(out).index.to_pylist() == read_manifest(reference).index.to_pylist()

@@ -96,6 +96,22 @@ def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, t
     assert log_steps(out) == list(range(1, 7))
 
 
+def test_a_run_after_another_with_other_precision_in_the_same_process_trains(shards, tmp_path):
+    # Accelerate keeps one state per process: a bf16 run (the default on a GPU) followed by an fp32 one in the same
+    # process (eval study, this test suite on a GPU machine) was refused with "AcceleratorState has already been
+    # initialized". A bf16 Accelerator on the CPU reproduces that without a GPU.
+    from accelerate.state import AcceleratorState
+
+    from clsp.accelerator import fresh_accelerator
+
+    fresh_accelerator(cpu=True, mixed_precision="bf16")  # what a GPU run leaves behind in this process
+    assert AcceleratorState().mixed_precision == "bf16"
+    out = tmp_path / "after-bf16"
+    assert train(make_config(**options(shards, out, epochs=1, bf16=False))) == out
+    assert AcceleratorState().mixed_precision == "no"  # the fp32 run did not inherit bf16
+    assert log_steps(out) == list(range(1, 7))
+
+
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_weights(shards, tmp_path):
     moco = dict(method="moco", queue_size=16)  # queue and momentum encoder must survive the restart too
     train(make_config(**options(shards, tmp_path / "straight", **moco)))
@@ -166,7 +182,8 @@ def test_two_processes_under_torchrun_take_equal_steps(shards, tmp_path):
     spec.write_text(json.dumps(options(shards, out, epochs=2, warmup_epochs=0.5)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
                str(spec)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two gloo processes, also on a machine with one GPU
+    result = subprocess.run(command, cwd=REPO, env=cpu_only, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["steps_per_rank_this_launch"] == [6, 6]  # 26 // (2 * 4) = 3 a epoch

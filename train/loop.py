@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clsp import __version__
+from clsp.accelerator import fresh_accelerator
 from clsp.errors import UserError
 from clsp.presets import preset_values
 from shards.manifest import read_manifest
@@ -124,8 +125,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) the run in `cfg.out`; returns the run directory. Call on every process of a launch."""
     cuda = torch.cuda.is_available()
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.bf16 and cuda else "no",
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    acc = fresh_accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.bf16 and cuda else "no",
+                            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     try:
         manifest = read_manifest(cfg.shards)
     except (ShardError, OSError) as error:
@@ -295,8 +296,9 @@ class _KnnMonitor:
     def __call__(self, backbone: torch.nn.Module, device: torch.device, k: int = 20, t: float = 0.07) -> float:
         was_training = backbone.training
         backbone.eval()
+        transform = self.transform.to(device)  # its normalisation constants follow the backbone onto the GPU
         embed = lambda x: torch.nn.functional.normalize(torch.cat([  # noqa: E731  (N, D) unit rows
-            backbone(self.transform(torch.from_numpy(x[i:i + 512]).to(device))).float() for i in range(0, len(x), 512)]))
+            backbone(transform(torch.from_numpy(x[i:i + 512]).to(device))).float() for i in range(0, len(x), 512)]))
         bank, query = embed(self.bank[0]), embed(self.query[0])
         bank_labels, query_labels = torch.from_numpy(self.bank[1]).to(device), torch.from_numpy(self.query[1]).to(device)
         sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)  # (Q, k)
