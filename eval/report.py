@@ -165,35 +165,42 @@ def _fmt(stat: tuple[float, float, int]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} (1 seed)"
 
 
-def _compare(a: tuple, b: tuple) -> str:
-    """Plain words for a - b: the gap, and whether it exceeds twice its standard error."""
+def _compare(a: tuple, b: tuple) -> tuple[str, str]:
+    """(verdict, detail) for a - b. verdict: 'beats', 'loses to', 'is within noise of' (the gap against twice its
+    standard error) or 'cannot be judged against' (a side without spread); detail: the numbers behind it."""
     (ma, sa, na), (mb, sb, nb) = a, b
     if na == 0 or nb == 0:
-        return "no numbers to compare"
+        return "cannot be judged against", "no numbers to compare"
     gap = ma - mb
     if na < 2 or nb < 2:
-        return f"{gap:+.2f} points (one seed on a side: no spread, so no verdict)"
+        return "cannot be judged against", f"{gap:+.2f} points, one seed on a side: no spread, so no verdict"
     se2 = 2.0 * math.sqrt(sa**2 / na + sb**2 / nb)
     word = "beats" if gap > se2 else ("loses to" if gap < -se2 else "is within noise of")
-    return f"{word} it by {gap:+.2f} points (2 x standard error of the gap = {se2:.2f})"
+    return word, f"{gap:+.2f} points, {word} it (2 x standard error of the gap = {se2:.2f})"
 
 
 def verdicts(groups: list[dict]) -> list[str]:
-    """One line per method (and lam of the synthetic runs): synthetic against none and augment, linear and kNN."""
+    """One line per method (and lam of the synthetic runs): a plain headline on the linear probe, synthetic against
+    its baseline (none) and the augment control, then the numbers for the linear probe and best kNN."""
     lines = []
     for syn in (g for g in groups if g["positives"] == "synthetic"):
-        parts = []
-        for baseline in ("none", "augment"):
+        metrics = (("Linear", "linear_top1"), ("Best kNN", "knn_best"))
+        headline, details = [], {label: [] for label, _ in metrics}
+        for baseline, name in (("none", "its baseline (none)"), ("augment", "the augment control")):
             base = [g for g in groups if g["method"] == syn["method"] and g["positives"] == baseline]
             if baseline == "augment":  # the third-view control: prefer the same lam as the synthetic runs
                 base = [g for g in base if g["lam"] == syn["lam"]] or base
-            for b in base[:1]:
-                parts.append(f"vs {baseline} ({_fmt(b['linear_top1'])} linear): synthetic "
-                             f"{_compare(syn['linear_top1'], b['linear_top1'])} on the linear probe and "
-                             f"{_compare(syn['knn_best'], b['knn_best'])} on best kNN")
-        body = "; ".join(parts) if parts else "no none/augment runs of this method to compare with"
-        lines.append(f"- {syn['method']} (lam {syn['lam']}, seeds {syn['seeds']}): synthetic "
-                     f"{_fmt(syn['linear_top1'])} linear, {_fmt(syn['knn_best'])} best kNN; {body}.")
+            if not base:
+                headline.append(f"has no {baseline} runs to compare with")
+                continue
+            word, _ = _compare(syn["linear_top1"], base[0]["linear_top1"])
+            headline.append(f"{word} {name}")
+            for label, key in metrics:
+                details[label].append(f"vs {baseline} {_fmt(base[0][key])}: {_compare(syn[key], base[0][key])[1]}")
+        numbers = " ".join(f"{label} {_fmt(syn[key])} {'; '.join(details[label])}." for label, key in metrics
+                           if details[label])
+        lines.append(f"- **{syn['method']}** (lam {syn['lam']}, seeds {syn['seeds']}): on the linear probe CLSP "
+                     f"{' and '.join(headline)}. {numbers}".rstrip())
     return lines or ["- no synthetic-positive runs among these: nothing to judge."]
 
 

@@ -171,7 +171,8 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     assert groups["synthetic"]["linear_top1"] == pytest.approx((82.0, 2.0, 3))  # sample std (ddof=1)
     assert groups["none"]["knn_best"] == pytest.approx((70.0, 1.0, 3))
     assert groups["synthetic"]["seeds"] == [0, 1, 2]
-    assert "beats it by +11.00 points" in out["verdicts"][0]
+    assert "on the linear probe CLSP beats its baseline (none) and has no augment runs" in out["verdicts"][0]
+    assert "Linear 82.00 ± 2.00 vs none 71.00 ± 1.00: +11.00 points, beats it" in out["verdicts"][0]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| simclr | synthetic | 1.0 | 3 | 81.00 ± 2.00 | 81.00 ± 2.00 | 82.00 ± 2.00 |" in text
     csv_lines = (tmp_path / "report" / "results.csv").read_text().splitlines()
@@ -185,10 +186,12 @@ def test_verdict_reports_noise_and_single_seeds_honestly():
     close = aggregate([
         {"method": "moco", "positives": p, "lam": 0.5, "seed": s, "linear_top1": v, "knn_best": v, "knn_k20": v}
         for p, vals in (("synthetic", (50.0, 60.0)), ("augment", (51.0, 59.0))) for s, v in enumerate(vals)])
-    assert "is within noise of it by +0.00 points" in verdicts(close)[0]
+    assert "CLSP has no none runs to compare with and is within noise of the augment control" in verdicts(close)[0]
+    assert "+0.00 points, is within noise of it" in verdicts(close)[0]
     single = aggregate([{"method": "moco", "positives": p, "lam": 0.5, "seed": 0, "linear_top1": v, "knn_best": v,
                          "knn_k20": v} for p, v in (("synthetic", 60.0), ("none", 50.0))])
-    assert "no verdict" in verdicts(single)[0]
+    assert "CLSP cannot be judged against its baseline (none)" in verdicts(single)[0]
+    assert "no spread, so no verdict" in verdicts(single)[0]
 
 
 # --- end to end: a tiny trained run, evaluated through the CLI and through a resumable study --------------------------
@@ -257,7 +260,7 @@ def test_study_trains_evaluates_reports_and_resumes(tiny_world, capsys):
                          eval=EvalConfig(probe=ProbeConfig(epochs=3, milestones=(2,))))
     summary = study(config)
     assert [(g["positives"], len(g["seeds"])) for g in summary["groups"]] == [("none", 2), ("synthetic", 2)]
-    assert summary["verdicts"][0].startswith("- simclr (lam 1.0, seeds [0, 1]): synthetic")
+    assert summary["verdicts"][0].startswith("- **simclr** (lam 1.0, seeds [0, 1]): on the linear probe CLSP ")
     assert sorted(p.name for p in (root / "study" / "runs").iterdir()) == [
         "simclr-none-seed0", "simclr-none-seed1", "simclr-synthetic-seed0", "simclr-synthetic-seed1"]
     capsys.readouterr()
