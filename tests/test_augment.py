@@ -59,6 +59,13 @@ def test_eval_transform_is_deterministic_normalisation():
     assert EvalTransform(16)(images).shape == (4, 3, 16, 16)
 
 
+def test_eval_transform_keeps_images_on_their_device():
+    # It used to move the images to its constants' device (the CPU), so a GPU backbone got CPU inputs (found on an
+    # H100). 'meta' stands in for a second device here: its tensors cannot be copied to the CPU.
+    out = EvalTransform(16)(digit_like_batch(4, size=8).to("meta"))
+    assert out.device.type == "meta" and out.shape == (4, 3, 16, 16)
+
+
 @pytest.mark.parametrize("recipe", ["simclr", "moco"])
 def test_batch_and_pil_pipelines_agree_in_distribution(recipe):
     # the same image augmented 256 times by each pipeline: per-channel mean and spread must be close

@@ -98,9 +98,11 @@ class EvalTransform(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = to_unit_float(images)
+        if self.normalize.mean.device != x.device:  # follow the images, as BatchAugment does
+            self.to(x.device)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return self.normalize(x.to(self.normalize.mean.device))
+        return self.normalize(x)
 
 
 def pil_reference(recipe: str, size: int, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD):

@@ -296,9 +296,8 @@ class _KnnMonitor:
     def __call__(self, backbone: torch.nn.Module, device: torch.device, k: int = 20, t: float = 0.07) -> float:
         was_training = backbone.training
         backbone.eval()
-        transform = self.transform.to(device)  # its normalisation constants follow the backbone onto the GPU
         embed = lambda x: torch.nn.functional.normalize(torch.cat([  # noqa: E731  (N, D) unit rows
-            backbone(transform(torch.from_numpy(x[i:i + 512]).to(device))).float() for i in range(0, len(x), 512)]))
+            backbone(self.transform(torch.from_numpy(x[i:i + 512]).to(device))).float() for i in range(0, len(x), 512)]))
         bank, query = embed(self.bank[0]), embed(self.query[0])
         bank_labels, query_labels = torch.from_numpy(self.bank[1]).to(device), torch.from_numpy(self.query[1]).to(device)
         sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)  # (Q, k)
