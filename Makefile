@@ -43,9 +43,12 @@ train: setup
 eval: setup
 	$(CLSP) eval all $(TRAIN_OUT) --shards $(SHARDS) --source $(SOURCE) --out $(RUN)/report
 
+# SimCLR x positives none/augment/synthetic x seeds 0-4, each scored by 5-fold over every labelled image (about 50 min
+# on 2 CPU cores once the shards exist); `make study STUDY_METHODS=simclr,moco` adds MoCo v2+ (twice the time).
+STUDY_METHODS ?= simclr
 study: $(MODEL)/model_index.json
 	$(CLSP) synth run $(SOURCE) --model $(MODEL) --out $(SHARDS) --preset embedded
-	$(CLSP) eval study $(SHARDS) --source $(SOURCE) --out $(RUN)/study
+	$(CLSP) eval study $(SHARDS) --source $(SOURCE) --out $(RUN)/study --methods $(STUDY_METHODS)
 
 test: setup
 	$(PY) -m pytest -q

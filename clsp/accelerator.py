@@ -1,8 +1,37 @@
-"""One Accelerator per run, also when a process runs several (eval study, a test suite, a notebook)."""
+"""Process helpers every stage shares: the device a run asks for, one Accelerator per run (also when a process runs
+several), an int from the main process on every process, flags OR-ed over processes, and SIGTERM as a flag."""
 from __future__ import annotations
 
+import signal
+
+import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+
+from clsp.errors import UserError
+
+DEVICES = "cpu | cuda | cuda:N | auto"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device NAME -> torch.device, or UserError naming the fix. None or "auto": cuda when one is visible, else
+    cpu. Every command that takes --device checks it here, before anything else happens."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported: use {DEVICES}")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            raise UserError(f"--device {name} but no CUDA device is visible: use --device cpu, or leave --device out")
+        if device.index is not None and device.index >= visible:
+            raise UserError(f"--device {name} but only {visible} CUDA device(s) are visible: use cuda:0..cuda:"
+                            f"{visible - 1}")
+    return device
 
 
 def fresh_accelerator(**kwargs) -> Accelerator:
@@ -16,3 +45,41 @@ def fresh_accelerator(**kwargs) -> Accelerator:
     # No public API resets it; accelerate's own test cases call this between tests.
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(**kwargs)
+
+
+def broadcast_int(procs, value: int) -> int:
+    """The main process's `value` on every process. procs: an Accelerator or PartialState (all processes call this)."""
+    from accelerate.utils import broadcast
+
+    if procs.num_processes == 1:
+        return value
+    return int(broadcast(torch.tensor([value], device=procs.device))[0])
+
+
+def any_process(procs, *flags: bool) -> list[bool]:
+    """The flags OR-ed over all processes (all call this), so that every process stops at the same step."""
+    from accelerate.utils import reduce
+
+    if procs.num_processes == 1:
+        return [bool(f) for f in flags]
+    values = reduce(torch.tensor([float(f) for f in flags], device=procs.device), reduction="sum")
+    return [bool(v > 0) for v in values.tolist()]
+
+
+class SigtermFlag:
+    """Within the block, SIGTERM only raises a flag: the loop checkpoints at the end of its step and stops."""
+
+    def __enter__(self) -> "SigtermFlag":
+        self.raised, self.previous = False, None
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: keep the default behaviour
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from clsp.sources import SPEC_HELP, open_source
+from clsp.sources import SPEC_HELP, SPLIT_HELP, open_source
 from shards.sheet import image_grid
 
 app = typer.Typer(help=f"Inspect data sources ({SPEC_HELP}).", no_args_is_help=True)
@@ -14,16 +14,16 @@ app = typer.Typer(help=f"Inspect data sources ({SPEC_HELP}).", no_args_is_help=T
 
 @app.command("info")
 def info_command(source: str = typer.Argument(..., help=SPEC_HELP),
-                 split: str = typer.Option("train", help="train | test | all"),
+                 split: str = typer.Option("train", help=SPLIT_HELP),
                  image_size: int = typer.Option(None, help="Resize images to this many pixels (square).")) -> None:
-    """Count, image size, classes and content fingerprint of a source."""
+    """Count, image size, splits, classes and content fingerprint of a source."""
     typer.echo(json.dumps(open_source(source, split, image_size).describe(), indent=2))
 
 
 @app.command("sheet")
 def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
                   out: Path = typer.Option(..., "--out", help="PNG file to write."),
-                  split: str = typer.Option("train", help="train | test | all"),
+                  split: str = typer.Option("train", help=SPLIT_HELP),
                   image_size: int = typer.Option(None, help="Resize images to this many pixels (square)."),
                   rows: int = typer.Option(8, min=1), columns: int = typer.Option(12, min=1)) -> None:
     """A grid of the first images of a source."""

@@ -1,5 +1,49 @@
-"""The one error type a user sees: what is wrong and how to fix it. The CLI prints it without a traceback (exit 2)."""
+"""The one error type a user sees: what is wrong and how to fix it. The CLI prints it without a traceback (exit 2).
+
+OS_PROBLEMS words the operating-system failures a user can fix (a full disk, a read-only or foreign path); the CLI
+turns any of them into one `error:` line, and stages that must clean up first (a half-written shard or checkpoint)
+raise a UserError with the same words.
+"""
+from __future__ import annotations
+
+import errno
+import re
 
 
 class UserError(Exception):
     """Bad input or a refused operation. The message names the problem and the fix."""
+
+
+_AGAIN = "then run the same command again"
+OS_PROBLEMS = {  # errno -> (what happened, the fix)
+    errno.ENOSPC: ("the disk is full", f"free some space, {_AGAIN}"),
+    errno.EDQUOT: ("the disk quota is used up", f"free some space, {_AGAIN}"),
+    errno.EFBIG: ("a file grew past the file-size limit (`ulimit -f`, or the file system's largest file)",
+                  f"raise the limit or write to another file system, {_AGAIN}"),
+    errno.EROFS: ("the file system is read-only", "choose a writable place"),
+    errno.EACCES: ("permission denied", "choose a path you may use, or change its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a path you may use, or change its permissions"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "fix the path"),
+    errno.EISDIR: ("a directory is where a file should be", "give a file"),
+    errno.ENAMETOOLONG: ("the path is too long", "use a shorter path"),
+}
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # writing stopped for lack of room
+_RUST_IO = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) report an OS failure
+
+
+def error_number(error: BaseException) -> int | None:
+    """The errno of an OSError, or of an I/O error a Rust library (safetensors) wrapped in its own exception."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = _RUST_IO.search(str(error))
+    return int(found.group(1)) if found else None
+
+
+def os_problem(error: BaseException, doing: str = "") -> str | None:
+    """'WHAT (PATH) DOING: FIX' for an OS failure a user can fix, or None (anything else may be a bug: keep it loud)."""
+    if error_number(error) not in OS_PROBLEMS:
+        return None
+    what, fix = OS_PROBLEMS[error_number(error)]
+    paths = (error.filename, error.filename2) if isinstance(error, OSError) else ()
+    where = " and ".join(str(p) for p in paths if p is not None)
+    return f"{what}{f' ({where})' if where else ''}{f' {doing}' if doing else ''}: {fix}"

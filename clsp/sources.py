@@ -4,6 +4,11 @@ Every source yields `Record(anchor_id, image (H, W, 3) uint8, label or -1)` in a
 across runs and machines (derived from file names and row positions, never from paths of this machine) and contain no
 dots (a WebDataset key ends at the first dot). `fingerprint()` hashes the content (ids, labels, encoded bytes or pixels)
 and the image size, so a shard directory can prove which data it was made from.
+
+Splits mean the same for every kind: a file or folder named for a split (`train...`, `test...`, `val...`,
+`validation...`; val and validation are the test split) holds that split; a location holding such parts (DIR/train +
+DIR/val, train-*.parquet + test-*.parquet) holds those splits; a location whose names say no split is one split, read
+as train, and `--split test` on it is refused (OneSplitError) rather than silently scoring the training images.
 """
 from __future__ import annotations
 
@@ -24,8 +29,14 @@ from PIL import Image
 from clsp.errors import UserError
 
 SPLITS = ("train", "test", "all")
+TEST_NAMES = ("test", "val", "validation")  # a folder or file named for one of these holds the test split
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+_SPLIT_NAME = re.compile(r"(train|test|validation|val)(?![a-z])")  # "train-0000" and "val_x" yes, "values" no
+
+
+class OneSplitError(UserError):
+    """`--split test` asked of a location whose names say no split: it is one split, read as train."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,49 @@ class Record:
 def safe_id(text: str) -> str:
     """Map a file name or relative path to an id of letters, digits, '_' and '-' only."""
     return _UNSAFE_ID_CHARS.sub("_", text).strip("_") or "x"
+
+
+def split_named(name: str, prefix: bool) -> str | None:
+    """The split word (train, test, val, validation) that a file name starts with (`prefix`) or a folder name is."""
+    match = _SPLIT_NAME.match(name.lower())
+    return match.group(1) if match and (prefix or match.end() == len(name)) else None
+
+
+def pick_split(parts: dict, split: str, where: str, example: str) -> list:
+    """The items of `split` among `parts` ({split word or None: items}), by the one rule of every source kind.
+
+    No word: one split, read as train and all; test is refused (OneSplitError). Words: train -> the train part, test ->
+    the test, val or validation part (refused when two of them exist), all -> every part. `example` shows how to name
+    one split's images as their own source, with {} for the split, e.g. "folder:DIR/{}".
+    """
+    named = sorted(w for w in parts if w)
+    if named and None in parts:
+        others = ", ".join(sorted(Path(p).name for p in parts[None])[:3])
+        raise UserError(f"{where} mixes parts named for a split ({', '.join(named)}) with others ({others}): move the "
+                        f"others out, or name one split's files or folder as the source")
+    if not named:
+        if split == "test":
+            raise OneSplitError(f"{where} names no split (no train/test/val/validation in its file or folder names), "
+                                f"so it is one split, read as train: name the test images as their own source "
+                                f"(e.g. {example.format('test')}; `clsp eval` takes it as --test-source)")
+        return parts[None]
+    if split == "all":
+        return sorted(item for w in named for item in parts[w])
+    present = [w for w in named if w in (("train",) if split == "train" else TEST_NAMES)]
+    if len(present) != 1:
+        problem = f"both {' and '.join(present)}" if present else f"no {split} split (only {', '.join(named)})"
+        eval_hint = "; `clsp eval` takes it as --test-source" if split == "test" else ""
+        raise UserError(f"{where} holds {problem}: name the {split} images as their own source (e.g. "
+                        f"{example.format(split)}{eval_hint})")
+    return parts[present[0]]
+
+
+def splits_note(parts: dict) -> str:
+    """What `data info` says about a location's splits, e.g. "train (train), test (val)"."""
+    named = sorted(w for w in parts if w)
+    if not named:
+        return "one split (its names say no train/test/val): read as train and all; --split test is refused"
+    return ", ".join(f"{'test' if w in TEST_NAMES else w} ({w})" for w in named)
 
 
 def to_rgb_square(image: Image.Image, size: int | None) -> np.ndarray:
@@ -60,7 +114,8 @@ class Source:
 
     def __init__(self, spec: str, split: str, image_size: int | None):
         if split not in SPLITS:
-            raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+            raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)} (test reads the folders and "
+                            f"files named {', '.join(TEST_NAMES)})")
         if image_size is not None and not 4 <= image_size <= 1024:
             raise UserError(f"image size {image_size} is out of range: use 4..1024 pixels")
         self.spec, self.split, self._size = spec, split, image_size
@@ -79,6 +134,7 @@ class Source:
         return record.anchor_id, record.label, record.image.tobytes()
 
     classes: list[str] = []
+    splits = "train, test"  # what `data info` says about the splits (see splits_note)
 
     # --- shared -------------------------------------------------------------------------------------------------
     @property
@@ -129,6 +185,7 @@ class Source:
             "split": self.split,
             "count": len(labels),
             "image_size": self.image_size,
+            "splits": self.splits,
             "classes": len(self.classes) or len({l for l in labels if l >= 0}),
             "labelled": sum(l >= 0 for l in labels),
             "fingerprint": self.fingerprint(),
@@ -165,8 +222,9 @@ class DigitsSource(Source):
 class ParquetSource(Source):
     """Parquet in the Hugging Face datasets image layout: an image column of {bytes, path} structs and a label column.
 
-    Read in record batches with pyarrow (never whole). PATH is a file, a glob, or a directory; a directory is searched
-    for `{split}-*.parquet` and `{split}/*.parquet` (the hub's layout for CIFAR-10/100). Id = file stem + row number.
+    Read in record batches with pyarrow (never whole). PATH is a file, a glob, or a directory (searched for *.parquet).
+    A file's split is the one its name starts with (train-*.parquet, test-*, validation-*), else the one its nearest
+    folder is named (train/0000.parquet); see pick_split for files that name none. Id = file stem + row number.
     """
 
     kind = "parquet"
@@ -177,14 +235,11 @@ class ParquetSource(Source):
         super().__init__(spec, split, image_size)
         import pyarrow.parquet as pq
 
-        if os.path.isdir(path):
-            patterns = [f"**/{split}-*.parquet", f"**/{split}/*.parquet"] if split != "all" else ["**/*.parquet"]
-            files = sorted({f for p in patterns for f in glob.glob(os.path.join(path, p), recursive=True)})
-        else:
-            files = sorted(glob.glob(path))
-        if not files:
-            raise UserError(f"no Parquet files for split {split!r} at {path}: give a file, a glob or a directory "
-                            f"holding {split}-*.parquet")
+        parts: dict[str | None, list[str]] = {}
+        for file in self._find(path):
+            parts.setdefault(self._split_word(path, file), []).append(file)
+        self.splits = splits_note(parts)
+        files = pick_split(parts, split, spec, "parquet:DIR/{}-*.parquet")
         self._paths = files
         self._files = [pq.ParquetFile(f) for f in files]
         schema = self._files[0].schema_arrow
@@ -206,6 +261,25 @@ class ParquetSource(Source):
         ]
         self._stems = stems
         self._cache: tuple[tuple[int, int], dict] | None = None
+
+    @staticmethod
+    def _find(path: str) -> list[str]:
+        """The Parquet files of a file, glob or directory (searched recursively), in name order."""
+        pattern = os.path.join(path, "**", "*.parquet") if os.path.isdir(path) else path
+        files = sorted(glob.glob(pattern, recursive=os.path.isdir(path)))
+        if not files:
+            raise UserError(f"no Parquet files at {path}: give a file, a glob or a directory holding *.parquet")
+        return files
+
+    @staticmethod
+    def _split_word(path: str, file: str) -> str | None:
+        """The split a file's name starts with, else the one its nearest folder is named (up to the directory given,
+        itself included; for a file or glob only its own folder)."""
+        folders = (Path(file).parent.name,)
+        if os.path.isdir(path):
+            folders = (Path(path).resolve().name, *Path(file).relative_to(path).parent.parts)
+        words = [split_named(Path(file).name, prefix=True)] + [split_named(f, prefix=False) for f in reversed(folders)]
+        return next((w for w in words if w), None)
 
     def _class_names(self, schema) -> list[str]:
         meta = (schema.metadata or {}).get(b"huggingface")
@@ -248,8 +322,15 @@ class ParquetSource(Source):
         return self._raw(item)
 
 
+def _subfolders(directory: Path) -> list[Path]:
+    return sorted(d for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 class FolderSource(Source):
-    """An image-folder tree: DIR/CLASS/IMAGE (DIR/SPLIT/CLASS/IMAGE when DIR has a sub-folder named like the split)."""
+    """An image-folder tree: DIR/CLASS/IMAGE, or DIR/SPLIT/CLASS/IMAGE with SPLIT folders named train, test, val or
+    validation (val and validation are the test split; see pick_split). The classes are the class folders of every
+    split folder together, so a label names the same class in each split even when one split lacks a class.
+    """
 
     kind = "folder"
 
@@ -258,25 +339,32 @@ class FolderSource(Source):
         root = Path(path)
         if not root.is_dir():
             raise UserError(f"image folder {path} does not exist: give DIR with one sub-folder per class")
-        if (root / split).is_dir():
-            root = root / split
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        parts: dict[str | None, list[Path]] = {}
+        for folder in _subfolders(root):
+            parts.setdefault(split_named(folder.name, prefix=False), []).append(folder)
+        if None in parts and len(parts) == 1:  # no split folders: DIR is one split, or the one its own name says
+            parts = {split_named(root.resolve().name, prefix=False): [root]}
+        self.splits = splits_note(parts)
+        tops = pick_split(parts, split, spec, "folder:DIR/{}")
+        self.classes = sorted({c.name for top in (t for ts in parts.values() for t in ts) for c in _subfolders(top)})
         if not self.classes:
-            raise UserError(f"{root} has no class sub-folders: expected DIR/CLASS/IMAGE.png")
+            raise UserError(f"{root} has no class sub-folders: expected DIR/CLASS/IMAGE.png or "
+                            f"DIR/SPLIT/CLASS/IMAGE.png")
         self._files: list[tuple[str, Path, int]] = []
         seen: dict[str, Path] = {}
-        for label, name in enumerate(self.classes):
-            for file in sorted((root / name).rglob("*")):
-                if file.suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                rel = file.relative_to(root / name).with_suffix("")
-                anchor_id = safe_id(f"{name}-{rel.as_posix()}")
-                if anchor_id in seen:
-                    raise UserError(f"{file} and {seen[anchor_id]} map to the same id {anchor_id!r}: rename one")
-                seen[anchor_id] = file
-                self._files.append((anchor_id, file, label))
+        for top in tops:  # several only for split "all": ids then start with the split folder's name
+            prefix = f"{top.name}-" if len(tops) > 1 else ""
+            for label, name in enumerate(self.classes):
+                for file in sorted((top / name).rglob("*")):
+                    if file.suffix.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    anchor_id = safe_id(f"{prefix}{name}-{file.relative_to(top / name).with_suffix('').as_posix()}")
+                    if anchor_id in seen:
+                        raise UserError(f"{file} and {seen[anchor_id]} map to the same id {anchor_id!r}: rename one")
+                    seen[anchor_id] = file
+                    self._files.append((anchor_id, file, label))
         if not self._files:
-            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(map(str, tops))}")
 
     def _items(self) -> list:
         return self._files
@@ -353,6 +441,8 @@ class CifarSource(Source):
 
 
 SPEC_HELP = "digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"
+SPLIT_HELP = ("train | test | all. Test reads folders and files named test, val or validation; a file, glob or folder "
+              "whose names say no split is one split (train), and test on it is refused")
 
 
 def open_source(spec: str, split: str = "train", image_size: int | None = None) -> Source:

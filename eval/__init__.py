@@ -1,16 +1,16 @@
 """Evaluation: embeddings once, then kNN, linear probe, audits of the synthetic positives, plots and the report.
 
-This file holds only the results-file rule shared by the stage (stdlib only): a result is never overwritten silently.
+This file holds only the results-file rule shared by the stage: a result is never overwritten silently.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
 
 import shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
+from clsp.run_dir import write_atomic
 
 
 def write_new(path: str | Path, content: str | bytes) -> Path:
@@ -30,9 +30,7 @@ def write_new(path: str | Path, content: str | bytes) -> Path:
     else:  # one past the newest number, so `latest` finds this file
         n = int(newest.stem.rsplit("-", 1)[1]) + 1 if newest != path else 2
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    tmp = candidate.with_name(candidate.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, candidate)
+    write_atomic(candidate, data)
     if candidate != path:
         print(f"note: {path} holds an earlier, different result; wrote {candidate} instead", file=sys.stderr)
     return candidate

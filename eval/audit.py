@@ -57,6 +57,55 @@ def _pct(mask: np.ndarray) -> float:
     return float(mask.mean() * 100.0) if mask.size else float("nan")
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The fixed feature space and the reference classifier, fitted once on the real images (audit, sweep, quality)."""
+
+    pca: object  # sklearn PCA of raw pixels in [0, 1]
+    classifier: object  # StandardScaler -> LogisticRegression on the PCA features of the labelled real images
+    real_z: np.ndarray  # (M, c) features of every real image, in the real set's row order
+    fit_count: int  # real images PCA and the classifier were fitted on
+    typical_distance: float  # median distance between two random real images: the scale of every distance
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, c) PCA features."""
+        return self.pca.transform(_flat(images))
+
+    def describe(self) -> str:
+        return f"PCA({self.pca.n_components_}) of raw pixels in [0,1], fitted on {self.fit_count} real images"
+
+    def class_probability(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 images, (N,) class numbers -> (N,) the classifier's probability of each image's class
+        (0 for a class it was not fitted on)."""
+        proba = self.classifier.predict_proba(self.features(images))  # (N, C), columns in classes_ order
+        classes = self.classifier.classes_
+        column = np.clip(np.searchsorted(classes, labels), 0, len(classes) - 1)  # (N,)
+        return np.where(classes[column] == labels, proba[np.arange(len(labels)), column], 0.0)
+
+
+def fit_reference(real_images: np.ndarray, real_labels: np.ndarray, config: AuditConfig = AuditConfig()) -> Reference:
+    """PCA and the reference classifier fitted on (at most config.max_fit of) the real images (M,H,W,3), labels (M,)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(config.seed)
+    fit_rows = rng.permutation(real_images.shape[0])[: config.max_fit]
+    real_x = _flat(real_images)  # (M, P)
+    pca = PCA(n_components=min(config.pca_components, len(fit_rows), real_x.shape[1]), random_state=config.seed)
+    pca.fit(real_x[fit_rows])
+    real_z = pca.transform(real_x)  # (M, c)
+    labelled = real_labels[fit_rows] >= 0
+    if len(np.unique(real_labels[fit_rows][labelled])) < 2:
+        raise ValueError("the real data needs labels of at least 2 classes for the reference classifier")
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    classifier.fit(real_z[fit_rows][labelled], real_labels[fit_rows][labelled])
+    pair_a, pair_b = rng.integers(0, len(real_z), 2000), rng.integers(0, len(real_z), 2000)
+    typical = float(np.median(np.sqrt(((real_z[pair_a] - real_z[pair_b]) ** 2).sum(-1))))
+    return Reference(pca, classifier, real_z, len(fit_rows), typical)
+
+
 def audit_arrays(
     anchors: np.ndarray,
     positives: np.ndarray,
@@ -67,16 +116,13 @@ def audit_arrays(
     heldout_images: np.ndarray | None = None,
     heldout_labels: np.ndarray | None = None,
     config: AuditConfig = AuditConfig(),
+    reference: Reference | None = None,
 ) -> dict:
     """Audit numbers from arrays: anchors (N,H,W,3), positives (N,K,H,W,3), labels (N,), real set (M,H,W,3)/(M,).
 
     `anchor_real_index[i]` is anchor i's row in the real set (-1 if absent); that row is never its own neighbour.
+    `reference`: one fitted on these real images (fit_reference) to reuse across calls; None fits it here.
     """
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     n, k = positives.shape[:2]
     if anchors.shape[0] != n or anchor_labels.shape[0] != n or positives.shape[2:] != anchors.shape[1:]:
         raise ValueError(f"anchors {anchors.shape}, positives {positives.shape}, labels {anchor_labels.shape} disagree")
@@ -84,20 +130,12 @@ def audit_arrays(
         raise ValueError(f"real images {real_images.shape[1:]} and shard images {anchors.shape[1:]} differ in size: "
                          "open the source at the shards' image size")
     index = np.full(n, -1) if anchor_real_index is None else np.asarray(anchor_real_index)
-    rng = np.random.default_rng(config.seed)
-    fit_rows = rng.permutation(real_images.shape[0])[: config.max_fit]
-    real_x = _flat(real_images)  # (M, P)
-    pca = PCA(n_components=min(config.pca_components, len(fit_rows), real_x.shape[1]), random_state=config.seed)
-    pca.fit(real_x[fit_rows])
-    real_z = pca.transform(real_x)  # (M, c)
-    anchor_z = pca.transform(_flat(anchors))  # (N, c)
-    pos_z = pca.transform(_flat(positives.reshape(n * k, *anchors.shape[1:]))).reshape(n, k, -1)  # (N, K, c)
-
-    labelled = real_labels[fit_rows] >= 0
-    if len(np.unique(real_labels[fit_rows][labelled])) < 2:
-        raise ValueError("the real data needs labels of at least 2 classes for the reference classifier")
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-    classifier.fit(real_z[fit_rows][labelled], real_labels[fit_rows][labelled])
+    ref = reference if reference is not None else fit_reference(real_images, real_labels, config)
+    if ref.real_z.shape[0] != real_images.shape[0]:
+        raise ValueError(f"the reference was fitted on {ref.real_z.shape[0]} real images, not these {len(real_images)}")
+    real_z, classifier = ref.real_z, ref.classifier  # (M, c)
+    anchor_z = ref.features(anchors)  # (N, c)
+    pos_z = ref.features(positives.reshape(n * k, *anchors.shape[1:])).reshape(n, k, -1)  # (N, K, c)
 
     # nearest real neighbours of each anchor, never the anchor itself (by row, or by exact identity when unknown)
     dist = _pairwise_distance(anchor_z, real_z)  # (N, M)
@@ -114,16 +152,14 @@ def audit_arrays(
     labels_l = anchor_labels[has_label]
     hard_pos = np.sqrt(((pos_z - anchor_z[:, None, :]) ** 2).sum(-1))  # (N, K)
     hard_nn = dist[np.arange(n), nn_idx]  # (N,)
-    pair_a, pair_b = rng.integers(0, len(real_z), 2000), rng.integers(0, len(real_z), 2000)
-    typical = float(np.median(np.sqrt(((real_z[pair_a] - real_z[pair_b]) ** 2).sum(-1))))
     result = {
         "anchors": int(n),
         "k": int(k),
         "labelled_anchors": int(has_label.sum()),
-        "feature_space": f"PCA({pca.n_components_}) of raw pixels in [0,1], fitted on {len(fit_rows)} real images",
-        "explained_variance_pct": float(pca.explained_variance_ratio_.sum() * 100.0),
+        "feature_space": ref.describe(),
+        "explained_variance_pct": float(ref.pca.explained_variance_ratio_.sum() * 100.0),
         "reference_classifier": "LogisticRegression on standardised PCA features of the real labelled images",
-        "typical_real_pair_distance": typical,
+        "typical_real_pair_distance": ref.typical_distance,
         "agreement_pct": {
             "synthetic": _pct(pos_pred[has_label] == labels_l[:, None]),
             "nearest_real": _pct(nn_pred[has_label] == labels_l),
@@ -139,7 +175,7 @@ def audit_arrays(
     }
     if heldout_images is not None and heldout_labels is not None and (heldout_labels >= 0).any():
         keep = heldout_labels >= 0
-        pred = classifier.predict(pca.transform(_flat(heldout_images[keep])))
+        pred = classifier.predict(ref.features(heldout_images[keep]))
         result["reference_heldout_accuracy_pct"] = _pct(pred == heldout_labels[keep])
     return result
 

@@ -13,6 +13,10 @@ from clsp.errors import UserError
 app = typer.Typer(help="Evaluate runs: kNN, linear probe, audit of positives, pictures, report.", no_args_is_help=True)
 
 SOURCE_HELP = "labelled source: digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"
+RUN_SOURCE_HELP = SOURCE_HELP + " (default: the source the run's shards were made from, as its config.json records)"
+TEST_SOURCE_HELP = ("the test images as their own source, when --source holds no test split (e.g. "
+                    "parquet:DIR/test-*.parquet); default: the test split of --source")
+TRANSFER_HELP = "score on data other than the run's training data, on purpose (otherwise that is refused)"
 PRESET_HELP = "embedded (fast 30-epoch probe, CPU) | paper (authors' 100-epoch probe)"
 PROBE_FOR_PRESET = {"embedded": "fast", "paper": "paper"}
 
@@ -28,8 +32,8 @@ def _user_errors():
         raise UserError(str(error)) from None
 
 
-def _eval_config(source: str, preset: str, probe_epochs: Optional[int], batch_size: int, device: str, *,
-                 knn: bool = True, linear: bool = True):
+def _eval_config(source: Optional[str], preset: str, probe_epochs: Optional[int], batch_size: int, device: str, *,
+                 test_source: Optional[str] = None, transfer: bool = False, knn: bool = True, linear: bool = True):
     from dataclasses import replace
 
     from eval.linear import PROBE_PRESETS
@@ -41,7 +45,8 @@ def _eval_config(source: str, preset: str, probe_epochs: Optional[int], batch_si
     if probe_epochs is not None:  # keep the schedule's shape: decay at 60% and 80% of the epochs
         milestones = sorted({m for m in (int(0.6 * probe_epochs), int(0.8 * probe_epochs)) if m > 0})
         probe = replace(probe, epochs=probe_epochs, milestones=tuple(milestones))
-    return EvalConfig(source=source, knn=knn, linear=linear, probe=probe, batch_size=batch_size, device=device)
+    return EvalConfig(source=source, test_source=test_source, transfer=transfer, knn=knn, linear=linear, probe=probe,
+                      batch_size=batch_size, device=device)
 
 
 def _echo_results(result: dict) -> None:
@@ -55,19 +60,25 @@ def _echo_results(result: dict) -> None:
 
 @app.command("knn")
 def knn_command(run: Path = typer.Argument(..., help="training run directory (backbone.safetensors, config.json)"),
-                source: str = typer.Option("digits", help=SOURCE_HELP),
+                source: Optional[str] = typer.Option(None, help=RUN_SOURCE_HELP),
+                test_source: Optional[str] = typer.Option(None, help=TEST_SOURCE_HELP),
+                transfer: bool = typer.Option(False, "--transfer", help=TRANSFER_HELP),
                 batch_size: int = typer.Option(256, help="images per forward pass"),
                 device: str = typer.Option("cpu", help="cpu | cuda | auto")) -> None:
     """Weighted kNN (cosine, T 0.07, k in 5..200) of the run's backbone: train split as bank, test split as queries."""
     from eval.report import evaluate_run
 
     with _user_errors():
-        _echo_results(evaluate_run(run, _eval_config(source, "embedded", None, batch_size, device, linear=False)))
+        config = _eval_config(source, "embedded", None, batch_size, device, test_source=test_source,
+                              transfer=transfer, linear=False)
+        _echo_results(evaluate_run(run, config))
 
 
 @app.command("linear")
 def linear_command(run: Path = typer.Argument(..., help="training run directory"),
-                   source: str = typer.Option("digits", help=SOURCE_HELP),
+                   source: Optional[str] = typer.Option(None, help=RUN_SOURCE_HELP),
+                   test_source: Optional[str] = typer.Option(None, help=TEST_SOURCE_HELP),
+                   transfer: bool = typer.Option(False, "--transfer", help=TRANSFER_HELP),
                    preset: str = typer.Option("embedded", help=PRESET_HELP),
                    probe_epochs: Optional[int] = typer.Option(None, help="override the preset's probe epochs"),
                    batch_size: int = typer.Option(256, help="images per forward pass"),
@@ -76,7 +87,8 @@ def linear_command(run: Path = typer.Argument(..., help="training run directory"
     from eval.report import evaluate_run
 
     with _user_errors():
-        config = _eval_config(source, preset, probe_epochs, batch_size, device, knn=False)
+        config = _eval_config(source, preset, probe_epochs, batch_size, device, test_source=test_source,
+                              transfer=transfer, knn=False)
         _echo_results(evaluate_run(run, config))
 
 
@@ -125,7 +137,9 @@ def report_command(runs: list[Path] = typer.Argument(..., help="run directories 
 @app.command("all")
 def all_command(run: Path = typer.Argument(..., help="training run directory"),
                 shards: str = typer.Option(..., help="the shard directory the run trained on"),
-                source: str = typer.Option("digits", help=SOURCE_HELP),
+                source: Optional[str] = typer.Option(None, help=RUN_SOURCE_HELP),
+                test_source: Optional[str] = typer.Option(None, help=TEST_SOURCE_HELP),
+                transfer: bool = typer.Option(False, "--transfer", help=TRANSFER_HELP),
                 out: Path = typer.Option(..., help="report directory"),
                 preset: str = typer.Option("embedded", help=PRESET_HELP),
                 probe_epochs: Optional[int] = typer.Option(None, help="override the preset's probe epochs"),
@@ -136,8 +150,9 @@ def all_command(run: Path = typer.Argument(..., help="training run directory"),
     from eval.report import AllConfig, evaluate_all
 
     with _user_errors():
-        config = AllConfig(str(run), shards, str(out), _eval_config(source, preset, probe_epochs, batch_size, device),
-                           audit_anchors)
+        eval_config = _eval_config(source, preset, probe_epochs, batch_size, device, test_source=test_source,
+                                   transfer=transfer)
+        config = AllConfig(str(run), shards, str(out), eval_config, audit_anchors)
         summary = evaluate_all(config)
     _echo_results(summary["results"])
     typer.echo(Path(summary["audit_md"]).read_text())
@@ -163,26 +178,65 @@ def _key_values(options: list[str]) -> tuple[tuple[str, object], ...]:
 
 @app.command("study")
 def study_command(shards: str = typer.Argument(..., help="shard directory to train every run on"),
-                  source: str = typer.Option("digits", help=SOURCE_HELP),
+                  source: Optional[str] = typer.Option(None, help=SOURCE_HELP + " (default: the source the "
+                                                       "shards were made from); every labelled image of it (train "
+                                                       "and test) is scored, by k-fold"),
+                  transfer: bool = typer.Option(False, "--transfer", help=TRANSFER_HELP),
                   out: Path = typer.Option(..., help="study directory (runs/ and the report go here)"),
-                  methods: str = typer.Option("simclr,moco", help="comma-separated methods"),
+                  methods: str = typer.Option("simclr", help="comma-separated methods, e.g. simclr,moco (each "
+                                              "adds its modes x seeds runs)"),
                   positives: str = typer.Option("none,augment,synthetic", help="comma-separated kinds of positives"),
-                  seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+                  seeds: str = typer.Option("0,1,2,3,4", help="comma-separated seeds"),
+                  folds: int = typer.Option(5, help="folds of the k-fold scoring over all labelled images"),
                   preset: str = typer.Option("embedded", help="training and probe preset: " + PRESET_HELP),
                   train_option: Optional[list[str]] = typer.Option(
                       None, "--train-option", help="KEY=VALUE set on every training run (a `clsp train run` option, "
                       "JSON value), repeatable, e.g. --train-option epochs=20"),
                   probe_epochs: Optional[int] = typer.Option(None, help="override the preset's probe epochs"),
                   device: str = typer.Option("cpu", help="evaluation device: cpu | cuda | auto")) -> None:
-    """Train and evaluate methods x positives x seeds, then report; rerun to resume (finished runs are skipped)."""
-    from eval.report import StudyConfig, study
+    """Train methods x positives x seeds, score each by k-fold over every labelled image, report paired differences
+    with 95 % intervals; rerun to resume (finished runs are skipped)."""
+    from clsp.study import StudyConfig, study
 
     split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
     with _user_errors():
-        config = StudyConfig(shards, source, str(out), split(methods), split(positives),
-                             tuple(int(s) for s in split(seeds)), "embedded" if preset == "embedded" else None,
+        try:
+            seed_values = tuple(int(s) for s in split(seeds))
+        except ValueError:
+            raise UserError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3,4") from None
+        config = StudyConfig(shards, source, str(out), split(methods), split(positives), seed_values, folds,
+                             "embedded" if preset == "embedded" else None,
                              train_options=_key_values(train_option or []),
-                             eval=_eval_config(source, preset, probe_epochs, 256, device))
+                             eval=_eval_config(source, preset, probe_epochs, 256, device, transfer=transfer))
         summary = study(config)
     typer.echo("\n".join(summary["verdicts"]))
     typer.echo(f"wrote {summary['report']} ({len(summary['groups'])} groups)")
+
+
+@app.command("sweep")
+def sweep_command(target: str = typer.Argument(..., help="shard directory (then pass --model) or a generator"),
+                  out: Path = typer.Option(..., help="directory for sweep.json, sweep.csv, sweep.md and sweep.png"),
+                  model: Optional[str] = typer.Option(None, help="the generator that made the shards, when TARGET "
+                                                      "is a shard directory"),
+                  source: Optional[str] = typer.Option(None, help=SOURCE_HELP + "; default: the shards' source, or "
+                                                       "the one in the generator's card"),
+                  w: str = typer.Option("0,0.05,0.1,0.2,0.5,1", help="comma-separated w values (1 = plain DDIM)"),
+                  steps: str = typer.Option("20,100", help="comma-separated DDIM step counts"),
+                  anchors: int = typer.Option(64, help="anchors sampled (by hashed id, as the audit picks them)"),
+                  k: Optional[int] = typer.Option(None, help="positives per anchor and setting; default: the "
+                                                  "shards' K, else 4"),
+                  eta: Optional[float] = typer.Option(None, help="DDIM eta; default: the shards', else 0.1"),
+                  seed: Optional[int] = typer.Option(None, help="anchor sample and noise; default: the shards', "
+                                                     "else 0"),
+                  components: int = typer.Option(32, help="PCA components of the fixed pixel feature space"),
+                  batch_size: int = typer.Option(256, help="rows (anchors x K) per sampler call"),
+                  device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto")) -> None:
+    """Class agreement against hardness of the positives at each (w, steps): pick w by measurement."""
+    from eval.sweep import SweepConfig, numbers, run_sweep
+
+    with _user_errors():
+        config = SweepConfig(target, str(out), model, source, numbers(w, float, "--w"), numbers(steps, int, "--steps"),
+                             anchors, k, eta, seed, components, batch_size, device)
+        written = run_sweep(config)
+    typer.echo(written["md"].read_text())
+    typer.echo(f"wrote {written['json']}, {written['csv']}, {written['md']} and {written['png']}")

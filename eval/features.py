@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clsp.accelerator import resolve_device  # the one device check (--device cuda without CUDA is a UserError)
 from clsp.hashing import weights_sha256
 
 
@@ -28,13 +29,6 @@ def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[fl
                 raise ValueError(f"config mean/std must be 3 floats each with std > 0, got {mean} {std}")
             return mean, std
     raise ValueError("the run's config.json has no `mean`/`std`; re-run training with a clsp version that records them")
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()

@@ -111,21 +111,83 @@ def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def plot_summary(groups: list[dict], out_png: str | Path) -> Path:
-    """Bars of linear top-1 and best kNN (mean, error bar = std over seeds) per (method, positives, lam) group."""
+SUMMARY_METRICS = (("linear_top1", "linear top-1"), ("knn_best", "kNN top-1 (best k)"))
+MIN_SPAN = 10.0  # points: the accuracy axis spans at least this, so a 1-point gap does not fill the panel
+
+
+def _span(values: list[float], low: float, high: float, min_span: float) -> tuple[float, float]:
+    """Axis limits holding `values` with a margin, at least `min_span` wide, inside [low, high]."""
+    finite = [v for v in values if np.isfinite(v)] or [0.5 * (low + high)]
+    centre, half = 0.5 * (min(finite) + max(finite)), max(0.5 * min_span, 0.5 * (max(finite) - min(finite)) * 1.15)
+    lo, hi = max(low, centre - half), min(high, centre + half)
+    return (lo, min(high, lo + 2 * half)) if lo == low else (max(low, hi - 2 * half), hi)
+
+
+def plot_summary(groups: list[dict], comparisons: list[dict], out_png: str | Path) -> Path:
+    """Top row: every seed's accuracy as a point per (source, method, positives, lam) group, the mean as a black tick,
+    one seed's runs of a method joined (they are paired). Bottom row, when any two modes share a seed: each paired
+    difference (per-seed points, mean and 95 % interval) against a line at 0. One column per metric."""
     plt = _pyplot()
-    names = [f"{g['method']}\n{g['positives']}" + ("" if g["lam"] is None else f"\nlam {g['lam']}") for g in groups]
-    x = np.arange(len(groups))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(groups) + 1), 3.8))
-    for offset, metric, label in ((-0.2, "linear_top1", "linear"), (0.2, "knn_best", "kNN (best k)")):
-        means = np.array([g[metric][0] for g in groups], dtype=float)
-        stds = np.nan_to_num(np.array([g[metric][1] for g in groups], dtype=float))  # one seed: no bar
-        ax.bar(x + offset, means, width=0.4, yerr=stds, capsize=3, label=label)
-    finite = [g[m][0] for g in groups for m in ("linear_top1", "knn_best") if np.isfinite(g[m][0])]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 10), min(100.0, max(finite) + 5))
-    ax.set_xticks(x, names, fontsize=8)
-    ax.set(ylabel="top-1 (%)", title="test accuracy, mean ± std over seeds")
-    ax.legend(frameon=False, fontsize=8)
+    several = len({g.get("source") for g in groups}) > 1
+    names = [f"{g['method']}\n{g['positives']}" + ("" if g["lam"] is None else f"\nlam {g['lam']}")
+             + (f"\n{str(g.get('source')).split(' ')[0][-16:]}" if several else "") for g in groups]
+    rows = 2 if comparisons else 1
+    width = max(4.5, 1.1 * max(len(groups), len(comparisons)) + 1.5)
+    fig, axes = plt.subplots(rows, len(SUMMARY_METRICS), figsize=(2 * width, 3.6 * rows + 0.4), squeeze=False)
+    for col, (metric, label) in enumerate(SUMMARY_METRICS):
+        _plot_seeds(axes[0, col], groups, names, metric, label)
+        if comparisons:
+            _plot_differences(axes[1, col], comparisons, metric, label)
+    fig.suptitle(f"each seed (points; a seed's runs joined), mean (black); accuracy axes span >= {MIN_SPAN:.0f} points"
+                 + ("\nbelow: paired differences per seed, mean and 95 % interval" if comparisons else ""), fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def _plot_seeds(ax, groups: list[dict], names: list[str], metric: str, label: str) -> None:
+    """Per-seed points of one metric, x = group; a seed's runs of one method are joined by a thin line."""
+    seeds = sorted({s for g in groups for s in g["by_seed"]}, key=str)
+    colours = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
+    values, labelled = [], set()
+    for seed in seeds:
+        for key in sorted({(g["source"], g["method"]) for g in groups}, key=str):
+            xy = [(x, g["by_seed"][seed].get(metric)) for x, g in enumerate(groups)
+                  if (g["source"], g["method"]) == key and seed in g["by_seed"]]
+            xy = [(x, v) for x, v in xy if isinstance(v, (int, float)) and np.isfinite(v)]
+            if xy:
+                ax.plot(*zip(*xy), color=colours[seed], lw=0.6, alpha=0.5, marker="o", ms=4,
+                        label=None if seed in labelled else f"seed {seed}")
+                labelled.add(seed)
+                values += [v for _, v in xy]
+    for x, g in enumerate(groups):
+        if g[metric][2]:
+            ax.hlines(g[metric][0], x - 0.3, x + 0.3, color="black", lw=2)
+    ax.set_ylim(*_span(values, 0.0, 100.0, MIN_SPAN))
+    ax.set_xticks(np.arange(len(groups)), names, fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set(ylabel=f"{label} (%)", title=label)
+    if seeds:
+        ax.legend(frameon=False, fontsize=7, ncol=min(5, len(seeds)), loc="best")
+
+
+def _plot_differences(ax, comparisons: list[dict], metric: str, label: str) -> None:
+    """Paired differences of one metric: per-seed points, mean and its 95 % interval, with a line at 0."""
+    ax.axhline(0.0, color="grey", lw=1)
+    values = [0.0]
+    for x, c in enumerate(comparisons):
+        stats = c[metric]
+        if not stats["diffs"]:
+            continue
+        ax.plot(np.full(len(stats["diffs"]), x - 0.12), stats["diffs"], "o", color="C0", ms=4, alpha=0.6)  # seeds
+        low, high = stats["interval"]
+        if np.isfinite(low):  # beside the seeds' points, not over them
+            ax.errorbar(x + 0.12, stats["mean"], yerr=[[stats["mean"] - low], [high - stats["mean"]]], fmt="s",
+                        color="black", capsize=4)
+            values += [low, high]
+        values += list(stats["diffs"])
+    names = [f"{c['method']}\n{c['mode']} − {c['against']}" + ("" if c["lam"] is None else f"\nlam {c['lam']}")
+             for c in comparisons]
+    ax.set_xticks(np.arange(len(comparisons)), names, fontsize=8)
+    ax.set_xlim(-0.6, len(comparisons) - 0.4)
+    ax.set_ylim(*_span(values, -100.0, 100.0, 4.0))
+    ax.set(ylabel=f"Δ {label} (points)", title=f"paired differences: {label}")

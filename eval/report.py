@@ -2,20 +2,29 @@
 
 Per run, `evaluate_run` writes `<run>/eval/results.json` (or knn.json / linear.json for one part) and the test-split
 embeddings `<run>/eval/test_features.npy` + `test_labels.npy` that the t-SNE plot reads. `report` reads only those files
-and the runs' config.json/log.csv. Result files are never overwritten silently (`eval.write_new`).
+and the runs' config.json/log.csv; `write_report` (also the study's, on k-fold scores: eval/kfold.py) compares modes
+seed by seed (eval/paired.py). Result files are never overwritten silently (`eval.write_new`).
+
+Numbers you can trust: the kNN bank / probe train set must be the data the run trained on (its config.json records the
+shards' source; `--transfer` scores other data on purpose), every input is checked before anything is written, and a
+report never averages runs scored on different data, nor one seed twice.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from clsp.accelerator import resolve_device
+from clsp.errors import UserError
 from eval import latest, write_new
 from eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_accuracy
 from eval.linear import PROBE_PRESETS, ProbeConfig, probe_backbone
@@ -26,7 +35,9 @@ METRICS = ("knn_best", "knn_k20", "linear_top1")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    source: str = "digits"
+    source: str | None = None  # labelled source spec; None: the source the run's shards were made from
+    test_source: str | None = None  # the test images as their own source; None: the test split of `source`
+    transfer: bool = False  # score on data other than the run's training data, on purpose
     train_split: str = "train"
     test_split: str = "test"
     knn: bool = True
@@ -42,6 +53,7 @@ class EvalConfig:
             raise ValueError("nothing to evaluate: enable knn, linear or both")
         if self.batch_size <= 0 or self.temperature <= 0:
             raise ValueError("batch_size and temperature must be > 0")
+        resolve_device(self.device)  # the one device check, before anything is read (cached features would hide it)
 
     @property
     def results_name(self) -> str:
@@ -61,37 +73,150 @@ def run_identity(run_config: dict) -> dict:
     return ident
 
 
-def _labelled_split(spec: str, split: str, image_size: int):
-    from clsp.errors import UserError
-    from clsp.sources import load_arrays, open_source
+def trained_source(run_config: dict) -> dict | None:
+    """The source the run's shards were made from, as its config.json records it: the manifest's {spec, split,
+    fingerprint, count} and the shards' image_size (the size the fingerprint was taken at); None for older runs."""
+    data = run_config.get("data") if isinstance(run_config.get("data"), dict) else {}
+    source = data.get("source")
+    if not isinstance(source, dict) or not source.get("fingerprint"):
+        return None
+    return {**source, "image_size": data.get("shard_image_size")}
 
-    source = open_source(spec, split, image_size=image_size)
+
+def check_trained_on(run_dir: str | Path, record: dict | None, bank, transfer: bool) -> str:
+    """Is the kNN bank / probe train set the data the run trained on? "same" (equal fingerprints at the shards' image
+    size), "transfer" (not, and --transfer says so) or "unrecorded" (a run from before the record: warned); else
+    a UserError naming both fingerprints and the fix."""
+    from clsp.sources import open_source
+
+    if record is None:
+        print(f"warning: {run_dir} does not record the data it trained on, so {bank.name} cannot be checked against "
+              f"it: its scores mean something only if that is the same data", file=sys.stderr)
+        return "unrecorded"
+    size = record.get("image_size") or bank.image_size
+    fingerprint = (bank if size == bank.image_size else open_source(bank.spec, bank.split, size)).fingerprint()
+    if fingerprint == record["fingerprint"]:
+        return "same"
+    if transfer:
+        return "transfer"
+    raise UserError(f"{run_dir} comes from {record.get('spec')}[{record.get('split')}] ({record.get('count')} "
+                    f"anchors, fingerprint {record['fingerprint'][:12]}), but the kNN bank / probe train set here is "
+                    f"{bank.name} ({len(bank)} images, fingerprint {fingerprint[:12]} at {size} px): evaluate on "
+                    f"the data it trained on (--source {record.get('spec')}), or pass --transfer to score other data "
+                    f"on purpose")
+
+
+def _open_test(spec: str, split: str, size: int, explicit: bool):
+    """The test split of `spec`; a --test-source whose names say no split is read whole (the user named it as test)."""
+    from clsp.sources import OneSplitError, open_source
+
+    try:
+        return open_source(spec, split, image_size=size)
+    except OneSplitError:
+        if not explicit:
+            raise
+        return open_source(spec, "all", image_size=size)
+
+
+def _labelled(source) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images (N, H, W, 3) uint8, labels (N,), fingerprint) of a source whose images all have labels."""
+    from clsp.sources import load_arrays
+
     images, labels, _ = load_arrays(source)
     if (labels < 0).any():
         raise UserError(f"{source.name} has unlabelled images: kNN and the linear probe need a labelled source")
     return images, labels, source.fingerprint()
 
 
-def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict:
-    """kNN and/or linear probe of a run's backbone on the source's train/test splits; writes <run>/eval/ files."""
-    from clsp.hashing import weights_sha256
-    from eval.features import extract_features, normalization_from_config
+def _check_disjoint(train, test, train_images: np.ndarray, test_images: np.ndarray) -> None:
+    """Refuse a test set that is mostly training images (the same files given as both): that scores memory."""
+    seen = {hashlib.sha256(image.tobytes()).digest() for image in train_images}
+    shared = sum(hashlib.sha256(image.tobytes()).digest() in seen for image in test_images)
+    if 2 * shared > len(test_images):
+        raise UserError(f"{shared} of the {len(test_images)} test images of {test.name} are also in {train.name}: "
+                        f"score on held-out images (a test split, or --test-source naming other files)")
+
+
+@dataclass
+class EvalInputs:
+    """Everything one evaluation reads, all checked before anything is computed or written."""
+
+    run_dir: Path
+    backbone: object  # nn.Module in eval mode
+    normalize: tuple  # (mean, std) per RGB channel
+    train: tuple[np.ndarray, np.ndarray, str]  # images (N, H, W, 3) uint8, labels (N,), fingerprint
+    test: tuple[np.ndarray, np.ndarray, str]
+    result: dict  # the start of results.json: the run's identity and the data it is scored on
+
+
+@dataclass
+class OpenRun:
+    """A run's backbone and records, and the source spec it is scored on."""
+
+    run_dir: Path
+    backbone: object  # nn.Module in eval mode
+    normalize: tuple  # (mean, std) per RGB channel
+    image_size: int
+    record: dict | None  # trained_source(config.json)
+    spec: str
+    identity: dict  # run_identity(config.json)
+
+
+def open_run(run_dir: str | Path, source: str | None) -> OpenRun:
+    """Load a run; `source` None: the source its config.json records (a UserError when it records none). Reads only."""
+    from eval.features import normalization_from_config
     from train.checkpoint import load_backbone
 
     run_dir = Path(run_dir)
     backbone, run_config = load_backbone(run_dir)
-    mean, std = normalization_from_config(run_config)
-    size = int(run_config["image_size"])
-    train_images, train_labels, train_fp = _labelled_split(config.source, config.train_split, size)
-    test_images, test_labels, test_fp = _labelled_split(config.source, config.test_split, size)
-    cache = run_dir / "features"
+    record = trained_source(run_config)
+    spec = source or (record or {}).get("spec")
+    if spec is None:
+        raise UserError(f"{run_dir}/config.json does not record the data the run trained on (a run from before clsp "
+                        f"recorded it): pass --source SPEC, the source its shards were made from")
+    return OpenRun(run_dir, backbone, normalization_from_config(run_config), int(run_config["image_size"]), record,
+                   spec, run_identity(run_config))
+
+
+def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
+    """Load the run and its labelled data, and check them (no other source than the trained one unless --transfer;
+    the same classes in both splits; a held-out test set). Reads only."""
+    from clsp.hashing import weights_sha256
+    from clsp.sources import open_source
+
+    run = open_run(run_dir, config.source)
+    bank = open_source(run.spec, config.train_split, image_size=run.image_size)
+    check = check_trained_on(run.run_dir, run.record, bank, config.transfer)
+    test = _open_test(config.test_source or run.spec, config.test_split, run.image_size,
+                      explicit=config.test_source is not None)
+    if bank.classes and test.classes and bank.classes != test.classes:
+        raise UserError(f"{bank.name} has classes {bank.classes[:5]}... but {test.name} has {test.classes[:5]}...: a "
+                        f"label would name another class in each; give splits of one dataset")
+    train, held_out = _labelled(bank), _labelled(test)
+    _check_disjoint(bank, test, train[0], held_out[0])
+    result = dict(run.identity)
+    result.update(run=run.run_dir.name, source=run.spec, test_source=test.spec, trained_on=run.record,
+                  source_check=check, weights_sha256=weights_sha256(run.backbone), train_fingerprint=train[2],
+                  test_fingerprint=held_out[2], eval_config=asdict(config))
+    return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result)
+
+
+def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict:
+    """kNN and/or linear probe of a run's backbone on the source's train/test splits; writes <run>/eval/ files."""
+    return score_run(prepare_eval(run_dir, config), config)
+
+
+def score_run(inputs: EvalInputs, config: EvalConfig) -> dict:
+    """kNN and/or linear probe on prepared inputs; writes <run>/eval/ files (and the feature cache) only now."""
+    from eval.features import extract_features
+
+    (train_images, train_labels, train_fp), (test_images, test_labels, test_fp) = inputs.train, inputs.test
+    backbone, (mean, std), cache = inputs.backbone, inputs.normalize, inputs.run_dir / "features"
 
     def features(images: np.ndarray, fingerprint: str) -> np.ndarray:  # cached per (weights, source split)
         return extract_features(backbone, images, mean, std, config.batch_size, config.device, cache, fingerprint)
 
-    result = run_identity(run_config)
-    result.update(run=run_dir.name, source=config.source, weights_sha256=weights_sha256(backbone),
-                  train_fingerprint=train_fp, test_fingerprint=test_fp, eval_config=asdict(config))
+    result = dict(inputs.result)
     if config.linear:  # first, so the guarded forward pass is the one that fills the feature cache
         probe = probe_backbone(backbone, train_images, train_labels, test_images, test_labels, mean, std,
                                config.probe, config.batch_size, config.device, cache_dir=cache,
@@ -103,7 +228,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict
         k, top1 = best_k(accs)
         result.update(knn={str(key): v for key, v in accs.items()}, knn_best=top1, knn_best_k=k,
                       knn_k20=accs.get(min(20, len(train_labels))))
-    out = run_dir / "eval"
+    out = inputs.run_dir / "eval"
     write_new(out / "test_features.npy", _npy_bytes(test_feats))
     write_new(out / "test_labels.npy", _npy_bytes(test_labels.astype(np.int64)))
     result["results_file"] = str(write_new(out / config.results_name, json.dumps(result, indent=2) + "\n").name)
@@ -118,8 +243,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def load_results(run_dir: str | Path) -> dict:
     """The newest results.json of a run (else its knn.json + linear.json), with identity keys from config.json."""
-    from clsp.errors import UserError
-
     run_dir = Path(run_dir)
     path = latest(run_dir / "eval" / "results.json")
     parts = [path] if path is not None else [latest(run_dir / "eval" / n) for n in ("knn.json", "linear.json")]
@@ -129,10 +252,17 @@ def load_results(run_dir: str | Path) -> dict:
     result = {}
     for part in parts:  # knn.json and linear.json share the run's identity keys
         result.update(json.loads(part.read_text()))
+    return with_identity(result, run_dir)
+
+
+def with_identity(result: dict, run_dir: str | Path) -> dict:
+    """A result file's dict with the run's identity keys from its config.json (they win) and run / run_dir."""
+    run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if config_path.is_file():
         result.update(run_identity(json.loads(config_path.read_text())))
     result.setdefault("run", run_dir.name)
+    result["run_dir"] = str(run_dir)
     return result
 
 
@@ -144,14 +274,47 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, len(vals)
 
 
+def source_label(row: dict) -> str:
+    """The data a result was scored on: source spec (and test source when another), with the first digits of the train
+    and test fingerprints when recorded (one when they are the same images, as in k-fold scoring). Runs with other
+    labels are never averaged together."""
+    spec, test = row.get("source"), row.get("test_source")
+    label = str(spec) if test in (None, spec) else f"{spec} + test {test}"
+    train_fp, test_fp = row.get("train_fingerprint"), row.get("test_fingerprint")
+    if not (train_fp and test_fp):
+        return label
+    return label + (f" ({train_fp[:8]})" if train_fp == test_fp else f" ({train_fp[:8]}/{test_fp[:8]})")
+
+
+MODE_ORDER = ("none", "augment", "synthetic")  # the baseline, its control, CLSP
+
+
+def _group_order(source, method, positives, lam) -> tuple:
+    """Sort key: by source and method, then the baseline, the control and CLSP, then lam."""
+    mode = MODE_ORDER.index(positives) if positives in MODE_ORDER else len(MODE_ORDER)
+    return str(source), str(method), mode, str(positives), str(lam)
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Group run rows by (method, positives, lam); each metric -> (mean, std, n) over the group's seeds."""
+    """Group run rows by (source, method, positives, lam); each metric -> (mean, std, n) over the group's seeds, and
+    by_seed {seed: row} for paired comparisons.
+
+    Refuses a seed twice in a group (the same run given twice, or a rerun): the spread would be no spread over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row.get("method"), row.get("positives"), row.get("lam")), []).append(row)
+        groups.setdefault((source_label(row), row.get("method"), row.get("positives"), row.get("lam")), []).append(row)
     out = []
-    for (method, positives, lam), members in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        entry = {"method": method, "positives": positives, "lam": lam, "seeds": sorted(r.get("seed") for r in members)}
+    for (source, method, positives, lam), members in sorted(groups.items(), key=lambda kv: _group_order(*kv[0])):
+        seen: dict[object, str] = {}
+        for row in members:
+            where = row.get("run_dir", row.get("run"))
+            if row.get("seed") in seen:
+                raise UserError(f"{seen[row.get('seed')]} and {where} are both seed {row.get('seed')} of {method}/"
+                                f"{positives} (lam {lam}) on {source}: a mean over seeds needs each seed once; leave "
+                                f"one out, or retrain it with another --seed")
+            seen[row.get("seed")] = where
+        entry = {"source": source, "method": method, "positives": positives, "lam": lam,
+                 "seeds": sorted(r.get("seed") for r in members), "by_seed": {r.get("seed"): r for r in members}}
         for metric in METRICS:
             entry[metric] = mean_std([r.get(metric) for r in members])
         out.append(entry)
@@ -165,75 +328,99 @@ def _fmt(stat: tuple[float, float, int]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} (1 seed)"
 
 
-def _compare(a: tuple, b: tuple) -> tuple[str, str]:
-    """(verdict, detail) for a - b. verdict: 'beats', 'loses to', 'is within noise of' (the gap against twice its
-    standard error) or 'cannot be judged against' (a side without spread); detail: the numbers behind it."""
-    (ma, sa, na), (mb, sb, nb) = a, b
-    if na == 0 or nb == 0:
-        return "cannot be judged against", "no numbers to compare"
-    gap = ma - mb
-    if na < 2 or nb < 2:
-        return "cannot be judged against", f"{gap:+.2f} points, one seed on a side: no spread, so no verdict"
-    se2 = 2.0 * math.sqrt(sa**2 / na + sb**2 / nb)
-    word = "beats" if gap > se2 else ("loses to" if gap < -se2 else "is within noise of")
-    return word, f"{gap:+.2f} points, {word} it (2 x standard error of the gap = {se2:.2f})"
+def _fmt_interval(low: float, high: float) -> str:
+    return f"[{low:+.2f}, {high:+.2f}]" if math.isfinite(low) and math.isfinite(high) else "n/a"
 
 
-def verdicts(groups: list[dict]) -> list[str]:
-    """One line per method (and lam of the synthetic runs): a plain headline on the linear probe, synthetic against
-    its baseline (none) and the augment control, then the numbers for the linear probe and best kNN."""
+VERDICT_METRICS = (("linear", "linear_top1"), ("kNN best", "knn_best"))
+
+
+def verdicts(comparisons: list[dict]) -> list[str]:
+    """One line per paired comparison (eval.paired.paired_differences): CLSP against its baseline, against the
+    augment control, and the control against the baseline, each with the mean difference and the verdict on its
+    95 % interval for the linear probe and the best kNN."""
     lines = []
-    for syn in (g for g in groups if g["positives"] == "synthetic"):
-        metrics = (("Linear", "linear_top1"), ("Best kNN", "knn_best"))
-        headline, details = [], {label: [] for label, _ in metrics}
-        for baseline, name in (("none", "its baseline (none)"), ("augment", "the augment control")):
-            base = [g for g in groups if g["method"] == syn["method"] and g["positives"] == baseline]
-            if baseline == "augment":  # the third-view control: prefer the same lam as the synthetic runs
-                base = [g for g in base if g["lam"] == syn["lam"]] or base
-            if not base:
-                headline.append(f"has no {baseline} runs to compare with")
-                continue
-            word, _ = _compare(syn["linear_top1"], base[0]["linear_top1"])
-            headline.append(f"{word} {name}")
-            for label, key in metrics:
-                details[label].append(f"vs {baseline} {_fmt(base[0][key])}: {_compare(syn[key], base[0][key])[1]}")
-        numbers = " ".join(f"{label} {_fmt(syn[key])} {'; '.join(details[label])}." for label, key in metrics
-                           if details[label])
-        lines.append(f"- **{syn['method']}** (lam {syn['lam']}, seeds {syn['seeds']}): on the linear probe CLSP "
-                     f"{' and '.join(headline)}. {numbers}".rstrip())
-    return lines or ["- no synthetic-positive runs among these: nothing to judge."]
+    several = len({c["source"] for c in comparisons}) > 1
+    for c in comparisons:
+        lam = "" if c["lam"] is None else f" (lam {c['lam']})"
+        on = f" on {c['source']}" if several else ""
+        numbers = "; ".join(f"{label} {c[key]['mean']:+.2f} points, {c[key]['verdict']}" for label, key
+                            in VERDICT_METRICS if c[key]["diffs"])
+        lines.append(f"- **{c['method']}**{lam}{on}, {c['name']}, {len(c[VERDICT_METRICS[0][1]]['diffs'])} paired "
+                     f"seeds: {numbers or 'no numbers to compare'}.")
+    return lines or ["- no two modes of one method share a seed here: nothing to compare."]
+
+
+def _method_tables(groups: list[dict], comparisons: list[dict]) -> list[str]:
+    """Per (source, method): mode rows with mean ± std and the paired difference against the baseline; then every
+    comparison with its per-seed differences, both intervals and the verdict."""
+    md = []
+    for source, method in sorted({(g["source"], g["method"]) for g in groups}, key=str):
+        mine = [c for c in comparisons if (c["source"], c["method"]) == (source, method)]
+        vs_none = {(c["mode"], c["lam"]): c for c in mine if c["against"] == "none"}
+        md += [f"### {method} on {source}", "",
+               "| positives | lam | seeds | kNN best k | kNN k=20 | linear top-1 | Δ kNN best vs none [95 %] | "
+               "Δ linear vs none [95 %] |", "|---|---|---|---|---|---|---|---|"]
+        for g in (g for g in groups if (g["source"], g["method"]) == (source, method)):
+            c = vs_none.get((g["positives"], g["lam"]))
+            delta = [f"{c[key]['mean']:+.2f} {_fmt_interval(*c[key]['interval'])}" if c and c[key]["diffs"] else "-"
+                     for key in ("knn_best", "linear_top1")]
+            md.append(f"| {g['positives']} | {'-' if g['lam'] is None else g['lam']} | {len(g['seeds'])} | "
+                      f"{_fmt(g['knn_best'])} | {_fmt(g['knn_k20'])} | {_fmt(g['linear_top1'])} | "
+                      f"{' | '.join(delta)} |")
+        if mine:
+            md += ["", "| comparison | metric | seeds | per-seed differences | mean | 95 % t (seeds) | "
+                   "95 % bootstrap (images x seeds) | verdict |", "|---|---|---|---|---|---|---|---|"]
+            md += [f"| {c['mode']} − {c['against']} | {metric} | {', '.join(str(s) for s in c['seeds'])} | "
+                   f"{', '.join(f'{d:+.2f}' for d in c[metric]['diffs'])} | {c[metric]['mean']:+.2f} | "
+                   f"{_fmt_interval(*c[metric]['t'])} | {_fmt_interval(*c[metric]['bootstrap'])} | "
+                   f"{c[metric]['verdict']} |" for c in mine for metric in METRICS if c[metric]["diffs"]]
+        md.append("")
+    return md
 
 
 def report(run_dirs: list[str | Path], out: str | Path) -> dict:
-    """results.csv (one row per run), report.md (mean ± std over seeds, pictures, verdicts) and plots in `out`."""
+    """results.csv (one row per run), report.md and plots in `out`, from each run's results.json (test split)."""
+    rows = [load_results(d) for d in run_dirs]
+    return write_report(rows, run_dirs, out, "the train split as kNN bank / probe training set, the test split scored")
+
+
+def write_report(rows: list[dict], run_dirs: list[str | Path], out: str | Path, scoring: str) -> dict:
+    """results.csv (one row per run), report.md (per method: mean ± std over seeds and paired differences with 95 %
+    intervals; verdicts), summary.png and per-run pictures in `out`. `scoring`: how the rows were scored, in words."""
+    from eval.paired import paired_differences
     from eval.plots import plot_run, plot_summary
 
     out = Path(out)
-    rows = [load_results(d) for d in run_dirs]
-    csv_cols = ["run", *RUN_KEYS, "knn_best", "knn_best_k", "knn_k20", "linear_top1", "weights_sha256"]
+    groups = aggregate(rows)  # before any file: refuses repeated seeds
+    comparisons = paired_differences(groups, METRICS)
+    csv_cols = ["run", *RUN_KEYS, "knn_best", "knn_best_k", "knn_k20", "linear_top1", "weights_sha256", "source",
+                "train_fingerprint", "test_fingerprint"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=csv_cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     csv_path = write_new(out / "results.csv", buffer.getvalue())
-    groups = aggregate(rows)
-    probe = rows[0].get("eval_config", {}).get("probe", {})
-    md = ["# Results", "", f"{len(rows)} runs on {rows[0].get('source')} (train split as kNN bank / probe training, "
-          f"test split scored); mean ± sample std over seeds. Per-run numbers: `{csv_path.name}`. kNN: weighted by "
-          f"exp(cos/0.07), best k of 5..200 and k=20. Linear probe: {probe.get('epochs')} epochs SGD lr "
-          f"{probe.get('lr')}, batch {probe.get('batch_size')}, on {'standardised' if probe.get('standardize', True) else 'raw'} frozen features.",
-          "",
-          "| method | positives | lam | seeds | kNN best k | kNN k=20 | linear top-1 |",
-          "|---|---|---|---|---|---|---|"]
-    md += [f"| {g['method']} | {g['positives']} | {'-' if g['lam'] is None else g['lam']} | {len(g['seeds'])} | "
-           f"{_fmt(g['knn_best'])} | {_fmt(g['knn_k20'])} | {_fmt(g['linear_top1'])} |" for g in groups]
-    md += ["", "## Verdict", "", *verdicts(groups), "", "## Pictures", ""]
-    md.append(f"![accuracy by method and positives]({plot_summary(groups, out / 'summary.png').name})")
+    probe = (rows[0].get("eval_config") or {}).get("probe") or (rows[0].get("scoring") or {}).get("probe") or {}
+    sources = sorted({g["source"] for g in groups})
+    lines = verdicts(comparisons)
+    md = ["# Results", "", f"{len(rows)} runs on {'; '.join(sources)}, scored with {scoring}; runs on different data "
+          f"are never averaged together. Mean ± sample std over seeds; per-run numbers in `{csv_path.name}`. kNN: "
+          f"weighted by exp(cos/0.07), best k of 5..200 and k=20. Linear probe: {probe.get('epochs')} epochs SGD lr "
+          f"{probe.get('lr')}, batch {probe.get('batch_size')}, on "
+          f"{'standardised' if probe.get('standardize', True) else 'raw'} frozen features.", "",
+          "Δ: the paired difference against the baseline (none) of the same seed, in points, with its 95 % interval: "
+          "the union of a Student-t interval over seeds and, where runs carry per-image scores, a paired bootstrap "
+          "over images x seeds. Verdict: better only when that interval lies above 0, worse when below, else within "
+          "noise.", "", *_method_tables(groups, comparisons), "## Verdict", "", *lines, "", "## Pictures", ""]
+    summary_png = plot_summary(groups, comparisons, out / "summary.png")
+    md.append(f"![per-seed accuracy and paired differences]({summary_png.name})")
     for run_dir in run_dirs:
         for png in plot_run(run_dir, out / "pictures"):
             md.append(f"![{png.stem}]({png.relative_to(out).as_posix()})")
     md_path = write_new(out / "report.md", "\n".join(md) + "\n")
-    return {"report": str(md_path), "csv": str(csv_path), "groups": groups, "verdicts": verdicts(groups)}
+    return {"report": str(md_path), "csv": str(csv_path), "groups": groups, "comparisons": comparisons,
+            "verdicts": lines}
 
 
 @dataclass(frozen=True)
@@ -246,13 +433,23 @@ class AllConfig:
 
 
 def evaluate_all(cfg: AllConfig) -> dict:
-    """One run end to end: kNN + linear, audit of its shards, pictures, contact sheet, report (all under cfg.out)."""
+    """One run end to end: kNN + linear, audit of its shards, pictures, contact sheet, report (all under cfg.out).
+
+    Every input (run, sources, shards) is read and checked, and the audit computed, before the first file is written."""
     from eval.audit import AuditConfig, audit_shards, write_audit
+    from shards.manifest import read_manifest
     from shards.sheet import contact_sheet
 
     out = Path(cfg.out)
-    results = evaluate_run(cfg.run_dir, cfg.eval)
-    audit_json, audit_md = write_audit(audit_shards(cfg.shards, cfg.eval.source, AuditConfig(cfg.audit_anchors)), out)
+    inputs = prepare_eval(cfg.run_dir, cfg.eval)
+    made_from, record = read_manifest(cfg.shards).run.get("source") or {}, inputs.result["trained_on"]
+    if record is not None and made_from.get("fingerprint") != record["fingerprint"]:
+        raise UserError(f"{cfg.shards} were made from {made_from.get('spec')}[{made_from.get('split')}], but "
+                        f"{cfg.run_dir} trained on shards made from {record.get('spec')}[{record.get('split')}] "
+                        f"(other fingerprints): pass --shards the directory the run trained on")
+    audit = audit_shards(cfg.shards, inputs.result["source"], AuditConfig(cfg.audit_anchors))
+    results = score_run(inputs, cfg.eval)
+    audit_json, audit_md = write_audit(audit, out)
     out.mkdir(parents=True, exist_ok=True)
     temp = out / ".contact_sheet.tmp.png"
     contact_sheet(cfg.shards, temp)  # the lead's sheet writes in place; keep our no-overwrite rule on the result
@@ -260,44 +457,3 @@ def evaluate_all(cfg: AllConfig) -> dict:
     temp.unlink()
     summary = report([cfg.run_dir], out)
     return {**summary, "results": results, "audit": str(audit_json), "audit_md": str(audit_md), "sheet": str(sheet)}
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    shards: str
-    source: str
-    out: str
-    methods: tuple[str, ...] = ("simclr", "moco")
-    positives: tuple[str, ...] = ("none", "augment", "synthetic")
-    seeds: tuple[int, ...] = (0, 1, 2)
-    train_preset: str | None = "embedded"
-    train_options: tuple[tuple[str, object], ...] = ()  # extra TrainConfig options, e.g. (("epochs", 5),)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        if not (self.methods and self.positives and self.seeds):
-            raise ValueError("a study needs at least one method, one kind of positives and one seed")
-
-
-def study(cfg: StudyConfig) -> dict:
-    """Train and evaluate every (method, positives, seed) under cfg.out/runs/, then report on all of them.
-
-    Resumable: a run with results is skipped; an unfinished training run is resumed from its checkpoint.
-    """
-    from train.loop import make_config, train
-
-    run_dirs = []
-    for method in cfg.methods:
-        for positives in cfg.positives:
-            for seed in cfg.seeds:
-                run_dir = Path(cfg.out) / "runs" / f"{method}-{positives}-seed{seed}"
-                run_dirs.append(run_dir)
-                if latest(run_dir / "eval" / "results.json") is not None:
-                    print(f"{run_dir.name}: results exist, skipped")
-                    continue
-                train(make_config(cfg.train_preset, **{**dict(cfg.train_options), "shards": cfg.shards,
-                                  "out": str(run_dir), "method": method, "positives": positives, "seed": seed,
-                                  "resume": True}))
-                result = evaluate_run(run_dir, replace(cfg.eval, source=cfg.source))
-                print(f"{run_dir.name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}%")
-    return report(run_dirs, cfg.out)

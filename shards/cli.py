@@ -24,6 +24,7 @@ def verify_command(directory: Path = typer.Argument(..., help="Shard directory (
         raise typer.Exit(1)
     manifest = read_manifest(str(directory))
     typer.echo(f"{directory}: OK ({manifest.count} anchors x {manifest.k} positives in {len(manifest.shards)} shards)")
+    typer.echo(f"made with   {_compute(manifest.run)}")
 
 
 @app.command("info")
@@ -40,7 +41,16 @@ def info_command(location: str = typer.Argument(..., help="Shard directory or UR
                f"{run.get('image_size')} px")
     for key in ("source", "generator", "sampler"):
         typer.echo(f"{key:<11} " + ", ".join(f"{k}={v}" for k, v in sorted(run.get(key, {}).items())))
+    typer.echo(f"made with   {_compute(run)}")
     typer.echo(f"seed        {run.get('seed')}   clsp {run.get('package_version')}")
+
+
+def _compute(run: dict) -> str:
+    """The device, CPU threads and software the shard bytes depend on (the synth job's run["compute"])."""
+    compute = run.get("compute")
+    if not isinstance(compute, dict):
+        return "not recorded (made before clsp recorded device, threads and versions)"
+    return ", ".join(f"{k}={v}" for k, v in sorted(compute.items()))
 
 
 @app.command("sheet")

@@ -1,19 +1,24 @@
-"""A safe streaming reader: tar members are grouped into samples by key and only schema keys are kept.
+"""A safe streaming reader: webdataset's tar stages over our own opener group tar members into samples by key, and
+only schema keys are kept.
 
 Nothing read from a shard is unpickled, `torch.load`ed or executed: PNGs go to PIL's PNG decoder only, the label is
 parsed as a decimal, meta as JSON. Members with other extensions (`.pyd`, `.pth`, ...) are never decoded: they are
-counted in `RawSample.ignored` (and `verify` reports them). Locations are local paths or fsspec URLs that the *user*
-gives; shard names from a manifest must match `shard-NNNNNN.tar`, so a manifest cannot point anywhere else, and shell
-schemes such as `pipe:` are refused outright.
+counted in `RawSample.ignored` (`verify` and the training stream refuse such samples). Locations are local paths or
+fsspec URLs that the *user* gives; shard names from a manifest must match `shard-NNNNNN.tar`, so a manifest cannot
+point anywhere else, and shell schemes such as `pipe:` are refused outright. Shards are plain tars: a compressed one
+is refused rather than inflated, and no member is read past MAX_MEMBER_BYTES.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import tarfile
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import IO, Iterator
 
 import numpy as np
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from shards.schema import ANCHOR, LABEL, META, POSITIVE, SchemaError, decode_label, decode_meta, decode_png, \
     is_schema_key, positive_key
@@ -86,17 +91,57 @@ class RawSample:
         return [(f"{self.key}.{key}", data) for key, data in self.members.items()]
 
 
-class _TailKeeper:
-    """Wraps a stream and keeps its last 1024 bytes: a complete tar ends with two 512-byte zero blocks, which
-    tarfile's stream mode does not insist on (a shard cut at a block boundary would otherwise read as shorter)."""
+class _Refused(Exception):
+    """A refusal raised inside webdataset's tar stage, which appends " @ <stream>" to an error's first argument: the
+    message travels apart from it and becomes a ShardError outside."""
 
-    def __init__(self, stream: IO[bytes]):
-        self.stream, self.tail = stream, b""
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def _compression(head: bytes) -> str | None:
+    """The codec that tarfile's "r|*" mode (how webdataset's tar stage opens a stream) would decompress with, if any."""
+    if head.startswith(b"\x1f\x8b\x08"):
+        return "gzip"
+    if head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
+        return "bzip2"
+    if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        return "xz"
+    return "zstd" if head.startswith(b"\x28\xb5\x2f\xfd") else None  # Python 3.14's tarfile reads zstd too
+
+
+class _Reading:
+    """Wraps a stream: hashes every byte read (sha256), counts them, and keeps the last 1024 (a complete tar ends with
+    two 512-byte zero blocks, which tarfile's stream mode does not insist on: a shard cut at a block boundary would
+    otherwise read as shorter). It refuses a compressed stream (a small file must not inflate into a huge member) and,
+    while a member is being read, more bytes than MAX_MEMBER_BYTES plus tarfile's read-ahead of one record."""
+
+    def __init__(self, stream: IO[bytes], name: str):
+        self.stream, self.name, self.tail, self.size, self.digest = stream, name, b"", 0, hashlib.sha256()
+        self.member: str | None = None  # the member being read ...
+        self.limit: int | None = None  # ... and the stream position its reading must not pass
+
+    def __str__(self) -> str:  # what webdataset appends to errors inside its tar stage (" @ shard-000001.tar")
+        return self.name
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
+        if self.size == 0 and (codec := _compression(data)):
+            raise _Refused(f"{self.name} is {codec}-compressed; shards are plain tar files: decompress it or "
+                           f"regenerate it")
         self.tail = (self.tail + data)[-1024:]
+        self.size += len(data)
+        self.digest.update(data)
+        if self.limit is not None and self.size > self.limit:
+            raise _Refused(f"{self.name}: member {self.member} is more than {MAX_MEMBER_BYTES} bytes, above the limit")
         return data
+
+    def start_member(self, name: str) -> None:
+        self.member, self.limit = name, self.size + MAX_MEMBER_BYTES + tarfile.RECORDSIZE
+
+    def end_member(self) -> None:
+        self.member = self.limit = None
 
     def ends_cleanly(self) -> bool:
         while self.read(1 << 20):  # drain what tarfile left unread after the end-of-archive blocks
@@ -104,38 +149,110 @@ class _TailKeeper:
         return self.tail == bytes(1024)
 
 
-def iter_shard(location: str) -> Iterator[RawSample]:
-    """Samples of one shard, in order. Raises ShardError naming the shard when it is truncated or not a tar."""
+def _split_name(name: str) -> tuple[str, str]:
+    """"anchor-00001.pos0.png" -> ("anchor-00001", "pos0.png"): the key ends at the first dot, as in WebDataset."""
+    key, _, ext = name.partition(".")
+    return key, ext
+
+
+def _is_schema_member(name: str) -> bool:
+    return "/" not in name and is_schema_key(_split_name(name)[1])
+
+
+def _tar_members(reading: _Reading) -> Iterator[tuple[str, bytes | None]]:
+    """(member name, bytes) in tar order through webdataset's tar stage, bytes None for a member outside the schema.
+
+    Wrapped because `tar_file_iterator` reads every member it selects whole while its selector sees only the name:
+    so only schema members are selected (the others are skipped unread, their names still handed on for `verify` to
+    name) and `reading` caps each selected read. It also skips links, directories and `__*__` members unread, and ends
+    quietly on a missing end-of-archive marker, which is checked here."""
+    skipped: list[str] = []
+
+    def select(name: str) -> bool:
+        if _is_schema_member(name):
+            reading.start_member(name)
+            return True
+        skipped.append(name)
+        return False
+
+    for member in chain(tar_file_iterator(reading, skip_meta=None, select_files=select), [None]):
+        reading.end_member()
+        yield from ((name, None) for name in skipped)  # skipped before this member, in tar order
+        skipped.clear()
+        if member is not None:
+            yield member["fname"], member["data"]
+    if not reading.ends_cleanly():
+        raise EOFError("no end-of-archive marker")
+
+
+def _checked(members: Iterator[tuple[str, bytes | None]], name: str, url: str) -> Iterator[dict]:
+    """Member records for `group_by_keys`, refusing what it would mishandle: names not ID.KEY (it skips them) or with
+    a KEY it keeps for itself (`__key__`, `__url__`), a KEY twice in a sample (its ValueError), oversized members."""
+    current, keys = None, set()
+    for member, data in members:
+        key, ext = _split_name(member)
+        if not ext or "/" in member:
+            raise ShardError(f"{name}: member {member!r} is not named ID.KEY")
+        if ext.startswith("__"):
+            raise ShardError(f"{name}: member {member!r} has a KEY starting with '__', which WebDataset keeps for "
+                             f"its own fields")
+        if key != current:
+            current, keys = key, set()
+        if ext in keys:
+            raise ShardError(f"{name}: sample {key} has {ext} twice")
+        keys.add(ext)
+        if data is not None and len(data) > MAX_MEMBER_BYTES:
+            raise ShardError(f"{name}: member {member} is {len(data)} bytes, above the limit")
+        yield {"fname": member, "data": data, "__url__": url}
+
+
+def _raw_sample(group: dict, name: str) -> RawSample:
+    """A `group_by_keys` sample {"__key__", "__url__", KEY: bytes or None} -> RawSample, members in tar order."""
+    sample = RawSample(group["__key__"], name, {})
+    for ext, data in group.items():
+        if ext not in ("__key__", "__url__"):
+            if data is None:
+                sample.ignored.append(f"{sample.key}.{ext}")  # never read, never decoded
+            else:
+                sample.members[ext] = data
+    return sample
+
+
+def _entry_differences(entry: dict, reading: _Reading, count: int) -> list[str]:
+    """How a fully read shard differs from its manifest entry {name, sha256, count, bytes}."""
+    found = {"sha256": reading.digest.hexdigest(), "bytes": reading.size, "count": count}
+    return [f"{key} {found[key]} where the manifest says {entry[key]}" if key != "sha256" else "sha256 differs"
+            for key in ("sha256", "bytes", "count") if found[key] != entry[key]]
+
+
+def iter_shard(location: str, entry: dict | None = None) -> Iterator[RawSample]:
+    """Samples of one shard, in order, read by webdataset's `tar_file_iterator` and `group_by_keys` over our own opener.
+    Raises ShardError naming the shard when it is truncated, compressed or not a tar, holds an anchor twice, or (given
+    its manifest `entry`) differs from the entry's sha256, size or count once read to the end: the bytes are hashed as
+    they stream, so a shard changed after `verify` is caught at no extra read."""
     name = location.rstrip("/").rsplit("/", 1)[-1]
-    current: RawSample | None = None
+    keys: set[str] = set()
     try:
-        with open_location(location) as raw, tarfile.open(fileobj=(stream := _TailKeeper(raw)), mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    raise ShardError(f"{name}: member {member.name!r} is not a regular file")
-                key, dot, ext = member.name.partition(".")
-                if not dot or "/" in member.name:
-                    raise ShardError(f"{name}: member {member.name!r} is not named ID.KEY")
-                if current is not None and key != current.key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = RawSample(key, name, {})
-                if not is_schema_key(ext):
-                    current.ignored.append(member.name)  # never read, never decoded
-                    continue
-                if member.size > MAX_MEMBER_BYTES:
-                    raise ShardError(f"{name}: member {member.name} is {member.size} bytes, above the limit")
-                if ext in current.members:
-                    raise ShardError(f"{name}: sample {key} has {ext} twice")
-                current.members[ext] = tar.extractfile(member).read()
-            if not stream.ends_cleanly():
-                raise EOFError("no end-of-archive marker")
+        with open_location(location) as raw:
+            reading = _Reading(raw, name)
+            members = _checked(_tar_members(reading), name, location)
+            # group_by_keys joins consecutive members of a key; an anchor coming back later is refused here
+            for group in group_by_keys(members, keys=_split_name, lcase=False):
+                if group["__key__"] in keys:
+                    raise ShardError(f"{name}: sample {group['__key__']} appears twice (each anchor must appear "
+                                     f"exactly once): regenerate the shard")
+                keys.add(group["__key__"])
+                yield _raw_sample(group, name)
+    except _Refused as refusal:
+        raise ShardError(refusal.message) from None
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise ShardError(f"{name}: cannot be read as a tar ({error}); it is truncated or corrupt: "
+        detail = str(error).replace(f" @ {name}", "")  # webdataset's tar stage appends " @ <stream>" (see _Reading)
+        raise ShardError(f"{name}: cannot be read as a tar ({detail}); it is truncated or corrupt: "
                          f"regenerate it or rerun the synth job") from None
-    if current is not None:
-        yield current
+    differences = _entry_differences(entry, reading, len(keys)) if entry is not None else []
+    if differences:  # raised after the last sample, so that a reader has seen (and can report) every sample
+        raise ShardError(f"{name} differs from its manifest entry ({'; '.join(differences)}): it was changed or "
+                         f"damaged after the manifest was written: regenerate it or rerun the synth job")
 
 
 def iter_samples(locations: list[str]) -> Iterator[RawSample]:

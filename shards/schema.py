@@ -1,11 +1,16 @@
-"""Schema version 1: one WebDataset sample per anchor, key = anchor id.
+"""Schema version 2: one WebDataset sample per anchor, key = anchor id.
 
 Members of a sample, in this order (the file extension picks the codec):
-    {id}.anchor.png       the anchor image, (H, W, 3) uint8, lossless PNG
-    {id}.cls.txt          the label as decimal text, -1 when unknown
+    {id}.anchor.png       the anchor image, (H, W, 3) uint8, lossless 8-bit RGB PNG of the manifest's image size
+    {id}.cls.txt          the label as decimal text, -1 when unknown, else below the manifest's class count
     {id}.meta.json        {"anchor_id", "seeds": [K ints]}: seeds[j] made positive j
-    {id}.pos{j}.png       positive j = 0..K-1, (H, W, 3) uint8, lossless PNG
+    {id}.pos{j}.png       positive j = 0..K-1, like the anchor
 Nothing else. A reader decodes only these keys, with the codecs below.
+
+Version 2 keeps these members byte for byte and adds per-positive scores to the manifest's index.parquet (one list of K
+float32 per anchor, see shards.manifest): `positive_distance`, the RMS pixel distance of each positive to its anchor
+(`positive_distances`), and, when the synth job scored with a reference classifier, `positive_agreement`, that
+classifier's probability of the anchor's class. Version-1 directories (no scores) are still read.
 """
 from __future__ import annotations
 
@@ -13,18 +18,24 @@ import hashlib
 import io
 import json
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: the same members, an index without scores
+SCORES = ("distance", "agreement")  # per-positive scores: index column positive_{metric}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # no dots: a WebDataset key ends at the first dot
 ANCHOR, LABEL, META = "anchor.png", "cls.txt", "meta.json"
 POSITIVE = re.compile(r"^pos(0|[1-9][0-9]{0,2})\.png$")
 MAX_TEXT_BYTES = 1 << 16  # cls.txt / meta.json larger than this are not ours
 MAX_IMAGE_SIDE = 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
+MAX_K = 1000  # positives pos0..pos999: the member name allows three digits
 
 
 class SchemaError(ValueError):
@@ -66,34 +77,70 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes, what: str = "image") -> np.ndarray:
-    """PNG bytes -> (H, W, 3) uint8. Refuses anything that is not a PNG of a sane size (no other codec is tried)."""
+def check_png(data: bytes, what: str = "image", size: int | None = None) -> None:
+    """Refuse anything but an intact 8-bit RGB PNG (of `size` x `size` when given), reading only its chunk headers.
+
+    Every chunk's CRC is checked and the file must run from IHDR to IEND, so a truncated or bit-flipped image is found
+    without decompressing it; grayscale, palette, alpha and 16-bit PNGs are refused rather than silently converted.
+    """
     if not data.startswith(PNG_SIGNATURE):
         raise SchemaError(f"{what} is not a PNG")
+    pos, kinds, header = len(PNG_SIGNATURE), [], b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8]) if pos + 8 <= len(data) else (0, b"")
+        end = pos + 12 + length  # length, type, data, CRC
+        if not kind or end > len(data) or zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            raise SchemaError(f"{what} is a broken PNG (truncated, or a chunk fails its CRC)")
+        header = data[pos + 8:end - 4] if kind == b"IHDR" else header
+        kinds.append(kind)
+        pos = end
+    if kinds[:1] != [b"IHDR"] or kinds[-1:] != [b"IEND"] or len(header) != 13:
+        raise SchemaError(f"{what} is a broken PNG (it must run from an IHDR chunk to an IEND chunk)")
+    width, height, depth, colour = struct.unpack(">IIBB", header[:10])
+    if (depth, colour) != (8, 2):
+        kind = PNG_COLOUR_TYPES.get(colour, f"colour type {colour}")
+        raise SchemaError(f"{what} is a {kind} PNG ({depth}-bit); the schema stores 8-bit RGB: regenerate the shard")
+    if size is not None and (width, height) != (size, size):
+        raise SchemaError(f"{what} is {width}x{height}; the manifest says {size}x{size}: regenerate the shard")
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise SchemaError(f"{what} is {width}x{height}, outside 1..{MAX_IMAGE_SIDE} px")
+
+
+def decode_png(data: bytes, what: str = "image", size: int | None = None) -> np.ndarray:
+    """PNG bytes -> (H, W, 3) uint8, after `check_png` (no other codec is tried)."""
+    check_png(data, what, size)
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            if max(image.size) > MAX_IMAGE_SIDE:
-                raise SchemaError(f"{what} is {image.size[0]}x{image.size[1]}, above the {MAX_IMAGE_SIDE} px limit")
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except SchemaError:
-        raise
+            return np.asarray(image, dtype=np.uint8)  # 8-bit RGB by check_png: (H, W, 3), no conversion
     except Exception as error:  # PIL raises many types for broken data
         raise SchemaError(f"{what} is a broken PNG ({error})") from None
 
 
 def decode_label(data: bytes) -> int:
-    text = data.decode("ascii", errors="strict").strip() if len(data) <= 32 else ""
-    if not re.fullmatch(r"-?[0-9]{1,9}", text):
-        raise SchemaError(f"label {data[:32]!r} is not a decimal integer")
+    """-1 (unknown) or a class number; the manifest's index bounds it by the class count."""
+    text = data.decode("ascii", errors="strict").strip() if len(data) <= 32 and data.isascii() else ""
+    if not re.fullmatch(r"-?[0-9]{1,9}", text) or int(text) < -1:
+        raise SchemaError(f"label {data[:32]!r} is not -1 (unknown) or a class number")
     return int(text)
 
 
-def decode_meta(data: bytes) -> dict:
+def parse_json(data: bytes, what: str):
+    """JSON bytes -> value; any failure (bad UTF-8 or syntax, nesting too deep for Python) is a SchemaError."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError; "[[[[..." -> RecursionError
+        raise SchemaError(f"{what} is not valid JSON ({type(error).__name__}: {str(error)[:120]})") from None
+
+
+def decode_meta(data: bytes, what: str = META) -> dict:
+    """{"anchor_id": str, "seeds": [int, ...]}."""
     if len(data) > MAX_TEXT_BYTES:
-        raise SchemaError(f"meta.json is {len(data)} bytes, above the {MAX_TEXT_BYTES} limit")
-    meta = json.loads(data.decode("utf-8"))
-    if not isinstance(meta, dict) or not isinstance(meta.get("seeds"), list):
-        raise SchemaError("meta.json must be an object with a 'seeds' list")
+        raise SchemaError(f"{what} is {len(data)} bytes, above the {MAX_TEXT_BYTES} limit")
+    meta = parse_json(data, what)
+    seeds = meta.get("seeds") if isinstance(meta, dict) else None
+    if not isinstance(seeds, list) or not all(type(s) is int for s in seeds) or \
+            not isinstance(meta.get("anchor_id"), str):
+        raise SchemaError(f"{what} must be an object with 'anchor_id' (text) and 'seeds' (a list of integers)")
     return meta
 
 
@@ -116,6 +163,15 @@ def encode_sample(sample: ShardSample, k: int, image_size: int) -> list[tuple[st
                (META, meta.encode())]
     members += [(positive_key(j), encode_png(p)) for j, p in enumerate(sample.positives)]
     return [(f"{sample.anchor_id}.{key}", data) for key, data in members]
+
+
+def positive_distances(anchor: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 anchor, (K, H, W, 3) uint8 positives -> (K,) float32 RMS pixel distances in [0, 1] units.
+
+    Squared differences are summed as exact integers, so the value depends only on the pixels (no float order)."""
+    diff = positives.reshape(len(positives), -1).astype(np.int64) - anchor.reshape(1, -1).astype(np.int64)  # (K, P)
+    mean_square = (diff * diff).sum(axis=1) / diff.shape[1]  # (K,) in 0..255^2
+    return (np.sqrt(mean_square) / 255.0).astype(np.float32)
 
 
 def sample_sha256(members: list[tuple[str, bytes]]) -> str:

@@ -7,7 +7,6 @@ import numpy as np
 from PIL import Image
 
 from shards.manifest import read_manifest
-from shards.reader import iter_samples
 
 
 def image_grid(rows: list[list[np.ndarray]], min_side: int = 48, gap: int = 2, anchor_gap: int = 6) -> Image.Image:
@@ -30,9 +29,8 @@ def image_grid(rows: list[list[np.ndarray]], min_side: int = 48, gap: int = 2, a
 
 def contact_sheet(directory: str, out: str | Path, anchors: int = 8) -> Path:
     """Write a PNG of the first `anchors` anchors of a shard directory and all their positives."""
-    manifest = read_manifest(directory)
     rows = []
-    for sample in iter_samples(manifest.shard_locations()):
+    for sample in read_manifest(directory).samples():  # each checked: a malformed sample stops with its name
         rows.append([sample.anchor()] + [sample.positive(j) for j in range(sample.k)])
         if len(rows) == anchors:
             break

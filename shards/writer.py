@@ -1,17 +1,18 @@
 """An atomic, reproducible shard writer.
 
 A shard is written to a hidden temporary name in the same directory and renamed to `shard-NNNNNN.tar` only after every
-sample is in and the bytes are on disk: a crash, a kill or a full disk leaves no file under a final name. Members get a
-fixed mtime, owner and mode, so identical samples give byte-identical tars. Names come from the shard's index, which the
-caller derives from a fixed anchor range, so parallel processes never write the same name.
+sample is in and the bytes are on disk: a crash, a kill or a full disk leaves no file under a final name. The tar is
+written by webdataset's `TarWriter` (any WebDataset reader reads it), with a fixed mtime, owner and mode, so identical
+samples give byte-identical tars. Names come from the shard's index, which the caller derives from a fixed anchor range,
+so parallel processes never write the same name.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
-import tarfile
 from pathlib import Path
+
+from webdataset import TarWriter
 
 from shards.schema import SchemaError, ShardSample, encode_sample, sample_sha256
 
@@ -52,19 +53,19 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.temp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        # mtime 0, no owner names, mode 0644 (uid/gid stay 0): nothing of the machine or the hour enters the bytes.
+        # TarWriter leaves tarfile's PAX format; for ASCII member names under 100 characters (check_id) that writes
+        # plain ustar headers, byte for byte what the writer wrote before it used webdataset.
+        self._tar = TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
         return self
 
     def write(self, sample: ShardSample) -> str:
         if sample.anchor_id in self.checksums:
             raise SchemaError(f"anchor {sample.anchor_id} is written twice to {self.path.name}")
         members = encode_sample(sample, self.k, self.image_size)
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        for name, data in members:  # one member per call: TarWriter sorts a sample's keys (pos10 before pos2)
+            key, _, ext = name.partition(".")
+            self._tar.write({"__key__": key, ext: data})
         self.checksums[sample.anchor_id] = sample_sha256(members)
         return self.checksums[sample.anchor_id]
 

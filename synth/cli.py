@@ -39,6 +39,9 @@ def run(
     no_bf16: Optional[bool] = typer.Option(None, "--no-bf16", help="full fp32 on the GPU"),
     compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the UNet blocks (GPU)"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete shards made with other settings"),
+    score_reference: Optional[bool] = typer.Option(
+        None, "--score-reference", help="also score each positive's class agreement (a reference classifier fitted on "
+        "SOURCE's labelled train split) into index.parquet; rerun a finished job with it to add the scores"),
 ) -> None:
     """Make K synthetic positives per anchor of SOURCE with the generator MODEL; write shards + manifest to OUT.
     Rerun the same command to resume; finished shards are kept."""
@@ -48,10 +51,14 @@ def run(
         preset, source=source, model=model, out=out, split=split, image_size=image_size, resize=resize, k=k, w=w,
         steps=steps, eta=eta, share_anchor_noise=share_anchor_noise, seed=seed, anchors_per_shard=anchors_per_shard,
         batch_size=batch_size, limit=limit, device=device, bf16=None if no_bf16 is None else not no_bf16,
-        compile=compile, overwrite=overwrite,
+        compile=compile, overwrite=overwrite, score_reference=score_reference,
     )
     run_synth(cfg)
 
 
 if __name__ == "__main__":  # `torchrun --nproc_per_node N -m synth.cli run ...` (or `-m clsp synth run ...`)
-    app()
+    import sys
+
+    from clsp.cli import app as clsp_app  # through the `clsp` group: errors a user can fix become one `error:` line
+
+    clsp_app(["synth", *sys.argv[1:]], prog_name="clsp")

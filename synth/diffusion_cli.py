@@ -41,6 +41,8 @@ def train(
     warmup_steps: Optional[int] = typer.Option(None, help="linear warm-up steps [5000]"),
     steps: Optional[int] = typer.Option(None, help="training steps [800000]"),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR loss weighting gamma; 0 = plain DDPM loss [0]"),
+    skip_dropout: Optional[float] = typer.Option(None, help="probability that a sample's below-full-resolution skips "
+                                                 "are zeroed in training, so the bottleneck carries shape [0]"),
     ema_decay: Optional[float] = typer.Option(None, help="EMA decay of the saved weights [0.9999]"),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flips [on]"),
     mixed_precision: Optional[str] = typer.Option(None, help="auto | no | bf16 [auto: bf16 on a GPU]"),
@@ -63,7 +65,8 @@ def train(
         channels=int_list(channels, "--channels"), layers_per_block=layers_per_block,
         attention_levels=int_list(attention_levels, "--attention-levels"), norm_groups=norm_groups, dropout=dropout,
         train_timesteps=train_timesteps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps, steps=steps, snr_gamma=snr_gamma, ema_decay=ema_decay, hflip=hflip,
+        warmup_steps=warmup_steps, steps=steps, snr_gamma=snr_gamma, skip_dropout=skip_dropout, ema_decay=ema_decay,
+        hflip=hflip,
         mixed_precision=mixed_precision,
         seed=seed, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, sample_steps=sample_steps,
         grid_size=grid_size, resume=resume, overwrite=overwrite,
@@ -88,3 +91,36 @@ def int_list(text: str | None, what: str) -> tuple[int, ...] | None:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise UserError(f"{what} {text!r}: give comma-separated integers, e.g. 32,64,64") from None
+
+
+@app.command("eval")
+def eval_command(
+    generator: str = typer.Argument(..., help="generator dir (from clsp diffusion train --out) or hub id"),
+    source: Optional[str] = typer.Option(None, help="labelled real data: digits | parquet:PATH_OR_GLOB | folder:DIR | "
+                                         "cifar10:DIR | cifar100:DIR; default: the source in the generator's card"),
+    split: Optional[str] = typer.Option(None, help="real split to compare with; default: the card's, else train"),
+    out: Optional[Path] = typer.Option(None, help="directory for quality.json and quality.md; default: the generator"),
+    samples: int = typer.Option(1000, help="plain samples generated (and at most as many real images)"),
+    steps: int = typer.Option(50, help="DDIM steps of the plain samples"),
+    eta: float = typer.Option(0.0, help="DDIM eta of the plain samples"),
+    seed: int = typer.Option(0, help="sample noise and real sample"),
+    neighbours: int = typer.Option(3, help="k of the k-NN manifolds for precision and recall"),
+    components: int = typer.Option(32, help="PCA components of the fixed pixel feature space"),
+    batch_size: int = typer.Option(256, help="images per sampler call"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
+    inception_weights: Optional[Path] = typer.Option(None, help="local torch-fidelity Inception-v3 weights (.pth): "
+                                                     "adds real FID; needs the optional extra fid (torchmetrics)"),
+) -> None:
+    """Offline quality of a generator: Frechet distance, precision/recall and confident samples (+ FID if asked)."""
+    from eval.quality import QualityConfig, run_quality
+
+    try:
+        config = QualityConfig(generator, source, split, None if out is None else str(out), samples, steps, eta,
+                               seed, neighbours, components, batch_size, device,
+                               None if inception_weights is None else str(inception_weights))
+        written = run_quality(config)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    typer.echo(written["md"].read_text())
+    typer.echo(f"wrote {written['json']} and {written['md']}" +
+               ("; recorded in the generator's card.json and README.md" if written["card"] else ""))

@@ -1,25 +1,30 @@
-"""The run directory of `clsp diffusion train`: its config file, atomic checkpoints and log.
+"""The run directory of `clsp diffusion train`: its record, atomic checkpoints and log.
 
-A run directory is ours when it holds train_config.json; it is resumed only with the same training fields.
-Checkpoints are written to a temp dir and renamed into place, so a listed checkpoint is always complete.
+Refusing, resuming and overwriting the folder follow clsp.run_dir (GENERATOR_RUN): train_config.json is the record,
+and a run is resumed only with the same training fields. Checkpoints are written to a temp dir and renamed into place,
+so a listed checkpoint is always complete, and one that runs out of room leaves nothing behind.
 """
 from __future__ import annotations
 
 import csv
-import json
+import io
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from clsp.errors import UserError
+from clsp.accelerator import broadcast_int
+from clsp.run_dir import (IS_PNG, IS_TORCH_SAVE, RunDir, RunKind, is_safetensors, is_temp_of, json_with, owned_files,
+                          partial_removed, read_json, refused_if_not_ours, starts_with, write_atomic)
+from synth.models import CARD_NAME, INDEX_NAME  # INDEX_NAME is written last: a finished generator
 
 if TYPE_CHECKING:
     from synth.diffusion_train import DiffusionTrainConfig
 
 CONFIG_NAME = "train_config.json"
 STEP_PREFIX = "step-"
+LOG_FIELDS = ("step", "loss", "lr", "images_per_s")
 
 
 def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
@@ -32,40 +37,42 @@ def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prepare_out_dir(cfg: DiffusionTrainConfig) -> int:
-    """Check `out` against cfg; return the step to resume from (0: fresh; -1: already finished, nothing to do)."""
-    out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a directory")
-    saved_file = out / CONFIG_NAME
-    if out.is_dir() and any(out.iterdir()):
-        if not saved_file.is_file():
-            raise UserError(f"--out {out} is not empty and was not made by `clsp diffusion train`: "
-                            f"choose a new or empty directory")
-        if cfg.overwrite:
-            shutil.rmtree(out)  # ours (it holds our config): start over
+def _finished(out: Path, steps: int) -> bool:
+    return (out / INDEX_NAME).is_file() and bool(checkpoint_dirs(out)) and checkpoint_dirs(out)[-1][0] >= steps
+
+
+def describe_run(out: Path) -> str:
+    if _finished(out, read_json(out / CONFIG_NAME)["steps"]):  # called on a folder that holds our record
+        return "a finished generator"
+    last = checkpoint_dirs(out)[-1][0] if checkpoint_dirs(out) else 0
+    return f"an unfinished run ({f'checkpoint at step {last}' if last else 'no checkpoint yet'})"
+
+
+# The files a generator run writes (also synth.models.save_generator's), recognised by name pattern and content.
+_OWNED = {
+    CONFIG_NAME: json_with("clsp_run"), "log.csv": starts_with(",".join(LOG_FIELDS).encode()),
+    "checkpoints/*step-*/*.safetensors": is_safetensors, "checkpoints/*step-*/state.pt": IS_TORCH_SAVE,  # + .tmp-step-N
+    "samples/step-*.png": IS_PNG, "samples/.step-*.png.tmp-*": lambda p: p.name.rsplit("-", 1)[1].isdigit(),
+    "unet/config.json": json_with("_class_name"), "unet/diffusion_pytorch_model.safetensors": is_safetensors,
+    "scheduler/scheduler_config.json": json_with("_class_name"), CARD_NAME: json_with("weights_sha256"),
+    "README.md": starts_with(b"# Generator "), INDEX_NAME: json_with("_class_name"),
+    **{f".{name}.tmp-*": is_temp_of(name) for name in (CONFIG_NAME, "log.csv", CARD_NAME, "README.md", INDEX_NAME)},
+}
+GENERATOR_RUN = RunKind("generator", CONFIG_NAME, "clsp diffusion train", owned=lambda out: owned_files(out, _OWNED),
+                        describe=describe_run, legacy_keys=("channels", "train_timesteps", "ema_decay"))
+
+
+def resume_step(cfg: DiffusionTrainConfig, claim: RunDir, procs) -> int:
+    """The step to train from in a claimed folder: 0 fresh, the newest checkpoint's step, or -1 (finished: nothing to
+    do). All processes call this; the main one decides."""
+    start = 0
+    if claim.resumed and procs.is_main_process:
+        if _finished(cfg.out, cfg.steps):
+            start = -1
         else:
-            saved = json.loads(saved_file.read_text())
-            now = cfg.training_fields()
-            differs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
-                       if saved.get(k) != now.get(k)]
-            if differs:
-                raise UserError(f"--out {out} holds a run with another config ({'; '.join(differs)}): "
-                                f"pass the same options to resume it, another --out, or --overwrite to replace it")
-            last = checkpoint_dirs(out)[-1][0] if checkpoint_dirs(out) else 0
-            finished = (out / "model_index.json").is_file() and last >= cfg.steps
-            if not cfg.resume:
-                what = ("a finished generator" if finished else
-                        f"an unfinished run ({f'checkpoint at step {last}' if last else 'no checkpoint yet'})")
-                raise UserError(f"--out {out} already holds {what} with this config: pass --resume to "
-                                f"{'keep it' if finished else 'continue it'} or --overwrite to train again")
-            if finished:
-                return -1
-            (out / "model_index.json").unlink(missing_ok=True)  # about to change: must not look complete
-            return last
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(json.dumps(cfg.training_fields(), indent=2) + "\n")
-    return 0
+            (cfg.out / INDEX_NAME).unlink(missing_ok=True)  # about to change: must not look complete
+            start = checkpoint_dirs(cfg.out)[-1][0] if checkpoint_dirs(cfg.out) else 0
+    return broadcast_int(procs, start)
 
 
 def save_checkpoint(out: Path, step: int, unet, ema, optimizer, extra: dict, keep: int) -> Path:
@@ -75,10 +82,13 @@ def save_checkpoint(out: Path, step: int, unet, ema, optimizer, extra: dict, kee
     final = out / "checkpoints" / f"{STEP_PREFIX}{step:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp / "ema_unet.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, **extra}, tmp / "state.pt")
+    with partial_removed(tmp, f"while writing a checkpoint in {out}", " with --resume (the last complete checkpoint "
+                         "is kept)"):
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                  tmp / "ema_unet.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, **extra}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for _, old in checkpoint_dirs(out)[:-keep]:
@@ -90,22 +100,27 @@ def load_checkpoint(path: Path, unet, ema, optimizer) -> dict:
     """Restore weights (safetensors) and optimizer state (torch.load, weights_only); return the state dict."""
     from safetensors.torch import load_file
 
-    unet.load_state_dict(load_file(path / "unet.safetensors"))
-    ema.load_state_dict(load_file(path / "ema_unet.safetensors"))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    fix = f"delete {path} to resume from the checkpoint before it, or start again with --overwrite"
+    for name, model in (("unet.safetensors", unet), ("ema_unet.safetensors", ema)):
+        with refused_if_not_ours(path / name, fix):
+            model.load_state_dict(load_file(path / name))
+    with refused_if_not_ours(path / "state.pt", fix):
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
     return state
 
 
 def append_log(out: Path, rows: list[dict], truncate_after: int | None = None) -> None:
-    """Append rows to log.csv; on resume, first drop rows past the checkpoint (they will be trained again)."""
-    path, fields = out / "log.csv", ["step", "loss", "lr", "images_per_s"]
+    """Add rows to log.csv (rewritten atomically); on resume, first drop rows past the checkpoint (they will be
+    trained again)."""
+    path = out / "log.csv"
     kept = []
     if path.is_file():
-        kept = list(csv.DictReader(path.open()))
+        kept = [r for r in csv.DictReader(io.StringIO(path.read_text())) if str(r.get("step")).isdigit()]
         if truncate_after is not None:
             kept = [r for r in kept if int(r["step"]) <= truncate_after]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept + rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(kept + rows)
+    write_atomic(path, buffer.getvalue())

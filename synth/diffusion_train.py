@@ -5,7 +5,7 @@ from a generator seeded by (seed, s) alone, and the learning rate is a function 
 uninterrupted one exactly and the global batch does not depend on the number of processes (each rank takes its slice).
 
 Output directory:
-    train_config.json                   what was asked for (a later run must match it to resume)
+    train_config.json                   what was asked for: the record (clsp.run_dir); a resume must match it
     checkpoints/step-000500/            unet.safetensors, ema_unet.safetensors, state.pt (optimizer, step, loss)
     samples/step-000500.png             DDIM sample grid of the EMA model from a fixed seed, one per checkpoint
     log.csv                             step, loss, lr, images_per_s
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +29,11 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.errors import UserError
 from clsp.hashing import keyed_seed
+from clsp.run_dir import prepare_run_dir, write_atomic
 from clsp.sources import SPLITS, load_arrays, open_source
-from synth.diffusion_run_dir import (STEP_PREFIX, append_log, checkpoint_dirs, load_checkpoint, prepare_out_dir,
-                                     save_checkpoint)
+from synth.diffusion_run_dir import (GENERATOR_RUN, STEP_PREFIX, append_log, checkpoint_dirs, load_checkpoint,
+                                     resume_step, save_checkpoint)
+from synth.unet_split import SkipDropout
 
 RUN_OPTIONS = ("out", "resume", "overwrite")  # how to run, not what to train: may differ between a run and its resume
 MIXED_PRECISION = ("auto", "no", "bf16")  # auto: bf16 on a GPU, no on the CPU
@@ -63,6 +67,7 @@ class DiffusionTrainConfig:
     steps: int = 800_000
     grad_clip: float = 1.0
     snr_gamma: float = 0.0  # 0: the plain DDPM loss; > 0: Min-SNR weighting
+    skip_dropout: float = 0.0  # P(a sample's below-full-resolution skips are zeroed); > 0 makes the bottleneck carry shape
     ema_decay: float = 0.9999
     hflip: bool = True
     mixed_precision: str = "auto"
@@ -103,6 +108,8 @@ class DiffusionTrainConfig:
             problems.append(f"warmup_steps = {self.warmup_steps}: must be >= 0")
         if self.snr_gamma < 0:
             problems.append(f"snr_gamma = {self.snr_gamma}: must be >= 0 (0 turns Min-SNR weighting off)")
+        if not 0 <= self.skip_dropout < 1:
+            problems.append(f"skip_dropout = {self.skip_dropout}: must be in [0, 1), e.g. 0.5 (0 turns it off)")
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout = {self.dropout}: must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
@@ -132,8 +139,8 @@ PRESETS: dict[str, dict] = {
     "embedded": dict(
         source="digits", split="train", image_size=16, channels=(32, 64, 64), layers_per_block=1,
         attention_levels=(1,), norm_groups=8, dropout=0.0, batch_size=32, lr=2e-3, lr_schedule="cosine",
-        warmup_steps=100, steps=1600, snr_gamma=5.0, ema_decay=0.995, hflip=False, checkpoint_every=400,
-        grid_size=64,
+        warmup_steps=100, steps=4000, snr_gamma=5.0, skip_dropout=0.5, ema_decay=0.995, hflip=False,
+        checkpoint_every=500, grid_size=64,
     ),
     "ddpm-cifar10": {},  # the dataclass defaults
 }
@@ -158,14 +165,16 @@ def build_scheduler(cfg: DiffusionTrainConfig) -> DDIMScheduler:
 
 
 def diffusion_loss(unet, scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   snr_gamma: float = 0.0) -> torch.Tensor:
+                   snr_gamma: float = 0.0, skip_keep: torch.Tensor | None = None) -> torch.Tensor:
     """DDPM simple loss || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2; x0, noise: (B, 3, H, W).
 
     snr_gamma > 0 weights each sample by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023): less effort on the
-    nearly clean timesteps, so global shape is learnt in fewer steps.
+    nearly clean timesteps, so global shape is learnt in fewer steps. skip_keep (B,) bool: `unet` is then a
+    synth.unet_split.SkipDropout and rows with False lose their below-full-resolution skips.
     """
     x_t = scheduler.add_noise(x0, noise, timesteps)  # (B, 3, H, W)
-    per_sample = (unet(x_t, timesteps).sample.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    eps = unet(x_t, timesteps).sample if skip_keep is None else unet(x_t, timesteps, skip_keep)  # (B, 3, H, W)
+    per_sample = (eps.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma > 0:
         abar = scheduler.alphas_cumprod.to(x0.device)[timesteps]  # (B,)
         snr = abar / (1 - abar)
@@ -215,18 +224,25 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     if images.shape[-1] < 64:  # small images: enlarge (nearest) so the grid can be looked at
         images = F.interpolate(images, scale_factor=math.ceil(64 / images.shape[-1]), mode="nearest")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    save_image(images, tmp, nrow=max(1, int(math.sqrt(len(images)))), padding=2, pad_value=1.0)
-    tmp.replace(path)
+    png = io.BytesIO()
+    save_image(images, png, format="png", nrow=max(1, int(math.sqrt(len(images)))), padding=2, pad_value=1.0)
+    write_atomic(path, png.getvalue())
 
 
 
 # --- the training run -----------------------------------------------------------------------------------------------
 def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Path:
-    """Train (or resume) per cfg; write the EMA generator to cfg.out and return cfg.out. `command`: for the card."""
+    """Train (or resume) per cfg; write the EMA generator to cfg.out and return cfg.out. `command`: for the card.
+
+    SIGTERM stops the run after the current step with a checkpoint, and a UserError that says how to resume."""
+    with ExitStack() as stack:  # holds the claim on cfg.out (clsp.run_dir) until the run ends
+        return _train(cfg, command, stack)
+
+
+def _train(cfg: DiffusionTrainConfig, command: str | None, stack: ExitStack) -> Path:
     from tqdm.auto import tqdm
 
-    from clsp.accelerator import fresh_accelerator
+    from clsp.accelerator import SigtermFlag, any_process, fresh_accelerator
     from synth.models import save_generator
 
     cuda = torch.cuda.is_available()
@@ -235,25 +251,19 @@ def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Pa
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} does not split over {world} processes: use a multiple of {world}")
-    refusal, start = None, 0
-    if accelerator.is_main_process:  # it alone inspects and prepares the output directory
-        try:
-            start = prepare_out_dir(cfg)
-        except UserError as err:
-            refusal, start = err, -2
-    start = broadcast_int(accelerator, start)
-    if start == -2:
-        raise refusal or UserError(f"the main process refused --out {cfg.out} (see its message)")
-    if start < 0:
-        accelerator.print(f"{cfg.out} already holds the finished generator for this config: nothing to do")
-        return cfg.out
-
     source = open_source(cfg.source, cfg.split, cfg.image_size)
     images_np, _, _ = load_arrays(source)  # (N, H, W, 3) uint8
     size = images_np.shape[1]
     if size % 2 ** (len(cfg.channels) - 1):
         raise UserError(f"{source.name} images are {size} px, not divisible by {2 ** (len(cfg.channels) - 1)} "
                         f"for a {len(cfg.channels)}-level UNet: pass --image-size or fewer channel levels")
+    # the input is checked: claim the folder (nothing was written before this line)
+    claim = stack.enter_context(prepare_run_dir(cfg.out, cfg.training_fields(), GENERATOR_RUN, cfg.resume,
+                                                cfg.overwrite, accelerator))
+    start = resume_step(cfg, claim, accelerator)
+    if start < 0:
+        accelerator.print(f"{cfg.out} already holds the finished generator for this config: nothing to do")
+        return cfg.out
     images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(accelerator.device)  # (N, 3, H, W) uint8
 
     with torch.random.fork_rng(devices=[]):
@@ -262,8 +272,11 @@ def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Pa
     ema = copy.deepcopy(unet).requires_grad_(False).eval().to(accelerator.device)
     scheduler = build_scheduler(cfg)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.skip_dropout > 0:  # same weights, a forward that can drop skips; the saved generator is the plain UNet
+        unet = SkipDropout(unet)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     raw = accelerator.unwrap_model(unet)
+    raw = getattr(raw, "unet", raw)  # the UNet2DModel itself (checkpoints, EMA)
     state = {"loss": float("nan"), "wall_time_s": 0.0}
     if start > 0:
         state = load_checkpoint(checkpoint_dirs(cfg.out)[-1][1], raw, ema, optimizer)
@@ -272,47 +285,59 @@ def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Pa
         append_log(cfg.out, [], truncate_after=start)
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not accelerator.is_main_process, desc="diffusion train")
+    stack.callback(bar.close)  # also on an error: its message then starts on a line of its own
     t0, window, log_rows, tick = time.perf_counter(), [], [], time.perf_counter()
     local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     unet.train()
-    for step in range(start, cfg.steps):
-        g = step_generator(cfg.seed, step)  # the global batch: every rank draws it all and takes its slice
-        index = torch.randint(len(images), (cfg.batch_size,), generator=g)[local]
-        timesteps = torch.randint(cfg.train_timesteps, (cfg.batch_size,), generator=g)[local]
-        noise = torch.randn((cfg.batch_size, 3, size, size), generator=g)[local]  # (b, 3, H, W)
-        flip = (torch.rand(cfg.batch_size, generator=g) < 0.5)[local]
-        x0 = images[index.to(images.device)].float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
-        if cfg.hflip:
-            x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        loss = diffusion_loss(unet, scheduler, x0, noise.to(x0.device), timesteps.to(x0.device), cfg.snr_gamma)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(ema, raw, cfg.ema_decay, step)
-        window.append(loss.detach())
-        done = step + 1
-        if done % LOG_EVERY == 0 or done == cfg.steps or done % cfg.checkpoint_every == 0:
-            mean = accelerator.reduce(torch.stack(window).mean(), "mean").item()
-            now = time.perf_counter()
-            log_rows.append({"step": done, "loss": f"{mean:.5f}", "lr": f"{lr_at(cfg, step):.3g}",
-                             "images_per_s": f"{len(window) * cfg.batch_size / (now - tick):.1f}"})
-            state["loss"], window, tick = mean, [], now
-            bar.set_postfix(loss=f"{mean:.4f}")
-        bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            if accelerator.is_main_process:
-                state["wall_time_s"] = state.get("wall_time_s", 0.0) + time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save_checkpoint(cfg.out, done, raw, ema, optimizer,
-                                {"loss": state["loss"], "wall_time_s": state["wall_time_s"]}, cfg.keep_checkpoints)
-                save_grid(sample_grid(ema, scheduler, cfg.grid_size, cfg.sample_steps, cfg.seed),
-                          cfg.out / "samples" / f"{STEP_PREFIX}{done:06d}.png")
-                append_log(cfg.out, log_rows)
-                log_rows = []
-            accelerator.wait_for_everyone()
+    with SigtermFlag() as sigterm:
+        for step in range(start, cfg.steps):
+            g = step_generator(cfg.seed, step)  # the global batch: every rank draws it all and takes its slice
+            index = torch.randint(len(images), (cfg.batch_size,), generator=g)[local]
+            timesteps = torch.randint(cfg.train_timesteps, (cfg.batch_size,), generator=g)[local]
+            noise = torch.randn((cfg.batch_size, 3, size, size), generator=g)[local]  # (b, 3, H, W)
+            flip = (torch.rand(cfg.batch_size, generator=g) < 0.5)[local]
+            keep = None  # drawn only when used, so runs without skip dropout keep their exact random stream
+            if cfg.skip_dropout > 0:
+                keep = (torch.rand(cfg.batch_size, generator=g) >= cfg.skip_dropout)[local].to(accelerator.device)
+            x0 = images[index.to(images.device)].float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
+            if cfg.hflip:
+                x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            loss = diffusion_loss(unet, scheduler, x0, noise.to(x0.device), timesteps.to(x0.device), cfg.snr_gamma,
+                                  keep)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema_update(ema, raw, cfg.ema_decay, step)
+            window.append(loss.detach())
+            done = step + 1
+            scheduled = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            stop = any_process(accelerator, sigterm.raised)[0]  # every process stops after the same step
+            if done % LOG_EVERY == 0 or scheduled or stop:
+                mean = accelerator.reduce(torch.stack(window).mean(), "mean").item()
+                now = time.perf_counter()
+                log_rows.append({"step": done, "loss": f"{mean:.5f}", "lr": f"{lr_at(cfg, step):.3g}",
+                                 "images_per_s": f"{len(window) * cfg.batch_size / (now - tick):.1f}"})
+                state["loss"], window, tick = mean, [], now
+                bar.set_postfix(loss=f"{mean:.4f}")
+            bar.update(1)
+            if scheduled or stop:
+                if accelerator.is_main_process:
+                    state["wall_time_s"] = state.get("wall_time_s", 0.0) + time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    save_checkpoint(cfg.out, done, raw, ema, optimizer,
+                                    {"loss": state["loss"], "wall_time_s": state["wall_time_s"]}, cfg.keep_checkpoints)
+                    if scheduled:
+                        save_grid(sample_grid(ema, scheduler, cfg.grid_size, cfg.sample_steps, cfg.seed),
+                                  cfg.out / "samples" / f"{STEP_PREFIX}{done:06d}.png")
+                    append_log(cfg.out, log_rows)
+                    log_rows = []
+                accelerator.wait_for_everyone()
+            if stop:
+                raise UserError(f"stopped by SIGTERM after step {done}; a checkpoint was saved in {cfg.out}: rerun "
+                                f"the same command with --resume to continue")
     bar.close()
 
     if accelerator.is_main_process:
@@ -325,19 +350,21 @@ def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Pa
             "steps": cfg.steps, "final_loss": state["loss"], "wall_time_s": round(state["wall_time_s"], 1),
             "parameters": sum(p.numel() for p in ema.parameters()), "processes": world,
             "mixed_precision": precision, "package_versions": package_versions(),
+            "machine": machine_info(accelerator.device),
         }
         save_generator(cfg.out, ema.cpu(), scheduler, card)
     accelerator.wait_for_everyone()
     return cfg.out
 
 
-def broadcast_int(accelerator, value: int) -> int:
-    """The main process's value on every process."""
-    from accelerate.utils import broadcast
+def machine_info(device: torch.device) -> dict:
+    """Where the generator was trained (for its card): the float results, and so the weights, depend on it."""
+    import os
+    import platform
 
-    if accelerator.num_processes == 1:
-        return value
-    return int(broadcast(torch.tensor([value], device=accelerator.device))[0])
+    cuda = device.type == "cuda"
+    return {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else None}
 
 
 def package_versions() -> dict:

@@ -8,10 +8,8 @@ final name only when complete (ShardWriter), so a killed job is resumed by runni
 """
 from __future__ import annotations
 
-import errno
-import json
 import math
-import os
+import platform
 import re
 import sys
 import time
@@ -23,17 +21,20 @@ import torch
 from tqdm.auto import tqdm
 
 from clsp import __version__
+from clsp.accelerator import resolve_device
 from clsp.errors import UserError
 from clsp.presets import preset_values
+from clsp.run_dir import (RunKind, is_tar, json_with, owned_files, partial_removed, prepare_run_dir, read_record,
+                          remove_files, starts_with)
 from clsp.sources import Record, open_source
-from shards.manifest import INDEX, MANIFEST, write_manifest
+from shards.manifest import FORMAT, INDEX, MANIFEST, AgreementScorer, write_manifest
 from shards.schema import SCHEMA_VERSION, ShardSample
-from shards.writer import SHARD_PATTERN, ShardWriter, shard_name, temp_files
+from shards.writer import SHARD_PATTERN, TEMP_PREFIX, ShardWriter, shard_name
 from synth.models import load_generator
 from synth.sampler import SamplerConfig, candidate_seed, row_generators, sample_positives, start_noise
 from synth.unet_split import compile_blocks
 
-RUN_FILE = "run.json"  # the intended run, written before any shard: a rerun is compared against it
+RUN_FILE = "run.json"  # the intended run (the record), written before any shard: a rerun is compared against it
 CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --batch-size is not given
 GPU_BATCH_ROWS = 2048  # first try on a GPU; halved on out-of-memory until it fits
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name; any other missing path is an error
@@ -53,10 +54,11 @@ class SynthConfig:
     anchors_per_shard: int = 1000
     batch_size: int | None = None  # rows (anchors x K) per forward; None: CPU_BATCH_ROWS, or fill the GPU
     limit: int | None = None  # only the first N anchors (quick runs, tests)
-    device: str | None = None  # "cpu" | "cuda"; None: cuda when available
+    device: str | None = None  # "cpu" | "cuda"; None or "auto": cuda when available
     bf16: bool = True  # bf16 autocast on a GPU (ignored on the CPU)
     compile: bool = False  # torch.compile the UNet's blocks
     overwrite: bool = False  # clear shards made with other settings instead of refusing
+    score_reference: bool = False  # also score each positive's class agreement with a reference classifier (labels)
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -71,8 +73,11 @@ class SynthConfig:
             problems.append(f"limit = {self.limit}: use 1 or more anchors, or leave it out for all")
         if self.seed < 0:
             problems.append(f"seed = {self.seed}: use a seed >= 0")
-        if self.device not in (None, "cpu", "cuda"):
-            problems.append(f"device {self.device!r}: use cpu or cuda")
+        try:
+            if resolve_device(self.device).index is not None:  # one GPU per process: PartialState picks it
+                problems.append(f"--device {self.device}: use cuda (CUDA_VISIBLE_DEVICES picks the GPU)")
+        except UserError as error:
+            problems.append(str(error))
         if self.resize and self.image_size is not None:
             problems.append("--resize and --image-size both set the anchor size: keep one")
         if not Path(self.model).expanduser().exists() and not HUB_ID.match(self.model):
@@ -107,24 +112,45 @@ def run_synth(cfg: SynthConfig):
     process, None on the others. Run under torchrun/accelerate for several processes; works as a single process."""
     from accelerate import PartialState  # imported here: `import synth.job` stays cheap
 
-    use_cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible: drop --device or use --device cpu")
-    state = PartialState(cpu=not use_cuda)  # cpu=True: torchrun on a CPU machine forms a gloo group
+    state = PartialState(cpu=resolve_device(cfg.device).type != "cuda")  # cpu: torchrun on a CPU forms a gloo group
+    threads = torch.get_num_threads()
+    try:
+        _use_recorded_threads(cfg, state)
+        return _run(cfg, state)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: SynthConfig, state):
     unet, scheduler, info = _load_generator(cfg)
     source = _open_matching_source(cfg, _sample_size(unet))
     count = len(source) if cfg.limit is None else min(cfg.limit, len(source))
     if count == 0:
         raise UserError(f"{source.name} holds no images: check the source spec and split")
-    run = run_metadata(cfg, source, count, info)
-    _prepare_out_dir(cfg, run, state)
+    run = {**run_metadata(cfg, source, count, info), "compute": compute_record(cfg, state.device)}
+    agreement = reference_scorer(cfg.source, source.image_size) if cfg.score_reference and state.is_main_process \
+        else None  # fitted before the folder is claimed: a source without labels is refused with nothing written
+    with prepare_run_dir(cfg.out, run, SYNTH_RUN, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
+        if claim.resumed and state.is_main_process:  # a killed run's temp files; the manifest is rewritten at the end
+            remove_files(cfg.out, [p for p in SYNTH_RUN.owned(cfg.out) if p.name != RUN_FILE
+                                   and not SHARD_PATTERN.match(p.name)])
+        num_shards = math.ceil(count / cfg.anchors_per_shard)
+        todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
+        mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
+        state.wait_for_everyone()  # all ranks listed the dir before any new shard appears
+        _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, mine)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        manifest = write_manifest(cfg.out, run, agreement)
+    tqdm.write(f"{cfg.out}: {num_shards} shards, {count} anchors x {cfg.k} positives; manifest written",
+               file=sys.stderr)
+    return manifest
 
-    num_shards = math.ceil(count / cfg.anchors_per_shard)
-    todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
-    mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
-    state.wait_for_everyone()  # all ranks listed the dir before any new shard appears
+
+def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, mine) -> None:
     unet = prepare_unet(unet, state.device, cfg.compile)
-    batch_rows = cfg.batch_size or (GPU_BATCH_ROWS if use_cuda else CPU_BATCH_ROWS)
+    batch_rows = cfg.batch_size or (GPU_BATCH_ROWS if state.device.type == "cuda" else CPU_BATCH_ROWS)
     progress = _progress_bar(cfg, todo, count, num_shards, state)
     try:
         for index in mine:
@@ -137,13 +163,6 @@ def run_synth(cfg: SynthConfig):
                        f"positives ({rate:.1f} images/s)", file=sys.stderr)
     finally:
         progress.close()  # before any error message, so that it starts on its own line
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    manifest = write_manifest(cfg.out, run)
-    tqdm.write(f"{cfg.out}: {num_shards} shards, {count} anchors x {cfg.k} positives; manifest written",
-               file=sys.stderr)
-    return manifest
 
 
 # --- setup ---------------------------------------------------------------------------------------------------------
@@ -178,7 +197,8 @@ def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
     """What the shards are made of: the manifest's `run` record, also written to run.json before any shard."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "source": {"spec": cfg.source, "split": cfg.split, "fingerprint": source.fingerprint(), "count": count},
+        "source": {"spec": cfg.source, "split": cfg.split, "fingerprint": source.fingerprint(), "count": count,
+                   **({"num_classes": len(source.classes)} if source.classes else {})},  # bounds the labels
         "generator": {"model_id": info["model_id"], "weights_sha256": info["weights_sha256"]},
         "sampler": {"w": cfg.sampler.w, "steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
                     "share_anchor_noise": cfg.sampler.share_anchor_noise},
@@ -190,57 +210,78 @@ def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
     }
 
 
-# Keys that decide the shards' content; a dir made with other values is refused (spec text and version may differ).
-_IDENTITY = ["schema_version", "source.split", "source.fingerprint", "source.count", "generator.weights_sha256",
-             "sampler.w", "sampler.steps", "sampler.eta", "sampler.share_anchor_noise", "k", "seed", "image_size",
-             "anchors_per_shard"]
+def reference_scorer(spec: str, image_size: int) -> AgreementScorer:
+    """Class agreement of each positive: eval.audit's reference (PCA of pixels + logistic regression, its default
+    settings, so that every run is scored alike) fitted on the source's labelled train split."""
+    from clsp.sources import load_arrays
+    from eval.audit import AuditConfig, fit_reference
+
+    config = AuditConfig()
+    try:
+        train = open_source(spec, "train", image_size)
+        reference = fit_reference(*load_arrays(train)[:2], config)
+    except (UserError, ValueError) as error:
+        raise UserError(f"--score-reference fits a classifier on the labelled train split of {spec}, which failed: "
+                        f"{error}; leave --score-reference out for a source without labels") from None
+
+    def score(positives: np.ndarray, labels: np.ndarray) -> np.ndarray:  # (n, K, H, W, 3), (n,) -> (n, K)
+        n, k = positives.shape[:2]
+        return reference.class_probability(positives.reshape(n * k, *positives.shape[2:]), np.repeat(labels, k)) \
+            .reshape(n, k)
+
+    record = {"reference": f"{reference.describe()}; LogisticRegression on its standardised features",
+              "fitted_on": {"spec": spec, "split": "train", "fingerprint": train.fingerprint()},
+              "pca_components": config.pca_components, "max_fit": config.max_fit, "seed": config.seed}
+    return AgreementScorer(score, record)
 
 
-def _lookup(run: dict, dotted: str):
-    for part in dotted.split("."):
-        run = run.get(part) if isinstance(run, dict) else None
-    return run
+def compute_record(cfg: SynthConfig, device: torch.device) -> dict:
+    """What the shard bytes depend on besides the settings: device, CPU threads per process, precision, software.
+
+    Same settings + same record -> the same bytes, whatever the world size or batch size. A folder is only ever
+    continued with the record it was begun with (an identity field of run.json), so its shards never mix two."""
+    from importlib.metadata import version
+
+    cuda = device.type == "cuda"
+    return {"device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "threads": None if cuda else torch.get_num_threads(),  # CPU float sums depend on the thread count
+            "precision": "bf16" if cuda and cfg.bf16 else "fp32", "compiled": cfg.compile,
+            "machine": platform.machine(), "torch": torch.__version__, "diffusers": version("diffusers")}
 
 
-def run_differences(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every identity key that differs."""
-    return [f"{key}: {_lookup(old, key)!r} in the directory, {_lookup(new, key)!r} now"
-            for key in _IDENTITY if _lookup(old, key) != _lookup(new, key)]
+def _use_recorded_threads(cfg: SynthConfig, state) -> None:
+    """On the CPU, continue a folder with the thread count it was begun with (torchrun sets 1 per process), so that
+    its shards match; a note says so."""
+    record = None if cfg.overwrite or state.device.type != "cpu" else read_record(cfg.out, SYNTH_RUN)
+    threads = ((record or {}).get("compute") or {}).get("threads")
+    if isinstance(threads, int) and threads >= 1 and threads != torch.get_num_threads():
+        if state.is_main_process:
+            tqdm.write(f"note: {cfg.out} was begun with {threads} CPU thread(s) per process, this process has "
+                       f"{torch.get_num_threads()}: using {threads} so that its shards match", file=sys.stderr)
+        torch.set_num_threads(threads)
 
 
-def _stale_files(out: Path) -> list[Path]:
-    """What a resumed run deletes: temp files of killed writers, and the manifest/index (rewritten at the end)."""
-    return temp_files(out) + [p for p in (out / MANIFEST, out / INDEX) if p.is_file()]
+# The files a synth run writes, recognised by name pattern and content: what --overwrite deletes.
+_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(shard-[0-9]{{6}}\.tar|{re.escape(MANIFEST)}|{re.escape(INDEX)})"
+                        rf"\.[0-9]+$")  # what a killed writer leaves: ShardWriter's and the manifest's temp files
+_OWNED = {
+    "shard-*.tar": lambda p: bool(SHARD_PATTERN.match(p.name)) and is_tar(p),
+    f"{TEMP_PREFIX}*": lambda p: bool(_TEMP_NAME.match(p.name)),
+    MANIFEST: json_with(format=FORMAT),
+    INDEX: starts_with(b"PAR1"),  # Parquet's magic number
+    RUN_FILE: json_with("clsp_run"),
+}
 
 
-def _finished_shards(out: Path) -> list[Path]:
-    return sorted(p for p in out.iterdir() if SHARD_PATTERN.match(p.name)) if out.is_dir() else []
+def _describe(out: Path) -> str:
+    return f"a synth run ({len(list(out.glob('shard-*.tar')))} shards finished)"
 
 
-def _prepare_out_dir(cfg: SynthConfig, run: dict, state) -> None:
-    """All ranks check the dir (read only), then the main process clears/writes it while the others wait."""
-    out, run_file = cfg.out, cfg.out / RUN_FILE
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a directory")
-    old = json.loads(run_file.read_text()) if run_file.is_file() else None
-    has_shards = bool(_finished_shards(out))
-    if not cfg.overwrite:
-        if old is not None and run_differences(old, run):
-            raise UserError(f"{out} holds shards made with other settings ("
-                            f"{'; '.join(run_differences(old, run))}): pass --overwrite to delete them and start "
-                            f"again, or choose another --out")
-        if old is None and has_shards:
-            raise UserError(f"{out} holds shard files but no {RUN_FILE}, so their settings are unknown: pass "
-                            f"--overwrite to delete them, or choose another --out")
-    state.wait_for_everyone()  # everyone has read the old state before it changes
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        for path in _stale_files(out) + (_finished_shards(out) if cfg.overwrite else []):
-            path.unlink(missing_ok=True)
-        temp = run_file.with_name(RUN_FILE + ".tmp")
-        temp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
-        os.replace(temp, run_file)
-    state.wait_for_everyone()
+# Every run.json field must match to continue a folder, except these (the spec's wording, the hub name, clsp's version).
+SYNTH_RUN = RunKind("synth", RUN_FILE, "clsp synth run", owned=lambda out: owned_files(out, _OWNED),
+                    describe=_describe, operational=("source.spec", "generator.model_id", "package_version",
+                                                      "schema_version"),  # 1 -> 2: same shards, scored index
+                    legacy_keys=("schema_version", "generator", "sampler", "anchors_per_shard"))
 
 
 def prepare_unet(unet, device: torch.device, compile: bool = False):
@@ -275,7 +316,9 @@ def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progre
     """Sample and write shard `index`; returns the batch size (rows) that fitted, for the next shard."""
     path = cfg.out / shard_name(index)
     writer = ShardWriter(path, k=cfg.k, image_size=records[0].image.shape[0])
-    try:
+    # the writer removes its temp file too, but not always when its final flush fails on a full disk
+    with partial_removed(writer.temp, f"while writing {path.name} in {cfg.out}", f" (finished shards are kept; "
+                         f"{path.name} was not written)"):
         with writer:
             done = 0
             while done < len(records):
@@ -294,12 +337,6 @@ def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progre
                                              label=record.label, seeds=row_seeds))
                 done += len(batch)
                 progress.update(len(batch) * cfg.k * state.num_processes)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            writer.temp.unlink(missing_ok=True)  # the writer cannot always: its final flush fails too
-            raise UserError(f"disk full while writing {path.name} in {cfg.out}: free some space and run the same "
-                            f"command again (finished shards are kept; {path.name} was not written)") from None
-        raise
     return batch_rows
 
 

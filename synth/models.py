@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.errors import UserError
 from clsp.hashing import weights_sha256
+from clsp.run_dir import write_atomic
 
 CARD_NAME = "card.json"
 INDEX_NAME = "model_index.json"
@@ -142,23 +143,17 @@ def save_generator(out_dir: str | os.PathLike, unet: UNet2DModel, scheduler, car
     versions = {"diffusers": _version("diffusers"), "torch": torch.__version__}
     full_card = {**card, **info, "unet_config": dict(unet.config), "scheduler_class": type(scheduler).__name__,
                  "versions": versions}
-    _write_atomic(out / CARD_NAME, json.dumps(full_card, indent=2, sort_keys=True, default=str))
-    _write_atomic(out / "README.md", _readme(full_card))
+    write_atomic(out / CARD_NAME, json.dumps(full_card, indent=2, sort_keys=True, default=str))
+    write_atomic(out / "README.md", _readme(full_card))
     index = {"_class_name": "DDIMPipeline", "_diffusers_version": versions["diffusers"],
              "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]}
-    _write_atomic(out / INDEX_NAME, json.dumps(index, indent=2))
+    write_atomic(out / INDEX_NAME, json.dumps(index, indent=2))
     return info
 
 
 def _version(package: str) -> str:
     from importlib.metadata import version
     return version(package)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _readme(card: dict) -> str:

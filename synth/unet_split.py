@@ -128,6 +128,28 @@ def decode(
     return out
 
 
+class SkipDropout(torch.nn.Module):
+    """Training-time view of a UNet2DModel whose below-full-resolution skips are zeroed in the rows where keep is False.
+
+    Those rows must take the image's shape from the bottleneck alone, so the decoder learns to read it there: that is
+    what lets the CLSP sampler, which swaps in the anchor's bottleneck but keeps the sample's skips, carry the anchor's
+    class. Full-resolution skips (fine detail, the exact noise to predict) always pass. Nothing changes at sampling
+    time: the weights are the wrapped UNet2DModel's, and its plain forward is what gets saved.
+    """
+
+    def __init__(self, unet: UNet2DModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), t (B,), keep (B,) bool -> predicted noise (B, C, H, W)."""
+        temb = embed_time(self.unet, t, x.shape[0])  # (B, D)
+        h, skips = encode(self.unet, x, t, temb=temb)
+        mask = keep.to(h.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+        skips = tuple(s if s.shape[-1] == x.shape[-1] else s * mask for s in skips)
+        return decode(self.unet, h, skips, temb, t)
+
+
 def compile_blocks(unet: UNet2DModel, **compile_kwargs) -> UNet2DModel:
     """torch.compile, in place, the sub-modules encode/decode call; encode/decode then run compiled code.
 

@@ -13,7 +13,7 @@ from eval import latest, write_new
 from eval.features import extract_features
 from eval.knn import knn_accuracy, knn_predict
 from eval.linear import BackboneChangedError, ProbeConfig, linear_probe_accuracy, probe_backbone
-from eval.report import aggregate, mean_std, report, verdicts
+from eval.report import METRICS, aggregate, mean_std, report, verdicts
 from train.backbones import build_backbone
 
 FAST_PROBE = ProbeConfig(epochs=20, lr=0.5, batch_size=32, milestones=(12, 16))
@@ -171,10 +171,13 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     assert groups["synthetic"]["linear_top1"] == pytest.approx((82.0, 2.0, 3))  # sample std (ddof=1)
     assert groups["none"]["knn_best"] == pytest.approx((70.0, 1.0, 3))
     assert groups["synthetic"]["seeds"] == [0, 1, 2]
-    assert "on the linear probe CLSP beats its baseline (none) and has no augment runs" in out["verdicts"][0]
-    assert "Linear 82.00 ± 2.00 vs none 71.00 ± 1.00: +11.00 points, beats it" in out["verdicts"][0]
+    # paired by seed: +10, +11, +12 -> mean 11, sd 1, n 3: 11 ± t(0.975, 2) / sqrt(3) = 11 ± 2.48
+    assert out["verdicts"] == ["- **simclr** (lam 1.0), CLSP vs its baseline (none), 3 paired seeds: linear +11.00 "
+                               "points, better (interval [+8.52, +13.48]); kNN best +11.00 points, better (interval "
+                               "[+8.52, +13.48])."]
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "| simclr | synthetic | 1.0 | 3 | 81.00 ± 2.00 | 81.00 ± 2.00 | 82.00 ± 2.00 |" in text
+    assert ("| synthetic | 1.0 | 3 | 81.00 ± 2.00 | 81.00 ± 2.00 | 82.00 ± 2.00 | +11.00 [+8.52, +13.48] | "
+            "+11.00 [+8.52, +13.48] |") in text
     csv_lines = (tmp_path / "report" / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 7 and csv_lines[0].startswith("run,method,positives,lam,seed")
     assert (tmp_path / "report" / "summary.png").stat().st_size > 1000
@@ -182,19 +185,22 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
 
 
 def test_verdict_reports_noise_and_single_seeds_honestly():
+    from eval.paired import paired_differences
+
     assert math.isnan(mean_std([3.0])[1])
     close = aggregate([
         {"method": "moco", "positives": p, "lam": 0.5, "seed": s, "linear_top1": v, "knn_best": v, "knn_k20": v}
         for p, vals in (("synthetic", (50.0, 60.0)), ("augment", (51.0, 59.0))) for s, v in enumerate(vals)])
-    assert "CLSP has no none runs to compare with and is within noise of the augment control" in verdicts(close)[0]
-    assert "+0.00 points, is within noise of it" in verdicts(close)[0]
+    [line] = verdicts(paired_differences(close, METRICS))  # no none runs: only the control to compare with
+    assert line.startswith("- **moco** (lam 0.5), CLSP vs the augment control, 2 paired seeds: linear +0.00 points, "
+                           "within noise (interval [-12.71, +12.71])")  # diffs -1, +1: t(0.975, 1) = 12.71
     single = aggregate([{"method": "moco", "positives": p, "lam": 0.5, "seed": 0, "linear_top1": v, "knn_best": v,
                          "knn_k20": v} for p, v in (("synthetic", 60.0), ("none", 50.0))])
-    assert "CLSP cannot be judged against its baseline (none)" in verdicts(single)[0]
-    assert "no spread, so no verdict" in verdicts(single)[0]
+    assert "linear +10.00 points, no verdict (fewer than two paired seeds: no interval)" in verdicts(
+        paired_differences(single, METRICS))[0]
 
 
-# --- end to end: a tiny trained run, evaluated through the CLI and through a resumable study --------------------------
+# --- end to end: a tiny trained run, evaluated through the CLI (the study: tests/test_study.py) ------------------
 
 TINY_TRAIN = (("width", 2), ("epochs", 1), ("batch_size", 4), ("workers", 0), ("proj_hidden", 16), ("proj_dim", 8),
               ("warmup_epochs", 0.0), ("bf16", False))
@@ -217,7 +223,20 @@ def tiny_world(tmp_path_factory):
                 image = rng.integers(0, 50, (8, 8, 3)).astype(np.uint8)
                 image[:, 2 * c : 2 * c + 3] = 230  # a class-specific bright column band
                 Image.fromarray(image).save(root / "images" / split / f"c{c}" / f"{i}.png")
-    return root, shards, f"folder:{root / 'images'}"
+    source = f"folder:{root / 'images'}"
+    record_source(shards, source)
+    return root, shards, source
+
+
+def record_source(shards, spec: str) -> None:
+    """Make the shards' manifest say they were made from `spec`'s train split (runs and eval check that record)."""
+    from clsp.sources import open_source
+    from shards.manifest import read_manifest, write_manifest
+
+    run = read_manifest(shards).run
+    made_from = open_source(spec, "train", image_size=int(run["image_size"]))
+    write_manifest(shards, {**run, "source": {"spec": spec, "split": "train", "fingerprint": made_from.fingerprint(),
+                                              "count": len(made_from)}})
 
 
 def test_eval_all_command_end_to_end_and_idempotent(tiny_world):
@@ -249,38 +268,3 @@ def test_eval_all_command_end_to_end_and_idempotent(tiny_world):
 
     with pytest.raises(UserError, match="has no eval/results.json"):  # the root CLI prints it as one `error:` line
         report([root], root / "r2")
-
-
-def test_study_trains_evaluates_reports_and_resumes(tiny_world, capsys):
-    from eval.report import EvalConfig, StudyConfig, study
-
-    root, shards, source = tiny_world
-    config = StudyConfig(str(shards), source, str(root / "study"), methods=("simclr",), positives=("none", "synthetic"),
-                         seeds=(0, 1), train_preset=None, train_options=TINY_TRAIN,
-                         eval=EvalConfig(probe=ProbeConfig(epochs=3, milestones=(2,))))
-    summary = study(config)
-    assert [(g["positives"], len(g["seeds"])) for g in summary["groups"]] == [("none", 2), ("synthetic", 2)]
-    assert summary["verdicts"][0].startswith("- **simclr** (lam 1.0, seeds [0, 1]): on the linear probe CLSP ")
-    assert sorted(p.name for p in (root / "study" / "runs").iterdir()) == [
-        "simclr-none-seed0", "simclr-none-seed1", "simclr-synthetic-seed0", "simclr-synthetic-seed1"]
-    capsys.readouterr()
-    study(config)  # everything exists: nothing is trained or evaluated again
-    assert capsys.readouterr().out.count("results exist, skipped") == 4
-
-
-def test_study_command_passes_training_options_and_reports(tiny_world):
-    from typer.testing import CliRunner
-
-    from clsp.cli import app
-
-    root, shards, source = tiny_world
-    options = [arg for key, value in TINY_TRAIN for arg in ("--train-option", f"{key}={json.dumps(value)}")]
-    result = CliRunner().invoke(app, ["eval", "study", str(shards), "--source", source, "--out", str(root / "cli-study"),
-                                      "--methods", "simclr", "--positives", "none", "--seeds", "0", "--preset", "paper",
-                                      "--probe-epochs", "2", *options])
-    assert result.exit_code == 0, result.output
-    config = json.loads((root / "cli-study" / "runs" / "simclr-none-seed0" / "config.json").read_text())
-    assert config["config"]["width"] == 2 and config["config"]["epochs"] == 1
-    assert (root / "cli-study" / "report.md").is_file()
-    bad = CliRunner().invoke(app, ["eval", "study", str(shards), "--out", str(root / "x"), "--train-option", "epochs"])
-    assert bad.exit_code == 2 and "must look like KEY=VALUE" in bad.output

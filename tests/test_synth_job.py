@@ -143,7 +143,7 @@ def test_other_settings_are_refused_unless_overwrite(generator, tmp_path):
     assert again.exit_code == 0 and shard_hashes(out) == before
     refused = runner.invoke(app, ["synth", *small, "--seed", "7"])
     assert refused.exit_code == 2
-    assert "seed: 0 in the directory, 7 now" in refused.output and "--overwrite" in refused.output
+    assert "seed: 0 there, 7 now" in refused.output and "--overwrite" in refused.output
     assert shard_hashes(out) == before
     accepted = runner.invoke(app, ["synth", *small, "--seed", "7", "--overwrite"])
     assert accepted.exit_code == 0, accepted.output

@@ -7,14 +7,14 @@ A run directory holds:
                             cuda RNG of each process) and position.json (next epoch, step in epoch, global step)
     backbone.safetensors    the encoder evaluated downstream (`load_backbone`)
     log.csv, summary.json   per-step log; summary.json appears when the run finished
-A checkpoint is written to a temporary directory and renamed into place, so a kill leaves the previous one intact.
-Non-weight state is read back with `torch.load(weights_only=True)`; nothing is unpickled.
+A checkpoint is written to a temporary directory and renamed into place, so a kill or a full disk leaves the previous
+one intact. Non-weight state is read back with `torch.load(weights_only=True)`: nothing is executed, and a file that is
+not ours is refused with a clear error. The folder itself (refusing, resuming, --overwrite) is clsp.run_dir's.
 """
 from __future__ import annotations
 
 import csv
-import json
-import os
+import io
 import random
 import shutil
 from pathlib import Path
@@ -25,8 +25,11 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from clsp.errors import UserError
+from clsp.run_dir import (IS_TORCH_SAVE, is_safetensors, is_temp_of, json_with, owned_files, partial_removed, read_json,
+                          refused_if_not_ours, starts_with, write_atomic, write_json)
+
 CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY = "checkpoint", "backbone.safetensors", "config.json", "log.csv", "summary.json"
-RUN_FILES = (CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY)
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1")
 _TEMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
 
@@ -38,15 +41,31 @@ class Processes(Protocol):  # an accelerate Accelerator or PartialState
     def wait_for_everyone(self) -> None: ...
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+# The files a training run writes, recognised by name pattern and content: what --overwrite deletes.
+_OWNED = {
+    CONFIG: json_with("clsp_run"), f".{CONFIG}.tmp-*": is_temp_of(CONFIG),
+    SUMMARY: json_with("finished"), f".{SUMMARY}.tmp-*": is_temp_of(SUMMARY),
+    BACKBONE: is_safetensors, f".{BACKBONE}.tmp-*": is_temp_of(BACKBONE),
+    LOG: starts_with(",".join(LOG_COLUMNS).encode()),
+    **{f"{folder}/{name}": check for folder in (CHECKPOINT, _TEMP, _OLD) for name, check in {
+        "model.safetensors": is_safetensors, "*.pt": IS_TORCH_SAVE, "position.json": json_with("global_step"),
+        ".position.json.tmp-*": is_temp_of("position.json")}.items()},
+}
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def run_files(out: Path) -> list[Path]:
+    """The files of a training run in `out` (clsp.run_dir.owned_files)."""
+    return owned_files(out, _OWNED)
+
+
+def describe_run(out: Path) -> str:
+    if (out / SUMMARY).exists():
+        return "a finished training run"
+    found = find_checkpoint(out)
+    readable = found is not None and json_with("epoch", "step")(found / "position.json")
+    where = read_json(found / "position.json") if readable else None
+    return (f"a training run (checkpoint at epoch {where['epoch']} step {where['step']})" if where else
+            "a training run (no checkpoint yet)")
 
 
 def rng_state() -> dict[str, Any]:
@@ -85,13 +104,15 @@ def save_checkpoint(out: Path, procs: Processes, model: nn.Module, optimizer, sc
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir(parents=True)
     procs.wait_for_everyone()
-    torch.save(rng_state(), temp / f"rng-rank{procs.process_index}.pt")
-    if procs.is_main_process:
-        save_model(model, str(temp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), temp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), temp / "scheduler.pt")
-        write_json(temp / "position.json", position)
-        save_backbone(out, backbone)
+    with partial_removed(temp, f"while writing a checkpoint in {out}", " with --resume (the last complete checkpoint "
+                         "is kept)"):
+        torch.save(rng_state(), temp / f"rng-rank{procs.process_index}.pt")
+        if procs.is_main_process:
+            save_model(model, str(temp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), temp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), temp / "scheduler.pt")
+            write_json(temp / "position.json", position)
+            save_backbone(out, backbone)
     procs.wait_for_everyone()
     if procs.is_main_process:  # swap in the new checkpoint; `find_checkpoint` copes with a kill between the renames
         if final.exists():
@@ -106,19 +127,23 @@ def save_checkpoint(out: Path, procs: Processes, model: nn.Module, optimizer, sc
 def load_checkpoint(checkpoint: Path, process_index: int, model: nn.Module, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; returns the position to continue from."""
     rng_file = checkpoint / f"rng-rank{process_index}.pt"
+    fix = f"restore {checkpoint} or start again with --overwrite"
     if not rng_file.exists():
-        raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written by fewer processes")
-    load_model(model, str(checkpoint / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
-    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-    return read_json(checkpoint / "position.json")
+        raise UserError(f"{rng_file} is missing: the checkpoint was written by fewer processes; resume with as many "
+                        f"processes as before, or start again with --overwrite")
+    with refused_if_not_ours(checkpoint / "model.safetensors", fix):
+        load_model(model, str(checkpoint / "model.safetensors"))
+    for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        with refused_if_not_ours(checkpoint / name, fix):
+            target.load_state_dict(torch.load(checkpoint / name, map_location="cpu", weights_only=True))
+    with refused_if_not_ours(rng_file, fix):
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    with refused_if_not_ours(checkpoint / "position.json", fix):
+        return read_json(checkpoint / "position.json")
 
 
 def save_backbone(out: Path, backbone: nn.Module) -> None:
-    temp = out / f".{BACKBONE}.tmp"
-    save_model(backbone, str(temp))
-    os.replace(temp, out / BACKBONE)
+    write_atomic(out / BACKBONE, lambda temp: save_model(backbone, str(temp)))
 
 
 def load_backbone(run_dir: str | Path) -> tuple[nn.Module, dict]:
@@ -133,33 +158,14 @@ def load_backbone(run_dir: str | Path) -> tuple[nn.Module, dict]:
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} does not exist: train a model there first "
                                     "(`clsp train run SHARDS --out DIR`)")
-    config = read_json(run_dir / CONFIG)
-    spec = config["backbone"]
-    backbone, _ = build_backbone(spec["name"], width=spec["width"], small_stem=spec["small_stem"])
-    load_model(backbone, str(run_dir / BACKBONE))
+    fix = "point to a run directory written by `clsp train run`, or train it again there"
+    with refused_if_not_ours(run_dir / CONFIG, fix):
+        config = read_json(run_dir / CONFIG)
+        spec = config["backbone"]
+        backbone, _ = build_backbone(spec["name"], width=spec["width"], small_stem=spec["small_stem"])
+    with refused_if_not_ours(run_dir / BACKBONE, fix):
+        load_model(backbone, str(run_dir / BACKBONE))
     return backbone.eval(), config
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'key: old -> new' for every leaf that differs between two nested dicts."""
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
-
-
-def remove_run(out: Path) -> None:
-    """Delete what a previous run wrote to `out` (only the files this module names)."""
-    for name in (*RUN_FILES, _TEMP, _OLD):
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 class RunLog:
@@ -168,11 +174,10 @@ class RunLog:
     def __init__(self, path: Path, writer: bool, keep_steps: int):
         self.path, self.writer, self.rows, self.last = path, writer, [], None
         if writer and path.exists():
-            with open(path, newline="") as handle:
-                kept = [r for r in csv.DictReader(handle) if int(r["step"]) <= keep_steps]
-            self.path.unlink()
-            self.rows = kept
-            self.flush()
+            with open(path, newline="") as handle:  # a row cut short by a full disk is dropped with the rest
+                kept = [r for r in csv.DictReader(handle)
+                        if str(r.get("step")).isdigit() and int(r["step"]) <= keep_steps]
+            write_atomic(path, _csv_text(kept, header=True))
 
     def add(self, **row) -> None:
         self.last = {"knn_top1": "", **row}
@@ -184,11 +189,16 @@ class RunLog:
 
     def flush(self) -> None:
         if self.writer and self.rows:
-            new = not self.path.exists()
+            text = _csv_text(self.rows, header=not self.path.exists())
             with open(self.path, "a", newline="") as handle:
-                writer = csv.DictWriter(handle, LOG_COLUMNS)
-                if new:
-                    writer.writeheader()
-                writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
-                                 for r in self.rows)
+                handle.write(text)
         self.rows = []
+
+
+def _csv_text(rows: list[dict], header: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, LOG_COLUMNS, extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    return buffer.getvalue()

@@ -50,6 +50,11 @@ def run_command(
     knn_source: Optional[str] = typer.Option(None, help="Labelled source for the kNN monitor, e.g. digits."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable shards (counted in summary.json)."),
     expect_k: Optional[int] = typer.Option(None, help="Refuse shards that do not hold this many positives per anchor."),
+    positive_filter: Optional[str] = typer.Option(
+        None, help="Draw only synthetic positives whose score passes METRIC OP NUMBER, e.g. distance>=0.05 or "
+        "agreement>=0.5 (scores from the shards' index; an anchor with none left keeps its best one) [off]."),
+    positive_weighting: Optional[str] = typer.Option(
+        None, help="uniform | harder: draw a positive in proportion to its distance to the anchor [uniform]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same options); no-op if finished."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
 ) -> None:
@@ -62,4 +67,8 @@ def run_command(
 
 
 if __name__ == "__main__":  # torchrun / accelerate launch -m train.cli run ...
-    app()
+    import sys
+
+    from clsp.cli import app as clsp_app  # through the `clsp` group: errors a user can fix become one `error:` line
+
+    clsp_app(["train", *sys.argv[1:]], prog_name="clsp")

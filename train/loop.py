@@ -9,34 +9,39 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import signal
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clsp import __version__
-from clsp.accelerator import fresh_accelerator
+from clsp.accelerator import SigtermFlag, any_process, fresh_accelerator
 from clsp.errors import UserError
 from clsp.presets import preset_values
+from clsp.run_dir import RunKind, prepare_run_dir
 from shards.manifest import read_manifest
 from shards.reader import ShardError
 from train.augment import DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
-from train.backbones import build_backbone, wants_small_stem
-from train.checkpoint import (CONFIG, LOG, SUMMARY, RunLog, config_differences, find_checkpoint, load_checkpoint,
-                              read_json, remove_run, save_backbone, save_checkpoint, write_json)
+from train.backbones import RESNET_LAYOUTS, build_backbone, wants_small_stem
+from train.checkpoint import (CONFIG, LOG, SUMMARY, RunLog, describe_run, find_checkpoint, load_checkpoint, run_files,
+                              save_backbone, save_checkpoint, write_json)
 from train.methods import METHOD_DEFAULTS, MethodConfig, build_method
-from train.stream import POSITIVES, ShardStream, StreamConfig, steps_per_epoch
+from train.stream import POSITIVES, WEIGHTINGS, PositiveFilter, ShardStream, StreamConfig, positive_draw, \
+    steps_per_epoch
 
 log = logging.getLogger(__name__)
 # Options that may change when a run is resumed: they do not change what is computed.
 OPERATIONAL = ("out", "workers", "resume", "overwrite", "knn_every", "knn_source")
+TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe=describe_run,
+                    operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version"),
+                    legacy_keys=("config", "backbone", "normalize", "data"))
 # embedded: 16 px digits (1,437 anchors, 11 steps an epoch) on 2 CPU cores, about 2.5 minutes a run (550 steps).
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
@@ -76,6 +81,8 @@ class TrainConfig:
     knn_source: str | None = None      # labelled source spec for the monitor, e.g. "digits"
     skip_corrupt: bool = False
     expect_k: int | None = None        # refuse shards with another K
+    positive_filter: str | None = None  # e.g. "distance>=0.05": draw only positives whose score passes (scored shards)
+    positive_weighting: str | None = None  # "harder": draw a positive in proportion to its distance; None: uniform
     resume: bool = False
     overwrite: bool = False
 
@@ -86,7 +93,9 @@ class TrainConfig:
         need(self.method in METHOD_DEFAULTS, f"unknown method {self.method!r}: choose one of {sorted(METHOD_DEFAULTS)}")
         need(self.positives in POSITIVES, f"--positives must be one of {', '.join(POSITIVES)}, got {self.positives!r}")
         need(self.optimizer == "sgd", f"optimizer {self.optimizer!r} is not available: use sgd")
-        for name in ("width", "epochs", "batch_size"):
+        need(self.backbone in RESNET_LAYOUTS, f"--backbone {self.backbone!r} is unknown: use "
+             f"{' or '.join(RESNET_LAYOUTS)}")
+        for name in ("width", "epochs", "batch_size", "shuffle_buffer"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         need(self.lr > 0 and self.momentum >= 0 and self.weight_decay >= 0, "--lr must be > 0, momentum and "
              "weight decay >= 0")
@@ -96,6 +105,14 @@ class TrainConfig:
         need(self.image_size is None or self.image_size >= 8, "--image-size must be >= 8 pixels")
         need(self.knn_every == 0 or bool(self.knn_source), "--knn-every needs --knn-source (a labelled source spec)")
         need(not (self.resume and self.overwrite), "pass --resume or --overwrite, not both")
+        need(self.positive_weighting in (None, *WEIGHTINGS), f"--positive-weighting must be one of "
+             f"{', '.join(WEIGHTINGS)}, got {self.positive_weighting!r}")
+        if self.positive_filter is not None:  # recorded in its canonical spelling: the same filter, the same config
+            object.__setattr__(self, "positive_filter", str(PositiveFilter.parse(self.positive_filter)))
+        if self.positive_weighting == "uniform":
+            object.__setattr__(self, "positive_weighting", None)
+        need(self.positives == "synthetic" or (self.positive_filter, self.positive_weighting) == (None, None),
+             "--positive-filter and --positive-weighting choose among synthetic positives: use --positives synthetic")
         self.method_config()  # validates lam, temperature, widths
 
     def method_config(self) -> MethodConfig:
@@ -124,6 +141,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) the run in `cfg.out`; returns the run directory. Call on every process of a launch."""
+    with ExitStack() as stack:  # holds the claim on cfg.out (clsp.run_dir) until the run ends
+        return _train(cfg, stack)
+
+
+def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
     cuda = torch.cuda.is_available()
     acc = fresh_accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.bf16 and cuda else "no",
                             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -133,6 +155,8 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError(f"cannot open shards at {cfg.shards}: {error}") from None
     if cfg.expect_k is not None and manifest.k != cfg.expect_k:
         raise UserError(f"{cfg.shards} holds K={manifest.k} positives per anchor, but --expect-k is {cfg.expect_k}")
+    draw = positive_draw(cfg.positive_filter, cfg.positive_weighting, manifest.scores,
+                         f"{cfg.shards} (shard schema version {manifest.schema_version})")
     size = cfg.image_size or int(manifest.run["image_size"])
     world, spe = acc.num_processes, steps_per_epoch(manifest.count, acc.num_processes, cfg.batch_size)
     total = spe * cfg.epochs
@@ -143,16 +167,29 @@ def train(cfg: TrainConfig) -> Path:
     method = build_method(cfg.method, backbone, feat_dim, cfg.method_config())
     recipe = cfg.method if cfg.method in RECIPES else "simclr"
     shard_sums = hashlib.sha256("".join(s["sha256"] for s in manifest.shards).encode()).hexdigest()
-    run = {"config": asdict(cfg), "method": asdict(method.cfg), "augment": recipe, "image_size": size,
+    config = {key: value for key, value in asdict(cfg).items()  # unset draw options: a record as before they existed
+              if value is not None or key not in ("positive_filter", "positive_weighting")}
+    run = {"config": config, "method": asdict(method.cfg), "augment": recipe, "image_size": size,
            "backbone": {"name": cfg.backbone, "width": cfg.width, "small_stem": small_stem, "feat_dim": feat_dim},
            "normalize": {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}, "package_version": __version__,
            "data": {"count": manifest.count, "k": manifest.k, "shard_image_size": int(manifest.run["image_size"]),
                     "source": manifest.run["source"], "generator": manifest.run.get("generator"),
                     "shards_sha256": shard_sums, "world_size": world, "steps_per_epoch": spe}}
-    out = Path(cfg.out)
-    checkpoint = _prepare_out(out, run, cfg, acc)
-    if checkpoint == "finished":
+    contract = manifest.contract()  # checked for every sample and shard as they stream, as `clsp shards verify` does
+    stream = ShardStream(StreamConfig(tuple(manifest.shard_locations()), cfg.batch_size, spe, manifest.k, cfg.seed,
+                                      cfg.positives, acc.process_index, world, cfg.shuffle_buffer, cfg.skip_corrupt),
+                         contract.rows, contract, draw)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
+                        generator=torch.Generator())  # own generator: iterators must not consume the global RNG
+    monitor = _KnnMonitor(cfg.knn_source, size) if cfg.knn_every and acc.is_main_process else None
+    out = Path(cfg.out)  # everything above checked the input; nothing was written before this line
+    if draw is not None:
+        acc.print(draw.note)
+    claim = stack.enter_context(prepare_run_dir(out, run, TRAIN_RUN, cfg.resume, cfg.overwrite, acc))
+    if claim.resumed and (out / SUMMARY).exists():
+        acc.print(f"{out} is already finished with these settings: nothing to do")
         return out
+    checkpoint = find_checkpoint(out) if claim.resumed else None
 
     augment = BatchAugment(recipe, size, DEFAULT_MEAN, DEFAULT_STD).to(acc.device)
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=cfg.lr,
@@ -166,19 +203,14 @@ def train(cfg: TrainConfig) -> Path:
         position = load_checkpoint(checkpoint, acc.process_index, method, optimizer, scheduler)
         acc.print(f"resuming {out} at epoch {position['epoch']} step {position['step']}")
 
-    ids = {a: i for i, a in enumerate(manifest.index.column("anchor_id").to_pylist())}
-    stream = ShardStream(StreamConfig(tuple(manifest.shard_locations()), cfg.batch_size, spe, manifest.k, cfg.seed,
-                                      cfg.positives, acc.process_index, world, cfg.shuffle_buffer, cfg.skip_corrupt), ids)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
-                        generator=torch.Generator())  # own generator: iterators must not consume the global RNG
-    monitor = _KnnMonitor(cfg.knn_source, size) if cfg.knn_every and acc.is_main_process else None
     run_log = RunLog(out / LOG, acc.is_main_process, keep_steps=position["global_step"])
     bar = tqdm(total=total, initial=position["global_step"], disable=not acc.is_main_process,
                desc=f"{cfg.method}/{cfg.positives}", dynamic_ncols=True)
+    stack.callback(bar.close)  # also on an error: its message then starts on a line of its own
     skipped: set[str] = set()
     steps_here = 0
     started = time.perf_counter()
-    with _SigtermFlag() as sigterm:
+    with SigtermFlag() as sigterm:
         for epoch in range(position["epoch"], cfg.epochs):
             stream.set_position(epoch, position["step"] if epoch == position["epoch"] else 0)
             model.train()
@@ -187,7 +219,8 @@ def train(cfg: TrainConfig) -> Path:
                 for name in set(batch["skipped"]) - skipped:
                     log.warning("skipped unreadable shard %s (--skip-corrupt)", name)
                 skipped.update(batch["skipped"])
-                if "error" in batch:
+                if "error" in batch:  # a shard failed in the stream (in a loader worker or here): one line, no traceback
+                    bar.close()  # so that the error starts its own line
                     raise UserError(batch["error"])
                 gstep = epoch * spe + step
                 anchor = batch["anchor"].to(acc.device, non_blocking=True)  # (B, H, W, 3) uint8
@@ -199,7 +232,7 @@ def train(cfg: TrainConfig) -> Path:
                     third = augment(anchor)
                 losses = model(views, batch["ids"].to(acc.device), third)
                 lr = scheduler.get_last_lr()[0]
-                diverged, stop = _any_process(acc, not torch.isfinite(losses["loss"].detach()).item(), sigterm.raised)
+                diverged, stop = any_process(acc, not torch.isfinite(losses["loss"].detach()).item(), sigterm.raised)
                 if diverged:
                     run_log.flush()
                     raise UserError(f"loss became non-finite at step {gstep + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
@@ -243,44 +276,6 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def _prepare_out(out: Path, run: dict, cfg: TrainConfig, acc: Accelerator) -> Path | str | None:
-    """Refuse to clobber a run; returns the checkpoint to resume from, None to start fresh, or "finished"."""
-    config_file = out / CONFIG
-    found = None
-    if config_file.exists() and not cfg.overwrite:
-        if not cfg.resume:
-            raise UserError(f"{out} already holds a training run; pass --resume to continue it (same options) or "
-                            "--overwrite to replace it")
-        old, new = read_json(config_file), dict(run)
-        for side in (old, new):
-            side.pop("package_version", None)
-            side["config"] = {k: v for k, v in side.get("config", {}).items() if k not in OPERATIONAL}
-        differences = config_differences(old, new)
-        if differences:
-            raise UserError(f"cannot resume {out}: it was started with other settings ({'; '.join(differences)}); "
-                            "rerun with the original options, or use --overwrite or another --out")
-        if (out / SUMMARY).exists():
-            acc.print(f"{out} is already finished with these settings: nothing to do")
-            return "finished"
-        found = find_checkpoint(out)
-    acc.wait_for_everyone()  # every process has decided before the main one writes
-    if acc.is_main_process:
-        if cfg.overwrite:
-            remove_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(config_file, run)
-    acc.wait_for_everyone()
-    return found
-
-
-def _any_process(acc: Accelerator, *flags: bool) -> list[bool]:
-    """The flags OR-ed over all processes, so that every process stops at the same step."""
-    values = torch.tensor([float(f) for f in flags], device=acc.device)
-    if acc.num_processes > 1:
-        values = acc.reduce(values, reduction="sum")
-    return [bool(v > 0) for v in values.tolist()]
-
-
 class _KnnMonitor:
     """Weighted kNN top-1 (k 20, cosine, T 0.07) of the backbone on a labelled source: train split -> test split."""
 
@@ -305,22 +300,3 @@ class _KnnMonitor:
         votes.scatter_add_(1, bank_labels[idx], (sim / t).exp())
         backbone.train(was_training)
         return float((votes.argmax(1) == query_labels).float().mean())
-
-
-class _SigtermFlag:
-    """Within the block, SIGTERM only raises a flag: the loop checkpoints at the end of the step and stops."""
-
-    def __enter__(self) -> "_SigtermFlag":
-        self.raised, self.previous = False, None
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: keep the default behaviour
-            pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)

@@ -3,9 +3,14 @@
 Order of the stream for one epoch:
   1. shard order reshuffled from (seed, epoch) and split by rank (`shards.reader.epoch_shards`), then split by loader worker;
   2. each worker reads its shards in turn (cycling them when its quota is not reached), through a small shuffle buffer of
-     raw (undecoded) samples;
+     raw (undecoded) samples; each sample read is checked against the manifest as `clsp shards verify` checks it, and
+     each shard read to its end against its manifest entry (its sha256 hashed as it streams). A shard that fails either
+     stops training with one error naming it (and the sample), or with skip_corrupt is skipped and counted, its
+     still-buffered samples dropped;
   3. each anchor visit draws ONE of its K positives uniformly, from a generator keyed on (seed, epoch, anchor id, pass), and
-     decodes only the anchor and that positive.
+     decodes only the anchor and that positive. A `PositiveDraw` (--positive-filter, --positive-weighting, from the
+     scores in the manifest's index) narrows the draw to the positives that pass the filter and/or weights it by each
+     positive's distance to the anchor, from the same keyed generator.
 Every rank yields exactly `steps_per_epoch` batches per epoch, so ranks with uneven shards never hang DDP. The dataset
 yields whole batches (use `DataLoader(stream, batch_size=None)`); worker w yields global batches b with b % workers == w,
 which is the order in which the DataLoader interleaves workers, so `start_step` can resume mid-epoch.
@@ -14,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,17 +29,101 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clsp.errors import UserError
 from clsp.hashing import keyed_seed
-from shards.reader import epoch_shards, iter_samples
+from shards.manifest import Contract
+from shards.reader import ShardError, epoch_shards, iter_shard
+from shards.schema import SchemaError
 
 log = logging.getLogger(__name__)
 
 POSITIVES = ("synthetic", "augment", "none")  # third view: a synthetic positive, a third real view, or none
+WEIGHTINGS = ("uniform", "harder")  # --positive-weighting: every kept positive alike, or in proportion to its distance
+_FILTER = re.compile(r"^\s*(distance|agreement)\s*(>=|<=|>|<)\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$")
+_COMPARE = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less}
 
 
-def positive_index(seed: int, epoch: int, anchor_id: str, k: int, visit: int = 0) -> int:
-    """Which of the anchor's K positives this visit uses: uniform, keyed on (seed, epoch, anchor id[, repeat visit])."""
+def positive_index(seed: int, epoch: int, anchor_id: str, k: int, visit: int = 0, keep: np.ndarray | None = None,
+                   weight: np.ndarray | None = None) -> int:
+    """Which of the anchor's K positives this visit uses, from a generator keyed on (seed, epoch, anchor id[, repeat
+    visit]): uniform over all K by default; over those that `keep` (K,) bool lets through; with `weight` (K,), in
+    proportion to it (uniform where the kept weights are unknown or sum to 0)."""
     key = (seed, epoch, anchor_id) if visit == 0 else (seed, epoch, anchor_id, visit)
-    return int(np.random.default_rng(keyed_seed("positive", *key)).integers(k))
+    rng = np.random.default_rng(keyed_seed("positive", *key))
+    candidates = np.arange(k) if keep is None else np.flatnonzero(keep)  # (C,); all K: the same draw as no filter
+    w = None if weight is None else weight[candidates]  # (C,)
+    if w is None or not np.isfinite(w).all() or w.sum() <= 0:
+        return int(candidates[rng.integers(len(candidates))])
+    return int(candidates[rng.choice(len(candidates), p=w / w.sum())])
+
+
+@dataclass(frozen=True)
+class PositiveFilter:
+    """`METRIC OP NUMBER` (e.g. distance>=0.05): the positives an anchor may draw. Scores are float32 in 0..1."""
+
+    metric: str  # distance | agreement
+    op: str  # >= > <= <
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> "PositiveFilter":
+        match = _FILTER.match(text)
+        if match is None or float(match[3]) > 1:
+            raise UserError(f"--positive-filter {text!r} is not METRIC OP NUMBER: write e.g. distance>=0.05 or "
+                            "agreement>=0.5 (metric distance or agreement, then >=, >, <= or <, then a number in 0..1)")
+        return cls(match[1], match[2], float(match[3]))
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold!r}"
+
+    def keep(self, scores: np.ndarray) -> tuple[np.ndarray, int]:
+        """(N, K) scores (NaN rows: none) -> ((N, K) bool, the positives that pass; how many rows none passed). A row
+        without scores keeps all K; a row where none passes keeps its best one (highest score for > and >=, lowest
+        for < and <=), so that every anchor keeps a synthetic positive and the batch keeps its shape."""
+        known = ~np.isnan(scores).any(axis=1)  # (N,)
+        keep = _COMPARE[self.op](scores, np.float32(self.threshold)) | ~known[:, None]  # compared as float32
+        empty = np.flatnonzero(~keep.any(axis=1)) if scores.shape[1] else np.zeros(0, np.int64)
+        best = (np.argmax if self.op.startswith(">") else np.argmin)(scores[empty], axis=1)  # (E,)
+        keep[empty, best] = True
+        return keep, len(empty)
+
+
+@dataclass(frozen=True)
+class PositiveDraw:
+    """Per index row: keep (N, K) bool, the positives a visit may draw (None: all); weight (N, K) float64, how often
+    (None: uniformly; NaN rows: uniformly). `note` says what it does to these shards, for the log."""
+
+    keep: np.ndarray | None
+    weight: np.ndarray | None
+    note: str
+
+    def row(self, row: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return (None if self.keep is None else self.keep[row]), (None if self.weight is None else self.weight[row])
+
+
+def positive_draw(positive_filter: str | None, weighting: str | None, scores: Callable[[str], np.ndarray | None],
+                  where: str) -> PositiveDraw | None:
+    """The draw --positive-filter / --positive-weighting ask for, from `scores(metric)` ((N, K) float32, NaN rows for
+    samples without scores, None when the shards hold none: `Manifest.scores`); None: the default uniform draw."""
+    def need(metric: str) -> np.ndarray:
+        values = scores(metric)
+        if values is None:
+            how = " with --score-reference" if metric == "agreement" else ""
+            raise UserError(f"{where} holds no per-positive {metric} scores, which --positive-filter/--positive-"
+                            f"weighting need: rerun the `clsp synth run` command that made them{how} (finished shards "
+                            "are kept and rescored), or leave these options out")
+        return values
+
+    if positive_filter is None and weighting in (None, "uniform"):
+        return None
+    keep, weight, notes = None, None, []
+    if positive_filter is not None:
+        rule = PositiveFilter.parse(positive_filter)
+        keep, fallback = rule.keep(need(rule.metric))
+        notes.append(f"--positive-filter {rule} keeps {int(keep.sum())} of {keep.size} positives ({fallback} "
+                     f"anchor(s) with none left keep their {'highest' if rule.op[0] == '>' else 'lowest'} one)")
+    if weighting == "harder":
+        weight = need("distance").astype(np.float64)
+        notes.append("--positive-weighting harder draws a positive in proportion to its distance to the anchor")
+    return PositiveDraw(keep, weight, "; ".join(notes))
 
 
 def steps_per_epoch(count: int, world_size: int, batch_size: int) -> int:
@@ -79,9 +169,15 @@ class ShardStream(IterableDataset):
     """Yields dicts: anchor (B, H, W, 3) uint8, positive (B, H, W, 3) uint8 or absent, ids (B,) int64, labels (B,) int64,
     skipped (list of shard names found unreadable since the previous batch), error (str, only on a fatal read error)."""
 
-    def __init__(self, cfg: StreamConfig, id_index: Mapping[str, int]):
+    def __init__(self, cfg: StreamConfig, id_index: Mapping[str, int], contract: Contract | None = None,
+                 draw: PositiveDraw | None = None):
         self.cfg = cfg
         self.id_index = id_index   # anchor id -> row of the manifest index (the integer id the losses use)
+        # The manifest's promises (`Manifest.contract()`): every sample read is checked as `clsp shards verify` checks
+        # it, and every shard read to its end is compared with its manifest entry (sha256 hashed as the bytes stream).
+        # None (benchmarks on bare shards): samples are only looked up in id_index.
+        self.contract = contract
+        self.draw = draw  # which positives each index row may draw, and how often; None: uniform over all K
         self.epoch = 0
         self.start_step = 0
 
@@ -123,7 +219,8 @@ class ShardStream(IterableDataset):
                 batch = self._batch(samples)
                 self._skipped.clear()
                 yield batch
-        except UserError as err:  # hand the message to the main process as data: no worker traceback in front of it
+        # bad input: hand the message to the main process as data, with no worker traceback in front of it
+        except (UserError, ShardError, SchemaError) as err:
             yield {"error": str(err), "skipped": list(self._skipped)}
 
     def _raw_samples(self, urls: list[str]) -> Iterator[tuple[object, int]]:
@@ -138,12 +235,13 @@ class ShardStream(IterableDataset):
                 if shard_name(url) in self._bad:
                     continue
                 try:
-                    for sample in iter_samples([url]):
+                    for sample in self.contract.samples(url) if self.contract is not None else iter_shard(url):
                         buffer.append((sample, visit))
                         read += 1
                         if len(buffer) >= cfg.shuffle_buffer:
                             yield buffer.pop(rng.randrange(len(buffer)))
-                except Exception as exc:  # a missing, truncated or malformed shard: name it
+                except Exception as exc:  # a missing, truncated, malformed or changed shard: name it
+                    buffer[:] = [item for item in buffer if item[0].shard != shard_name(url)]  # none of it is used
                     self._corrupt(url, exc)
             if read == 0:
                 raise UserError(f"no readable samples in shards {', '.join(shard_name(u) for u in urls)}; "
@@ -154,7 +252,9 @@ class ShardStream(IterableDataset):
 
     def _corrupt(self, url: str, exc: Exception) -> None:
         name = shard_name(url)
-        if not self.cfg.skip_corrupt:
+        if not self.cfg.skip_corrupt and isinstance(exc, (ShardError, SchemaError)):  # these name shard, sample, fix
+            raise UserError(f"{exc} (or pass --skip-corrupt to skip bad shards)") from exc
+        if not self.cfg.skip_corrupt:  # anything else: a missing file, a network error
             raise UserError(f"shard {name} could not be read ({type(exc).__name__}: {exc}); re-create it, "
                             "or pass --skip-corrupt to skip unreadable shards") from exc
         if name not in self._bad:  # the loop logs it and counts it
@@ -173,7 +273,9 @@ class ShardStream(IterableDataset):
             try:
                 anchor = sample.anchor()  # (H, W, 3) uint8: decode only what this visit uses
                 if cfg.positives == "synthetic":
-                    positives.append(sample.positive(positive_index(cfg.seed, self.epoch, sample.key, cfg.k, visit)))
+                    narrowed = self.draw.row(self.id_index[sample.key]) if self.draw is not None else ()
+                    j = positive_index(cfg.seed, self.epoch, sample.key, cfg.k, visit, *narrowed)
+                    positives.append(sample.positive(j))
             except Exception as exc:  # an undecodable image inside an otherwise readable tar
                 self._corrupt(sample.shard, exc)
                 del positives[len(anchors):]

@@ -1,0 +1,379 @@
+"""Output folders of every stage (generator, synth, train): one rule for refusing, resuming and overwriting them.
+
+A folder is a run of ours when it holds the stage's record file (train_config.json, run.json, config.json) whose JSON
+names its kind, {"clsp_run": "synth", ...}: recognised by content, not by name. `prepare_run_dir(out, record, kind,
+resume, overwrite)`:
+  - refuses --out at or under a regular file, and a non-empty folder that holds no record of ours (nothing changes);
+  - takes an exclusive lock: flock on OUT/.clsp-lock, whose text names pid, host and command. The kernel drops the
+    lock when its process dies, so a killed run never leaves a stale lock behind;
+  - compares the record with the folder's: identity fields must match to go on (operational fields may differ), and
+    an existing run goes on only with `resume` (synth always resumes);
+  - with `overwrite`, deletes only the files the stage recognises as its own (name pattern AND content);
+  - writes the record atomically, and returns a RunDir that holds the lock until it is left (`with`).
+Validate everything before calling it: a refused command must leave nothing behind. A fresh folder whose run fails
+while it holds nothing but the record is removed again on the way out of the `with`.
+
+`write_atomic` is the project's one atomic file write (shards/ keeps its own: it imports nothing of the project);
+`partial_removed` cleans up a checkpoint or shard that could not be finished, and `refused_if_not_ours` turns a file
+that does not load (not ours, or damaged) into a clear error.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pickle
+import shlex
+import shutil
+import socket
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from clsp.errors import NO_ROOM, UserError, error_number, os_problem
+
+MARKER = "clsp_run"  # record key naming the kind of run: what marks a folder as ours
+LOCK_FILE = ".clsp-lock"
+_SMALL = 1 << 20  # JSON files read to recognise our own: at most this many bytes
+
+
+# --- atomic files --------------------------------------------------------------------------------------------------
+def write_atomic(path: str | Path, data: bytes | str | Callable[[Path], object]) -> Path:
+    """Write `data` to `path`: a reader sees the old file or the new one, never half of one, and a failure (a full
+    disk) leaves neither a temp file nor a changed `path` behind. `data` may be a function that writes the file at the
+    path it is given (a library's own saver, e.g. safetensors' save_model)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if callable(data):
+            data(temp)
+        else:
+            temp.write_bytes(data.encode() if isinstance(data, str) else data)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())  # on disk before the rename makes it visible
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def partial_removed(temp: Path, doing: str, then: str = ""):
+    """Writing `temp` (a file or folder that a later rename makes visible): any failure removes it, and a lack of room
+    (a full disk, a file-size limit) becomes a UserError: 'WHAT (PATH) DOING: FIX THEN'."""
+    try:
+        yield
+    except BaseException as error:
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
+        if isinstance(error, Exception) and error_number(error) in NO_ROOM:  # also safetensors' "(os error 28)"
+            raise UserError(f"{os_problem(error, doing)}{then}") from None
+        raise
+
+
+@contextmanager
+def refused_if_not_ours(path: Path, fix: str):
+    """Loading `path` with safetensors or torch.load(weights_only=True), which run nothing: a file that is not ours or
+    is damaged becomes a UserError naming it and `fix`, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise UserError(f"{path} cannot be loaded ({reason}): it was not written by clsp or is damaged; "
+                        f"{fix}") from None
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# --- recognising our own files by content ---------------------------------------------------------------------------
+def _small_json(path: Path):
+    try:
+        if path.is_file() and path.stat().st_size <= _SMALL:
+            return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _head(path: Path, size: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
+
+
+def json_with(*keys: str, **values) -> Callable[[Path], bool]:
+    """Content check: a small JSON object holding these keys (and these values)."""
+    def check(path: Path) -> bool:
+        data = _small_json(path)
+        return (isinstance(data, dict) and all(k in data for k in keys)
+                and all(data.get(k) == v for k, v in values.items()))
+    return check
+
+
+def starts_with(prefix: bytes) -> Callable[[Path], bool]:
+    """Content check: the file's first bytes (a magic number, a CSV header line)."""
+    return lambda path: _head(path, len(prefix)) == prefix
+
+
+def is_safetensors(path: Path) -> bool:
+    """Content check: an 8-byte little-endian header length, then a JSON header (the safetensors layout)."""
+    head = _head(path, 9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+IS_PNG = starts_with(b"\x89PNG\r\n\x1a\n")
+IS_TORCH_SAVE = starts_with(b"PK\x03\x04")  # torch.save writes a zip archive
+
+
+def is_temp_of(name: str) -> Callable[[Path], bool]:
+    """Name check for a `write_atomic` temp file of `name` that a killed writer left: .NAME.tmp-PID."""
+    return lambda path: path.name.startswith(f".{name}.tmp-") and path.name.rsplit("-", 1)[1].isdigit()
+
+
+def owned_files(out: Path, rules: dict[str, Callable[[Path], bool]]) -> list[Path]:
+    """Files under `out` that match a rule's glob pattern and pass its content check."""
+    return sorted({p for pattern, check in rules.items() for p in out.glob(pattern) if p.is_file() and check(p)})
+
+
+def remove_files(out: Path, paths: list[Path]) -> None:
+    """Delete these files, then the folders under `out` that this left empty (deepest first)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    folders = {folder for p in paths for folder in p.parents if out in folder.parents}  # strictly inside `out`
+    for folder in sorted(folders, key=lambda p: -len(p.parts)):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: it holds something that is not ours
+            pass
+
+
+# --- the kinds of run folder ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunKind:
+    """What one stage's output folder is, for `prepare_run_dir`."""
+
+    name: str  # "generator" | "synth" | "train": the record's MARKER value
+    record_file: str  # the record's file name in the folder
+    command: str  # the command that makes such a folder, for messages
+    owned: Callable[[Path], list[Path]]  # the stage's own files in a folder (owned_files): what --overwrite deletes
+    describe: Callable[[Path], str]  # "a finished generator", "an unfinished run (checkpoint at step 400)"
+    operational: tuple[str, ...] = ()  # dotted record keys that may differ between a run and its resume
+    legacy_keys: tuple[str, ...] = ()  # keys that recognise a record written before records carried MARKER
+
+
+def read_record(out: str | Path, kind: RunKind) -> dict | None:
+    """The folder's record when it holds a `kind` run of ours (recognised by content), else None."""
+    data = _small_json(Path(out) / kind.record_file)
+    if not isinstance(data, dict):
+        return None
+    if data.get(MARKER) == kind.name:
+        return data
+    if MARKER not in data and kind.legacy_keys and all(k in data for k in kind.legacy_keys):
+        return {MARKER: kind.name, **data}  # made by a clsp that did not mark its records yet
+    return None
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
+def _leaves(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def record_differences(old: dict, new: dict, operational: tuple[str, ...] = ()) -> list[str]:
+    """'key: OLD there, NEW now' for every dotted leaf that differs, skipping operational keys (and their children)."""
+    a, b = _leaves(old), _leaves(new)
+    skip = lambda key: any(key == o or key.startswith(o + ".") for o in operational)  # noqa: E731
+    return [f"{key}: {a.get(key, _ABSENT)!r} there, {b.get(key, _ABSENT)!r} now" for key in sorted(set(a) | set(b))
+            if not skip(key) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+
+
+# --- claiming a folder ----------------------------------------------------------------------------------------------
+@dataclass
+class RunDir:
+    """A claimed output folder: `resumed` when a run of ours with the same identity goes on in it."""
+
+    out: Path
+    kind: RunKind
+    resumed: bool
+    lock: IO | None = None  # held by the main process only
+    made: tuple[Path, ...] = ()  # folders the claim created, deepest first
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self.resumed:
+            self._remove_if_only_the_record()
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            self.lock.close()
+            self.lock = None
+
+    def _remove_if_only_the_record(self) -> None:
+        """A fresh run that failed before writing anything but its record leaves nothing behind."""
+        if self.lock is None or not self.out.is_dir():
+            return
+        if {p.name for p in self.out.iterdir()} <= {self.kind.record_file, LOCK_FILE}:
+            (self.out / self.kind.record_file).unlink(missing_ok=True)
+            (self.out / LOCK_FILE).unlink(missing_ok=True)
+            for folder in self.made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def prepare_run_dir(out: str | Path, record: dict, kind: RunKind, resume: bool, overwrite: bool,
+                    procs=None) -> RunDir:
+    """Claim `out` for a `kind` run described by `record` (see the module doc); UserError when it must not be used.
+
+    procs (an Accelerator or PartialState; all processes call this): the main process claims the folder, the others
+    wait and get its verdict. Use the result in a `with` block that spans the run: it holds the lock.
+    """
+    out, record = Path(out), {MARKER: kind.name, **record}
+    if procs is None or procs.num_processes == 1:
+        return _claim(out, record, kind, resume, overwrite)
+    from clsp.accelerator import broadcast_int
+
+    if procs.is_main_process:
+        try:
+            run = _claim(out, record, kind, resume, overwrite)
+        except BaseException:
+            broadcast_int(procs, -1)
+            raise
+        broadcast_int(procs, int(run.resumed))
+        return run
+    status = broadcast_int(procs, 0)
+    if status < 0:
+        raise UserError(f"the main process refused --out {out}: see its error message")
+    return RunDir(out, kind, resumed=bool(status))
+
+
+def _claim(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool) -> RunDir:
+    _check_path(out)
+    _check_folder(out, record, kind, resume, overwrite)  # read only: a refusal changes nothing
+    made = tuple(p for p in (out, *out.parents) if not p.exists())
+    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out, kind, resumed=False, lock=_lock(out, kind), made=made)
+    try:
+        old = _check_folder(out, record, kind, resume, overwrite)  # again under the lock: another run may have ended
+        if old is not None and overwrite:
+            remove_files(out, kind.owned(out))
+        run.resumed = old is not None and not overwrite
+        write_json(out / kind.record_file, record)
+    except BaseException:
+        run.__exit__(*sys.exc_info())
+        raise
+    return run
+
+
+def _check_path(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory (a new one, or one this command made)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out} lies under {parent}, which is a file: give a directory elsewhere")
+            return
+
+
+def _check_folder(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool) -> dict | None:
+    """The folder's record when a run of ours is there (None: the folder is new or empty); UserError when the run
+    must not go on in it."""
+    why = _not_ours(out, kind)
+    if why:
+        raise UserError(why)
+    old = read_record(out, kind)
+    if old is None or overwrite:
+        return old
+    differences = record_differences(old, record, kind.operational)
+    if differences:
+        raise UserError(f"--out {out} holds a {kind.name} run made with another config ({'; '.join(differences)}): "
+                        f"pass the same options to continue it, another --out, or --overwrite to replace it")
+    if not resume:
+        raise UserError(f"--out {out} already holds {kind.describe(out)} with these settings: pass --resume to "
+                        f"continue it (a finished run is left as it is), or --overwrite to start again")
+    return old
+
+
+def _not_ours(out: Path, kind: RunKind) -> str | None:
+    """Why `out` must not be used for a `kind` run, or None (new, empty, or a `kind` run of ours)."""
+    if not out.is_dir():
+        return None
+    entries = [p for p in out.iterdir() if not (p.name == LOCK_FILE and _is_lock(p))]
+    if not entries or read_record(out, kind) is not None:
+        return None
+    for path in entries:
+        other = _small_json(path) if path.suffix == ".json" else None
+        if isinstance(other, dict) and isinstance(other.get(MARKER), str):
+            return (f"--out {out} holds a clsp {other[MARKER]} run ({path.name}), not a {kind.name} run: choose "
+                    f"another --out")
+    return (f"--out {out} is not empty and was not made by `{kind.command}` (it holds no {kind.record_file} of "
+            f"ours): choose a new or empty directory; nothing in it was changed")
+
+
+def _is_lock(path: Path) -> bool:
+    return path.is_file() and (path.stat().st_size == 0 or json_with("clsp_lock")(path))
+
+
+def _lock(out: Path, kind: RunKind) -> IO:
+    """Exclusive lock on the folder, or UserError naming who holds it."""
+    handle = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        try:
+            holder = json.loads(handle.read(_SMALL))
+        except ValueError:
+            holder = {}
+        handle.close()
+        raise UserError(f"--out {out} is in use by another run (pid {holder.get('pid', '?')} on "
+                        f"{holder.get('host', '?')} since {holder.get('started', '?')}: {holder.get('command', '?')}):"
+                        f" wait for it to finish or stop it, or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"clsp_lock": kind.name, "pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": shlex.join(sys.argv)}) + "\n")
+    handle.flush()
+    return handle

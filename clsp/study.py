@@ -1,0 +1,102 @@
+"""The study: can CLSP be told from its baseline and from the augment control? Orchestrates the stages, holds no
+training or scoring logic of its own.
+
+For every (method, positives, seed) it trains a run on one set of shards (train.loop.train, under
+`<out>/runs/<method>-<positives>-seed<seed>/`), scores it over every labelled image of the source by k-fold
+(eval.kfold: features once, kNN bank and linear probe fitted on the other folds), then writes one report of paired
+differences against the baseline with 95 % intervals (eval.report.write_report, eval.paired).
+
+Everything is checked before the first run trains: the source against the shards' record, the labels, every run's
+training config. Resumable: a run scored with the same scoring is skipped; a finished training run is not trained
+again; an unfinished one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from clsp.errors import UserError
+from eval.report import EvalConfig
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    shards: str
+    source: str | None  # labelled source spec; None: the one the shards were made from
+    out: str
+    methods: tuple[str, ...] = ("simclr",)  # ("simclr", "moco") doubles the time
+    positives: tuple[str, ...] = ("none", "augment", "synthetic")
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    folds: int = 5
+    train_preset: str | None = "embedded"
+    train_options: tuple[tuple[str, object], ...] = ()  # extra TrainConfig options, e.g. (("epochs", 5),)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # probe, kNN ks, batch size, device
+
+    def __post_init__(self) -> None:
+        if not (self.methods and self.positives and self.seeds):
+            raise ValueError("a study needs at least one method, one kind of positives and one seed")
+        for name in ("methods", "positives", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"--{name} lists {sorted(values, key=str)}: give each once (a repeated run would "
+                                 f"count twice in the mean)")
+        if self.folds < 2:
+            raise ValueError(f"--folds must be >= 2, got {self.folds}")
+
+
+def run_dir(cfg: StudyConfig, method: str, positives: str, seed: int) -> Path:
+    return Path(cfg.out) / "runs" / f"{method}-{positives}-seed{seed}"
+
+
+def plan(cfg: StudyConfig) -> list:
+    """Every run's TrainConfig, built (so validated) before the first one trains: a typo costs seconds, not hours."""
+    from train.loop import make_config
+
+    try:
+        return [make_config(cfg.train_preset, **{**dict(cfg.train_options), "shards": cfg.shards,
+                                                 "out": str(run_dir(cfg, method, positives, seed)), "method": method,
+                                                 "positives": positives, "seed": seed, "resume": True})
+                for method in cfg.methods for positives in cfg.positives for seed in cfg.seeds]
+    except TypeError as error:  # make_config: an option TrainConfig does not have
+        raise UserError(f"{error}: --train-option takes `clsp train run` options, e.g. epochs=20") from None
+
+
+def study(cfg: StudyConfig) -> dict:
+    """Train, score (k-fold over every labelled image) and report every (method, positives, seed); returns the report
+    summary (eval.report.write_report)."""
+    from clsp.sources import open_source
+    from eval.kfold import evaluate_run_kfold, load_kfold, load_labelled, scoring_key
+    from eval.report import check_trained_on, write_report
+    from shards.manifest import read_manifest
+    from train.loop import train
+
+    made_from = read_manifest(cfg.shards).run  # every check here comes before hours of training, not after
+    spec = cfg.source or made_from["source"]["spec"]
+    shard_size = int(made_from["image_size"])
+    bank = open_source(spec, cfg.eval.train_split, image_size=shard_size)  # the train split: the runs' own data
+    check_trained_on(cfg.shards, {**made_from["source"], "image_size": shard_size}, bank, cfg.eval.transfer)
+    runs = plan(cfg)
+    data = load_labelled(spec, runs[0].image_size or shard_size)  # every labelled image, loaded once
+    scoring = scoring_key(data, cfg.folds, cfg.eval)
+    eval_config = replace(cfg.eval, source=spec)
+    print(f"study: {len(runs)} runs, each scored by {cfg.folds}-fold over the {len(data.ids)} labelled images of "
+          f"{spec}")
+    for run in runs:
+        name = Path(run.out).name
+        done = load_kfold(run.out)
+        if done is not None and done.get("scoring") == scoring:
+            print(f"{name}: trained and scored already, skipped")
+            continue
+        train(run)  # a finished run returns at once; an unfinished one resumes
+        started = time.perf_counter()
+        result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
+        print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "
+              f"({time.perf_counter() - started:.1f} s to score)")
+    run_dirs = [Path(run.out) for run in runs]
+    rows = [load_kfold(d) for d in run_dirs]
+    scored = (f"{cfg.folds}-fold evaluation over all {len(data.ids)} labelled images of {spec} (each image scored by "
+              f"a kNN bank / linear probe fitted on the other folds; folds keyed on image ids, the same for every "
+              f"run, so runs are compared image by image; the backbones saw the train split's images, without labels, "
+              f"while training)")
+    return write_report(rows, run_dirs, cfg.out, scored)

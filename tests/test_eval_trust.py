@@ -1,0 +1,210 @@
+"""Numbers you can trust (issue 11): splits mean the same for every source kind, eval scores the data the run trained on
+(never a silent default), reports never average across sources or over a seed twice, and bad input writes nothing."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from clsp.cli import app
+from clsp.errors import UserError
+from clsp.sources import open_source
+from test_eval import TINY_TRAIN, tiny_world  # noqa: F401  (a module fixture: shards + folder:DIR with train/ test/)
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _parquet(path, n: int, seed: int) -> None:
+    """n labelled 8 px images (3 classes) in the Hugging Face image layout."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"img": [{"bytes": _png(i), "path": None} for i in images],
+                             "label": [i % 3 for i in range(n)]}), path)
+
+
+def _folder(root, counts: dict[str, int], seed: int = 0) -> None:
+    """root/CLASS/i.png for each class name -> image count."""
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+
+
+# --- splits -----------------------------------------------------------------------------------------------------------
+
+def test_a_parquet_file_that_names_no_split_is_one_split_and_refuses_test(tmp_path):
+    _parquet(tmp_path / "one.parquet", 6, seed=0)
+    info = _cli("data", "info", f"parquet:{tmp_path / 'one.parquet'}")
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["count"] == 6 and "one split" in json.loads(info.output)["splits"]
+    refused = _cli("data", "info", f"parquet:{tmp_path / 'one.parquet'}", "--split", "test")
+    assert refused.exit_code == 2 and "error:" in refused.output and "names no split" in refused.output
+    assert "--test-source" in refused.output and "Traceback" not in refused.output
+
+    _parquet(tmp_path / "hub" / "train-00000-of-00001.parquet", 5, seed=1)  # a file named for a split is that split
+    named = _cli("data", "info", f"parquet:{tmp_path / 'hub' / 'train-00000-of-00001.parquet'}", "--split", "test")
+    assert named.exit_code == 2 and "holds no test split (only train)" in named.output
+    _parquet(tmp_path / "hub" / "validation-00000-of-00001.parquet", 3, seed=2)  # validation is the test split
+    assert len(open_source(f"parquet:{tmp_path / 'hub'}", "test")) == 3
+    assert len(open_source(f"parquet:{tmp_path / 'hub' / '*.parquet'}", "train")) == 5  # a glob: the same rule
+    assert len(open_source(f"parquet:{tmp_path / 'hub'}", "all")) == 8
+
+
+def test_an_imagenet_style_folder_reads_val_as_test_with_the_train_classes(tmp_path):
+    _folder(tmp_path / "imagenet" / "train", {"cat": 3, "dog": 2, "eel": 2})
+    _folder(tmp_path / "imagenet" / "val", {"cat": 1, "eel": 2}, seed=1)  # no dog in val: eel must stay label 2
+    test = open_source(f"folder:{tmp_path / 'imagenet'}", "test")
+    assert test.classes == ["cat", "dog", "eel"] and len(test) == 3
+    assert [r.label for r in test] == [0, 2, 2]
+    everything = open_source(f"folder:{tmp_path / 'imagenet'}", "all")
+    assert everything.classes == ["cat", "dog", "eel"] and len(everything) == 10 and len(set(everything.ids())) == 10
+    assert len(open_source(f"folder:{tmp_path / 'imagenet' / 'val'}", "test")) == 3  # the folder named val is test
+    with pytest.raises(UserError, match="holds no train split"):
+        open_source(f"folder:{tmp_path / 'imagenet' / 'val'}", "train")
+    _folder(tmp_path / "flat", {"cat": 2, "dog": 2})  # DIR/CLASS: one split
+    refused = _cli("data", "info", f"folder:{tmp_path / 'flat'}", "--split", "test")
+    assert refused.exit_code == 2 and "names no split" in refused.output
+
+
+# --- eval scores the data the run trained on -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tiny_world):  # noqa: F811
+    """A tiny run trained on shards that record folder:DIR's train split as their source."""
+    from train.loop import make_config, train
+
+    root, shards, source = tiny_world
+    run = root / "trust-run"
+    train(make_config(None, shards=str(shards), out=str(run), method="simclr", positives="none", **dict(TINY_TRAIN)))
+    return root, shards, source, run
+
+
+def _copy_run(run, to):
+    """The run's weights and config only (no eval/ and no feature cache)."""
+    to.mkdir()
+    for name in ("config.json", "backbone.safetensors"):
+        shutil.copy(run / name, to / name)
+    return to
+
+
+def test_eval_defaults_to_the_recorded_source_and_refuses_another(trained, tmp_path):
+    root, _, source, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    default = _cli("eval", "knn", run)
+    assert default.exit_code == 0, default.output
+    result = json.loads((run / "eval" / "knn.json").read_text())
+    assert result["source"] == source and result["source_check"] == "same"
+    assert result["trained_on"]["fingerprint"] == open_source(source, "train", 8).fingerprint()
+
+    made = sorted(p.name for p in run.rglob("*"))
+    other = _cli("eval", "knn", run, "--source", "digits")
+    assert other.exit_code == 2 and "error:" in other.output and "Traceback" not in other.output
+    assert "fingerprint" in other.output and f"--source {source}" in other.output and "--transfer" in other.output
+    assert sorted(p.name for p in run.rglob("*")) == made  # nothing written
+    transfer = _cli("eval", "knn", run, "--source", "digits", "--transfer")
+    assert transfer.exit_code == 0, transfer.output
+    assert json.loads((run / "eval" / "knn-2.json").read_text())["source_check"] == "transfer"
+
+
+def test_a_run_without_a_source_record_needs_source(trained, tmp_path):
+    _, _, source, run = trained
+    run = _copy_run(run, tmp_path / "old-run")
+    config = json.loads((run / "config.json").read_text())
+    del config["data"]["source"]  # as runs made before the record
+    (run / "config.json").write_text(json.dumps(config))
+    refused = _cli("eval", "knn", run)
+    assert refused.exit_code == 2 and "does not record the data the run trained on" in refused.output
+    assert "pass --source" in refused.output and not (run / "eval").exists()
+    warned = _cli("eval", "knn", run, "--source", source)
+    assert warned.exit_code == 0 and "warning:" in warned.output and "cannot be checked" in warned.output
+
+
+def test_a_train_file_is_never_scored_as_its_own_test_split(trained, tmp_path):
+    _, _, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    train_file = tmp_path / "data" / "train-00000-of-00001.parquet"
+    _parquet(train_file, 12, seed=3)
+    refused = _cli("eval", "knn", run, "--source", f"parquet:{train_file}", "--transfer")
+    assert refused.exit_code == 2 and "holds no test split" in refused.output and "--test-source" in refused.output
+    named_train = _cli("eval", "knn", run, "--source", f"parquet:{train_file}", "--test-source",
+                       f"parquet:{train_file}", "--transfer")
+    assert named_train.exit_code == 2 and "holds no test split" in named_train.output
+    _parquet(tmp_path / "pool.parquet", 12, seed=3)  # the train images again, under a name that says no split
+    same = _cli("eval", "knn", run, "--source", f"parquet:{train_file}", "--test-source",
+                f"parquet:{tmp_path / 'pool.parquet'}", "--transfer")
+    assert same.exit_code == 2 and "12 of the 12 test images" in same.output
+    _parquet(tmp_path / "held-out.parquet", 6, seed=4)  # names no split: read whole when named as the test source
+    scored = _cli("eval", "knn", run, "--source", f"parquet:{train_file}", "--test-source",
+                  f"parquet:{tmp_path / 'held-out.parquet'}", "--transfer")
+    assert scored.exit_code == 0, scored.output
+    result = json.loads((run / "eval" / "knn.json").read_text())
+    assert result["test_source"] == f"parquet:{tmp_path / 'held-out.parquet'}"
+
+
+def test_device_cuda_without_cuda_is_refused_even_when_features_are_cached(trained, tmp_path, monkeypatch):
+    _, _, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    assert _cli("eval", "knn", run).exit_code == 0  # fills the feature cache
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused = _cli("eval", "knn", run, "--device", "cuda")
+    assert refused.exit_code == 2 and "no CUDA device is visible" in refused.output and "--device cpu" in refused.output
+    assert not (run / "eval" / "knn-2.json").exists()
+
+
+def test_eval_all_with_missing_shards_writes_nothing(trained, tmp_path):
+    _, _, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    result = _cli("eval", "all", run, "--shards", tmp_path / "missing", "--out", tmp_path / "report",
+                  "--probe-epochs", "2")
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "config.json"]
+    assert not (tmp_path / "report").exists()
+
+
+# --- reports ------------------------------------------------------------------------------------------------------
+
+def _result(root, name: str, source: str, seed: int, linear: float, positives: str = "synthetic"):
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"method": "simclr", "positives": positives, "lam": 1.0,
+                                                 "seed": seed}))
+    fingerprint = source.encode().hex().ljust(64, "0")
+    (run / "eval" / "results.json").write_text(json.dumps(
+        {"run": name, "source": source, "test_source": source, "train_fingerprint": fingerprint,
+         "test_fingerprint": fingerprint, "linear_top1": linear, "knn_best": linear, "knn_best_k": 20,
+         "knn_k20": linear}))
+    return run
+
+
+def test_report_groups_by_source_and_refuses_a_seed_twice(tmp_path):
+    from eval.report import report
+
+    runs = [_result(tmp_path, f"r-{source}", source, 0, linear)
+            for source, linear in (("digits", 90.0), ("cifar10:c", 60.0), ("folder:f", 75.0))]
+    out = report(runs, tmp_path / "report")
+    assert sorted((g["source"].split(" ")[0], g["seeds"]) for g in out["groups"]) == [
+        ("cifar10:c", [0]), ("digits", [0]), ("folder:f", [0])]
+    assert "± 14.14" not in (tmp_path / "report" / "report.md").read_text()
+
+    again = [_result(tmp_path, "d-0", "digits", 0, 80.0), _result(tmp_path, "d-0-rerun", "digits", 0, 82.0)]
+    with pytest.raises(UserError, match="both seed 0 of simclr/synthetic"):
+        report(again, tmp_path / "report-2")
+    assert not (tmp_path / "report-2").exists()

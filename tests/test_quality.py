@@ -1,0 +1,145 @@
+"""Generator quality (issue 9): the metrics on hand-made features, then `clsp diffusion eval` on a tiny generator
+(8 px digits, 2 DDIM steps), its card, its bad-input errors and the optional real-FID path."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import DDIMScheduler
+from typer.testing import CliRunner
+
+from clsp.cli import app
+from eval.quality import QualityConfig, evaluate_generator, frechet_distance, inception_fid, precision_recall
+from synth.models import save_generator, tiny_unet
+
+SIZE = 8
+FAST = ["--steps", "2", "--components", "8"]
+runner = CliRunner()
+
+
+def make_generator(directory: Path, card_source: bool = True) -> Path:
+    card = {"model_id": "tiny-quality"}
+    if card_source:
+        card["source"] = {"spec": "digits", "split": "train"}
+    save_generator(directory, tiny_unet(sample_size=SIZE, block_out_channels=(8, 8)),
+                   DDIMScheduler(num_train_timesteps=1000, clip_sample=True), card)
+    return directory
+
+
+@pytest.fixture
+def generator(tmp_path: Path) -> Path:
+    return make_generator(tmp_path / "generator")
+
+
+def test_frechet_distance_is_zero_for_one_set_and_the_squared_shift_for_a_moved_copy():
+    a = np.random.default_rng(0).normal(size=(400, 4))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + np.array([3.0, 0.0, 0.0, 0.0])) == pytest.approx(9.0, abs=1e-6)
+    wider = frechet_distance(a, a * 2.0)  # same mean, each variance x4: Tr(S + 4S - 2 * 2S) = Tr(S) ~ 4
+    assert 3.0 < wider < 5.0
+
+
+def test_precision_recall_tell_mode_collapse_from_junk():
+    rng = np.random.default_rng(1)
+    one, other = rng.normal(size=(100, 2)), rng.normal(size=(100, 2)) + 20.0  # two modes, far apart
+    real = np.concatenate([one, other])
+    assert precision_recall(real, real.copy()) == (100.0, 100.0)
+    precision, recall = precision_recall(real, rng.normal(size=(100, 2)))  # only the first mode: real, not diverse
+    assert precision > 90.0 and 40.0 < recall < 60.0
+    assert precision_recall(real, rng.normal(size=(100, 2)) + 500.0) == (0.0, 0.0)  # nowhere near the data
+
+
+def test_evaluate_generator_scores_plain_samples_beside_held_out_real_images(generator):
+    config = QualityConfig(str(generator), samples=24, steps=2, pca_components=8)
+    result = evaluate_generator(config)
+    generated, held = result["generated"], result["heldout_real"]
+    assert generated["count"] == 24 and result["real_sample"] == 24 and held["count"] == 24
+    assert result["feature_space"].startswith("PCA(8) of raw pixels") and "not FID" in str(result["metric_names"])
+    assert result["sampler"]["w"] == 1.0 and result["source"]["spec"] == "digits"  # the card's source
+    for metrics in (generated, held):
+        assert 0.0 <= metrics["confident_pct"] <= 100.0 and 0.0 <= metrics["recall_pct"] <= 100.0
+        assert sum(metrics["class_pct"].values()) == pytest.approx(100.0)
+    assert held["frechet_distance"] < generated["frechet_distance"]  # an untrained UNet is far from real digits
+    assert held["recall_pct"] > generated["recall_pct"]
+    assert result["fid"] is None
+    assert evaluate_generator(config)["generated"] == generated  # every sample's noise is keyed on its index
+
+
+def test_cli_writes_quality_files_and_records_them_in_the_card(generator):
+    result = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "16", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "NOT FID" in result.output and "| precision, % (k-NN manifold, k = 3) |" in result.output
+    saved = json.loads((generator / "quality.json").read_text())
+    assert saved["generated"]["count"] == 16
+    card = json.loads((generator / "card.json").read_text())
+    assert card["quality"]["generated"]["frechet_distance"] == saved["generated"]["frechet_distance"]
+    assert card["quality"]["file"] == "quality.json" and card["model_id"] == "tiny-quality"
+    assert "## Quality" in (generator / "README.md").read_text()
+    again = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "20", *FAST])
+    assert again.exit_code == 0, again.output
+    assert json.loads((generator / "quality.json").read_text()) == saved  # the earlier result is kept
+    assert json.loads((generator / "quality-2.json").read_text())["generated"]["count"] == 20
+    assert json.loads((generator / "card.json").read_text())["quality"]["file"] == "quality-2.json"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--samples", "1"], "--samples 1: use at least 4"),
+    (["--steps", "0"], "sampler steps must be an integer >= 1"),
+    (["--eta", "2"], "sampler eta must be a number in [0, 1]"),
+    (["--device", "tpu"], "--device 'tpu' is not supported"),
+    (["--inception-weights", "missing.pth"], "is not a file"),
+])
+def test_bad_options_exit_2_with_one_line_and_write_nothing(generator, options, message):
+    result = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "8", "--components", "8", *options])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and message in result.output and "Traceback" not in result.output
+    assert not (generator / "quality.json").exists()
+
+
+def test_a_generator_without_a_recorded_source_asks_for_one(tmp_path):
+    generator = make_generator(tmp_path / "bare", card_source=False)
+    result = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "8", *FAST])
+    assert result.exit_code == 2 and "pass --source" in result.output
+    assert not (generator / "quality.json").exists()
+    ok = runner.invoke(app, ["diffusion", "eval", str(generator), "--source", "digits", "--samples", "8", *FAST,
+                             "--out", str(tmp_path / "elsewhere")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "elsewhere" / "quality.md").is_file()
+    assert "quality" not in json.loads((generator / "card.json").read_text())  # results elsewhere: card untouched
+
+
+def test_real_fid_without_the_extra_fails_before_sampling(generator, tmp_path, monkeypatch):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not used")
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as if `pip install 'clsp[fid]'` had not been run
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    result = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "8", *FAST,
+                                 "--inception-weights", str(weights)])
+    assert result.exit_code == 2 and "pip install 'clsp[fid]'" in result.output
+    assert not (generator / "quality.json").exists()
+
+
+class _TouchOnLoad:
+    """A pickle that, if ever unpickled with code allowed, creates a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_real_fid_never_unpickles_code_in_the_inception_weights(tmp_path):
+    pytest.importorskip("torchmetrics", reason="the optional `fid` extra (torchmetrics) is not installed")
+    pytest.importorskip("torch_fidelity", reason="the optional `fid` extra (torch-fidelity) is not installed")
+    import torch
+
+    marker, weights = tmp_path / "ran", tmp_path / "evil.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _TouchOnLoad(marker)}, weights)
+    images = np.zeros((4, SIZE, SIZE, 3), np.uint8)
+    with pytest.raises(ValueError, match="not a plain state dict"):
+        inception_fid(images, images, str(weights), torch.device("cpu"), 4)
+    assert not marker.exists()

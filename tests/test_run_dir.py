@@ -1,0 +1,138 @@
+"""clsp.run_dir, the one output-folder rule of every stage: foreign folders refused untouched, an exclusive lock that
+names its holder and dies with it, identity vs operational fields on resume, --overwrite deleting only our own files,
+a failed fresh run leaving nothing, and atomic writes that leave nothing half-written."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from clsp.errors import UserError
+from clsp.run_dir import (LOCK_FILE, RunKind, owned_files, prepare_run_dir, read_record, starts_with,
+                          write_atomic)
+
+DEMO = RunKind("demo", "demo.json", "clsp demo run", describe=lambda out: "a demo run", operational=("workers",),
+               owned=lambda out: owned_files(out, {"**/*.txt": starts_with(b"demo:")}))  # ours: .txt saying "demo:"
+RECORD = {"lr": 0.1, "model": {"width": 4}, "workers": 2}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def claim(out: Path, record: dict = RECORD, resume: bool = False, overwrite: bool = False):
+    return prepare_run_dir(out, record, DEMO, resume=resume, overwrite=overwrite)
+
+
+def test_a_folder_that_is_not_ours_is_refused_and_left_as_it_was(tmp_path):
+    folder = tmp_path / "users"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"mine": true}')
+    (folder / "index.parquet").write_bytes(b"my table")
+    (folder / ".tmp-notes").write_text("keep")
+    (folder / "log.csv").write_text("a,b\n1,2\n")
+    before = snapshot(folder)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not empty and was not made by `clsp demo run`.*new or empty directory"):
+            claim(folder, overwrite=overwrite)
+    assert snapshot(folder) == before and not (folder / LOCK_FILE).exists()
+
+    other = tmp_path / "other-kind"  # a folder of another stage (e.g. a generator given as a synth --out)
+    other.mkdir()
+    (other / "train_config.json").write_text(json.dumps({"clsp_run": "generator", "steps": 4}))
+    with pytest.raises(UserError, match=r"holds a clsp generator run \(train_config.json\), not a demo run"):
+        claim(other, overwrite=True)
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        claim(a_file)
+    with pytest.raises(UserError, match="lies under .*file, which is a file"):
+        claim(a_file / "sub")
+    assert a_file.read_text() == "x"
+
+
+def test_resume_compares_identity_fields_and_lets_operational_ones_change(tmp_path):
+    out = tmp_path / "run"
+    with claim(out) as first:
+        assert not first.resumed
+    assert read_record(out, DEMO) == {"clsp_run": "demo", **RECORD}
+    with pytest.raises(UserError, match=r"already holds a demo run with these settings: pass --resume"):
+        claim(out)
+    with pytest.raises(UserError, match=r"another config \(lr: 0\.1 there, 0\.2 now; model\.width: 4 there, 8 now\)"
+                                        r".*--overwrite"):
+        claim(out, {**RECORD, "lr": 0.2, "model": {"width": 8}}, resume=True)
+    with claim(out, {**RECORD, "workers": 0}, resume=True) as again:  # an operational field may differ
+        assert again.resumed
+    assert read_record(out, DEMO)["workers"] == 0
+
+
+def test_overwrite_deletes_only_the_files_recognised_as_ours(tmp_path):
+    out = tmp_path / "run"
+    with claim(out):
+        (out / "result.txt").write_text("demo: 0.9")
+        (out / "sub").mkdir()
+        (out / "sub" / "part.txt").write_text("demo: part")
+    (out / "notes.txt").write_text("the user's own notes")  # a .txt by name, not ours by content
+    with claim(out, {**RECORD, "lr": 0.5}, overwrite=True) as replaced:
+        assert not replaced.resumed
+    assert sorted(snapshot(out)) == [LOCK_FILE, "demo.json", "notes.txt"]
+    assert not (out / "sub").exists()  # emptied by the overwrite, so removed
+    assert read_record(out, DEMO)["lr"] == 0.5
+
+
+def test_a_fresh_run_that_fails_before_writing_leaves_nothing_but_a_started_one_is_kept(tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ValueError), claim(out):
+        raise ValueError("a late check failed")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError), claim(out):
+        (out / "result.txt").write_text("demo: partial")
+        raise ValueError("failed half-way")
+    assert (out / "demo.json").exists() and (out / "result.txt").exists()  # kept: resumable
+
+
+def test_the_lock_names_its_holder_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "run"
+    with claim(out):
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} on .*wait for it"):
+            claim(out, resume=True)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_run_dir import claim
+        from pathlib import Path
+        run = claim(Path({str(out)!r}), resume=True)
+        print("held", flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {holder.pid} "):
+            claim(out, resume=True)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid  # its note is still there...
+    with claim(out, resume=True) as run:  # ...but the kernel dropped its lock
+        assert run.resumed
+
+
+def test_write_atomic_that_runs_out_of_room_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "result.json"
+    write_atomic(path, "old")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))  # a file-size limit: writes past it fail with EFBIG
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            write_atomic(path, b"x" * 4096)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]

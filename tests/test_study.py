@@ -1,0 +1,139 @@
+"""The study: k-fold scores over every labelled image, paired differences with 95 % intervals, the verdict that reads
+them, and a tiny end-to-end study that trains, scores, reports and resumes."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from eval.kfold import assign_folds, kfold_accuracy
+from eval.linear import ProbeConfig
+from eval.paired import interval_verdict, paired_bootstrap, paired_interval
+from test_eval import FAST_PROBE, TINY_TRAIN, tiny_world  # noqa: F401  (tiny_world: shards made from an image folder)
+
+
+def test_folds_are_balanced_stable_and_independent_of_order():
+    ids = [f"digits-{i:04d}" for i in range(103)]
+    folds = assign_folds(ids, 5)
+    assert sorted(np.bincount(folds).tolist()) == [20, 20, 21, 21, 21]  # sizes differ by at most one
+    assert np.array_equal(assign_folds(ids, 5), folds)  # the same in every call
+    order = np.random.default_rng(0).permutation(len(ids))
+    shuffled = assign_folds([ids[i] for i in order], 5)
+    assert np.array_equal(shuffled, folds[order])  # an id keeps its fold whatever order the ids come in
+    assert not np.array_equal(folds, np.arange(len(ids)) % 5)  # keyed on the id, not on the position
+    with pytest.raises(ValueError, match="unique"):
+        assign_folds(["a", "b", "a"], 2)
+
+
+def test_kfold_accuracy_scores_every_image_and_ignores_input_order():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)  # (120,)
+    features = (rng.normal(size=(4, 16)) * 3.0)[labels] + 0.5 * rng.normal(size=(120, 16))  # separable clusters
+    ids = [f"img-{i}" for i in range(120)]
+    scores = kfold_accuracy(features, labels, ids, folds=5, probe=FAST_PROBE)
+    assert scores["knn_best"] > 97.0 and scores["linear_top1"] > 97.0
+    assert scores["fold_sizes"] == [24] * 5 and scores["correct"]["linear_top1"].shape == (120,)
+    assert set(scores["knn"]) == {5, 10, 20, 50, 96}  # k capped at the smallest bank (96 images), the same every fold
+    order = rng.permutation(120)
+    again = kfold_accuracy(features[order], labels[order], [ids[i] for i in order], folds=5, probe=FAST_PROBE)
+    assert again["knn"] == scores["knn"]  # the same folds: the same banks, the same predictions
+    assert np.array_equal(again["correct"]["knn_best"], scores["correct"]["knn_best"][order])
+
+
+def test_paired_interval_matches_a_hand_computed_student_t():
+    mean, low, high = paired_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t(0.975, 2) = 4.302653
+    assert mean == pytest.approx(2.0)
+    assert (low, high) == pytest.approx((2.0 - 4.302653 / math.sqrt(3), 2.0 + 4.302653 / math.sqrt(3)), abs=1e-5)
+    assert paired_interval([0.5, 0.5, 0.5, 0.5])[1:] == pytest.approx((0.5, 0.5))  # no spread: no width
+    one = paired_interval([4.0])
+    assert one[0] == 4.0 and math.isnan(one[1]) and math.isnan(one[2])
+
+
+def test_paired_bootstrap_is_seeded_and_covers_the_mean():
+    diffs = np.zeros((3, 50))
+    diffs[:, :5] = 100.0  # every seed: 5 of 50 images better by one image (100 points per image) = +10 points
+    low, high = paired_bootstrap(diffs)
+    assert low < 10.0 < high and (low, high) == paired_bootstrap(diffs)
+    assert paired_bootstrap(np.full((4, 20), -100.0)) == pytest.approx((-100.0, -100.0))
+
+
+def test_verdict_reads_the_interval():
+    assert interval_verdict(0.2, 1.4) == "better (interval [+0.20, +1.40])"
+    assert interval_verdict(-2.0, -0.1) == "worse (interval [-2.00, -0.10])"
+    assert interval_verdict(-0.5, 1.5) == "within noise (interval [-0.50, +1.50])"
+    assert interval_verdict(0.0, 1.0).startswith("within noise")  # touching 0 is not above it
+    assert interval_verdict(math.nan, math.nan).startswith("no verdict")
+
+
+# --- a tiny study end to end (tiny_world: 12 anchors in shards, 36 labelled 8 px images in train/ + test/) --------
+
+def test_tiny_study_trains_scores_all_images_reports_paired_differences_and_resumes(tiny_world, capsys):
+    from clsp.study import StudyConfig, study
+    from eval.report import EvalConfig
+
+    root, shards, source = tiny_world
+    config = StudyConfig(str(shards), source, str(root / "study"), methods=("simclr",), positives=("none", "synthetic"),
+                         seeds=(0, 1), folds=3, train_preset=None, train_options=TINY_TRAIN,
+                         eval=EvalConfig(probe=ProbeConfig(epochs=3, milestones=(2,))))
+    summary = study(config)
+    runs = root / "study" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "simclr-none-seed0", "simclr-none-seed1", "simclr-synthetic-seed0", "simclr-synthetic-seed1"]
+    scored = json.loads((runs / "simclr-none-seed0" / "eval" / "kfold.json").read_text())
+    assert len(scored["ids"]) == 36 and len(scored["correct"]["linear_top1"]) == 36  # train 24 + test 12: all scored
+    assert scored["scoring"]["folds"] == 3 and scored["fold_sizes"] == [12, 12, 12]
+
+    [comparison] = summary["comparisons"]  # synthetic vs none: the only pair present
+    linear = comparison["linear_top1"]
+    rows = {(g["positives"], s): r for g in summary["groups"] for s, r in g["by_seed"].items()}
+    assert linear["diffs"] == pytest.approx([rows["synthetic", s]["linear_top1"] - rows["none", s]["linear_top1"]
+                                             for s in (0, 1)])  # paired seed by seed
+    assert math.isfinite(linear["bootstrap"][0])  # per-image scores were there: bootstrap over images x seeds
+    assert summary["verdicts"][0].startswith("- **simclr** (lam 1.0), CLSP vs its baseline (none), 2 paired seeds: "
+                                             "linear ")
+    text = (root / "study" / "report.md").read_text()
+    assert "3-fold evaluation over all 36 labelled images" in text
+    assert "| synthetic − none | linear_top1 | 0, 1 |" in text
+    assert len((root / "study" / "results.csv").read_text().splitlines()) == 5  # header + one row per run
+    assert (root / "study" / "summary.png").stat().st_size > 1000
+
+    capsys.readouterr()
+    again = study(config)  # everything exists: nothing is trained or scored again
+    assert capsys.readouterr().out.count("trained and scored already, skipped") == 4
+    assert again["verdicts"] == summary["verdicts"]
+
+    run = runs / "simclr-synthetic-seed1"
+    scores, weights = (run / "eval" / "kfold.json").read_bytes(), (run / "backbone.safetensors").read_bytes()
+    (run / "eval" / "kfold.json").unlink()  # as if the study stopped between training and scoring this run
+    study(config)
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 3 and "is already finished with these settings: nothing to do" in out
+    assert (run / "backbone.safetensors").read_bytes() == weights  # not retrained
+    assert (run / "eval" / "kfold.json").read_bytes() == scores  # scored again, to the same bytes
+
+
+def test_study_command_passes_options_and_refuses_bad_ones_before_training(tiny_world):
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+
+    root, shards, source = tiny_world
+    options = [arg for key, value in TINY_TRAIN for arg in ("--train-option", f"{key}={json.dumps(value)}")]
+    result = CliRunner().invoke(app, ["eval", "study", str(shards), "--source", source, "--out", str(root / "cli"),
+                                      "--positives", "none", "--seeds", "0", "--folds", "2", "--preset", "paper",
+                                      "--probe-epochs", "2", *options])
+    assert result.exit_code == 0, result.output
+    config = json.loads((root / "cli" / "runs" / "simclr-none-seed0" / "config.json").read_text())
+    assert config["config"]["width"] == 2 and config["config"]["epochs"] == 1
+    assert "nothing to compare" in result.output and (root / "cli" / "report.md").is_file()
+
+    for bad, words in ((["--train-option", "epochs"], "must look like KEY=VALUE"),
+                       (["--train-option", "epoks=3"], "--train-option takes `clsp train run` options"),
+                       (["--methods", "simclr,nope"], "unknown method 'nope'"),
+                       (["--seeds", "0,x"], "must be comma-separated integers"),
+                       (["--seeds", "0,0"], "give each once"),
+                       (["--folds", "1"], "--folds must be >= 2")):
+        refused = CliRunner().invoke(app, ["eval", "study", str(shards), "--out", str(root / "x"), *bad])
+        assert refused.exit_code == 2 and words in refused.output, (bad, refused.output)
+        assert not (root / "x").exists()  # refused before anything was written
