@@ -11,18 +11,22 @@ Errors a user can fix print one line naming the problem and the fix and exit wit
 package's ShardError / SchemaError, OS failures on the user's paths (clsp.errors.OS_PROBLEMS: a full disk, a read-only
 or foreign path), files that are not what they claim (an image PIL cannot identify, a file that is not Parquet) and a
 missing fsspec backend (s3://, gs://). Anything else is a bug and keeps its traceback.
+
+Stage modules are imported only when their command runs (or `clsp --help` lists them), and they import torch and
+diffusers only inside their commands, so `clsp --version` and `--help` answer in well under a second. Help is plain
+text (no rich markup, which ate bracketed words such as `[train]`); every option shows the default it really gets.
 """
 from __future__ import annotations
 
 import importlib
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup
+from typer.main import get_group
 
 from clsp import __version__
 from clsp.errors import UserError, os_problem
-from shards.reader import ShardError
-from shards.schema import SchemaError
+from clsp.presets import default_note
 
 STAGES = [  # (name, module holding `app`)
     ("data", "clsp.data_cli"),
@@ -35,11 +39,21 @@ STAGES = [  # (name, module holding `app`)
 
 
 class _Group(TyperGroup):
-    """Turns the errors a user can fix into one clear line and exit status 2, for every sub-command."""
+    """The root group: loads a stage's sub-app when it is asked for, and turns the errors a user can fix into one clear
+    line and exit status 2, for every sub-command."""
+
+    def list_commands(self, ctx):
+        return [name for name, _ in STAGES]
+
+    def get_command(self, ctx, name):
+        module = dict(STAGES).get(name)
+        return None if module is None else stage_group(name, module)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # --help, usage errors: typer's own handling
+            raise
         except Exception as error:
             message = user_message(error)
             if message is None:
@@ -53,6 +67,9 @@ def user_message(error: Exception) -> str | None:
     from PIL import UnidentifiedImageError
     from pyarrow import ArrowInvalid
     from safetensors import SafetensorError
+
+    from shards.reader import ShardError  # imported here: shards.reader imports webdataset, which imports torch
+    from shards.schema import SchemaError
 
     if isinstance(error, (UserError, ShardError, SchemaError)):
         return str(error)
@@ -75,9 +92,43 @@ def _missing_fsspec_backend(error: ImportError) -> bool:
             and str(error) in {spec.get("err") for spec in known_implementations.values()})
 
 
+def stage_group(name: str, module: str):
+    """The click group of one stage's typer sub-app, with plain help: no rich markup, value placeholders named after
+    the type (none for flags), and for options left unset (None) the default from the stage's HELP_DEFAULTS."""
+    stage = importlib.import_module(module)
+    group = get_group(stage.app)
+    group.name = name
+    help_defaults = getattr(stage, "HELP_DEFAULTS", {})  # {command: (config defaults, presets)}
+    for command_name, command in group.commands.items():
+        defaults, presets = help_defaults.get(command_name, ({}, {}))
+        _plain_help(command, defaults, presets)
+    _plain_help(group, {}, {})
+    return group
+
+
+_METAVARS = {"int": "INT", "float": "FLOAT", "Path": "PATH"}  # typer's type name -> placeholder; others: TEXT
+
+
+def _plain_help(command, defaults: dict, presets: dict) -> None:
+    command.rich_markup_mode = None
+    for param in command.params:
+        if isinstance(param, TyperArgument):  # "SHARDS", not "shards <str>"
+            param.metavar = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx: None
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""  # a flag takes no value: typer would show <bool>
+            if not param.secondary_opts:
+                continue  # a lone flag (--resume) is off unless given: nothing to show
+        elif param.metavar is None:
+            param.metavar = _METAVARS.get(param.bare_type(), "TEXT")
+        note = default_note(param.name, defaults, presets) if param.default is None and not param.required else ""
+        if note:
+            param.help = f"{param.help or ''} {note}".strip()
+
+
 app = typer.Typer(cls=_Group, help="Contrastive learning with synthetic positives: build diffusion-positive shards, "
                   "train on them, evaluate.", no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False)
+                  add_completion=False, rich_markup_mode=None)
 
 
 def _version(value: bool) -> None:
@@ -91,6 +142,3 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
                                       help="Print the version and exit.")) -> None:
     """Contrastive learning with synthetic positives (CLSP, ECCV 2024)."""
 
-
-for _name, _module in STAGES:
-    app.add_typer(importlib.import_module(_module).app, name=_name)

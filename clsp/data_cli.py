@@ -6,8 +6,7 @@ from pathlib import Path
 
 import typer
 
-from clsp.sources import SPEC_HELP, SPLIT_HELP, open_source
-from shards.sheet import image_grid
+from clsp.sources import SPEC_HELP, SPLIT_HELP
 
 app = typer.Typer(help=f"Inspect data sources ({SPEC_HELP}).", no_args_is_help=True)
 
@@ -17,6 +16,8 @@ def info_command(source: str = typer.Argument(..., help=SPEC_HELP),
                  split: str = typer.Option("train", help=SPLIT_HELP),
                  image_size: int = typer.Option(None, help="Resize images to this many pixels (square).")) -> None:
     """Count, image size, splits, classes and content fingerprint of a source."""
+    from clsp.sources import open_source
+
     typer.echo(json.dumps(open_source(source, split, image_size).describe(), indent=2))
 
 
@@ -27,6 +28,9 @@ def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
                   image_size: int = typer.Option(None, help="Resize images to this many pixels (square)."),
                   rows: int = typer.Option(8, min=1), columns: int = typer.Option(12, min=1)) -> None:
     """A grid of the first images of a source."""
+    from clsp.sources import open_source
+    from shards.sheet import image_grid  # imported here: shards.sheet imports torch (webdataset); --help stays fast
+
     records = list(open_source(source, split, image_size).records(0, rows * columns))
     grid = [[r.image for r in records[i:i + columns]] for i in range(0, len(records), columns)]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ hand (e.g. training went on after the features were cached) is recomputed and re
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,9 @@ from torch import nn
 
 from clsp.accelerator import resolve_device  # the one device check (--device cuda without CUDA is a UserError)
 from clsp.hashing import weights_sha256
+from clsp.run_dir import write_atomic
+from train.augment import EvalTransform
+from train.backbones import embed
 
 
 def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -31,18 +33,15 @@ def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[fl
     raise ValueError("the run's config.json has no `mean`/`std`; re-run training with a clsp version that records them")
 
 
-@torch.no_grad()
 def _embed(backbone: nn.Module, images: np.ndarray, mean, std, batch_size: int, device: torch.device) -> np.ndarray:
     backbone.to(device).eval()  # eval: BN uses its running stats and does not update them
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)  # (B, H, W, 3)
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
-        feats = backbone((x - mean_t) / std_t)  # (B, D)
-        out.append(feats.float().flatten(1).cpu().numpy())
-    return np.concatenate(out).astype(np.float32, copy=False)
+    transform = EvalTransform(images.shape[1], mean, std)  # no resize: the images' own size
+    return embed(backbone, images, transform, batch_size, device).cpu().numpy()  # (N, D) float32
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: given a path, np.save would append another ".npy"
+        np.save(handle, array, allow_pickle=False)
 
 
 def extract_features(
@@ -84,9 +83,6 @@ def extract_features(
             return cached
     feats = _embed(backbone, images, mean, std, batch_size, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_suffix(".npy.tmp")
-    with open(tmp, "wb") as fh:  # file handle: np.save would otherwise append another ".npy"
-        np.save(fh, feats, allow_pickle=False)
-    os.replace(tmp, npy)
-    sidecar.write_text(json.dumps(key, indent=2) + "\n")  # written after the array: a half-written pair never matches
+    write_atomic(npy, lambda temp: _save_npy(temp, feats))
+    write_atomic(sidecar, json.dumps(key, indent=2) + "\n")  # written after the array: a half-written pair never matches
     return feats

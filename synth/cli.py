@@ -7,6 +7,11 @@ from typing import Optional
 
 import typer
 
+from clsp.presets import source_defaults
+
+# --help shows each unset option's default from SynthConfig and SamplerConfig (read without importing torch)
+_DEFAULTS = {**source_defaults("synth.job", "SynthConfig"), **source_defaults("synth.sampler", "SamplerConfig")}
+HELP_DEFAULTS = {"run": (_DEFAULTS, source_defaults("synth.job", "PRESETS"))}
 app = typer.Typer(help="Generate synthetic positives into shards.", no_args_is_help=True)
 
 
@@ -21,17 +26,17 @@ def run(
     model: str = typer.Option(..., "--model", help="generator dir (unet/, scheduler/) or hub id"),
     out: Path = typer.Option(..., "--out", help="shard directory"),
     preset: Optional[str] = typer.Option(None, help="defaults for a known run: embedded (digits, K=4, 16 steps)"),
-    split: Optional[str] = typer.Option(None, help="train | test | all (default: train)"),
-    image_size: Optional[int] = typer.Option(None, help="read the source at this size (default: native)"),
+    split: Optional[str] = typer.Option(None, help="train | test | all"),
+    image_size: Optional[int] = typer.Option(None, help="read the source at this size (default: its native size)"),
     resize: Optional[bool] = typer.Option(None, "--resize", help="resize anchors to the generator's sample size"),
-    k: Optional[int] = typer.Option(None, "--k", help="positives per anchor (default: 8)"),
-    w: Optional[float] = typer.Option(None, help="weight of the sample's own bottleneck, 0..1 (default: 0.1)"),
-    steps: Optional[int] = typer.Option(None, help="DDIM steps (default: 100)"),
-    eta: Optional[float] = typer.Option(None, help="DDIM eta, 0..1 (default: 0.1)"),
+    k: Optional[int] = typer.Option(None, "--k", help="positives per anchor"),
+    w: Optional[float] = typer.Option(None, help="weight of the sample's own bottleneck, 0..1"),
+    steps: Optional[int] = typer.Option(None, help="DDIM steps"),
+    eta: Optional[float] = typer.Option(None, help="DDIM eta, 0..1"),
     share_anchor_noise: Optional[bool] = typer.Option(None, "--share-anchor-noise",
                                                       help="the K candidates of an anchor share its noised copy"),
-    seed: Optional[int] = typer.Option(None, help="base seed, keyed with (anchor id, j) (default: 0)"),
-    anchors_per_shard: Optional[int] = typer.Option(None, help="anchors per shard file (default: 1000)"),
+    seed: Optional[int] = typer.Option(None, help="base seed, keyed with (anchor id, j)"),
+    anchors_per_shard: Optional[int] = typer.Option(None, help="anchors per shard file"),
     batch_size: Optional[int] = typer.Option(None,
                                              help="rows (anchors x K) per forward (default: 256 on CPU; GPU: fill it)"),
     limit: Optional[int] = typer.Option(None, help="only the first N anchors"),

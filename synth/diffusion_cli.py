@@ -1,4 +1,5 @@
-"""`clsp diffusion train SOURCE --out DIR`: train an unconditional DDPM generator for `clsp synth run`.
+"""`clsp diffusion train SOURCE --out DIR`: train an unconditional DDPM generator for `clsp synth run`;
+`clsp diffusion convert DIR`: safetensors for a .bin-only generator; `clsp diffusion eval DIR`: its quality.
 
 One process, or many under torchrun / accelerate launch (the batch is global and split across processes).
 """
@@ -10,15 +11,18 @@ from typing import Optional
 import typer
 
 from clsp.errors import UserError
-from clsp.presets import preset_values
+from clsp.presets import preset_values, source_defaults
 
-app = typer.Typer(help="Train unconditional diffusion generators (one per dataset, as CLSP does).",
-                  no_args_is_help=True)
+# --help shows each unset option's default from DiffusionTrainConfig and PRESETS (read without importing torch)
+HELP_DEFAULTS = {"train": (source_defaults("synth.diffusion_train", "DiffusionTrainConfig"),
+                           source_defaults("synth.diffusion_train", "PRESETS"))}
+app = typer.Typer(help="Train, convert and evaluate unconditional diffusion generators (one per dataset, as CLSP "
+                  "does).", no_args_is_help=True)
 
 
 @app.callback()
 def diffusion() -> None:
-    """Train unconditional diffusion generators (one per dataset, as CLSP does)."""
+    """Train, convert and evaluate unconditional diffusion generators (one per dataset, as CLSP does)."""
 
 
 @app.command("train")
@@ -26,31 +30,32 @@ def train(
     source: str = typer.Argument(..., help="digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"),
     out: Path = typer.Option(..., "--out", help="run directory; the generator (unet/, scheduler/) is written here"),
     preset: Optional[str] = typer.Option(None, help="embedded (small UNet for 16 px digits, ~4 min on 2 CPU cores) "
-                                         "| ddpm-cifar10 [the DDPM CIFAR-10 settings]"),
-    split: Optional[str] = typer.Option(None, help="train | test | all [train]"),
-    image_size: Optional[int] = typer.Option(None, help="read the source at this size [native]"),
-    channels: Optional[str] = typer.Option(None, help="UNet widths, one per level [128,256,256,256]"),
-    layers_per_block: Optional[int] = typer.Option(None, help="res blocks per level [2]"),
-    attention_levels: Optional[str] = typer.Option(None, help="levels (0-based) with self-attention, or none [1]"),
-    norm_groups: Optional[int] = typer.Option(None, help="GroupNorm groups; divides every width [32]"),
-    dropout: Optional[float] = typer.Option(None, help="dropout in the res blocks [0.1]"),
-    train_timesteps: Optional[int] = typer.Option(None, help="T; betas linear 1e-4..0.02 [1000]"),
-    batch_size: Optional[int] = typer.Option(None, help="global batch, split across processes [128]"),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate [2e-4]"),
-    lr_schedule: Optional[str] = typer.Option(None, help="constant | cosine, after warm-up [constant]"),
-    warmup_steps: Optional[int] = typer.Option(None, help="linear warm-up steps [5000]"),
-    steps: Optional[int] = typer.Option(None, help="training steps [800000]"),
-    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR loss weighting gamma; 0 = plain DDPM loss [0]"),
+                                         "| ddpm-cifar10 (the DDPM CIFAR-10 settings)"),
+    split: Optional[str] = typer.Option(None, help="train | test | all"),
+    image_size: Optional[int] = typer.Option(None, help="read the source at this size (default: its native size)"),
+    channels: Optional[str] = typer.Option(None, help="UNet widths, one per level"),
+    layers_per_block: Optional[int] = typer.Option(None, help="res blocks per level"),
+    attention_levels: Optional[str] = typer.Option(None, help="levels (0-based) with self-attention, or none"),
+    norm_groups: Optional[int] = typer.Option(None, help="GroupNorm groups; divides every width"),
+    dropout: Optional[float] = typer.Option(None, help="dropout in the res blocks"),
+    train_timesteps: Optional[int] = typer.Option(None, help="T; betas linear 1e-4..0.02"),
+    batch_size: Optional[int] = typer.Option(None, help="global batch, split across processes"),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate"),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant | cosine, after warm-up"),
+    warmup_steps: Optional[int] = typer.Option(None, help="linear warm-up steps"),
+    steps: Optional[int] = typer.Option(None, help="training steps"),
+    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR loss weighting gamma; 0 = plain DDPM loss"),
     skip_dropout: Optional[float] = typer.Option(None, help="probability that a sample's below-full-resolution skips "
-                                                 "are zeroed in training, so the bottleneck carries shape [0]"),
-    ema_decay: Optional[float] = typer.Option(None, help="EMA decay of the saved weights [0.9999]"),
-    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flips [on]"),
-    mixed_precision: Optional[str] = typer.Option(None, help="auto | no | bf16 [auto: bf16 on a GPU]"),
-    seed: Optional[int] = typer.Option(None, help="init, batches and noise all follow from it [0]"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints + sample grids [10000]"),
-    keep_checkpoints: Optional[int] = typer.Option(None, help="newest checkpoints kept [2]"),
-    sample_steps: Optional[int] = typer.Option(None, help="DDIM steps for the sample grids [50]"),
-    grid_size: Optional[int] = typer.Option(None, help="images per sample grid [64]"),
+                                                 "are replaced in training, so the bottleneck carries shape"),
+    skip_fill: Optional[str] = typer.Option(None, help="what replaces them: zero | shuffle (another image's skips)"),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay of the saved weights"),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flips"),
+    mixed_precision: Optional[str] = typer.Option(None, help="auto | no | bf16 (auto: bf16 on a GPU)"),
+    seed: Optional[int] = typer.Option(None, help="init, batches and noise all follow from it"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints + sample grids"),
+    keep_checkpoints: Optional[int] = typer.Option(None, help="newest checkpoints kept"),
+    sample_steps: Optional[int] = typer.Option(None, help="DDIM steps for the sample grids"),
+    grid_size: Optional[int] = typer.Option(None, help="images per sample grid"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="continue from the newest checkpoint in OUT"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="replace a run in OUT made with other settings"),
 ) -> None:
@@ -65,11 +70,10 @@ def train(
         channels=int_list(channels, "--channels"), layers_per_block=layers_per_block,
         attention_levels=int_list(attention_levels, "--attention-levels"), norm_groups=norm_groups, dropout=dropout,
         train_timesteps=train_timesteps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps, steps=steps, snr_gamma=snr_gamma, skip_dropout=skip_dropout, ema_decay=ema_decay,
-        hflip=hflip,
-        mixed_precision=mixed_precision,
-        seed=seed, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, sample_steps=sample_steps,
-        grid_size=grid_size, resume=resume, overwrite=overwrite,
+        warmup_steps=warmup_steps, steps=steps, snr_gamma=snr_gamma, skip_dropout=skip_dropout, skip_fill=skip_fill,
+        ema_decay=ema_decay, hflip=hflip, mixed_precision=mixed_precision, seed=seed, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, sample_steps=sample_steps, grid_size=grid_size, resume=resume,
+        overwrite=overwrite,
     )
     train_diffusion(cfg, command=shlex.join(["clsp", *sys.argv[1:]]))
 
@@ -91,6 +95,20 @@ def int_list(text: str | None, what: str) -> tuple[int, ...] | None:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise UserError(f"{what} {text!r}: give comma-separated integers, e.g. 32,64,64") from None
+
+
+@app.command("convert")
+def convert_command(
+    generator: Path = typer.Argument(..., help="generator dir whose weights are only diffusion_pytorch_model.bin "
+                                     "(e.g. a local copy of a hub repo)"),
+) -> None:
+    """Write safetensors weights beside a .bin-only generator, from its tensors only (torch.load weights_only=True:
+    pickled code is refused), so that it loads. Run it only for a file you trust; nothing is overwritten."""
+    from synth.models import convert_pickle_weights
+
+    done = convert_pickle_weights(generator)
+    typer.echo(f"wrote {done['path']} ({done['tensors']} tensors)")
+    typer.echo(f"weights sha256 {done['weights_sha256']} (the fingerprint `clsp synth run` records for it)")
 
 
 @app.command("eval")

@@ -6,8 +6,12 @@ Two layouts load:
       DIR/card.json + README.md (provenance), DIR/model_index.json (written LAST: its presence marks a complete dir)
   hub layout (e.g. google/ddpm-cifar10-32, or a local copy of such a repo):
       config.json + diffusion_pytorch_model.safetensors + scheduler_config.json at the root
-Weights load from safetensors only (never pickle). Whatever scheduler class was saved, the sampler gets a
-DDIMScheduler built from its config (same betas and timestep count).
+Weights load from safetensors only (never pickle); `clsp diffusion convert DIR` turns a `.bin`-only dir into
+safetensors when the user asks (torch.load with weights_only=True: tensors, no code). Whatever scheduler class was saved,
+the sampler gets a DDIMScheduler built from its config (same betas and timestep count).
+
+A hub id loads from the local Hugging Face cache when it is there (offline too); otherwise one short probe of the hub
+(or HF_HUB_OFFLINE) decides at once that the machine is offline, instead of a minute of retries.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle  # only for its exception type: nothing here unpickles
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +33,9 @@ from clsp.run_dir import write_atomic
 
 CARD_NAME = "card.json"
 INDEX_NAME = "model_index.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+PICKLE_NAME = "diffusion_pytorch_model.bin"
+PROBE_TIMEOUT_S = 3.0  # one connection attempt to the hub; huggingface_hub alone retries for about a minute
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -71,6 +80,7 @@ def load_generator(path_or_id: str | os.PathLike, device: str | torch.device = "
 
 
 def _load_local(path: Path, spec: str):
+    _refuse_pickle_only(weights_folder(path), spec)
     if (path / "unet").is_dir():
         if not (path / INDEX_NAME).is_file():
             raise UserError(f"generator dir {spec!r} is incomplete ({INDEX_NAME} missing: the save was interrupted). "
@@ -96,21 +106,69 @@ def _read_scheduler(folder: Path, spec: str) -> DDIMScheduler:
     return as_ddim(json.loads(config_file.read_text()))
 
 
+def weights_folder(path: Path) -> Path:
+    """The folder holding a generator dir's unet weights: unet/ (save layout) or the dir itself (hub layout)."""
+    return path / "unet" if (path / "unet").is_dir() else path
+
+
+def _refuse_pickle_only(folder: Path, spec: str) -> None:
+    if (folder / PICKLE_NAME).is_file() and not (folder / WEIGHTS_NAME).is_file():
+        raise UserError(f"generator {spec!r} has no file named {WEIGHTS_NAME}, only the pickled {PICKLE_NAME}, which is "
+                        f"never loaded (unpickling can run code). Fix: if you trust it, `clsp diffusion convert {spec}` "
+                        "writes safetensors from its tensors (torch.load weights_only=True), then run this again.")
+
+
 def _load_hub(model_id: str):
+    """From the local Hugging Face cache if it holds the repo, else (online only) from the hub."""
+    try:
+        return _load_hub_files(model_id, local_files_only=True)
+    except (OSError, ValueError):
+        pass  # not (completely) cached
+    _require_online(model_id)
+    return _load_hub_files(model_id, local_files_only=False)
+
+
+def _load_hub_files(model_id: str, local_files_only: bool):
     def unet_loader():
         try:  # hub layout: unet at the repo root (google/ddpm-cifar10-32)
-            return UNet2DModel.from_pretrained(model_id, use_safetensors=True)
+            return UNet2DModel.from_pretrained(model_id, use_safetensors=True, local_files_only=local_files_only)
         except OSError:  # pipeline layout: unet/ subfolder
-            return UNet2DModel.from_pretrained(model_id, subfolder="unet", use_safetensors=True)
+            return UNet2DModel.from_pretrained(model_id, subfolder="unet", use_safetensors=True,
+                                               local_files_only=local_files_only)
 
     def scheduler_loader():
         try:
-            return DDIMScheduler.load_config(model_id)
+            return DDIMScheduler.load_config(model_id, local_files_only=local_files_only)
         except OSError:
-            return DDIMScheduler.load_config(model_id, subfolder="scheduler")
+            return DDIMScheduler.load_config(model_id, subfolder="scheduler", local_files_only=local_files_only)
 
-    unet = _from_pretrained(model_id, unet_loader)
-    return unet, as_ddim(_from_pretrained(model_id, scheduler_loader)), model_id
+    with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated: not the user's concern
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        if local_files_only:  # a miss is expected here: the caller goes online, so no UserError wording
+            return unet_loader(), as_ddim(scheduler_loader()), model_id
+        unet = _from_pretrained(model_id, unet_loader)
+        return unet, as_ddim(_from_pretrained(model_id, scheduler_loader)), model_id
+
+
+def _require_online(model_id: str) -> None:
+    """UserError at once when the hub cannot be reached: HF_HUB_OFFLINE is set, or one short request fails."""
+    from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:  # urllib honours the same *_proxy variables as huggingface_hub
+            urlopen(Request(endpoint, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+            return
+        except HTTPError:  # any HTTP answer means the hub is reachable
+            return
+        except OSError as error:  # URLError, timeouts, refused connections
+            reason = f"{endpoint} cannot be reached: {getattr(error, 'reason', error)}"
+    raise UserError(f"generator {model_id!r} is not in the local Hugging Face cache and this machine is offline "
+                    f"({reason}). Fix: download the repo where there is network (e.g. `hf download {model_id} "
+                    "--local-dir DIR`), copy it here and pass --model DIR, or set HF_HOME to a cache that holds it.")
 
 
 def _from_pretrained(spec: str, loader):
@@ -119,8 +177,51 @@ def _from_pretrained(spec: str, loader):
     except (OSError, ValueError) as err:
         reason = str(err).rstrip(".")
         raise UserError(f"could not load generator {spec!r}: {reason}. Fix: check the name/dir; weights must be "
-                        "safetensors (diffusion_pytorch_model.safetensors); hub ids need network access or a "
-                        "populated Hugging Face cache.") from err
+                        f"safetensors ({WEIGHTS_NAME}; a dir with only {PICKLE_NAME}: `clsp diffusion convert DIR`); "
+                        "hub ids need network access or a populated Hugging Face cache.") from err
+
+
+def convert_pickle_weights(path: str | os.PathLike) -> dict:
+    """Write diffusion_pytorch_model.safetensors beside the .bin of a generator dir, from its tensors only.
+
+    The .bin is read with torch.load(weights_only=True), which refuses pickled objects other than tensors and plain
+    containers; the tensors must fit the dir's config.json. Returns {"path", "tensors", "weights_sha256"} (the
+    fingerprint load_generator reports). Nothing is written unless every check passes; nothing is overwritten.
+    """
+    from safetensors.torch import save_file
+
+    folder = weights_folder(Path(path).expanduser())
+    source, target = folder / PICKLE_NAME, folder / WEIGHTS_NAME
+    if not source.is_file():
+        raise UserError(f"{folder} holds no {PICKLE_NAME}: nothing to convert. Fix: pass the generator dir (hub "
+                        "layout: config.json at its root; save layout: unet/) that holds it.")
+    if target.exists():
+        raise UserError(f"{target} already exists and is left as it is: the dir needs no conversion. Fix: load the "
+                        "dir as it is, or move that file away to convert again.")
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:  # a refused object, or not torch's
+        raise UserError(f"{source} was not converted: it is not a plain state dict of tensors ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0]}). Fix: ask its author for safetensors weights.") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UserError(f"{source} was not converted: it holds {type(state).__name__}, not a state dict (names -> "
+                        "tensors). Fix: ask its author for safetensors weights.")
+    _check_fits_config(folder, state)
+    state = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}  # no shared storage
+    write_atomic(target, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
+    return {"path": str(target), "tensors": len(state), "weights_sha256": weights_sha256(state)}
+
+
+def _check_fits_config(folder: Path, state: dict) -> None:
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json beside {PICKLE_NAME}. Fix: pass a generator dir as the hub "
+                        "has it (config.json, the weights and scheduler_config.json).")
+    unet = UNet2DModel.from_config(UNet2DModel.load_config(folder))
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UserError(f"{folder / PICKLE_NAME} was not converted: its tensors do not fit config.json "
+                        f"({str(error).splitlines()[0]} ...). Fix: pair it with the config it was saved with.") from None
 
 
 def save_generator(out_dir: str | os.PathLike, unet: UNet2DModel, scheduler, card: dict) -> dict:

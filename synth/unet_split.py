@@ -129,24 +129,29 @@ def decode(
 
 
 class SkipDropout(torch.nn.Module):
-    """Training-time view of a UNet2DModel whose below-full-resolution skips are zeroed in the rows where keep is False.
+    """Training-time view of a UNet2DModel whose below-full-resolution skips are replaced in the rows where keep is
+    False: by zeros (fill="zero"), or by another row's skips (fill="shuffle": the next row of the batch, another image).
 
-    Those rows must take the image's shape from the bottleneck alone, so the decoder learns to read it there: that is
-    what lets the CLSP sampler, which swaps in the anchor's bottleneck but keeps the sample's skips, carry the anchor's
-    class. Full-resolution skips (fine detail, the exact noise to predict) always pass. Nothing changes at sampling
-    time: the weights are the wrapped UNet2DModel's, and its plain forward is what gets saved.
+    Those rows must take the image's shape from the bottleneck, so the decoder learns to read it there; with "shuffle"
+    it also learns that low-resolution skips can contradict the bottleneck, which is exactly the CLSP sampler's case
+    (the anchor's bottleneck, a random trajectory's skips). Full-resolution skips (fine detail, the exact noise to
+    predict) always pass. Nothing changes at sampling time: the weights are the wrapped UNet2DModel's, and its plain
+    forward is what gets saved.
     """
 
-    def __init__(self, unet: UNet2DModel):
+    def __init__(self, unet: UNet2DModel, fill: str = "zero"):
         super().__init__()
-        self.unet = unet
+        if fill not in ("zero", "shuffle"):
+            raise ValueError(f"skip dropout fill {fill!r}: use zero or shuffle")
+        self.unet, self.fill = unet, fill
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,), keep (B,) bool -> predicted noise (B, C, H, W)."""
         temb = embed_time(self.unet, t, x.shape[0])  # (B, D)
         h, skips = encode(self.unet, x, t, temb=temb)
-        mask = keep.to(h.dtype)[:, None, None, None]  # (B, 1, 1, 1)
-        skips = tuple(s if s.shape[-1] == x.shape[-1] else s * mask for s in skips)
+        mask = keep[:, None, None, None]  # (B, 1, 1, 1)
+        other = (lambda s: torch.zeros_like(s)) if self.fill == "zero" else (lambda s: s.roll(1, dims=0))
+        skips = tuple(s if s.shape[-1] == x.shape[-1] else torch.where(mask, s, other(s)) for s in skips)
         return decode(self.unet, h, skips, temb, t)
 
 

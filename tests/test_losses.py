@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clsp.ema import ema_update
 from train.distributed import (
     FeatureQueue,
     concat_all_gather,
     cosine_momentum,
     gather_with_grad,
-    momentum_update,
 )
 from train.losses import byol_loss, clsp_term, info_nce, moco_infonce, nnclr_loss, positive_mask
 
@@ -121,10 +121,10 @@ def test_momentum_update_and_cosine_schedule():
     torch.manual_seed(4)
     online, target = nn.Linear(3, 2), nn.Linear(3, 2)
     before = [p.detach().clone() for p in target.parameters()]
-    momentum_update(online, target, 0.9)
+    ema_update(target, online, 0.9, lerp=False)
     for t0, o, t in zip(before, online.parameters(), target.parameters()):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * o)
-    momentum_update(online, target, 0.0)
+    ema_update(target, online, 0.0, lerp=False)
     assert all(torch.equal(t, o) for o, t in zip(online.parameters(), target.parameters()))
     assert cosine_momentum(0.99, 0.999, 0.0) == pytest.approx(0.99)
     assert cosine_momentum(0.99, 0.999, 0.5) == pytest.approx(0.9945)

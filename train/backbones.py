@@ -6,6 +6,7 @@ the same stages from torchvision's ``BasicBlock``/``Bottleneck`` with every stag
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
@@ -91,3 +92,15 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn
         layers.append(nn.BatchNorm1d(hidden_dim))
     layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
     return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def embed(backbone: nn.Module, images: np.ndarray, transform: nn.Module, batch_size: int,
+          device: str | torch.device) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) -> float32 features (N, D) on `device`, in batches through transform and backbone.
+
+    The caller puts the backbone in eval mode (the kNN monitor restores training mode afterwards).
+    """
+    return torch.cat([backbone(transform(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+                                         .to(device))).float().flatten(1)  # (b, D)
+                      for start in range(0, len(images), batch_size)])

@@ -8,8 +8,12 @@ from typing import Optional
 
 import typer
 
-from train.loop import PRESETS, make_config, train
+from clsp.presets import source_defaults
 
+# --help shows each unset option's real default, read from TrainConfig and PRESETS (train.loop imports torch: too slow
+# for --help, so it is imported only when a run starts)
+PRESETS = source_defaults("train.loop", "PRESETS")
+HELP_DEFAULTS = {"run": (source_defaults("train.loop", "TrainConfig"), PRESETS)}
 app = typer.Typer(help="Contrastive training from shards (streaming, resumable, one or many processes).",
                   no_args_is_help=True)
 
@@ -23,38 +27,39 @@ def main() -> None:
 def run_command(
     shards: str = typer.Argument(..., help="Shard directory or fsspec URL (file://, https://, s3://) with manifest.json."),
     out: str = typer.Option(..., "--out", help="Run directory: checkpoint/, log.csv, backbone.safetensors, config.json."),
-    preset: Optional[str] = typer.Option(None, help=f"Defaults for a known setting: {', '.join(PRESETS)}; "
-                                         "options given here override it."),
+    preset: Optional[str] = typer.Option(None, help=f"Defaults for a known setting: {' | '.join(PRESETS)} (paper-cifar10: the "
+                                         "paper's SimCLR CIFAR-10 schedule); options given here override it."),
     method: Optional[str] = typer.Option(None, help="simclr | moco | byol | nnclr."),
     positives: Optional[str] = typer.Option(None, help="synthetic (CLSP) | augment (third real view) | none."),
-    lam: Optional[float] = typer.Option(None, help="Weight of the CLSP term [method default]."),
+    lam: Optional[float] = typer.Option(None, help="Weight of the CLSP term (default: the method's)."),
     backbone: Optional[str] = typer.Option(None, help="resnet18 | resnet50."),
     width: Optional[int] = typer.Option(None, help="Backbone stem channels (64 = standard ResNet)."),
-    image_size: Optional[int] = typer.Option(None, help="Augmented view size [the shards' image size]."),
-    epochs: Optional[int] = typer.Option(None),
+    image_size: Optional[int] = typer.Option(None, help="Augmented view size (default: the shards' image size)."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the anchors."),
     batch_size: Optional[int] = typer.Option(None, help="Anchors per step per process."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (after warm-up)."),
-    momentum: Optional[float] = typer.Option(None),
-    weight_decay: Optional[float] = typer.Option(None),
-    warmup_epochs: Optional[float] = typer.Option(None),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum."),
+    weight_decay: Optional[float] = typer.Option(None, help="SGD weight decay."),
+    warmup_epochs: Optional[float] = typer.Option(
+        None, help="Linear warm-up epochs, then cosine to 0; when not given, at most a tenth of the run."),
     optimizer: Optional[str] = typer.Option(None, help="sgd."),
-    proj_hidden: Optional[int] = typer.Option(None, help="Projector hidden width [method default]."),
-    proj_dim: Optional[int] = typer.Option(None, help="Projection size [method default]."),
-    temperature: Optional[float] = typer.Option(None, help="InfoNCE temperature [method default]."),
-    queue_size: Optional[int] = typer.Option(None, help="MoCo queue / NNCLR support set size [method default]."),
-    seed: Optional[int] = typer.Option(None),
+    proj_hidden: Optional[int] = typer.Option(None, help="Projector hidden width (default: the method's)."),
+    proj_dim: Optional[int] = typer.Option(None, help="Projection size (default: the method's)."),
+    temperature: Optional[float] = typer.Option(None, help="InfoNCE temperature (default: the method's)."),
+    queue_size: Optional[int] = typer.Option(None, help="MoCo queue / NNCLR support set size (default: the method's)."),
+    seed: Optional[int] = typer.Option(None, help="Initial weights, augmentations and draws follow from it."),
     workers: Optional[int] = typer.Option(None, help="Loader processes per training process."),
     shuffle_buffer: Optional[int] = typer.Option(None, help="Samples mixed per loader process."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast on GPUs [on]."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast on GPUs."),
     knn_every: Optional[int] = typer.Option(None, help="Epochs between kNN monitor runs (0: off)."),
     knn_source: Optional[str] = typer.Option(None, help="Labelled source for the kNN monitor, e.g. digits."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable shards (counted in summary.json)."),
     expect_k: Optional[int] = typer.Option(None, help="Refuse shards that do not hold this many positives per anchor."),
     positive_filter: Optional[str] = typer.Option(
         None, help="Draw only synthetic positives whose score passes METRIC OP NUMBER, e.g. distance>=0.05 or "
-        "agreement>=0.5 (scores from the shards' index; an anchor with none left keeps its best one) [off]."),
+        "agreement>=0.5 (scores from the shards' index; an anchor with none left keeps its best one) (default: off)."),
     positive_weighting: Optional[str] = typer.Option(
-        None, help="uniform | harder: draw a positive in proportion to its distance to the anchor [uniform]."),
+        None, help="uniform | harder: draw a positive in proportion to its distance to the anchor (default: uniform)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same options); no-op if finished."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
 ) -> None:
@@ -63,6 +68,8 @@ def run_command(
     preset = options.pop("preset")
     for flag in ("skip_corrupt", "resume", "overwrite"):
         options[flag] = options[flag] or None  # unset unless given, so a preset could set them
+    from train.loop import make_config, train
+
     typer.echo(train(make_config(preset, **options)))
 
 

@@ -94,16 +94,6 @@ class FeatureQueue(nn.Module):
         return self.features[: int(self.filled)].clone()
 
 
-@torch.no_grad()
-def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
-    """target <- m * target + (1 - m) * online for every parameter (buffers such as BN statistics are left alone)."""
-    online_params, target_params = list(online.parameters()), list(target.parameters())
-    if len(online_params) != len(target_params):
-        raise ValueError("momentum_update: online and target modules have different parameter lists")
-    torch._foreach_mul_(target_params, m)
-    torch._foreach_add_(target_params, online_params, alpha=1.0 - m)
-
-
 def cosine_momentum(base: float, final: float, progress: float) -> float:
     """Momentum rising from ``base`` (progress 0) to ``final`` (progress 1) on a half cosine."""
     progress = min(max(progress, 0.0), 1.0)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 from clsp import __version__
 from clsp.accelerator import SigtermFlag, any_process, fresh_accelerator
 from clsp.errors import UserError
+from clsp.knn import knn_predict
 from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir
+from clsp.schedules import warmup_cosine
 from shards.manifest import read_manifest
 from shards.reader import ShardError
 from train.augment import DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
-from train.backbones import RESNET_LAYOUTS, build_backbone, wants_small_stem
+from train.backbones import RESNET_LAYOUTS, build_backbone, embed, wants_small_stem
 from train.checkpoint import (CONFIG, LOG, SUMMARY, RunLog, describe_run, find_checkpoint, load_checkpoint, run_files,
                               save_backbone, save_checkpoint, write_json)
 from train.methods import METHOD_DEFAULTS, MethodConfig, build_method
@@ -46,10 +48,18 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
 # much as for a synthetic one (measured: base loss stuck at ln(2B-1) for 250 steps); at 0.2 the base loss escapes.
+# paper-cifar10: the SimCLR CIFAR-10 setting of the paper (docs: method.md): ResNet-18 (the CIFAR stem follows from the
+# 32 px images), projector 4096 -> 256, tau 0.2, lam 1.0, SGD lr 0.5 momentum 0.9 wd 1e-4, 10 warm-up epochs then cosine,
+# 1000 epochs, batch 1024. batch_size is per process: on N GPUs pass --batch-size 1024/N for the paper's global batch.
+# Literal values only: `clsp train run --help` reads this dict without importing this module (clsp.presets).
 PRESETS = {
     "embedded": dict(backbone="resnet18", width=16, epochs=50, batch_size=128, lr=0.3, warmup_epochs=5.0,
                      weight_decay=5e-4, proj_hidden=512, proj_dim=128, queue_size=1024, lam=0.2, workers=1),
+    "paper-cifar10": dict(method="simclr", positives="synthetic", backbone="resnet18", width=64, epochs=1000,
+                          batch_size=1024, lr=0.5, momentum=0.9, weight_decay=1e-4, warmup_epochs=10.0, lam=1.0,
+                          temperature=0.2, proj_hidden=4096, proj_dim=256),
 }
+WARMUP_SHARE = 0.1  # a warm-up not given on the command line lasts at most this share of the run
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,8 @@ class TrainConfig:
         need(self.lr > 0 and self.momentum >= 0 and self.weight_decay >= 0, "--lr must be > 0, momentum and "
              "weight decay >= 0")
         need(0 <= self.warmup_epochs <= self.epochs,
-             f"--warmup-epochs ({self.warmup_epochs}) must lie in 0..--epochs ({self.epochs}): lower it")
+             f"--warmup-epochs ({self.warmup_epochs}) must lie in 0..--epochs ({self.epochs}): lower it, or leave it "
+             f"out for {WARMUP_SHARE:.0%} of a short run")
         need(self.workers >= 0 and self.knn_every >= 0, "--workers and --knn-every must be >= 0")
         need(self.image_size is None or self.image_size >= 8, "--image-size must be >= 8 pixels")
         need(self.knn_every == 0 or bool(self.knn_source), "--knn-every needs --knn-source (a labelled source spec)")
@@ -129,14 +140,11 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
     unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise TypeError(f"unknown TrainConfig option(s) {unknown}")
-    return TrainConfig(**preset_values(PRESETS, preset, options))
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then half-cosine to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    values = preset_values(PRESETS, preset, options)
+    if options.get("warmup_epochs") is None:  # the default / preset warm-up (10 epochs) scales down with a short run
+        epochs = values.get("epochs", TrainConfig.epochs)
+        values["warmup_epochs"] = min(values.get("warmup_epochs", TrainConfig.warmup_epochs), WARMUP_SHARE * epochs)
+    return TrainConfig(**values)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -195,7 +203,7 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=cfg.lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup_steps=round(cfg.warmup_epochs * spe), total_steps=total))
+        optimizer, partial(warmup_cosine, warmup_steps=round(cfg.warmup_epochs * spe), total_steps=total))
     model, optimizer = acc.prepare(method, optimizer)  # model: DDP-wrapped when world > 1, autocast when bf16
     set_seed(cfg.seed, device_specific=True)  # processes augment differently; a checkpoint's RNG replaces this
     position = {"epoch": 0, "step": 0, "global_step": 0}
@@ -291,12 +299,7 @@ class _KnnMonitor:
     def __call__(self, backbone: torch.nn.Module, device: torch.device, k: int = 20, t: float = 0.07) -> float:
         was_training = backbone.training
         backbone.eval()
-        embed = lambda x: torch.nn.functional.normalize(torch.cat([  # noqa: E731  (N, D) unit rows
-            backbone(self.transform(torch.from_numpy(x[i:i + 512]).to(device))).float() for i in range(0, len(x), 512)]))
-        bank, query = embed(self.bank[0]), embed(self.query[0])
-        bank_labels, query_labels = torch.from_numpy(self.bank[1]).to(device), torch.from_numpy(self.query[1]).to(device)
-        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)  # (Q, k)
-        votes = torch.zeros(len(query), int(bank_labels.max()) + 1, device=device)
-        votes.scatter_add_(1, bank_labels[idx], (sim / t).exp())
+        bank, query = (embed(backbone, images, self.transform, 512, device) for images in (self.bank[0], self.query[0]))
         backbone.train(was_training)
-        return float((votes.argmax(1) == query_labels).float().mean())
+        predicted = knn_predict(bank, self.bank[1], query, (k,), t, device=device)[min(k, len(bank))]  # (Q,)
+        return float(np.mean(predicted == self.query[1], dtype=np.float32))

@@ -5,7 +5,7 @@
     out = method([v1, v2], ids, third=v3)   # dict(loss, loss_base, loss_clsp); v*: (B, 3, H, W) augmented
     out["loss"].backward(); optimizer.step(); method.after_step(progress)   # momentum encoders
 
-A method subclass implements ``project`` (online projection) and ``base_loss``; ``Method.forward`` adds
+A method subclass implements ``base_loss`` (the base class builds the projector and ``project``); ``Method.forward`` adds
 lam * clsp_term(z1, z3) with z1 the projection of view 1 and z3 that of the third view. The third view only enters
 that term: it is never a negative for any anchor.
 """
@@ -18,6 +18,9 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from clsp.ema import ema_update
+from train.backbones import mlp_head
+from train.distributed import cosine_momentum
 from train.losses import clsp_term
 
 POSITIVES = ("synthetic", "augment", "none")  # synthetic positive / third real augmented view / no third view
@@ -77,10 +80,11 @@ class Method(nn.Module):
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig):
         super().__init__()
         self.backbone, self.feat_dim, self.cfg = backbone, feat_dim, cfg
+        self.projector = mlp_head(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.proj_bn)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Online projection (B, 3, H, W) -> (B, proj_dim), not normalised."""
-        raise NotImplementedError
+        return self.projector(self.backbone(x))
 
     def base_loss(self, v1: torch.Tensor, v2: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The base method's loss on two views, and z1 = the online projection of v1 (B, proj_dim)."""
@@ -120,6 +124,24 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     twin = copy.deepcopy(module)
     twin.requires_grad_(False)
     return twin
+
+
+class MomentumMethod(Method):
+    """A method with momentum (target) twins of the backbone and projector (MoCo, BYOL). A subclass calls
+    ``add_targets()`` at the end of its ``__init__``; after each step the twins move towards the online networks."""
+
+    def add_targets(self) -> None:
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_projector = frozen_copy(self.projector)
+
+    @torch.no_grad()
+    def target_project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target_projector(self.target_backbone(x))  # (B, p), no gradient
+
+    def after_step(self, progress: float) -> None:
+        m = cosine_momentum(self.cfg.momentum_base, self.cfg.momentum_final, progress)
+        ema_update(self.target_backbone, self.backbone, m, lerp=False)  # mul + add: the form these runs trained with
+        ema_update(self.target_projector, self.projector, m, lerp=False)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from train.backbones import mlp_head
-from train.distributed import FeatureQueue, cosine_momentum, momentum_update
+from train.distributed import FeatureQueue
 from train.losses import moco_infonce
-from train.methods import Method, MethodConfig, frozen_copy, register
+from train.methods import MethodConfig, MomentumMethod, register
 
 
 @register("moco")
-class MoCoV2Plus(Method):
+class MoCoV2Plus(MomentumMethod):
     # method.md: queue 32768, momentum 0.99 -> 0.999 (cosine), symmetric, tau 0.2, lam 0.5 (CIFAR-10; 0.2 CIFAR-100)
     defaults = {
         "lam": 0.5, "temperature": 0.2, "proj_hidden": 4096, "proj_dim": 256, "proj_bn": False,
@@ -22,17 +22,12 @@ class MoCoV2Plus(Method):
         super().__init__(backbone, feat_dim, cfg)
         if cfg.queue_size < 1:
             raise ValueError("moco needs queue_size >= 1 (default 32768): use MethodConfig.for_method('moco', ...)")
-        self.projector = mlp_head(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.proj_bn)
-        self.target_backbone = frozen_copy(backbone)
-        self.target_projector = frozen_copy(self.projector)
+        self.add_targets()
         self.queue = FeatureQueue(cfg.queue_size, cfg.proj_dim)  # normalised keys of past batches, both views
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))  # (B, p)
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.target_projector(self.target_backbone(x)), dim=1)  # (B, p)
+        return F.normalize(self.target_project(x), dim=1)  # (B, p)
 
     def base_loss(self, v1, v2, ids):
         q1, q2 = self.project(v1), self.project(v2)  # (B, p) online queries
@@ -43,8 +38,3 @@ class MoCoV2Plus(Method):
         if self.training:  # evaluation forwards leave the queue alone
             self.queue.enqueue(torch.cat([k1, k2]))
         return loss, q1
-
-    def after_step(self, progress: float) -> None:
-        m = cosine_momentum(self.cfg.momentum_base, self.cfg.momentum_final, progress)
-        momentum_update(self.backbone, self.target_backbone, m)
-        momentum_update(self.projector, self.target_projector, m)

@@ -22,12 +22,8 @@ class NNCLR(Method):
         super().__init__(backbone, feat_dim, cfg)
         if cfg.queue_size < 1:
             raise ValueError("nnclr needs queue_size >= 1 (support set, default 65536): use MethodConfig.for_method")
-        self.projector = mlp_head(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.proj_bn)
         self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True)
         self.support = FeatureQueue(cfg.queue_size, cfg.proj_dim)  # normalised z1 of past batches
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))  # (B, p)
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from train.backbones import mlp_head
 from train.distributed import concat_all_gather, gather_with_grad, world_info
 from train.losses import info_nce
 from train.methods import Method, MethodConfig, register
@@ -16,10 +15,6 @@ class SimCLR(Method):
 
     def __init__(self, backbone, feat_dim: int, cfg: MethodConfig):
         super().__init__(backbone, feat_dim, cfg)
-        self.projector = mlp_head(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.proj_bn)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))  # (B, p)
 
     def base_loss(self, v1, v2, ids):
         z1, z2 = self.project(v1), self.project(v2)  # (B, p) each
