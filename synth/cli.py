@@ -25,7 +25,7 @@ def run(
     source: str = typer.Argument(..., help="digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"),
     model: str = typer.Option(..., "--model", help="generator dir (unet/, scheduler/) or hub id"),
     out: Path = typer.Option(..., "--out", help="shard directory"),
-    preset: Optional[str] = typer.Option(None, help="defaults for a known run: embedded (digits, K=4, 16 steps)"),
+    preset: Optional[str] = typer.Option(None, help="defaults for a known run: embedded (digits, K=4, 32 steps)"),
     split: Optional[str] = typer.Option(None, help="train | test | all"),
     image_size: Optional[int] = typer.Option(None, help="read the source at this size (default: its native size)"),
     resize: Optional[bool] = typer.Option(None, "--resize", help="resize anchors to the generator's sample size"),

@@ -364,9 +364,14 @@ def machine_info(device: torch.device) -> dict:
     import os
     import platform
 
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):  # the CPU model: its instruction set decides the rounding of float sums
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
     cuda = device.type == "cuda"
-    return {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else None}
+    return {"os": platform.system(), "arch": platform.machine(), "cpu": cpu, "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": device.type,
+            "gpu": torch.cuda.get_device_name(device) if cuda else None}
 
 
 def package_versions() -> dict:
