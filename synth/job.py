@@ -13,7 +13,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -200,8 +200,7 @@ def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
         "source": {"spec": cfg.source, "split": cfg.split, "fingerprint": source.fingerprint(), "count": count,
                    **({"num_classes": len(source.classes)} if source.classes else {})},  # bounds the labels
         "generator": {"model_id": info["model_id"], "weights_sha256": info["weights_sha256"]},
-        "sampler": {"w": cfg.sampler.w, "steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
-                    "share_anchor_noise": cfg.sampler.share_anchor_noise},
+        "sampler": asdict(cfg.sampler),  # every SamplerConfig field: a new option is recorded and compared on resume
         "k": cfg.k,
         "seed": cfg.seed,
         "image_size": source.image_size,
