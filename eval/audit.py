@@ -46,7 +46,7 @@ def _mean_pairwise(points: np.ndarray) -> np.ndarray:
     return dist.sum(axis=(1, 2)) / (k * (k - 1))
 
 
-def _pairwise_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pairwise_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, c), (M, c) -> (N, M) Euclidean distances, via |a|^2 + |b|^2 - 2ab (never an (N, M, c) tensor)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     sq = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T
@@ -138,7 +138,7 @@ def audit_arrays(
     pos_z = ref.features(positives.reshape(n * k, *anchors.shape[1:])).reshape(n, k, -1)  # (N, K, c)
 
     # nearest real neighbours of each anchor, never the anchor itself (by row, or by exact identity when unknown)
-    dist = _pairwise_distance(anchor_z, real_z)  # (N, M)
+    dist = pairwise_distance(anchor_z, real_z)  # (N, M)
     own = index >= 0
     dist[np.arange(n)[own], index[own]] = np.inf
     dist[(~own)[:, None] & (dist <= 1e-4)] = np.inf
@@ -208,7 +208,7 @@ def audit_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sample_key(seed: int, anchor_id: str) -> int:
+def sample_key(seed: int, anchor_id: str) -> int:
     return keyed_seed(seed, anchor_id)
 
 
@@ -220,7 +220,7 @@ def load_shard_sample(shards_dir: str, max_anchors: int, seed: int = 0):
     manifest = read_manifest(shards_dir)
     heap: list[tuple[int, str, object]] = []  # max-heap (negated keys) of the max_anchors smallest hashed ids
     for sample in iter_samples(manifest.shard_locations()):
-        item = (-_sample_key(seed, sample.key), sample.key, sample)
+        item = (-sample_key(seed, sample.key), sample.key, sample)
         if len(heap) < max_anchors:
             heapq.heappush(heap, item)
         elif item[0] > heap[0][0]:

@@ -11,7 +11,7 @@ import numpy as np
 LOSS_COLUMNS = ("loss", "loss_base", "loss_clsp")
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -20,13 +20,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out_png: str | Path) -> Path:
+def save_figure(fig, out_png: str | Path) -> Path:
     """PNG bytes without a timestamp (so equal plots are equal files), written through the no-overwrite rule."""
     from eval import write_new
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return write_new(out_png, buffer.getvalue())
 
 
@@ -45,7 +45,7 @@ def read_log(log_csv: str | Path) -> dict[str, np.ndarray]:
 
 def plot_training(log_csv: str | Path, out_png: str | Path, title: str = "") -> Path:
     """Each loss term against step (left) and the kNN top-1 monitor where it was measured (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     log = read_log(log_csv)
     steps = log.get("step", np.arange(len(next(iter(log.values())))))
     fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -67,7 +67,7 @@ def plot_training(log_csv: str | Path, out_png: str | Path, title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_tsne(
@@ -81,7 +81,7 @@ def plot_tsne(
     """2-D t-SNE (scikit-learn) of (N, D) features, points coloured by label; a seeded subsample above max_points."""
     from sklearn.manifold import TSNE
 
-    plt = _pyplot()
+    plt = pyplot()
     if features.shape[0] != labels.shape[0] or features.shape[0] < 5:
         raise ValueError(f"t-SNE needs >= 5 features with one label each, got {features.shape} and {labels.shape}")
     rows = np.random.default_rng(seed).permutation(features.shape[0])[:max_points]
@@ -93,7 +93,7 @@ def plot_tsne(
     ax.legend(*scatter.legend_elements(), title="label", fontsize=7, frameon=False, loc="best")
     ax.set(xticks=[], yticks=[], title=title or "t-SNE of embeddings")
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
@@ -127,7 +127,7 @@ def plot_summary(groups: list[dict], comparisons: list[dict], out_png: str | Pat
     """Top row: every seed's accuracy as a point per (source, method, positives, lam) group, the mean as a black tick,
     one seed's runs of a method joined (they are paired). Bottom row, when any two modes share a seed: each paired
     difference (per-seed points, mean and 95 % interval) against a line at 0. One column per metric."""
-    plt = _pyplot()
+    plt = pyplot()
     several = len({g.get("source") for g in groups}) > 1
     names = [f"{g['method']}\n{g['positives']}" + ("" if g["lam"] is None else f"\nlam {g['lam']}")
              + (f"\n{str(g.get('source')).split(' ')[0][-16:]}" if several else "") for g in groups]
@@ -141,7 +141,7 @@ def plot_summary(groups: list[dict], comparisons: list[dict], out_png: str | Pat
     fig.suptitle(f"each seed (points; a seed's runs joined), mean (black); accuracy axes span >= {MIN_SPAN:.0f} points"
                  + ("\nbelow: paired differences per seed, mean and 95 % interval" if comparisons else ""), fontsize=9)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _plot_seeds(ax, groups: list[dict], names: list[str], metric: str, label: str) -> None:

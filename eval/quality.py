@@ -85,11 +85,11 @@ def _kth_distance(points: np.ndarray, k: int) -> np.ndarray:
 
 def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """(P,) bool: point p lies in the ball of some centre j (radius radii[j]), i.e. on the centres' k-NN manifold."""
-    from eval.audit import _pairwise_distance
+    from eval.audit import pairwise_distance
 
     inside = np.empty(len(points), dtype=bool)
     for start in range(0, len(points), chunk):  # (chunk, C) distances at a time, never (P, C)
-        dist = _pairwise_distance(points[start:start + chunk], centres)
+        dist = pairwise_distance(points[start:start + chunk], centres)
         inside[start:start + chunk] = (dist <= radii[None, :]).any(axis=1)
     return inside
 
@@ -145,10 +145,10 @@ def synth_config(generator: str, source: str, out: str | Path, k: int, sampler, 
 
 def open_generator(synth_cfg, device: str):
     """(unet prepared on the device, scheduler, info, torch device), with the job's own checks (RGB, steps <= T)."""
-    from synth.job import _load_generator, prepare_unet
+    from synth.job import load_job_generator, prepare_unet
 
     target = resolve_device(device)
-    unet, scheduler, info = _load_generator(synth_cfg)
+    unet, scheduler, info = load_job_generator(synth_cfg)
     return prepare_unet(unet, target), scheduler, info, target
 
 
@@ -363,7 +363,7 @@ def write_quality(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
 def record_in_card(generator_dir: str | Path, result: dict, json_path: Path) -> bool:
     """Add the headline numbers to a saved generator's card.json and README.md; False when it has no card."""
     from clsp.run_dir import write_atomic
-    from synth.models import CARD_NAME, _readme
+    from synth.models import CARD_NAME, card_readme
 
     card_file = Path(generator_dir).expanduser() / CARD_NAME
     if not card_file.is_file():
@@ -381,7 +381,7 @@ def record_in_card(generator_dir: str | Path, result: dict, json_path: Path) -> 
                        "heldout_real": pick(result["heldout_real"]),
                        "fid": None if result["fid"] is None else result["fid"]["value"]}
     write_atomic(card_file, json.dumps(card, indent=2, sort_keys=True, default=str))
-    write_atomic(card_file.with_name("README.md"), _readme(card) + "\n## Quality\n\n" + quality_markdown(result))
+    write_atomic(card_file.with_name("README.md"), card_readme(card) + "\n## Quality\n\n" + quality_markdown(result))
     return True
 
 

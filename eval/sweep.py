@@ -101,12 +101,12 @@ def _plan(config: SweepConfig) -> _Plan:
 
 def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
     """(anchor images (A, H, W, 3), labels (A,), ids, row of each in the real set or -1): smallest hashed ids."""
-    from eval.audit import _sample_key, load_shard_sample
+    from eval.audit import load_shard_sample, sample_key
 
     if plan.shards_run is not None:  # the shards' anchors, chosen as the audit chooses them
         images, _, labels, ids, _ = load_shard_sample(config.target, config.anchors, plan.seed)
     else:
-        chosen = sorted(range(len(real_ids)), key=lambda i: (_sample_key(plan.seed, real_ids[i]), real_ids[i]))
+        chosen = sorted(range(len(real_ids)), key=lambda i: (sample_key(plan.seed, real_ids[i]), real_ids[i]))
         chosen = sorted(chosen[: config.anchors], key=lambda i: real_ids[i])  # id order, as load_shard_sample
         images, labels, ids = real[chosen], real_labels[chosen], [real_ids[i] for i in chosen]
     row = {anchor_id: i for i, anchor_id in enumerate(real_ids)}
@@ -243,9 +243,9 @@ def _label_groups(points: list[dict], tol_x: float, tol_y: float) -> list[tuple[
 def plot_sweep(result: dict, out_png: str | Path) -> Path:
     """Class agreement (y) against distance to the anchor (x): one labelled point per setting, a line per step count,
     the nearest real neighbour as a star, and the distance between two random real images as the scale."""
-    from eval.plots import _pyplot, _save
+    from eval.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 4.8))
     nn, typical = result["nearest_real"], result["typical_real_pair_distance"]
     tol_x = 0.03 * max([typical, nn["hardness"]] + [p["hardness"] for p in result["settings"]])  # 3% of the x axis
@@ -273,7 +273,7 @@ def plot_sweep(result: dict, out_png: str | Path) -> Path:
     ax.set_ylim(-2, 102)
     ax.legend(frameon=False, fontsize=7, loc="best")
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def run_sweep(config: SweepConfig) -> dict:

@@ -122,7 +122,7 @@ def run_synth(cfg: SynthConfig):
 
 
 def _run(cfg: SynthConfig, state):
-    unet, scheduler, info = _load_generator(cfg)
+    unet, scheduler, info = load_job_generator(cfg)
     source = _open_matching_source(cfg, _sample_size(unet))
     count = len(source) if cfg.limit is None else min(cfg.limit, len(source))
     if count == 0:
@@ -166,7 +166,7 @@ def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, 
 
 
 # --- setup ---------------------------------------------------------------------------------------------------------
-def _load_generator(cfg: SynthConfig):
+def load_job_generator(cfg: SynthConfig):
     unet, scheduler, info = load_generator(cfg.model)  # raises UserError naming the fix
     try:
         cfg.sampler.check_scheduler(scheduler)  # steps <= the generator's training timesteps

@@ -245,7 +245,7 @@ def save_generator(out_dir: str | os.PathLike, unet: UNet2DModel, scheduler, car
     full_card = {**card, **info, "unet_config": dict(unet.config), "scheduler_class": type(scheduler).__name__,
                  "versions": versions}
     write_atomic(out / CARD_NAME, json.dumps(full_card, indent=2, sort_keys=True, default=str))
-    write_atomic(out / "README.md", _readme(full_card))
+    write_atomic(out / "README.md", card_readme(full_card))
     index = {"_class_name": "DDIMPipeline", "_diffusers_version": versions["diffusers"],
              "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]}
     write_atomic(out / INDEX_NAME, json.dumps(index, indent=2))
@@ -257,7 +257,7 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def _readme(card: dict) -> str:
+def card_readme(card: dict) -> str:
     n_params = card.get("parameters")
     lines = [f"# Generator {card['model_id']}", "",
              "Unconditional diffusers UNet2DModel (noise prediction) + scheduler config, used by `clsp synth run` to",
