@@ -55,13 +55,14 @@ eval: setup
 # SimCLR x positives none/augment/synthetic x seeds 0-4, each scored by 5-fold over every labelled image (about 50 min
 # on 2 CPU cores once the shards exist); `make study STUDY_METHODS=simclr,moco` adds MoCo v2+ (twice the time).
 STUDY_METHODS ?= simclr
+STUDY_JOBS ?= 2
 # Class agreement against hardness of the positives for w in {0, 0.05, 0.1, 0.2, 0.5, 1} x 16 and 50 DDIM steps.
 sweep: setup
 	$(CLSP) eval sweep $(MODEL) --source $(SOURCE) --out $(RUN)/sweep --anchors 64 --steps 16,50
 
 study: setup
 	$(CLSP) synth run $(SOURCE) --model $(MODEL) --out $(SHARDS) --preset embedded
-	$(CLSP) eval study $(SHARDS) --source $(SOURCE) --out $(RUN)/study --methods $(STUDY_METHODS)
+	$(CLSP) eval study $(SHARDS) --source $(SOURCE) --out $(RUN)/study --methods $(STUDY_METHODS) --jobs $(STUDY_JOBS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -4,6 +4,6 @@ from importlib.metadata import PackageNotFoundError, version
 import shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
 
 try:
-    __version__ = version("clsp")
+    __version__ = version("clsp-positives")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"

@@ -80,7 +80,10 @@ def user_message(error: Exception) -> str | None:
     if isinstance(error, ArrowInvalid) and "parquet" in str(error).lower():
         return f"not a readable Parquet file ({error}): check the path points to Parquet files"
     if isinstance(error, ImportError) and _missing_fsspec_backend(error):
-        return f"{error}: `pip install {error.__cause__.name}` in this environment, or copy the data to a local path"
+        name = error.__cause__.name
+        extra = {"aiohttp": "http", "s3fs": "s3"}.get(name)
+        how = f"`pip install 'clsp-positives[{extra}]'` (or `pip install {name}`)" if extra else f"`pip install {name}`"
+        return f"{error}: {how} in this environment, or copy the data to a local path"
     return None
 
 

@@ -133,6 +133,11 @@ def starts_with(prefix: bytes) -> Callable[[Path], bool]:
     return lambda path: _head(path, len(prefix)) == prefix
 
 
+def contains(marker: bytes, within: int) -> Callable[[Path], bool]:
+    """Content check: `marker` among the file's first `within` bytes (e.g. the version record of an event file)."""
+    return lambda path: marker in _head(path, within)
+
+
 def is_safetensors(path: Path) -> bool:
     """Content check: an 8-byte little-endian header length, then a JSON header (the safetensors layout)."""
     head = _head(path, 9)

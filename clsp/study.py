@@ -31,6 +31,7 @@ class StudyConfig:
     folds: int = 5
     train_preset: str | None = "embedded"
     train_options: tuple[tuple[str, object], ...] = ()  # extra TrainConfig options, e.g. (("epochs", 5),)
+    jobs: int = 1  # runs trained at once, each in its own process on cores // jobs threads
     eval: EvalConfig = field(default_factory=EvalConfig)  # probe, kNN ks, batch size, device
 
     def __post_init__(self) -> None:
@@ -43,6 +44,8 @@ class StudyConfig:
                                  f"count twice in the mean)")
         if self.folds < 2:
             raise ValueError(f"--folds must be >= 2, got {self.folds}")
+        if self.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {self.jobs}")
 
 
 def run_dir(cfg: StudyConfig, method: str, positives: str, seed: int) -> Path:
@@ -82,10 +85,12 @@ def study(cfg: StudyConfig) -> dict:
     eval_config = replace(cfg.eval, source=spec)
     print(f"study: {len(runs)} runs, each scored by {cfg.folds}-fold over the {len(data.ids)} labelled images of "
           f"{spec}")
+    pending = [run for run in runs if (load_kfold(run.out) or {}).get("scoring") != scoring]
+    if cfg.jobs > 1 and len(pending) > 1:
+        train_in_parallel(pending, cfg.jobs, Path(cfg.out) / "train-logs")
     for run in runs:
         name = Path(run.out).name
-        done = load_kfold(run.out)
-        if done is not None and done.get("scoring") == scoring:
+        if run not in pending:
             print(f"{name}: trained and scored already, skipped")
             continue
         train(run)  # a finished run returns at once; an unfinished one resumes
@@ -100,3 +105,38 @@ def study(cfg: StudyConfig) -> dict:
               f"run, so runs are compared image by image; the backbones saw the train split's images, without labels, "
               f"while training)")
     return write_report(rows, run_dirs, cfg.out, scored)
+
+
+def _train_on_threads(run, threads: int, log_file: str) -> str:
+    """One training run in a pool process, on `threads` threads, its progress and warnings written to `log_file`
+    (parallel progress bars would interleave on the terminal; errors come back to the study as exceptions)."""
+    import os
+    import sys
+
+    import torch
+
+    from train.loop import train
+
+    with open(log_file, "a") as log:
+        os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike
+        sys.stderr = log
+        torch.set_num_threads(threads)
+        return Path(train(run)).name
+
+
+def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
+    """Train `runs` (TrainConfigs) `jobs` at a time in fresh processes. Two one-thread runs on two cores do about 1.8x
+    the work of one two-thread run: a small network's layers do not split well across threads. A run's result does
+    not depend on the number of jobs beside it (each is seeded from its config), only on its own thread count."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"study: training {len(runs)} runs, {jobs} at a time on {threads} thread(s) each; progress in {log_dir}/")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_on_threads, run, threads, str(log_dir / f"{Path(run.out).name}.log"))
+                   for run in runs]
+        for done, future in enumerate(as_completed(futures), 1):
+            print(f"{future.result()}: trained ({done}/{len(runs)})", flush=True)

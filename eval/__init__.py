@@ -1,10 +1,12 @@
 """Evaluation: embeddings once, then kNN, linear probe, audits of the synthetic positives, plots and the report.
 
-This file holds only the results-file rule shared by the stage: a result is never overwritten silently.
+This file holds only the results-file rules shared by the stage: a result is never replaced by one computed from other
+inputs; a rerun on the same inputs replaces its own earlier result.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -34,6 +36,24 @@ def write_new(path: str | Path, content: str | bytes) -> Path:
     if candidate != path:
         print(f"note: {path} holds an earlier, different result; wrote {candidate} instead", file=sys.stderr)
     return candidate
+
+
+def write_result(path: str | Path, result: dict, outputs: set[str] | tuple[str, ...]) -> Path:
+    """Write a JSON result: over the newest of its series when that one was computed from the same inputs (every key
+    but `outputs`, the scores, is equal: the same weights, data, options), since a rerun of the same evaluation
+    replaces its own result; otherwise as `write_new` does (a new `stem-N.json` beside a result of other inputs)."""
+    text = json.dumps(result, indent=1) + "\n"
+    newest = latest(path)
+    if newest is not None:
+        try:
+            earlier = json.loads(newest.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        inputs = lambda r: {k: v for k, v in r.items() if k not in outputs}  # noqa: E731
+        if isinstance(earlier, dict) and inputs(earlier) == inputs(json.loads(text)):
+            write_atomic(newest, text)
+            return newest
+    return write_new(path, text)
 
 
 def latest(path: str | Path) -> Path | None:

@@ -193,6 +193,8 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
                       None, "--train-option", help="KEY=VALUE set on every training run (a `clsp train run` option, "
                       "JSON value), repeatable, e.g. --train-option epochs=20"),
                   probe_epochs: Optional[int] = typer.Option(None, help="override the preset's probe epochs"),
+                  jobs: int = typer.Option(1, help="runs trained at once, each in its own process on cores/jobs "
+                                           "threads (2 on a 2-core machine: about 1.8x faster for small networks)"),
                   device: str = typer.Option("cpu", help="evaluation device: cpu | cuda | auto")) -> None:
     """Train methods x positives x seeds, score each by k-fold over every labelled image, report paired differences
     with 95 % intervals; rerun to resume (finished runs are skipped)."""
@@ -206,7 +208,7 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
             raise UserError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3,4") from None
         config = StudyConfig(shards, source, str(out), split(methods), split(positives), seed_values, folds,
                              "embedded" if preset == "embedded" else None,
-                             train_options=_key_values(train_option or []),
+                             train_options=_key_values(train_option or []), jobs=jobs,
                              eval=_eval_config(source, preset, probe_epochs, 256, device, transfer=transfer))
         summary = study(config)
     typer.echo("\n".join(summary["verdicts"]))

@@ -36,7 +36,8 @@ def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[fl
 def _embed(backbone: nn.Module, images: np.ndarray, mean, std, batch_size: int, device: torch.device) -> np.ndarray:
     backbone.to(device).eval()  # eval: BN uses its running stats and does not update them
     transform = EvalTransform(images.shape[1], mean, std)  # no resize: the images' own size
-    return embed(backbone, images, transform, batch_size, device).cpu().numpy()  # (N, D) float32
+    return embed(backbone, images, transform, batch_size, device, progress=f"features of {len(images)} images"
+                 ).cpu().numpy()  # (N, D) float32
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from clsp.errors import UserError
 from clsp.hashing import keyed_seed
-from eval import latest, write_new
+from eval import latest, write_result
 from eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_predict
 from eval.linear import ProbeConfig, train_linear_probe
 from eval.report import check_trained_on, open_run, with_identity
@@ -141,5 +141,6 @@ def evaluate_run_kfold(run_dir: str | Path, data: LabelledSet, bank, config, fol
               "weights_sha256": weights_sha256(run.backbone), "scoring": scoring_key(data, folds, config),
               **scores, "knn": {str(k): v for k, v in scores["knn"].items()},
               "ids": list(data.ids), "correct": correct}  # correct: "0110..." per image, in the order of ids
-    result["results_file"] = write_new(run.run_dir / "eval" / "kfold.json", json.dumps(result, indent=1) + "\n").name
+    outputs = {*scores, "correct"}  # a rerun with equal inputs replaces these in kfold.json
+    result["results_file"] = write_result(run.run_dir / "eval" / "kfold.json", result, outputs).name
     return result

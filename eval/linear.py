@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from eval.features import extract_features
 
@@ -76,7 +77,7 @@ def train_linear_probe(features: np.ndarray, labels: np.ndarray, config: ProbeCo
         head.bias.zero_()
     opt = torch.optim.SGD(head.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(config.milestones), gamma=config.gamma)
-    for _ in range(config.epochs):
+    for _ in tqdm(range(config.epochs), desc="linear probe", unit="epoch", leave=False):
         order = torch.randperm(x.shape[0], generator=gen)
         for start in range(0, x.shape[0], config.batch_size):
             idx = order[start : start + config.batch_size]

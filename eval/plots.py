@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,27 +44,40 @@ def read_log(log_csv: str | Path) -> dict[str, np.ndarray]:
     return {col: np.array([to_float(r.get(col)) for r in rows]) for col in rows[0]}
 
 
+def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """(N,) -> (N,) mean of each value and the up to window-1 before it (the first ones average what there is)."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
 def plot_training(log_csv: str | Path, out_png: str | Path, title: str = "") -> Path:
-    """Each loss term against step (left) and the kNN top-1 monitor where it was measured (right)."""
+    """Each loss term against step, as a mean over the last epoch's steps (raw per-step values faint behind it), and,
+    when the run had a kNN monitor, its top-1 in percent where it was measured (a second panel)."""
     plt = pyplot()
     log = read_log(log_csv)
     steps = log.get("step", np.arange(len(next(iter(log.values())))))
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.6))
+    knn = log.get("knn_top1_pct")
+    if knn is None and log.get("knn_top1") is not None:  # logs before the percent column held a fraction
+        knn = log["knn_top1"] * 100.0
+    monitored = knn is not None and np.isfinite(knn).any()
+    fig, axes = plt.subplots(1, 2 if monitored else 1, figsize=(10 if monitored else 5.5, 3.6), squeeze=False)
+    ax_loss = axes[0, 0]
+    epochs = log.get("epoch")
+    window = max(1, int(np.sum(epochs == epochs[0]))) if epochs is not None and len(epochs) else 1  # steps per epoch
     for col in LOSS_COLUMNS:
         values = log.get(col)
         if values is not None and np.isfinite(values).any():
             keep = np.isfinite(values)
-            ax_loss.plot(steps[keep], values[keep], label=col, lw=1.2)
-    ax_loss.set(xlabel="step", ylabel="loss", title="loss terms")
+            line, = ax_loss.plot(steps[keep], rolling_mean(values[keep], window), label=col, lw=1.4)
+            ax_loss.plot(steps[keep], values[keep], color=line.get_color(), lw=0.6, alpha=0.25)
+    ax_loss.set(xlabel="step", ylabel="loss", title=f"loss terms (mean over {window} steps; raw faint)")
     ax_loss.legend(frameon=False)
-    knn = log.get("knn_top1")
-    if knn is not None and np.isfinite(knn).any():
+    if monitored:
         keep = np.isfinite(knn)
-        ax_knn.plot(steps[keep], knn[keep], marker="o", ms=3)
-        ax_knn.set(ylabel="kNN top-1 (as logged)")
-    else:
-        ax_knn.text(0.5, 0.5, "no kNN monitor in this log", ha="center", va="center", transform=ax_knn.transAxes)
-    ax_knn.set(xlabel="step", title="kNN monitor")
+        axes[0, 1].plot(steps[keep], knn[keep], marker="o", ms=3)
+        axes[0, 1].set(xlabel="step", ylabel="kNN top-1 (%)", title="kNN monitor (k 20, train -> test split)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -77,8 +91,12 @@ def plot_tsne(
     title: str = "",
     max_points: int = 2000,
     seed: int = 0,
+    class_names: list[str] | None = None,
 ) -> Path:
-    """2-D t-SNE (scikit-learn) of (N, D) features, points coloured by label; a seeded subsample above max_points."""
+    """2-D t-SNE (scikit-learn) of (N, D) features, points coloured by label, one legend entry per class present (its
+    name from `class_names` when the source has names, else its number); a seeded subsample above max_points."""
+    from matplotlib.lines import Line2D
+
     from sklearn.manifold import TSNE
 
     plt = pyplot()
@@ -88,9 +106,13 @@ def plot_tsne(
     feats = features[rows] / (np.linalg.norm(features[rows], axis=1, keepdims=True) + 1e-12)  # cosine geometry
     perplexity = float(min(30, (len(rows) - 1) / 3))
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(feats)  # (n, 2)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
     scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels[rows], cmap="tab10" if labels.max() < 10 else "tab20", s=6)
-    ax.legend(*scatter.legend_elements(), title="label", fontsize=7, frameon=False, loc="best")
+    present = np.unique(labels[rows])  # (C,)
+    name = (lambda v: class_names[v]) if class_names and present.max() < len(class_names) else str  # noqa: E731
+    handles = [Line2D([], [], ls="", marker="o", ms=5, color=scatter.cmap(scatter.norm(v)), label=name(int(v)))
+               for v in present]
+    ax.legend(handles=handles, title="class", fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
     ax.set(xticks=[], yticks=[], title=title or "t-SNE of embeddings")
     fig.tight_layout()
     return save_figure(fig, out_png)
@@ -107,7 +129,11 @@ def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     feats, labels = latest(run_dir / "eval" / "test_features.npy"), latest(run_dir / "eval" / "test_labels.npy")
     if feats is not None and labels is not None:
         features, label_array = np.load(feats, allow_pickle=False), np.load(labels, allow_pickle=False)
-        written.append(plot_tsne(features, label_array, out_dir / f"{run_dir.name}-tsne.png", f"{run_dir.name}: test"))
+        names = latest(run_dir / "eval" / "test_classes.json")
+        names = json.loads(names.read_text()) if names is not None else None
+        names = names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+        written.append(plot_tsne(features, label_array, out_dir / f"{run_dir.name}-tsne.png", f"{run_dir.name}: test",
+                                 class_names=names))
     return written
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from clsp.accelerator import resolve_device
 
 CONFIDENCE = 0.9  # classifier probability that makes a sample "confident"
-FID_EXTRA = "pip install 'clsp[fid]' (torchmetrics + torch-fidelity)"
+FID_EXTRA = "pip install 'clsp-positives[fid]' (torchmetrics + torch-fidelity)"
 
 
 @dataclass(frozen=True)

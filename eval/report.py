@@ -3,7 +3,8 @@
 Per run, `evaluate_run` writes `<run>/eval/results.json` (or knn.json / linear.json for one part) and the test-split
 embeddings `<run>/eval/test_features.npy` + `test_labels.npy` that the t-SNE plot reads. `report` reads only those files
 and the runs' config.json/log.csv; `write_report` (also the study's, on k-fold scores: eval/kfold.py) compares modes
-seed by seed (eval/paired.py). Result files are never overwritten silently (`eval.write_new`).
+seed by seed (eval/paired.py). A result is never replaced by one of other inputs; a rerun on the same inputs
+replaces its own (`eval.write_new`, `eval.write_result`).
 
 Numbers you can trust: the kNN bank / probe train set must be the data the run trained on (its config.json records the
 shards' source; `--transfer` scores other data on purpose), every input is checked before anything is written, and a
@@ -25,12 +26,13 @@ import numpy as np
 
 from clsp.accelerator import resolve_device
 from clsp.errors import UserError
-from eval import latest, write_new
+from eval import latest, write_new, write_result
 from eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_accuracy
 from eval.linear import PROBE_PRESETS, ProbeConfig, probe_backbone
 
 RUN_KEYS = ("method", "positives", "lam", "seed")
 METRICS = ("knn_best", "knn_k20", "linear_top1")
+SCORES = {"linear_top1", "linear_train_top1", "knn", "knn_best", "knn_best_k", "knn_k20"}  # the rest are its inputs
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class EvalInputs:
     train: tuple[np.ndarray, np.ndarray, str]  # images (N, H, W, 3) uint8, labels (N,), fingerprint
     test: tuple[np.ndarray, np.ndarray, str]
     result: dict  # the start of results.json: the run's identity and the data it is scored on
+    class_names: list[str]  # the source's names of the classes, by label ([] when it has none)
 
 
 @dataclass
@@ -198,7 +201,8 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
     result.update(run=run.run_dir.name, source=run.spec, test_source=test.spec, trained_on=run.record,
                   source_check=check, weights_sha256=weights_sha256(run.backbone), train_fingerprint=train[2],
                   test_fingerprint=held_out[2], eval_config=asdict(config))
-    return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result)
+    return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result,
+                      list(test.classes or bank.classes))
 
 
 def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict:
@@ -231,7 +235,9 @@ def score_run(inputs: EvalInputs, config: EvalConfig) -> dict:
     out = inputs.run_dir / "eval"
     write_new(out / "test_features.npy", _npy_bytes(test_feats))
     write_new(out / "test_labels.npy", _npy_bytes(test_labels.astype(np.int64)))
-    result["results_file"] = str(write_new(out / config.results_name, json.dumps(result, indent=2) + "\n").name)
+    if inputs.class_names:  # for the t-SNE legend (eval.plots.plot_run)
+        write_new(out / "test_classes.json", json.dumps(inputs.class_names) + "\n")
+    result["results_file"] = write_result(out / config.results_name, result, SCORES).name
     return result
 
 

@@ -156,7 +156,7 @@ def make_run(root, name, method, positives, seed, linear, knn):
     (run / "config.json").write_text(json.dumps({"method": method, "positives": positives, "lam": 1.0, "seed": seed}))
     (run / "eval" / "results.json").write_text(json.dumps(
         {"run": name, "linear_top1": linear, "knn_best": knn, "knn_best_k": 20, "knn_k20": knn}))
-    (run / "log.csv").write_text("step,epoch,lr,loss,loss_base,loss_clsp,images_per_s,knn_top1\n"
+    (run / "log.csv").write_text("step,epoch,lr,loss,loss_base,loss_clsp,images_per_s,knn_top1_pct\n"
                                  "1,0,0.1,5.0,4.5,0.5,100,\n2,0,0.1,4.0,3.7,0.3,100,40.0\n")
     return run
 
@@ -268,3 +268,21 @@ def test_eval_all_command_end_to_end_and_idempotent(tiny_world):
 
     with pytest.raises(UserError, match="has no eval/results.json"):  # the root CLI prints it as one `error:` line
         report([root], root / "r2")
+
+
+def test_a_rerun_on_the_same_inputs_replaces_its_result_and_other_inputs_get_a_new_file(tmp_path):
+    from eval import write_result
+
+    target = tmp_path / "knn.json"
+    first = {"weights_sha256": "aa", "eval_config": {"ks": [20]}, "knn_best": 90.0}
+    assert write_result(target, first, {"knn_best"}) == target
+    again = {**first, "knn_best": 90.5}  # e.g. other float rounding on another thread count: same inputs
+    assert write_result(target, again, {"knn_best"}) == target
+    assert json.loads(target.read_text())["knn_best"] == 90.5 and not (tmp_path / "knn-2.json").exists()
+    retrained = {**first, "weights_sha256": "bb"}  # other weights: the earlier result is kept
+    assert write_result(target, retrained, {"knn_best"}).name == "knn-2.json"
+    assert json.loads(target.read_text())["weights_sha256"] == "aa"
+    assert write_result(target, {**retrained, "knn_best": 1.0}, {"knn_best"}).name == "knn-2.json"  # its own rerun
+    (tmp_path / "notes.json").write_text("not json at all")
+    assert write_result(tmp_path / "notes.json", first, {"knn_best"}).name == "notes-2.json"  # never over a stranger
+    assert (tmp_path / "notes.json").read_text() == "not json at all"

@@ -245,3 +245,13 @@ def test_shards_record_threads_device_and_software_and_a_resume_keeps_the_thread
     (out / "run.json").write_text(json.dumps(record))
     with pytest.raises(UserError, match=r"compute\.torch: '0\.0' there"):
         run_synth(config(generator, out, limit=6))
+
+
+@pytest.mark.parametrize("url, extra, package", [("https://example.invalid/shards", "http", "aiohttp"),
+                                                 ("s3://bucket/shards", "s3", "s3fs")])
+def test_a_url_whose_fsspec_backend_is_missing_names_the_extra_to_install(tmp_path, url, extra, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here, so the {extra} extra's message cannot appear")
+    result = runner.invoke(app, ["train", "run", url, "--out", str(tmp_path / "out"), *TRAIN])
+    assert result.exit_code == 2 and f"pip install 'clsp-positives[{extra}]'" in result.output, result.output
+    assert not (tmp_path / "out").exists()

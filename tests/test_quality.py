@@ -114,11 +114,11 @@ def test_a_generator_without_a_recorded_source_asks_for_one(tmp_path):
 def test_real_fid_without_the_extra_fails_before_sampling(generator, tmp_path, monkeypatch):
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"not used")
-    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as if `pip install 'clsp[fid]'` had not been run
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as if `pip install 'clsp-positives[fid]'` had not been run
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
     result = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "8", *FAST,
                                  "--inception-weights", str(weights)])
-    assert result.exit_code == 2 and "pip install 'clsp[fid]'" in result.output
+    assert result.exit_code == 2 and "pip install 'clsp-positives[fid]'" in result.output
     assert not (generator / "quality.json").exists()
 
 

@@ -137,3 +137,38 @@ def test_study_command_passes_options_and_refuses_bad_ones_before_training(tiny_
         refused = CliRunner().invoke(app, ["eval", "study", str(shards), "--out", str(root / "x"), *bad])
         assert refused.exit_code == 2 and words in refused.output, (bad, refused.output)
         assert not (root / "x").exists()  # refused before anything was written
+
+
+def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_world, capsys):
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from clsp.study import StudyConfig, plan, study
+    from eval.report import EvalConfig
+    from train.loop import train
+
+    root, shards, source = tiny_world
+    config = StudyConfig(str(shards), source, str(root / "parallel"), methods=("simclr",),
+                         positives=("none", "synthetic"), seeds=(3,), folds=2, train_preset=None,
+                         train_options=TINY_TRAIN, eval=EvalConfig(probe=ProbeConfig(epochs=2, milestones=(1,))),
+                         jobs=2)
+    study(config)
+    out = capsys.readouterr().out
+    assert "2 at a time" in out and out.count(": trained (") == 2
+    logs = sorted(p.name for p in (root / "parallel" / "train-logs").iterdir())
+    assert logs == ["simclr-none-seed3.log", "simclr-synthetic-seed3.log"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # the thread count each pool process ran on
+    try:
+        for run in plan(StudyConfig(**{**config.__dict__, "out": str(root / "serial"), "jobs": 1})):
+            train(run)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("simclr-none-seed3", "simclr-synthetic-seed3"):
+        parallel = load_file(str(root / "parallel" / "runs" / name / "backbone.safetensors"))
+        serial = load_file(str(root / "serial" / "runs" / name / "backbone.safetensors"))
+        assert parallel.keys() == serial.keys()
+        assert all(torch.equal(parallel[key], serial[key]) for key in parallel), name

@@ -74,8 +74,8 @@ def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, t
     assert log_steps(out) == list(range(1, 19))
     with open(out / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    knn = [float(r["knn_top1"]) for r in rows if r["knn_top1"]]
-    assert len(knn) == 3 and all(0.0 <= v <= 1.0 for v in knn)  # one per epoch
+    knn = [float(r["knn_top1_pct"]) for r in rows if r["knn_top1_pct"]]
+    assert len(knn) == 3 and all(0.0 <= v <= 100.0 for v in knn) and max(knn) > 1.0  # one per epoch, in percent
     assert read_json(out / "checkpoint" / "position.json") == {"epoch": 3, "step": 0, "global_step": 18}
     backbone, config = load_backbone(out)
     assert not backbone.training and config["image_size"] == 8 and config["data"]["source"]["count"] == 26
@@ -127,8 +127,9 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_weights(
     assert log_steps(killed) == list(range(1, 19))  # rows written after the checkpoint were not duplicated
 
 
-def test_sigterm_mid_epoch_checkpoints_there_and_resume_with_workers_matches(shards, tmp_path):
-    two_workers = dict(workers=2, shuffle_buffer=5)
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed-2-workers", "cached"])
+def test_sigterm_mid_epoch_checkpoints_there_and_resume_matches(shards, tmp_path, cache):
+    two_workers = dict(workers=2, shuffle_buffer=5, cache=cache)
     train(make_config(**options(shards, tmp_path / "straight", **two_workers)))
     stopped = tmp_path / "stopped"
     handle = on_optimizer_step(9, lambda _: os.kill(os.getpid(), signal.SIGTERM))  # seen at the next step's check
@@ -164,14 +165,15 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
     assert not (out / "summary.json").exists()
 
 
-def test_a_corrupt_shard_is_named_or_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
+def test_a_corrupt_shard_is_named_or_skipped_and_counted(tmp_path, cache):
     directory = build_shard_dir(tmp_path / "shards", counts=COUNTS, k=2)
     broken = directory / "shard-000001.tar"
     broken.write_bytes(broken.read_bytes()[:700])
     with pytest.raises(UserError, match="shard-000001.tar.*--skip-corrupt"):
-        train(make_config(**options(directory, tmp_path / "run", epochs=1, warmup_epochs=0.0)))
+        train(make_config(**options(directory, tmp_path / "run", epochs=1, warmup_epochs=0.0, cache=cache)))
     train(make_config(**options(directory, tmp_path / "run", epochs=1, warmup_epochs=0.0, skip_corrupt=True,
-                                overwrite=True)))
+                                overwrite=True, cache=cache)))
     summary = read_json(tmp_path / "run" / "summary.json")
     assert summary["skipped_shards"] == ["shard-000001.tar"] and summary["steps"] == 6
 

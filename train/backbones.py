@@ -96,11 +96,15 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn
 
 @torch.no_grad()
 def embed(backbone: nn.Module, images: np.ndarray, transform: nn.Module, batch_size: int,
-          device: str | torch.device) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) -> float32 features (N, D) on `device`, in batches through transform and backbone.
+          device: str | torch.device, progress: str | None = None) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) -> float32 features (N, D) on `device`, in batches through transform and backbone;
+    `progress`: the label of a progress bar over the batches (None: no bar).
 
     The caller puts the backbone in eval mode (the kNN monitor restores training mode afterwards).
     """
+    from tqdm.auto import tqdm
+
+    starts = tqdm(range(0, len(images), batch_size), desc=progress, unit="batch", leave=False, disable=progress is None)
     return torch.cat([backbone(transform(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
                                          .to(device))).float().flatten(1)  # (b, D)
-                      for start in range(0, len(images), batch_size)])
+                      for start in starts])

@@ -3,6 +3,7 @@
   train     one CLSP-SimCLR step of ResNet-18 on three views per anchor (two real + the synthetic one), input already
             on the device: anchors/s, and achieved FLOP/s (vs the device's peak on a known GPU)
   loader    the shard stream (decode the anchor and one of K positives) + BatchAugment of the three views on the device
+  cached    the same from the decoded in-memory input (train.cache, --cache): images decoded once, then indexed
   augment   BatchAugment alone on uint8 batches already on the device
   pil       the per-image torchvision/PIL pipeline (train.augment.pil_reference), three views per anchor, one process
 ratio = loader / train: above 1 the model is the bottleneck, below 1 the input pipeline is.
@@ -22,10 +23,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from shards.manifest import read_manifest, write_manifest
 from shards.schema import ShardSample
 from shards.writer import ShardWriter, shard_name
 from train.augment import BatchAugment, pil_reference
 from train.backbones import build_backbone
+from train.cache import CachedStream
 from train.methods import MethodConfig, build_method
 from train.stream import ShardStream, StreamConfig
 
@@ -100,6 +103,10 @@ def write_bench_shards(directory: Path, cfg: BenchConfig) -> list[str]:
                 images = rng.integers(0, 256, (cfg.k + 1, cfg.size, cfg.size, 3), dtype=np.uint8)
                 writer.write(ShardSample(f"a{n}", images[0], images[1:], n % 10, list(range(cfg.k))))
         urls.append(str(path))
+    run = {"source": {"spec": "bench", "split": "train", "fingerprint": "0" * 64, "count": cfg.anchors},
+           "generator": {"model_id": "none", "weights_sha256": "0" * 64}, "sampler": {"w": 0.1, "steps": 1, "eta": 0.0},
+           "k": cfg.k, "seed": 0, "image_size": cfg.size, "anchors_per_shard": per_shard, "package_version": "bench"}
+    write_manifest(directory, run)  # the cached input reads through the manifest's contract, as training does
     return urls
 
 
@@ -121,6 +128,17 @@ def bench_inputs(cfg: BenchConfig, device: torch.device, urls: list[str]) -> dic
         views = [augment(anchor) for _ in range(3)]
     _sync(device)
     augment_rate = steps * cfg.batch / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    cached = CachedStream(StreamConfig(tuple(urls), cfg.batch, steps, cfg.k),
+                          read_manifest(str(Path(urls[0]).parent)).contract(), progress=False)
+    fill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in cached:
+        anchor = batch["anchor"].to(device, non_blocking=True)
+        views = [augment(anchor), augment(anchor), augment(batch["positive"].to(device, non_blocking=True))]
+    _sync(device)
+    cached_rate = steps * cfg.batch / (time.perf_counter() - start)
     del views
 
     reference = pil_reference("simclr", cfg.size)
@@ -131,7 +149,7 @@ def bench_inputs(cfg: BenchConfig, device: torch.device, urls: list[str]) -> dic
             reference(image)
     pil_rate = len(images) / (time.perf_counter() - start)
     return {"loader_anchors_per_s": loader_rate, "augment_anchors_per_s": augment_rate,
-            "pil_anchors_per_s": pil_rate}
+            "cached_anchors_per_s": cached_rate, "cache_fill_s": fill_s, "pil_anchors_per_s": pil_rate}
 
 
 def bench(cfg: BenchConfig) -> dict:
@@ -161,6 +179,8 @@ def main(device: str = typer.Option("cpu", help="cpu | cuda"), width: int = type
              f"{t['achieved_tflop_s'] * 1e3:.1f} GFLOP/s achieved)",
              f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of {result['config']['k']} "
              f"positives, 3 augmented views)",
+             f"cached+augment   {i['cached_anchors_per_s']:9.1f} anchors/s  (--cache: decoded once in "
+             f"{i['cache_fill_s']:.1f} s, then drawn from memory)",
              f"augment only     {i['augment_anchors_per_s']:9.1f} anchors/s  (BatchAugment, 3 views)",
              f"PIL reference    {i['pil_anchors_per_s']:9.1f} anchors/s  (per image, 3 views)",
              f"loader/train = {result['loader_over_train']:.2f} "

@@ -26,11 +26,12 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from clsp.errors import UserError
-from clsp.run_dir import (IS_TORCH_SAVE, is_safetensors, is_temp_of, json_with, owned_files, partial_removed, read_json,
-                          refused_if_not_ours, starts_with, write_atomic, write_json)
+from clsp.run_dir import (IS_TORCH_SAVE, contains, is_safetensors, is_temp_of, json_with, owned_files, partial_removed,
+                          read_json, refused_if_not_ours, starts_with, write_atomic, write_json)
 
 CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY = "checkpoint", "backbone.safetensors", "config.json", "log.csv", "summary.json"
-LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1")
+LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1_pct")
+_LOG_COLUMNS_V1 = (*LOG_COLUMNS[:-1], "knn_top1")  # logs before the monitor was in percent (a fraction): still ours
 _TEMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
 
 
@@ -42,11 +43,15 @@ class Processes(Protocol):  # an accelerate Accelerator or PartialState
 
 
 # The files a training run writes, recognised by name pattern and content: what --overwrite deletes.
+TRACKER_DIR = "tracker"  # --log-with: the tracker's files (tensorboard: event files) under OUT/tracker/
+
+
 _OWNED = {
     CONFIG: json_with("clsp_run"), f".{CONFIG}.tmp-*": is_temp_of(CONFIG),
     SUMMARY: json_with("finished"), f".{SUMMARY}.tmp-*": is_temp_of(SUMMARY),
     BACKBONE: is_safetensors, f".{BACKBONE}.tmp-*": is_temp_of(BACKBONE),
-    LOG: starts_with(",".join(LOG_COLUMNS).encode()),
+    f"{TRACKER_DIR}/events.out.tfevents.*": contains(b"brain.Event:", 64),  # tensorboard's first record
+    LOG: lambda path: any(starts_with(",".join(columns).encode())(path) for columns in (LOG_COLUMNS, _LOG_COLUMNS_V1)),
     **{f"{folder}/{name}": check for folder in (CHECKPOINT, _TEMP, _OLD) for name, check in {
         "model.safetensors": is_safetensors, "*.pt": IS_TORCH_SAVE, "position.json": json_with("global_step"),
         ".position.json.tmp-*": is_temp_of("position.json")}.items()},
@@ -177,10 +182,13 @@ class RunLog:
             with open(path, newline="") as handle:  # a row cut short by a full disk is dropped with the rest
                 kept = [r for r in csv.DictReader(handle)
                         if str(r.get("step")).isdigit() and int(r["step"]) <= keep_steps]
+            for row in kept:  # a log begun before the monitor was logged in percent held a fraction in knn_top1
+                if row.get("knn_top1") not in (None, ""):
+                    row["knn_top1_pct"] = f"{float(row.pop('knn_top1')) * 100:.6g}"
             write_atomic(path, _csv_text(kept, header=True))
 
     def add(self, **row) -> None:
-        self.last = {"knn_top1": "", **row}
+        self.last = {"knn_top1_pct": "", **row}
         self.rows.append(self.last)
 
     def set_last(self, **values) -> None:

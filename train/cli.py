@@ -48,11 +48,17 @@ def run_command(
     temperature: Optional[float] = typer.Option(None, help="InfoNCE temperature (default: the method's)."),
     queue_size: Optional[int] = typer.Option(None, help="MoCo queue / NNCLR support set size (default: the method's)."),
     seed: Optional[int] = typer.Option(None, help="Initial weights, augmentations and draws follow from it."),
-    workers: Optional[int] = typer.Option(None, help="Loader processes per training process."),
+    workers: Optional[int] = typer.Option(None, help="Loader processes per training process (streamed input)."),
     shuffle_buffer: Optional[int] = typer.Option(None, help="Samples mixed per loader process."),
+    cache: Optional[bool] = typer.Option(
+        None, "--cache/--no-cache", help="Decode every image once and train from memory (no loader processes); "
+        "default: when one process's share fits in 4 GiB."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast on GPUs."),
     knn_every: Optional[int] = typer.Option(None, help="Epochs between kNN monitor runs (0: off)."),
     knn_source: Optional[str] = typer.Option(None, help="Labelled source for the kNN monitor, e.g. digits."),
+    log_with: Optional[str] = typer.Option(
+        None, help="Also log the scalars of log.csv to an Accelerate tracker: tensorboard (files in OUT/tracker/; "
+        "pip install 'clsp-positives[tensorboard]'), wandb, mlflow, ... (default: log.csv only)."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable shards (counted in summary.json)."),
     expect_k: Optional[int] = typer.Option(None, help="Refuse shards that do not hold this many positives per anchor."),
     positive_filter: Optional[str] = typer.Option(

@@ -32,15 +32,16 @@ from shards.manifest import read_manifest
 from shards.reader import ShardError
 from train.augment import DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
 from train.backbones import RESNET_LAYOUTS, build_backbone, embed, wants_small_stem
-from train.checkpoint import (CONFIG, LOG, SUMMARY, RunLog, describe_run, find_checkpoint, load_checkpoint, run_files,
-                              save_backbone, save_checkpoint, write_json)
+from train.cache import CachedStream, use_cache
+from train.checkpoint import (CONFIG, LOG, SUMMARY, TRACKER_DIR, RunLog, describe_run, find_checkpoint, load_checkpoint,
+                              run_files, save_backbone, save_checkpoint, write_json)
 from train.methods import METHOD_DEFAULTS, MethodConfig, build_method
 from train.stream import POSITIVES, WEIGHTINGS, PositiveFilter, ShardStream, StreamConfig, positive_draw, \
     steps_per_epoch
 
 log = logging.getLogger(__name__)
 # Options that may change when a run is resumed: they do not change what is computed.
-OPERATIONAL = ("out", "workers", "resume", "overwrite", "knn_every", "knn_source")
+OPERATIONAL = ("out", "workers", "resume", "overwrite", "knn_every", "knn_source", "log_with")
 TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe=describe_run,
                     operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version"),
                     legacy_keys=("config", "backbone", "normalize", "data"))
@@ -84,11 +85,13 @@ class TrainConfig:
     temperature: float | None = None
     queue_size: int | None = None
     seed: int = 0
-    workers: int = 2                   # loader processes per training process
+    workers: int = 2                   # loader processes per training process (streamed input only)
+    cache: bool | None = None          # decode every image once and train from memory; None: when it fits (train.cache)
     shuffle_buffer: int = 256
     bf16: bool = True                  # autocast on GPUs (ignored on the CPU)
     knn_every: int = 0                 # epochs between kNN monitor runs (0: off)
     knn_source: str | None = None      # labelled source spec for the monitor, e.g. "digits"
+    log_with: str | None = None        # also log log.csv's scalars to this Accelerate tracker (tensorboard, wandb...)
     skip_corrupt: bool = False
     expect_k: int | None = None        # refuse shards with another K
     positive_filter: str | None = None  # e.g. "distance>=0.05": draw only positives whose score passes (scored shards)
@@ -147,6 +150,27 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def tracker_options(log_with: str | None, out: str) -> dict:
+    """Accelerator options for --log-with, checked before anything runs: a tracker Accelerate knows whose package is
+    installed (tensorboard: `pip install 'clsp-positives[tensorboard]'`)."""
+    if not log_with:
+        return {}
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import ProjectConfiguration
+
+    if log_with not in LOGGER_TYPE_TO_CLASS:
+        raise UserError(f"--log-with {log_with!r} is not a tracker Accelerate supports: use one of "
+                        f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+    import accelerate.utils as available
+
+    check = getattr(available, f"is_{log_with}_available", None)
+    if check is not None and not check():
+        extra = " (pip install 'clsp-positives[tensorboard]')" if log_with == "tensorboard" else ""
+        raise UserError(f"--log-with {log_with} needs its package, which is not installed: install it{extra}, or leave "
+                        "--log-with out (log.csv is always written)")
+    return {"log_with": log_with, "project_config": ProjectConfiguration(project_dir=out, logging_dir=out)}
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) the run in `cfg.out`; returns the run directory. Call on every process of a launch."""
     with ExitStack() as stack:  # holds the claim on cfg.out (clsp.run_dir) until the run ends
@@ -156,7 +180,8 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
     cuda = torch.cuda.is_available()
     acc = fresh_accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.bf16 and cuda else "no",
-                            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                            **tracker_options(cfg.log_with, cfg.out))
     try:
         manifest = read_manifest(cfg.shards)
     except (ShardError, OSError) as error:
@@ -175,8 +200,11 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
     method = build_method(cfg.method, backbone, feat_dim, cfg.method_config())
     recipe = cfg.method if cfg.method in RECIPES else "simclr"
     shard_sums = hashlib.sha256("".join(s["sha256"] for s in manifest.shards).encode()).hexdigest()
-    config = {key: value for key, value in asdict(cfg).items()  # unset draw options: a record as before they existed
-              if value is not None or key not in ("positive_filter", "positive_weighting")}
+    cached = use_cache(cfg.cache, manifest.count, manifest.k, int(manifest.run["image_size"]), cfg.positives, world)
+    config = {key: value for key, value in asdict(cfg).items()  # unset options: a record as before they existed
+              if key != "cache" and (value is not None or key not in ("positive_filter", "positive_weighting"))}
+    if cached:  # the streamed input keeps the record it had before the cache existed; the cache changes the order
+        config["cache"] = True
     run = {"config": config, "method": asdict(method.cfg), "augment": recipe, "image_size": size,
            "backbone": {"name": cfg.backbone, "width": cfg.width, "small_stem": small_stem, "feat_dim": feat_dim},
            "normalize": {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}, "package_version": __version__,
@@ -184,11 +212,14 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
                     "source": manifest.run["source"], "generator": manifest.run.get("generator"),
                     "shards_sha256": shard_sums, "world_size": world, "steps_per_epoch": spe}}
     contract = manifest.contract()  # checked for every sample and shard as they stream, as `clsp shards verify` does
-    stream = ShardStream(StreamConfig(tuple(manifest.shard_locations()), cfg.batch_size, spe, manifest.k, cfg.seed,
-                                      cfg.positives, acc.process_index, world, cfg.shuffle_buffer, cfg.skip_corrupt),
-                         contract.rows, contract, draw)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
-                        generator=torch.Generator())  # own generator: iterators must not consume the global RNG
+    stream_cfg = StreamConfig(tuple(manifest.shard_locations()), cfg.batch_size, spe, manifest.k, cfg.seed,
+                              cfg.positives, acc.process_index, world, cfg.shuffle_buffer, cfg.skip_corrupt)
+    if cached:  # decoded once, batches drawn from memory in this process: no loader processes
+        stream = loader = CachedStream(stream_cfg, contract, draw, progress=acc.is_main_process)
+    else:
+        stream = ShardStream(stream_cfg, contract.rows, contract, draw)
+        loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
+                            generator=torch.Generator())  # own generator: iterators must not consume the global RNG
     monitor = _KnnMonitor(cfg.knn_source, size) if cfg.knn_every and acc.is_main_process else None
     out = Path(cfg.out)  # everything above checked the input; nothing was written before this line
     if draw is not None:
@@ -198,6 +229,9 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
         acc.print(f"{out} is already finished with these settings: nothing to do")
         return out
     checkpoint = find_checkpoint(out) if claim.resumed else None
+    if cfg.log_with:  # e.g. tensorboard: OUT/tracker/events.out.tfevents.*; the config is in config.json
+        acc.init_trackers(TRACKER_DIR)
+        stack.callback(acc.end_training)
 
     augment = BatchAugment(recipe, size, DEFAULT_MEAN, DEFAULT_STD).to(acc.device)
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=cfg.lr,
@@ -255,6 +289,8 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
                 now = time.perf_counter()
                 run_log.add(step=gstep + 1, epoch=epoch + 1, lr=lr, images_per_s=world * len(anchor) / (now - tick),
                             **{k: float(v.detach()) for k, v in losses.items()})
+                if cfg.log_with:
+                    acc.log({k: v for k, v in run_log.last.items() if k not in ("step", "knn_top1_pct")}, gstep + 1)
                 tick = now
                 bar.update(1)
                 bar.set_postfix(loss=f"{run_log.last['loss']:.3f}")
@@ -266,7 +302,9 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
                     raise UserError(f"stopped by SIGTERM after step {gstep + 1}; a checkpoint was saved: rerun "
                                     "the same command with --resume to continue")
             if monitor is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-                run_log.set_last(knn_top1=monitor(method.backbone, acc.device))
+                run_log.set_last(knn_top1_pct=monitor(method.backbone, acc.device))
+                if cfg.log_with:
+                    acc.log({"knn_top1_pct": run_log.last["knn_top1_pct"]}, (epoch + 1) * spe)
             run_log.flush()
             save_checkpoint(out, acc, method, optimizer, scheduler, {"epoch": epoch + 1, "step": 0,
                             "global_step": (epoch + 1) * spe}, method.backbone)
@@ -278,14 +316,15 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
         write_json(out / SUMMARY, {"finished": True, "epochs": cfg.epochs, "steps": total, "world_size": world,
                                    "steps_per_rank_this_launch": [c[0] for c in counts],
                                    "skipped_shards": sorted(skipped), "skipped_per_rank": [c[1] for c in counts],
-                                   "final_loss": last.get("loss"), "knn_top1": last.get("knn_top1") or None,
+                                   "final_loss": last.get("loss"), "knn_top1_pct": last.get("knn_top1_pct") or None,
                                    "wall_s_this_launch": round(time.perf_counter() - started, 2)})
     acc.wait_for_everyone()
     return out
 
 
 class _KnnMonitor:
-    """Weighted kNN top-1 (k 20, cosine, T 0.07) of the backbone on a labelled source: train split -> test split."""
+    """Weighted kNN top-1 in percent (k 20, cosine, T 0.07; as eval reports it) of the backbone on a labelled source:
+    train split -> test split."""
 
     def __init__(self, spec: str, size: int, limit: int = 5000):
         from clsp.sources import load_arrays, open_source
@@ -302,4 +341,4 @@ class _KnnMonitor:
         bank, query = (embed(backbone, images, self.transform, 512, device) for images in (self.bank[0], self.query[0]))
         backbone.train(was_training)
         predicted = knn_predict(bank, self.bank[1], query, (k,), t, device=device)[min(k, len(bank))]  # (Q,)
-        return float(np.mean(predicted == self.query[1], dtype=np.float32))
+        return float(np.mean(predicted == self.query[1], dtype=np.float32)) * 100.0

@@ -165,6 +165,18 @@ def shard_name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
+def skippable_shard(url: str, exc: Exception, skip_corrupt: bool) -> str:
+    """The name of the shard at `url` that failed with `exc`, to skip (skip_corrupt); else the UserError to stop on."""
+    name = shard_name(url)
+    if not skip_corrupt and isinstance(exc, (ShardError, SchemaError)):  # these name shard, sample and fix
+        raise UserError(f"{exc} (or pass --skip-corrupt to skip bad shards)") from exc
+    if not skip_corrupt:  # anything else: a missing file, a network error
+        raise UserError(f"shard {name} could not be read ({type(exc).__name__}: {exc}); re-create it, "
+                        "or pass --skip-corrupt to skip unreadable shards") from exc
+    log.debug("skipping unreadable shard %s (%s: %s)", name, type(exc).__name__, exc)
+    return name
+
+
 class ShardStream(IterableDataset):
     """Yields dicts: anchor (B, H, W, 3) uint8, positive (B, H, W, 3) uint8 or absent, ids (B,) int64, labels (B,) int64,
     skipped (list of shard names found unreadable since the previous batch), error (str, only on a fatal read error)."""
@@ -251,14 +263,8 @@ class ShardStream(IterableDataset):
             visit += 1
 
     def _corrupt(self, url: str, exc: Exception) -> None:
-        name = shard_name(url)
-        if not self.cfg.skip_corrupt and isinstance(exc, (ShardError, SchemaError)):  # these name shard, sample, fix
-            raise UserError(f"{exc} (or pass --skip-corrupt to skip bad shards)") from exc
-        if not self.cfg.skip_corrupt:  # anything else: a missing file, a network error
-            raise UserError(f"shard {name} could not be read ({type(exc).__name__}: {exc}); re-create it, "
-                            "or pass --skip-corrupt to skip unreadable shards") from exc
+        name = skippable_shard(url, exc, self.cfg.skip_corrupt)
         if name not in self._bad:  # the loop logs it and counts it
-            log.debug("skipping unreadable shard %s (%s: %s)", name, type(exc).__name__, exc)
             self._bad.add(name)
             self._skipped.append(name)
 

@@ -1,0 +1,72 @@
+"""Pictures a researcher can read: training curves smoothed per epoch, a kNN panel only when the run had a monitor,
+the monitor in percent (old logs in fractions converted on resume and in plots)."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+from PIL import Image
+
+from eval.plots import plot_training, rolling_mean
+from train.checkpoint import RunLog
+
+
+def write_log(path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_rolling_mean_averages_each_value_with_the_ones_before_it():
+    values = np.array([4.0, 2.0, 6.0, 0.0, 10.0])
+    assert np.allclose(rolling_mean(values, 2), [4.0, 3.0, 4.0, 3.0, 5.0])
+    assert np.allclose(rolling_mean(values, 1), values)
+    assert np.allclose(rolling_mean(values, 10), np.cumsum(values) / np.arange(1, 6))
+
+
+def test_the_knn_panel_appears_only_when_the_run_had_a_monitor(tmp_path):
+    columns = ["step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1_pct"]
+    rows = [{"step": s, "epoch": 1 + (s - 1) // 4, "lr": 0.1, "loss": 5 - s / 10, "loss_base": 4, "loss_clsp": 1,
+             "images_per_s": 100, "knn_top1_pct": ""} for s in range(1, 13)]
+    write_log(tmp_path / "plain.csv", rows, columns)
+    for row in rows[3::4]:
+        row["knn_top1_pct"] = 50 + row["step"]
+    write_log(tmp_path / "monitored.csv", rows, columns)
+    plain = Image.open(plot_training(tmp_path / "plain.csv", tmp_path / "plain.png")).size
+    monitored = Image.open(plot_training(tmp_path / "monitored.csv", tmp_path / "monitored.png")).size
+    assert monitored[0] > 1.5 * plain[0] and monitored[1] == plain[1]  # two panels side by side, or one
+
+
+def test_a_log_begun_with_fractions_is_resumed_in_percent(tmp_path):
+    old = ["step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1"]
+    write_log(tmp_path / "log.csv", [{"step": 1, "epoch": 1, "lr": 0.1, "loss": 3, "loss_base": 3, "loss_clsp": 0,
+                                      "images_per_s": 10, "knn_top1": 0.625},
+                                     {"step": 2, "epoch": 1, "lr": 0.1, "loss": 2, "loss_base": 2, "loss_clsp": 0,
+                                      "images_per_s": 10, "knn_top1": ""}], old)
+    RunLog(tmp_path / "log.csv", writer=True, keep_steps=2)
+    with open(tmp_path / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["knn_top1_pct"] for r in rows] == ["62.5", ""] and "knn_top1" not in rows[0]
+
+
+def test_a_run_with_a_log_begun_in_fractions_is_still_recognised_as_ours(tmp_path):
+    from train.checkpoint import run_files
+
+    old = ["step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1"]
+    write_log(tmp_path / "log.csv", [{"step": 1, "epoch": 1, "lr": 0.1, "loss": 3, "loss_base": 3, "loss_clsp": 0,
+                                      "images_per_s": 10, "knn_top1": 0.5}], old)
+    (tmp_path / "notes.csv").write_text("step,epoch\n1,1\n")
+    assert [p.name for p in run_files(tmp_path)] == ["log.csv"]  # --overwrite deletes it, never the user's file
+
+
+def test_tsne_legend_names_the_classes(tmp_path):
+    from eval.plots import plot_tsne
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    features = rng.normal(size=(30, 4)) + labels[:, None] * 3.0
+    named = Image.open(plot_tsne(features, labels, tmp_path / "named.png", class_names=["airplane", "cat", "truck"]))
+    plain = Image.open(plot_tsne(features, labels, tmp_path / "plain.png"))
+    assert named.size == plain.size
+    assert not np.array_equal(np.asarray(named), np.asarray(plain))  # only the legend's text differs
