@@ -12,7 +12,6 @@ from clsp.errors import UserError
 
 DEVICES = "cpu | cuda | cuda:N | auto"
 
-
 def resolve_device(name: str | None) -> torch.device:
     """--device NAME -> torch.device, or UserError naming the fix. None or "auto": cuda when one is visible, else
     cpu. Every command that takes --device checks it here, before anything else happens."""

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from clsp.errors import UserError
+from clsp.vocabulary import DEVICE_HELP, FORWARD_BATCH_HELP
 
 app = typer.Typer(help="Evaluate runs: kNN, linear probe, audit of positives, pictures, report.", no_args_is_help=True)
 
@@ -63,13 +64,13 @@ def knn_command(run: Path = typer.Argument(..., help="training run directory (ba
                 source: Optional[str] = typer.Option(None, help=RUN_SOURCE_HELP),
                 test_source: Optional[str] = typer.Option(None, help=TEST_SOURCE_HELP),
                 transfer: bool = typer.Option(False, "--transfer", help=TRANSFER_HELP),
-                batch_size: int = typer.Option(256, help="images per forward pass"),
-                device: str = typer.Option("cpu", help="cpu | cuda | auto")) -> None:
+                forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP),
+                device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Weighted kNN (cosine, T 0.07, k in 5..200) of the run's backbone: train split as bank, test split as queries."""
     from eval.report import evaluate_run
 
     with _user_errors():
-        config = _eval_config(source, "embedded", None, batch_size, device, test_source=test_source,
+        config = _eval_config(source, "embedded", None, forward_batch, device, test_source=test_source,
                               transfer=transfer, linear=False)
         _echo_results(evaluate_run(run, config))
 
@@ -81,13 +82,13 @@ def linear_command(run: Path = typer.Argument(..., help="training run directory"
                    transfer: bool = typer.Option(False, "--transfer", help=TRANSFER_HELP),
                    preset: str = typer.Option("embedded", help=PRESET_HELP),
                    probe_epochs: Optional[int] = typer.Option(None, help="override the preset's probe epochs"),
-                   batch_size: int = typer.Option(256, help="images per forward pass"),
-                   device: str = typer.Option("cpu", help="cpu | cuda | auto")) -> None:
+                   forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP),
+                   device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Linear probe on the frozen backbone; fails if the backbone's weights or BN statistics moved while probing."""
     from eval.report import evaluate_run
 
     with _user_errors():
-        config = _eval_config(source, preset, probe_epochs, batch_size, device, test_source=test_source,
+        config = _eval_config(source, preset, probe_epochs, forward_batch, device, test_source=test_source,
                               transfer=transfer, knn=False)
         _echo_results(evaluate_run(run, config))
 
@@ -144,13 +145,13 @@ def all_command(run: Path = typer.Argument(..., help="training run directory"),
                 preset: str = typer.Option("embedded", help=PRESET_HELP),
                 probe_epochs: Optional[int] = typer.Option(None, help="override the preset's probe epochs"),
                 audit_anchors: int = typer.Option(256, help="anchors in the audit sample"),
-                batch_size: int = typer.Option(256, help="images per forward pass"),
-                device: str = typer.Option("cpu", help="cpu | cuda | auto")) -> None:
+                forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP),
+                device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """kNN + linear + audit + plots + contact sheet + report for one run (`make eval`)."""
     from eval.report import AllConfig, evaluate_all
 
     with _user_errors():
-        eval_config = _eval_config(source, preset, probe_epochs, batch_size, device, test_source=test_source,
+        eval_config = _eval_config(source, preset, probe_epochs, forward_batch, device, test_source=test_source,
                                    transfer=transfer)
         config = AllConfig(str(run), shards, str(out), eval_config, audit_anchors)
         summary = evaluate_all(config)
@@ -195,7 +196,7 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
                   probe_epochs: Optional[int] = typer.Option(None, help="override the preset's probe epochs"),
                   jobs: int = typer.Option(1, help="runs trained at once, each in its own process on cores/jobs "
                                            "threads (2 on a 2-core machine: about 1.8x faster for small networks)"),
-                  device: str = typer.Option("cpu", help="evaluation device: cpu | cuda | auto")) -> None:
+                  device: str = typer.Option("auto", help="evaluation device: " + DEVICE_HELP)) -> None:
     """Train methods x positives x seeds, score each by k-fold over every labelled image, report paired differences
     with 95 % intervals; rerun to resume (finished runs are skipped)."""
     from clsp.study import StudyConfig, study
@@ -231,14 +232,14 @@ def sweep_command(target: str = typer.Argument(..., help="shard directory (then 
                   seed: Optional[int] = typer.Option(None, help="anchor sample and noise; default: the shards', "
                                                      "else 0"),
                   components: int = typer.Option(32, help="PCA components of the fixed pixel feature space"),
-                  batch_size: int = typer.Option(256, help="rows (anchors x K) per sampler call"),
-                  device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto")) -> None:
+                  forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP + "; a row is one candidate of one anchor"),
+                  device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Class agreement against hardness of the positives at each (w, steps): pick w by measurement."""
     from eval.sweep import SweepConfig, numbers, run_sweep
 
     with _user_errors():
         config = SweepConfig(target, str(out), model, source, numbers(w, float, "--w"), numbers(steps, int, "--steps"),
-                             anchors, k, eta, seed, components, batch_size, device)
+                             anchors, k, eta, seed, components, forward_batch, device)
         written = run_sweep(config)
     typer.echo(written["md"].read_text())
     typer.echo(f"wrote {written['json']}, {written['csv']}, {written['md']} and {written['png']}")

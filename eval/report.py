@@ -55,7 +55,8 @@ class EvalConfig:
             raise ValueError("nothing to evaluate: enable knn, linear or both")
         if self.batch_size <= 0 or self.temperature <= 0:
             raise ValueError("batch_size and temperature must be > 0")
-        resolve_device(self.device)  # the one device check, before anything is read (cached features would hide it)
+        # the one device check, before anything is read (cached features would hide it); "auto" becomes what it means
+        object.__setattr__(self, "device", str(resolve_device(self.device)))
 
     @property
     def results_name(self) -> str:

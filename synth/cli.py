@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from clsp.presets import source_defaults
+from clsp.vocabulary import DEVICE_HELP, FORWARD_BATCH_HELP, PRECISION_HELP, bf16_for
 
 # --help shows each unset option's default from SynthConfig and SamplerConfig (read without importing torch)
 _DEFAULTS = {**source_defaults("synth.job", "SynthConfig"), **source_defaults("synth.sampler", "SamplerConfig")}
@@ -37,11 +38,12 @@ def run(
                                                       help="the K candidates of an anchor share its noised copy"),
     seed: Optional[int] = typer.Option(None, help="base seed, keyed with (anchor id, j)"),
     anchors_per_shard: Optional[int] = typer.Option(None, help="anchors per shard file"),
-    batch_size: Optional[int] = typer.Option(None,
-                                             help="rows (anchors x K) per forward (default: 256 on CPU; GPU: fill it)"),
+    forward_batch: Optional[int] = typer.Option(
+        None, help=FORWARD_BATCH_HELP + "; a row is one candidate of one anchor (default: 256 on the CPU, 2,048 on a "
+        "GPU)"),
     limit: Optional[int] = typer.Option(None, help="only the first N anchors"),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
-    no_bf16: Optional[bool] = typer.Option(None, "--no-bf16", help="full fp32 on the GPU"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (default: auto)"),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " (default: auto)"),
     compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the UNet blocks (GPU)"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete shards made with other settings"),
     score_reference: Optional[bool] = typer.Option(
@@ -50,12 +52,14 @@ def run(
 ) -> None:
     """Make K synthetic positives per anchor of SOURCE with the generator MODEL; write shards + manifest to OUT.
     Rerun the same command to resume; finished shards are kept."""
+    from clsp.accelerator import resolve_device
     from synth.job import config_from_options, run_synth
 
     cfg = config_from_options(
         preset, source=source, model=model, out=out, split=split, image_size=image_size, resize=resize, k=k, w=w,
         steps=steps, eta=eta, share_anchor_noise=share_anchor_noise, seed=seed, anchors_per_shard=anchors_per_shard,
-        batch_size=batch_size, limit=limit, device=device, bf16=None if no_bf16 is None else not no_bf16,
+        batch_size=forward_batch, limit=limit, device=device,
+        bf16=bf16_for(precision, resolve_device(device).type == "cuda"),
         compile=compile, overwrite=overwrite, score_reference=score_reference,
     )
     run_synth(cfg)

@@ -12,6 +12,9 @@ import typer
 
 from clsp.errors import UserError
 from clsp.presets import preset_values, source_defaults
+from clsp.vocabulary import BATCH_SIZE_HELP, DEVICE_HELP, FORWARD_BATCH_HELP, PRECISION_HELP, bf16_for
+
+PRECISION_TO_MIXED = {"auto": "auto", "bf16": "bf16", "fp32": "no"}  # --precision -> the config's mixed_precision
 
 # --help shows each unset option's default from DiffusionTrainConfig and PRESETS (read without importing torch)
 HELP_DEFAULTS = {"train": (source_defaults("synth.diffusion_train", "DiffusionTrainConfig"),
@@ -39,7 +42,7 @@ def train(
     norm_groups: Optional[int] = typer.Option(None, help="GroupNorm groups; divides every width"),
     dropout: Optional[float] = typer.Option(None, help="dropout in the res blocks"),
     train_timesteps: Optional[int] = typer.Option(None, help="T; betas linear 1e-4..0.02"),
-    batch_size: Optional[int] = typer.Option(None, help="global batch, split across processes"),
+    batch_size: Optional[int] = typer.Option(None, help=BATCH_SIZE_HELP + " (images)"),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate"),
     lr_schedule: Optional[str] = typer.Option(None, help="constant | cosine, after warm-up"),
     warmup_steps: Optional[int] = typer.Option(None, help="linear warm-up steps"),
@@ -50,7 +53,7 @@ def train(
     skip_fill: Optional[str] = typer.Option(None, help="what replaces them: zero | shuffle (another image's skips)"),
     ema_decay: Optional[float] = typer.Option(None, help="EMA decay of the saved weights"),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flips"),
-    mixed_precision: Optional[str] = typer.Option(None, help="auto | no | bf16 (auto: bf16 on a GPU)"),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " (default: auto)"),
     seed: Optional[int] = typer.Option(None, help="init, batches and noise all follow from it"),
     checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints + sample grids"),
     keep_checkpoints: Optional[int] = typer.Option(None, help="newest checkpoints kept"),
@@ -63,7 +66,11 @@ def train(
     import shlex
     import sys
 
+    import torch
+
     from synth.diffusion_train import train_diffusion
+
+    bf16 = bf16_for(precision, torch.cuda.is_available())  # checks the value; the generator's config keeps its names
 
     cfg = config_from_options(
         preset, out=out, source=source, split=split, image_size=image_size,
@@ -71,7 +78,8 @@ def train(
         attention_levels=int_list(attention_levels, "--attention-levels"), norm_groups=norm_groups, dropout=dropout,
         train_timesteps=train_timesteps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
         warmup_steps=warmup_steps, steps=steps, snr_gamma=snr_gamma, skip_dropout=skip_dropout, skip_fill=skip_fill,
-        ema_decay=ema_decay, hflip=hflip, mixed_precision=mixed_precision, seed=seed, checkpoint_every=checkpoint_every,
+        ema_decay=ema_decay, hflip=hflip, mixed_precision=None if bf16 is None else PRECISION_TO_MIXED[precision],
+        seed=seed, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, sample_steps=sample_steps, grid_size=grid_size, resume=resume,
         overwrite=overwrite,
     )
@@ -124,8 +132,8 @@ def eval_command(
     seed: int = typer.Option(0, help="sample noise and real sample"),
     neighbours: int = typer.Option(3, help="k of the k-NN manifolds for precision and recall"),
     components: int = typer.Option(32, help="PCA components of the fixed pixel feature space"),
-    batch_size: int = typer.Option(256, help="images per sampler call"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
+    forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     inception_weights: Optional[Path] = typer.Option(None, help="local torch-fidelity Inception-v3 weights (.pth): "
                                                      "adds real FID; needs the optional extra fid (torchmetrics)"),
 ) -> None:
@@ -134,7 +142,7 @@ def eval_command(
 
     try:
         config = QualityConfig(generator, source, split, None if out is None else str(out), samples, steps, eta,
-                               seed, neighbours, components, batch_size, device,
+                               seed, neighbours, components, forward_batch, device,
                                None if inception_weights is None else str(inception_weights))
         written = run_quality(config)
     except ValueError as error:

@@ -120,12 +120,17 @@ def test_help_shows_every_default_in_plain_text():
     train = _help("train", "run")
     for line in ("--epochs INT", "[default: 100; --preset embedded: 50; --preset paper-cifar10: 1000]",
                  "--batch-size INT", "[default: 256;", "--lr FLOAT", "[default: 0.5;", "--warmup-epochs FLOAT",
-                 "[default: 10.0;", "--bf16 / --no-bf16", "[default: on]", "paper-cifar10"):
+                 "[default: 10.0;", "--precision TEXT", "paper-cifar10"):
         assert line in train
     diffusion = _help("diffusion", "train")
     for line in ("train | test | all [default: train]", "constant | cosine, after warm-up [default: constant;",
-                 "(auto: bf16 on a GPU)", "[default: 128,256,256,256; --preset embedded: 32,64,64]"):
+                 "[default: 128,256,256,256; --preset embedded: 32,64,64]"):
         assert line in diffusion
+    for stage in (train, diffusion, _help("synth", "run")):  # one vocabulary: the same words in every stage
+        assert "--precision TEXT auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs only) | fp32" in stage
+    for stage in (_help("synth", "run"), _help("eval", "all"), _help("eval", "sweep"), _help("diffusion", "eval")):
+        assert "--forward-batch INT images per forward pass per process" in stage and "--batch-size" not in stage
+        assert "--device TEXT auto (a GPU when one is visible, else the CPU)" in stage
     synth = _help("synth", "run")
     assert "positives per anchor [default: 8; --preset embedded: 4]" in synth and "DDIM steps [default: 100]" in synth
     for text in (train, diffusion, synth, _help("eval", "all")):

@@ -112,7 +112,7 @@ def test_two_processes_under_torchrun_write_the_same_bytes(generator, reference,
 
 def test_a_job_killed_part_way_resumes_to_the_same_shards(generator, reference, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "synth.cli", *cli_options(generator, out), "--batch-size", str(K)]
+    command = [sys.executable, "-m", "synth.cli", *cli_options(generator, out), "--forward-batch", str(K)]
     job = subprocess.Popen(command, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:

@@ -23,7 +23,7 @@ from train.loop import make_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_train_worker.py"
-COUNTS = (10, 7, 9)  # 26 anchors in uneven shards: 6 steps of 4 per epoch on one process, 3 on two
+COUNTS = (10, 7, 9)  # 26 anchors in uneven shards: 6 steps of 4 per epoch on one process, 6 of 2 + 2 on two
 TINY = dict(width=4, epochs=3, batch_size=4, lr=0.05, warmup_epochs=1.0, proj_hidden=16, proj_dim=8, workers=0,
             seed=1)
 
@@ -188,8 +188,9 @@ def test_two_processes_under_torchrun_take_equal_steps(shards, tmp_path):
     result = subprocess.run(command, cwd=REPO, env=cpu_only, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_json(out / "summary.json")
-    assert summary["world_size"] == 2 and summary["steps_per_rank_this_launch"] == [6, 6]  # 26 // (2 * 4) = 3 a epoch
-    assert log_steps(out) == list(range(1, 7))
+    # --batch-size 4 is global: 2 anchors per process a step, 26 // (2 * 2) = 6 steps an epoch on each process
+    assert summary["world_size"] == 2 and summary["steps_per_rank_this_launch"] == [12, 12]
+    assert log_steps(out) == list(range(1, 13))
     assert {p.name for p in (out / "checkpoint").glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
 
 

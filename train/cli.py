@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from clsp.presets import source_defaults
+from clsp.vocabulary import BATCH_SIZE_HELP, PRECISION_HELP, bf16_for
 
 # --help shows each unset option's real default, read from TrainConfig and PRESETS (train.loop imports torch: too slow
 # for --help, so it is imported only when a run starts)
@@ -36,7 +37,8 @@ def run_command(
     width: Optional[int] = typer.Option(None, help="Backbone stem channels (64 = standard ResNet)."),
     image_size: Optional[int] = typer.Option(None, help="Augmented view size (default: the shards' image size)."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the anchors."),
-    batch_size: Optional[int] = typer.Option(None, help="Anchors per step per process."),
+    batch_size: Optional[int] = typer.Option(None, help=BATCH_SIZE_HELP.capitalize() + " (anchors, each seen in three "
+                                             "views; split evenly over the processes)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (after warm-up)."),
     momentum: Optional[float] = typer.Option(None, help="SGD momentum."),
     weight_decay: Optional[float] = typer.Option(None, help="SGD weight decay."),
@@ -53,7 +55,7 @@ def run_command(
     cache: Optional[bool] = typer.Option(
         None, "--cache/--no-cache", help="Decode every image once and train from memory (no loader processes); "
         "default: when one process's share fits in 4 GiB."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast on GPUs."),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " (default: auto)."),
     knn_every: Optional[int] = typer.Option(None, help="Epochs between kNN monitor runs (0: off)."),
     knn_source: Optional[str] = typer.Option(None, help="Labelled source for the kNN monitor, e.g. digits."),
     log_with: Optional[str] = typer.Option(
@@ -74,7 +76,11 @@ def run_command(
     preset = options.pop("preset")
     for flag in ("skip_corrupt", "resume", "overwrite"):
         options[flag] = options[flag] or None  # unset unless given, so a preset could set them
+    import torch
+
     from train.loop import make_config, train
+
+    options["bf16"] = bf16_for(options.pop("precision"), torch.cuda.is_available())
 
     typer.echo(train(make_config(preset, **options)))
 

@@ -2,7 +2,8 @@
 
 It knows nothing about methods beyond `Method.forward(views, ids, third) -> dict(loss, loss_base, loss_clsp)`,
 `Method.after_step(progress)` and `Method.backbone`. One process on the CPU, or many under `torchrun`/`accelerate launch`
-(DDP, bf16 autocast on GPUs). `batch_size` is per process; every process takes `steps_per_epoch` equal batches.
+(DDP, bf16 autocast on GPUs). `batch_size` is global: each of N processes takes batch_size / N anchors a step, and every
+process takes `steps_per_epoch` equal batches.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
 # much as for a synthetic one (measured: base loss stuck at ln(2B-1) for 250 steps); at 0.2 the base loss escapes.
 # paper-cifar10: the SimCLR CIFAR-10 setting of the paper (docs: method.md): ResNet-18 (the CIFAR stem follows from the
 # 32 px images), projector 4096 -> 256, tau 0.2, lam 1.0, SGD lr 0.5 momentum 0.9 wd 1e-4, 10 warm-up epochs then cosine,
-# 1000 epochs, batch 1024. batch_size is per process: on N GPUs pass --batch-size 1024/N for the paper's global batch.
+# 1000 epochs, batch 1024 (global: split over the processes).
 # Literal values only: `clsp train run --help` reads this dict without importing this module (clsp.presets).
 PRESETS = {
     "embedded": dict(backbone="resnet18", width=16, epochs=50, batch_size=128, lr=0.3, warmup_epochs=5.0,
@@ -74,7 +75,7 @@ class TrainConfig:
     width: int = 64                    # stem channels (64 = standard ResNet)
     image_size: int | None = None      # augmentation output size; None: the shards' image size
     epochs: int = 100
-    batch_size: int = 256              # per process
+    batch_size: int = 256              # anchors per optimizer step over all processes
     lr: float = 0.5
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -191,7 +192,12 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
     draw = positive_draw(cfg.positive_filter, cfg.positive_weighting, manifest.scores,
                          f"{cfg.shards} (shard schema version {manifest.schema_version})")
     size = cfg.image_size or int(manifest.run["image_size"])
-    world, spe = acc.num_processes, steps_per_epoch(manifest.count, acc.num_processes, cfg.batch_size)
+    world = acc.num_processes
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is global and must split evenly over the {world} processes: "
+                        f"use a multiple of {world}, e.g. {max(world, cfg.batch_size // world * world)}")
+    per_process = cfg.batch_size // world
+    spe = steps_per_epoch(manifest.count, world, per_process)
     total = spe * cfg.epochs
 
     set_seed(cfg.seed)  # identical initial weights on every process
@@ -212,7 +218,7 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
                     "source": manifest.run["source"], "generator": manifest.run.get("generator"),
                     "shards_sha256": shard_sums, "world_size": world, "steps_per_epoch": spe}}
     contract = manifest.contract()  # checked for every sample and shard as they stream, as `clsp shards verify` does
-    stream_cfg = StreamConfig(tuple(manifest.shard_locations()), cfg.batch_size, spe, manifest.k, cfg.seed,
+    stream_cfg = StreamConfig(tuple(manifest.shard_locations()), per_process, spe, manifest.k, cfg.seed,
                               cfg.positives, acc.process_index, world, cfg.shuffle_buffer, cfg.skip_corrupt)
     if cached:  # decoded once, batches drawn from memory in this process: no loader processes
         stream = loader = CachedStream(stream_cfg, contract, draw, progress=acc.is_main_process)

@@ -1,0 +1,35 @@
+"""One meaning per option name across the stages (README, "One vocabulary"). Imports nothing heavy: every CLI module
+reads its help strings from here before torch is loaded.
+
+  --precision      auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs only) | fp32, in every stage that
+                   runs a network for long (generator training, synth, training); evaluation computes in fp32.
+  --device         auto | cpu | cuda | cuda:N, default auto, where a stage runs in one process (synth, eval, sweep,
+                   quality); the training stages use the GPU of each process when there is one (Accelerate).
+  --batch-size     training only: examples per optimizer step over all processes (images for the generator, anchors
+                   for contrastive training, each seen in three views).
+  --forward-batch  inference only: images per forward pass per process (synth, sweep, quality, eval); it sets memory
+                   use, not results.
+  positional       the thing a command acts on (a source, shards, a run, a generator); what it reads besides is an
+                   option (`clsp eval all RUN --shards SHARDS`).
+"""
+from __future__ import annotations
+
+from clsp.errors import UserError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+PRECISION_HELP = "auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs only) | fp32"
+DEVICE_HELP = "auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N"
+FORWARD_BATCH_HELP = "images per forward pass per process (memory use, not results)"
+BATCH_SIZE_HELP = "examples per optimizer step over all processes"
+
+
+def bf16_for(precision: str | None, cuda: bool) -> bool | None:
+    """--precision -> whether to autocast in bf16 (None: not given, the stage's default: auto). bf16 is used on GPUs
+    only: asked for on a run without one, it is refused rather than silently ignored."""
+    if precision is None:
+        return None
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and not cuda:
+        raise UserError("--precision bf16 is for GPUs and this run is on the CPU: use --precision auto or fp32")
+    return precision != "fp32"
