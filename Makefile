@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# About 23 min on one CPU thread. Float sums depend on the CPU, the thread count and the versions, so the weights match
+# About 46 min on one CPU thread. Float sums depend on the CPU, the thread count and the versions, so the weights match
 # the shipped ones bit for bit only where those match its card (one thread, as here); the last line compares.
 generator: setup
 	OMP_NUM_THREADS=1 $(CLSP) diffusion train digits --out $(RUN)/generator --preset embedded --resume

@@ -39,6 +39,25 @@ def _module_tree(module: str) -> ast.Module:
     return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
 
 
+def source_fields(module: str, name: str) -> list[tuple[str, str, object]]:
+    """[(field, annotation as written, literal default)] of dataclass `name` in `module`, in order, read without
+    importing it (fields without a literal default are left out)."""
+    for node in _module_tree(module).body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            found = [(item.target.id, ast.unparse(item.annotation), _literal(item.value)) for item in node.body
+                     if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value]
+            return [entry for entry in found if entry[2] is not _NOT_LITERAL]
+    raise LookupError(f"{module} defines no class {name}")
+
+
+def source_literal(module: str, name: str):
+    """The literal value of the top-level assignment `name = ...` in `module`, read without importing it."""
+    for node in _module_tree(module).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise LookupError(f"{module} assigns no {name}")
+
+
 def source_defaults(module: str, name: str) -> dict:
     """{field: default} of dataclass `name` in `module`, or the top-level dict `name` (PRESETS), read without importing
     the module. Defaults that are not literals (field(default_factory=...)) are left out; tests/test_hub_and_help.py

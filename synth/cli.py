@@ -2,15 +2,18 @@
 accelerate launch: `torchrun --nproc_per_node 4 $(which clsp) synth run ...`)."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from clsp.presets import source_defaults
+from clsp.presets import source_defaults, source_fields, source_literal
 from clsp.vocabulary import DEVICE_HELP, FORWARD_BATCH_HELP, PRECISION_HELP, bf16_for
 
 # --help shows each unset option's default from SynthConfig and SamplerConfig (read without importing torch)
+SAMPLER_FIELDS = source_fields("synth.sampler", "SamplerConfig")  # [(name, "float", default)]: one option each
+SAMPLER_HELP = source_literal("synth.sampler", "SAMPLER_HELP")
 _DEFAULTS = {**source_defaults("synth.job", "SynthConfig"), **source_defaults("synth.sampler", "SamplerConfig")}
 HELP_DEFAULTS = {"run": (_DEFAULTS, source_defaults("synth.job", "PRESETS"))}
 app = typer.Typer(help="Generate synthetic positives into shards.", no_args_is_help=True)
@@ -21,7 +24,6 @@ def main() -> None:
     """Generate synthetic positives into shards (`clsp synth run`)."""
 
 
-@app.command("run")
 def run(
     source: str = typer.Argument(..., help="digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"),
     model: str = typer.Option(..., "--model", help="generator dir (unet/, scheduler/) or hub id"),
@@ -31,11 +33,6 @@ def run(
     image_size: Optional[int] = typer.Option(None, help="read the source at this size (default: its native size)"),
     resize: Optional[bool] = typer.Option(None, "--resize", help="resize anchors to the generator's sample size"),
     k: Optional[int] = typer.Option(None, "--k", help="positives per anchor"),
-    w: Optional[float] = typer.Option(None, help="weight of the sample's own bottleneck, 0..1"),
-    steps: Optional[int] = typer.Option(None, help="DDIM steps"),
-    eta: Optional[float] = typer.Option(None, help="DDIM eta, 0..1"),
-    share_anchor_noise: Optional[bool] = typer.Option(None, "--share-anchor-noise",
-                                                      help="the K candidates of an anchor share its noised copy"),
     seed: Optional[int] = typer.Option(None, help="base seed, keyed with (anchor id, j)"),
     anchors_per_shard: Optional[int] = typer.Option(None, help="anchors per shard file"),
     forward_batch: Optional[int] = typer.Option(
@@ -49,6 +46,7 @@ def run(
     score_reference: Optional[bool] = typer.Option(
         None, "--score-reference", help="also score each positive's class agreement (a reference classifier fitted on "
         "SOURCE's labelled train split) into index.parquet; rerun a finished job with it to add the scores"),
+    **sampler,  # one option per SamplerConfig field (w, steps, eta, ...): see with_sampler_options below
 ) -> None:
     """Make K synthetic positives per anchor of SOURCE with the generator MODEL; write shards + manifest to OUT.
     Rerun the same command to resume; finished shards are kept."""
@@ -56,13 +54,34 @@ def run(
     from synth.job import config_from_options, run_synth
 
     cfg = config_from_options(
-        preset, source=source, model=model, out=out, split=split, image_size=image_size, resize=resize, k=k, w=w,
-        steps=steps, eta=eta, share_anchor_noise=share_anchor_noise, seed=seed, anchors_per_shard=anchors_per_shard,
+        preset, source=source, model=model, out=out, split=split, image_size=image_size, resize=resize, k=k,
+        seed=seed, anchors_per_shard=anchors_per_shard, **sampler,
         batch_size=forward_batch, limit=limit, device=device,
         bf16=bf16_for(precision, resolve_device(device).type == "cuda"),
         compile=compile, overwrite=overwrite, score_reference=score_reference,
     )
     run_synth(cfg)
+
+
+def with_sampler_options(command):
+    """`command` with one keyword option per SamplerConfig field in place of its **sampler: the field's name, type,
+    help (SAMPLER_HELP) and default, read from synth/sampler.py without importing it. A new sampler field is thereby
+    a new option, recorded in the manifest and compared on resume, with no edit here."""
+    kinds = {"float": float, "int": int, "bool": bool}
+    parameters = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    annotations = {p.name: p.annotation for p in parameters}
+    for name, annotation, _ in SAMPLER_FIELDS:
+        flag = "--" + name.replace("_", "-")
+        option = typer.Option(None, flag, help=SAMPLER_HELP[name])  # None: unset, so the preset's value stands
+        annotations[name] = Optional[kinds[annotation]]
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=annotations[name]))
+    command.__signature__ = inspect.Signature(parameters, return_annotation=None)
+    command.__annotations__ = {**annotations, "return": None}
+    return command
+
+
+run = app.command("run")(with_sampler_options(run))
 
 
 if __name__ == "__main__":  # `torchrun --nproc_per_node N -m synth.cli run ...` (or `-m clsp synth run ...`)

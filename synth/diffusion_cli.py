@@ -32,7 +32,7 @@ def diffusion() -> None:
 def train(
     source: str = typer.Argument(..., help="digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"),
     out: Path = typer.Option(..., "--out", help="run directory; the generator (unet/, scheduler/) is written here"),
-    preset: Optional[str] = typer.Option(None, help="embedded (small UNet for 16 px digits, ~4 min on 2 CPU cores) "
+    preset: Optional[str] = typer.Option(None, help="embedded (small UNet for 16 px digits, ~46 min on one CPU thread) "
                                          "| ddpm-cifar10 (the DDPM CIFAR-10 settings)"),
     split: Optional[str] = typer.Option(None, help="train | test | all"),
     image_size: Optional[int] = typer.Option(None, help="read the source at this size (default: its native size)"),

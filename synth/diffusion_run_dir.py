@@ -59,7 +59,8 @@ _OWNED = {
     **{f".{name}.tmp-*": is_temp_of(name) for name in (CONFIG_NAME, "log.csv", CARD_NAME, "README.md", INDEX_NAME)},
 }
 GENERATOR_RUN = RunKind("generator", CONFIG_NAME, "clsp diffusion train", owned=lambda out: owned_files(out, _OWNED),
-                        describe=describe_run, legacy_keys=("channels", "train_timesteps", "ema_decay"))
+                        describe=describe_run, legacy_keys=("channels", "train_timesteps", "ema_decay"),
+                        operational=("keep_checkpoints",))  # disk retention only: the weights do not depend on it
 
 
 def resume_step(cfg: DiffusionTrainConfig, claim: RunDir, procs) -> int:

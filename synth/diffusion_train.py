@@ -139,14 +139,15 @@ class DiffusionTrainConfig:
 
 # Presets give values for the fields they name; explicit options override them.
 PRESETS: dict[str, dict] = {
-    # Embedded digits (16x16 RGB, 1,437 images): 1.1M parameters, about 20 minutes on 2 CPU cores (the project ships
-    # the result: generators/digits-16px). Min-SNR weighting and batch 32 gave clearly better digits than the plain
-    # loss at equal compute; skip dropout with shuffled skips makes the bottleneck carry the class (README: "Why the
-    # embedded generator keeps the anchor's class").
+    # Embedded digits (16x16 RGB, 1,437 images): 1.1M parameters, 8,000 steps in about 46 minutes on one CPU thread
+    # (the project ships the result: generators/digits-16px). Min-SNR weighting and batch 32 gave clearly better digits
+    # than the plain loss at equal compute; skip dropout with shuffled skips makes the bottleneck carry the class;
+    # 8,000 steps rather than 4,000 lift class agreement from 83.5 to 86 % and confident samples from 74 to 80 %
+    # (README: "Why the embedded generator keeps the anchor's class").
     "embedded": dict(
         source="digits", split="train", image_size=16, channels=(32, 64, 64), layers_per_block=1,
         attention_levels=(1,), norm_groups=8, dropout=0.0, batch_size=32, lr=2e-3, lr_schedule="cosine",
-        warmup_steps=100, steps=4000, snr_gamma=5.0, skip_dropout=0.5, skip_fill="shuffle", ema_decay=0.995,
+        warmup_steps=100, steps=8000, snr_gamma=5.0, skip_dropout=0.5, skip_fill="shuffle", ema_decay=0.995,
         hflip=False, checkpoint_every=500, grid_size=64,
     ),
     "ddpm-cifar10": {},  # the dataclass defaults
@@ -377,8 +378,10 @@ def machine_info(device: torch.device) -> dict:
 def package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {}
-    for name in ("clsp", "torch", "diffusers", "accelerate", "torchvision", "numpy"):
+    from clsp import __version__
+
+    found = {"clsp": __version__}  # the distribution is clsp-positives; the package and its version are clsp's
+    for name in ("torch", "diffusers", "accelerate", "torchvision", "numpy"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:

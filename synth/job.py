@@ -35,7 +35,7 @@ from synth.sampler import SamplerConfig, candidate_seed, row_generators, sample_
 from synth.unet_split import compile_blocks
 
 RUN_FILE = "run.json"  # the intended run (the record), written before any shard: a rerun is compared against it
-CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --batch-size is not given
+CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --forward-batch is not given
 GPU_BATCH_ROWS = 2048  # first try on a GPU; halved on out-of-memory until it fits
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name; any other missing path is an error
 
@@ -89,7 +89,10 @@ class SynthConfig:
 
 # The embedded default: 1,437 digits anchors (16 px) x K=4, 32 steps (16 lose 3 points of class agreement).
 PRESETS: dict[str, dict] = {
-    "embedded": dict(source="digits", split="train", k=4, sampler=SamplerConfig(steps=32), anchors_per_shard=240),
+    # w 0.2 rather than the paper's 0.1: on the shipped generator `clsp eval sweep` measured (256 anchors, 32 steps)
+    # class agreement 86.5 / 86.1 / 84.9 % and distance to the anchor 1.47x / 1.50x / 1.53x the nearest real
+    # neighbour's at w 0.1 / 0.2 / 0.25: 0.2 is the setting that keeps the class and is as hard as asked (README)
+    "embedded": dict(source="digits", split="train", k=4, sampler=SamplerConfig(w=0.2, steps=32), anchors_per_shard=240),
 }
 
 SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}

@@ -29,10 +29,20 @@ from synth.unet_split import check_supported, decode, embed_time, encode
 EpsFn = Callable[[UNet2DModel, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
+# Every field of SamplerConfig is a `clsp synth run` option (synth/cli.py builds them from the class and this dict,
+# without importing this module), is recorded in the manifest and is part of a run's resume identity (synth/job.py
+# records asdict(SamplerConfig)): a new sampler option is a field, its help line here, and its use below.
+SAMPLER_HELP = {
+    "w": "weight of the sample's own bottleneck, 0..1 (1 = plain DDIM, 0 = all anchor)",
+    "steps": "DDIM steps",
+    "eta": "DDIM eta, 0..1 (0 deterministic, 1 DDPM-like)",
+    "share_anchor_noise": "the K candidates of an anchor share its noised copy (one anchor-noise draw per anchor a step)",
+}
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
-    """w: weight of the sample's own bottleneck (1 = plain DDIM, 0 = all anchor); steps: DDIM steps; eta: DDIM noise
-    (0 deterministic, 1 DDPM-like); share_anchor_noise: one anchor-noise draw per anchor group per step."""
+    """The sampler's settings; each field's meaning is in SAMPLER_HELP."""
 
     w: float = 0.1
     steps: int = 100

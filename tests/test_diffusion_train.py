@@ -49,6 +49,8 @@ def test_tiny_run_writes_a_loadable_generator_checkpoints_and_grids(tmp_path):
     assert card["command"] == "clsp diffusion train digits --test" and card["config"]["channels"] == [8, 8]
     assert card["source"]["fingerprint"] == open_source("digits", "test", 8).fingerprint()
     assert {"torch", "diffusers", "accelerate"} <= set(card["package_versions"])
+    from clsp import __version__
+    assert card["package_versions"]["clsp"] == __version__ != "0.0.0+unknown"  # found under the distribution's name
     assert info["weights_sha256"] == card["weights_sha256"]
 
 

@@ -30,3 +30,17 @@ def test_bf16_on_a_run_without_a_gpu_is_refused_in_every_stage(tmp_path, command
     result = runner.invoke(app, [*(str(tmp_path / c) if c == "x" else c for c in command), "--precision", "bf16"])
     assert result.exit_code == 2 and "--precision bf16 is for GPUs" in result.output, result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_every_sampler_field_is_a_synth_option_with_its_help_and_default():
+    from dataclasses import fields
+
+    from synth.cli import SAMPLER_FIELDS
+    from synth.sampler import SAMPLER_HELP, SamplerConfig
+
+    names = [f.name for f in fields(SamplerConfig)]
+    assert [name for name, _, _ in SAMPLER_FIELDS] == names and set(SAMPLER_HELP) == set(names)
+    assert {name: default for name, _, default in SAMPLER_FIELDS} == {f.name: f.default for f in fields(SamplerConfig)}
+    text = " ".join(runner.invoke(app, ["synth", "run", "--help"]).output.split())
+    for name in names:
+        assert f"--{name.replace('_', '-')}" in text and SAMPLER_HELP[name].split(" (")[0] in text
