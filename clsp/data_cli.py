@@ -31,8 +31,13 @@ def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
     from clsp.sources import open_source
     from shards.sheet import image_grid  # imported here: shards.sheet imports torch (webdataset); --help stays fast
 
-    records = list(open_source(source, split, image_size).records(0, rows * columns))
+    opened = open_source(source, split, image_size)
+    records = list(opened.records(0, rows * columns))
+    name = lambda label: (opened.classes[label] if 0 <= label < len(opened.classes) else  # noqa: E731
+                          str(label) if label >= 0 else "no label")
     grid = [[r.image for r in records[i:i + columns]] for i in range(0, len(records), columns)]
+    captions = [[name(r.label) for r in records[i:i + columns]] for i in range(0, len(records), columns)]
+    title = f"{source} [{split}]: the first {len(records)} images, captioned with their class"
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(grid, anchor_gap=0).save(out)
+    image_grid(grid, min_side=48, anchor_gap=0, captions=captions, title=title).save(out)
     typer.echo(out)

@@ -9,32 +9,63 @@ from PIL import Image
 from shards.manifest import read_manifest
 
 
-def image_grid(rows: list[list[np.ndarray]], min_side: int = 48, gap: int = 2, anchor_gap: int = 6) -> Image.Image:
+def _fit(draw, text: str, width: int, font) -> str:
+    """`text` cut (with an ellipsis) to fit `width` pixels."""
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 1 else ""
+    return text
+
+
+def image_grid(rows: list[list[np.ndarray]], min_side: int = 48, gap: int = 2, anchor_gap: int = 6,
+               captions: list[list[str]] | None = None, title: str | None = None) -> Image.Image:
     """rows of (H, W, 3) uint8 images -> one PIL image; small images are enlarged (nearest) to `min_side`.
 
-    The first image of each row is set apart by a wider gap (it is the anchor).
+    The first image of each row is set apart by `anchor_gap` (it is the anchor). `captions[r][c]`: a short line under
+    tile (r, c) (an id, a class, "pos 3"), cut to the tile's width; `title`: lines above the grid (what the sheet shows:
+    source, generator, sampler settings).
     """
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
     side = max(im.shape[0] for row in rows for im in row)
     scale = max(1, -(-min_side // side))  # ceil: small images become legible
     cell = side * scale
+    caption_h = 14 if captions else 0
+    title_lines = title.splitlines() if title else []
+    top = 15 * len(title_lines) + (4 if title_lines else 0)
     columns = max(len(row) for row in rows)
     width = columns * (cell + gap) + anchor_gap
-    sheet = Image.new("RGB", (width, len(rows) * (cell + gap)), (255, 255, 255))
+    sheet = Image.new("RGB", (width, top + len(rows) * (cell + caption_h + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(title_lines):
+        draw.text((2, 2 + 15 * i), _fit(draw, line, width - 4, font), fill=(0, 0, 0), font=font)
     for r, row in enumerate(rows):
+        y = top + r * (cell + caption_h + gap)
         for c, image in enumerate(row):
-            tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
-            sheet.paste(tile, (c * (cell + gap) + (anchor_gap if c else 0), r * (cell + gap)))
+            x = c * (cell + gap) + (anchor_gap if c else 0)
+            sheet.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
+            if captions and c < len(captions[r]):
+                draw.text((x + 1, y + cell), _fit(draw, captions[r][c], cell - 2, font), fill=(60, 60, 60), font=font)
     return sheet
 
 
 def contact_sheet(directory: str, out: str | Path, anchors: int = 8) -> Path:
-    """Write a PNG of the first `anchors` anchors of a shard directory and all their positives."""
-    rows = []
-    for sample in read_manifest(directory).samples():  # each checked: a malformed sample stops with its name
+    """Write a PNG of the first `anchors` anchors of a shard directory and all their positives, each anchor captioned
+    with its label and id, under a title with the generator and the sampler settings the manifest records."""
+    manifest = read_manifest(directory)
+    rows, captions = [], []
+    for sample in manifest.samples():  # each checked: a malformed sample stops with its name
         rows.append([sample.anchor()] + [sample.positive(j) for j in range(sample.k)])
+        captions.append([f"{sample.label} · {sample.key}"] + [f"pos {j}" for j in range(sample.k)])
         if len(rows) == anchors:
             break
+    run, sampler = manifest.run, manifest.run.get("sampler", {})
+    generator = run.get("generator", {})
+    title = "\n".join([f"{Path(str(directory).rstrip('/')).name}: {run.get('source', {}).get('spec')} anchors (left:",
+                       f"label · id), K = {manifest.k} positives each", f"generator {generator.get('model_id')}",
+                       f"weights {str(generator.get('weights_sha256'))[:12]}, seed {run.get('seed')}",
+                       f"w = {sampler.get('w')}, {sampler.get('steps')} DDIM steps, eta = {sampler.get('eta')}"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows).save(out)
+    image_grid(rows, min_side=64, captions=captions, title=title).save(out)
     return out

@@ -70,3 +70,29 @@ def test_tsne_legend_names_the_classes(tmp_path):
     plain = Image.open(plot_tsne(features, labels, tmp_path / "plain.png"))
     assert named.size == plain.size
     assert not np.array_equal(np.asarray(named), np.asarray(plain))  # only the legend's text differs
+
+
+def test_sheets_carry_captions_and_a_title(tmp_path):
+    from conftest import build_shard_dir
+    from shards.sheet import contact_sheet, image_grid
+
+    tiles = [[np.zeros((8, 8, 3), np.uint8)] * 3] * 2
+    plain = image_grid(tiles, min_side=48)
+    captioned = image_grid(tiles, min_side=48, captions=[["a", "b", "c"]] * 2, title="line one\nline two")
+    assert captioned.size[0] == plain.size[0] and captioned.size[1] == plain.size[1] + 2 * 14 + 2 * 15 + 4
+    assert np.asarray(captioned)[:30].min() < 128  # the title's text is drawn (dark pixels above the grid)
+    shards = build_shard_dir(tmp_path / "shards", counts=(3,), k=2)
+    sheet = Image.open(contact_sheet(str(shards), tmp_path / "sheet.png", anchors=3))
+    assert sheet.size[1] > 3 * 64 + 5 * 15  # three captioned rows of 64 px tiles under a five-line title
+
+
+def test_data_sheet_names_each_image_class(tmp_path):
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+
+    out = tmp_path / "data.png"
+    result = CliRunner().invoke(app, ["data", "sheet", "digits", "--out", str(out), "--rows", "2", "--columns", "5"])
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert image.size[1] == 15 + 4 + 2 * (48 + 14 + 2)  # a title line, then two rows of tiles with their captions

@@ -180,4 +180,4 @@ def test_resize_makes_the_anchors_the_generators_size(generator, tmp_path):
 
 def test_preset_then_explicit_options(generator, tmp_path):
     cfg = config_from_options("embedded", model=str(generator), out=tmp_path, steps=3, k=None)
-    assert (cfg.source, cfg.k, cfg.sampler.steps, cfg.sampler.w) == ("digits", 4, 3, 0.1)
+    assert (cfg.source, cfg.k, cfg.sampler.steps, cfg.sampler.w) == ("digits", 4, 3, 0.2)  # the preset's w, given steps
