@@ -138,5 +138,10 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_train_on_threads, run, threads, str(log_dir / f"{Path(run.out).name}.log"))
                    for run in runs]
-        for done, future in enumerate(as_completed(futures), 1):
-            print(f"{future.result()}: trained ({done}/{len(runs)})", flush=True)
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                print(f"{future.result()}: trained ({done}/{len(runs)})", flush=True)
+        except BaseException:  # a failed run (or Ctrl-C): runs not started yet are not started; rerun to resume
+            for future in futures:
+                future.cancel()
+            raise

@@ -217,6 +217,8 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
            "data": {"count": manifest.count, "k": manifest.k, "shard_image_size": int(manifest.run["image_size"]),
                     "source": manifest.run["source"], "generator": manifest.run.get("generator"),
                     "shards_sha256": shard_sums, "world_size": world, "steps_per_epoch": spe}}
+    if world > 1:  # --batch-size became global: a several-process run begun when it was per process is not resumed
+        run["data"]["per_process_batch"] = per_process
     contract = manifest.contract()  # checked for every sample and shard as they stream, as `clsp shards verify` does
     stream_cfg = StreamConfig(tuple(manifest.shard_locations()), per_process, spe, manifest.k, cfg.seed,
                               cfg.positives, acc.process_index, world, cfg.shuffle_buffer, cfg.skip_corrupt)
