@@ -52,7 +52,7 @@ train: setup
 eval: setup
 	$(CLSP) eval all $(TRAIN_OUT) --shards $(SHARDS) --source $(SOURCE) --out $(RUN)/report
 
-# SimCLR x positives none/augment/synthetic x seeds 0-4, each scored by 5-fold over every labelled image (about 50 min
+# SimCLR x positives none/augment/synthetic x seeds 0-4, each scored by 5-fold over every labelled image (about 60 min
 # on 2 CPU cores once the shards exist); `make study STUDY_METHODS=simclr,moco` adds MoCo v2+ (twice the time).
 STUDY_METHODS ?= simclr
 STUDY_JOBS ?= 2
