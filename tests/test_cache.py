@@ -80,7 +80,7 @@ def test_a_bad_shard_is_named_or_skipped_once(tmp_path):
     broken = directory / "shard-000001.tar"
     broken.write_bytes(broken.read_bytes()[:700])  # truncated inside the first sample
     with pytest.raises(UserError, match="shard-000001.tar.*--skip-corrupt"):
-        make_cached(directory, batch=2)
+        epoch(make_cached(directory, batch=2), 0)  # decoded, and refused, at the first iteration
     stream = make_cached(directory, batch=2, skip_corrupt=True)
     batches = epoch(stream, 0)
     assert len(batches) == 6  # the epoch's quota is met by a second lap over the 8 good anchors

@@ -53,7 +53,14 @@ class CachedStream(IterableDataset):
         self.cfg, self.draw = cfg, draw
         self.epoch = 0
         self.start_step = 0
-        self.skipped = self._load(contract, progress)
+        self._source: tuple[Contract, bool] | None = (contract, progress)  # decoded at the first iteration: a finished
+        # run that is only asked to resume returns before that, and errors surface where the stream's would
+
+    def _ensure_loaded(self) -> None:
+        if self._source is not None:
+            contract, progress = self._source
+            self.skipped = self._load(contract, progress)
+            self._source = None
 
     def _load(self, contract: Contract, progress: bool) -> list[str]:
         cfg = self.cfg
@@ -103,6 +110,7 @@ class CachedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
+        self._ensure_loaded()
         order = self.order()
         for step in range(self.start_step, cfg.steps_per_epoch):
             at = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]  # (B,) positions in the cache
