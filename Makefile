@@ -68,8 +68,8 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m synth.bench
-	$(PY) -m train.bench
+	$(PY) -m clsp.synth.bench
+	$(PY) -m clsp.train.bench
 
 # Removes the environment and caches only: generators, shards and runs under runs/ cost hours and are kept.
 clean:

@@ -1,7 +1,7 @@
 """clsp: contrastive learning with synthetic positives (Zeng et al., ECCV 2024)."""
 from importlib.metadata import PackageNotFoundError, version
 
-import shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
+import clsp.shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
 
 try:
     __version__ = version("clsp-positives")

@@ -2,6 +2,7 @@
 several), an int from the main process on every process, flags OR-ed over processes, and SIGTERM as a flag."""
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -11,6 +12,7 @@ from accelerate.state import AcceleratorState
 from clsp.errors import UserError
 
 DEVICES = "cpu | cuda | cuda:N | auto"
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # at import: what torch chose, before anyone set it
 
 def resolve_device(name: str | None) -> torch.device:
     """--device NAME -> torch.device, or UserError naming the fix. None or "auto": cuda when one is visible, else
@@ -82,3 +84,22 @@ class SigtermFlag:
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_beside_workers(workers: int, processes_here: int = 1) -> int | None:
+    """Give this process's torch ops the cores its loader processes and sibling processes leave free, so that they do
+    not oversubscribe the cores (OpenMP threads that wait on a busy core spin, and a batch step then takes 10-20x as
+    long). Returns the count set, or None when the user chose one (OMP_NUM_THREADS, or torch.set_num_threads)."""
+    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _TORCH_DEFAULT_THREADS:
+        return None
+    threads = max(1, available_cores() // max(1, processes_here) - workers)
+    torch.set_num_threads(threads)
+    return threads

@@ -30,11 +30,11 @@ from clsp.presets import default_note
 
 STAGES = [  # (name, module holding `app`)
     ("data", "clsp.data_cli"),
-    ("diffusion", "synth.diffusion_cli"),
-    ("synth", "synth.cli"),
-    ("shards", "shards.cli"),
-    ("train", "train.cli"),
-    ("eval", "eval.cli"),
+    ("diffusion", "clsp.synth.diffusion_cli"),
+    ("synth", "clsp.synth.cli"),
+    ("shards", "clsp.shards.cli"),
+    ("train", "clsp.train.cli"),
+    ("eval", "clsp.eval.cli"),
 ]
 
 
@@ -68,8 +68,8 @@ def user_message(error: Exception) -> str | None:
     from pyarrow import ArrowInvalid
     from safetensors import SafetensorError
 
-    from shards.reader import ShardError  # imported here: shards.reader imports webdataset, which imports torch
-    from shards.schema import SchemaError
+    from clsp.shards.reader import ShardError  # imported here: shards.reader imports webdataset, which imports torch
+    from clsp.shards.schema import SchemaError
 
     if isinstance(error, (UserError, ShardError, SchemaError)):
         return str(error)

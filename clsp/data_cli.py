@@ -29,7 +29,7 @@ def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
                   rows: int = typer.Option(8, min=1), columns: int = typer.Option(12, min=1)) -> None:
     """A grid of the first images of a source."""
     from clsp.sources import open_source
-    from shards.sheet import image_grid  # imported here: shards.sheet imports torch (webdataset); --help stays fast
+    from clsp.shards.sheet import image_grid  # imported here: shards.sheet imports torch (webdataset); --help stays fast
 
     opened = open_source(source, split, image_size)
     records = list(opened.records(0, rows * columns))

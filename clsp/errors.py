@@ -10,8 +10,12 @@ import errno
 import re
 
 
-class UserError(Exception):
-    """Bad input or a refused operation. The message names the problem and the fix."""
+class UserError(ValueError):
+    """Bad input or a refused operation, worded for the person at the command line: the problem and the fix.
+
+    Libraries signal bad input with ValueError (config dataclasses validate in ``__post_init__``); a UserError is such
+    a ValueError, so a Python caller catches both with ``except ValueError``. Only the CLI prints them, as one
+    ``error:`` line (clsp/cli.py); stage commands turn the ValueErrors of their configs into UserErrors."""
 
 
 _AGAIN = "then run the same command again"

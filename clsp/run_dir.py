@@ -13,158 +13,32 @@ resume, overwrite)`:
 Validate everything before calling it: a refused command must leave nothing behind. A fresh folder whose run fails
 while it holds nothing but the record is removed again on the way out of the `with`.
 
-`write_atomic` is the project's one atomic file write (shards/ keeps its own: it imports nothing of the project);
-`partial_removed` cleans up a checkpoint or shard that could not be finished, and `refused_if_not_ours` turns a file
-that does not load (not ours, or damaged) into a clear error.
+Writing files atomically is clsp/file_io.py's (`write_atomic`), recognising a stage's own files by content
+clsp/file_checks.py's (`owned_files`).
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
-import pickle
 import shlex
-import shutil
 import socket
 import sys
-import tarfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from clsp.errors import NO_ROOM, UserError, error_number, os_problem
+from clsp.errors import UserError
+from clsp.file_checks import SMALL_JSON, json_with, small_json
+from clsp.file_io import write_json
 
 MARKER = "clsp_run"  # record key naming the kind of run: what marks a folder as ours
 LOCK_FILE = ".clsp-lock"
-_SMALL = 1 << 20  # JSON files read to recognise our own: at most this many bytes
 
 
-# --- atomic files --------------------------------------------------------------------------------------------------
-def write_atomic(path: str | Path, data: bytes | str | Callable[[Path], object]) -> Path:
-    """Write `data` to `path`: a reader sees the old file or the new one, never half of one, and a failure (a full
-    disk) leaves neither a temp file nor a changed `path` behind. `data` may be a function that writes the file at the
-    path it is given (a library's own saver, e.g. safetensors' save_model)."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if callable(data):
-            data(temp)
-        else:
-            temp.write_bytes(data.encode() if isinstance(data, str) else data)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())  # on disk before the rename makes it visible
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-@contextmanager
-def partial_removed(temp: Path, doing: str, then: str = ""):
-    """Writing `temp` (a file or folder that a later rename makes visible): any failure removes it, and a lack of room
-    (a full disk, a file-size limit) becomes a UserError: 'WHAT (PATH) DOING: FIX THEN'."""
-    try:
-        yield
-    except BaseException as error:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            temp.unlink(missing_ok=True)
-        if isinstance(error, Exception) and error_number(error) in NO_ROOM:  # also safetensors' "(os error 28)"
-            raise UserError(f"{os_problem(error, doing)}{then}") from None
-        raise
-
-
-@contextmanager
-def refused_if_not_ours(path: Path, fix: str):
-    """Loading `path` with safetensors or torch.load(weights_only=True), which run nothing: a file that is not ours or
-    is damaged becomes a UserError naming it and `fix`, not a traceback."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise UserError(f"{path} cannot be loaded ({reason}): it was not written by clsp or is damaged; "
-                        f"{fix}") from None
-
-
-def write_json(path: str | Path, data: dict) -> Path:
-    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-# --- recognising our own files by content ---------------------------------------------------------------------------
-def _small_json(path: Path):
-    try:
-        if path.is_file() and path.stat().st_size <= _SMALL:
-            return json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        pass
-    return None
-
-
-def _head(path: Path, size: int) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(size)
-    except OSError:
-        return b""
-
-
-def json_with(*keys: str, **values) -> Callable[[Path], bool]:
-    """Content check: a small JSON object holding these keys (and these values)."""
-    def check(path: Path) -> bool:
-        data = _small_json(path)
-        return (isinstance(data, dict) and all(k in data for k in keys)
-                and all(data.get(k) == v for k, v in values.items()))
-    return check
-
-
-def starts_with(prefix: bytes) -> Callable[[Path], bool]:
-    """Content check: the file's first bytes (a magic number, a CSV header line)."""
-    return lambda path: _head(path, len(prefix)) == prefix
-
-
-def contains(marker: bytes, within: int) -> Callable[[Path], bool]:
-    """Content check: `marker` among the file's first `within` bytes (e.g. the version record of an event file)."""
-    return lambda path: marker in _head(path, within)
-
-
-def is_safetensors(path: Path) -> bool:
-    """Content check: an 8-byte little-endian header length, then a JSON header (the safetensors layout)."""
-    head = _head(path, 9)
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def is_tar(path: Path) -> bool:
-    try:
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False
-
-
-IS_PNG = starts_with(b"\x89PNG\r\n\x1a\n")
-IS_TORCH_SAVE = starts_with(b"PK\x03\x04")  # torch.save writes a zip archive
-
-
-def is_temp_of(name: str) -> Callable[[Path], bool]:
-    """Name check for a `write_atomic` temp file of `name` that a killed writer left: .NAME.tmp-PID."""
-    return lambda path: path.name.startswith(f".{name}.tmp-") and path.name.rsplit("-", 1)[1].isdigit()
-
-
-def owned_files(out: Path, rules: dict[str, Callable[[Path], bool]]) -> list[Path]:
-    """Files under `out` that match a rule's glob pattern and pass its content check."""
-    return sorted({p for pattern, check in rules.items() for p in out.glob(pattern) if p.is_file() and check(p)})
-
-
+# --- removing a stage's own files (--overwrite) --------------------------------------------------------------------
 def remove_files(out: Path, paths: list[Path]) -> None:
     """Delete these files, then the folders under `out` that this left empty (deepest first)."""
     for path in paths:
@@ -189,18 +63,28 @@ class RunKind:
     describe: Callable[[Path], str]  # "a finished generator", "an unfinished run (checkpoint at step 400)"
     operational: tuple[str, ...] = ()  # dotted record keys that may differ between a run and its resume
     legacy_keys: tuple[str, ...] = ()  # keys that recognise a record written before records carried MARKER
+    # dotted key -> the value a record written before that key existed was made with (e.g. the generator of noise)
+    absent_means: dict = field(default_factory=dict)
 
 
 def read_record(out: str | Path, kind: RunKind) -> dict | None:
-    """The folder's record when it holds a `kind` run of ours (recognised by content), else None."""
-    data = _small_json(Path(out) / kind.record_file)
+    """The folder's record when it holds a `kind` run of ours (recognised by content), else None. Keys added since the
+    record was written read as `kind.absent_means` says, so a resume compares like with like."""
+    data = small_json(Path(out) / kind.record_file)
     if not isinstance(data, dict):
         return None
-    if data.get(MARKER) == kind.name:
-        return data
-    if MARKER not in data and kind.legacy_keys and all(k in data for k in kind.legacy_keys):
-        return {MARKER: kind.name, **data}  # made by a clsp that did not mark its records yet
-    return None
+    if data.get(MARKER) != kind.name:
+        if not (MARKER not in data and kind.legacy_keys and all(k in data for k in kind.legacy_keys)):
+            return None
+        data = {MARKER: kind.name, **data}  # made by a clsp that did not mark its records yet
+    for dotted, value in kind.absent_means.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return data
 
 
 class _Absent:
@@ -349,7 +233,7 @@ def _not_ours(out: Path, kind: RunKind) -> str | None:
     if not entries or read_record(out, kind) is not None:
         return None
     for path in entries:
-        other = _small_json(path) if path.suffix == ".json" else None
+        other = small_json(path) if path.suffix == ".json" else None
         if isinstance(other, dict) and isinstance(other.get(MARKER), str):
             return (f"--out {out} holds a clsp {other[MARKER]} run ({path.name}), not a {kind.name} run: choose "
                     f"another --out")
@@ -369,7 +253,7 @@ def _lock(out: Path, kind: RunKind) -> IO:
     except BlockingIOError:
         handle.seek(0)
         try:
-            holder = json.loads(handle.read(_SMALL))
+            holder = json.loads(handle.read(SMALL_JSON))
         except ValueError:
             holder = {}
         handle.close()

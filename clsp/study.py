@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from clsp.errors import UserError
-from eval.report import EvalConfig
+from clsp.eval.evaluate import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def run_dir(cfg: StudyConfig, method: str, positives: str, seed: int) -> Path:
 
 def plan(cfg: StudyConfig) -> list:
     """Every run's TrainConfig, built (so validated) before the first one trains: a typo costs seconds, not hours."""
-    from train.loop import make_config
+    from clsp.train.loop import make_config
 
     try:
         return [make_config(cfg.train_preset, **{**dict(cfg.train_options), "shards": cfg.shards,
@@ -69,10 +69,11 @@ def study(cfg: StudyConfig) -> dict:
     """Train, score (k-fold over every labelled image) and report every (method, positives, seed); returns the report
     summary (eval.report.write_report)."""
     from clsp.sources import open_source
-    from eval.kfold import evaluate_run_kfold, load_kfold, load_labelled, scoring_key
-    from eval.report import check_trained_on, write_report
-    from shards.manifest import read_manifest
-    from train.loop import train
+    from clsp.eval.kfold import evaluate_run_kfold, load_kfold, load_labelled, scoring_key
+    from clsp.eval.evaluate import check_trained_on
+    from clsp.eval.report import write_report
+    from clsp.shards.manifest import read_manifest
+    from clsp.train.loop import train
 
     made_from = read_manifest(cfg.shards).run  # every check here comes before hours of training, not after
     spec = cfg.source or made_from["source"]["spec"]
@@ -115,7 +116,7 @@ def _train_on_threads(run, threads: int, log_file: str) -> str:
 
     import torch
 
-    from train.loop import train
+    from clsp.train.loop import train
 
     with open(log_file, "a") as log:
         os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike

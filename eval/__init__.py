@@ -11,8 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-import shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
-from clsp.run_dir import write_atomic
+import clsp.shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
+from clsp.file_io import write_atomic
 
 
 def write_new(path: str | Path, content: str | bytes) -> Path:

@@ -214,8 +214,8 @@ def sample_key(seed: int, anchor_id: str) -> int:
 
 def load_shard_sample(shards_dir: str, max_anchors: int, seed: int = 0):
     """(anchors (N,H,W,3), positives (N,K,H,W,3), labels (N,), ids, manifest run dict) for a hashed-id sample."""
-    from shards.manifest import read_manifest
-    from shards.reader import iter_samples
+    from clsp.shards.manifest import read_manifest
+    from clsp.shards.reader import iter_samples
 
     manifest = read_manifest(shards_dir)
     heap: list[tuple[int, str, object]] = []  # max-heap (negated keys) of the max_anchors smallest hashed ids
@@ -262,7 +262,7 @@ def audit_shards(shards_dir: str, source_spec: str, config: AuditConfig = AuditC
 
 def write_audit(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """audit.json and audit.md in out_dir (never silently replacing an earlier, different audit)."""
-    from eval import write_new
+    from clsp.eval import write_new
 
     out_dir = Path(out_dir)
     json_path = write_new(out_dir / "audit.json", json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -25,7 +25,7 @@ PROBE_FOR_PRESET = {"embedded": "fast", "paper": "paper"}
 @contextmanager
 def _user_errors():
     """Bad options and missing files become one clear `error:` line (UserError) instead of a traceback."""
-    from eval.linear import BackboneChangedError
+    from clsp.eval.linear import BackboneChangedError
 
     try:
         yield
@@ -37,8 +37,8 @@ def _eval_config(source: Optional[str], preset: str, probe_epochs: Optional[int]
                  test_source: Optional[str] = None, transfer: bool = False, knn: bool = True, linear: bool = True):
     from dataclasses import replace
 
-    from eval.linear import PROBE_PRESETS
-    from eval.report import EvalConfig
+    from clsp.eval.linear import PROBE_PRESETS
+    from clsp.eval.evaluate import EvalConfig
 
     if preset not in PROBE_FOR_PRESET:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PROBE_FOR_PRESET)}")
@@ -67,7 +67,7 @@ def knn_command(run: Path = typer.Argument(..., help="training run directory (ba
                 forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP),
                 device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Weighted kNN (cosine, T 0.07, k in 5..200) of the run's backbone: train split as bank, test split as queries."""
-    from eval.report import evaluate_run
+    from clsp.eval.evaluate import evaluate_run
 
     with _user_errors():
         config = _eval_config(source, "embedded", None, forward_batch, device, test_source=test_source,
@@ -85,7 +85,7 @@ def linear_command(run: Path = typer.Argument(..., help="training run directory"
                    forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP),
                    device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Linear probe on the frozen backbone; fails if the backbone's weights or BN statistics moved while probing."""
-    from eval.report import evaluate_run
+    from clsp.eval.evaluate import evaluate_run
 
     with _user_errors():
         config = _eval_config(source, preset, probe_epochs, forward_batch, device, test_source=test_source,
@@ -100,7 +100,7 @@ def audit_command(shards: str = typer.Argument(..., help="shard directory (with 
                   anchors: int = typer.Option(256, help="anchors sampled (by hashed id)"),
                   components: int = typer.Option(32, help="PCA components of the fixed pixel feature space")) -> None:
     """Class agreement, hardness and diversity of the synthetic positives beside nearest real neighbours."""
-    from eval.audit import AuditConfig, audit_shards, write_audit
+    from clsp.eval.audit import AuditConfig, audit_shards, write_audit
 
     with _user_errors():
         config = AuditConfig(max_anchors=anchors, pca_components=components)
@@ -113,7 +113,7 @@ def audit_command(shards: str = typer.Argument(..., help="shard directory (with 
 def plots_command(run: Path = typer.Argument(..., help="training run directory"),
                   out: Path = typer.Option(..., help="directory for the PNGs")) -> None:
     """Loss terms and kNN monitor from log.csv; t-SNE of the test embeddings saved by `knn`/`linear`/`all`."""
-    from eval.plots import plot_run
+    from clsp.eval.plots import plot_run
 
     with _user_errors():
         written = plot_run(run, out)
@@ -127,7 +127,7 @@ def plots_command(run: Path = typer.Argument(..., help="training run directory")
 def report_command(runs: list[Path] = typer.Argument(..., help="run directories that hold eval/results.json"),
                    out: Path = typer.Option(..., help="directory for report.md, results.csv and pictures")) -> None:
     """Compare runs: mean ± std over seeds by method, positives and lam, with a plain verdict per method."""
-    from eval.report import report
+    from clsp.eval.report import report
 
     with _user_errors():
         summary = report(runs, out)
@@ -148,7 +148,7 @@ def all_command(run: Path = typer.Argument(..., help="training run directory"),
                 forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP),
                 device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """kNN + linear + audit + plots + contact sheet + report for one run (`make eval`)."""
-    from eval.report import AllConfig, evaluate_all
+    from clsp.eval.evaluate_all import AllConfig, evaluate_all
 
     with _user_errors():
         eval_config = _eval_config(source, preset, probe_epochs, forward_batch, device, test_source=test_source,
@@ -235,7 +235,7 @@ def sweep_command(target: str = typer.Argument(..., help="shard directory (then 
                   forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP + "; a row is one candidate of one anchor"),
                   device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Class agreement against hardness of the positives at each (w, steps): pick w by measurement."""
-    from eval.sweep import SweepConfig, numbers, run_sweep
+    from clsp.eval.sweep import SweepConfig, numbers, run_sweep
 
     with _user_errors():
         config = SweepConfig(target, str(out), model, source, numbers(w, float, "--w"), numbers(steps, int, "--steps"),

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from clsp.accelerator import resolve_device  # the one device check (--device cuda without CUDA is a UserError)
+from clsp.file_io import write_atomic
 from clsp.hashing import weights_sha256
-from clsp.run_dir import write_atomic
-from train.augment import EvalTransform
-from train.backbones import embed
+from clsp.train.augment import EvalTransform
+from clsp.train.backbones import embed
 
 
 def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -20,10 +20,11 @@ import numpy as np
 
 from clsp.errors import UserError
 from clsp.hashing import keyed_seed
-from eval import latest, write_result
-from eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_predict
-from eval.linear import ProbeConfig, train_linear_probe
-from eval.report import check_trained_on, open_run, with_identity
+from clsp.eval import latest, write_result
+from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_predict
+from clsp.eval.linear import ProbeConfig, train_linear_probe
+from clsp.eval.evaluate import check_trained_on, open_run
+from clsp.eval.results import with_identity
 
 FOLD_SALT = "clsp-kfold"  # part of every fold key: change it and every fold changes
 CORRECT_METRICS = ("knn_best", "knn_k20", "linear_top1")  # kept image by image (for the paired bootstrap)
@@ -122,7 +123,7 @@ def evaluate_run_kfold(run_dir: str | Path, data: LabelledSet, bank, config, fol
     """Score a run over every image of `data` by k-fold (`config`: an EvalConfig for probe, ks, batch, device) and
     write `<run>/eval/kfold.json`. `bank`: the train split of the source, to check the run trained on it."""
     from clsp.hashing import weights_sha256
-    from eval.features import extract_features
+    from clsp.eval.features import extract_features
 
     run = open_run(run_dir, data.spec)
     check = check_trained_on(run.run_dir, run.record, bank, config.transfer)

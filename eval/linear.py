@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from eval.features import extract_features
+from clsp.eval.features import extract_features
 
 
 @dataclass(frozen=True)

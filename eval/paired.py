@@ -89,7 +89,7 @@ def compare_metric(rows_a: list[dict], rows_b: list[dict], metric: str) -> dict:
 
 
 def paired_differences(groups: list[dict], metrics: Sequence[str]) -> list[dict]:
-    """Each COMPARISON present among `groups` (eval.report.aggregate entries, with `by_seed`) on the same source and
+    """Each COMPARISON present among `groups` (eval.results.aggregate entries, with `by_seed`) on the same source and
     method (the control: the same lam when there is one), paired over the seeds both sides hold."""
     out = []
     for mode, against, name in COMPARISONS:

@@ -23,7 +23,7 @@ def pyplot():
 
 def save_figure(fig, out_png: str | Path) -> Path:
     """PNG bytes without a timestamp (so equal plots are equal files), written through the no-overwrite rule."""
-    from eval import write_new
+    from clsp.eval import write_new
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
@@ -120,7 +120,7 @@ def plot_tsne(
 
 def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """A run's pictures from its files: training curves (log.csv) and t-SNE of eval/test_features.npy, when present."""
-    from eval import latest
+    from clsp.eval import latest
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     written = []

@@ -41,7 +41,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         from clsp.accelerator import resolve_device
-        from eval.quality import sampler_config
+        from clsp.eval.generator_samples import sampler_config
 
         problems = []
         if not self.ws or not self.steps:
@@ -72,8 +72,8 @@ class _Plan:
 
 def _plan(config: SweepConfig) -> _Plan:
     """Which generator, source, K, eta, seed and settings: from the options, else the shards, else the defaults."""
-    from eval.quality import card_source
-    from shards.manifest import MANIFEST, read_manifest
+    from clsp.eval.generator_samples import card_source
+    from clsp.shards.manifest import MANIFEST, read_manifest
 
     run = read_manifest(config.target).run if (Path(config.target) / MANIFEST).is_file() else None
     if run is None:
@@ -101,7 +101,7 @@ def _plan(config: SweepConfig) -> _Plan:
 
 def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
     """(anchor images (A, H, W, 3), labels (A,), ids, row of each in the real set or -1): smallest hashed ids."""
-    from eval.audit import load_shard_sample, sample_key
+    from clsp.eval.audit import load_shard_sample, sample_key
 
     if plan.shards_run is not None:  # the shards' anchors, chosen as the audit chooses them
         images, _, labels, ids, _ = load_shard_sample(config.target, config.anchors, plan.seed)
@@ -115,7 +115,7 @@ def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
 
 def _open_generator(config: SweepConfig, plan: _Plan):
     """(unet, scheduler, info, device) after the job's checks (steps <= T, RGB) and, for shards, the maker's weights."""
-    from eval.quality import open_generator, sampler_config, synth_config
+    from clsp.eval.generator_samples import open_generator, sampler_config, synth_config
 
     longest = sampler_config(1.0, max(s for _, s in plan.settings), plan.eta)
     opened = open_generator(synth_config(plan.generator, plan.spec, config.out, plan.k, longest, plan.seed),
@@ -130,8 +130,8 @@ def _open_generator(config: SweepConfig, plan: _Plan):
 def sweep(config: SweepConfig) -> dict:
     """Audit numbers of K positives per anchor at every (w, steps) setting, beside the nearest real neighbour."""
     from clsp.sources import load_arrays, open_source
-    from eval.audit import AuditConfig, fit_reference
-    from eval.quality import image_size
+    from clsp.eval.audit import AuditConfig, fit_reference
+    from clsp.eval.generator_samples import image_size
 
     plan = _plan(config)
     unet, scheduler, info, device = _open_generator(config, plan)
@@ -146,7 +146,7 @@ def sweep(config: SweepConfig) -> dict:
     reference = fit_reference(real, real_labels, audit_config)
 
     def audit(positives):  # (A, K, H, W, 3) -> the audit's numbers, in the one fitted feature space
-        from eval.audit import audit_arrays
+        from clsp.eval.audit import audit_arrays
 
         return audit_arrays(anchors, positives, labels, real, real_labels, index, config=audit_config,
                             reference=reference)
@@ -173,7 +173,7 @@ def _measure(config: SweepConfig, plan: _Plan, anchors, model, audit) -> tuple[l
     from tqdm.auto import tqdm
 
     from clsp.sources import Record
-    from eval.quality import sample_records, sampler_config, synth_config
+    from clsp.eval.generator_samples import sample_records, sampler_config, synth_config
 
     records = [Record(i, image, int(label)) for i, image, label in zip(*anchors)]
     points, last = [], {}
@@ -243,7 +243,7 @@ def _label_groups(points: list[dict], tol_x: float, tol_y: float) -> list[tuple[
 def plot_sweep(result: dict, out_png: str | Path) -> Path:
     """Class agreement (y) against distance to the anchor (x): one labelled point per setting, a line per step count,
     the nearest real neighbour as a star, and the distance between two random real images as the scale."""
-    from eval.plots import pyplot, save_figure
+    from clsp.eval.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 4.8))
@@ -278,7 +278,7 @@ def plot_sweep(result: dict, out_png: str | Path) -> Path:
 
 def run_sweep(config: SweepConfig) -> dict:
     """Sweep, then write sweep.json, sweep.csv, sweep.md and sweep.png to config.out (nothing is overwritten)."""
-    from eval import write_new
+    from clsp.eval import write_new
 
     result = sweep(config)
     out = Path(config.out)

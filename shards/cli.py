@@ -12,8 +12,8 @@ app = typer.Typer(help="Inspect and check shard directories (the contract betwee
 @app.command("verify")
 def verify_command(directory: Path = typer.Argument(..., help="Shard directory (holds manifest.json).")) -> None:
     """Check every shard opens, every anchor appears exactly once with K positives, and checksums match."""
-    from shards.manifest import read_manifest  # imported here: the reader imports torch (webdataset); --help stays fast
-    from shards.verify import verify
+    from clsp.shards.manifest import read_manifest  # imported here: the reader imports torch (webdataset); --help stays fast
+    from clsp.shards.verify import verify
 
     problems = verify(directory)
     if problems:
@@ -30,7 +30,7 @@ def verify_command(directory: Path = typer.Argument(..., help="Shard directory (
 def info_command(location: str = typer.Argument(..., help="Shard directory or URL."),
                  as_json: bool = typer.Option(False, "--json", help="Print the whole manifest run metadata as JSON.")) -> None:
     """Show what made a shard directory: source, generator, sampler settings, K, seed."""
-    from shards.manifest import read_manifest
+    from clsp.shards.manifest import read_manifest
 
     manifest = read_manifest(location)
     if as_json:
@@ -59,6 +59,6 @@ def sheet_command(directory: str = typer.Argument(..., help="Shard directory or 
                   out: Path = typer.Option(..., "--out", help="PNG file to write."),
                   anchors: int = typer.Option(8, min=1, help="How many anchors (rows).")) -> None:
     """Contact sheet: anchors in the first column, their positives to the right."""
-    from shards.sheet import contact_sheet
+    from clsp.shards.sheet import contact_sheet
 
     typer.echo(contact_sheet(directory, out, anchors))

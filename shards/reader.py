@@ -20,7 +20,7 @@ from typing import IO, Iterator
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from shards.schema import ANCHOR, LABEL, META, POSITIVE, SchemaError, decode_label, decode_meta, decode_png, \
+from clsp.shards.schema import ANCHOR, LABEL, META, POSITIVE, SchemaError, decode_label, decode_meta, decode_png, \
     is_schema_key, positive_key
 
 ALLOWED_SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "hf", "memory")

@@ -36,6 +36,9 @@ MAX_IMAGE_SIDE = 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
 MAX_K = 1000  # positives pos0..pos999: the member name allows three digits
+# The manifest's run.sampler.noise names the generator of noise (clsp.synth.noise); shards made before it was recorded
+# were made with this one, and their manifests read as naming it.
+LEGACY_NOISE = "cpu-generator"
 
 
 class SchemaError(ValueError):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.manifest import read_manifest
+from clsp.shards.manifest import read_manifest
 
 
 def _fit(draw, text: str, width: int, font) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.manifest import INDEX, MANIFEST, Contract, ManifestError, read_manifest
-from shards.reader import RawSample, ShardError, iter_shard
-from shards.schema import SchemaError
-from shards.writer import SHARD_PATTERN, temp_files
+from clsp.shards.manifest import INDEX, MANIFEST, Contract, ManifestError, read_manifest
+from clsp.shards.reader import RawSample, ShardError, iter_shard
+from clsp.shards.schema import SchemaError
+from clsp.shards.writer import SHARD_PATTERN, temp_files
 
 
 def _sample_problems(sample: RawSample, contract: Contract) -> list[str]:

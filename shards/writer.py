@@ -14,7 +14,7 @@ from pathlib import Path
 
 from webdataset import TarWriter
 
-from shards.schema import SchemaError, ShardSample, encode_sample, sample_sha256
+from clsp.shards.schema import SchemaError, ShardSample, encode_sample, sample_sha256
 
 SHARD_PATTERN = re.compile(r"^shard-[0-9]{6}\.tar$")
 TEMP_PREFIX = ".tmp-"

@@ -3,4 +3,4 @@
 Kept free of imports so that `import synth` is cheap; import the submodules you need (synth.models, synth.sampler).
 """
 
-import shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
+import clsp.shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)

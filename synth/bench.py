@@ -1,34 +1,37 @@
-"""Benchmark the CLSP sampler: split-UNet sampler vs the naive two-pass reference, FLOPs, and shared anchor noise.
+"""Benchmark the CLSP sampler in one run, on one model, with the same inputs:
 
-    python -m synth.bench                                   # small UNet, few steps: about 1-2 min on 2 CPU cores
-    python -m synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 512 --compile --out bench.json
+  split      ours: one encoder call on [samples; noised anchors], the decoder on the samples only, counter noise on the
+             device, bf16 on a GPU (the job's settings)
+  cpu-noise  the same with the per-row CPU generators of noise ("cpu-generator"): what the counter noise saves
+  naive      our reference: two whole UNet passes per step, the bottleneck mixed by a hook (tests' ground truth)
+  authors    the authors' published recipe, from the paper and their README: fp32, the encoder run on the sample and
+             on the anchor, the decoder on the sample only, noise from torch.randn on the device (DataParallel, which on
+             one device calls the model directly)
+  shared     split with --share-anchor-noise: one anchor encoder pass per anchor instead of per candidate
 
-All timings come from one run on one model with the same inputs. Weights are random (the speed does not depend on
-them; the diversity figures only compare the two anchor-noise options with each other).
+    python -m clsp.synth.bench                                   # small UNet, few steps: about 1-2 min on 2 CPU cores
+    python -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 512 --compile \
+        --out bench/results/sampler-h100.json
+
+Weights are random (the speed does not depend on them; the diversity figures only compare the two anchor-noise
+options with each other).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import typer
 from torch.utils.flop_counter import FlopCounterMode
 
-from synth.job import prepare_unet
-from synth.models import ddpm_cifar10_scheduler, ddpm_cifar10_unet, tiny_unet
-from synth.sampler import (
-    SamplerConfig,
-    candidate_seed,
-    mixed_eps,
-    naive_reference,
-    row_generators,
-    sample_positives,
-    start_noise,
-)
+from clsp.bench import DEVICE, OUT, REPEATS, THREADS, best_of, provenance, set_threads, sync, write_results
+from clsp.synth.job_setup import prepare_unet
+from clsp.synth.noise import row_noise
+from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
+from clsp.synth.unet_split import decode, embed_time, encode
+from clsp.synth.untrained_unets import ddpm_cifar10_scheduler, ddpm_cifar10_unet, tiny_unet
 
 MODELS = ("small", "ddpm-cifar10")
 
@@ -94,83 +97,99 @@ def mean_pairwise_l2(images: torch.Tensor, k: int) -> float:
     return float(dist[:, off_diagonal].mean())
 
 
+def authors_recipe(unet, scheduler, anchors: torch.Tensor, config: SamplerConfig, generator: torch.Generator):
+    """The authors' sampling recipe as their paper and README describe it (the reference column): fp32 throughout,
+    the encoder run on the sample and, separately, on the noised anchor, the decoder on the sample only, the noise
+    drawn batch-wise from one device generator. anchors (B, C, H, W) in [-1, 1] -> (B, C, H, W)."""
+    sched = ddim_scheduler(scheduler, config.steps)
+    device = unet.conv_in.weight.device
+    anchors = anchors.to(device)
+    x = torch.randn(anchors.shape, generator=generator, device=device)  # (B, C, H, W)
+    with torch.inference_mode():
+        for t in sched.timesteps.tolist():
+            noise = torch.randn(anchors.shape, generator=generator, device=device)
+            a_t = sched.add_noise(anchors, noise, torch.full((len(anchors),), t, dtype=torch.long))
+            temb = embed_time(unet, t, len(anchors))
+            h, skips = encode(unet, x, t, temb=temb)  # the sample's bottleneck and skips
+            h_anchor, _ = encode(unet, a_t, t, temb=temb)  # the anchor's bottleneck (its skips unused)
+            eps = decode(unet, config.w * h + (1.0 - config.w) * h_anchor, skips, temb, t)
+            variance = torch.randn(anchors.shape, generator=generator, device=device) if config.eta > 0 else None
+            x = sched.step(eps, t, x, eta=config.eta, variance_noise=variance).prev_sample
+    return x.clamp(-1.0, 1.0)
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     steps, batch = cfg.resolved()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = torch.device(cfg.device)
     unet, scheduler = build_model(cfg.model)
     unet = prepare_unet(unet.eval(), device, cfg.compile)
     size, channels = unet.config.sample_size, unet.config.in_channels
     shape = (channels, size, size)
-    n_anchors = batch // cfg.k
-    anchor_ids = [f"a{i}" for i in range(n_anchors)]
-    one_each = torch.rand((n_anchors, *shape), generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1
+    anchor_ids = [f"a{i}" for i in range(batch // cfg.k)]
+    one_each = torch.rand((len(anchor_ids), *shape), generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1
     anchors = one_each.repeat_interleave(cfg.k, dim=0)  # (B, C, H, W): each anchor K times in a row
-    seeds = [candidate_seed(cfg.seed, a, j) for a in anchor_ids for j in range(cfg.k)]
     sampler = SamplerConfig(w=cfg.w, steps=steps, eta=cfg.eta)
-    shared = SamplerConfig(w=cfg.w, steps=steps, eta=cfg.eta, share_anchor_noise=True)
+    configs = {"split": sampler, "cpu-noise": replace(sampler, noise="cpu-generator"), "naive": sampler,
+               "authors": sampler, "shared": replace(sampler, share_anchor_noise=True)}
+    functions = {"naive": naive_reference}
 
-    def call(fn, config, share=False):
-        def go():
-            gens = row_generators(seeds)
-            anchor_gens = None
-            if share:  # one generator object per anchor, repeated for its K rows
-                per_anchor = row_generators([candidate_seed(cfg.seed, a, "anchor") for a in anchor_ids])
-                anchor_gens = [g for g in per_anchor for _ in range(cfg.k)]
-            return fn(unet, scheduler, start_noise(gens, shape), anchors, gens, config, anchor_gens, fast=cfg.fast)
-        return go
+    def variant(name: str, config: SamplerConfig):
+        if name == "authors":  # fp32, its own device generator, re-seeded each call
+            generator = torch.Generator(device).manual_seed(cfg.seed)
+            return lambda: authors_recipe(unet, scheduler, anchors, config, generator.manual_seed(cfg.seed))
+        fn = functions.get(name, sample_positives)
+        return lambda: fn(unet, scheduler, anchors, row_noise(config.noise, cfg.seed, anchor_ids, cfg.k,
+                                                              config.share_anchor_noise), config, fast=cfg.fast)
 
-    warm = SamplerConfig(w=cfg.w, steps=2, eta=cfg.eta)  # warm-up: allocator, kernels, torch.compile graphs
-    call(sample_positives, warm)()
-    call(naive_reference, warm)()
-    variants = {"split": call(sample_positives, sampler), "naive": call(naive_reference, sampler),
-                "shared": call(sample_positives, shared, share=True)}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    outputs: dict[str, torch.Tensor] = {}
-    for _ in range(cfg.repeats):  # interleaved rounds, best of each: robust to other load on a shared machine
-        for name, go in variants.items():
-            _sync(device)
-            start = time.perf_counter()
-            outputs[name] = go()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    t_split, t_naive, t_shared = (min(times[n]) for n in ("split", "naive", "shared"))
-    out_split, out_naive, out_shared = (outputs[n] for n in ("split", "naive", "shared"))
-
+    for name, config in configs.items():  # warm-up: allocator, kernels, torch.compile graphs
+        variant(name, replace(config, steps=2))()
+    times, outputs = best_of({name: variant(name, config) for name, config in configs.items()}, cfg.repeats, device)
+    rate = {name: batch / min(seconds) for name, seconds in times.items()}  # images/s, best round
     flops = _flops_per_image(unet, anchors, shape, cfg)
-    split_ips, naive_ips, shared_ips = batch / t_split, batch / t_naive, batch / t_shared
     return {
         "config": {**asdict(cfg), "steps": steps, "batch": batch},
-        "device": torch.cuda.get_device_name(device) if cfg.on_cuda else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
+        **provenance(device),
         "parameters": sum(p.numel() for p in unet.parameters()),
-        "split_images_per_s": split_ips,
-        "naive_images_per_s": naive_ips,
-        "speedup_split_over_naive": split_ips / naive_ips,
-        "seconds": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
-        "max_abs_diff_split_vs_naive": float((out_split - out_naive).abs().max()),
+        "images_per_s": rate,
+        "speedup_split_over_naive": rate["split"] / rate["naive"],
+        "speedup_split_over_authors": rate["split"] / rate["authors"],
+        "speedup_counter_over_cpu_noise": rate["split"] / rate["cpu-noise"],
+        "noise_ms_per_step": _noise_ms_per_step(anchor_ids, cfg, shape, device),
+        "seconds": {name: [round(s, 4) for s in seconds] for name, seconds in times.items()},
+        "max_abs_diff_split_vs_naive": float((outputs["split"] - outputs["naive"]).abs().max()),
         "flops_per_forward_per_image": flops["forward"],
         "split_step_over_forward": flops["split"] / flops["forward"],
         "encoder_share_of_forward": flops["encoder"] / flops["forward"],
         "split_flops_per_image": flops["split"] * steps,
         "naive_flops_per_image": flops["naive"] * steps,
-        "split_flops_per_s": flops["split"] * steps * split_ips,
-        "naive_flops_per_s": flops["naive"] * steps * naive_ips,
-        "shared_noise_images_per_s": shared_ips,
+        "tflop_per_s": {name: flops["split_shared" if name == "shared" else "naive" if name == "naive" else "split"]
+                        * steps * rate[name] / 1e12 for name in rate},
         "shared_noise_flops_per_image": flops["split_shared"] * steps,
         "shared_noise_flop_saving": 1 - flops["split_shared"] / flops["split"],
-        "diversity_own_anchor_noise": mean_pairwise_l2(out_split, cfg.k),
-        "diversity_shared_anchor_noise": mean_pairwise_l2(out_shared, cfg.k),
-        "mean_l2_to_anchor_own": float((out_split.cpu() - anchors).flatten(1).norm(dim=1).mean()),
-        "mean_l2_to_anchor_shared": float((out_shared.cpu() - anchors).flatten(1).norm(dim=1).mean()),
+        "diversity_own_anchor_noise": mean_pairwise_l2(outputs["split"], cfg.k),
+        "diversity_shared_anchor_noise": mean_pairwise_l2(outputs["shared"], cfg.k),
+        "mean_l2_to_anchor_own": float((outputs["split"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
+        "mean_l2_to_anchor_shared": float((outputs["shared"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
     }
+
+
+def _noise_ms_per_step(anchor_ids, cfg: BenchConfig, shape, device) -> dict[str, float]:
+    """Milliseconds to draw one step's noise (anchor + variance) for the whole batch, on `device`, per generator."""
+    result = {}
+    for kind in ("counter", "cpu-generator"):
+        noise = row_noise(kind, cfg.seed, anchor_ids, cfg.k, False)
+        noise.start(shape, device)  # warm-up
+        times, _ = best_of({kind: lambda: (noise.anchor(3, shape, device), noise.variance(3, shape, device))},
+                           max(3, cfg.repeats), device)
+        result[kind] = 1e3 * min(times[kind])
+    return result
 
 
 def _flops_per_image(unet, anchors, shape, cfg: BenchConfig) -> dict[str, float]:
     """FLOPs of one denoising step per synthetic image: split sampler, naive reference, plain forward, encoder."""
-    from synth.sampler import _hooked_eps  # the naive step itself, so its count is not re-derived here
-    from synth.unet_split import encode
+    from clsp.synth.sampler import _hooked_eps  # the naive step itself, so its count is not re-derived here
+    from clsp.synth.unet_split import encode
 
     device = unet.conv_in.weight.device
     b = anchors.shape[0]
@@ -193,26 +212,26 @@ def _flops_per_image(unet, anchors, shape, cfg: BenchConfig) -> dict[str, float]
     return counts
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def format_table(r: dict) -> str:
-    c = r["config"]
+    c, ips, tf = r["config"], r["images_per_s"], r["tflop_per_s"]
     rows = [
-        ("model", f"{c['model']} ({r['parameters'] / 1e6:.2f}M params), {r['device']}, torch {r['torch']}"),
+        ("model", f"{c['model']} ({r['parameters'] / 1e6:.2f}M params), {r['device']}, torch {r['versions']['torch']}"),
         ("run", f"batch {c['batch']} = {c['batch'] // c['k']} anchors x K {c['k']}, {c['steps']} DDIM steps, "
                 f"w {c['w']}, eta {c['eta']}, compile {c['compile']}, fast {c['fast']}"),
-        ("split sampler", f"{r['split_images_per_s']:.2f} images/s, {r['split_flops_per_s'] / 1e9:.2f} GFLOP/s"),
-        ("naive reference", f"{r['naive_images_per_s']:.2f} images/s, {r['naive_flops_per_s'] / 1e9:.2f} GFLOP/s"),
-        ("speed-up split/naive", f"{r['speedup_split_over_naive']:.2f}x "
-                                 f"(outputs differ by at most {r['max_abs_diff_split_vs_naive']:.1e})"),
+        *[(f"{name}", f"{ips[name]:.2f} images/s, {1e3 * tf[name]:.2f} GFLOP/s")
+          for name in ("split", "cpu-noise", "naive", "authors", "shared")],
+        ("split / naive", f"{r['speedup_split_over_naive']:.2f}x (outputs differ by at most "
+                          f"{r['max_abs_diff_split_vs_naive']:.1e})"),
+        ("split / authors' recipe", f"{r['speedup_split_over_authors']:.2f}x"),
+        ("counter / cpu-generator noise", f"{r['speedup_counter_over_cpu_noise']:.2f}x; one step's noise: counter "
+                                          f"{r['noise_ms_per_step']['counter']:.2f} ms, cpu-generator "
+                                          f"{r['noise_ms_per_step']['cpu-generator']:.2f} ms"),
         ("FLOPs / image", f"split {r['split_flops_per_image'] / 1e9:.3f} G, "
                           f"naive {r['naive_flops_per_image'] / 1e9:.3f} G ({c['steps']} steps)"),
         ("step cost", f"split step = {r['split_step_over_forward']:.3f} forward passes; encoder = "
                       f"{100 * r['encoder_share_of_forward']:.1f}% of a forward"),
-        ("shared anchor noise", f"{r['shared_noise_images_per_s']:.2f} images/s, {r['shared_noise_flops_per_image'] / 1e9:.3f} GFLOP/image ({100 * r['shared_noise_flop_saving']:.1f}% fewer FLOPs)"),
+        ("shared anchor noise", f"{r['shared_noise_flops_per_image'] / 1e9:.3f} GFLOP/image "
+                                f"({100 * r['shared_noise_flop_saving']:.1f}% fewer FLOPs)"),
         ("diversity (mean L2 among K)", f"own noise {r['diversity_own_anchor_noise']:.3f}, shared "
                                         f"{r['diversity_shared_anchor_noise']:.3f}"),
         ("mean L2 to anchor", f"own noise {r['mean_l2_to_anchor_own']:.3f}, "
@@ -222,33 +241,24 @@ def format_table(r: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    p = argparse.ArgumentParser(prog="python -m synth.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=MODELS, default="small")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10 on CPU, 100 on CUDA)")
-    p.add_argument("--batch", type=int, default=None, help="rows per call, a multiple of --k (default 16 / 512)")
-    p.add_argument("--k", type=int, default=4, help="candidates per anchor")
-    p.add_argument("--w", type=float, default=0.1)
-    p.add_argument("--eta", type=float, default=0.1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet blocks")
-    p.add_argument("--no-fast", dest="fast", action="store_false", help="CUDA: fp32, no bf16 autocast")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds; the best is reported")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    return BenchConfig(**vars(p.parse_args(argv)))
-
-
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
+def main(model: str = typer.Option("small", help=f"one of {', '.join(MODELS)}"),
+         steps: int = typer.Option(None, help="DDIM steps (default: 10 on the CPU, 100 on CUDA)"),
+         batch: int = typer.Option(None, help="rows per call, a multiple of --k (default: 16 on the CPU, 512 on CUDA)"),
+         k: int = typer.Option(4, help="candidates per anchor"), w: float = typer.Option(0.1),
+         eta: float = typer.Option(0.1), device: str = DEVICE,
+         compile: bool = typer.Option(False, help="torch.compile the UNet blocks"),
+         fast: bool = typer.Option(True, help="CUDA: bf16 autocast and channels_last (--no-fast: fp32)"),
+         repeats: int = REPEATS, seed: int = typer.Option(0), threads: int = THREADS, out: Path = OUT) -> None:
+    """The split sampler against the naive reference and the authors' recipe, in one run."""
+    try:
+        cfg = BenchConfig(model, steps, batch, k, w, eta, device, compile, fast, repeats, seed, threads,
+                          None if out is None else str(out))
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     results = run_bench(cfg)
-    print(format_table(results))
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    typer.echo(format_table(results))
+    write_results(results, out)
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -12,10 +12,10 @@ from clsp.presets import source_defaults, source_fields, source_literal
 from clsp.vocabulary import DEVICE_HELP, FORWARD_BATCH_HELP, PRECISION_HELP, bf16_for
 
 # --help shows each unset option's default from SynthConfig and SamplerConfig (read without importing torch)
-SAMPLER_FIELDS = source_fields("synth.sampler", "SamplerConfig")  # [(name, "float", default)]: one option each
-SAMPLER_HELP = source_literal("synth.sampler", "SAMPLER_HELP")
-_DEFAULTS = {**source_defaults("synth.job", "SynthConfig"), **source_defaults("synth.sampler", "SamplerConfig")}
-HELP_DEFAULTS = {"run": (_DEFAULTS, source_defaults("synth.job", "PRESETS"))}
+SAMPLER_FIELDS = source_fields("clsp.synth.sampler", "SamplerConfig")  # [(name, "float", default)]: one option each
+SAMPLER_HELP = source_literal("clsp.synth.sampler", "SAMPLER_HELP")
+_DEFAULTS = {**source_defaults("clsp.synth.job", "SynthConfig"), **source_defaults("clsp.synth.sampler", "SamplerConfig")}
+HELP_DEFAULTS = {"run": (_DEFAULTS, source_defaults("clsp.synth.job", "PRESETS"))}
 app = typer.Typer(help="Generate synthetic positives into shards.", no_args_is_help=True)
 
 
@@ -51,7 +51,7 @@ def run(
     """Make K synthetic positives per anchor of SOURCE with the generator MODEL; write shards + manifest to OUT.
     Rerun the same command to resume; finished shards are kept."""
     from clsp.accelerator import resolve_device
-    from synth.job import config_from_options, run_synth
+    from clsp.synth.job import config_from_options, run_synth
 
     cfg = config_from_options(
         preset, source=source, model=model, out=out, split=split, image_size=image_size, resize=resize, k=k,
@@ -67,7 +67,7 @@ def with_sampler_options(command):
     """`command` with one keyword option per SamplerConfig field in place of its **sampler: the field's name, type,
     help (SAMPLER_HELP) and default, read from synth/sampler.py without importing it. A new sampler field is thereby
     a new option, recorded in the manifest and compared on resume, with no edit here."""
-    kinds = {"float": float, "int": int, "bool": bool}
+    kinds = {"float": float, "int": int, "bool": bool, "str": str}
     parameters = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
     annotations = {p.name: p.annotation for p in parameters}
     for name, annotation, _ in SAMPLER_FIELDS:
@@ -84,7 +84,7 @@ def with_sampler_options(command):
 run = app.command("run")(with_sampler_options(run))
 
 
-if __name__ == "__main__":  # `torchrun --nproc_per_node N -m synth.cli run ...` (or `-m clsp synth run ...`)
+if __name__ == "__main__":  # `torchrun --nproc_per_node N -m clsp.synth.cli run ...` (or `-m clsp synth run ...`)
     import sys
 
     from clsp.cli import app as clsp_app  # through the `clsp` group: errors a user can fix become one `error:` line

@@ -17,8 +17,8 @@ from clsp.vocabulary import BATCH_SIZE_HELP, DEVICE_HELP, FORWARD_BATCH_HELP, PR
 PRECISION_TO_MIXED = {"auto": "auto", "bf16": "bf16", "fp32": "no"}  # --precision -> the config's mixed_precision
 
 # --help shows each unset option's default from DiffusionTrainConfig and PRESETS (read without importing torch)
-HELP_DEFAULTS = {"train": (source_defaults("synth.diffusion_train", "DiffusionTrainConfig"),
-                           source_defaults("synth.diffusion_train", "PRESETS"))}
+HELP_DEFAULTS = {"train": (source_defaults("clsp.synth.diffusion_train", "DiffusionTrainConfig"),
+                           source_defaults("clsp.synth.diffusion_train", "PRESETS"))}
 app = typer.Typer(help="Train, convert and evaluate unconditional diffusion generators (one per dataset, as CLSP "
                   "does).", no_args_is_help=True)
 
@@ -68,7 +68,7 @@ def train(
 
     import torch
 
-    from synth.diffusion_train import train_diffusion
+    from clsp.synth.diffusion_train import train_diffusion
 
     bf16 = bf16_for(precision, torch.cuda.is_available())  # checks the value; the generator's config keeps its names
 
@@ -88,7 +88,7 @@ def train(
 
 def config_from_options(preset: str | None, **options):
     """Preset values, overridden by the options that were given (None = not given)."""
-    from synth.diffusion_train import PRESETS, DiffusionTrainConfig
+    from clsp.synth.diffusion_train import PRESETS, DiffusionTrainConfig
 
     return DiffusionTrainConfig(**preset_values(PRESETS, preset, options))
 
@@ -112,7 +112,7 @@ def convert_command(
 ) -> None:
     """Write safetensors weights beside a .bin-only generator, from its tensors only (torch.load weights_only=True:
     pickled code is refused), so that it loads. Run it only for a file you trust; nothing is overwritten."""
-    from synth.models import convert_pickle_weights
+    from clsp.synth.convert_weights import convert_pickle_weights
 
     done = convert_pickle_weights(generator)
     typer.echo(f"wrote {done['path']} ({done['tensors']} tensors)")
@@ -138,7 +138,7 @@ def eval_command(
                                                      "adds real FID; needs the optional extra fid (torchmetrics)"),
 ) -> None:
     """Offline quality of a generator: Frechet distance, precision/recall and confident samples (+ FID if asked)."""
-    from eval.quality import QualityConfig, run_quality
+    from clsp.eval.quality import QualityConfig, run_quality
 
     try:
         config = QualityConfig(generator, source, split, None if out is None else str(out), samples, steps, eta,

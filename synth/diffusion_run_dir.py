@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from clsp.accelerator import broadcast_int
-from clsp.run_dir import (IS_PNG, IS_TORCH_SAVE, RunDir, RunKind, is_safetensors, is_temp_of, json_with, owned_files,
-                          partial_removed, read_json, refused_if_not_ours, starts_with, write_atomic)
-from synth.models import CARD_NAME, INDEX_NAME  # INDEX_NAME is written last: a finished generator
+from clsp.file_checks import IS_PNG, IS_TORCH_SAVE, is_safetensors, is_temp_of, json_with, owned_files, starts_with
+from clsp.file_io import partial_removed, read_json, refused_if_not_ours, write_atomic
+from clsp.run_dir import RunDir, RunKind
+from clsp.synth.models import CARD_NAME, INDEX_NAME  # INDEX_NAME is written last: a finished generator
 
 if TYPE_CHECKING:
-    from synth.diffusion_train import DiffusionTrainConfig
+    from clsp.synth.diffusion_train import DiffusionTrainConfig
 
 CONFIG_NAME = "train_config.json"
 STEP_PREFIX = "step-"

@@ -9,30 +9,31 @@ final name only when complete (ShardWriter), so a killed job is resumed by runni
 from __future__ import annotations
 
 import math
-import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clsp import __version__
 from clsp.accelerator import resolve_device
 from clsp.errors import UserError
+from clsp.file_checks import is_tar, json_with, owned_files, starts_with
+from clsp.file_io import partial_removed
 from clsp.presets import preset_values
-from clsp.run_dir import (RunKind, is_tar, json_with, owned_files, partial_removed, prepare_run_dir, read_record,
-                          remove_files, starts_with)
-from clsp.sources import Record, open_source
-from shards.manifest import FORMAT, INDEX, MANIFEST, AgreementScorer, write_manifest
-from shards.schema import SCHEMA_VERSION, ShardSample
-from shards.writer import SHARD_PATTERN, TEMP_PREFIX, ShardWriter, shard_name
-from synth.models import load_generator
-from synth.sampler import SamplerConfig, candidate_seed, row_generators, sample_positives, start_noise
-from synth.unet_split import compile_blocks
+from clsp.run_dir import RunKind, prepare_run_dir, read_record, remove_files
+from clsp.sources import Record
+from clsp.shards.manifest import FORMAT, INDEX, MANIFEST
+from clsp.shards.manifest_writer import write_manifest
+from clsp.shards.schema import ShardSample
+from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, ShardWriter, shard_name
+from clsp.synth.noise import LEGACY_NOISE, candidate_seed, row_noise
+from clsp.synth.job_setup import compute_record, load_job_generator, open_matching_source, prepare_unet, \
+    reference_scorer, run_metadata, sample_size
+from clsp.synth.sampler import SamplerConfig, sample_positives
 
 RUN_FILE = "run.json"  # the intended run (the record), written before any shard: a rerun is compared against it
 CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --forward-batch is not given
@@ -99,7 +100,7 @@ SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
 
 
 def config_from_options(preset: str | None = None, **options) -> SynthConfig:
-    """Preset values, then every option that is not None. Sampler options (w, steps, eta, share_anchor_noise) go into
+    """Preset values, then every option that is not None. Sampler options (the SamplerConfig fields) go into
     the SamplerConfig. Invalid values raise UserError."""
     values = preset_values(PRESETS, preset, options)
     sampler_given = {name: values.pop(name) for name in list(values) if name in SAMPLER_OPTIONS}
@@ -126,7 +127,7 @@ def run_synth(cfg: SynthConfig):
 
 def _run(cfg: SynthConfig, state):
     unet, scheduler, info = load_job_generator(cfg)
-    source = _open_matching_source(cfg, _sample_size(unet))
+    source = open_matching_source(cfg, sample_size(unet))
     count = len(source) if cfg.limit is None else min(cfg.limit, len(source))
     if count == 0:
         raise UserError(f"{source.name} holds no images: check the source spec and split")
@@ -169,86 +170,6 @@ def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, 
 
 
 # --- setup ---------------------------------------------------------------------------------------------------------
-def load_job_generator(cfg: SynthConfig):
-    unet, scheduler, info = load_generator(cfg.model)  # raises UserError naming the fix
-    try:
-        cfg.sampler.check_scheduler(scheduler)  # steps <= the generator's training timesteps
-    except ValueError as error:
-        raise UserError(f"{cfg.model}: {error}") from None
-    if unet.config.in_channels != 3 or unet.config.out_channels != 3:
-        raise UserError(f"{cfg.model} makes {unet.config.out_channels}-channel images; the anchors are RGB: "
-                        f"use a generator trained on RGB images")
-    return unet.eval().requires_grad_(False), scheduler, info
-
-
-def _sample_size(unet) -> int:
-    size = unet.config.sample_size
-    return int(size if isinstance(size, int) else size[0])
-
-
-def _open_matching_source(cfg: SynthConfig, model_size: int):
-    if cfg.resize:
-        return open_source(cfg.source, cfg.split, model_size)
-    source = open_source(cfg.source, cfg.split, cfg.image_size)
-    if source.image_size != model_size:
-        raise UserError(f"{source.name} images are {source.image_size} px but the generator {cfg.model} makes "
-                        f"{model_size} px images: pass --resize to resize the anchors to {model_size} px")
-    return source
-
-
-def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
-    """What the shards are made of: the manifest's `run` record, also written to run.json before any shard."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "source": {"spec": cfg.source, "split": cfg.split, "fingerprint": source.fingerprint(), "count": count,
-                   **({"num_classes": len(source.classes)} if source.classes else {})},  # bounds the labels
-        "generator": {"model_id": info["model_id"], "weights_sha256": info["weights_sha256"]},
-        "sampler": asdict(cfg.sampler),  # every SamplerConfig field: a new option is recorded and compared on resume
-        "k": cfg.k,
-        "seed": cfg.seed,
-        "image_size": source.image_size,
-        "anchors_per_shard": cfg.anchors_per_shard,
-        "package_version": __version__,
-    }
-
-
-def reference_scorer(spec: str, image_size: int) -> AgreementScorer:
-    """Class agreement of each positive: eval.audit's reference (PCA of pixels + logistic regression, its default
-    settings, so that every run is scored alike) fitted on the source's labelled train split."""
-    from clsp.sources import load_arrays
-    from eval.audit import AuditConfig, fit_reference
-
-    config = AuditConfig()
-    try:
-        train = open_source(spec, "train", image_size)
-        reference = fit_reference(*load_arrays(train)[:2], config)
-    except (UserError, ValueError) as error:
-        raise UserError(f"--score-reference fits a classifier on the labelled train split of {spec}, which failed: "
-                        f"{error}; leave --score-reference out for a source without labels") from None
-
-    def score(positives: np.ndarray, labels: np.ndarray) -> np.ndarray:  # (n, K, H, W, 3), (n,) -> (n, K)
-        n, k = positives.shape[:2]
-        return reference.class_probability(positives.reshape(n * k, *positives.shape[2:]), np.repeat(labels, k)) \
-            .reshape(n, k)
-
-    record = {"reference": f"{reference.describe()}; LogisticRegression on its standardised features",
-              "fitted_on": {"spec": spec, "split": "train", "fingerprint": train.fingerprint()},
-              "pca_components": config.pca_components, "max_fit": config.max_fit, "seed": config.seed}
-    return AgreementScorer(score, record)
-
-
-def compute_record(cfg: SynthConfig, device: torch.device) -> dict:
-    """What the shard bytes depend on besides the settings: device, CPU threads per process, precision, software.
-
-    Same settings + same record -> the same bytes, whatever the world size or batch size. A folder is only ever
-    continued with the record it was begun with (an identity field of run.json), so its shards never mix two."""
-    from importlib.metadata import version
-
-    cuda = device.type == "cuda"
-    return {"device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "threads": None if cuda else torch.get_num_threads(),  # CPU float sums depend on the thread count
-            "precision": "bf16" if cuda and cfg.bf16 else "fp32", "compiled": cfg.compile,
-            "machine": platform.machine(), "torch": torch.__version__, "diffusers": version("diffusers")}
 
 
 def _use_recorded_threads(cfg: SynthConfig, state) -> None:
@@ -283,22 +204,8 @@ def _describe(out: Path) -> str:
 SYNTH_RUN = RunKind("synth", RUN_FILE, "clsp synth run", owned=lambda out: owned_files(out, _OWNED),
                     describe=_describe, operational=("source.spec", "generator.model_id", "package_version",
                                                       "schema_version"),  # 1 -> 2: same shards, scored index
-                    legacy_keys=("schema_version", "generator", "sampler", "anchors_per_shard"))
-
-
-def prepare_unet(unet, device: torch.device, compile: bool = False):
-    """The UNet as the job samples with it (the benchmark too): on `device`; on a GPU channels_last and cuDNN in its
-    deterministic mode; with `compile`, the blocks the split sampler calls compiled."""
-    unet = unet.to(device)
-    if device.type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)
-        # Same settings, same GPU and software -> the same shard bytes: cuDNN's autotuner may pick a different
-        # convolution algorithm in each run (measured: every shard differed between two identical H100 runs).
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    if compile:  # the sampler calls the blocks directly (split UNet), so compile them, not unet.forward
-        compile_blocks(unet)
-    return unet
+                    legacy_keys=("schema_version", "generator", "sampler", "anchors_per_shard"),
+                    absent_means={"sampler.noise": LEGACY_NOISE})  # runs begun before the counter noise
 
 
 def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int, state):
@@ -345,23 +252,18 @@ def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progre
 def sample_batch(cfg: SynthConfig, batch: list[Record], unet, scheduler, device: torch.device):
     """K positives for each anchor of `batch` -> (uint8 (A, K, H, W, 3), seeds [[K ints]] per anchor).
 
-    Row a * K + j is candidate j of anchor a. Its x_T and all its per-step noise come from a generator seeded by
-    candidate_seed(seed, anchor_id, j), so a row's output depends only on its anchor, j and the seed.
+    Row a * K + j is candidate j of anchor a. Its x_T and all its per-step noise are keyed on
+    candidate_seed(seed, anchor_id, j) (synth/noise.py), so a row's output depends only on its anchor, j and the seed.
     """
     k = cfg.k
     seeds = [[candidate_seed(cfg.seed, r.anchor_id, j) for j in range(k)] for r in batch]
-    generators = row_generators([s for row in seeds for s in row])  # A * K CPU generators, row a * K + j
     size = batch[0].image.shape[0]
-    x_T = start_noise(generators, (unet.config.in_channels, size, size))  # (A*K, C, H, W): each row's first draw
-    anchor_generators = None
-    if cfg.sampler.share_anchor_noise:  # one generator object per anchor, shared by its K rows
-        per_anchor = row_generators([candidate_seed(cfg.seed, r.anchor_id, "anchor") for r in batch])
-        anchor_generators = [g for g in per_anchor for _ in range(k)]
+    noise = row_noise(cfg.sampler.noise, cfg.seed, [r.anchor_id for r in batch], k, cfg.sampler.share_anchor_noise)
     pixels = torch.from_numpy(np.stack([r.image for r in batch]))  # (A, H, W, 3) uint8
     anchors = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (A, 3, H, W) in [-1, 1]
     anchors = anchors.repeat_interleave(k, dim=0)  # (A*K, 3, H, W)
     fast = device.type == "cuda" and cfg.bf16  # bf16 autocast + channels_last inside the sampler
-    x0 = sample_positives(unet, scheduler, x_T, anchors, generators, cfg.sampler, anchor_generators, fast=fast)
+    x0 = sample_positives(unet, scheduler, anchors, noise, cfg.sampler, fast=fast)
     images = ((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (A*K, 3, H, W)
     images = images.permute(0, 2, 3, 1).reshape(len(batch), k, size, size, 3).cpu().numpy()  # (A, K, H, W, 3)
     return images, seeds

@@ -1,4 +1,4 @@
-"""Generators: load, save, fingerprint and build the diffusers UNet2DModel + DDIMScheduler pairs the sampler runs.
+"""Generators: load, save and fingerprint the diffusers UNet2DModel + DDIMScheduler pairs the sampler runs.
 
 Two layouts load:
   save layout (what `save_generator` writes, also a diffusers DDIMPipeline/DDPMPipeline save):
@@ -6,9 +6,9 @@ Two layouts load:
       DIR/card.json + README.md (provenance), DIR/model_index.json (written LAST: its presence marks a complete dir)
   hub layout (e.g. google/ddpm-cifar10-32, or a local copy of such a repo):
       config.json + diffusion_pytorch_model.safetensors + scheduler_config.json at the root
-Weights load from safetensors only (never pickle); `clsp diffusion convert DIR` turns a `.bin`-only dir into
-safetensors when the user asks (torch.load with weights_only=True: tensors, no code). Whatever scheduler class was saved,
-the sampler gets a DDIMScheduler built from its config (same betas and timestep count).
+Weights load from safetensors only (never pickle); `clsp diffusion convert DIR` (synth.convert_weights) turns a
+`.bin`-only dir into safetensors when the user asks (torch.load with weights_only=True: tensors, no code). Whatever
+scheduler class was saved, the sampler gets a DDIMScheduler built from its config (same betas and timestep count).
 
 A hub id loads from the local Hugging Face cache when it is there (offline too); otherwise one short probe of the hub
 (or HF_HUB_OFFLINE) decides at once that the machine is offline, instead of a minute of retries.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import pickle  # only for its exception type: nothing here unpickles
 import re
 import warnings
 from pathlib import Path
@@ -28,8 +27,8 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.errors import UserError
+from clsp.file_io import write_atomic
 from clsp.hashing import weights_sha256
-from clsp.run_dir import write_atomic
 
 CARD_NAME = "card.json"
 INDEX_NAME = "model_index.json"
@@ -181,49 +180,6 @@ def _from_pretrained(spec: str, loader):
                         "hub ids need network access or a populated Hugging Face cache.") from err
 
 
-def convert_pickle_weights(path: str | os.PathLike) -> dict:
-    """Write diffusion_pytorch_model.safetensors beside the .bin of a generator dir, from its tensors only.
-
-    The .bin is read with torch.load(weights_only=True), which refuses pickled objects other than tensors and plain
-    containers; the tensors must fit the dir's config.json. Returns {"path", "tensors", "weights_sha256"} (the
-    fingerprint load_generator reports). Nothing is written unless every check passes; nothing is overwritten.
-    """
-    from safetensors.torch import save_file
-
-    folder = weights_folder(Path(path).expanduser())
-    source, target = folder / PICKLE_NAME, folder / WEIGHTS_NAME
-    if not source.is_file():
-        raise UserError(f"{folder} holds no {PICKLE_NAME}: nothing to convert. Fix: pass the generator dir (hub "
-                        "layout: config.json at its root; save layout: unet/) that holds it.")
-    if target.exists():
-        raise UserError(f"{target} already exists and is left as it is: the dir needs no conversion. Fix: load the "
-                        "dir as it is, or move that file away to convert again.")
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:  # a refused object, or not torch's
-        raise UserError(f"{source} was not converted: it is not a plain state dict of tensors ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0]}). Fix: ask its author for safetensors weights.") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise UserError(f"{source} was not converted: it holds {type(state).__name__}, not a state dict (names -> "
-                        "tensors). Fix: ask its author for safetensors weights.")
-    _check_fits_config(folder, state)
-    state = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}  # no shared storage
-    write_atomic(target, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
-    return {"path": str(target), "tensors": len(state), "weights_sha256": weights_sha256(state)}
-
-
-def _check_fits_config(folder: Path, state: dict) -> None:
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json beside {PICKLE_NAME}. Fix: pass a generator dir as the hub "
-                        "has it (config.json, the weights and scheduler_config.json).")
-    unet = UNet2DModel.from_config(UNet2DModel.load_config(folder))
-    try:
-        unet.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise UserError(f"{folder / PICKLE_NAME} was not converted: its tensors do not fit config.json "
-                        f"({str(error).splitlines()[0]} ...). Fix: pair it with the config it was saved with.") from None
-
-
 def save_generator(out_dir: str | os.PathLike, unet: UNet2DModel, scheduler, card: dict) -> dict:
     """Write a generator dir in save layout; model_index.json goes last so only a complete dir loads.
 
@@ -268,47 +224,3 @@ def card_readme(card: dict) -> str:
     provenance = {k: v for k, v in card.items() if k not in {"unet_config", "versions"}}
     lines += ["## Provenance", "", "```json", json.dumps(provenance, indent=2, sort_keys=True, default=str), "```", ""]
     return "\n".join(lines)
-
-
-def tiny_unet(
-    sample_size: int = 16,
-    block_out_channels: tuple[int, ...] = (8, 16),
-    layers_per_block: int = 1,
-    in_channels: int = 3,
-    attention: bool = True,
-    seed: int = 0,
-    **overrides,
-) -> UNet2DModel:
-    """A small UNet2DModel (seeded init, global RNG untouched) for tests and quick runs; attention on the last level."""
-    n = len(block_out_channels)
-    down = ["DownBlock2D"] * n
-    up = ["UpBlock2D"] * n
-    if attention:
-        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    config = dict(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-                  block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                  down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=4,
-                  attention_head_dim=8)
-    config.update(overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet2DModel(**config).eval()
-
-
-def ddpm_cifar10_unet(seed: int = 0) -> UNet2DModel:
-    """Random-init UNet with the architecture of google/ddpm-cifar10-32 (35.7M parameters; the CLSP generator)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet2DModel(
-            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-            layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),  # attention at 16x16
-            attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
-            norm_num_groups=32, act_fn="silu", mid_block_scale_factor=1, center_input_sample=False,
-        ).eval()
-
-
-def ddpm_cifar10_scheduler() -> DDIMScheduler:
-    """DDIM over the DDPM CIFAR-10 schedule: T = 1000, linear betas 1e-4..0.02, x0 clipped to [-1, 1]."""
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                         clip_sample=True)

@@ -7,10 +7,9 @@ Per DDIM timestep t (method.md):
     x_{t-1} = DDIM step(x_t, eps, t, eta)                          diffusers DDIMScheduler, our own variance noise
 positive = clip(x_0, -1, 1).
 
-A pure function of its inputs: all randomness comes from the per-row CPU generators the caller passes, drawn in a
-fixed order, so a row's output does not depend on the batch it is in, the batch size, the rank or the device count.
-Per row generator, the draws are: [x_T, if made with `start_noise`], then per step: anchor noise (only when no
-anchor_generators are given), variance noise (only when eta > 0).
+A pure function of its inputs: all randomness comes from the RowNoise the caller passes (synth/noise.py), keyed on
+(seed, anchor id, candidate, draw, step), so a row's output does not depend on the batch it is in, the batch size, the
+rank or the device count. The draws are x_T, then per step the anchor noise and (when eta > 0) the variance noise.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from clsp.hashing import keyed_seed
-from synth.models import as_ddim
-from synth.unet_split import check_supported, decode, embed_time, encode
+from clsp.synth.models import as_ddim
+from clsp.synth.noise import NOISE_KINDS, CounterNoise, RowNoise
+from clsp.synth.unet_split import check_supported, decode, embed_time, encode
 
 EpsFn = Callable[[UNet2DModel, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
@@ -37,6 +36,8 @@ SAMPLER_HELP = {
     "steps": "DDIM steps",
     "eta": "DDIM eta, 0..1 (0 deterministic, 1 DDPM-like)",
     "share_anchor_noise": "the K candidates of an anchor share its noised copy (one anchor-noise draw per anchor a step)",
+    "noise": "generator of noise: counter (Philox on the device) or cpu-generator (per-row CPU generators, the "
+             "generator of shards made before 0.2); a different generator gives different bytes from the same seed",
 }
 
 
@@ -48,6 +49,7 @@ class SamplerConfig:
     steps: int = 100
     eta: float = 0.1
     share_anchor_noise: bool = False
+    noise: str = "counter"
 
     def __post_init__(self) -> None:
         for name in ("w", "eta"):
@@ -59,6 +61,8 @@ class SamplerConfig:
             raise ValueError(f"sampler steps must be an integer >= 1, got {self.steps!r}. Fix: pass e.g. --steps 100.")
         if not isinstance(self.share_anchor_noise, bool):
             raise ValueError(f"share_anchor_noise must be True or False, got {self.share_anchor_noise!r}.")
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"sampler noise must be one of {', '.join(NOISE_KINDS)}, got {self.noise!r}.")
 
     def check_scheduler(self, scheduler) -> None:
         """steps must not exceed the timesteps the generator was trained with."""
@@ -66,28 +70,6 @@ class SamplerConfig:
         if self.steps > total:
             raise ValueError(f"sampler steps = {self.steps} exceeds the generator's num_train_timesteps = {total}. "
                              f"Fix: pass --steps {total} or fewer.")
-
-
-def candidate_seed(seed: int, anchor_id: str, candidate: int | str) -> int:
-    """63-bit seed keyed on (run seed, anchor id, candidate): independent of rank, batch and world size."""
-    if not isinstance(anchor_id, str) or not anchor_id:
-        raise ValueError(f"anchor_id must be a non-empty string, got {anchor_id!r}")
-    return keyed_seed("clsp", int(seed), anchor_id, candidate)
-
-
-def row_generators(seeds: list[int]) -> list[torch.Generator]:
-    """One CPU generator per row, seeded (e.g. with candidate_seed)."""
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
-def draw_rows(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    """One N(0, I) draw of `shape` per generator, in row order, on the CPU -> (B, *shape) float32."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
-
-
-def start_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    """x_T for each row: its generator's first draw -> (B, *shape) on the CPU."""
-    return draw_rows(generators, shape)
 
 
 def ddim_scheduler(scheduler, steps: int) -> DDIMScheduler:
@@ -115,42 +97,24 @@ def mixed_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w: 
     return decode(unet, h_mix, tuple(s[:b] for s in skips), temb[:b], t)  # the anchor's skips are not used
 
 
-def sample_positives(
-    unet: UNet2DModel,
-    scheduler,
-    x_T: torch.Tensor,
-    anchors: torch.Tensor,
-    generators: list[torch.Generator],
-    config: SamplerConfig,
-    anchor_generators: list[torch.Generator] | None = None,
-    *,
-    fast: bool = False,
-) -> torch.Tensor:
-    """x_T (B, C, H, W), anchors (B, C, H, W) in [-1, 1] -> positives (B, C, H, W) in [-1, 1] on the unet's device.
+def sample_positives(unet: UNet2DModel, scheduler, anchors: torch.Tensor, noise: RowNoise, config: SamplerConfig, *,
+                     fast: bool = False) -> torch.Tensor:
+    """anchors (B, C, H, W) in [-1, 1], one row per candidate -> positives (B, C, H, W) in [-1, 1] on the unet's device.
 
-    generators: one CPU generator per row. anchor_generators: optional, one per row; with share_anchor_noise, the rows
-    of one anchor share ONE generator object and get the same anchor noise (one draw per group per step; keep a group
-    in one batch). fast: on CUDA, bf16 autocast and channels_last inputs (no effect on the CPU's fp32 path).
+    noise: the rows' noise (synth.noise.row_noise: x_T, anchor and variance draws; rows of one anchor that share its
+    anchor noise form one group, so keep an anchor's rows in one batch). fast: on CUDA, bf16 autocast and
+    channels_last inputs (no effect on the CPU's fp32 path).
     """
-    return _ddim_loop(mixed_eps, unet, scheduler, x_T, anchors, generators, config, anchor_generators, fast)
+    return _ddim_loop(mixed_eps, unet, scheduler, anchors, noise, config, fast)
 
 
-def naive_reference(
-    unet: UNet2DModel,
-    scheduler,
-    x_T: torch.Tensor,
-    anchors: torch.Tensor,
-    generators: list[torch.Generator],
-    config: SamplerConfig,
-    anchor_generators: list[torch.Generator] | None = None,
-    *,
-    fast: bool = False,
-) -> torch.Tensor:
+def naive_reference(unet: UNet2DModel, scheduler, anchors: torch.Tensor, noise: RowNoise, config: SamplerConfig, *,
+                    fast: bool = False) -> torch.Tensor:
     """Same result as sample_positives, computed the obvious way: two whole UNet passes per step (anchor, then sample),
     the bottleneck mixed by a forward hook on mid_block. The reference for tests and the bench."""
     if unet.mid_block is None:
         raise ValueError("naive_reference hooks mid_block, which this UNet does not have; use sample_positives")
-    return _ddim_loop(_hooked_eps, unet, scheduler, x_T, anchors, generators, config, anchor_generators, fast)
+    return _ddim_loop(_hooked_eps, unet, scheduler, anchors, noise, config, fast)
 
 
 def _hooked_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w: float,
@@ -175,36 +139,35 @@ def _hooked_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w
         handle.remove()
 
 
-def _ddim_loop(eps_fn: EpsFn, unet, scheduler, x_T, anchors, generators, config, anchor_generators, fast):
+def _ddim_loop(eps_fn: EpsFn, unet, scheduler, anchors, noise, config, fast):
     check_supported(unet)
     if not isinstance(config, SamplerConfig):
         raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
     config.check_scheduler(scheduler)
-    _check_batch(unet, x_T, anchors, generators)
-    groups = _anchor_noise_groups(generators, anchor_generators, anchors, config.share_anchor_noise)
+    _check_batch(unet, anchors, noise, config)
     sched = ddim_scheduler(scheduler, config.steps)
     device = unet.conv_in.weight.device
     use_fast = fast and device.type == "cuda"
     layout = torch.channels_last if use_fast else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_fast else contextlib.nullcontext()
-    b, row_shape = x_T.shape[0], tuple(x_T.shape[1:])
-    # one noised anchor per noise group: per row normally, per anchor when its candidates share the anchor noise
-    first_rows = torch.tensor([rows[0] for _, rows in groups])  # (A,)
-    anchor_row = torch.empty(b, dtype=torch.long)  # (B,): row -> its group
-    for index, (_, rows) in enumerate(groups):
-        anchor_row[rows] = index
-    anchor_row = anchor_row.to(device)
+    row_shape = tuple(anchors.shape[1:])
+    first: dict[int, int] = {}  # group -> its first row; one noised anchor per group (per row, or per anchor if shared)
+    for row, group in enumerate(noise.anchor_row.tolist()):
+        first.setdefault(group, row)
+    groups = len(first)  # A
+    first_rows = torch.tensor([first[g] for g in range(groups)], device=device)  # (A,)
+    anchor_row = noise.anchor_row.to(device)  # (B,): row -> its group
 
-    x = x_T.to(device=device, dtype=torch.float32)  # (B, C, H, W); scheduler maths stays fp32
     anchors = anchors.to(device=device, dtype=torch.float32)
+    x = noise.start(row_shape, device).to(torch.float32)  # (B, C, H, W) x_T; scheduler maths stays fp32
     with torch.inference_mode():
-        for t in sched.timesteps.tolist():
-            noise = _draw_groups(groups, row_shape).to(device)  # (A, C, H, W)
-            a_t = sched.add_noise(anchors[first_rows], noise, torch.full((len(groups),), t, dtype=torch.long))
+        for i, t in enumerate(sched.timesteps.tolist()):
+            a_noise = noise.anchor(i, row_shape, device)  # (A, C, H, W)
+            a_t = sched.add_noise(anchors[first_rows], a_noise, torch.full((groups,), t, dtype=torch.long))
             with autocast:  # a_t: (A, C, H, W), the anchors noised to t
                 eps = eps_fn(unet, _model_input(x, unet, layout), _model_input(a_t, unet, layout), t, config.w,
                              anchor_row)
-            variance_noise = draw_rows(generators, row_shape).to(device) if config.eta > 0 else None
+            variance_noise = noise.variance(i, row_shape, device) if config.eta > 0 else None
             x = sched.step(eps.float(), t, x, eta=config.eta, variance_noise=variance_noise).prev_sample
     return x.clamp(-1.0, 1.0)
 
@@ -213,47 +176,27 @@ def _model_input(x: torch.Tensor, unet: UNet2DModel, layout: torch.memory_format
     return x.to(dtype=unet.dtype).contiguous(memory_format=layout)
 
 
-def _check_batch(unet, x_T, anchors, generators) -> None:
-    if x_T.ndim != 4 or x_T.shape[1] != unet.config.in_channels:
-        raise ValueError(f"x_T must be (B, {unet.config.in_channels}, H, W) for this generator, got "
-                         f"{tuple(x_T.shape)}")
-    if anchors.shape != x_T.shape:
-        raise ValueError(f"anchors {tuple(anchors.shape)} and x_T {tuple(x_T.shape)} must have the same shape: one "
-                         "anchor row per candidate row (repeat each anchor K times)")
-    if len(generators) != x_T.shape[0]:
-        raise ValueError(f"need one generator per row: {len(generators)} generators for {x_T.shape[0]} rows")
-    if any(g.device.type != "cpu" for g in generators):
-        raise ValueError("generators must be CPU torch.Generator objects (noise is drawn on the CPU, then moved)")
+def _check_batch(unet, anchors: torch.Tensor, noise: RowNoise, config: SamplerConfig) -> None:
+    if anchors.ndim != 4 or anchors.shape[1] != unet.config.in_channels:
+        raise ValueError(f"anchors must be (B, {unet.config.in_channels}, H, W) for this generator, got "
+                         f"{tuple(anchors.shape)}")
+    if noise.rows != anchors.shape[0]:
+        raise ValueError(f"need the noise of one row per anchor row: noise for {noise.rows} rows, {anchors.shape[0]} "
+                         "anchor rows (repeat each anchor K times)")
+    if isinstance(noise, CounterNoise) != (config.noise == "counter"):
+        raise ValueError(f"the noise passed ({type(noise).__name__}) is not the config's generator of noise "
+                         f"{config.noise!r}: build it with synth.noise.row_noise(config.noise, ...)")
     lo, hi = float(anchors.min()), float(anchors.max())
     if lo < -1.001 or hi > 1.001:
         raise ValueError(f"anchors must be scaled to [-1, 1], got values in [{lo:.3g}, {hi:.3g}]. Fix: pass "
                          "uint8 images as x / 127.5 - 1.")
-
-
-def _anchor_noise_groups(generators, anchor_generators, anchors, share: bool):
-    """[(generator, row indices)] in draw order: each group gets one anchor-noise draw per step."""
-    if anchor_generators is None:
-        if share:
-            raise ValueError("share_anchor_noise needs anchor_generators: one per row, the rows of one anchor sharing "
-                             "one generator object (e.g. seeded with candidate_seed(seed, anchor_id, 'anchor'))")
-        return [(g, [i]) for i, g in enumerate(generators)]
-    if len(anchor_generators) != len(generators):
-        raise ValueError(f"need one anchor generator per row: {len(anchor_generators)} for {len(generators)} rows")
-    if any(g.device.type != "cpu" for g in anchor_generators):
-        raise ValueError("anchor_generators must be CPU torch.Generator objects")
-    groups: dict[int, tuple[torch.Generator, list[int]]] = {}
-    for i, g in enumerate(anchor_generators):
-        groups.setdefault(id(g), (g, []))[1].append(i)
-    for g, rows in groups.values():
-        if len(rows) > 1 and not share:
-            raise ValueError(f"rows {rows} share one anchor generator but share_anchor_noise is off. Fix: give each "
-                             "row its own generator, or set share_anchor_noise=True.")
+    rows_of = {}
+    for row, group in enumerate(noise.anchor_row.tolist()):
+        rows_of.setdefault(group, []).append(row)
+    for rows in rows_of.values():
+        if len(rows) > 1 and not config.share_anchor_noise:
+            raise ValueError(f"rows {rows} share anchor noise but share_anchor_noise is off. Fix: give each row its "
+                             "own anchor noise, or set share_anchor_noise=True.")
         if any(not torch.equal(anchors[rows[0]], anchors[r]) for r in rows[1:]):
-            raise ValueError(f"rows {rows} share an anchor generator but have different anchors: only the candidates "
-                             "of one anchor may share anchor noise")
-    return list(groups.values())
-
-
-def _draw_groups(groups, row_shape: tuple[int, ...]) -> torch.Tensor:
-    """One anchor-noise draw per group, in group order -> (A, C, H, W) on the CPU."""
-    return torch.stack([torch.randn(row_shape, generator=g) for g, _ in groups])
+            raise ValueError(f"rows {rows} share anchor noise but have different anchors: only the candidates of one "
+                             "anchor may share anchor noise")

@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 torch.set_num_threads(1)  # as in the test process: same kernels, bit-identical results
 
-from train.loop import make_config, train  # noqa: E402
+from clsp.train.loop import make_config, train  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

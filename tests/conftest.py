@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import shards  # noqa: F401  (before torch: loads pyarrow first, see shards/__init__.py)
+import clsp.shards  # noqa: F401  (before torch: loads pyarrow first, see shards/__init__.py)
 import torch
 
 torch.set_num_threads(1)  # CI has 2 cores; tiny models run faster single-threaded and leave room for subprocess tests
 
-from shards.manifest import write_manifest
-from shards.schema import ShardSample
-from shards.writer import ShardWriter, shard_name
+from clsp.shards.manifest_writer import write_manifest
+from clsp.shards.schema import ShardSample
+from clsp.shards.writer import ShardWriter, shard_name
 
 
 def random_sample(anchor_id: str, k: int, size: int, label: int, seed: int) -> ShardSample:

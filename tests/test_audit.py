@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from eval.audit import AuditConfig, audit_arrays, audit_markdown, write_audit
+from clsp.eval.audit import AuditConfig, audit_arrays, audit_markdown, write_audit
 
 
 def digit_like(n_per_class: int, seed: int):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.augment import BatchAugment, EvalTransform, pil_reference, to_unit_float
+from clsp.train.augment import BatchAugment, EvalTransform, pil_reference, to_unit_float
 
 
 def digit_like_batch(b=16, size=12):

@@ -7,11 +7,11 @@ import torch
 
 from clsp.errors import UserError
 from conftest import build_shard_dir, random_sample
-from shards.manifest import read_manifest
-from train.cache import AUTO_CACHE_BYTES, CachedStream, decoded_bytes, use_cache
-from train.checkpoint import read_json
-from train.loop import make_config, train
-from train.stream import StreamConfig, positive_draw, positive_index, steps_per_epoch
+from clsp.shards.manifest import read_manifest
+from clsp.train.cache import AUTO_CACHE_BYTES, CachedStream, decoded_bytes, use_cache
+from clsp.file_io import read_json
+from clsp.train.loop import make_config, train
+from clsp.train.stream import StreamConfig, positive_draw, positive_index, steps_per_epoch
 
 
 def make_cached(directory, batch: int, world: int = 1, rank: int = 0, draw=None, **options) -> CachedStream:

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from clsp.errors import UserError
 from clsp.sources import load_arrays, open_source
-from synth.diffusion_cli import app, config_from_options
-from synth.diffusion_train import (PRESETS, DiffusionTrainConfig, build_scheduler, build_unet, checkpoint_dirs,
-                                   diffusion_loss, train_diffusion)
-from synth.models import load_generator
+from clsp.synth.ddpm import build_scheduler, build_unet, diffusion_loss
+from clsp.synth.diffusion_cli import app, config_from_options
+from clsp.synth.diffusion_run_dir import checkpoint_dirs
+from clsp.synth.diffusion_train import PRESETS, DiffusionTrainConfig, train_diffusion
+from clsp.synth.models import load_generator
 
 TINY = dict(source="digits", split="test", image_size=8, channels=(8, 8), layers_per_block=1, attention_levels=(1,),
             norm_groups=4, dropout=0.0, batch_size=8, lr=1e-3, warmup_steps=1, steps=4, ema_decay=0.9,

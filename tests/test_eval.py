@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from clsp.hashing import weights_sha256
-from eval import latest, write_new
-from eval.features import extract_features
-from eval.knn import knn_accuracy, knn_predict
-from eval.linear import BackboneChangedError, ProbeConfig, linear_probe_accuracy, probe_backbone
-from eval.report import METRICS, aggregate, mean_std, report, verdicts
-from train.backbones import build_backbone
+from clsp.eval import latest, write_new
+from clsp.eval.features import extract_features
+from clsp.eval.knn import knn_accuracy, knn_predict
+from clsp.eval.linear import BackboneChangedError, ProbeConfig, linear_probe_accuracy, probe_backbone
+from clsp.eval.report import report, verdicts
+from clsp.eval.results import METRICS, aggregate, mean_std
+from clsp.train.backbones import build_backbone
 
 FAST_PROBE = ProbeConfig(epochs=20, lr=0.5, batch_size=32, milestones=(12, 16))
 
@@ -185,7 +186,7 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
 
 
 def test_verdict_reports_noise_and_single_seeds_honestly():
-    from eval.paired import paired_differences
+    from clsp.eval.paired import paired_differences
 
     assert math.isnan(mean_std([3.0])[1])
     close = aggregate([
@@ -231,7 +232,8 @@ def tiny_world(tmp_path_factory):
 def record_source(shards, spec: str) -> None:
     """Make the shards' manifest say they were made from `spec`'s train split (runs and eval check that record)."""
     from clsp.sources import open_source
-    from shards.manifest import read_manifest, write_manifest
+    from clsp.shards.manifest import read_manifest
+    from clsp.shards.manifest_writer import write_manifest
 
     run = read_manifest(shards).run
     made_from = open_source(spec, "train", image_size=int(run["image_size"]))
@@ -243,7 +245,7 @@ def test_eval_all_command_end_to_end_and_idempotent(tiny_world):
     from typer.testing import CliRunner
 
     from clsp.cli import app
-    from train.loop import make_config, train
+    from clsp.train.loop import make_config, train
 
     root, shards, source = tiny_world
     run = root / "run-simclr"
@@ -271,7 +273,7 @@ def test_eval_all_command_end_to_end_and_idempotent(tiny_world):
 
 
 def test_a_rerun_on_the_same_inputs_replaces_its_result_and_other_inputs_get_a_new_file(tmp_path):
-    from eval import write_result
+    from clsp.eval import write_result
 
     target = tmp_path / "knn.json"
     first = {"weights_sha256": "aa", "eval_config": {"ks": [20]}, "knn_best": 90.0}

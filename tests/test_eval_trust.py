@@ -89,7 +89,7 @@ def test_an_imagenet_style_folder_reads_val_as_test_with_the_train_classes(tmp_p
 @pytest.fixture(scope="module")
 def trained(tiny_world):  # noqa: F811
     """A tiny run trained on shards that record folder:DIR's train split as their source."""
-    from train.loop import make_config, train
+    from clsp.train.loop import make_config, train
 
     root, shards, source = tiny_world
     run = root / "trust-run"
@@ -195,7 +195,7 @@ def _result(root, name: str, source: str, seed: int, linear: float, positives: s
 
 
 def test_report_groups_by_source_and_refuses_a_seed_twice(tmp_path):
-    from eval.report import report
+    from clsp.eval.report import report
 
     runs = [_result(tmp_path, f"r-{source}", source, 0, linear)
             for source, linear in (("digits", 90.0), ("cifar10:c", 60.0), ("folder:f", 75.0))]

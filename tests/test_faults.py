@@ -23,13 +23,13 @@ from typer.testing import CliRunner
 from clsp.cli import app, user_message
 from clsp.errors import UserError
 from conftest import build_shard_dir
-from shards.manifest import read_manifest
-from shards.writer import temp_files
-from synth.diffusion_train import DiffusionTrainConfig, train_diffusion
-from synth.job import run_synth
+from clsp.shards.manifest import read_manifest
+from clsp.shards.writer import temp_files
+from clsp.synth.diffusion_train import DiffusionTrainConfig, train_diffusion
+from clsp.synth.job import run_synth
 from test_synth_job import ROOT, cli_options, config, generator, reference, shard_hashes, subprocess_env  # noqa: F401
-from train.checkpoint import load_backbone
-from train.loop import make_config, train
+from clsp.train.checkpoint import load_backbone
+from clsp.train.loop import make_config, train
 
 runner = CliRunner()
 TRAIN = ["--width", "4", "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "0", "--proj-hidden", "16",
@@ -82,7 +82,7 @@ def test_a_refused_train_command_writes_nothing_and_the_corrected_one_runs(shard
 def test_a_second_synth_on_the_same_folder_is_refused_naming_the_first(generator, reference, tmp_path):
     out, log = tmp_path / "shared", tmp_path / "first.log"
     with open(log, "w") as stderr:
-        first = subprocess.Popen([sys.executable, "-m", "synth.cli", *cli_options(generator, out), "--forward-batch", "2"],
+        first = subprocess.Popen([sys.executable, "-m", "clsp.synth.cli", *cli_options(generator, out), "--forward-batch", "2"],
                                  env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         while not (out / "run.json").exists():  # the folder is claimed before its record is written

@@ -24,13 +24,14 @@ from typer.testing import CliRunner
 
 from clsp.cli import app
 from conftest import build_shard_dir, random_sample
-from shards.manifest import INDEX, MANIFEST, read_manifest, write_manifest
-from shards.reader import ShardError
-from shards.schema import is_schema_key, sample_sha256
-from shards.verify import verify
-from shards.writer import ShardWriter, shard_name
+from clsp.shards.manifest import INDEX, MANIFEST, read_manifest
+from clsp.shards.manifest_writer import write_manifest
+from clsp.shards.reader import ShardError
+from clsp.shards.schema import is_schema_key, sample_sha256
+from clsp.shards.verify import verify
+from clsp.shards.writer import ShardWriter, shard_name
 from test_stream import write_raw_shard
-from train.stream import ShardStream, StreamConfig, steps_per_epoch
+from clsp.train.stream import ShardStream, StreamConfig, steps_per_epoch
 
 runner = CliRunner()
 TRAIN = ["--width", "4", "--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0", "--proj-hidden", "8",
@@ -265,7 +266,8 @@ def test_the_writer_refuses_a_manifest_that_readers_would_refuse_and_writes_noth
 
 def test_the_synth_job_records_the_class_count_that_bounds_the_labels(tmp_path):
     from clsp.sources import open_source
-    from synth.job import SynthConfig, run_metadata
+    from clsp.synth.job import SynthConfig
+    from clsp.synth.job_setup import run_metadata
 
     source = open_source("digits", "train", 8)
     run = run_metadata(SynthConfig(source="digits", model="google/ddpm-cifar10-32", out=tmp_path), source, len(source),

@@ -18,7 +18,8 @@ from clsp.cli import app
 from clsp.errors import UserError
 from clsp.hashing import weights_sha256
 from clsp.presets import source_defaults
-from synth.models import load_generator, tiny_unet
+from clsp.synth.models import load_generator
+from clsp.synth.untrained_unets import tiny_unet
 
 runner = CliRunner()
 
@@ -153,22 +154,36 @@ print(json.dumps(sorted(m for m in ("torch", "diffusers", "webdataset") if m in 
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
-@pytest.mark.parametrize("module, name", [("train.loop", "TrainConfig"), ("synth.job", "SynthConfig"),
-                                          ("synth.sampler", "SamplerConfig"),
-                                          ("synth.diffusion_train", "DiffusionTrainConfig")])
+def test_the_command_runs_in_a_folder_holding_a_users_own_train_and_eval_modules(tmp_path):
+    """Issue 10 (5): the stages install beneath `clsp`, so a user's `train.py` or `eval/` package in the working
+    directory (first on sys.path under `python -m`) shadows nothing of ours."""
+    (tmp_path / "train.py").write_text("raise SystemExit('the user train.py was imported')\n")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "__init__.py").write_text("raise SystemExit('the user eval package was imported')\n")
+    for args in (["--help"], ["train", "run", "--help"], ["eval", "all", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "clsp", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "Usage: clsp" in done.stdout
+    import clsp.train.loop
+    assert Path(clsp.train.loop.__file__).parent.name == "train"  # the layout's folder, installed as clsp.train
+
+
+@pytest.mark.parametrize("module, name", [("clsp.train.loop", "TrainConfig"), ("clsp.synth.job", "SynthConfig"),
+                                          ("clsp.synth.sampler", "SamplerConfig"),
+                                          ("clsp.synth.diffusion_train", "DiffusionTrainConfig")])
 def test_defaults_read_from_source_match_the_dataclasses(module, name):
     cls = getattr(__import__(module, fromlist=[name]), name)
     real = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     assert source_defaults(module, name) == real
 
 
-@pytest.mark.parametrize("module", ["train.loop", "synth.diffusion_train"])
+@pytest.mark.parametrize("module", ["clsp.train.loop", "clsp.synth.diffusion_train"])
 def test_presets_read_from_source_match_the_modules(module):
     assert source_defaults(module, "PRESETS") == __import__(module, fromlist=["PRESETS"]).PRESETS
 
 
 def test_a_short_run_gets_a_short_warm_up_and_the_paper_preset_has_the_paper_settings(tmp_path):
-    from train.loop import make_config
+    from clsp.train.loop import make_config
 
     where = dict(shards=str(tmp_path / "s"), out=str(tmp_path / "o"))
     assert make_config(epochs=1, **where).warmup_epochs == pytest.approx(0.1)  # not the 10-epoch default

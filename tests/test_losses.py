@@ -7,13 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsp.ema import ema_update
-from train.distributed import (
+from clsp.train.distributed import (
     FeatureQueue,
     concat_all_gather,
     cosine_momentum,
     gather_with_grad,
 )
-from train.losses import byol_loss, clsp_term, info_nce, moco_infonce, nnclr_loss, positive_mask
+from clsp.train.losses import byol_loss, clsp_term, info_nce, moco_infonce, nnclr_loss, positive_mask
 
 
 def reference_info_nce(z, ids, temperature):

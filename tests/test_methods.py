@@ -3,9 +3,9 @@ import pytest
 import torch
 import torchvision
 
-from train.backbones import build_backbone, mlp_head, wants_small_stem
-from train.distributed import FeatureQueue
-from train.methods import METHOD_DEFAULTS, MethodConfig, build_method
+from clsp.train.backbones import build_backbone, mlp_head, wants_small_stem
+from clsp.train.distributed import FeatureQueue
+from clsp.train.methods import METHOD_DEFAULTS, MethodConfig, build_method
 
 METHODS = ("simclr", "moco", "nnclr", "byol")
 TINY_HEADS = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}

@@ -8,8 +8,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from clsp.errors import UserError
 from clsp.hashing import weights_sha256
-from synth.models import ddpm_cifar10_unet, load_generator, save_generator, tiny_unet
-from synth.unet_split import decode, embed_time, encode
+from clsp.synth.models import load_generator, save_generator
+from clsp.synth.unet_split import decode, embed_time, encode
+from clsp.synth.untrained_unets import ddpm_cifar10_unet, tiny_unet
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import csv
 import numpy as np
 from PIL import Image
 
-from eval.plots import plot_training, rolling_mean
-from train.checkpoint import RunLog
+from clsp.eval.plots import plot_training, rolling_mean
+from clsp.train.checkpoint import RunLog
 
 
 def write_log(path, rows: list[dict], columns: list[str]) -> None:
@@ -51,7 +51,7 @@ def test_a_log_begun_with_fractions_is_resumed_in_percent(tmp_path):
 
 
 def test_a_run_with_a_log_begun_in_fractions_is_still_recognised_as_ours(tmp_path):
-    from train.checkpoint import run_files
+    from clsp.train.checkpoint import run_files
 
     old = ["step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1"]
     write_log(tmp_path / "log.csv", [{"step": 1, "epoch": 1, "lr": 0.1, "loss": 3, "loss_base": 3, "loss_clsp": 0,
@@ -61,7 +61,7 @@ def test_a_run_with_a_log_begun_in_fractions_is_still_recognised_as_ours(tmp_pat
 
 
 def test_tsne_legend_names_the_classes(tmp_path):
-    from eval.plots import plot_tsne
+    from clsp.eval.plots import plot_tsne
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 10)
@@ -74,7 +74,7 @@ def test_tsne_legend_names_the_classes(tmp_path):
 
 def test_sheets_carry_captions_and_a_title(tmp_path):
     from conftest import build_shard_dir
-    from shards.sheet import contact_sheet, image_grid
+    from clsp.shards.sheet import contact_sheet, image_grid
 
     tiles = [[np.zeros((8, 8, 3), np.uint8)] * 3] * 2
     plain = image_grid(tiles, min_side=48)

@@ -19,13 +19,14 @@ from typer.testing import CliRunner
 from clsp.cli import app
 from clsp.errors import UserError
 from conftest import build_shard_dir, random_sample
-from shards.manifest import INDEX, MANIFEST, ManifestError, read_manifest
-from shards.verify import verify
-from synth.job import SynthConfig, run_synth
-from synth.models import save_generator, tiny_unet
-from synth.sampler import SamplerConfig
-from train.loop import make_config, train
-from train.stream import ShardStream, StreamConfig, positive_draw, positive_index, steps_per_epoch
+from clsp.shards.manifest import INDEX, MANIFEST, ManifestError, read_manifest
+from clsp.shards.verify import verify
+from clsp.synth.job import SynthConfig, run_synth
+from clsp.synth.models import save_generator
+from clsp.synth.sampler import SamplerConfig
+from clsp.synth.untrained_unets import tiny_unet
+from clsp.train.loop import make_config, train
+from clsp.train.stream import ShardStream, StreamConfig, positive_draw, positive_index, steps_per_epoch
 
 BASE_COLUMNS = ["anchor_id", "shard", "label", "sha256"]
 
@@ -73,8 +74,8 @@ def test_every_positive_is_scored_with_its_distance_to_the_anchor(tmp_path):
 
 
 def test_a_sample_that_cannot_be_scored_has_null_scores_and_is_still_reported(tmp_path):
-    from shards.manifest import write_manifest
-    from shards.writer import ShardWriter, shard_name
+    from clsp.shards.manifest_writer import write_manifest
+    from clsp.shards.writer import ShardWriter, shard_name
 
     directory = build_shard_dir(tmp_path / "s", counts=(2,), k=2)
     with ShardWriter(directory / shard_name(1), k=1, image_size=8) as writer:
@@ -96,7 +97,7 @@ def generator(tmp_path_factory) -> Path:
 
 def test_the_synth_job_scores_agreement_with_the_reference_classifier_when_asked(generator, tmp_path):
     from clsp.sources import load_arrays, open_source
-    from eval.audit import fit_reference
+    from clsp.eval.audit import fit_reference
 
     out = tmp_path / "shards"
     cfg = SynthConfig(source="digits", model=str(generator), out=out, image_size=8, k=2, device="cpu",

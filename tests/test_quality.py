@@ -12,8 +12,11 @@ from diffusers import DDIMScheduler
 from typer.testing import CliRunner
 
 from clsp.cli import app
-from eval.quality import QualityConfig, evaluate_generator, frechet_distance, inception_fid, precision_recall
-from synth.models import save_generator, tiny_unet
+from clsp.eval.feature_metrics import frechet_distance, precision_recall
+from clsp.eval.fid import inception_fid
+from clsp.eval.quality import QualityConfig, evaluate_generator
+from clsp.synth.models import save_generator
+from clsp.synth.untrained_unets import tiny_unet
 
 SIZE = 8
 FAST = ["--steps", "2", "--components", "8"]

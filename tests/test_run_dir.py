@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from clsp.errors import UserError
-from clsp.run_dir import (LOCK_FILE, RunKind, owned_files, prepare_run_dir, read_record, starts_with,
-                          write_atomic)
+from clsp.file_checks import owned_files, starts_with
+from clsp.file_io import write_atomic
+from clsp.run_dir import LOCK_FILE, RunKind, prepare_run_dir, read_record
 
 DEMO = RunKind("demo", "demo.json", "clsp demo run", describe=lambda out: "a demo run", operational=("workers",),
                owned=lambda out: owned_files(out, {"**/*.txt": starts_with(b"demo:")}))  # ours: .txt saying "demo:"

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import build_shard_dir, random_sample
-from shards.manifest import MANIFEST, read_manifest, write_manifest
-from shards.reader import ShardError, epoch_shards, iter_samples, iter_shard
-from shards.schema import SchemaError
-from shards.verify import verify
-from shards.writer import ShardWriter, shard_name, temp_files
+from clsp.shards.manifest import MANIFEST, read_manifest
+from clsp.shards.manifest_writer import write_manifest
+from clsp.shards.reader import ShardError, epoch_shards, iter_samples, iter_shard
+from clsp.shards.schema import SchemaError
+from clsp.shards.verify import verify
+from clsp.shards.writer import ShardWriter, shard_name, temp_files
 
 
 def test_round_trip_keeps_every_pixel_label_and_seed(tmp_path):
@@ -181,7 +182,7 @@ _FILL_DISK = """
 import resource, signal, sys
 sys.path.insert(0, sys.argv[2])
 from conftest import random_sample
-from shards.writer import ShardWriter
+from clsp.shards.writer import ShardWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # writes past the limit fail with EFBIG, like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
 with ShardWriter(sys.argv[1], k=4, image_size=32) as writer:

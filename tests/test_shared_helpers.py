@@ -37,3 +37,25 @@ def test_warmup_cosine_is_the_generator_lr_the_shipped_weights_were_trained_with
     assert all(warmup_cosine(s, w, n, peak=lr) == former(s, w, n, lr)
                for lr in (1.0, 2e-3, 0.3) for w in (1, 7, 100) for n in (10, 333, 4000) for s in range(n))
     assert warmup_cosine(0, 4, 10, peak=2.0) == 0.5 and warmup_cosine(10, 4, 10, peak=2.0) == 0.0
+
+
+def test_loader_processes_get_cores_of_their_own(monkeypatch):
+    """Issue 13 (3): on the CPU the model's threads are the cores the loader processes leave free, unless the user
+    chose a count; oversubscribed OpenMP threads spin and a step takes many times as long."""
+    import clsp.accelerator as accelerator
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(accelerator, "available_cores", lambda: 8)
+    monkeypatch.setattr(accelerator, "_TORCH_DEFAULT_THREADS", before)  # nobody has chosen a count yet
+    try:
+        assert accelerator.threads_beside_workers(2, processes_here=2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setattr(accelerator, "_TORCH_DEFAULT_THREADS", 2)
+        assert accelerator.threads_beside_workers(8) == 1  # never below one thread
+        torch.set_num_threads(3)  # the user's choice stands
+        assert accelerator.threads_beside_workers(2) is None and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setattr(accelerator, "_TORCH_DEFAULT_THREADS", 3)
+        assert accelerator.threads_beside_workers(2) is None and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -3,8 +3,8 @@ retrains it with the settings the card records, and the card holds what the issu
 import json
 from pathlib import Path
 
-from synth.diffusion_train import PRESETS, DiffusionTrainConfig
-from synth.models import load_generator
+from clsp.synth.diffusion_train import PRESETS, DiffusionTrainConfig
+from clsp.synth.models import load_generator
 
 SHIPPED = Path(__file__).resolve().parent.parent / "generators" / "digits-16px"
 
@@ -23,7 +23,7 @@ def test_the_shipped_weights_are_the_ones_the_card_names_and_stay_small():
 
 def test_make_generator_retrains_with_the_settings_the_card_records():
     card = _card()
-    from synth.diffusion_run_dir import GENERATOR_RUN
+    from clsp.synth.diffusion_run_dir import GENERATOR_RUN
 
     retrain = DiffusionTrainConfig(out=Path("unused"), **PRESETS["embedded"]).training_fields()
     weights_only = lambda config: {k: v for k, v in config.items() if k not in GENERATOR_RUN.operational}  # noqa: E731

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from clsp.errors import UserError
-from synth.diffusion_train import DiffusionTrainConfig, build_scheduler, diffusion_loss
-from synth.models import tiny_unet
-from synth.unet_split import SkipDropout, decode, embed_time, encode
+from clsp.synth.ddpm import build_scheduler, diffusion_loss
+from clsp.synth.diffusion_train import DiffusionTrainConfig
+from clsp.synth.unet_split import SkipDropout, decode, embed_time, encode
+from clsp.synth.untrained_unets import tiny_unet
 
 
 @pytest.fixture

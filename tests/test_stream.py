@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import build_shard_dir, random_sample
-from shards.manifest import read_manifest
-from train.stream import ShardStream, StreamConfig, positive_index, steps_per_epoch
+from clsp.shards.manifest import read_manifest
+from clsp.train.stream import ShardStream, StreamConfig, positive_index, steps_per_epoch
 
 
 def make_stream(directory: Path, batch: int, world: int = 1, rank: int = 0, **options) -> ShardStream:
@@ -73,7 +73,7 @@ def write_raw_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 def test_only_the_anchor_and_the_drawn_positive_are_decoded(tmp_path):
     """Positives that were not drawn are garbage bytes: the stream must never try to decode them."""
-    from shards.schema import encode_sample
+    from clsp.shards.schema import encode_sample
 
     k, ids, members = 3, {}, []
     for n in range(4):

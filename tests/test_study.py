@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from eval.kfold import assign_folds, kfold_accuracy
-from eval.linear import ProbeConfig
-from eval.paired import interval_verdict, paired_bootstrap, paired_interval
+from clsp.eval.kfold import assign_folds, kfold_accuracy
+from clsp.eval.linear import ProbeConfig
+from clsp.eval.paired import interval_verdict, paired_bootstrap, paired_interval
 from test_eval import FAST_PROBE, TINY_TRAIN, tiny_world  # noqa: F401  (tiny_world: shards made from an image folder)
 
 
@@ -70,7 +70,7 @@ def test_verdict_reads_the_interval():
 
 def test_tiny_study_trains_scores_all_images_reports_paired_differences_and_resumes(tiny_world, capsys):
     from clsp.study import StudyConfig, study
-    from eval.report import EvalConfig
+    from clsp.eval.evaluate import EvalConfig
 
     root, shards, source = tiny_world
     config = StudyConfig(str(shards), source, str(root / "study"), methods=("simclr",), positives=("none", "synthetic"),
@@ -146,8 +146,8 @@ def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_worl
     from safetensors.torch import load_file
 
     from clsp.study import StudyConfig, plan, study
-    from eval.report import EvalConfig
-    from train.loop import train
+    from clsp.eval.evaluate import EvalConfig
+    from clsp.train.loop import train
 
     root, shards, source = tiny_world
     config = StudyConfig(str(shards), source, str(root / "parallel"), methods=("simclr",),

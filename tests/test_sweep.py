@@ -11,11 +11,12 @@ from diffusers import DDIMScheduler
 from typer.testing import CliRunner
 
 from clsp.cli import app
-from eval.audit import AuditConfig, audit_shards
-from eval.sweep import SweepConfig, run_sweep, sweep
-from synth.job import SynthConfig, run_synth
-from synth.models import save_generator, tiny_unet
-from synth.sampler import SamplerConfig
+from clsp.eval.audit import AuditConfig, audit_shards
+from clsp.eval.sweep import SweepConfig, run_sweep, sweep
+from clsp.synth.job import SynthConfig, run_synth
+from clsp.synth.models import save_generator
+from clsp.synth.sampler import SamplerConfig
+from clsp.synth.untrained_unets import tiny_unet
 
 SIZE = 8
 runner = CliRunner()

@@ -3,6 +3,7 @@ two under torchrun, kill + resume, refusing other settings, and the CLI's errors
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -16,13 +17,15 @@ from diffusers import DDIMScheduler
 from typer.testing import CliRunner
 
 from clsp.cli import app
-from shards.manifest import read_manifest
-from shards.reader import iter_shard
-from shards.verify import verify
-from shards.writer import temp_files
-from synth.job import SynthConfig, config_from_options, run_synth
-from synth.models import save_generator, tiny_unet
-from synth.sampler import SamplerConfig, candidate_seed
+from clsp.shards.manifest import read_manifest
+from clsp.shards.reader import iter_shard
+from clsp.shards.verify import verify
+from clsp.shards.writer import temp_files
+from clsp.synth.job import SynthConfig, config_from_options, run_synth
+from clsp.synth.models import save_generator
+from clsp.synth.noise import candidate_seed
+from clsp.synth.sampler import SamplerConfig
+from clsp.synth.untrained_unets import tiny_unet
 
 SIZE, K, STEPS, LIMIT, PER_SHARD = 8, 2, 2, 15, 3
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +102,7 @@ def test_shared_anchor_noise_is_keyed_on_the_anchor_too(generator, reference, tm
 def test_two_processes_under_torchrun_write_the_same_bytes(generator, reference, tmp_path):
     out = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "synth.cli", *cli_options(generator, out)]
+               "-m", "clsp.synth.cli", *cli_options(generator, out)]
     # Two gloo processes on the CPU, with any GPU hidden: this test is about the CPU launch. The head of stderr holds
     # the error of the rank that failed first, the tail the launcher's summary.
     env = {**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""}
@@ -112,7 +115,7 @@ def test_two_processes_under_torchrun_write_the_same_bytes(generator, reference,
 
 def test_a_job_killed_part_way_resumes_to_the_same_shards(generator, reference, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "synth.cli", *cli_options(generator, out), "--forward-batch", str(K)]
+    command = [sys.executable, "-m", "clsp.synth.cli", *cli_options(generator, out), "--forward-batch", str(K)]
     job = subprocess.Popen(command, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
@@ -149,6 +152,38 @@ def test_other_settings_are_refused_unless_overwrite(generator, tmp_path):
     assert accepted.exit_code == 0, accepted.output
     assert read_manifest(out).run["seed"] == 7
     assert shard_hashes(out).keys() == before.keys() and shard_hashes(out) != before
+
+
+def test_a_run_begun_before_the_counter_noise_resumes_only_with_its_own_noise(generator, tmp_path):
+    """Records and manifests written before the sampler named its generator of noise read as "cpu-generator"."""
+    out = tmp_path / "dir"
+    small = ["run", "digits", "--model", str(generator), "--out", str(out), "--image-size", str(SIZE), "--k", "1",
+             "--steps", "1", "--limit", "2", "--anchors-per-shard", "2"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["synth", *small, "--noise", "cpu-generator"]).exit_code == 0
+    for name in ("run.json", "manifest.json"):  # as an older clsp wrote them: no sampler.noise
+        document = json.loads((out / name).read_text())
+        (document.get("run", document))["sampler"].pop("noise")
+        (out / name).write_text(json.dumps(document))
+    assert read_manifest(out).run["sampler"]["noise"] == "cpu-generator"
+    before = shard_hashes(out)
+    refused = runner.invoke(app, ["synth", *small])  # today's default, the counter noise
+    assert refused.exit_code == 2
+    assert "sampler.noise: 'cpu-generator' there, 'counter' now" in refused.output and shard_hashes(out) == before
+    resumed = runner.invoke(app, ["synth", *small, "--noise", "cpu-generator"])
+    assert resumed.exit_code == 0, resumed.output
+    assert shard_hashes(out) == before
+
+
+def test_the_generators_of_noise_give_different_bytes_and_the_manifest_names_each(generator, tmp_path):
+    hashes = {}
+    for noise in ("counter", "cpu-generator"):
+        out = tmp_path / noise
+        run_synth(config_from_options(source="digits", model=str(generator), out=str(out), image_size=SIZE, k=2,
+                                      steps=2, limit=2, anchors_per_shard=2, noise=noise, device="cpu"))
+        assert read_manifest(out).run["sampler"]["noise"] == noise
+        hashes[noise] = shard_hashes(out)
+    assert hashes["counter"].keys() == hashes["cpu-generator"].keys() and hashes["counter"] != hashes["cpu-generator"]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -7,8 +7,8 @@ import pytest
 
 from clsp.errors import UserError
 from conftest import build_shard_dir
-from train.checkpoint import run_files
-from train.loop import make_config, train
+from clsp.train.checkpoint import run_files
+from clsp.train.loop import make_config, train
 
 TINY = dict(width=4, epochs=2, batch_size=4, lr=0.05, warmup_epochs=0.0, proj_hidden=16, proj_dim=8, workers=0,
             knn_every=1, knn_source="digits")

@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from clsp.errors import UserError
 from conftest import build_shard_dir
-from train.checkpoint import load_backbone, read_json
-from train.loop import make_config, train
+from clsp.file_io import read_json
+from clsp.train.checkpoint import load_backbone
+from clsp.train.loop import make_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_train_worker.py"
@@ -195,7 +196,7 @@ def test_two_processes_under_torchrun_take_equal_steps(shards, tmp_path):
 
 
 def test_cli_applies_the_preset_under_explicit_options(shards, tmp_path):
-    from train.cli import app
+    from clsp.train.cli import app
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["run", str(shards), "--out", str(out), "--preset", "embedded", "--width", "4",

@@ -35,8 +35,8 @@ def test_bf16_on_a_run_without_a_gpu_is_refused_in_every_stage(tmp_path, command
 def test_every_sampler_field_is_a_synth_option_with_its_help_and_default():
     from dataclasses import fields
 
-    from synth.cli import SAMPLER_FIELDS
-    from synth.sampler import SAMPLER_HELP, SamplerConfig
+    from clsp.synth.cli import SAMPLER_FIELDS
+    from clsp.synth.sampler import SAMPLER_HELP, SamplerConfig
 
     names = [f.name for f in fields(SamplerConfig)]
     assert [name for name, _, _ in SAMPLER_FIELDS] == names and set(SAMPLER_HELP) == set(names)

@@ -13,12 +13,12 @@ import pytest
 import webdataset as wds
 
 from conftest import build_shard_dir, random_sample
-from shards import reader
-from shards.manifest import read_manifest
-from shards.reader import ShardError, iter_samples, iter_shard
-from shards.schema import encode_sample, member_keys
-from shards.verify import verify
-from shards.writer import ShardWriter, shard_name
+from clsp.shards import reader
+from clsp.shards.manifest import read_manifest
+from clsp.shards.reader import ShardError, iter_samples, iter_shard
+from clsp.shards.schema import encode_sample, member_keys
+from clsp.shards.verify import verify
+from clsp.shards.writer import ShardWriter, shard_name
 from test_stream import write_raw_shard
 
 

@@ -3,4 +3,4 @@
 Submodules are imported on demand (``from train.methods import build_method``): importing the package stays cheap.
 """
 
-import shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
+import clsp.shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)

@@ -1,4 +1,4 @@
-"""Which side limits training: `python -m train.bench [--device cuda]` measures, in one run,
+"""Which side limits training: `python -m clsp.train.bench [--device cuda]` measures, in one run,
 
   train     one CLSP-SimCLR step of ResNet-18 on three views per anchor (two real + the synthetic one), input already
             on the device: anchors/s, and achieved FLOP/s (vs the device's peak on a known GPU)
@@ -10,7 +10,6 @@ ratio = loader / train: above 1 the model is the bottleneck, below 1 the input p
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -23,14 +22,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from shards.manifest import read_manifest, write_manifest
-from shards.schema import ShardSample
-from shards.writer import ShardWriter, shard_name
-from train.augment import BatchAugment, pil_reference
-from train.backbones import build_backbone
-from train.cache import CachedStream
-from train.methods import MethodConfig, build_method
-from train.stream import ShardStream, StreamConfig
+from clsp.bench import DEVICE, OUT, THREADS, provenance, set_threads, sync, write_results
+from clsp.shards.manifest import read_manifest
+from clsp.shards.manifest_writer import write_manifest
+from clsp.shards.schema import ShardSample
+from clsp.shards.writer import ShardWriter, shard_name
+from clsp.train.augment import BatchAugment, pil_reference
+from clsp.train.backbones import build_backbone
+from clsp.train.cache import CachedStream
+from clsp.train.methods import MethodConfig, build_method
+from clsp.train.stream import ShardStream, StreamConfig
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense tensor core
 
@@ -55,11 +56,6 @@ class BenchConfig:
             raise ValueError(f"anchors ({self.anchors}) must fill at least one batch ({self.batch})")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     backbone, feat_dim = build_backbone("resnet18", cfg.width, small_stem=True)
     method = build_method("simclr", backbone, feat_dim, MethodConfig.for_method("simclr")).to(device)
@@ -77,11 +73,11 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
 
     with FlopCounterMode(display=False) as counter:  # also the warm-up step
         step()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(cfg.steps):
         step()
-    _sync(device)
+    sync(device)
     seconds = (time.perf_counter() - start) / cfg.steps
     flops = counter.get_total_flops() / seconds
     result = {"anchors_per_s": cfg.batch / seconds, "views_per_s": 3 * cfg.batch / seconds,
@@ -119,14 +115,14 @@ def bench_inputs(cfg: BenchConfig, device: torch.device, urls: list[str]) -> dic
     for batch in loader:
         anchor = batch["anchor"].to(device, non_blocking=True)  # (B, S, S, 3) uint8
         views = [augment(anchor), augment(anchor), augment(batch["positive"].to(device, non_blocking=True))]
-    _sync(device)
+    sync(device)
     loader_rate = steps * cfg.batch / (time.perf_counter() - start)
 
     anchor = batch["anchor"].to(device)
     start = time.perf_counter()
     for _ in range(steps):
         views = [augment(anchor) for _ in range(3)]
-    _sync(device)
+    sync(device)
     augment_rate = steps * cfg.batch / (time.perf_counter() - start)
 
     start = time.perf_counter()
@@ -137,7 +133,7 @@ def bench_inputs(cfg: BenchConfig, device: torch.device, urls: list[str]) -> dic
     for batch in cached:
         anchor = batch["anchor"].to(device, non_blocking=True)
         views = [augment(anchor), augment(anchor), augment(batch["positive"].to(device, non_blocking=True))]
-    _sync(device)
+    sync(device)
     cached_rate = steps * cfg.batch / (time.perf_counter() - start)
     del views
 
@@ -159,17 +155,18 @@ def bench(cfg: BenchConfig) -> dict:
         urls = write_bench_shards(Path(directory), cfg)
         inputs = bench_inputs(cfg, device, urls)
     train = bench_train(cfg, device)
-    return {"config": asdict(cfg), "threads": torch.get_num_threads(), "train": train, "inputs": inputs,
+    return {"config": asdict(cfg), **provenance(device), "threads": torch.get_num_threads(), "train": train,
+            "inputs": inputs,
             "loader_over_train": inputs["loader_anchors_per_s"] / train["anchors_per_s"],
             "batch_augment_over_pil": inputs["augment_anchors_per_s"] / inputs["pil_anchors_per_s"]}
 
 
-def main(device: str = typer.Option("cpu", help="cpu | cuda"), width: int = typer.Option(64),
+def main(device: str = DEVICE, width: int = typer.Option(64),
          size: int = typer.Option(32), batch: int = typer.Option(32, help="Anchors per step."),
          steps: int = typer.Option(3, help="Timed training steps."), anchors: int = typer.Option(512),
-         workers: int = typer.Option(0, help="Loader processes."),
-         out: Path = typer.Option(None, help="Also write the results as JSON here.")) -> None:
+         workers: int = typer.Option(0, help="Loader processes."), threads: int = THREADS, out: Path = OUT) -> None:
     """Training vs input-pipeline throughput (anchors/s; each anchor is three augmented views)."""
+    set_threads(threads)
     if device == "cuda":  # GPU defaults: a batch worth timing
         batch, anchors = max(batch, 256), max(anchors, 4096)
     result = bench(BenchConfig(device, width, size, batch, steps, anchors, workers=workers))
@@ -189,8 +186,7 @@ def main(device: str = typer.Option("cpu", help="cpu | cuda"), width: int = type
     if t.get("fraction_of_peak") is not None:
         lines.append(f"{t['device_name']}: {t['fraction_of_peak']:.1%} of {t['peak_bf16_tflop_s']:.0f} TFLOP/s bf16 peak")
     typer.echo("\n".join(lines))
-    if out is not None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, out)
 
 
 if __name__ == "__main__":

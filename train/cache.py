@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from clsp.errors import UserError
 from clsp.hashing import keyed_seed
-from shards.manifest import Contract
-from train.stream import PositiveDraw, StreamConfig, positive_index, shard_name, skippable_shard
+from clsp.shards.manifest import Contract
+from clsp.train.stream import PositiveDraw, StreamConfig, positive_index, shard_name, skippable_shard
 
 AUTO_CACHE_BYTES = 4 << 30  # --cache unset: cache when one process's decoded images fit in this many bytes
 

@@ -26,8 +26,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from clsp.errors import UserError
-from clsp.run_dir import (IS_TORCH_SAVE, contains, is_safetensors, is_temp_of, json_with, owned_files, partial_removed,
-                          read_json, refused_if_not_ours, starts_with, write_atomic, write_json)
+from clsp.file_checks import IS_TORCH_SAVE, contains, is_safetensors, is_temp_of, json_with, owned_files, starts_with
+from clsp.file_io import partial_removed, read_json, refused_if_not_ours, write_atomic, write_json
 
 CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY = "checkpoint", "backbone.safetensors", "config.json", "log.csv", "summary.json"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1_pct")
@@ -59,7 +59,7 @@ _OWNED = {
 
 
 def run_files(out: Path) -> list[Path]:
-    """The files of a training run in `out` (clsp.run_dir.owned_files)."""
+    """The files of a training run in `out` (clsp.file_checks.owned_files)."""
     return owned_files(out, _OWNED)
 
 
@@ -156,7 +156,7 @@ def load_backbone(run_dir: str | Path) -> tuple[nn.Module, dict]:
 
     The config has `image_size` and `normalize` {mean, std}: feed the backbone (B, 3, image_size, image_size) floats
     normalised with them, as the training augmentation did."""
-    from train.backbones import build_backbone
+    from clsp.train.backbones import build_backbone
 
     run_dir = Path(run_dir)
     for name in (CONFIG, BACKBONE):

@@ -1,6 +1,6 @@
 """`clsp train run SHARDS --out DIR ...`: options -> TrainConfig -> train.loop.train.
 
-Several processes: `torchrun --nproc_per_node N -m train.cli run ...` or `accelerate launch -m train.cli run ...`.
+Several processes: `torchrun --nproc_per_node N -m clsp.train.cli run ...` or `accelerate launch -m clsp.train.cli run ...`.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from clsp.vocabulary import BATCH_SIZE_HELP, PRECISION_HELP, bf16_for
 
 # --help shows each unset option's real default, read from TrainConfig and PRESETS (train.loop imports torch: too slow
 # for --help, so it is imported only when a run starts)
-PRESETS = source_defaults("train.loop", "PRESETS")
-HELP_DEFAULTS = {"run": (source_defaults("train.loop", "TrainConfig"), PRESETS)}
+PRESETS = source_defaults("clsp.train.loop", "PRESETS")
+HELP_DEFAULTS = {"run": (source_defaults("clsp.train.loop", "TrainConfig"), PRESETS)}
 app = typer.Typer(help="Contrastive training from shards (streaming, resumable, one or many processes).",
                   no_args_is_help=True)
 
@@ -78,14 +78,14 @@ def run_command(
         options[flag] = options[flag] or None  # unset unless given, so a preset could set them
     import torch
 
-    from train.loop import make_config, train
+    from clsp.train.loop import make_config, train
 
     options["bf16"] = bf16_for(options.pop("precision"), torch.cuda.is_available())
 
     typer.echo(train(make_config(preset, **options)))
 
 
-if __name__ == "__main__":  # torchrun / accelerate launch -m train.cli run ...
+if __name__ == "__main__":  # torchrun / accelerate launch -m clsp.train.cli run ...
     import sys
 
     from clsp.cli import app as clsp_app  # through the `clsp` group: errors a user can fix become one `error:` line

@@ -29,9 +29,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clsp.errors import UserError
 from clsp.hashing import keyed_seed
-from shards.manifest import Contract
-from shards.reader import ShardError, epoch_shards, iter_shard
-from shards.schema import SchemaError
+from clsp.shards.manifest import Contract
+from clsp.shards.reader import ShardError, epoch_shards, iter_shard
+from clsp.shards.schema import SchemaError
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from clsp.ema import ema_update
-from train.backbones import mlp_head
-from train.distributed import cosine_momentum
-from train.losses import clsp_term
+from clsp.train.backbones import mlp_head
+from clsp.train.distributed import cosine_momentum
+from clsp.train.losses import clsp_term
 
 POSITIVES = ("synthetic", "augment", "none")  # synthetic positive / third real augmented view / no third view
 
@@ -173,4 +173,4 @@ def build_method(name: str, backbone: nn.Module, feat_dim: int, cfg: MethodConfi
 
 
 # The built-in methods register themselves on import (kept last: they import the names above).
-from train.methods import byol, moco, nnclr, simclr  # noqa: E402,F401
+from clsp.train.methods import byol, moco, nnclr, simclr  # noqa: E402,F401

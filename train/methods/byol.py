@@ -1,9 +1,9 @@
 """BYOL: an online predictor regresses the momentum encoder's projection of the other view."""
 from __future__ import annotations
 
-from train.backbones import mlp_head
-from train.losses import byol_loss
-from train.methods import MethodConfig, MomentumMethod, register
+from clsp.train.backbones import mlp_head
+from clsp.train.losses import byol_loss
+from clsp.train.methods import MethodConfig, MomentumMethod, register
 
 
 @register("byol")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.backbones import mlp_head
-from train.distributed import FeatureQueue
-from train.losses import moco_infonce
-from train.methods import MethodConfig, MomentumMethod, register
+from clsp.train.backbones import mlp_head
+from clsp.train.distributed import FeatureQueue
+from clsp.train.losses import moco_infonce
+from clsp.train.methods import MethodConfig, MomentumMethod, register
 
 
 @register("moco")

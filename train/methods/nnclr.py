@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.backbones import mlp_head
-from train.distributed import FeatureQueue, gather_with_grad, world_info
-from train.losses import nnclr_loss
-from train.methods import Method, MethodConfig, register
+from clsp.train.backbones import mlp_head
+from clsp.train.distributed import FeatureQueue, gather_with_grad, world_info
+from clsp.train.losses import nnclr_loss
+from clsp.train.methods import Method, MethodConfig, register
 
 
 @register("nnclr")

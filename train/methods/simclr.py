@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from train.distributed import concat_all_gather, gather_with_grad, world_info
-from train.losses import info_nce
-from train.methods import Method, MethodConfig, register
+from clsp.train.distributed import concat_all_gather, gather_with_grad, world_info
+from clsp.train.losses import info_nce
+from clsp.train.methods import Method, MethodConfig, register
 
 
 @register("simclr")

@@ -1,0 +1,89 @@
+"""What the benchmarks share: their common options, interleaved best-of timing, and a results file that says where its
+figures come from (device, command, versions, date), so a figure quoted in the README can be checked against it.
+
+    python -m clsp.synth.bench [--device cuda] [--out bench/results/sampler-h100.json]
+    python -m clsp.train.bench [--device cuda] [--out bench/results/trainer-h100.json]
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+import typer
+
+from clsp.file_io import write_atomic
+
+DEVICE = typer.Option("cpu", help="cpu | cuda (the first GPU) | cuda:N")
+THREADS = typer.Option(0, help="torch CPU threads; 0 keeps torch's choice (one per core)")
+REPEATS = typer.Option(2, help="interleaved timed rounds; the best of each is reported")
+OUT = typer.Option(None, help="also write the results as JSON here (bench/results/ holds the README's figures)")
+PACKAGES = ("clsp-positives", "torch", "diffusers", "accelerate", "webdataset", "numpy", "pillow", "kornia")
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    if threads < 0:
+        raise typer.BadParameter(f"--threads must be >= 0 (0 = torch's choice), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def best_of(variants: dict[str, Callable[[], object]], repeats: int, device) -> tuple[dict, dict]:
+    """Run every variant `repeats` times, interleaved (one round runs each once), so load from elsewhere on a shared
+    machine hits them alike -> ({name: [seconds per round]}, {name: the last round's output})."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outputs: dict[str, object] = {}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            sync(device)
+            start = time.perf_counter()
+            outputs[name] = run()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times, outputs
+
+
+def device_name(device) -> str:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads of {os.cpu_count()}"
+
+
+def provenance(device) -> dict:
+    """Where a set of figures comes from: device, command, package versions, date (UTC)."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    command = "python -m " + (sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None)
+                              else Path(sys.argv[0]).name)
+    return {"device": device_name(device), "command": shlex.join([*command.split(), *sys.argv[1:]]),
+            "versions": versions, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def write_results(results: dict, out: Path | None) -> None:
+    """Print nothing; write `results` as JSON to `out` (atomically) when given."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())

@@ -1,0 +1,75 @@
+"""Recognising our own files by name and content: the checks of a stage's `RunKind.owned` rules (clsp/run_dir.py),
+so that --overwrite deletes only files that the stage made.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+SMALL_JSON = 1 << 20  # JSON files read to recognise our own: at most this many bytes
+
+
+def small_json(path: Path):
+    """The JSON in `path` when it is a file of at most SMALL_JSON bytes that parses, else None."""
+    try:
+        if path.is_file() and path.stat().st_size <= SMALL_JSON:
+            return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _head(path: Path, size: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
+
+
+def json_with(*keys: str, **values) -> Callable[[Path], bool]:
+    """Content check: a small JSON object holding these keys (and these values)."""
+    def check(path: Path) -> bool:
+        data = small_json(path)
+        return (isinstance(data, dict) and all(k in data for k in keys)
+                and all(data.get(k) == v for k, v in values.items()))
+    return check
+
+
+def starts_with(prefix: bytes) -> Callable[[Path], bool]:
+    """Content check: the file's first bytes (a magic number, a CSV header line)."""
+    return lambda path: _head(path, len(prefix)) == prefix
+
+
+def contains(marker: bytes, within: int) -> Callable[[Path], bool]:
+    """Content check: `marker` among the file's first `within` bytes (e.g. the version record of an event file)."""
+    return lambda path: marker in _head(path, within)
+
+
+def is_safetensors(path: Path) -> bool:
+    """Content check: an 8-byte little-endian header length, then a JSON header (the safetensors layout)."""
+    head = _head(path, 9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+IS_PNG = starts_with(b"\x89PNG\r\n\x1a\n")
+IS_TORCH_SAVE = starts_with(b"PK\x03\x04")  # torch.save writes a zip archive
+
+
+def is_temp_of(name: str) -> Callable[[Path], bool]:
+    """Name check for a `write_atomic` temp file of `name` that a killed writer left: .NAME.tmp-PID."""
+    return lambda path: path.name.startswith(f".{name}.tmp-") and path.name.rsplit("-", 1)[1].isdigit()
+
+
+def owned_files(out: Path, rules: dict[str, Callable[[Path], bool]]) -> list[Path]:
+    """Files under `out` that match a rule's glob pattern and pass its content check."""
+    return sorted({p for pattern, check in rules.items() for p in out.glob(pattern) if p.is_file() and check(p)})

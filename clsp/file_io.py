@@ -1,0 +1,75 @@
+"""File writes and loads that every stage shares.
+
+`write_atomic` is the project's one atomic file write (shards/ keeps its own: it imports nothing of the project), and
+`write_json` writes through it; `partial_removed` cleans up a checkpoint or shard that could not be finished, and
+`refused_if_not_ours` turns a file that does not load (not ours, or damaged) into a clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from clsp.errors import NO_ROOM, UserError, error_number, os_problem
+
+
+def write_atomic(path: str | Path, data: bytes | str | Callable[[Path], object]) -> Path:
+    """Write `data` to `path`: a reader sees the old file or the new one, never half of one, and a failure (a full
+    disk) leaves neither a temp file nor a changed `path` behind. `data` may be a function that writes the file at the
+    path it is given (a library's own saver, e.g. safetensors' save_model)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if callable(data):
+            data(temp)
+        else:
+            temp.write_bytes(data.encode() if isinstance(data, str) else data)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())  # on disk before the rename makes it visible
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def partial_removed(temp: Path, doing: str, then: str = ""):
+    """Writing `temp` (a file or folder that a later rename makes visible): any failure removes it, and a lack of room
+    (a full disk, a file-size limit) becomes a UserError: 'WHAT (PATH) DOING: FIX THEN'."""
+    try:
+        yield
+    except BaseException as error:
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
+        if isinstance(error, Exception) and error_number(error) in NO_ROOM:  # also safetensors' "(os error 28)"
+            raise UserError(f"{os_problem(error, doing)}{then}") from None
+        raise
+
+
+@contextmanager
+def refused_if_not_ours(path: Path, fix: str):
+    """Loading `path` with safetensors or torch.load(weights_only=True), which run nothing: a file that is not ours or
+    is damaged becomes a UserError naming it and `fix`, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise UserError(f"{path} cannot be loaded ({reason}): it was not written by clsp or is damaged; "
+                        f"{fix}") from None
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

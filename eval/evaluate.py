@@ -1,0 +1,242 @@
+"""Evaluate one run: kNN + linear probe of its frozen backbone on labelled data, every input checked first.
+
+`evaluate_run` writes `<run>/eval/results.json` (or knn.json / linear.json for one part) and the test-split embeddings
+`<run>/eval/test_features.npy` + `test_labels.npy` that the t-SNE plot reads. A result is never replaced by one of other
+inputs; a rerun on the same inputs replaces its own (`eval.write_new`, `eval.write_result`).
+
+Numbers you can trust: the kNN bank / probe train set must be the data the run trained on (its config.json records the
+shards' source; `--transfer` scores other data on purpose), and every input is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clsp.accelerator import resolve_device
+from clsp.errors import UserError
+from clsp.eval import write_new, write_result
+from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_accuracy
+from clsp.eval.linear import PROBE_PRESETS, ProbeConfig, probe_backbone
+
+RUN_KEYS = ("method", "positives", "lam", "seed")
+SCORES = {"linear_top1", "linear_train_top1", "knn", "knn_best", "knn_best_k", "knn_k20"}  # the rest are its inputs
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    source: str | None = None  # labelled source spec; None: the source the run's shards were made from
+    test_source: str | None = None  # the test images as their own source; None: the test split of `source`
+    transfer: bool = False  # score on data other than the run's training data, on purpose
+    train_split: str = "train"
+    test_split: str = "test"
+    knn: bool = True
+    linear: bool = True
+    ks: tuple[int, ...] = KNN_KS
+    temperature: float = KNN_TEMPERATURE
+    probe: ProbeConfig = field(default_factory=lambda: PROBE_PRESETS["fast"])
+    batch_size: int = 256
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not (self.knn or self.linear):
+            raise ValueError("nothing to evaluate: enable knn, linear or both")
+        if self.batch_size <= 0 or self.temperature <= 0:
+            raise ValueError("batch_size and temperature must be > 0")
+        # the one device check, before anything is read (cached features would hide it); "auto" becomes what it means
+        object.__setattr__(self, "device", str(resolve_device(self.device)))
+
+    @property
+    def results_name(self) -> str:
+        return "results.json" if self.knn and self.linear else ("knn.json" if self.knn else "linear.json")
+
+
+def run_identity(run_config: dict) -> dict:
+    """{method, positives, lam, seed} of a run's config.json (the loop nests its options under `config` and the
+    resolved method settings under `method`); lam is None for positives "none", where it has no effect."""
+    options = run_config.get("config") if isinstance(run_config.get("config"), dict) else {}
+    method = run_config.get("method")
+    ident = {key: options.get(key, run_config.get(key)) for key in RUN_KEYS}
+    if isinstance(method, dict):
+        ident["method"], ident["lam"] = options.get("method"), method.get("lam", ident["lam"])
+    if ident["positives"] == "none":
+        ident["lam"] = None
+    return ident
+
+
+def trained_source(run_config: dict) -> dict | None:
+    """The source the run's shards were made from, as its config.json records it: the manifest's {spec, split,
+    fingerprint, count} and the shards' image_size (the size the fingerprint was taken at); None for older runs."""
+    data = run_config.get("data") if isinstance(run_config.get("data"), dict) else {}
+    source = data.get("source")
+    if not isinstance(source, dict) or not source.get("fingerprint"):
+        return None
+    return {**source, "image_size": data.get("shard_image_size")}
+
+
+def check_trained_on(run_dir: str | Path, record: dict | None, bank, transfer: bool) -> str:
+    """Is the kNN bank / probe train set the data the run trained on? "same" (equal fingerprints at the shards' image
+    size), "transfer" (not, and --transfer says so) or "unrecorded" (a run from before the record: warned); else
+    a UserError naming both fingerprints and the fix."""
+    from clsp.sources import open_source
+
+    if record is None:
+        print(f"warning: {run_dir} does not record the data it trained on, so {bank.name} cannot be checked against "
+              f"it: its scores mean something only if that is the same data", file=sys.stderr)
+        return "unrecorded"
+    size = record.get("image_size") or bank.image_size
+    fingerprint = (bank if size == bank.image_size else open_source(bank.spec, bank.split, size)).fingerprint()
+    if fingerprint == record["fingerprint"]:
+        return "same"
+    if transfer:
+        return "transfer"
+    raise UserError(f"{run_dir} comes from {record.get('spec')}[{record.get('split')}] ({record.get('count')} "
+                    f"anchors, fingerprint {record['fingerprint'][:12]}), but the kNN bank / probe train set here is "
+                    f"{bank.name} ({len(bank)} images, fingerprint {fingerprint[:12]} at {size} px): evaluate on "
+                    f"the data it trained on (--source {record.get('spec')}), or pass --transfer to score other data "
+                    f"on purpose")
+
+
+def _open_test(spec: str, split: str, size: int, explicit: bool):
+    """The test split of `spec`; a --test-source whose names say no split is read whole (the user named it as test)."""
+    from clsp.sources import OneSplitError, open_source
+
+    try:
+        return open_source(spec, split, image_size=size)
+    except OneSplitError:
+        if not explicit:
+            raise
+        return open_source(spec, "all", image_size=size)
+
+
+def _labelled(source) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images (N, H, W, 3) uint8, labels (N,), fingerprint) of a source whose images all have labels."""
+    from clsp.sources import load_arrays
+
+    images, labels, _ = load_arrays(source)
+    if (labels < 0).any():
+        raise UserError(f"{source.name} has unlabelled images: kNN and the linear probe need a labelled source")
+    return images, labels, source.fingerprint()
+
+
+def _check_disjoint(train, test, train_images: np.ndarray, test_images: np.ndarray) -> None:
+    """Refuse a test set that is mostly training images (the same files given as both): that scores memory."""
+    seen = {hashlib.sha256(image.tobytes()).digest() for image in train_images}
+    shared = sum(hashlib.sha256(image.tobytes()).digest() in seen for image in test_images)
+    if 2 * shared > len(test_images):
+        raise UserError(f"{shared} of the {len(test_images)} test images of {test.name} are also in {train.name}: "
+                        f"score on held-out images (a test split, or --test-source naming other files)")
+
+
+@dataclass
+class EvalInputs:
+    """Everything one evaluation reads, all checked before anything is computed or written."""
+
+    run_dir: Path
+    backbone: object  # nn.Module in eval mode
+    normalize: tuple  # (mean, std) per RGB channel
+    train: tuple[np.ndarray, np.ndarray, str]  # images (N, H, W, 3) uint8, labels (N,), fingerprint
+    test: tuple[np.ndarray, np.ndarray, str]
+    result: dict  # the start of results.json: the run's identity and the data it is scored on
+    class_names: list[str]  # the source's names of the classes, by label ([] when it has none)
+
+
+@dataclass
+class OpenRun:
+    """A run's backbone and records, and the source spec it is scored on."""
+
+    run_dir: Path
+    backbone: object  # nn.Module in eval mode
+    normalize: tuple  # (mean, std) per RGB channel
+    image_size: int
+    record: dict | None  # trained_source(config.json)
+    spec: str
+    identity: dict  # run_identity(config.json)
+
+
+def open_run(run_dir: str | Path, source: str | None) -> OpenRun:
+    """Load a run; `source` None: the source its config.json records (a UserError when it records none). Reads only."""
+    from clsp.eval.features import normalization_from_config
+    from clsp.train.checkpoint import load_backbone
+
+    run_dir = Path(run_dir)
+    backbone, run_config = load_backbone(run_dir)
+    record = trained_source(run_config)
+    spec = source or (record or {}).get("spec")
+    if spec is None:
+        raise UserError(f"{run_dir}/config.json does not record the data the run trained on (a run from before clsp "
+                        f"recorded it): pass --source SPEC, the source its shards were made from")
+    return OpenRun(run_dir, backbone, normalization_from_config(run_config), int(run_config["image_size"]), record,
+                   spec, run_identity(run_config))
+
+
+def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
+    """Load the run and its labelled data, and check them (no other source than the trained one unless --transfer;
+    the same classes in both splits; a held-out test set). Reads only."""
+    from clsp.hashing import weights_sha256
+    from clsp.sources import open_source
+
+    run = open_run(run_dir, config.source)
+    bank = open_source(run.spec, config.train_split, image_size=run.image_size)
+    check = check_trained_on(run.run_dir, run.record, bank, config.transfer)
+    test = _open_test(config.test_source or run.spec, config.test_split, run.image_size,
+                      explicit=config.test_source is not None)
+    if bank.classes and test.classes and bank.classes != test.classes:
+        raise UserError(f"{bank.name} has classes {bank.classes[:5]}... but {test.name} has {test.classes[:5]}...: a "
+                        f"label would name another class in each; give splits of one dataset")
+    train, held_out = _labelled(bank), _labelled(test)
+    _check_disjoint(bank, test, train[0], held_out[0])
+    result = dict(run.identity)
+    result.update(run=run.run_dir.name, source=run.spec, test_source=test.spec, trained_on=run.record,
+                  source_check=check, weights_sha256=weights_sha256(run.backbone), train_fingerprint=train[2],
+                  test_fingerprint=held_out[2], eval_config=asdict(config))
+    return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result,
+                      list(test.classes or bank.classes))
+
+
+def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict:
+    """kNN and/or linear probe of a run's backbone on the source's train/test splits; writes <run>/eval/ files."""
+    return score_run(prepare_eval(run_dir, config), config)
+
+
+def score_run(inputs: EvalInputs, config: EvalConfig) -> dict:
+    """kNN and/or linear probe on prepared inputs; writes <run>/eval/ files (and the feature cache) only now."""
+    from clsp.eval.features import extract_features
+
+    (train_images, train_labels, train_fp), (test_images, test_labels, test_fp) = inputs.train, inputs.test
+    backbone, (mean, std), cache = inputs.backbone, inputs.normalize, inputs.run_dir / "features"
+
+    def features(images: np.ndarray, fingerprint: str) -> np.ndarray:  # cached per (weights, source split)
+        return extract_features(backbone, images, mean, std, config.batch_size, config.device, cache, fingerprint)
+
+    result = dict(inputs.result)
+    if config.linear:  # first, so the guarded forward pass is the one that fills the feature cache
+        probe = probe_backbone(backbone, train_images, train_labels, test_images, test_labels, mean, std,
+                               config.probe, config.batch_size, config.device, cache_dir=cache,
+                               fingerprints=(train_fp, test_fp))
+        result.update(linear_top1=probe["top1"], linear_train_top1=probe["train_top1"])
+    train_feats, test_feats = features(train_images, train_fp), features(test_images, test_fp)  # (N, D) each
+    if config.knn:
+        accs = knn_accuracy(train_feats, train_labels, test_feats, test_labels, config.ks, config.temperature)
+        k, top1 = best_k(accs)
+        result.update(knn={str(key): v for key, v in accs.items()}, knn_best=top1, knn_best_k=k,
+                      knn_k20=accs.get(min(20, len(train_labels))))
+    out = inputs.run_dir / "eval"
+    write_new(out / "test_features.npy", _npy_bytes(test_feats))
+    write_new(out / "test_labels.npy", _npy_bytes(test_labels.astype(np.int64)))
+    if inputs.class_names:  # for the t-SNE legend (eval.plots.plot_run)
+        write_new(out / "test_classes.json", json.dumps(inputs.class_names) + "\n")
+    result["results_file"] = write_result(out / config.results_name, result, SCORES).name
+    return result
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

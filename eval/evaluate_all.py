@@ -1,0 +1,48 @@
+"""`clsp eval all`: one run end to end (scores, audit of its shards, contact sheet, report), every input checked
+before the first file is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clsp.errors import UserError
+from clsp.eval import write_new
+from clsp.eval.evaluate import EvalConfig, prepare_eval, score_run
+from clsp.eval.report import report
+
+
+@dataclass(frozen=True)
+class AllConfig:
+    run_dir: str
+    shards: str
+    out: str
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    audit_anchors: int = 256
+
+
+def evaluate_all(cfg: AllConfig) -> dict:
+    """One run end to end: kNN + linear, audit of its shards, pictures, contact sheet, report (all under cfg.out).
+
+    Every input (run, sources, shards) is read and checked, and the audit computed, before the first file is written."""
+    from clsp.eval.audit import AuditConfig, audit_shards, write_audit
+    from clsp.shards.manifest import read_manifest
+    from clsp.shards.sheet import contact_sheet
+
+    out = Path(cfg.out)
+    inputs = prepare_eval(cfg.run_dir, cfg.eval)
+    made_from, record = read_manifest(cfg.shards).run.get("source") or {}, inputs.result["trained_on"]
+    if record is not None and made_from.get("fingerprint") != record["fingerprint"]:
+        raise UserError(f"{cfg.shards} were made from {made_from.get('spec')}[{made_from.get('split')}], but "
+                        f"{cfg.run_dir} trained on shards made from {record.get('spec')}[{record.get('split')}] "
+                        f"(other fingerprints): pass --shards the directory the run trained on")
+    audit = audit_shards(cfg.shards, inputs.result["source"], AuditConfig(cfg.audit_anchors))
+    results = score_run(inputs, cfg.eval)
+    audit_json, audit_md = write_audit(audit, out)
+    out.mkdir(parents=True, exist_ok=True)
+    temp = out / ".contact_sheet.tmp.png"
+    contact_sheet(cfg.shards, temp)  # the lead's sheet writes in place; keep our no-overwrite rule on the result
+    sheet = write_new(out / "contact_sheet.png", temp.read_bytes())
+    temp.unlink()
+    summary = report([cfg.run_dir], out)
+    return {**summary, "results": results, "audit": str(audit_json), "audit_md": str(audit_md), "sheet": str(sheet)}

@@ -1,0 +1,113 @@
+"""Writing a manifest, last, when every shard is complete: index every shard's samples (checksums, per-positive scores),
+then `index.parquet` and `manifest.json`, each atomically. What it writes passes `read_manifest`'s checks, which it runs
+before writing (shards.manifest)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, Manifest, ManifestError
+from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, SCORE_TYPE, document_problems, index_problems, \
+    score_column
+from clsp.shards.reader import RawSample, ShardError, iter_shard
+from clsp.shards.schema import SCHEMA_VERSION, positive_distances, sample_sha256
+from clsp.shards.writer import SHARD_PATTERN
+
+
+@dataclass(frozen=True)
+class AgreementScorer:
+    """What scores class agreement: `score(positives (n, K, H, W, 3) uint8, labels (n,) >= 0) -> (n, K)` in 0..1, and
+    `record`, what it is (written to the manifest's run.scores.agreement)."""
+
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    record: dict = field(default_factory=dict)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def _decoded_positives(sample: RawSample, k) -> tuple[np.ndarray, np.ndarray] | None:
+    """(anchor (H, W, 3), positives (K, H, W, 3)) uint8 of a sample with K decodable positives of its anchor's size;
+    None otherwise (its scores are null, and the contract refuses the sample)."""
+    if sample.k != k:
+        return None
+    try:
+        anchor = sample.anchor()
+        positives = np.stack([sample.positive(j) for j in range(k)]) if k else np.zeros((0, *anchor.shape), np.uint8)
+    except ValueError:  # SchemaError (an image that does not decode), or positives of different sizes
+        return None
+    return (anchor, positives) if positives.shape[1:] == anchor.shape else None
+
+
+def _index_shards(directory: Path, k, agreement: AgreementScorer | None) -> tuple[list[dict], pa.Table]:
+    """Every finished shard in `directory`: its manifest entry, and one index row per sample with its scores."""
+    distance, agree = score_column("distance"), score_column("agreement")
+    schema = pa.schema([*INDEX_SCHEMA, pa.field(distance, SCORE_TYPE)]
+                       + ([pa.field(agree, SCORE_TYPE)] if agreement is not None else []))
+    rows: dict[str, list] = {name: [] for name in schema.names}
+    shards = []
+    for path in sorted(p for p in directory.iterdir() if SHARD_PATTERN.match(p.name)):
+        count, pending = 0, []  # pending: (row, positives (K, H, W, 3), label) for the agreement scorer, per shard
+        for sample in iter_shard(str(path)):
+            rows["anchor_id"].append(sample.key)
+            rows["shard"].append(path.name)
+            rows["label"].append(sample.label)
+            rows["sha256"].append(sample_sha256(sample.ordered_members()))
+            images = _decoded_positives(sample, k)
+            rows[distance].append(None if images is None else positive_distances(*images).tolist())
+            if agreement is not None:
+                rows[agree].append(None)  # unscored, or no label: filled in below
+                if images is not None and sample.label >= 0:
+                    pending.append((len(rows[agree]) - 1, images[1], sample.label))
+            count += 1
+        if pending:
+            values = agreement.score(np.stack([p[1] for p in pending]), np.array([p[2] for p in pending]))  # (n, K)
+            for (row, _, _), scores in zip(pending, np.asarray(values, np.float32).reshape(len(pending), k)):
+                rows[agree][row] = scores.tolist()
+        shards.append({"name": path.name, "sha256": file_sha256(path), "count": count,
+                       "bytes": path.stat().st_size})
+    return shards, pa.table(rows, schema=schema)
+
+
+def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer | None = None) -> Manifest:
+    """Index every finished shard in `directory`, scoring each positive (its distance to the anchor, and with
+    `agreement` its class agreement), and write index.parquet, then manifest.json (last). Refuses (writing nothing)
+    what `read_manifest` would refuse."""
+    directory = Path(directory)
+    run = {**run, "scores": {"distance": DISTANCE_RECORD, **({"agreement": agreement.record} if agreement else {})}}
+    shards, index = _index_shards(directory, run.get("k"), agreement)
+    if not shards:
+        raise ShardError(f"{directory} holds no finished shards: nothing to index")
+    buffer = io.BytesIO()
+    pq.write_table(index, buffer)
+    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "count": index.num_rows, "run": run,
+                "shards": shards, "index": {"name": INDEX, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}}
+    problems = document_problems(manifest) or index_problems(index, manifest)
+    if problems:
+        raise ManifestError.of(f"{directory}/{MANIFEST} (not written)", problems)
+    _write_atomic(directory / INDEX, buffer.getvalue())
+    _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return Manifest(str(directory), run, shards, index, index.num_rows)

@@ -1,0 +1,119 @@
+"""The synth job's setup: its generator (loaded, checked, placed on the device), its source at the generator's image
+size, the run record written to run.json and the manifest, the compute record, and the reference classifier that
+scores class agreement."""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from clsp import __version__
+from clsp.errors import UserError
+from clsp.sources import open_source
+from clsp.shards.manifest_writer import AgreementScorer
+from clsp.shards.schema import SCHEMA_VERSION
+from clsp.synth.models import load_generator
+from clsp.synth.unet_split import compile_blocks
+
+if TYPE_CHECKING:
+    from clsp.synth.job import SynthConfig
+
+
+def load_job_generator(cfg: SynthConfig):
+    unet, scheduler, info = load_generator(cfg.model)  # raises UserError naming the fix
+    try:
+        cfg.sampler.check_scheduler(scheduler)  # steps <= the generator's training timesteps
+    except ValueError as error:
+        raise UserError(f"{cfg.model}: {error}") from None
+    if unet.config.in_channels != 3 or unet.config.out_channels != 3:
+        raise UserError(f"{cfg.model} makes {unet.config.out_channels}-channel images; the anchors are RGB: "
+                        f"use a generator trained on RGB images")
+    return unet.eval().requires_grad_(False), scheduler, info
+
+
+def sample_size(unet) -> int:
+    size = unet.config.sample_size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def open_matching_source(cfg: SynthConfig, model_size: int):
+    if cfg.resize:
+        return open_source(cfg.source, cfg.split, model_size)
+    source = open_source(cfg.source, cfg.split, cfg.image_size)
+    if source.image_size != model_size:
+        raise UserError(f"{source.name} images are {source.image_size} px but the generator {cfg.model} makes "
+                        f"{model_size} px images: pass --resize to resize the anchors to {model_size} px")
+    return source
+
+
+def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
+    """What the shards are made of: the manifest's `run` record, also written to run.json before any shard."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": {"spec": cfg.source, "split": cfg.split, "fingerprint": source.fingerprint(), "count": count,
+                   **({"num_classes": len(source.classes)} if source.classes else {})},  # bounds the labels
+        "generator": {"model_id": info["model_id"], "weights_sha256": info["weights_sha256"]},
+        "sampler": asdict(cfg.sampler),  # every SamplerConfig field: a new option is recorded and compared on resume
+        "k": cfg.k,
+        "seed": cfg.seed,
+        "image_size": source.image_size,
+        "anchors_per_shard": cfg.anchors_per_shard,
+        "package_version": __version__,
+    }
+
+
+def reference_scorer(spec: str, image_size: int) -> AgreementScorer:
+    """Class agreement of each positive: eval.audit's reference (PCA of pixels + logistic regression, its default
+    settings, so that every run is scored alike) fitted on the source's labelled train split."""
+    from clsp.sources import load_arrays
+    from clsp.eval.audit import AuditConfig, fit_reference
+
+    config = AuditConfig()
+    try:
+        train = open_source(spec, "train", image_size)
+        reference = fit_reference(*load_arrays(train)[:2], config)
+    except (UserError, ValueError) as error:
+        raise UserError(f"--score-reference fits a classifier on the labelled train split of {spec}, which failed: "
+                        f"{error}; leave --score-reference out for a source without labels") from None
+
+    def score(positives: np.ndarray, labels: np.ndarray) -> np.ndarray:  # (n, K, H, W, 3), (n,) -> (n, K)
+        n, k = positives.shape[:2]
+        return reference.class_probability(positives.reshape(n * k, *positives.shape[2:]), np.repeat(labels, k)) \
+            .reshape(n, k)
+
+    record = {"reference": f"{reference.describe()}; LogisticRegression on its standardised features",
+              "fitted_on": {"spec": spec, "split": "train", "fingerprint": train.fingerprint()},
+              "pca_components": config.pca_components, "max_fit": config.max_fit, "seed": config.seed}
+    return AgreementScorer(score, record)
+
+
+def compute_record(cfg: SynthConfig, device: torch.device) -> dict:
+    """What the shard bytes depend on besides the settings: device, CPU threads per process, precision, software.
+
+    Same settings + same record -> the same bytes, whatever the world size or batch size. A folder is only ever
+    continued with the record it was begun with (an identity field of run.json), so its shards never mix two."""
+    from importlib.metadata import version
+
+    cuda = device.type == "cuda"
+    return {"device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "threads": None if cuda else torch.get_num_threads(),  # CPU float sums depend on the thread count
+            "precision": "bf16" if cuda and cfg.bf16 else "fp32", "compiled": cfg.compile,
+            "machine": platform.machine(), "torch": torch.__version__, "diffusers": version("diffusers")}
+
+
+def prepare_unet(unet, device: torch.device, compile: bool = False):
+    """The UNet as the job samples with it (the benchmark too): on `device`; on a GPU channels_last and cuDNN in its
+    deterministic mode; with `compile`, the blocks the split sampler calls compiled."""
+    unet = unet.to(device)
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+        # Same settings, same GPU and software -> the same shard bytes: cuDNN's autotuner may pick a different
+        # convolution algorithm in each run (measured: every shard differed between two identical H100 runs).
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    if compile:  # the sampler calls the blocks directly (split UNet), so compile them, not unet.forward
+        compile_blocks(unet)
+    return unet

@@ -1,0 +1,138 @@
+"""One epoch of a training launch: per step augment on the device -> method forward -> backward -> schedule -> log;
+then the kNN monitor when due and a checkpoint. A non-finite loss or SIGTERM ends the launch within the step."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from clsp.accelerator import SigtermFlag, any_process
+from clsp.errors import UserError
+from clsp.train.checkpoint import RunLog, save_checkpoint
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from clsp.train.augment import BatchAugment
+    from clsp.train.cache import CachedStream
+    from clsp.train.knn_monitor import KnnMonitor
+    from clsp.train.loop import TrainConfig
+    from clsp.train.methods import Method
+    from clsp.train.stream import ShardStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Launch:
+    """What one launch of a run holds from its setup (train.loop) through its epochs to its finish."""
+
+    cfg: TrainConfig
+    acc: Accelerator
+    out: Path
+    method: Method                          # checkpoints, after_step, backbone
+    model: torch.nn.Module                  # the method as prepared: DDP-wrapped when world > 1, autocast when bf16
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    augment: BatchAugment
+    stream: ShardStream | CachedStream
+    loader: Iterable[dict]                  # the stream's batches: the stream itself when cached, else a DataLoader
+    monitor: KnnMonitor | None              # main process with --knn-every only
+    spe: int                                # steps per epoch
+    position: dict                          # where this launch starts: epoch, step, global_step
+    run_log: RunLog
+    bar: tqdm
+    skipped: set[str] = field(default_factory=set)  # unreadable shards skipped (--skip-corrupt)
+    steps_here: int = 0                     # steps this process took in this launch
+    started: float = field(default_factory=time.perf_counter)
+    tick: float = 0.0                       # when the last step ended (images_per_s)
+
+    @property
+    def total(self) -> int:
+        return self.spe * self.cfg.epochs
+
+
+def run_epoch(run: Launch, epoch: int, sigterm: SigtermFlag) -> None:
+    """Epoch `epoch` (in the launch's first, from its resumed step), the kNN monitor when due, and a checkpoint."""
+    cfg, acc = run.cfg, run.acc
+    run.stream.set_position(epoch, run.position["step"] if epoch == run.position["epoch"] else 0)
+    run.model.train()
+    run.tick = time.perf_counter()
+    for step, batch in enumerate(run.loader, start=run.stream.start_step):
+        _check_batch(run, batch)
+        _step(run, epoch, step, batch, sigterm)
+    if run.monitor is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+        run.run_log.set_last(knn_top1_pct=run.monitor(run.method.backbone, acc.device))
+        if cfg.log_with:
+            acc.log({"knn_top1_pct": run.run_log.last["knn_top1_pct"]}, (epoch + 1) * run.spe)
+    run.run_log.flush()
+    save_checkpoint(run.out, acc, run.method, run.optimizer, run.scheduler, {"epoch": epoch + 1, "step": 0,
+                    "global_step": (epoch + 1) * run.spe}, run.method.backbone)
+
+
+def _check_batch(run: Launch, batch: dict) -> None:
+    """Warn once for each shard skipped as unreadable; a shard that failed in the stream ends the run."""
+    for name in set(batch["skipped"]) - run.skipped:
+        log.warning("skipped unreadable shard %s (--skip-corrupt)", name)
+    run.skipped.update(batch["skipped"])
+    if "error" in batch:  # a shard failed in the stream (in a loader worker or here): one line, no traceback
+        run.bar.close()  # so that the error starts its own line
+        raise UserError(batch["error"])
+
+
+def _step(run: Launch, epoch: int, step: int, batch: dict, sigterm: SigtermFlag) -> None:
+    """One optimiser step; a non-finite loss (on any process) stops the run, SIGTERM stops it with a checkpoint."""
+    acc = run.acc
+    gstep = epoch * run.spe + step
+    losses = _losses(run, batch)
+    lr = run.scheduler.get_last_lr()[0]
+    diverged, stop = any_process(acc, not torch.isfinite(losses["loss"].detach()).item(), sigterm.raised)
+    if diverged:
+        run.run_log.flush()
+        raise UserError(f"loss became non-finite at step {gstep + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
+                        f"training stopped and the last good checkpoint in {run.out} is kept. Lower --lr or "
+                        "raise --warmup-epochs, then start again with --overwrite")
+    acc.backward(losses["loss"])
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.method.after_step((gstep + 1) / run.total)
+    run.steps_here += 1
+    _log_step(run, epoch, gstep, lr, losses, len(batch["anchor"]))
+    if stop:
+        done = step + 1 == run.spe
+        run.run_log.flush()
+        save_checkpoint(run.out, acc, run.method, run.optimizer, run.scheduler, {"epoch": epoch + done, "step": 0 if
+                        done else step + 1, "global_step": gstep + 1}, run.method.backbone)
+        raise UserError(f"stopped by SIGTERM after step {gstep + 1}; a checkpoint was saved: rerun "
+                        "the same command with --resume to continue")
+
+
+def _losses(run: Launch, batch: dict) -> dict:
+    """The method's losses on two augmented views of the anchors and, per --positives, a third view."""
+    device = run.acc.device
+    anchor = batch["anchor"].to(device, non_blocking=True)  # (B, H, W, 3) uint8
+    views = [run.augment(anchor), run.augment(anchor)]  # 2 x (B, 3, S, S), independent strong augmentations
+    third = None  # (B, 3, S, S): the synthetic positive, or a third real view, with the same augmentation
+    if run.cfg.positives == "synthetic":
+        third = run.augment(batch["positive"].to(device, non_blocking=True))
+    elif run.cfg.positives == "augment":
+        third = run.augment(anchor)
+    return run.model(views, batch["ids"].to(device), third)
+
+
+def _log_step(run: Launch, epoch: int, gstep: int, lr: float, losses: dict, anchors: int) -> None:
+    now = time.perf_counter()
+    run.run_log.add(step=gstep + 1, epoch=epoch + 1, lr=lr, images_per_s=run.acc.num_processes * anchors /
+                    (now - run.tick), **{k: float(v.detach()) for k, v in losses.items()})
+    if run.cfg.log_with:
+        run.acc.log({k: v for k, v in run.run_log.last.items() if k not in ("step", "knn_top1_pct")}, gstep + 1)
+    run.tick = now
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{run.run_log.last['loss']:.3f}")

@@ -1,0 +1,30 @@
+"""The kNN monitor of `clsp train run --knn-every N`: the backbone's kNN accuracy on a labelled source."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from clsp.knn import knn_predict
+from clsp.train.augment import DEFAULT_MEAN, DEFAULT_STD, EvalTransform
+from clsp.train.backbones import embed
+
+
+class KnnMonitor:
+    """Weighted kNN top-1 in percent (k 20, cosine, T 0.07; as eval reports it) of the backbone on a labelled source:
+    train split -> test split."""
+
+    def __init__(self, spec: str, size: int, limit: int = 5000):
+        from clsp.sources import load_arrays, open_source
+
+        self.bank = load_arrays(open_source(spec, "train", image_size=size), limit)[:2]
+        self.query = load_arrays(open_source(spec, "test", image_size=size), limit)[:2]
+        self.transform = EvalTransform(size, DEFAULT_MEAN, DEFAULT_STD)
+
+    @torch.no_grad()
+    def __call__(self, backbone: torch.nn.Module, device: torch.device, k: int = 20, t: float = 0.07) -> float:
+        was_training = backbone.training
+        backbone.eval()
+        bank, query = (embed(backbone, images, self.transform, 512, device) for images in (self.bank[0], self.query[0]))
+        backbone.train(was_training)
+        predicted = knn_predict(bank, self.bank[1], query, (k,), t, device=device)[min(k, len(bank))]  # (Q,)
+        return float(np.mean(predicted == self.query[1], dtype=np.float32)) * 100.0
