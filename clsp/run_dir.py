@@ -65,6 +65,7 @@ class RunKind:
     legacy_keys: tuple[str, ...] = ()  # keys that recognise a record written before records carried MARKER
     # dotted key -> the value a record written before that key existed was made with (e.g. the generator of noise)
     absent_means: dict = field(default_factory=dict)
+    upgrade: Callable[[dict], dict] | None = None  # rewrites a record an older clsp wrote into today's form
 
 
 def read_record(out: str | Path, kind: RunKind) -> dict | None:
@@ -84,7 +85,7 @@ def read_record(out: str | Path, kind: RunKind) -> dict | None:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.setdefault(leaf, value)
-    return data
+    return kind.upgrade(data) if kind.upgrade else data
 
 
 class _Absent:

@@ -106,6 +106,26 @@ def fit_reference(real_images: np.ndarray, real_labels: np.ndarray, config: Audi
     return Reference(pca, classifier, real_z, len(fit_rows), typical)
 
 
+def _check_shapes(anchors: np.ndarray, positives: np.ndarray, anchor_labels: np.ndarray,
+                  real_images: np.ndarray) -> None:
+    n = positives.shape[0]
+    if anchors.shape[0] != n or anchor_labels.shape[0] != n or positives.shape[2:] != anchors.shape[1:]:
+        raise ValueError(f"anchors {anchors.shape}, positives {positives.shape}, labels {anchor_labels.shape} disagree")
+    if real_images.shape[1:] != anchors.shape[1:]:
+        raise ValueError(f"real images {real_images.shape[1:]} and shard images {anchors.shape[1:]} differ in size: "
+                         "open the source at the shards' image size")
+
+
+def _nearest_real(anchor_z: np.ndarray, real_z: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (N, M) from each anchor to every real image, and its k nearest real rows (N, k), nearest first; an
+    anchor is never its own neighbour (by its row `index[i]`, or where that is -1, by an exact match)."""
+    dist = pairwise_distance(anchor_z, real_z)  # (N, M)
+    own = index >= 0
+    dist[np.arange(len(anchor_z))[own], index[own]] = np.inf
+    dist[(~own)[:, None] & (dist <= 1e-4)] = np.inf
+    return dist, np.argsort(dist, axis=1)[:, :k]
+
+
 def audit_arrays(
     anchors: np.ndarray,
     positives: np.ndarray,
@@ -124,11 +144,7 @@ def audit_arrays(
     `reference`: one fitted on these real images (fit_reference) to reuse across calls; None fits it here.
     """
     n, k = positives.shape[:2]
-    if anchors.shape[0] != n or anchor_labels.shape[0] != n or positives.shape[2:] != anchors.shape[1:]:
-        raise ValueError(f"anchors {anchors.shape}, positives {positives.shape}, labels {anchor_labels.shape} disagree")
-    if real_images.shape[1:] != anchors.shape[1:]:
-        raise ValueError(f"real images {real_images.shape[1:]} and shard images {anchors.shape[1:]} differ in size: "
-                         "open the source at the shards' image size")
+    _check_shapes(anchors, positives, anchor_labels, real_images)
     index = np.full(n, -1) if anchor_real_index is None else np.asarray(anchor_real_index)
     ref = reference if reference is not None else fit_reference(real_images, real_labels, config)
     if ref.real_z.shape[0] != real_images.shape[0]:
@@ -137,12 +153,7 @@ def audit_arrays(
     anchor_z = ref.features(anchors)  # (N, c)
     pos_z = ref.features(positives.reshape(n * k, *anchors.shape[1:])).reshape(n, k, -1)  # (N, K, c)
 
-    # nearest real neighbours of each anchor, never the anchor itself (by row, or by exact identity when unknown)
-    dist = pairwise_distance(anchor_z, real_z)  # (N, M)
-    own = index >= 0
-    dist[np.arange(n)[own], index[own]] = np.inf
-    dist[(~own)[:, None] & (dist <= 1e-4)] = np.inf
-    knn_idx = np.argsort(dist, axis=1)[:, :k]  # (N, K) nearest first
+    dist, knn_idx = _nearest_real(anchor_z, real_z, index, k)  # (N, M), (N, K)
     nn_idx = knn_idx[:, 0]  # (N,)
 
     has_label = anchor_labels >= 0

@@ -26,7 +26,7 @@ import torch
 import typer
 from torch.utils.flop_counter import FlopCounterMode
 
-from clsp.bench import DEVICE, OUT, REPEATS, THREADS, best_of, provenance, set_threads, sync, write_results
+from clsp.bench import DEVICE, OUT, REPEATS, THREADS, best_of, provenance, set_threads, write_results
 from clsp.synth.job_setup import prepare_unet
 from clsp.synth.noise import row_noise
 from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
@@ -146,7 +146,6 @@ def run_bench(cfg: BenchConfig) -> dict:
         variant(name, replace(config, steps=2))()
     times, outputs = best_of({name: variant(name, config) for name, config in configs.items()}, cfg.repeats, device)
     rate = {name: batch / min(seconds) for name, seconds in times.items()}  # images/s, best round
-    flops = _flops_per_image(unet, anchors, shape, cfg)
     return {
         "config": {**asdict(cfg), "steps": steps, "batch": batch},
         **provenance(device),
@@ -158,19 +157,26 @@ def run_bench(cfg: BenchConfig) -> dict:
         "noise_ms_per_step": _noise_ms_per_step(anchor_ids, cfg, shape, device),
         "seconds": {name: [round(s, 4) for s in seconds] for name, seconds in times.items()},
         "max_abs_diff_split_vs_naive": float((outputs["split"] - outputs["naive"]).abs().max()),
+        **_flop_figures(_flops_per_image(unet, anchors, shape, cfg), steps, rate),
+        "diversity_own_anchor_noise": mean_pairwise_l2(outputs["split"], cfg.k),
+        "diversity_shared_anchor_noise": mean_pairwise_l2(outputs["shared"], cfg.k),
+        "mean_l2_to_anchor_own": float((outputs["split"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
+        "mean_l2_to_anchor_shared": float((outputs["shared"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
+    }
+
+
+def _flop_figures(flops: dict[str, float], steps: int, rate: dict[str, float]) -> dict:
+    """FLOPs per image for each sampler form (`flops`: per image-step) and the TFLOP/s each variant achieved."""
+    per_variant = {"shared": "split_shared", "naive": "naive"}  # the rest do the split sampler's work
+    return {
         "flops_per_forward_per_image": flops["forward"],
         "split_step_over_forward": flops["split"] / flops["forward"],
         "encoder_share_of_forward": flops["encoder"] / flops["forward"],
         "split_flops_per_image": flops["split"] * steps,
         "naive_flops_per_image": flops["naive"] * steps,
-        "tflop_per_s": {name: flops["split_shared" if name == "shared" else "naive" if name == "naive" else "split"]
-                        * steps * rate[name] / 1e12 for name in rate},
+        "tflop_per_s": {name: flops[per_variant.get(name, "split")] * steps * rate[name] / 1e12 for name in rate},
         "shared_noise_flops_per_image": flops["split_shared"] * steps,
         "shared_noise_flop_saving": 1 - flops["split_shared"] / flops["split"],
-        "diversity_own_anchor_noise": mean_pairwise_l2(outputs["split"], cfg.k),
-        "diversity_shared_anchor_noise": mean_pairwise_l2(outputs["shared"], cfg.k),
-        "mean_l2_to_anchor_own": float((outputs["split"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
-        "mean_l2_to_anchor_shared": float((outputs["shared"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
     }
 
 

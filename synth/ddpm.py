@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.file_io import write_atomic
@@ -66,11 +65,13 @@ def sample_grid(unet: UNet2DModel, scheduler: DDIMScheduler, count: int, steps: 
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
-    from torchvision.utils import save_image
+    """(N, 3, H, W) floats in [0, 1] -> a square-ish PNG grid at `path`, small images enlarged to be looked at."""
+    from clsp.shards.sheet import image_grid
 
-    if images.shape[-1] < 64:  # small images: enlarge (nearest) so the grid can be looked at
-        images = F.interpolate(images, scale_factor=math.ceil(64 / images.shape[-1]), mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (images * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    columns = max(1, int(math.sqrt(len(pixels))))
+    rows = [list(pixels[start:start + columns]) for start in range(0, len(pixels), columns)]
     png = io.BytesIO()
-    save_image(images, png, format="png", nrow=max(1, int(math.sqrt(len(images)))), padding=2, pad_value=1.0)
+    image_grid(rows, min_side=64, anchor_gap=0).save(png, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, png.getvalue())

@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clsp.train.augment import BatchAugment, EvalTransform, pil_reference, to_unit_float
+from clsp.train.augment import BatchAugment, EvalTransform, to_unit_float
+from clsp.train.pil_augment import pil_reference
 
 
 def digit_like_batch(b=16, size=12):

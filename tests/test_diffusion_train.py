@@ -42,9 +42,10 @@ def test_tiny_run_writes_a_loadable_generator_checkpoints_and_grids(tmp_path):
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
     with torch.no_grad():
         assert unet(torch.zeros(2, 3, 8, 8), 10).sample.shape == (2, 3, 8, 8)
-    for step in (2, 4):  # 2x2 grid of 8 px samples, enlarged 8x, 2 px padding
+    for step in (2, 4):  # 2x2 grid of 8 px samples, enlarged 8x, a 2 px gap after each
         with Image.open(out / "samples" / f"step-{step:06d}.png") as grid:
-            assert grid.size == (2 * (64 + 2) + 2,) * 2
+            assert grid.size == (2 * (64 + 2),) * 2
+            assert len(grid.getcolors(2 ** 16)) > 2  # samples drawn, not a blank sheet
     card = json.loads((out / "card.json").read_text())
     assert card["steps"] == 4 and card["seed"] == 0 and math.isfinite(card["final_loss"])
     assert card["command"] == "clsp diffusion train digits --test" and card["config"]["channels"] == [8, 8]

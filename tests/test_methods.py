@@ -1,21 +1,26 @@
 """Backbones and methods: shapes, loss decreases over SGD steps, CLSP wiring, momentum targets, config validation."""
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-import torchvision
 
 from clsp.train.backbones import build_backbone, mlp_head, wants_small_stem
 from clsp.train.distributed import FeatureQueue
-from clsp.train.methods import METHOD_DEFAULTS, MethodConfig, build_method
+from clsp.train.methods import MethodConfig, build_method, setting_names
+from clsp.train.methods.byol import BYOLConfig
+from clsp.train.methods.moco import MoCoConfig
 
 METHODS = ("simclr", "moco", "nnclr", "byol")
-TINY_HEADS = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+TINY = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32, "queue_size": 16}  # each method takes those it has
 
 
 def tiny_method(name, positives="none", **overrides):
     torch.manual_seed(0)
     backbone, dim = build_backbone("resnet18", width=4)
-    queue = {"queue_size": 16} if name in ("moco", "nnclr") else {}
-    cfg = MethodConfig.for_method(name, positives=positives, **{**TINY_HEADS, **queue, **overrides})
+    tiny = {key: value for key, value in TINY.items() if key in setting_names(name)}
+    cfg = MethodConfig.for_method(name, positives=positives, **{**tiny, **overrides})
     return build_method(name, backbone, dim, cfg)
 
 
@@ -25,11 +30,44 @@ def fixed_batch(b=8, size=8):
     return v1, v2, v3, torch.arange(b)
 
 
-def test_backbone_matches_torchvision_and_width_scales_every_stage():
-    net, dim = build_backbone("resnet18", width=64, small_stem=False)
-    reference = torchvision.models.resnet18()
-    reference_state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
-    assert dim == 512 and net.load_state_dict(reference_state).missing_keys == []
+TORCHVISION_RESNETS = Path(__file__).parent / "data" / "torchvision_resnets.json"  # made once with torchvision
+
+
+def fill_weights(state: dict) -> dict:
+    """Fixed, version-independent values for every entry of a ResNet state dict (the fixture's weights)."""
+    rng = np.random.default_rng(0)
+    filled = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            filled[key] = value
+        elif key.endswith("running_var"):
+            filled[key] = torch.from_numpy(0.5 + rng.random(value.shape, dtype=np.float32))
+        else:  # conv/bn weights, biases, running means: small normal values keep 50 layers finite
+            filled[key] = torch.from_numpy(0.1 * rng.standard_normal(value.shape, dtype=np.float32))
+    return filled
+
+
+def reference_input() -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_backbone_is_torchvisions_resnet(name):
+    # torchvision's own ResNet (ImageNet stem, fc removed) under fixed weights, recorded in tests/data: the same state
+    # dict names and shapes, and the same features, so torchvision checkpoints load into ours
+    reference = json.loads(TORCHVISION_RESNETS.read_text())["models"][name]
+    net, dim = build_backbone(name, width=64, small_stem=False)
+    assert [[k, list(v.shape)] for k, v in net.state_dict().items()] == reference["state"]
+    net.load_state_dict(fill_weights(net.state_dict()))
+    with torch.no_grad():
+        features = net.eval()(reference_input())  # (2, D)
+    expected = torch.tensor(reference["features"])
+    assert dim == expected.shape[1] == (512 if name == "resnet18" else 2048)
+    assert torch.allclose(features, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_backbone_width_scales_every_stage():
+    net, _ = build_backbone("resnet18", width=64, small_stem=False)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     small, small_dim = build_backbone("resnet18", width=16)
     assert small_dim == 128
@@ -132,12 +170,22 @@ def test_queue_state_is_in_the_state_dict_and_only_fills_in_training():
     assert "queue.features" in method.state_dict()
 
 
-def test_defaults_and_config_validation():
-    assert METHOD_DEFAULTS["simclr"]["lam"] == 1.0 and METHOD_DEFAULTS["simclr"]["temperature"] == 0.2
+def test_each_method_has_its_own_settings_and_defaults():
+    simclr = MethodConfig.for_method("simclr")
+    assert (simclr.lam, simclr.temperature) == (1.0, 0.2) and not hasattr(simclr, "queue_size")
     moco = MethodConfig.for_method("moco", temperature=None)  # None keeps the default
+    assert isinstance(moco, MoCoConfig)
     assert (moco.lam, moco.queue_size, moco.momentum_base, moco.momentum_final) == (0.5, 32768, 0.99, 0.999)
     byol = MethodConfig.for_method("byol")
-    assert (byol.momentum_base, byol.momentum_final) == (0.99, 1.0)
+    assert isinstance(byol, BYOLConfig) and (byol.momentum_base, byol.momentum_final) == (0.99, 1.0)
+    assert "temperature" not in setting_names("byol") and "pred_hidden" not in setting_names("moco")
+    with pytest.raises(ValueError, match="byol has no setting temperature: its settings are"):
+        MethodConfig.for_method("byol", temperature=0.1)
+    with pytest.raises(ValueError, match="simclr has no setting queue_size, tau"):
+        MethodConfig.for_method("simclr", tau=0.1, queue_size=8)
+
+
+def test_config_validation():
     backbone, dim = build_backbone("resnet18", width=4)
     with pytest.raises(ValueError, match="unknown method 'swav'"):
         build_method("swav", backbone, dim, MethodConfig())
@@ -146,16 +194,18 @@ def test_defaults_and_config_validation():
     with pytest.raises(ValueError, match="positives must be one of"):
         MethodConfig(positives="real")
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        MethodConfig(temperature=0.0)
+        MethodConfig.for_method("simclr", temperature=0.0)
     with pytest.raises(ValueError, match="lam"):
         MethodConfig(lam=-1.0)
+    with pytest.raises(ValueError, match="pred_hidden must be a positive layer width"):
+        BYOLConfig(pred_hidden=0)
     with pytest.raises(ValueError, match="momentum"):
-        MethodConfig(momentum_base=0.999, momentum_final=0.99)
-    with pytest.raises(ValueError, match="unknown MethodConfig field"):
-        MethodConfig.for_method("simclr", tau=0.1)
-    with pytest.raises(ValueError, match="moco needs queue_size"):
-        build_method("moco", backbone, dim, MethodConfig())  # SimCLR-style config has no queue
-    with pytest.raises(TypeError, match="MethodConfig"):
+        MoCoConfig(momentum_base=0.999, momentum_final=0.99)
+    with pytest.raises(ValueError, match="moco needs queue_size >= 1"):
+        MoCoConfig(queue_size=0)
+    with pytest.raises(TypeError, match="moco takes settings of type MoCoConfig"):
+        build_method("moco", backbone, dim, MethodConfig.for_method("simclr"))  # SimCLR's settings have no queue
+    with pytest.raises(TypeError, match="simclr takes settings of type InfoNCEConfig"):
         build_method("simclr", backbone, dim, {"lam": 1.0})
     assert build_method("simclr", backbone, dim).backbone is backbone  # the encoder evaluated downstream
 

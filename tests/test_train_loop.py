@@ -97,6 +97,25 @@ def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, t
     assert log_steps(out) == list(range(1, 7))
 
 
+def test_each_method_records_its_own_settings_and_older_records_still_resume(shards, tmp_path):
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))
+    record = read_json(out / "config.json")
+    assert set(record["method"]) == {"positives", "lam", "temperature", "proj_hidden", "proj_dim", "proj_bn"}
+    # clsp < 0.3 recorded every method's settings for every method; those SimCLR lacks never took part in the run
+    record["method"].update(queue_size=0, pred_hidden=4096, momentum_base=0.99, momentum_final=0.999)
+    (out / "config.json").write_text(json.dumps(record))
+    assert train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True))) == out
+    record["method"]["temperature"] = 0.5  # a setting the method has still decides whether it is the same run
+    (out / "config.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="temperature"):
+        train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True)))
+    with pytest.raises(UserError, match="--temperature does not apply to byol: its settings are lam, proj_dim"):
+        make_config(**options(shards, out, method="byol", temperature=0.1))
+    assert make_config(preset="embedded", shards=str(shards), out=str(out)).method_config().lam == 0.2  # its queue
+    # size is for MoCo and NNCLR; SimCLR leaves it out
+
+
 def test_a_run_after_another_with_other_precision_in_the_same_process_trains(shards, tmp_path):
     # Accelerate keeps one state per process: a bf16 run (the default on a GPU) followed by an fp32 one in the same
     # process (eval study, this test suite on a GPU machine) was refused with "AcceleratorState has already been

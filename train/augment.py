@@ -1,4 +1,4 @@
-"""Batched GPU/CPU augmentation of the SimCLR and MoCo v2+ recipes (kornia), and the per-image PIL reference.
+"""Batched GPU/CPU augmentation of the SimCLR and MoCo v2+ recipes (kornia); `train.pil_augment` is the per-image form.
 
     augment = BatchAugment("simclr", size=32, mean=CIFAR_MEAN, std=CIFAR_STD).to(device)
     v1, v2 = augment(images), augment(images)   # images: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1]
@@ -103,21 +103,3 @@ class EvalTransform(nn.Module):
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return self.normalize(x)
-
-
-def pil_reference(recipe: str, size: int, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD):
-    """The same recipe as a torchvision per-image transform: PIL image -> normalised float (3, size, size)."""
-    from torchvision import transforms as T
-
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {RECIPES}")
-    ops = [
-        T.RandomResizedCrop(size, scale=CROP_SCALE),
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(*JITTER[recipe])], p=JITTER_P),
-        T.RandomGrayscale(p=GRAYSCALE_P),
-    ]
-    if recipe == "moco":
-        ops.append(T.RandomSolarize(threshold=128, p=SOLARIZE_P))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(ops)

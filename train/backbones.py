@@ -1,15 +1,68 @@
-"""ResNet encoders (torchvision blocks) with a width knob and the small-image stem, plus the MLP heads of the methods.
+"""ResNet encoders with a width knob and the small-image stem, plus the MLP heads of the methods.
 
-torchvision's ``resnet18(width_per_group=...)`` only widens the inside of Bottleneck blocks, so this module assembles
-the same stages from torchvision's ``BasicBlock``/``Bottleneck`` with every stage scaled by ``width / 64``:
-``width=64`` is exactly torchvision's ResNet (minus ``fc``), ``width=16`` has about 1/16 of its parameters.
+The blocks are the standard ResNet ones (He et al. 2016; Bottleneck with the stride on its 3x3 conv, "v1.5") with
+torchvision's module names and construction order, so ``width=64`` is torchvision's ResNet minus ``fc``: the same state
+dict, the same features (tests/test_methods.py checks both against a fixture made with torchvision) and the same
+initial weights for a given seed. ``width`` scales every stage by ``width / 64`` (torchvision's ``width_per_group``
+only widens the inside of Bottleneck blocks): ``width=16`` has about 1/16 of the parameters. Written here rather than
+imported so the CPU install needs no torchvision, which has no CPU build on the package index.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs and a shortcut: (B, inplanes, H, W) -> (B, planes, H/stride, W/stride)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()  # attribute order = torchvision's (state dict order and initial-weight draws follow it)
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand by 4, and a shortcut: (B, inplanes, H, W) -> (B, 4 planes, H/s, W/s)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + shortcut)
 
 # name -> (block type, blocks per stage)
 RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
@@ -27,7 +80,7 @@ def wants_small_stem(image_size: int) -> bool:
 class ResNetTrunk(nn.Module):
     """ResNet without ``fc``: (B, 3, H, W) -> (B, D) pooled features, D = ``feat_dim``.
 
-    Module names follow torchvision (conv1, bn1, layer1..layer4), so torchvision state dicts load with ``strict=False``.
+    Module names follow torchvision (conv1, bn1, layer1..layer4), so torchvision state dicts load (drop their ``fc.``).
     """
 
     def __init__(self, block: type[nn.Module], layers: tuple[int, ...], width: int = 64, small_stem: bool = True):

@@ -5,7 +5,7 @@
   loader    the shard stream (decode the anchor and one of K positives) + BatchAugment of the three views on the device
   cached    the same from the decoded in-memory input (train.cache, --cache): images decoded once, then indexed
   augment   BatchAugment alone on uint8 batches already on the device
-  pil       the per-image torchvision/PIL pipeline (train.augment.pil_reference), three views per anchor, one process
+  pil       the per-image PIL pipeline (train.pil_augment.pil_reference), three views per anchor, one process
 ratio = loader / train: above 1 the model is the bottleneck, below 1 the input pipeline is.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from clsp.shards.manifest import read_manifest
 from clsp.shards.manifest_writer import write_manifest
 from clsp.shards.schema import ShardSample
 from clsp.shards.writer import ShardWriter, shard_name
-from clsp.train.augment import BatchAugment, pil_reference
+from clsp.train.augment import BatchAugment
+from clsp.train.pil_augment import pil_reference
 from clsp.train.backbones import build_backbone
 from clsp.train.cache import CachedStream
 from clsp.train.methods import MethodConfig, build_method

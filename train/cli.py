@@ -47,7 +47,8 @@ def run_command(
     optimizer: Optional[str] = typer.Option(None, help="sgd."),
     proj_hidden: Optional[int] = typer.Option(None, help="Projector hidden width (default: the method's)."),
     proj_dim: Optional[int] = typer.Option(None, help="Projection size (default: the method's)."),
-    temperature: Optional[float] = typer.Option(None, help="InfoNCE temperature (default: the method's)."),
+    temperature: Optional[float] = typer.Option(None, help="InfoNCE temperature: SimCLR, MoCo, NNCLR (default: the "
+                                                "method's)."),
     queue_size: Optional[int] = typer.Option(None, help="MoCo queue / NNCLR support set size (default: the method's)."),
     seed: Optional[int] = typer.Option(None, help="Initial weights, augmentations and draws follow from it."),
     workers: Optional[int] = typer.Option(None, help="Loader processes per training process (streamed input)."),

@@ -37,16 +37,28 @@ from clsp.train.checkpoint import (CONFIG, LOG, SUMMARY, TRACKER_DIR, RunLog, de
                                    load_checkpoint, run_files, save_backbone)
 from clsp.train.epoch import Launch, run_epoch
 from clsp.train.knn_monitor import KnnMonitor
-from clsp.train.methods import METHOD_DEFAULTS, Method, MethodConfig, build_method
+from clsp.train.methods import Method, MethodConfig, build_method, method_names, setting_names
 from clsp.train.shard_input import open_input, open_shards, split_batch
 from clsp.train.stream import POSITIVES, WEIGHTINGS, PositiveFilter
 from clsp.train.trackers import tracker_options
 
 # Options that may change when a run is resumed: they do not change what is computed.
 OPERATIONAL = ("out", "workers", "resume", "overwrite", "knn_every", "knn_source", "log_with")
+METHOD_SETTINGS = ("lam", "temperature", "proj_hidden", "proj_dim", "queue_size")  # options a method may lack
+
+
+def _upgrade_record(record: dict) -> dict:
+    """Records of clsp < 0.3 list every method's settings under "method" (one config class served all methods): keep
+    those the run's method has; the others never took part in it."""
+    method, settings = record.get("config", {}).get("method"), record.get("method")
+    if isinstance(settings, dict) and method in method_names():
+        record["method"] = {key: value for key, value in settings.items() if key in setting_names(method)}
+    return record
+
+
 TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe=describe_run,
                     operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version"),
-                    legacy_keys=("config", "backbone", "normalize", "data"))
+                    legacy_keys=("config", "backbone", "normalize", "data"), upgrade=_upgrade_record)
 # embedded: 16 px digits (1,437 anchors, 11 steps an epoch) on 2 CPU cores, about 2.5 minutes a run (550 steps).
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
@@ -105,7 +117,7 @@ class TrainConfig:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise UserError(message)
-        need(self.method in METHOD_DEFAULTS, f"unknown method {self.method!r}: choose one of {sorted(METHOD_DEFAULTS)}")
+        need(self.method in method_names(), f"unknown method {self.method!r}: choose one of {method_names()}")
         need(self.positives in POSITIVES, f"--positives must be one of {', '.join(POSITIVES)}, got {self.positives!r}")
         need(self.optimizer == "sgd", f"optimizer {self.optimizer!r} is not available: use sgd")
         need(self.backbone in RESNET_LAYOUTS, f"--backbone {self.backbone!r} is unknown: use "
@@ -132,10 +144,12 @@ class TrainConfig:
         self.method_config()  # validates lam, temperature, widths
 
     def method_config(self) -> MethodConfig:
+        """The method's settings from this config; one the method lacks (a preset's queue size for SimCLR) is left out
+        (`make_config` refuses such an option when it is given explicitly)."""
+        known = setting_names(self.method)
+        settings = {name: getattr(self, name) for name in METHOD_SETTINGS if name in known}
         try:
-            return MethodConfig.for_method(self.method, positives=self.positives, lam=self.lam,
-                                           temperature=self.temperature, proj_hidden=self.proj_hidden,
-                                           proj_dim=self.proj_dim, queue_size=self.queue_size)
+            return MethodConfig.for_method(self.method, positives=self.positives, **settings)
         except ValueError as error:
             raise UserError(str(error)) from None
 
@@ -146,6 +160,12 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
     if unknown:
         raise TypeError(f"unknown TrainConfig option(s) {unknown}")
     values = preset_values(PRESETS, preset, options)
+    method = values.get("method", TrainConfig.method)
+    stray = [name for name in METHOD_SETTINGS if options.get(name) is not None and method in method_names()
+             and name not in setting_names(method)]
+    if stray:
+        raise UserError(f"--{stray[0].replace('_', '-')} does not apply to {method}: its settings are "
+                        f"{', '.join(sorted(setting_names(method) & set(METHOD_SETTINGS)))}")
     if options.get("warmup_epochs") is None:  # the default / preset warm-up (10 epochs) scales down with a short run
         epochs = values.get("epochs", TrainConfig.epochs)
         values["warmup_epochs"] = min(values.get("warmup_epochs", TrainConfig.warmup_epochs), WARMUP_SHARE * epochs)

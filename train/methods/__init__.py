@@ -1,13 +1,14 @@
 """Self-supervised methods, one small file each, registered by name; each may add the CLSP term.
 
-    cfg = MethodConfig.for_method("moco", positives="synthetic")        # per-method defaults + overrides
+    cfg = MethodConfig.for_method("moco", positives="synthetic")   # MoCo's settings (MoCoConfig), its defaults + these
     method = build_method("moco", backbone, feat_dim, cfg)
     out = method([v1, v2], ids, third=v3)   # dict(loss, loss_base, loss_clsp); v*: (B, 3, H, W) augmented
     out["loss"].backward(); optimizer.step(); method.after_step(progress)   # momentum encoders
 
-A method subclass implements ``base_loss`` (the base class builds the projector and ``project``); ``Method.forward`` adds
-lam * clsp_term(z1, z3) with z1 the projection of view 1 and z3 that of the third view. The third view only enters
-that term: it is never a negative for any anchor.
+A method subclass implements ``base_loss`` (the base class builds the projector and ``project``) and names its settings
+as ``config``: a MethodConfig subclass declared beside it when it has settings of its own (moco.py: MoCoConfig).
+``Method.forward`` adds lam * clsp_term(z1, z3) with z1 the projection of view 1 and z3 that of the third view. The
+third view only enters that term: it is never a negative for any anchor.
 """
 from __future__ import annotations
 
@@ -28,54 +29,64 @@ POSITIVES = ("synthetic", "augment", "none")  # synthetic positive / third real 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Method settings; build with ``MethodConfig.for_method(name, ...)`` to start from that method's defaults."""
+    """The settings every method has. A method with more declares a subclass in its own file and names it as its
+    ``config``; the subclass's field defaults are that method's defaults. Build one with
+    ``MethodConfig.for_method(name, **settings)``."""
 
     positives: str = "synthetic"
     lam: float = 1.0  # weight of the CLSP term
-    temperature: float = 0.2  # InfoNCE temperature (unused by BYOL)
     proj_hidden: int = 4096
     proj_dim: int = 256
     proj_bn: bool = False  # BatchNorm1d in the projector's hidden layer
-    pred_hidden: int = 4096  # predictor hidden width (BYOL, NNCLR)
-    queue_size: int = 0  # MoCo negatives / NNCLR support set
-    momentum_base: float = 0.99  # target-encoder momentum at progress 0 (MoCo, BYOL) ...
-    momentum_final: float = 0.999  # ... rising on a cosine to this at progress 1
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError for a bad value; a subclass checks its own fields and calls this."""
         if self.positives not in POSITIVES:
             raise ValueError(f"positives must be one of {POSITIVES}, got {self.positives!r}")
         if not self.lam >= 0:
             raise ValueError(f"lam (CLSP weight) must be >= 0, got {self.lam}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (typical 0.1-0.5), got {self.temperature}")
         for name in ("proj_hidden", "proj_dim", "pred_hidden"):
-            if getattr(self, name) < 1:
+            if getattr(self, name, 1) < 1:
                 raise ValueError(f"{name} must be a positive layer width, got {getattr(self, name)}")
-        if self.queue_size < 0:
-            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
-        if not 0.0 <= self.momentum_base <= self.momentum_final <= 1.0:
-            raise ValueError(
-                "momentum must satisfy 0 <= momentum_base <= momentum_final <= 1, "
-                f"got base={self.momentum_base}, final={self.momentum_final}"
-            )
 
     @classmethod
-    def for_method(cls, name: str, **overrides) -> "MethodConfig":
-        """METHOD_DEFAULTS[name] updated with ``overrides``; overrides that are None keep the default."""
-        if name not in METHOD_DEFAULTS:
-            raise ValueError(f"unknown method {name!r}: choose one of {sorted(METHOD_DEFAULTS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
+    def for_method(cls, name: str, **settings) -> "MethodConfig":
+        """Method `name`'s config: its defaults with `settings` on top; a setting that is None keeps the default, one
+        the method does not have is refused."""
+        config = method_class(name).config
+        known = setting_names(name)
+        unknown = sorted(key for key, value in settings.items() if value is not None and key not in known)
         if unknown:
-            raise ValueError(f"unknown MethodConfig field(s) {unknown}: valid fields are {sorted(known)}")
-        given = {key: value for key, value in overrides.items() if value is not None}
-        return cls(**{**METHOD_DEFAULTS[name], **given})
+            raise ValueError(f"{name} has no setting {', '.join(unknown)}: its settings are {', '.join(sorted(known))}")
+        return config(**{key: value for key, value in settings.items() if value is not None})
+
+
+@dataclass(frozen=True)
+class InfoNCEConfig(MethodConfig):
+    """Settings of the methods with an InfoNCE loss (SimCLR, MoCo, NNCLR)."""
+
+    temperature: float = 0.2
+
+    def check(self) -> None:
+        super().check()
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (typical 0.1-0.5), got {self.temperature}")
+
+
+def check_momentum(base: float, final: float) -> None:
+    """The momentum of a target encoder rises on a cosine from `base` to `final` (MoCo, BYOL)."""
+    if not 0.0 <= base <= final <= 1.0:
+        raise ValueError(f"momentum must satisfy 0 <= momentum_base <= momentum_final <= 1, got base={base}, "
+                         f"final={final}")
 
 
 class Method(nn.Module):
     """Base class: input checks, the CLSP term and the result dict. ``backbone`` is the encoder evaluated later."""
 
-    defaults: ClassVar[dict] = {}  # MethodConfig values this method starts from
+    config: ClassVar[type[MethodConfig]] = MethodConfig  # this method's settings and their defaults
 
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig):
         super().__init__()
@@ -145,7 +156,6 @@ class MomentumMethod(Method):
 
 
 _REGISTRY: dict[str, type[Method]] = {}
-METHOD_DEFAULTS: dict[str, dict] = {}  # name -> MethodConfig field values that differ per method
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -155,21 +165,34 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered (by {_REGISTRY[name].__name__})")
         _REGISTRY[name] = cls
-        METHOD_DEFAULTS[name] = dict(cls.defaults)
         return cls
 
     return decorate
 
 
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}: choose one of {method_names()}")
+    return _REGISTRY[name]
+
+
+def setting_names(name: str) -> set[str]:
+    """The settings method `name` has (its config's fields)."""
+    return {f.name for f in fields(method_class(name).config)}
+
+
 def build_method(name: str, backbone: nn.Module, feat_dim: int, cfg: MethodConfig | None = None) -> Method:
     """Wrap ``backbone`` ((B, 3, H, W) -> (B, feat_dim)) in method ``name``; cfg defaults to the method's defaults."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}: choose one of {sorted(_REGISTRY)}")
-    if cfg is None:
-        cfg = MethodConfig.for_method(name)
-    if not isinstance(cfg, MethodConfig):
-        raise TypeError(f"cfg must be a MethodConfig, got {type(cfg).__name__}")
-    return _REGISTRY[name](backbone, feat_dim, cfg)
+    cls = method_class(name)
+    cfg = cls.config() if cfg is None else cfg
+    if not isinstance(cfg, cls.config):
+        raise TypeError(f"{name} takes settings of type {cls.config.__name__} (MethodConfig.for_method({name!r}, "
+                        f"...)), got {type(cfg).__name__}")
+    return cls(backbone, feat_dim, cfg)
 
 
 # The built-in methods register themselves on import (kept last: they import the names above).

@@ -1,20 +1,33 @@
 """BYOL: an online predictor regresses the momentum encoder's projection of the other view."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from clsp.train.backbones import mlp_head
 from clsp.train.losses import byol_loss
-from clsp.train.methods import MethodConfig, MomentumMethod, register
+from clsp.train.methods import MethodConfig, MomentumMethod, check_momentum, register
+
+
+@dataclass(frozen=True)
+class BYOLConfig(MethodConfig):
+    # BYOL heads: Linear-BN-ReLU-Linear projector (4096 -> 256) and predictor; momentum 0.99 -> 1.0 (cosine)
+    proj_bn: bool = True
+    pred_hidden: int = 4096  # predictor hidden width
+    momentum_base: float = 0.99
+    momentum_final: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        check_momentum(self.momentum_base, self.momentum_final)
 
 
 @register("byol")
 class BYOL(MomentumMethod):
-    # BYOL heads: Linear-BN-ReLU-Linear projector (4096 -> 256) and predictor; momentum 0.99 -> 1.0 (cosine)
-    defaults = {
-        "lam": 1.0, "proj_hidden": 4096, "proj_dim": 256, "proj_bn": True, "pred_hidden": 4096,
-        "momentum_base": 0.99, "momentum_final": 1.0,
-    }
+    """No negatives: the loss is the normalised regression of each view's prediction onto the other's target."""
 
-    def __init__(self, backbone, feat_dim: int, cfg: MethodConfig):
+    config = BYOLConfig
+
+    def __init__(self, backbone, feat_dim: int, cfg: BYOLConfig):
         super().__init__(backbone, feat_dim, cfg)
         self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True)
         self.add_targets()

@@ -1,27 +1,39 @@
 """MoCo v2+: symmetric InfoNCE of online queries against momentum keys and a queue of past keys."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from clsp.train.backbones import mlp_head
 from clsp.train.distributed import FeatureQueue
 from clsp.train.losses import moco_infonce
-from clsp.train.methods import MethodConfig, MomentumMethod, register
+from clsp.train.methods import InfoNCEConfig, MomentumMethod, check_momentum, register
+
+
+@dataclass(frozen=True)
+class MoCoConfig(InfoNCEConfig):
+    # method.md: queue 32768, momentum 0.99 -> 0.999 (cosine), tau 0.2, lam 0.5 (CIFAR-10; 0.2 CIFAR-100)
+    lam: float = 0.5
+    queue_size: int = 32768  # negatives: keys of past batches
+    momentum_base: float = 0.99  # target-encoder momentum at progress 0 ...
+    momentum_final: float = 0.999  # ... rising on a cosine to this at progress 1
+
+    def check(self) -> None:
+        super().check()
+        if self.queue_size < 1:
+            raise ValueError(f"moco needs queue_size >= 1 (default 32768), got {self.queue_size}")
+        check_momentum(self.momentum_base, self.momentum_final)
 
 
 @register("moco")
 class MoCoV2Plus(MomentumMethod):
-    # method.md: queue 32768, momentum 0.99 -> 0.999 (cosine), symmetric, tau 0.2, lam 0.5 (CIFAR-10; 0.2 CIFAR-100)
-    defaults = {
-        "lam": 0.5, "temperature": 0.2, "proj_hidden": 4096, "proj_dim": 256, "proj_bn": False,
-        "queue_size": 32768, "momentum_base": 0.99, "momentum_final": 0.999,
-    }
+    """Symmetric: each view's query against the other view's key."""
 
-    def __init__(self, backbone, feat_dim: int, cfg: MethodConfig):
+    config = MoCoConfig
+
+    def __init__(self, backbone, feat_dim: int, cfg: MoCoConfig):
         super().__init__(backbone, feat_dim, cfg)
-        if cfg.queue_size < 1:
-            raise ValueError("moco needs queue_size >= 1 (default 32768): use MethodConfig.for_method('moco', ...)")
         self.add_targets()
         self.queue = FeatureQueue(cfg.queue_size, cfg.proj_dim)  # normalised keys of past batches, both views
 

@@ -1,27 +1,38 @@
 """NNCLR: the nearest neighbour of z1 in a support set of past projections is the positive of view 2's prediction."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from clsp.train.backbones import mlp_head
 from clsp.train.distributed import FeatureQueue, gather_with_grad, world_info
 from clsp.train.losses import nnclr_loss
-from clsp.train.methods import Method, MethodConfig, register
+from clsp.train.methods import InfoNCEConfig, Method, register
+
+
+@dataclass(frozen=True)
+class NNCLRConfig(InfoNCEConfig):
+    # NNCLR (CIFAR settings): tau 0.2, support set 65536, BN heads (projector 4096 -> 256, predictor 4096)
+    proj_bn: bool = True
+    pred_hidden: int = 4096  # predictor hidden width
+    queue_size: int = 65536  # support set: z1 of past batches
+
+    def check(self) -> None:
+        super().check()
+        if self.queue_size < 1:
+            raise ValueError(f"nnclr needs queue_size >= 1 (support set, default 65536), got {self.queue_size}")
 
 
 @register("nnclr")
 class NNCLR(Method):
-    # NNCLR (CIFAR settings): tau 0.2, support set 65536, BN heads (projector 4096 -> 256, predictor 4096)
-    defaults = {
-        "lam": 1.0, "temperature": 0.2, "proj_hidden": 4096, "proj_dim": 256, "proj_bn": True,
-        "pred_hidden": 4096, "queue_size": 65536,
-    }
+    """The positive of view 2's prediction is z1's nearest neighbour among past projections."""
 
-    def __init__(self, backbone, feat_dim: int, cfg: MethodConfig):
+    config = NNCLRConfig
+
+    def __init__(self, backbone, feat_dim: int, cfg: NNCLRConfig):
         super().__init__(backbone, feat_dim, cfg)
-        if cfg.queue_size < 1:
-            raise ValueError("nnclr needs queue_size >= 1 (support set, default 65536): use MethodConfig.for_method")
         self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True)
         self.support = FeatureQueue(cfg.queue_size, cfg.proj_dim)  # normalised z1 of past batches
 

@@ -5,16 +5,13 @@ import torch
 
 from clsp.train.distributed import concat_all_gather, gather_with_grad, world_info
 from clsp.train.losses import info_nce
-from clsp.train.methods import Method, MethodConfig, register
+from clsp.train.methods import InfoNCEConfig, Method, register
 
 
 @register("simclr")
 class SimCLR(Method):
-    # method.md: tau 0.2, lam 1.0, projector Linear(d, 4096) - ReLU - Linear(4096, 256)
-    defaults = {"lam": 1.0, "temperature": 0.2, "proj_hidden": 4096, "proj_dim": 256, "proj_bn": False}
-
-    def __init__(self, backbone, feat_dim: int, cfg: MethodConfig):
-        super().__init__(backbone, feat_dim, cfg)
+    # method.md: tau 0.2, lam 1.0, projector Linear(d, 4096) - ReLU - Linear(4096, 256): InfoNCEConfig's defaults
+    config = InfoNCEConfig
 
     def base_loss(self, v1, v2, ids):
         z1, z2 = self.project(v1), self.project(v2)  # (B, p) each
