@@ -39,7 +39,7 @@ def info_command(location: str = typer.Argument(..., help="Shard directory or UR
         return
     run = manifest.run
     typer.echo(f"anchors     {manifest.count} in {len(manifest.shards)} shards, K = {manifest.k}, "
-               f"{run.get('image_size')} px")
+               f"{run.get('image_size')} px, {manifest.codec} images (schema {manifest.schema_version})")
     for key in ("source", "generator", "sampler"):
         typer.echo(f"{key:<11} " + ", ".join(f"{k}={v}" for k, v in sorted(run.get(key, {}).items())))
     typer.echo(f"made with   {_compute(run)}")

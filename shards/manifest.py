@@ -2,7 +2,8 @@
 
 A shard directory is complete exactly when `manifest.json` exists. The run metadata records what made the shards:
 schema version, source (spec, split, fingerprint, count, and the class count when the source names its classes),
-generator (model id, weights hash), sampler settings, K, seed, image size, anchors per shard and package version.
+generator (model id, weights hash), sampler settings, K, seed, image size, anchors per shard and package version, and
+from schema version 3 the image codec (run.codec "raw"; absent means png, see shards.schema).
 
 `read_manifest` is the one check of a manifest (field types, required fields, bounds, index columns and rows) that every
 reader goes through, and `write_manifest` (shards.manifest_writer) refuses to write what it would refuse. `Manifest.contract()` then holds what
@@ -29,8 +30,9 @@ import pyarrow.parquet as pq
 
 from clsp.shards.manifest_checks import INDEX, MANIFEST, document_problems, index_problems, score_column
 from clsp.shards.reader import RawSample, ShardError, check_location, iter_shard, join_location, open_location
-from clsp.shards.schema import ANCHOR, LEGACY_NOISE, META, POSITIVE, READ_VERSIONS, SCHEMA_VERSION, SchemaError, \
-    check_png, member_keys, parse_json, sample_sha256
+from clsp.shards.codecs import CODECS, DEFAULT_CODEC, SchemaError, codec_of
+from clsp.shards.schema import LEGACY_NOISE, META, READ_VERSIONS, SCHEMA_VERSION, is_image_key, member_keys, \
+    parse_json, sample_sha256
 
 FORMAT = "clsp-shards"
 DISTANCE_RECORD = "RMS pixel difference to the anchor, pixels in [0, 1] (shards.schema.positive_distances)"
@@ -63,6 +65,7 @@ class Contract:
     row_label: np.ndarray  # (N,) int64
     row_sha256: np.ndarray  # (N, 32) uint8: each sample's checksum (`sample_sha256`)
     unscored: frozenset[int] = frozenset()  # rows whose scores are null: their samples could not be scored
+    codec: str = DEFAULT_CODEC  # every image member of every sample is in this codec (shards.codecs)
 
     def entry(self, location: str) -> dict:
         """The manifest entry of the shard at `location` (what `iter_shard` compares the shard with)."""
@@ -74,15 +77,7 @@ class Contract:
     def problems(self, sample: RawSample) -> list[str]:
         """Everything wrong with a sample, each naming its shard and id; images are checked without decoding."""
         where = f"{sample.shard}: sample {sample.key}"
-        problems = []
-        if sample.ignored:
-            problems.append(f"{where} holds member(s) outside the schema, not decoded: {', '.join(sample.ignored)}")
-        expected = set(member_keys(self.k))
-        if set(sample.members) != expected:
-            lacking, extra = sorted(expected - set(sample.members)), sorted(set(sample.members) - expected)
-            problems.append(f"{where} has {sample.k} positives, expected {self.k}"
-                            + (f"; lacks {', '.join(lacking)}" if lacking else "")
-                            + (f"; has extra {', '.join(extra)}" if extra else ""))
+        problems = self._member_problems(sample, where)
         row = self.rows.get(sample.key)
         shard = None if row is None else self.shard_names[self.row_shard[row]]
         if row is None:
@@ -97,16 +92,38 @@ class Contract:
                 problems.append(f"{where}: {META} must name the anchor and hold {self.k} seeds")
         except SchemaError as error:
             problems.append(f"{where}: {error}")
-        for key in [key for key in sample.members if key == ANCHOR or POSITIVE.match(key)]:
-            try:
-                check_png(sample.members[key], f"{sample.shard}: {sample.key}.{key}", self.image_size)
-            except SchemaError as error:
-                problems.append(str(error))
+        problems += self._image_problems(sample)
         if row in self.unscored and not problems:
             problems.append(f"{where} has no scores in {INDEX}: its images could not be scored when the manifest was "
                             f"written")
         if not problems and bytes.fromhex(sample_sha256(sample.ordered_members())) != self.row_sha256[row].tobytes():
             problems.append(f"{where} does not match its checksum in {INDEX}")
+        return problems
+
+    def _member_problems(self, sample: RawSample, where: str) -> list[str]:
+        """Members outside the schema, image members in another codec than the manifest's, missing or extra keys."""
+        problems = []
+        if sample.ignored:
+            problems.append(f"{where} holds member(s) outside the schema, not decoded: {', '.join(sample.ignored)}")
+        problems += [f"{sample.shard}: {sample.key}.{key} is a {codec_of(key).name} image; {MANIFEST} says every image "
+                     f"of this run is {self.codec} (.{CODECS[self.codec].extension})"
+                     for key in sample.members if is_image_key(key) and codec_of(key).name != self.codec]
+        expected = set(member_keys(self.k, self.codec))
+        if set(sample.members) != expected:
+            lacking, extra = sorted(expected - set(sample.members)), sorted(set(sample.members) - expected)
+            problems.append(f"{where} has {sample.k} positives, expected {self.k}"
+                            + (f"; lacks {', '.join(lacking)}" if lacking else "")
+                            + (f"; has extra {', '.join(extra)}" if extra else ""))
+        return problems
+
+    def _image_problems(self, sample: RawSample) -> list[str]:
+        """Header checks (no decoding) of the image members in the manifest's codec, at the manifest's size."""
+        problems = []
+        for key in [key for key in sample.members if is_image_key(key) and codec_of(key).name == self.codec]:
+            try:
+                codec_of(key).check(sample.members[key], f"{sample.shard}: {sample.key}.{key}", self.image_size)
+            except SchemaError as error:
+                problems.append(str(error))
         return problems
 
     def check(self, sample: RawSample) -> int:
@@ -135,6 +152,11 @@ class Manifest:
     @property
     def k(self) -> int:
         return int(self.run["k"])
+
+    @property
+    def codec(self) -> str:
+        """The image codec of every sample: "png" or "raw" (shards.codecs); absent from the run record means png."""
+        return self.run.get("codec", DEFAULT_CODEC)
 
     def scores(self, metric: str) -> np.ndarray | None:
         """(N, K) float32 scores of each row's positives, NaN where a row holds none; None when the index has none."""
@@ -168,7 +190,7 @@ class Manifest:
             np.flatnonzero(self.index.column(distance).is_null().to_numpy(zero_copy_only=False)).tolist())
         return Contract(self.k, int(self.run["image_size"]), {s["name"]: s for s in self.shards}, tuple(names),
                         {a: i for i, a in enumerate(self.index.column("anchor_id").to_pylist())}, shards,
-                        self.index.column("label").to_numpy(), checksums, unscored)
+                        self.index.column("label").to_numpy(), checksums, unscored, self.codec)
 
 
 def _read(location: str) -> bytes:

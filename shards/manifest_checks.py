@@ -8,7 +8,8 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clsp.shards.schema import ID_PATTERN, MAX_IMAGE_SIDE, MAX_K, SCORES
+from clsp.shards.codecs import CODECS, DEFAULT_CODEC, MAX_IMAGE_SIDE
+from clsp.shards.schema import CODEC_VERSIONS, ID_PATTERN, MAX_K, SCORES
 from clsp.shards.writer import SHARD_PATTERN
 
 MANIFEST, INDEX = "manifest.json", "index.parquet"
@@ -79,6 +80,8 @@ def document_problems(document: dict) -> list[str]:
     run, index, shards = document.get("run"), document.get("index"), document.get("shards")
     if isinstance(run, dict) and _check_fields(run, RUN_SPEC, "run.", problems) and "num_classes" in run["source"]:
         _check_fields(run["source"], SOURCE_SPEC, "run.source.", problems)
+    if isinstance(run, dict) and "codec" in run:
+        problems += _codec_problems(run["codec"], document.get("schema_version"))
     if isinstance(index, dict) and _check_fields(index, INDEX_SPEC, "index.", problems):
         if index["name"] != INDEX or not HEX64.match(index["sha256"]):
             problems.append(f"index must name {INDEX} and give its sha256 (64 hex digits)")
@@ -97,6 +100,17 @@ def document_problems(document: dict) -> list[str]:
         names = [entry.get("name") for entry in shards if isinstance(entry, dict)]
         problems += [f"shard {name} is listed twice" for name in sorted({n for n in names if names.count(n) > 1})]
     return problems
+
+
+def _codec_problems(codec, version) -> list[str]:
+    """run.codec (optional, absent means png) names a codec that the manifest's schema version has: raw needs 3."""
+    if not isinstance(codec, str) or codec not in CODECS:
+        return [f"run.codec is {_show(codec)}: the image codec must be {' or '.join(map(repr, CODECS))} (absent means "
+                f"{DEFAULT_CODEC})"]
+    if codec != DEFAULT_CODEC and version < CODEC_VERSIONS[codec]:
+        return [f"run.codec is {codec!r} under schema version {version}: {codec} images need schema version "
+                f"{CODEC_VERSIONS[codec]} (a clsp that reads version {version} would not know them)"]
+    return []
 
 
 def index_problems(index: pa.Table, document: dict) -> list[str]:

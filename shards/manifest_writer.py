@@ -19,7 +19,8 @@ from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, Manifest, ManifestErro
 from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, SCORE_TYPE, document_problems, index_problems, \
     score_column
 from clsp.shards.reader import RawSample, ShardError, iter_shard
-from clsp.shards.schema import SCHEMA_VERSION, positive_distances, sample_sha256
+from clsp.shards.codecs import DEFAULT_CODEC
+from clsp.shards.schema import CODEC_VERSIONS, SCHEMA_VERSION, positive_distances, sample_sha256
 from clsp.shards.writer import SHARD_PATTERN
 
 
@@ -95,19 +96,26 @@ def _index_shards(directory: Path, k, agreement: AgreementScorer | None) -> tupl
 def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer | None = None) -> Manifest:
     """Index every finished shard in `directory`, scoring each positive (its distance to the anchor, and with
     `agreement` its class agreement), and write index.parquet, then manifest.json (last). Refuses (writing nothing)
-    what `read_manifest` would refuse."""
+    what `read_manifest` would refuse.
+
+    `run` may name the image codec (run["codec"], default png): the manifest is written with that codec's schema
+    version, and records the codec only when it is not png, so a PNG run's manifest stays as version 2 wrote it."""
     directory = Path(directory)
+    codec = run.get("codec", DEFAULT_CODEC)
+    run = {key: value for key, value in run.items() if key != "codec" or value != DEFAULT_CODEC}
     run = {**run, "scores": {"distance": DISTANCE_RECORD, **({"agreement": agreement.record} if agreement else {})}}
     shards, index = _index_shards(directory, run.get("k"), agreement)
     if not shards:
         raise ShardError(f"{directory} holds no finished shards: nothing to index")
     buffer = io.BytesIO()
     pq.write_table(index, buffer)
-    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "count": index.num_rows, "run": run,
+    # an unknown codec is refused below (document_problems), naming the codecs
+    version = CODEC_VERSIONS.get(codec, SCHEMA_VERSION) if isinstance(codec, str) else SCHEMA_VERSION
+    manifest = {"format": FORMAT, "schema_version": version, "count": index.num_rows, "run": run,
                 "shards": shards, "index": {"name": INDEX, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}}
     problems = document_problems(manifest) or index_problems(index, manifest)
     if problems:
         raise ManifestError.of(f"{directory}/{MANIFEST} (not written)", problems)
     _write_atomic(directory / INDEX, buffer.getvalue())
     _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return Manifest(str(directory), run, shards, index, index.num_rows)
+    return Manifest(str(directory), run, shards, index, index.num_rows, version)

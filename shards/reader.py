@@ -1,8 +1,9 @@
 """A safe streaming reader: webdataset's tar stages over our own opener group tar members into samples by key, and
 only schema keys are kept.
 
-Nothing read from a shard is unpickled, `torch.load`ed or executed: PNGs go to PIL's PNG decoder only, the label is
-parsed as a decimal, meta as JSON. Members with other extensions (`.pyd`, `.pth`, ...) are never decoded: they are
+Nothing read from a shard is unpickled, `torch.load`ed or executed: PNGs go to PIL's PNG decoder only, .npy images to
+our own strict header parser (never `np.load`), the label is parsed as a decimal, meta as JSON (shards.codecs,
+shards.schema). Members with other extensions (`.pyd`, `.pth`, `.pickle`, ...) are never decoded: they are
 counted in `RawSample.ignored` (`verify` and the training stream refuse such samples). Locations are local paths or
 fsspec URLs that the *user* gives; shard names from a manifest must match `shard-NNNNNN.tar`, so a manifest cannot
 point anywhere else, and shell schemes such as `pipe:` are refused outright. Shards are plain tars: a compressed one
@@ -20,8 +21,8 @@ from typing import IO, Iterator
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from clsp.shards.schema import ANCHOR, LABEL, META, POSITIVE, SchemaError, decode_label, decode_meta, decode_png, \
-    is_schema_key, positive_key
+from clsp.shards.codecs import SchemaError, codec_of
+from clsp.shards.schema import LABEL, META, POSITIVE, decode_label, decode_meta, image_keys, is_schema_key
 
 ALLOWED_SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "hf", "memory")
 MAX_MEMBER_BYTES = 64 << 20
@@ -59,7 +60,7 @@ class RawSample:
 
     key: str
     shard: str
-    members: dict[str, bytes]  # schema key ("anchor.png", "pos3.png", ...) -> bytes
+    members: dict[str, bytes]  # schema key ("anchor.png", "pos3.npy", ...) -> bytes
     ignored: list[str] = field(default_factory=list)  # member names outside the schema, never decoded
 
     @property
@@ -71,12 +72,19 @@ class RawSample:
             raise SchemaError(f"{self.shard}: sample {self.key} has no {key}")
         return self.members[key]
 
+    def _image(self, stem: str) -> np.ndarray:
+        """The image member "anchor" / "pos{j}" in whichever codec the sample holds it -> (H, W, 3) uint8."""
+        found = [key for key in image_keys(stem) if key in self.members]  # anchor.png and/or anchor.npy
+        if len(found) != 1:
+            raise SchemaError(f"{self.shard}: sample {self.key} has " + (f"{stem} twice ({', '.join(found)})" if found
+                                                                          else f"no {stem} image"))
+        return codec_of(found[0]).decode(self.members[found[0]], f"{self.shard}: {self.key}.{found[0]}")
+
     def anchor(self) -> np.ndarray:  # (H, W, 3) uint8
-        return decode_png(self._need(ANCHOR), f"{self.shard}: {self.key}.{ANCHOR}")
+        return self._image("anchor")
 
     def positive(self, j: int) -> np.ndarray:  # (H, W, 3) uint8
-        key = positive_key(j)
-        return decode_png(self._need(key), f"{self.shard}: {self.key}.{key}")
+        return self._image(f"pos{j}")
 
     @property
     def label(self) -> int:

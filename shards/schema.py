@@ -1,61 +1,82 @@
-"""Schema version 2: one WebDataset sample per anchor, key = anchor id.
+"""Schema versions 2 and 3: one WebDataset sample per anchor, key = anchor id.
 
-Members of a sample, in this order (the file extension picks the codec):
-    {id}.anchor.png       the anchor image, (H, W, 3) uint8, lossless 8-bit RGB PNG of the manifest's image size
+Members of a sample, in this order (the file extension picks the codec, shards.codecs):
+    {id}.anchor.EXT       the anchor image, (H, W, 3) uint8 of the manifest's image size
     {id}.cls.txt          the label as decimal text, -1 when unknown, else below the manifest's class count
     {id}.meta.json        {"anchor_id", "seeds": [K ints]}: seeds[j] made positive j
-    {id}.pos{j}.png       positive j = 0..K-1, like the anchor
-Nothing else. A reader decodes only these keys, with the codecs below.
+    {id}.pos{j}.EXT       positive j = 0..K-1, like the anchor
+Nothing else. A reader decodes only these keys, with the codecs of shards.codecs. EXT is the run's image codec's, the
+same for every image of every sample: `png` (lossless 8-bit RGB PNG; the default) or, from version 3, `npy` (codec
+`raw`: NPY format 1.0 of the (H, W, 3) uint8 array, C order, as `np.save` writes it; faster to load, larger).
 
-Version 2 keeps these members byte for byte and adds per-positive scores to the manifest's index.parquet (one list of K
-float32 per anchor, see shards.manifest): `positive_distance`, the RMS pixel distance of each positive to its anchor
-(`positive_distances`), and, when the synth job scored with a reference classifier, `positive_agreement`, that
+Version 2 keeps version 1's members byte for byte and adds per-positive scores to the manifest's index.parquet (one
+list of K float32 per anchor, see shards.manifest): `positive_distance`, the RMS pixel distance of each positive to its
+anchor (`positive_distances`), and, when the synth job scored with a reference classifier, `positive_agreement`, that
 classifier's probability of the anchor's class. Version-1 directories (no scores) are still read.
+
+Version 3 adds the codec: the manifest's run.codec is "raw" (or "png"; absent means png) and a raw run's images are
+.npy members. A run is written with the oldest version that describes it (`schema_version`): a PNG run still writes
+version 2, its manifest without run.codec, byte for byte as before, so a clsp that reads only version 2 reads it.
+Scores are computed on decoded pixels, so a PNG and a raw run of the same input differ only in member bytes and
+checksums.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-import struct
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
-SCHEMA_VERSION = 2
-READ_VERSIONS = (1, 2)  # version 1: the same members, an index without scores
+from clsp.shards.codecs import BY_EXTENSION, CODECS, DEFAULT_CODEC, SchemaError, get_codec
+
+SCHEMA_VERSION = 3  # the newest version written (a raw run's)
+CODEC_VERSIONS = {"png": 2, "raw": 3}  # the oldest version that holds each codec: what a run of it is written with
+READ_VERSIONS = (1, 2, 3)  # version 1: the same members as 2, an index without scores
 SCORES = ("distance", "agreement")  # per-positive scores: index column positive_{metric}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # no dots: a WebDataset key ends at the first dot
-ANCHOR, LABEL, META = "anchor.png", "cls.txt", "meta.json"
-POSITIVE = re.compile(r"^pos(0|[1-9][0-9]{0,2})\.png$")
+LABEL, META = "cls.txt", "meta.json"
+_EXTENSIONS = "|".join(BY_EXTENSION)  # png|npy
+IMAGE = re.compile(rf"^(anchor|pos(0|[1-9][0-9]{{0,2}}))\.({_EXTENSIONS})$")  # an image member of either codec
+POSITIVE = re.compile(rf"^pos(0|[1-9][0-9]{{0,2}})\.({_EXTENSIONS})$")
 MAX_TEXT_BYTES = 1 << 16  # cls.txt / meta.json larger than this are not ours
-MAX_IMAGE_SIDE = 1024
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
 MAX_K = 1000  # positives pos0..pos999: the member name allows three digits
 # The manifest's run.sampler.noise names the generator of noise (clsp.synth.noise); shards made before it was recorded
 # were made with this one, and their manifests read as naming it.
 LEGACY_NOISE = "cpu-generator"
 
 
-class SchemaError(ValueError):
-    """A sample or member that does not follow the schema; the message names the sample and what is wrong."""
+def schema_version(codec: str) -> int:
+    """The version a run with this image codec is written with."""
+    get_codec(codec)  # ValueError naming the codecs
+    return CODEC_VERSIONS[codec]
 
 
-def positive_key(j: int) -> str:
-    return f"pos{j}.png"
+def anchor_key(codec: str = DEFAULT_CODEC) -> str:
+    return f"anchor.{get_codec(codec).extension}"
 
 
-def member_keys(k: int) -> list[str]:
-    """The keys of a sample with K positives, in the order they are written."""
-    return [ANCHOR, LABEL, META] + [positive_key(j) for j in range(k)]
+def positive_key(j: int, codec: str = DEFAULT_CODEC) -> str:
+    return f"pos{j}.{get_codec(codec).extension}"
+
+
+def image_keys(stem: str) -> list[str]:
+    """"anchor" or "pos3" -> its member key in each codec: ["anchor.png", "anchor.npy"]."""
+    return [f"{stem}.{c.extension}" for c in CODECS.values()]
+
+
+def member_keys(k: int, codec: str = DEFAULT_CODEC) -> list[str]:
+    """The keys of a sample with K positives in this codec, in the order they are written."""
+    return [anchor_key(codec), LABEL, META] + [positive_key(j, codec) for j in range(k)]
+
+
+def is_image_key(key: str) -> bool:
+    return IMAGE.match(key) is not None
 
 
 def is_schema_key(key: str) -> bool:
-    return key in (ANCHOR, LABEL, META) or POSITIVE.match(key) is not None
+    return key in (LABEL, META) or is_image_key(key)
 
 
 @dataclass(frozen=True)
@@ -71,52 +92,6 @@ def check_id(anchor_id: str) -> str:
     if not isinstance(anchor_id, str) or not ID_PATTERN.match(anchor_id):
         raise SchemaError(f"anchor id {anchor_id!r} is not allowed: use 1-80 letters, digits, '_' or '-' (no dots)")
     return anchor_id
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes; deterministic (fixed compression, no timestamps or text chunks)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
-
-
-def check_png(data: bytes, what: str = "image", size: int | None = None) -> None:
-    """Refuse anything but an intact 8-bit RGB PNG (of `size` x `size` when given), reading only its chunk headers.
-
-    Every chunk's CRC is checked and the file must run from IHDR to IEND, so a truncated or bit-flipped image is found
-    without decompressing it; grayscale, palette, alpha and 16-bit PNGs are refused rather than silently converted.
-    """
-    if not data.startswith(PNG_SIGNATURE):
-        raise SchemaError(f"{what} is not a PNG")
-    pos, kinds, header = len(PNG_SIGNATURE), [], b""
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8]) if pos + 8 <= len(data) else (0, b"")
-        end = pos + 12 + length  # length, type, data, CRC
-        if not kind or end > len(data) or zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
-            raise SchemaError(f"{what} is a broken PNG (truncated, or a chunk fails its CRC)")
-        header = data[pos + 8:end - 4] if kind == b"IHDR" else header
-        kinds.append(kind)
-        pos = end
-    if kinds[:1] != [b"IHDR"] or kinds[-1:] != [b"IEND"] or len(header) != 13:
-        raise SchemaError(f"{what} is a broken PNG (it must run from an IHDR chunk to an IEND chunk)")
-    width, height, depth, colour = struct.unpack(">IIBB", header[:10])
-    if (depth, colour) != (8, 2):
-        kind = PNG_COLOUR_TYPES.get(colour, f"colour type {colour}")
-        raise SchemaError(f"{what} is a {kind} PNG ({depth}-bit); the schema stores 8-bit RGB: regenerate the shard")
-    if size is not None and (width, height) != (size, size):
-        raise SchemaError(f"{what} is {width}x{height}; the manifest says {size}x{size}: regenerate the shard")
-    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
-        raise SchemaError(f"{what} is {width}x{height}, outside 1..{MAX_IMAGE_SIDE} px")
-
-
-def decode_png(data: bytes, what: str = "image", size: int | None = None) -> np.ndarray:
-    """PNG bytes -> (H, W, 3) uint8, after `check_png` (no other codec is tried)."""
-    check_png(data, what, size)
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            return np.asarray(image, dtype=np.uint8)  # 8-bit RGB by check_png: (H, W, 3), no conversion
-    except Exception as error:  # PIL raises many types for broken data
-        raise SchemaError(f"{what} is a broken PNG ({error})") from None
 
 
 def decode_label(data: bytes) -> int:
@@ -147,8 +122,10 @@ def decode_meta(data: bytes, what: str = META) -> dict:
     return meta
 
 
-def encode_sample(sample: ShardSample, k: int, image_size: int) -> list[tuple[str, bytes]]:
-    """Check a sample against the schema and encode it: [(member name, bytes)] in schema order."""
+def encode_sample(sample: ShardSample, k: int, image_size: int, codec: str = DEFAULT_CODEC) \
+        -> list[tuple[str, bytes]]:
+    """Check a sample against the schema and encode it, images with `codec`: [(member name, bytes)] in schema
+    order."""
     check_id(sample.anchor_id)
     shape = (image_size, image_size, 3)
     if sample.anchor.dtype != np.uint8 or sample.anchor.shape != shape:
@@ -161,10 +138,11 @@ def encode_sample(sample: ShardSample, k: int, image_size: int) -> list[tuple[st
         raise SchemaError(f"{sample.anchor_id}: need {k} integer seeds, got {sample.seeds!r}")
     if not isinstance(sample.label, (int, np.integer)) or sample.label < -1:
         raise SchemaError(f"{sample.anchor_id}: label must be an integer >= -1, got {sample.label!r}")
+    encode = get_codec(codec).encode
     meta = json.dumps({"anchor_id": sample.anchor_id, "seeds": list(sample.seeds)}, sort_keys=True)
-    members = [(ANCHOR, encode_png(sample.anchor)), (LABEL, str(int(sample.label)).encode()),
+    members = [(anchor_key(codec), encode(sample.anchor)), (LABEL, str(int(sample.label)).encode()),
                (META, meta.encode())]
-    members += [(positive_key(j), encode_png(p)) for j, p in enumerate(sample.positives)]
+    members += [(positive_key(j, codec), encode(p)) for j, p in enumerate(sample.positives)]
     return [(f"{sample.anchor_id}.{key}", data) for key, data in members]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from webdataset import TarWriter
 
+from clsp.shards.codecs import DEFAULT_CODEC, get_codec
 from clsp.shards.schema import SchemaError, ShardSample, encode_sample, sample_sha256
 
 SHARD_PATTERN = re.compile(r"^shard-[0-9]{6}\.tar$")
@@ -40,13 +41,14 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class ShardWriter:
-    """`with ShardWriter(path, k, image_size) as w: w.write(sample)`; the shard appears at `path` on a clean exit."""
+    """`with ShardWriter(path, k, image_size) as w: w.write(sample)`; the shard appears at `path` on a clean exit.
+    Images are written with `codec` ("png" or "raw", shards.codecs): one codec for a whole run, as its manifest says."""
 
-    def __init__(self, path: str | Path, k: int, image_size: int):
+    def __init__(self, path: str | Path, k: int, image_size: int, codec: str = DEFAULT_CODEC):
         self.path = Path(path)
         if not SHARD_PATTERN.match(self.path.name):
             raise ValueError(f"shard file name {self.path.name!r} must look like {shard_name(0)}")
-        self.k, self.image_size = k, image_size
+        self.k, self.image_size, self.codec = k, image_size, get_codec(codec).name  # ValueError naming the codecs
         self.temp = self.path.with_name(f"{TEMP_PREFIX}{self.path.name}.{os.getpid()}")
         self.checksums: dict[str, str] = {}  # anchor id -> sample sha256, in write order
 
@@ -62,7 +64,7 @@ class ShardWriter:
     def write(self, sample: ShardSample) -> str:
         if sample.anchor_id in self.checksums:
             raise SchemaError(f"anchor {sample.anchor_id} is written twice to {self.path.name}")
-        members = encode_sample(sample, self.k, self.image_size)
+        members = encode_sample(sample, self.k, self.image_size, self.codec)
         for name, data in members:  # one member per call: TarWriter sorts a sample's keys (pos10 before pos2)
             key, _, ext = name.partition(".")
             self._tar.write({"__key__": key, ext: data})

@@ -46,6 +46,9 @@ def run(
     score_reference: Optional[bool] = typer.Option(
         None, "--score-reference", help="also score each positive's class agreement (a reference classifier fitted on "
         "SOURCE's labelled train split) into index.parquet; rerun a finished job with it to add the scores"),
+    codec: Optional[str] = typer.Option(
+        None, help="image members: png (smaller, for sharing) | raw (.npy arrays, schema 3: larger, read without "
+        "decoding when training)"),
     **sampler,  # one option per SamplerConfig field (w, steps, eta, ...): see with_sampler_options below
 ) -> None:
     """Make K synthetic positives per anchor of SOURCE with the generator MODEL; write shards + manifest to OUT.
@@ -58,7 +61,7 @@ def run(
         seed=seed, anchors_per_shard=anchors_per_shard, **sampler,
         batch_size=forward_batch, limit=limit, device=device,
         bf16=bf16_for(precision, resolve_device(device).type == "cuda"),
-        compile=compile, overwrite=overwrite, score_reference=score_reference,
+        compile=compile, overwrite=overwrite, score_reference=score_reference, codec=codec,
     )
     run_synth(cfg)
 

@@ -28,6 +28,7 @@ from clsp.run_dir import RunKind, prepare_run_dir, read_record, remove_files
 from clsp.sources import Record
 from clsp.shards.manifest import FORMAT, INDEX, MANIFEST
 from clsp.shards.manifest_writer import write_manifest
+from clsp.shards.codecs import CODECS, DEFAULT_CODEC
 from clsp.shards.schema import ShardSample
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, ShardWriter, shard_name
 from clsp.synth.noise import LEGACY_NOISE, candidate_seed, row_noise
@@ -60,6 +61,7 @@ class SynthConfig:
     compile: bool = False  # torch.compile the UNet's blocks
     overwrite: bool = False  # clear shards made with other settings instead of refusing
     score_reference: bool = False  # also score each positive's class agreement with a reference classifier (labels)
+    codec: str = "png"  # image members: png (smaller, for sharing) | raw (.npy, schema 3: no decoding when training)
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -79,6 +81,9 @@ class SynthConfig:
                 problems.append(f"--device {self.device}: use cuda (CUDA_VISIBLE_DEVICES picks the GPU)")
         except UserError as error:
             problems.append(str(error))
+        if self.codec not in CODECS:
+            problems.append(f"--codec {self.codec}: use {' or '.join(CODECS)} (png: smaller files, for sharing; raw: "
+                            f".npy images that training reads without decoding)")
         if self.resize and self.image_size is not None:
             problems.append("--resize and --image-size both set the anchor size: keep one")
         if not Path(self.model).expanduser().exists() and not HUB_ID.match(self.model):
@@ -206,9 +211,11 @@ def _describe(out: Path) -> str:
 # Every run.json field must match to continue a folder, except these (the spec's wording, the hub name, clsp's version).
 SYNTH_RUN = RunKind("synth", RUN_FILE, "clsp synth run", owned=lambda out: owned_files(out, _OWNED),
                     describe=_describe, operational=("source.spec", "generator.model_id", "package_version",
-                                                      "schema_version"),  # 1 -> 2: same shards, scored index
+                                                      "schema_version"),  # 1 -> 2: same shards, scored index;
+                    # 2 or 3 follows the codec, which is compared itself ("codec: 'png' there, 'raw' now")
                     legacy_keys=("schema_version", "generator", "sampler", "anchors_per_shard"),
-                    absent_means={"sampler.noise": LEGACY_NOISE})  # runs begun before the counter noise
+                    absent_means={"sampler.noise": LEGACY_NOISE,  # runs begun before the counter noise
+                                  "codec": DEFAULT_CODEC})  # runs begun before the raw codec
 
 
 def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int, state):
@@ -227,7 +234,7 @@ def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int
 def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progress) -> int:
     """Sample and write shard `index`; returns the batch size (rows) that fitted, for the next shard."""
     path = cfg.out / shard_name(index)
-    writer = ShardWriter(path, k=cfg.k, image_size=records[0].image.shape[0])
+    writer = ShardWriter(path, k=cfg.k, image_size=records[0].image.shape[0], codec=cfg.codec)
     # the writer removes its temp file too, but not always when its final flush fails on a full disk
     with partial_removed(writer.temp, f"while writing {path.name} in {cfg.out}", f" (finished shards are kept; "
                          f"{path.name} was not written)"):

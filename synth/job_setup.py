@@ -14,7 +14,7 @@ from clsp import __version__
 from clsp.errors import UserError
 from clsp.sources import open_source
 from clsp.shards.manifest_writer import AgreementScorer
-from clsp.shards.schema import SCHEMA_VERSION
+from clsp.shards.schema import schema_version
 from clsp.synth.models import load_generator
 from clsp.synth.unet_split import compile_blocks
 
@@ -50,9 +50,13 @@ def open_matching_source(cfg: SynthConfig, model_size: int):
 
 
 def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
-    """What the shards are made of: the manifest's `run` record, also written to run.json before any shard."""
+    """What the shards are made of: the manifest's `run` record, also written to run.json before any shard.
+
+    "codec" is always recorded here, so a resume compares it (run.json files from before it read as png); the manifest
+    records it only for raw (write_manifest drops "png"), so a PNG run's manifest is as before."""
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version(cfg.codec),  # 2 for png, 3 for raw
+        "codec": cfg.codec,
         "source": {"spec": cfg.source, "split": cfg.split, "fingerprint": source.fingerprint(), "count": count,
                    **({"num_classes": len(source.classes)} if source.classes else {})},  # bounds the labels
         "generator": {"model_id": info["model_id"], "weights_sha256": info["weights_sha256"]},

@@ -23,18 +23,21 @@ def random_sample(anchor_id: str, k: int, size: int, label: int, seed: int) -> S
                        [int(s) for s in rng.integers(0, 2**62, k)])
 
 
-def build_shard_dir(directory: Path, counts=(4, 4, 3), k: int = 2, size: int = 8, classes: int = 3) -> Path:
-    """A complete shard directory of random images: len(counts) shards holding counts[i] anchors each."""
+def build_shard_dir(directory: Path, counts=(4, 4, 3), k: int = 2, size: int = 8, classes: int = 3,
+                    codec: str = "png") -> Path:
+    """A complete shard directory of random images: len(counts) shards holding counts[i] anchors each, images in
+    `codec` (png: schema 2, raw: schema 3)."""
     directory.mkdir(parents=True, exist_ok=True)
     n = 0
     for index, count in enumerate(counts):
-        with ShardWriter(directory / shard_name(index), k, size) as writer:
+        with ShardWriter(directory / shard_name(index), k, size, codec) as writer:
             for _ in range(count):
                 writer.write(random_sample(f"anchor-{n:05d}", k, size, n % classes, seed=n))
                 n += 1
     run = {"source": {"spec": "test", "split": "train", "fingerprint": "0" * 64, "count": n},
            "generator": {"model_id": "none", "weights_sha256": "0" * 64}, "sampler": {"w": 0.1, "steps": 2, "eta": 0.1},
-           "k": k, "seed": 0, "image_size": size, "anchors_per_shard": max(counts), "package_version": "test"}
+           "k": k, "seed": 0, "image_size": size, "anchors_per_shard": max(counts), "package_version": "test",
+           "codec": codec}  # write_manifest records it for raw only
     write_manifest(directory, run)
     return directory
 
@@ -42,6 +45,20 @@ def build_shard_dir(directory: Path, counts=(4, 4, 3), k: int = 2, size: int = 8
 @pytest.fixture
 def shard_dir(tmp_path: Path) -> Path:
     return build_shard_dir(tmp_path / "shards")
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory) -> Path:
+    """A saved untrained 8 px generator (an 8-channel UNet, DDIM scheduler) for the synth job's tests."""
+    from diffusers import DDIMScheduler
+
+    from clsp.synth.models import save_generator
+    from clsp.synth.untrained_unets import tiny_unet
+
+    out = tmp_path_factory.mktemp("gen") / "generator"
+    save_generator(out, tiny_unet(sample_size=8, block_out_channels=(8, 8)),
+                   DDIMScheduler(num_train_timesteps=1000, clip_sample=True), {"model_id": "tiny-test"})
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ from clsp.shards.manifest import read_manifest
 from clsp.shards.writer import temp_files
 from clsp.synth.diffusion_train import DiffusionTrainConfig, train_diffusion
 from clsp.synth.job import run_synth
-from test_synth_job import ROOT, cli_options, config, generator, reference, shard_hashes, subprocess_env  # noqa: F401
+from test_synth_job import ROOT, cli_options, config, reference, shard_hashes, subprocess_env  # noqa: F401
 from clsp.train.checkpoint import load_backbone
 from clsp.train.loop import make_config, train
 

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from diffusers import DDIMScheduler
 from typer.testing import CliRunner
 
 from clsp.cli import app
@@ -22,9 +21,7 @@ from conftest import build_shard_dir, random_sample
 from clsp.shards.manifest import INDEX, MANIFEST, ManifestError, read_manifest
 from clsp.shards.verify import verify
 from clsp.synth.job import SynthConfig, run_synth
-from clsp.synth.models import save_generator
 from clsp.synth.sampler import SamplerConfig
-from clsp.synth.untrained_unets import tiny_unet
 from clsp.train.loop import make_config, train
 from clsp.train.stream import ShardStream, StreamConfig, positive_draw, positive_index, steps_per_epoch
 
@@ -85,14 +82,6 @@ def test_a_sample_that_cannot_be_scored_has_null_scores_and_is_still_reported(tm
     assert np.isnan(distance[2]).all() and not np.isnan(distance[:2]).any()
     assert manifest.contract().unscored == {2}
     assert any("short-one has 1 positives, expected 2" in p for p in verify(directory))
-
-
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gen") / "generator"
-    save_generator(out, tiny_unet(sample_size=8, block_out_channels=(8, 8)),
-                   DDIMScheduler(num_train_timesteps=1000, clip_sample=True), {"model_id": "tiny-test"})
-    return out
 
 
 def test_the_synth_job_scores_agreement_with_the_reference_classifier_when_asked(generator, tmp_path):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusers import DDIMScheduler
 from typer.testing import CliRunner
 
 from clsp.cli import app
@@ -22,21 +21,11 @@ from clsp.shards.reader import iter_shard
 from clsp.shards.verify import verify
 from clsp.shards.writer import temp_files
 from clsp.synth.job import SynthConfig, config_from_options, run_synth
-from clsp.synth.models import save_generator
 from clsp.synth.noise import candidate_seed
 from clsp.synth.sampler import SamplerConfig
-from clsp.synth.untrained_unets import tiny_unet
 
-SIZE, K, STEPS, LIMIT, PER_SHARD = 8, 2, 2, 15, 3
+SIZE, K, STEPS, LIMIT, PER_SHARD = 8, 2, 2, 15, 3  # SIZE: the `generator` fixture's (conftest)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gen") / "generator"
-    save_generator(out, tiny_unet(sample_size=SIZE, block_out_channels=(8, 8)),
-                   DDIMScheduler(num_train_timesteps=1000, clip_sample=True), {"model_id": "tiny-test"})
-    return out
 
 
 def config(generator: Path, out: Path, **changes) -> SynthConfig:
@@ -194,6 +183,7 @@ def test_the_generators_of_noise_give_different_bytes_and_the_manifest_names_eac
     (["--steps", "1001"], "exceeds the generator's num_train_timesteps = 1000"),
     (["--image-size", "16"], "pass --resize"),
     (["--model", "MISSING"], "does not exist"),
+    (["--codec", "jpeg"], "--codec jpeg: use png or raw"),
 ])
 def test_bad_values_exit_with_a_clear_message(generator, tmp_path, options, message):
     args = ["synth", "run", "digits", "--model", str(generator), "--out", str(tmp_path / "o"), "--limit", "1",

@@ -39,6 +39,24 @@ def test_a_plain_webdataset_pipeline_reads_our_shards_as_we_do(tmp_path):
             assert np.array_equal(our.positive(j), made.positives[j])
 
 
+def test_a_plain_webdataset_pipeline_reads_raw_shards_as_arrays(tmp_path):
+    """Raw shards (schema 3) hold standard .npy members: webdataset's default `.decode()` gives the same arrays."""
+    directory = build_shard_dir(tmp_path / "s", counts=(4, 3), k=2, classes=3, codec="raw")
+    urls = [str(directory / shard_name(i)) for i in range(2)]
+    theirs = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    ours = list(read_manifest(directory).samples())
+    assert [s["__key__"] for s in theirs] == [s.key for s in ours] == [f"anchor-{n:05d}" for n in range(7)]
+    for n, (their, our) in enumerate(zip(theirs, ours)):
+        made = random_sample(f"anchor-{n:05d}", 2, 8, n % 3, seed=n)
+        assert sorted(k for k in their if not k.startswith("__")) == sorted(member_keys(2, "raw"))
+        assert int(their["cls.txt"]) == our.label == made.label and their["meta.json"] == our.meta
+        assert their["anchor.npy"].dtype == np.uint8 and their["anchor.npy"].shape == (8, 8, 3)
+        assert np.array_equal(their["anchor.npy"], made.anchor) and np.array_equal(our.anchor(), made.anchor)
+        for j in range(2):
+            assert np.array_equal(their[f"pos{j}.npy"], made.positives[j])
+            assert np.array_equal(our.positive(j), made.positives[j])
+
+
 def test_we_read_a_shard_that_webdatasets_own_writer_made(tmp_path):
     """Their TarWriter with its defaults (owner bigdata, mode 0444, the current time) in our schema."""
     made = [random_sample(f"anchor-{n:05d}", 3, 8, n, seed=n) for n in range(3)]

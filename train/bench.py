@@ -2,7 +2,10 @@
 
   train     one CLSP-SimCLR step of ResNet-18 on three views per anchor (two real + the synthetic one), input already
             on the device: anchors/s, and achieved FLOP/s (vs the device's peak on a known GPU)
-  loader    the shard stream (decode the anchor and one of K positives) + BatchAugment of the three views on the device
+  loader    the shard stream (decode the anchor and one of K positives) + BatchAugment of the three views on the device,
+            from the same shards written with each image codec: png (PIL decodes) and raw (.npy: no decoding), timed
+            interleaved, best of --repeats; raw_over_png is their ratio
+  stream    the same loaders without BatchAugment (read, check, decode, batch): raw_over_png_stream isolates the codec
   cached    the same from the decoded in-memory input (train.cache, --cache): images decoded once, then indexed
   augment   BatchAugment alone on uint8 batches already on the device
   pil       the per-image PIL pipeline (train.pil_augment.pil_reference), three views per anchor, one process
@@ -22,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from clsp.bench import DEVICE, OUT, THREADS, provenance, set_threads, sync, write_results
+from clsp.bench import DEVICE, OUT, REPEATS, THREADS, best_of, provenance, set_threads, sync, write_results
 from clsp.shards.manifest import read_manifest
 from clsp.shards.manifest_writer import write_manifest
 from clsp.shards.schema import ShardSample
@@ -47,12 +50,14 @@ class BenchConfig:
     anchors: int = 512     # anchors in the temporary shards for the loader
     k: int = 8
     workers: int = 0
+    repeats: int = 2       # interleaved rounds of the png and raw loaders; the best of each is reported
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
             raise ValueError(f"device {self.device!r} is not available: use cpu{' or cuda' * torch.cuda.is_available()}")
-        if min(self.width, self.size, self.batch, self.steps, self.anchors, self.k) < 1 or self.workers < 0:
-            raise ValueError("width, size, batch, steps, anchors and k must be >= 1, workers >= 0")
+        if min(self.width, self.size, self.batch, self.steps, self.anchors, self.k, self.repeats) < 1 \
+                or self.workers < 0:
+            raise ValueError("width, size, batch, steps, anchors, k and repeats must be >= 1, workers >= 0")
         if self.anchors < self.batch:
             raise ValueError(f"anchors ({self.anchors}) must fill at least one batch ({self.batch})")
 
@@ -90,34 +95,52 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     return result
 
 
-def write_bench_shards(directory: Path, cfg: BenchConfig) -> list[str]:
+def write_bench_shards(directory: Path, cfg: BenchConfig, codec: str = "png") -> list[str]:
+    """Shards of random images (the same for every codec: the generator restarts at seed 0) and their manifest."""
     rng = np.random.default_rng(0)
     urls, per_shard = [], 128
+    directory.mkdir(parents=True, exist_ok=True)
     for first in range(0, cfg.anchors, per_shard):
         path = directory / shard_name(first // per_shard)
-        with ShardWriter(path, cfg.k, cfg.size) as writer:
+        with ShardWriter(path, cfg.k, cfg.size, codec) as writer:
             for n in range(first, min(first + per_shard, cfg.anchors)):
                 images = rng.integers(0, 256, (cfg.k + 1, cfg.size, cfg.size, 3), dtype=np.uint8)
                 writer.write(ShardSample(f"a{n}", images[0], images[1:], n % 10, list(range(cfg.k))))
         urls.append(str(path))
     run = {"source": {"spec": "bench", "split": "train", "fingerprint": "0" * 64, "count": cfg.anchors},
            "generator": {"model_id": "none", "weights_sha256": "0" * 64}, "sampler": {"w": 0.1, "steps": 1, "eta": 0.0},
-           "k": cfg.k, "seed": 0, "image_size": cfg.size, "anchors_per_shard": per_shard, "package_version": "bench"}
+           "k": cfg.k, "seed": 0, "image_size": cfg.size, "anchors_per_shard": per_shard, "package_version": "bench",
+           "codec": codec}
     write_manifest(directory, run)  # the cached input reads through the manifest's contract, as training does
     return urls
 
 
-def bench_inputs(cfg: BenchConfig, device: torch.device, urls: list[str]) -> dict:
-    augment = BatchAugment("simclr", cfg.size).to(device)
+def loader_epoch(cfg: BenchConfig, device: torch.device, augment: BatchAugment | None, urls: list[str]):
+    """One pass of the streamed loader over `urls`, with the three augmented views unless `augment` is None (the
+    stream alone: reading and decoding): () -> the last batch."""
     steps = cfg.anchors // cfg.batch
     stream = ShardStream(StreamConfig(tuple(urls), cfg.batch, steps, cfg.k), {f"a{n}": n for n in range(cfg.anchors)})
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    start = time.perf_counter()
-    for batch in loader:
-        anchor = batch["anchor"].to(device, non_blocking=True)  # (B, S, S, 3) uint8
-        views = [augment(anchor), augment(anchor), augment(batch["positive"].to(device, non_blocking=True))]
-    sync(device)
-    loader_rate = steps * cfg.batch / (time.perf_counter() - start)
+
+    def run() -> dict:
+        loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        for batch in loader:
+            anchor = batch["anchor"].to(device, non_blocking=True)  # (B, S, S, 3) uint8
+            positive = batch["positive"].to(device, non_blocking=True)
+            if augment is not None:
+                views = [augment(anchor), augment(anchor), augment(positive)]
+        return batch if augment is None else {**batch, "views": views}
+    return run
+
+
+def bench_inputs(cfg: BenchConfig, device: torch.device, urls: dict[str, list[str]]) -> dict:
+    """urls: {codec: shard paths} for png and raw, the same images in each."""
+    augment = BatchAugment("simclr", cfg.size).to(device)
+    steps = cfg.anchors // cfg.batch
+    variants = {f"{codec}{part}": loader_epoch(cfg, device, augment if part == "" else None, paths)
+                for codec, paths in urls.items() for part in ("", " stream")}  # "png", "png stream", "raw", ...
+    times, batches = best_of(variants, cfg.repeats, device)
+    rates = {name: steps * cfg.batch / min(seconds) for name, seconds in times.items()}
+    batch = batches["png"]
 
     anchor = batch["anchor"].to(device)
     start = time.perf_counter()
@@ -127,8 +150,9 @@ def bench_inputs(cfg: BenchConfig, device: torch.device, urls: list[str]) -> dic
     augment_rate = steps * cfg.batch / (time.perf_counter() - start)
 
     start = time.perf_counter()
-    cached = CachedStream(StreamConfig(tuple(urls), cfg.batch, steps, cfg.k),
-                          read_manifest(str(Path(urls[0]).parent)).contract(), progress=False)
+    cached = CachedStream(StreamConfig(tuple(urls["png"]), cfg.batch, steps, cfg.k),
+                          read_manifest(str(Path(urls["png"][0]).parent)).contract(), progress=False)
+    cached.load()  # read, check and decode every image once
     fill_s = time.perf_counter() - start
     start = time.perf_counter()
     for batch in cached:
@@ -145,7 +169,9 @@ def bench_inputs(cfg: BenchConfig, device: torch.device, urls: list[str]) -> dic
         for _ in range(3):
             reference(image)
     pil_rate = len(images) / (time.perf_counter() - start)
-    return {"loader_anchors_per_s": loader_rate, "augment_anchors_per_s": augment_rate,
+    return {"loader_anchors_per_s": rates["png"], "loader_raw_anchors_per_s": rates["raw"],
+            "stream_anchors_per_s": rates["png stream"], "stream_raw_anchors_per_s": rates["raw stream"],
+            "augment_anchors_per_s": augment_rate,
             "cached_anchors_per_s": cached_rate, "cache_fill_s": fill_s, "pil_anchors_per_s": pil_rate}
 
 
@@ -153,11 +179,14 @@ def bench(cfg: BenchConfig) -> dict:
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as directory:
-        urls = write_bench_shards(Path(directory), cfg)
+        urls = {codec: write_bench_shards(Path(directory) / codec, cfg, codec) for codec in ("png", "raw")}
+        shard_bytes = {codec: sum(Path(p).stat().st_size for p in paths) for codec, paths in urls.items()}
         inputs = bench_inputs(cfg, device, urls)
     train = bench_train(cfg, device)
     return {"config": asdict(cfg), **provenance(device), "threads": torch.get_num_threads(), "train": train,
-            "inputs": inputs,
+            "inputs": inputs, "shard_bytes": shard_bytes,
+            "raw_over_png": inputs["loader_raw_anchors_per_s"] / inputs["loader_anchors_per_s"],
+            "raw_over_png_stream": inputs["stream_raw_anchors_per_s"] / inputs["stream_anchors_per_s"],
             "loader_over_train": inputs["loader_anchors_per_s"] / train["anchors_per_s"],
             "batch_augment_over_pil": inputs["augment_anchors_per_s"] / inputs["pil_anchors_per_s"]}
 
@@ -165,18 +194,23 @@ def bench(cfg: BenchConfig) -> dict:
 def main(device: str = DEVICE, width: int = typer.Option(64),
          size: int = typer.Option(32), batch: int = typer.Option(32, help="Anchors per step."),
          steps: int = typer.Option(3, help="Timed training steps."), anchors: int = typer.Option(512),
-         workers: int = typer.Option(0, help="Loader processes."), threads: int = THREADS, out: Path = OUT) -> None:
+         workers: int = typer.Option(0, help="Loader processes."), repeats: int = REPEATS, threads: int = THREADS,
+         out: Path = OUT) -> None:
     """Training vs input-pipeline throughput (anchors/s; each anchor is three augmented views)."""
     set_threads(threads)
     if device == "cuda":  # GPU defaults: a batch worth timing
         batch, anchors = max(batch, 256), max(anchors, 4096)
-    result = bench(BenchConfig(device, width, size, batch, steps, anchors, workers=workers))
-    t, i = result["train"], result["inputs"]
+    result = bench(BenchConfig(device, width, size, batch, steps, anchors, workers=workers, repeats=repeats))
+    t, i, mib = result["train"], result["inputs"], {c: b / 2**20 for c, b in result["shard_bytes"].items()}
     lines = [f"device {device}, {result['threads']} threads, ResNet-18 width {width} at {size} px, batch {batch}",
              f"train            {t['anchors_per_s']:9.1f} anchors/s  ({t['views_per_s']:.1f} views/s, "
              f"{t['achieved_tflop_s'] * 1e3:.1f} GFLOP/s achieved)",
              f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of {result['config']['k']} "
-             f"positives, 3 augmented views)",
+             f"positives, 3 augmented views; png shards, {mib['png']:.1f} MiB)",
+             f"  raw codec      {i['loader_raw_anchors_per_s']:9.1f} anchors/s  (the same from .npy members, "
+             f"{mib['raw']:.1f} MiB; raw/png = {result['raw_over_png']:.2f})",
+             f"stream only      {i['stream_anchors_per_s']:9.1f} anchors/s  (png: read + decode, no augment); raw "
+             f"{i['stream_raw_anchors_per_s']:.1f}, raw/png = {result['raw_over_png_stream']:.2f}",
              f"cached+augment   {i['cached_anchors_per_s']:9.1f} anchors/s  (--cache: decoded once in "
              f"{i['cache_fill_s']:.1f} s, then drawn from memory)",
              f"augment only     {i['augment_anchors_per_s']:9.1f} anchors/s  (BatchAugment, 3 views)",

@@ -1,9 +1,9 @@
 """Decoded in-memory input: read and check every shard once, keep the decoded images, then draw batches from memory.
 
-Why: per anchor visit the stream (train.stream) parses the sample, builds a keyed generator and decodes two PNGs, in
-loader processes that compete with the model for the same cores. When the decoded images fit in memory (CIFAR-10 at
-K = 8: about 1.4 GB; the embedded digits: 5.5 MB), decoding each image once and indexing arrays afterwards removes the
-input pipeline from the step time, and no loader process is needed.
+Why: per anchor visit the stream (train.stream) parses the sample, builds a keyed generator and decodes two images
+(PNGs, or .npy files with the raw codec), in loader processes that compete with the model for the same cores. When the
+decoded images fit in memory (CIFAR-10 at K = 8: about 1.4 GB; the embedded digits: 5.5 MB), decoding each image once
+and indexing arrays afterwards removes the input pipeline from the step time, and no loader process is needed.
 
 What stays the same as the stream: every sample is checked against the manifest as it is read (`Contract.samples`:
 schema keys only, checksums, each shard's sha256) and bad shards stop the run or, with skip_corrupt, are skipped and
@@ -56,7 +56,8 @@ class CachedStream(IterableDataset):
         self._source: tuple[Contract, bool] | None = (contract, progress)  # decoded at the first iteration: a finished
         # run that is only asked to resume returns before that, and errors surface where the stream's would
 
-    def _ensure_loaded(self) -> None:
+    def load(self) -> None:
+        """Read, check and decode every shard now, once (the first iteration does it otherwise)."""
         if self._source is not None:
             contract, progress = self._source
             self.skipped = self._load(contract, progress)
@@ -110,7 +111,7 @@ class CachedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
-        self._ensure_loaded()
+        self.load()
         order = self.order()
         for step in range(self.start_step, cfg.steps_per_epoch):
             at = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]  # (B,) positions in the cache
