@@ -201,7 +201,7 @@ def test_config_validation():
         BYOLConfig(pred_hidden=0)
     with pytest.raises(ValueError, match="momentum"):
         MoCoConfig(momentum_base=0.999, momentum_final=0.99)
-    with pytest.raises(ValueError, match="moco needs queue_size >= 1"):
+    with pytest.raises(ValueError, match="queue_size must be >= 1"):
         MoCoConfig(queue_size=0)
     with pytest.raises(TypeError, match="moco takes settings of type MoCoConfig"):
         build_method("moco", backbone, dim, MethodConfig.for_method("simclr"))  # SimCLR's settings have no queue

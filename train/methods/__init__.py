@@ -6,14 +6,14 @@
     out["loss"].backward(); optimizer.step(); method.after_step(progress)   # momentum encoders
 
 A method subclass implements ``base_loss`` (the base class builds the projector and ``project``) and names its settings
-as ``config``: a MethodConfig subclass declared beside it when it has settings of its own (moco.py: MoCoConfig).
+as ``config``: a MethodConfig subclass declared beside it from the setting groups it uses (methods.settings).
 ``Method.forward`` adds lam * clsp_term(z1, z3) with z1 the projection of view 1 and z3 that of the third view. The
 third view only enters that term: it is never a negative for any anchor.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Callable, ClassVar
 
 import torch
@@ -23,65 +23,8 @@ from clsp.ema import ema_update
 from clsp.train.backbones import mlp_head
 from clsp.train.distributed import cosine_momentum
 from clsp.train.losses import clsp_term
-
-POSITIVES = ("synthetic", "augment", "none")  # synthetic positive / third real augmented view / no third view
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """The settings every method has. A method with more declares a subclass in its own file and names it as its
-    ``config``; the subclass's field defaults are that method's defaults. Build one with
-    ``MethodConfig.for_method(name, **settings)``."""
-
-    positives: str = "synthetic"
-    lam: float = 1.0  # weight of the CLSP term
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    proj_bn: bool = False  # BatchNorm1d in the projector's hidden layer
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Raise ValueError for a bad value; a subclass checks its own fields and calls this."""
-        if self.positives not in POSITIVES:
-            raise ValueError(f"positives must be one of {POSITIVES}, got {self.positives!r}")
-        if not self.lam >= 0:
-            raise ValueError(f"lam (CLSP weight) must be >= 0, got {self.lam}")
-        for name in ("proj_hidden", "proj_dim", "pred_hidden"):
-            if getattr(self, name, 1) < 1:
-                raise ValueError(f"{name} must be a positive layer width, got {getattr(self, name)}")
-
-    @classmethod
-    def for_method(cls, name: str, **settings) -> "MethodConfig":
-        """Method `name`'s config: its defaults with `settings` on top; a setting that is None keeps the default, one
-        the method does not have is refused."""
-        config = method_class(name).config
-        known = setting_names(name)
-        unknown = sorted(key for key, value in settings.items() if value is not None and key not in known)
-        if unknown:
-            raise ValueError(f"{name} has no setting {', '.join(unknown)}: its settings are {', '.join(sorted(known))}")
-        return config(**{key: value for key, value in settings.items() if value is not None})
-
-
-@dataclass(frozen=True)
-class InfoNCEConfig(MethodConfig):
-    """Settings of the methods with an InfoNCE loss (SimCLR, MoCo, NNCLR)."""
-
-    temperature: float = 0.2
-
-    def check(self) -> None:
-        super().check()
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (typical 0.1-0.5), got {self.temperature}")
-
-
-def check_momentum(base: float, final: float) -> None:
-    """The momentum of a target encoder rises on a cosine from `base` to `final` (MoCo, BYOL)."""
-    if not 0.0 <= base <= final <= 1.0:
-        raise ValueError(f"momentum must satisfy 0 <= momentum_base <= momentum_final <= 1, got base={base}, "
-                         f"final={final}")
-
+from clsp.train.methods.settings import (POSITIVES, InfoNCEConfig, MethodConfig, MomentumConfig, PredictorConfig,
+                                         QueueConfig)
 
 class Method(nn.Module):
     """Base class: input checks, the CLSP term and the result dict. ``backbone`` is the encoder evaluated later."""
@@ -92,6 +35,11 @@ class Method(nn.Module):
         super().__init__()
         self.backbone, self.feat_dim, self.cfg = backbone, feat_dim, cfg
         self.projector = mlp_head(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.proj_bn)
+
+    def add_predictor(self) -> None:
+        """The predictor head on the projection (BYOL, NNCLR): Linear-BN-ReLU-Linear, proj_dim -> pred_hidden ->
+        proj_dim."""
+        self.predictor = mlp_head(self.cfg.proj_dim, self.cfg.pred_hidden, self.cfg.proj_dim, batch_norm=True)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Online projection (B, 3, H, W) -> (B, proj_dim), not normalised."""
@@ -197,3 +145,6 @@ def build_method(name: str, backbone: nn.Module, feat_dim: int, cfg: MethodConfi
 
 # The built-in methods register themselves on import (kept last: they import the names above).
 from clsp.train.methods import byol, moco, nnclr, simclr  # noqa: E402,F401
+
+__all__ = ["Method", "MomentumMethod", "MethodConfig", "InfoNCEConfig", "QueueConfig", "PredictorConfig",
+           "MomentumConfig", "POSITIVES", "build_method", "method_class", "method_names", "register", "setting_names"]

@@ -3,22 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clsp.train.backbones import mlp_head
 from clsp.train.losses import byol_loss
-from clsp.train.methods import MethodConfig, MomentumMethod, check_momentum, register
+from clsp.train.methods import MomentumConfig, MomentumMethod, PredictorConfig, register
 
 
 @dataclass(frozen=True)
-class BYOLConfig(MethodConfig):
-    # BYOL heads: Linear-BN-ReLU-Linear projector (4096 -> 256) and predictor; momentum 0.99 -> 1.0 (cosine)
+class BYOLConfig(PredictorConfig, MomentumConfig):
+    # BYOL heads: Linear-BN-ReLU-Linear projector (4096 -> 256) and predictor (4096); momentum 0.99 -> 1.0 (cosine)
     proj_bn: bool = True
-    pred_hidden: int = 4096  # predictor hidden width
-    momentum_base: float = 0.99
     momentum_final: float = 1.0
-
-    def check(self) -> None:
-        super().check()
-        check_momentum(self.momentum_base, self.momentum_final)
 
 
 @register("byol")
@@ -29,7 +22,7 @@ class BYOL(MomentumMethod):
 
     def __init__(self, backbone, feat_dim: int, cfg: BYOLConfig):
         super().__init__(backbone, feat_dim, cfg)
-        self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True)
+        self.add_predictor()
         self.add_targets()
 
     def base_loss(self, v1, v2, ids):

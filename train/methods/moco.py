@@ -8,22 +8,15 @@ import torch.nn.functional as F
 
 from clsp.train.distributed import FeatureQueue
 from clsp.train.losses import moco_infonce
-from clsp.train.methods import InfoNCEConfig, MomentumMethod, check_momentum, register
+from clsp.train.methods import InfoNCEConfig, MomentumConfig, MomentumMethod, QueueConfig, register
 
 
 @dataclass(frozen=True)
-class MoCoConfig(InfoNCEConfig):
-    # method.md: queue 32768, momentum 0.99 -> 0.999 (cosine), tau 0.2, lam 0.5 (CIFAR-10; 0.2 CIFAR-100)
+class MoCoConfig(InfoNCEConfig, QueueConfig, MomentumConfig):
+    # method.md: queue 32768 (negatives: keys of past batches), momentum 0.99 -> 0.999 (cosine), tau 0.2, lam 0.5
+    # (CIFAR-10; 0.2 CIFAR-100)
     lam: float = 0.5
-    queue_size: int = 32768  # negatives: keys of past batches
-    momentum_base: float = 0.99  # target-encoder momentum at progress 0 ...
-    momentum_final: float = 0.999  # ... rising on a cosine to this at progress 1
-
-    def check(self) -> None:
-        super().check()
-        if self.queue_size < 1:
-            raise ValueError(f"moco needs queue_size >= 1 (default 32768), got {self.queue_size}")
-        check_momentum(self.momentum_base, self.momentum_final)
+    queue_size: int = 32768
 
 
 @register("moco")

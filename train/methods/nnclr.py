@@ -6,23 +6,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clsp.train.backbones import mlp_head
 from clsp.train.distributed import FeatureQueue, gather_with_grad, world_info
 from clsp.train.losses import nnclr_loss
-from clsp.train.methods import InfoNCEConfig, Method, register
+from clsp.train.methods import InfoNCEConfig, Method, PredictorConfig, QueueConfig, register
 
 
 @dataclass(frozen=True)
-class NNCLRConfig(InfoNCEConfig):
-    # NNCLR (CIFAR settings): tau 0.2, support set 65536, BN heads (projector 4096 -> 256, predictor 4096)
+class NNCLRConfig(InfoNCEConfig, QueueConfig, PredictorConfig):
+    # NNCLR (CIFAR settings): tau 0.2, support set 65536 (z1 of past batches), BN heads (projector 4096 -> 256,
+    # predictor 4096): the groups' defaults but for the projector's BN
     proj_bn: bool = True
-    pred_hidden: int = 4096  # predictor hidden width
-    queue_size: int = 65536  # support set: z1 of past batches
-
-    def check(self) -> None:
-        super().check()
-        if self.queue_size < 1:
-            raise ValueError(f"nnclr needs queue_size >= 1 (support set, default 65536), got {self.queue_size}")
 
 
 @register("nnclr")
@@ -33,7 +26,7 @@ class NNCLR(Method):
 
     def __init__(self, backbone, feat_dim: int, cfg: NNCLRConfig):
         super().__init__(backbone, feat_dim, cfg)
-        self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True)
+        self.add_predictor()
         self.support = FeatureQueue(cfg.queue_size, cfg.proj_dim)  # normalised z1 of past batches
 
     @torch.no_grad()
