@@ -207,6 +207,8 @@ def test_config_validation():
         build_method("moco", backbone, dim, MethodConfig.for_method("simclr"))  # SimCLR's settings have no queue
     with pytest.raises(TypeError, match="simclr takes settings of type InfoNCEConfig"):
         build_method("simclr", backbone, dim, {"lam": 1.0})
+    with pytest.raises(TypeError, match="got MoCoConfig"):  # MoCo's settings are InfoNCE ones too, not SimCLR's
+        build_method("simclr", backbone, dim, MethodConfig.for_method("moco"))
     assert build_method("simclr", backbone, dim).backbone is backbone  # the encoder evaluated downstream
 
 

@@ -137,7 +137,7 @@ def build_method(name: str, backbone: nn.Module, feat_dim: int, cfg: MethodConfi
     """Wrap ``backbone`` ((B, 3, H, W) -> (B, feat_dim)) in method ``name``; cfg defaults to the method's defaults."""
     cls = method_class(name)
     cfg = cls.config() if cfg is None else cfg
-    if not isinstance(cfg, cls.config):
+    if type(cfg) is not cls.config:  # exactly: a MoCoConfig is an InfoNCEConfig too, but not SimCLR's settings
         raise TypeError(f"{name} takes settings of type {cls.config.__name__} (MethodConfig.for_method({name!r}, "
                         f"...)), got {type(cfg).__name__}")
     return cls(backbone, feat_dim, cfg)
