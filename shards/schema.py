@@ -38,8 +38,9 @@ SCORES = ("distance", "agreement")  # per-positive scores: index column positive
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # no dots: a WebDataset key ends at the first dot
 LABEL, META = "cls.txt", "meta.json"
 _EXTENSIONS = "|".join(BY_EXTENSION)  # png|npy
-IMAGE = re.compile(rf"^(anchor|pos(0|[1-9][0-9]{{0,2}}))\.({_EXTENSIONS})$")  # an image member of either codec
-POSITIVE = re.compile(rf"^pos(0|[1-9][0-9]{{0,2}})\.({_EXTENSIONS})$")
+_POSITIVE_STEM = r"pos(0|[1-9][0-9]{0,2})"  # pos0 .. pos999, no leading zeros
+IMAGE = re.compile(rf"^(anchor|{_POSITIVE_STEM})\.({_EXTENSIONS})$")  # an image member of either codec
+POSITIVE = re.compile(rf"^{_POSITIVE_STEM}\.({_EXTENSIONS})$")
 MAX_TEXT_BYTES = 1 << 16  # cls.txt / meta.json larger than this are not ours
 MAX_K = 1000  # positives pos0..pos999: the member name allows three digits
 # The manifest's run.sampler.noise names the generator of noise (clsp.synth.noise); shards made before it was recorded
