@@ -21,7 +21,7 @@ METHOD ?= simclr
 POSITIVES ?= synthetic
 TRAIN_OUT ?= $(RUN)/train/$(METHOD)-$(POSITIVES)-seed0
 
-.PHONY: setup generator synth train eval sweep study test bench clean
+.PHONY: setup generator synth train eval sweep study test bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,18 @@ test: setup
 bench: setup
 	$(PY) -m clsp.synth.bench
 	$(PY) -m clsp.train.bench
+
+# The README's GPU figures, on a CUDA machine, in the environment that holds your CUDA torch and clsp (not .venv, whose
+# torch is the CPU build): `make bench-gpu GPU_PY=python`. Each command writes its JSON under $(GPU_RESULTS).
+GPU_PY      ?= python3
+GPU_RESULTS ?= bench/results/gpu
+SAMPLER_GPU := -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 1024 --k 8 --repeats 1
+TRAINER_GPU := -m clsp.train.bench --device cuda --batch 512 --steps 20 --anchors 8192 --repeats 2
+bench-gpu:
+	$(GPU_PY) $(SAMPLER_GPU) --out $(GPU_RESULTS)/sampler-eager.json
+	$(GPU_PY) $(SAMPLER_GPU) --compile --out $(GPU_RESULTS)/sampler-compiled.json
+	$(GPU_PY) $(TRAINER_GPU) --out $(GPU_RESULTS)/trainer-eager.json
+	$(GPU_PY) $(TRAINER_GPU) --compile --out $(GPU_RESULTS)/trainer-compiled.json
 
 # Removes the environment and caches only: generators, shards and runs under runs/ cost hours and are kept.
 clean:

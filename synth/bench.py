@@ -8,9 +8,10 @@
              on the anchor, the decoder on the sample only, noise from torch.randn on the device (DataParallel, which on
              one device calls the model directly)
   shared     split with --share-anchor-noise: one anchor encoder pass per anchor instead of per candidate
+  bf16-weights  (CUDA) split on the UNet cast to bf16, no autocast: GroupNorm and SiLU in bf16, no casts per step
 
     python -m clsp.synth.bench                                   # small UNet, few steps: about 1-2 min on 2 CPU cores
-    python -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 512 --compile \
+    python -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 1024 --k 8 --compile \
         --out bench/results/sampler-h100.json
 
 Weights are random (the speed does not depend on them; the diversity figures only compare the two anchor-noise
@@ -19,6 +20,7 @@ options with each other).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from clsp.synth.job_setup import prepare_unet
 from clsp.synth.noise import row_noise
 from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
 from clsp.synth.unet_split import decode, embed_time, encode
+from clsp.vocabulary import CPU_COMPILE_REFUSED
 from clsp.synth.untrained_unets import ddpm_cifar10_scheduler, ddpm_cifar10_unet, tiny_unet
 
 MODELS = ("small", "ddpm-cifar10")
@@ -40,7 +43,7 @@ MODELS = ("small", "ddpm-cifar10")
 class BenchConfig:
     model: str = "small"
     steps: int | None = None  # None: 10 on the CPU, 100 (the paper's) on CUDA
-    batch: int | None = None  # rows = anchors x k; None: 16 on the CPU, 512 on CUDA
+    batch: int | None = None  # rows = anchors x k; None: 16 on the CPU, 1024 on CUDA
     k: int = 4  # candidates per anchor
     w: float = 0.1
     eta: float = 0.1
@@ -67,6 +70,8 @@ class BenchConfig:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for but torch sees no CUDA device. Fix: use --device cpu.")
+        if self.compile and not self.device.startswith("cuda"):
+            raise ValueError(CPU_COMPILE_REFUSED)
         SamplerConfig(w=self.w, eta=self.eta)  # same validation as the sampler's
 
     @property
@@ -76,7 +81,7 @@ class BenchConfig:
     def resolved(self) -> tuple[int, int]:
         """(steps, batch) with the device defaults filled in."""
         steps = self.steps or (100 if self.on_cuda else 10)
-        batch = self.batch or (512 if self.on_cuda else 16)
+        batch = self.batch or (1024 if self.on_cuda else 16)
         return steps, batch
 
 
@@ -123,6 +128,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     set_threads(cfg.threads)
     device = torch.device(cfg.device)
     unet, scheduler = build_model(cfg.model)
+    weights_bf16 = None  # on CUDA: the same UNet cast to bf16, sampled without autocast ("bf16-weights")
+    if cfg.on_cuda and cfg.fast:
+        weights_bf16 = prepare_unet(copy.deepcopy(unet).to(torch.bfloat16).eval(), device, cfg.compile)
     unet = prepare_unet(unet.eval(), device, cfg.compile)
     size, channels = unet.config.sample_size, unet.config.in_channels
     shape = (channels, size, size)
@@ -132,6 +140,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     sampler = SamplerConfig(w=cfg.w, steps=steps, eta=cfg.eta)
     configs = {"split": sampler, "cpu-noise": replace(sampler, noise="cpu-generator"), "naive": sampler,
                "authors": sampler, "shared": replace(sampler, share_anchor_noise=True)}
+    if weights_bf16 is not None:
+        configs["bf16-weights"] = sampler
     functions = {"naive": naive_reference}
 
     def variant(name: str, config: SamplerConfig):
@@ -139,7 +149,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             generator = torch.Generator(device).manual_seed(cfg.seed)
             return lambda: authors_recipe(unet, scheduler, anchors, config, generator.manual_seed(cfg.seed))
         fn = functions.get(name, sample_positives)
-        return lambda: fn(unet, scheduler, anchors, row_noise(config.noise, cfg.seed, anchor_ids, cfg.k,
+        model = weights_bf16 if name == "bf16-weights" else unet
+        return lambda: fn(model, scheduler, anchors, row_noise(config.noise, cfg.seed, anchor_ids, cfg.k,
                                                               config.share_anchor_noise), config, fast=cfg.fast)
 
     for name, config in configs.items():  # warm-up: allocator, kernels, torch.compile graphs
@@ -157,12 +168,22 @@ def run_bench(cfg: BenchConfig) -> dict:
         "noise_ms_per_step": _noise_ms_per_step(anchor_ids, cfg, shape, device),
         "seconds": {name: [round(s, 4) for s in seconds] for name, seconds in times.items()},
         "max_abs_diff_split_vs_naive": float((outputs["split"] - outputs["naive"]).abs().max()),
+        **_bf16_weights_figures(rate, outputs),
         **_flop_figures(_flops_per_image(unet, anchors, shape, cfg), steps, rate),
         "diversity_own_anchor_noise": mean_pairwise_l2(outputs["split"], cfg.k),
         "diversity_shared_anchor_noise": mean_pairwise_l2(outputs["shared"], cfg.k),
         "mean_l2_to_anchor_own": float((outputs["split"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
         "mean_l2_to_anchor_shared": float((outputs["shared"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
     }
+
+
+def _bf16_weights_figures(rate: dict[str, float], outputs: dict) -> dict:
+    """bf16 weights against bf16 autocast (the job's GPU default): speed, and how far apart their positives land."""
+    if "bf16-weights" not in rate:
+        return {}
+    diff = (outputs["bf16-weights"].float() - outputs["split"].float()).abs()
+    return {"speedup_bf16_weights_over_autocast": rate["bf16-weights"] / rate["split"],
+            "bf16_weights_vs_autocast_abs_diff": {"max": float(diff.max()), "mean": float(diff.mean())}}
 
 
 def _flop_figures(flops: dict[str, float], steps: int, rate: dict[str, float]) -> dict:
@@ -225,10 +246,13 @@ def format_table(r: dict) -> str:
         ("run", f"batch {c['batch']} = {c['batch'] // c['k']} anchors x K {c['k']}, {c['steps']} DDIM steps, "
                 f"w {c['w']}, eta {c['eta']}, compile {c['compile']}, fast {c['fast']}"),
         *[(f"{name}", f"{ips[name]:.2f} images/s, {1e3 * tf[name]:.2f} GFLOP/s")
-          for name in ("split", "cpu-noise", "naive", "authors", "shared")],
+          for name in ("split", "cpu-noise", "naive", "authors", "shared", "bf16-weights") if name in ips],
         ("split / naive", f"{r['speedup_split_over_naive']:.2f}x (outputs differ by at most "
                           f"{r['max_abs_diff_split_vs_naive']:.1e})"),
         ("split / authors' recipe", f"{r['speedup_split_over_authors']:.2f}x"),
+        *([("bf16 weights / autocast", f"{r['speedup_bf16_weights_over_autocast']:.2f}x (positives differ by "
+                                       f"{r['bf16_weights_vs_autocast_abs_diff']['mean']:.1e} on average)")]
+          if "bf16-weights" in ips else []),
         ("counter / cpu-generator noise", f"{r['speedup_counter_over_cpu_noise']:.2f}x; one step's noise: counter "
                                           f"{r['noise_ms_per_step']['counter']:.2f} ms, cpu-generator "
                                           f"{r['noise_ms_per_step']['cpu-generator']:.2f} ms"),
@@ -249,7 +273,7 @@ def format_table(r: dict) -> str:
 
 def main(model: str = typer.Option("small", help=f"one of {', '.join(MODELS)}"),
          steps: int = typer.Option(None, help="DDIM steps (default: 10 on the CPU, 100 on CUDA)"),
-         batch: int = typer.Option(None, help="rows per call, a multiple of --k (default: 16 on the CPU, 512 on CUDA)"),
+         batch: int = typer.Option(None, help="rows per call, a multiple of --k (default: 16 on the CPU, 1024 on CUDA)"),
          k: int = typer.Option(4, help="candidates per anchor"), w: float = typer.Option(0.1),
          eta: float = typer.Option(0.1), device: str = DEVICE,
          compile: bool = typer.Option(False, help="torch.compile the UNet blocks"),

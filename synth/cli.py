@@ -41,7 +41,7 @@ def run(
     limit: Optional[int] = typer.Option(None, help="only the first N anchors"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (default: auto)"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " (default: auto)"),
-    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the UNet blocks (GPU)"),
+    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the UNet blocks (GPU runs only)"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete shards made with other settings"),
     score_reference: Optional[bool] = typer.Option(
         None, "--score-reference", help="also score each positive's class agreement (a reference classifier fitted on "

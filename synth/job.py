@@ -35,6 +35,7 @@ from clsp.synth.noise import LEGACY_NOISE, candidate_seed, row_noise
 from clsp.synth.job_setup import compute_record, load_job_generator, open_matching_source, prepare_unet, \
     reference_scorer, run_metadata, sample_size
 from clsp.synth.sampler import SamplerConfig, sample_positives
+from clsp.vocabulary import CPU_COMPILE_REFUSED
 
 RUN_FILE = "run.json"  # the intended run (the record), written before any shard: a rerun is compared against it
 CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --forward-batch is not given
@@ -77,8 +78,11 @@ class SynthConfig:
         if self.seed < 0:
             problems.append(f"seed = {self.seed}: use a seed >= 0")
         try:
-            if resolve_device(self.device).index is not None:  # one GPU per process: PartialState picks it
+            device = resolve_device(self.device)
+            if device.index is not None:  # one GPU per process: PartialState picks it
                 problems.append(f"--device {self.device}: use cuda (CUDA_VISIBLE_DEVICES picks the GPU)")
+            if self.compile and device.type != "cuda":
+                problems.append(CPU_COMPILE_REFUSED)
         except UserError as error:
             problems.append(str(error))
         if self.codec not in CODECS:

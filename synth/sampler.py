@@ -102,8 +102,9 @@ def sample_positives(unet: UNet2DModel, scheduler, anchors: torch.Tensor, noise:
     """anchors (B, C, H, W) in [-1, 1], one row per candidate -> positives (B, C, H, W) in [-1, 1] on the unet's device.
 
     noise: the rows' noise (synth.noise.row_noise: x_T, anchor and variance draws; rows of one anchor that share its
-    anchor noise form one group, so keep an anchor's rows in one batch). fast: on CUDA, bf16 autocast and
-    channels_last inputs (no effect on the CPU's fp32 path).
+    anchor noise form one group, so keep an anchor's rows in one batch). fast: on CUDA, channels_last inputs and,
+    for fp32 weights, bf16 autocast (no effect on the CPU's fp32 path). A UNet cast to bf16 runs in bf16 throughout;
+    the DDIM update stays fp32 either way.
     """
     return _ddim_loop(mixed_eps, unet, scheduler, anchors, noise, config, fast)
 
@@ -149,7 +150,10 @@ def _ddim_loop(eps_fn: EpsFn, unet, scheduler, anchors, noise, config, fast):
     device = unet.conv_in.weight.device
     use_fast = fast and device.type == "cuda"
     layout = torch.channels_last if use_fast else torch.contiguous_format
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_fast else contextlib.nullcontext()
+    # autocast for fp32 weights only: a UNet already in bf16 takes bf16 inputs (_model_input) and keeps its GroupNorm
+    # and SiLU in bf16, where autocast would run them in fp32 and cast every convolution's input back
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_fast and unet.dtype == torch.float32
+                else contextlib.nullcontext())
     row_shape = tuple(anchors.shape[1:])
     first: dict[int, int] = {}  # group -> its first row; one noised anchor per group (per row, or per anchor if shared)
     for row, group in enumerate(noise.anchor_row.tolist()):

@@ -217,3 +217,21 @@ def test_scheduler_copy_avoids_linspace_and_leaves_callers_scheduler_alone(sched
     private = ddim_scheduler(linspace, 4)
     assert private.timesteps.tolist() == [750, 500, 250, 0]  # "leading": steps of T // steps, ending at 0
     assert linspace.num_inference_steps is None and private is not linspace
+
+
+def test_a_bf16_unet_samples_in_bf16_and_lands_near_the_fp32_positives(unet, scheduler):
+    """The GPU's bf16-weights form (synth.bench's "bf16-weights" column): every UNet input is cast to the weights'
+    dtype, the DDIM update stays fp32, and the positives stay within bf16 rounding of the fp32 ones."""
+    import copy
+
+    config = SamplerConfig(steps=3)
+    seeds, anchors = seeds_for("a0", 4), anchors_like(4)
+    fp32 = run(unet, scheduler, seeds, anchors, config)
+    seen = []
+    bf16_unet = copy.deepcopy(unet).to(torch.bfloat16)
+    hook = bf16_unet.conv_in.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    out = run(bf16_unet, scheduler, seeds, anchors, config)
+    hook.remove()
+    assert out.dtype == torch.float32 and seen == [torch.bfloat16] * 3
+    assert 0 < float((out - fp32).abs().mean()) < 0.02
+    assert float((out - fp32).abs().max()) < 0.25

@@ -184,6 +184,7 @@ def test_the_generators_of_noise_give_different_bytes_and_the_manifest_names_eac
     (["--image-size", "16"], "pass --resize"),
     (["--model", "MISSING"], "does not exist"),
     (["--codec", "jpeg"], "--codec jpeg: use png or raw"),
+    (["--compile", "--device", "cpu"], "--compile is for GPU runs and this one runs on the CPU"),
 ])
 def test_bad_values_exit_with_a_clear_message(generator, tmp_path, options, message):
     args = ["synth", "run", "digits", "--model", str(generator), "--out", str(tmp_path / "o"), "--limit", "1",

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from clsp.errors import UserError
 from conftest import build_shard_dir
 from clsp.file_io import read_json
+from clsp.train.backbones import build_backbone
 from clsp.train.checkpoint import load_backbone
 from clsp.train.loop import make_config, train
 
@@ -226,3 +227,37 @@ def test_cli_applies_the_preset_under_explicit_options(shards, tmp_path):
     assert config["width"] == 4 and config["batch_size"] == 4 and config["proj_dim"] == 128  # 128: from the preset
     result = CliRunner().invoke(app, ["run", str(shards), "--out", str(out), "--positives", "sometimes"])
     assert isinstance(result.exception, UserError) and "--positives" in str(result.exception)
+
+
+
+def test_compile_keeps_the_checkpoint_names_and_the_numbers_and_a_cpu_run_refuses_it(shards, tmp_path):
+    from clsp.train.methods import build_method
+    from clsp.train.speed import compile_encoders, to_view_layout, view_layout
+
+    out = tmp_path / "compiled"
+    with pytest.raises(UserError, match="--compile is for GPU runs.*pytorch/pytorch#181618"):
+        train(make_config(**options(shards, out, epochs=1, compile=True)))
+    assert not out.exists()  # refused before anything was written
+
+    def simclr() -> torch.nn.Module:
+        torch.manual_seed(0)
+        backbone, feat_dim = build_backbone("resnet18", 4, small_stem=True)
+        return build_method("simclr", backbone, feat_dim)
+
+    def loss_and_grads(method):
+        views, ids = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(v)) for v in range(3)], \
+            torch.arange(4)
+        loss = method(views[:2], ids, views[2])["loss"]
+        loss.backward()
+        return float(loss.detach()), {n: p.grad for n, p in method.named_parameters()}
+
+    eager, compiled = simclr(), simclr()
+    # dynamo's tracing and AOTAutograd, as on a GPU; aot_eager runs the traced graph without inductor's CPU code
+    assert compile_encoders(compiled, backend="aot_eager") == ["backbone"]
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # no "_orig_mod.": checkpoints load either way
+    (loss_e, grads_e), (loss_c, grads_c) = loss_and_grads(eager), loss_and_grads(compiled)
+    assert loss_c == pytest.approx(loss_e, abs=1e-5)
+    assert max(float((grads_e[n] - grads_c[n]).abs().max()) for n in grads_e) < 1e-4
+    assert view_layout(torch.device("cuda")) == torch.channels_last  # NHWC views for cuDNN; the CPU keeps NCHW
+    views = torch.zeros(2, 3, 4, 4)
+    assert to_view_layout(views) is views

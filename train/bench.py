@@ -1,7 +1,8 @@
 """Which side limits training: `python -m clsp.train.bench [--device cuda]` measures, in one run,
 
   train     one CLSP-SimCLR step of ResNet-18 on three views per anchor (two real + the synthetic one), input already
-            on the device: anchors/s, and achieved FLOP/s (vs the device's peak on a known GPU)
+            on the device, as `clsp train run` takes it (train.speed: NHWC views on CUDA, --compile): anchors/s, and
+            achieved FLOP/s (vs the device's peak on a known GPU)
   loader    the shard stream (decode the anchor and one of K positives) + BatchAugment of the three views on the device,
             from the same shards written with each image codec: png (PIL decodes) and raw (.npy: no decoding), timed
             interleaved, best of --repeats; raw_over_png is their ratio
@@ -13,10 +14,12 @@ ratio = loader / train: above 1 the model is the bottleneck, below 1 the input p
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,6 +38,8 @@ from clsp.train.pil_augment import pil_reference
 from clsp.train.backbones import build_backbone
 from clsp.train.cache import CachedStream
 from clsp.train.methods import MethodConfig, build_method
+from clsp.train.speed import compile_encoders, to_view_layout, view_layout
+from clsp.vocabulary import CPU_COMPILE_REFUSED
 from clsp.train.stream import ShardStream, StreamConfig
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense tensor core
@@ -51,6 +56,7 @@ class BenchConfig:
     k: int = 8
     workers: int = 0
     repeats: int = 2       # interleaved rounds of the png and raw loaders; the best of each is reported
+    compile: bool = False  # torch.compile the encoder for the training steps (train.speed), as `--compile` does
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
@@ -58,15 +64,19 @@ class BenchConfig:
         if min(self.width, self.size, self.batch, self.steps, self.anchors, self.k, self.repeats) < 1 \
                 or self.workers < 0:
             raise ValueError("width, size, batch, steps, anchors, k and repeats must be >= 1, workers >= 0")
+        if self.compile and self.device != "cuda":
+            raise ValueError(CPU_COMPILE_REFUSED)
         if self.anchors < self.batch:
             raise ValueError(f"anchors ({self.anchors}) must fill at least one batch ({self.batch})")
 
 
 def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
+    """Training steps as `clsp train run` takes them on `device` (bf16 autocast and NHWC views on CUDA, the encoder
+    compiled with cfg.compile: train.speed), input already on the device."""
     backbone, feat_dim = build_backbone("resnet18", cfg.width, small_stem=True)
     method = build_method("simclr", backbone, feat_dim, MethodConfig.for_method("simclr")).to(device)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
-    views = [torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device) for _ in range(3)]  # (B, 3, S, S) each
+    views = [to_view_layout(torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device)) for _ in range(3)]
     ids = torch.arange(cfg.batch, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -77,8 +87,15 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:  # also the warm-up step
+    with FlopCounterMode(display=False) as counter:  # one eager step: the FLOPs (and the warm-up when eager)
         step()
+    compile_s = None
+    if cfg.compile:  # compiled after the count (the counter is a dispatch mode); two steps compile and settle
+        compile_encoders(method)
+        start = time.perf_counter()
+        step(), step()
+        sync(device)
+        compile_s = time.perf_counter() - start
     sync(device)
     start = time.perf_counter()
     for _ in range(cfg.steps):
@@ -87,7 +104,8 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     seconds = (time.perf_counter() - start) / cfg.steps
     flops = counter.get_total_flops() / seconds
     result = {"anchors_per_s": cfg.batch / seconds, "views_per_s": 3 * cfg.batch / seconds,
-              "gflop_per_step": counter.get_total_flops() / 1e9, "achieved_tflop_s": flops / 1e12}
+              "gflop_per_step": counter.get_total_flops() / 1e9, "achieved_tflop_s": flops / 1e12,
+              "compile_s": compile_s, "view_layout": str(view_layout(device)).removeprefix("torch.")}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in name), None)
@@ -188,21 +206,31 @@ def bench(cfg: BenchConfig) -> dict:
             "raw_over_png": inputs["loader_raw_anchors_per_s"] / inputs["loader_anchors_per_s"],
             "raw_over_png_stream": inputs["stream_raw_anchors_per_s"] / inputs["stream_anchors_per_s"],
             "loader_over_train": inputs["loader_anchors_per_s"] / train["anchors_per_s"],
+            "raw_loader_over_train": inputs["loader_raw_anchors_per_s"] / train["anchors_per_s"],
+            "cached_over_train": inputs["cached_anchors_per_s"] / train["anchors_per_s"],
             "batch_augment_over_pil": inputs["augment_anchors_per_s"] / inputs["pil_anchors_per_s"]}
 
 
 def main(device: str = DEVICE, width: int = typer.Option(64),
          size: int = typer.Option(32), batch: int = typer.Option(32, help="Anchors per step."),
          steps: int = typer.Option(3, help="Timed training steps."), anchors: int = typer.Option(512),
-         workers: int = typer.Option(0, help="Loader processes."), repeats: int = REPEATS, threads: int = THREADS,
+         workers: Optional[int] = typer.Option(None, help="Loader processes (default: 0 on the CPU; on CUDA the "
+                                               "cores less two, at most 8)."),
+         repeats: int = REPEATS, threads: int = THREADS,
+         compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder, as `clsp train run "
+                                      "--compile` (the compile is timed apart)."),
          out: Path = OUT) -> None:
     """Training vs input-pipeline throughput (anchors/s; each anchor is three augmented views)."""
     set_threads(threads)
     if device == "cuda":  # GPU defaults: a batch worth timing
         batch, anchors = max(batch, 256), max(anchors, 4096)
-    result = bench(BenchConfig(device, width, size, batch, steps, anchors, workers=workers, repeats=repeats))
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if device == "cuda" else 0
+    result = bench(BenchConfig(device, width, size, batch, steps, anchors, workers=workers, repeats=repeats,
+                               compile=compile))
     t, i, mib = result["train"], result["inputs"], {c: b / 2**20 for c, b in result["shard_bytes"].items()}
-    lines = [f"device {device}, {result['threads']} threads, ResNet-18 width {width} at {size} px, batch {batch}",
+    lines = [f"device {device}, {result['threads']} threads, {workers} loader processes, ResNet-18 width {width} at "
+             f"{size} px, batch {batch}{', compiled' if compile else ''}",
              f"train            {t['anchors_per_s']:9.1f} anchors/s  ({t['views_per_s']:.1f} views/s, "
              f"{t['achieved_tflop_s'] * 1e3:.1f} GFLOP/s achieved)",
              f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of {result['config']['k']} "
@@ -215,8 +243,8 @@ def main(device: str = DEVICE, width: int = typer.Option(64),
              f"{i['cache_fill_s']:.1f} s, then drawn from memory)",
              f"augment only     {i['augment_anchors_per_s']:9.1f} anchors/s  (BatchAugment, 3 views)",
              f"PIL reference    {i['pil_anchors_per_s']:9.1f} anchors/s  (per image, 3 views)",
-             f"loader/train = {result['loader_over_train']:.2f} "
-             f"({'the model' if result['loader_over_train'] > 1 else 'the input pipeline'} limits training); "
+             f"input/train: png {result['loader_over_train']:.2f}, raw {result['raw_loader_over_train']:.2f}, "
+             f"cached {result['cached_over_train']:.2f} (above 1: the model limits training)",
              f"batch augment / PIL = {result['batch_augment_over_pil']:.2f}"]
     if t.get("fraction_of_peak") is not None:
         lines.append(f"{t['device_name']}: {t['fraction_of_peak']:.1%} of {t['peak_bf16_tflop_s']:.0f} TFLOP/s bf16 peak")

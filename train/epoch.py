@@ -14,6 +14,7 @@ import torch
 from clsp.accelerator import SigtermFlag, any_process
 from clsp.errors import UserError
 from clsp.train.checkpoint import RunLog, save_checkpoint
+from clsp.train.speed import to_view_layout
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -118,12 +119,16 @@ def _losses(run: Launch, batch: dict) -> dict:
     """The method's losses on two augmented views of the anchors and, per --positives, a third view."""
     device = run.acc.device
     anchor = batch["anchor"].to(device, non_blocking=True)  # (B, H, W, 3) uint8
-    views = [run.augment(anchor), run.augment(anchor)]  # 2 x (B, 3, S, S), independent strong augmentations
-    third = None  # (B, 3, S, S): the synthetic positive, or a third real view, with the same augmentation
+
+    def view(images: torch.Tensor) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, S, S), NHWC on a GPU (train.speed)
+        return to_view_layout(run.augment(images))
+
+    views = [view(anchor), view(anchor)]  # independent strong augmentations
+    third = None  # the synthetic positive, or a third real view, with the same augmentation
     if run.cfg.positives == "synthetic":
-        third = run.augment(batch["positive"].to(device, non_blocking=True))
+        third = view(batch["positive"].to(device, non_blocking=True))
     elif run.cfg.positives == "augment":
-        third = run.augment(anchor)
+        third = view(anchor)
     return run.model(views, batch["ids"].to(device), third)
 
 

@@ -38,6 +38,8 @@ from clsp.train.checkpoint import (CONFIG, LOG, SUMMARY, TRACKER_DIR, RunLog, de
 from clsp.train.epoch import Launch, run_epoch
 from clsp.train.knn_monitor import KnnMonitor
 from clsp.train.methods import Method, MethodConfig, build_method, method_names, setting_names
+from clsp.train.speed import compile_encoders
+from clsp.vocabulary import CPU_COMPILE_REFUSED
 from clsp.train.shard_input import open_input, open_shards, split_batch
 from clsp.train.stream import POSITIVES, WEIGHTINGS, PositiveFilter
 from clsp.train.trackers import tracker_options
@@ -103,6 +105,7 @@ class TrainConfig:
     cache: bool | None = None          # decode every image once and train from memory; None: when it fits (train.cache)
     shuffle_buffer: int = 256
     bf16: bool = True                  # autocast on GPUs (ignored on the CPU)
+    compile: bool = False              # torch.compile the encoders (train.speed)
     knn_every: int = 0                 # epochs between kNN monitor runs (0: off)
     knn_source: str | None = None      # labelled source spec for the monitor, e.g. "digits"
     log_with: str | None = None        # also log log.csv's scalars to this Accelerate tracker (tensorboard, wandb...)
@@ -192,6 +195,8 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
     """Check the input and build the method and its batches (nothing written until then), claim cfg.out, and start
     the launch (_start). None when cfg.out holds this run finished."""
     cuda = torch.cuda.is_available()
+    if cfg.compile and not cuda:
+        raise UserError(CPU_COMPILE_REFUSED)
     acc = fresh_accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.bf16 and cuda else "no",
                             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
                             **tracker_options(cfg.log_with, cfg.out))
@@ -201,6 +206,8 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
     per_process, spe = split_batch(cfg.batch_size, manifest.count, world)
     set_seed(cfg.seed)  # identical initial weights on every process
     method, built = _build_method(cfg, size)
+    if cfg.compile:
+        compile_encoders(method)  # lazily: the first step compiles
     cached = use_cache(cfg.cache, manifest.count, manifest.k, int(manifest.run["image_size"]), cfg.positives, world)
     record = _run_record(cfg, manifest, built, cached, world, per_process, spe)
     stream, loader = open_input(cfg, manifest, draw, per_process, spe, acc, cached)
@@ -227,7 +234,8 @@ def _run_record(cfg: TrainConfig, manifest: Manifest, built: dict, cached: bool,
     backbone), the normalisation, the package version and the data."""
     shard_sums = hashlib.sha256("".join(s["sha256"] for s in manifest.shards).encode()).hexdigest()
     config = {key: value for key, value in asdict(cfg).items()  # unset options: a record as before they existed
-              if key != "cache" and (value is not None or key not in ("positive_filter", "positive_weighting"))}
+              if key != "cache" and (value is not None or key not in ("positive_filter", "positive_weighting"))
+              and (value or key != "compile")}  # an eager run keeps the record it had before --compile existed
     if cached:  # the streamed input keeps the record it had before the cache existed; the cache changes the order
         config["cache"] = True
     run = {"config": config, **built,

@@ -1,0 +1,57 @@
+"""The benchmarks on tiny settings: every column is measured, what must be equal is equal (split and naive samplers,
+the ratios and their parts), the results file says where its figures come from, and --compile on the CPU is refused.
+Nothing here asserts a time."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from clsp.synth import bench as sampler_bench
+from clsp.train import bench as trainer_bench
+
+COLUMNS = {"split", "cpu-noise", "naive", "authors", "shared"}  # bf16-weights: CUDA only
+
+
+def test_sampler_bench_measures_every_column_and_split_equals_naive(tmp_path):
+    out = tmp_path / "results" / "sampler.json"
+    app = typer.Typer()
+    app.command()(sampler_bench.main)
+    result = CliRunner().invoke(app, ["--steps", "1", "--batch", "8", "--k", "4", "--repeats", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "split / naive" in result.output
+    figures = json.loads(out.read_text())
+    assert set(figures["images_per_s"]) == COLUMNS and min(figures["images_per_s"].values()) > 0
+    # the same positives, fewer FLOPs (up to float rounding: the encoder's convolutions see 2B rows in the split)
+    assert figures["max_abs_diff_split_vs_naive"] < 1e-5
+    rate = figures["images_per_s"]
+    assert figures["speedup_split_over_authors"] == pytest.approx(rate["split"] / rate["authors"])
+    assert 1.0 < figures["split_step_over_forward"] < 2.0  # one forward plus the anchor's encoder
+    assert figures["naive_flops_per_image"] > figures["split_flops_per_image"]
+    assert figures["shared_noise_flop_saving"] > 0
+    assert figures["config"]["steps"] == 1 and figures["config"]["batch"] == 8
+    assert {"device", "command", "versions", "date"} <= figures.keys() and figures["versions"]["torch"]
+    assert "speedup_bf16_weights_over_autocast" not in figures  # a CUDA column; the CPU path stays fp32
+
+
+def test_trainer_bench_measures_training_and_every_input(tmp_path):
+    cfg = trainer_bench.BenchConfig(width=4, size=8, batch=4, steps=1, anchors=8, k=2, repeats=1)
+    figures = trainer_bench.bench(cfg)
+    train, inputs = figures["train"], figures["inputs"]
+    assert train["anchors_per_s"] > 0 and train["gflop_per_step"] > 0 and train["compile_s"] is None
+    assert train["view_layout"] == "contiguous_format"  # NCHW on the CPU (NHWC on CUDA: train.speed)
+    for name in ("loader", "loader_raw", "stream", "stream_raw", "cached", "augment", "pil"):
+        assert inputs[f"{name}_anchors_per_s"] > 0, name
+    assert figures["cached_over_train"] == pytest.approx(inputs["cached_anchors_per_s"] / train["anchors_per_s"])
+    assert figures["raw_loader_over_train"] == pytest.approx(inputs["loader_raw_anchors_per_s"] /
+                                                             train["anchors_per_s"])
+    assert min(figures["shard_bytes"].values()) > 0
+
+
+@pytest.mark.parametrize("config", [lambda: sampler_bench.BenchConfig(compile=True),
+                                    lambda: trainer_bench.BenchConfig(compile=True)])
+def test_compile_is_refused_on_the_cpu(config):
+    with pytest.raises(ValueError, match="--compile is for GPU runs"):
+        config()
