@@ -21,9 +21,11 @@ PRECISION_HELP = "auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs on
 DEVICE_HELP = "auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N"
 FORWARD_BATCH_HELP = "images per forward pass per process (memory use, not results)"
 BATCH_SIZE_HELP = "examples per optimizer step over all processes"
-# --compile (synth, train and their benches) is for GPUs: torch 2.13's inductor writes C++ for the CPU whose compiled
-# convolution + BatchNorm backward corrupted the heap here (a width-4 ResNet-18: "realloc(): invalid old size"), the
-# known regression pytorch/pytorch#181618 (GroupNorm -> convolution), and a CPU run gains little from compiling.
+# --compile (synth, train and their benches) is for GPUs. On the CPU, torch 2.13's inductor lays convolutions out NHWC,
+# and a compiled width-4 ResNet-18 training step corrupted the heap here every time ("realloc(): invalid old size", in
+# the compiled backward's aten.convolution_backward on NHWC tensors); the same eager model fed NHWC views did so now
+# and then, which is one more reason the CPU path stays NCHW (train.speed). Heap corruption in compiled conv +
+# normalisation CPU code is a known torch regression (pytorch/pytorch#181618), and a CPU run gains little from it.
 CPU_COMPILE_REFUSED = ("--compile is for GPU runs and this one runs on the CPU: torch's compiled CPU code for "
                        "convolutions with normalisation layers can corrupt memory (pytorch/pytorch#181618), and a CPU "
                        "run gains little from it. Fix: leave --compile out on the CPU.")
