@@ -150,8 +150,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             return lambda: authors_recipe(unet, scheduler, anchors, config, generator.manual_seed(cfg.seed))
         fn = functions.get(name, sample_positives)
         model = weights_bf16 if name == "bf16-weights" else unet
+        backend = "inductor" if cfg.compile else None  # compiled noise beside the compiled UNet, as the job does
         return lambda: fn(model, scheduler, anchors, row_noise(config.noise, cfg.seed, anchor_ids, cfg.k,
-                                                              config.share_anchor_noise), config, fast=cfg.fast)
+                                                              config.share_anchor_noise, backend), config, fast=cfg.fast)
 
     for name, config in configs.items():  # warm-up: allocator, kernels, torch.compile graphs
         variant(name, replace(config, steps=2))()
@@ -205,7 +206,7 @@ def _noise_ms_per_step(anchor_ids, cfg: BenchConfig, shape, device) -> dict[str,
     """Milliseconds to draw one step's noise (anchor + variance) for the whole batch, on `device`, per generator."""
     result = {}
     for kind in ("counter", "cpu-generator"):
-        noise = row_noise(kind, cfg.seed, anchor_ids, cfg.k, False)
+        noise = row_noise(kind, cfg.seed, anchor_ids, cfg.k, False, "inductor" if cfg.compile else None)
         noise.start(shape, device)  # warm-up
         times, _ = best_of({kind: lambda: (noise.anchor(3, shape, device), noise.variance(3, shape, device))},
                            max(3, cfg.repeats), device)

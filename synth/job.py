@@ -272,7 +272,8 @@ def sample_batch(cfg: SynthConfig, batch: list[Record], unet, scheduler, device:
     k = cfg.k
     seeds = [[candidate_seed(cfg.seed, r.anchor_id, j) for j in range(k)] for r in batch]
     size = batch[0].image.shape[0]
-    noise = row_noise(cfg.sampler.noise, cfg.seed, [r.anchor_id for r in batch], k, cfg.sampler.share_anchor_noise)
+    noise = row_noise(cfg.sampler.noise, cfg.seed, [r.anchor_id for r in batch], k, cfg.sampler.share_anchor_noise,
+                      "inductor" if cfg.compile else None)  # --compile: GPU only (SynthConfig)
     pixels = torch.from_numpy(np.stack([r.image for r in batch]))  # (A, H, W, 3) uint8
     anchors = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (A, 3, H, W) in [-1, 1]
     anchors = anchors.repeat_interleave(k, dim=0)  # (A*K, 3, H, W)

@@ -97,12 +97,28 @@ class RowNoise:
         raise NotImplementedError
 
 
-class CounterNoise(RowNoise):
-    """Philox noise: row keys (B,) and anchor keys (B,), equal within a group that shares its anchor's noise."""
+_COMPILED: dict[str, object] = {}  # backend -> counter_normal compiled with it (one per process: compiled once)
 
-    def __init__(self, keys: list[int], anchor_keys: list[int]):
+
+def compiled_counter_normal(backend: str = "inductor"):
+    """counter_normal as one traced graph (torch.compile, fullgraph: no graph breaks): on a GPU inductor fuses the ~200
+    small integer kernels of an eager draw into one. The Philox words are the same integers; the normal values may
+    differ from eager ones in the last bits (log, sqrt, cos), so a compiled job records `compiled`. The step, the draw
+    and the row count change between calls: after the first change dynamo makes them symbolic (a few compiles per
+    run, not one per step)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(counter_normal, backend=backend, fullgraph=True)
+    return _COMPILED[backend]
+
+
+class CounterNoise(RowNoise):
+    """Philox noise: row keys (B,) and anchor keys (B,), equal within a group that shares its anchor's noise.
+    compile_backend: draw with compiled_counter_normal(backend) (`--compile` on a GPU: "inductor"); None: eager."""
+
+    def __init__(self, keys: list[int], anchor_keys: list[int], compile_backend: str | None = None):
         if len(keys) != len(anchor_keys):
             raise ValueError(f"need one anchor key per row: {len(anchor_keys)} for {len(keys)} rows")
+        self._normal = counter_normal if compile_backend is None else compiled_counter_normal(compile_backend)
         self.rows = len(keys)
         self.keys = torch.tensor(keys, dtype=torch.int64)  # (B,)
         groups, self.anchor_row = torch.unique(torch.tensor(anchor_keys, dtype=torch.int64), return_inverse=True)
@@ -116,13 +132,13 @@ class CounterNoise(RowNoise):
         return self._on[device]
 
     def start(self, shape, device):
-        return counter_normal(self._keys(device)[0], START, 0, shape)
+        return self._normal(self._keys(device)[0], START, 0, shape)
 
     def anchor(self, step, shape, device):
-        return counter_normal(self._keys(device)[1], ANCHOR, step, shape)
+        return self._normal(self._keys(device)[1], ANCHOR, step, shape)
 
     def variance(self, step, shape, device):
-        return counter_normal(self._keys(device)[0], VARIANCE, step, shape)
+        return self._normal(self._keys(device)[0], VARIANCE, step, shape)
 
 
 class GeneratorNoise(RowNoise):
@@ -158,13 +174,15 @@ class GeneratorNoise(RowNoise):
         return self._draw(self.generators, shape, device)
 
 
-def row_noise(kind: str, seed: int, anchor_ids: list[str], k: int, share_anchor_noise: bool) -> RowNoise:
+def row_noise(kind: str, seed: int, anchor_ids: list[str], k: int, share_anchor_noise: bool,
+              compile_backend: str | None = None) -> RowNoise:
     """The noise of rows a * k + j (candidate j of anchor_ids[a]), keyed on candidate_seed(seed, id, j); with
-    share_anchor_noise the K rows of an anchor share the anchor noise keyed on candidate_seed(seed, id, "anchor")."""
+    share_anchor_noise the K rows of an anchor share the anchor noise keyed on candidate_seed(seed, id, "anchor").
+    compile_backend: counter noise drawn by compiled code (CounterNoise); the CPU generators ignore it."""
     keys = [candidate_seed(seed, a, j) for a in anchor_ids for j in range(k)]
     shared = [candidate_seed(seed, a, "anchor") for a in anchor_ids for _ in range(k)]
     if kind == "counter":
-        return CounterNoise(keys, shared if share_anchor_noise else keys)
+        return CounterNoise(keys, shared if share_anchor_noise else keys, compile_backend)
     if kind == LEGACY_NOISE:
         generators = [torch.Generator("cpu").manual_seed(s) for s in keys]
         if not share_anchor_noise:

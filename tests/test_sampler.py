@@ -235,3 +235,21 @@ def test_a_bf16_unet_samples_in_bf16_and_lands_near_the_fp32_positives(unet, sch
     assert out.dtype == torch.float32 and seen == [torch.bfloat16] * 3
     assert 0 < float((out - fp32).abs().mean()) < 0.02
     assert float((out - fp32).abs().max()) < 0.25
+
+
+def test_compiled_counter_noise_is_one_graph_with_a_few_compiles_and_the_same_draws():
+    """What `--compile` does to the noise on a GPU (inductor there); aot_eager traces it the same way on the CPU
+    (dynamo, fullgraph) and runs the traced graph with eager kernels, so the draws must be equal to the bit."""
+    from torch._dynamo.utils import counters
+
+    keys = seeds_for("a0", 4) + seeds_for("a1", 4)
+    anchor_keys = [keys[0]] * 4 + [keys[4]] * 4  # shared anchor noise: 2 groups, so the row count changes too
+    eager = CounterNoise(keys, anchor_keys)
+    traced = CounterNoise(keys, anchor_keys, compile_backend="aot_eager")
+    before = counters["stats"]["unique_graphs"]
+    torch.testing.assert_close(traced.start(SHAPE, "cpu"), eager.start(SHAPE, "cpu"), rtol=0, atol=0)
+    for step in range(6):
+        for draw in ("anchor", "variance"):
+            got, want = getattr(traced, draw)(step, SHAPE, "cpu"), getattr(eager, draw)(step, SHAPE, "cpu")
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert 1 <= counters["stats"]["unique_graphs"] - before <= 4  # not one per step: step and rows become symbolic
