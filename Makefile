@@ -72,7 +72,8 @@ bench: setup
 	$(PY) -m clsp.train.bench
 
 # The README's GPU figures, on a CUDA machine, in the environment that holds your CUDA torch and clsp (not .venv, whose
-# torch is the CPU build): `make bench-gpu GPU_PY=python`. Each command writes its JSON under $(GPU_RESULTS).
+# torch is the CPU build): `make bench-gpu GPU_PY=python`. Each command writes its JSON under $(GPU_RESULTS); the last
+# line fills the README's tables from those files.
 GPU_PY      ?= python3
 GPU_RESULTS ?= bench/results/gpu
 SAMPLER_GPU := -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 1024 --k 8 --repeats 1
@@ -82,6 +83,7 @@ bench-gpu:
 	$(GPU_PY) $(SAMPLER_GPU) --compile --out $(GPU_RESULTS)/sampler-compiled.json
 	$(GPU_PY) $(TRAINER_GPU) --out $(GPU_RESULTS)/trainer-eager.json
 	$(GPU_PY) $(TRAINER_GPU) --compile --out $(GPU_RESULTS)/trainer-compiled.json
+	$(GPU_PY) -m clsp.bench_report
 
 # Removes the environment and caches only: generators, shards and runs under runs/ cost hours and are kept.
 clean:

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -25,6 +26,10 @@ DEVICE = typer.Option("cpu", help="cpu | cuda (the first GPU) | cuda:N")
 THREADS = typer.Option(0, help="torch CPU threads; 0 keeps torch's choice (one per core)")
 REPEATS = typer.Option(2, help="interleaved timed rounds; the best of each is reported")
 OUT = typer.Option(None, help="also write the results as JSON here (bench/results/ holds the README's figures)")
+# Dense bf16 tensor-core peak, FLOP/s, by a word of torch.cuda.get_device_name (first match wins, so "H100 PCIe"
+# before "H100"); the datasheets' figures without sparsity.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10": 125e12}
 PACKAGES = ("clsp-positives", "torch", "diffusers", "accelerate", "webdataset", "numpy", "pillow", "kornia")
 
 
@@ -65,6 +70,19 @@ def device_name(device) -> str:
     if getattr(device, "type", str(device)).startswith("cuda"):
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads of {os.cpu_count()}"
+
+
+def peak_bf16_flops(device) -> float | None:
+    """The dense bf16 peak of a known GPU in FLOP/s; None on the CPU and on GPUs not in PEAK_BF16_FLOPS."""
+    if not getattr(device, "type", str(device)).startswith("cuda"):
+        return None
+    return gpu_peak_bf16_flops(device_name(device))
+
+
+def gpu_peak_bf16_flops(name: str) -> float | None:
+    """PEAK_BF16_FLOPS of the GPU called `name` (torch.cuda.get_device_name); whole words only, so an A10G is not
+    taken for an A10."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if re.search(rf"\b{key}\b", name)), None)
 
 
 def provenance(device) -> dict:

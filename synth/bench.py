@@ -28,7 +28,7 @@ import torch
 import typer
 from torch.utils.flop_counter import FlopCounterMode
 
-from clsp.bench import DEVICE, OUT, REPEATS, THREADS, best_of, provenance, set_threads, write_results
+from clsp.bench import DEVICE, OUT, REPEATS, THREADS, best_of, peak_bf16_flops, provenance, set_threads, write_results
 from clsp.synth.job_setup import prepare_unet
 from clsp.synth.noise import row_noise
 from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
@@ -170,7 +170,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "seconds": {name: [round(s, 4) for s in seconds] for name, seconds in times.items()},
         "max_abs_diff_split_vs_naive": float((outputs["split"] - outputs["naive"]).abs().max()),
         **_bf16_weights_figures(rate, outputs),
-        **_flop_figures(_flops_per_image(unet, anchors, shape, cfg), steps, rate),
+        **_flop_figures(_flops_per_image(unet, anchors, shape, cfg), steps, rate, peak_bf16_flops(device)),
         "diversity_own_anchor_noise": mean_pairwise_l2(outputs["split"], cfg.k),
         "diversity_shared_anchor_noise": mean_pairwise_l2(outputs["shared"], cfg.k),
         "mean_l2_to_anchor_own": float((outputs["split"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
@@ -187,16 +187,21 @@ def _bf16_weights_figures(rate: dict[str, float], outputs: dict) -> dict:
             "bf16_weights_vs_autocast_abs_diff": {"max": float(diff.max()), "mean": float(diff.mean())}}
 
 
-def _flop_figures(flops: dict[str, float], steps: int, rate: dict[str, float]) -> dict:
-    """FLOPs per image for each sampler form (`flops`: per image-step) and the TFLOP/s each variant achieved."""
+def _flop_figures(flops: dict[str, float], steps: int, rate: dict[str, float], peak: float | None) -> dict:
+    """FLOPs per image for each sampler form (`flops`: per image-step), the TFLOP/s each variant achieved and, on a
+    GPU whose bf16 peak is known (`peak`, FLOP/s), the fraction of that peak."""
     per_variant = {"shared": "split_shared", "naive": "naive"}  # the rest do the split sampler's work
+    achieved = {name: flops[per_variant.get(name, "split")] * steps * rate[name] for name in rate}  # FLOP/s
+    peak_figures = {} if peak is None else {
+        "peak_bf16_tflop_s": peak / 1e12, "fraction_of_peak": {name: f / peak for name, f in achieved.items()}}
     return {
         "flops_per_forward_per_image": flops["forward"],
         "split_step_over_forward": flops["split"] / flops["forward"],
         "encoder_share_of_forward": flops["encoder"] / flops["forward"],
         "split_flops_per_image": flops["split"] * steps,
         "naive_flops_per_image": flops["naive"] * steps,
-        "tflop_per_s": {name: flops[per_variant.get(name, "split")] * steps * rate[name] / 1e12 for name in rate},
+        "tflop_per_s": {name: f / 1e12 for name, f in achieved.items()},
+        **peak_figures,
         "shared_noise_flops_per_image": flops["split_shared"] * steps,
         "shared_noise_flop_saving": 1 - flops["split_shared"] / flops["split"],
     }
@@ -246,7 +251,8 @@ def format_table(r: dict) -> str:
         ("model", f"{c['model']} ({r['parameters'] / 1e6:.2f}M params), {r['device']}, torch {r['versions']['torch']}"),
         ("run", f"batch {c['batch']} = {c['batch'] // c['k']} anchors x K {c['k']}, {c['steps']} DDIM steps, "
                 f"w {c['w']}, eta {c['eta']}, compile {c['compile']}, fast {c['fast']}"),
-        *[(f"{name}", f"{ips[name]:.2f} images/s, {1e3 * tf[name]:.2f} GFLOP/s")
+        *[(f"{name}", f"{ips[name]:.2f} images/s, {1e3 * tf[name]:.2f} GFLOP/s"
+                      + (f" ({r['fraction_of_peak'][name]:.1%} of bf16 peak)" if "fraction_of_peak" in r else ""))
           for name in ("split", "cpu-noise", "naive", "authors", "shared", "bf16-weights") if name in ips],
         ("split / naive", f"{r['speedup_split_over_naive']:.2f}x (outputs differ by at most "
                           f"{r['max_abs_diff_split_vs_naive']:.1e})"),

@@ -9,6 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from clsp.bench import gpu_peak_bf16_flops, peak_bf16_flops
 from clsp.synth import bench as sampler_bench
 from clsp.train import bench as trainer_bench
 
@@ -55,3 +56,11 @@ def test_trainer_bench_measures_training_and_every_input(tmp_path):
 def test_compile_is_refused_on_the_cpu(config):
     with pytest.raises(ValueError, match="--compile is for GPU runs"):
         config()
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12),
+                                        ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", None)])
+def test_the_peak_behind_fraction_of_peak_is_the_named_gpus(name, peak):
+    assert gpu_peak_bf16_flops(name) == peak
+    assert peak_bf16_flops("cpu") is None  # no fraction of peak is claimed on a CPU

@@ -28,7 +28,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from clsp.bench import DEVICE, OUT, REPEATS, THREADS, best_of, provenance, set_threads, sync, write_results
+from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, peak_bf16_flops, provenance, set_threads, sync,
+                        write_results)
 from clsp.shards.manifest import read_manifest
 from clsp.shards.manifest_writer import write_manifest
 from clsp.shards.schema import ShardSample
@@ -41,8 +42,6 @@ from clsp.train.methods import MethodConfig, build_method
 from clsp.train.speed import compile_encoders, to_view_layout, view_layout
 from clsp.vocabulary import CPU_COMPILE_REFUSED
 from clsp.train.stream import ShardStream, StreamConfig
-
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense tensor core
 
 
 @dataclass(frozen=True)
@@ -106,10 +105,9 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     result = {"anchors_per_s": cfg.batch / seconds, "views_per_s": 3 * cfg.batch / seconds,
               "gflop_per_step": counter.get_total_flops() / 1e9, "achieved_tflop_s": flops / 1e12,
               "compile_s": compile_s, "view_layout": str(view_layout(device)).removeprefix("torch.")}
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in name), None)
-        result.update(device_name=name, peak_bf16_tflop_s=peak and peak / 1e12, fraction_of_peak=peak and flops / peak)
+    peak = peak_bf16_flops(device)
+    if peak is not None:
+        result.update(peak_bf16_tflop_s=peak / 1e12, fraction_of_peak=flops / peak)
     return result
 
 
@@ -247,7 +245,7 @@ def main(device: str = DEVICE, width: int = typer.Option(64),
              f"cached {result['cached_over_train']:.2f} (above 1: the model limits training)",
              f"batch augment / PIL = {result['batch_augment_over_pil']:.2f}"]
     if t.get("fraction_of_peak") is not None:
-        lines.append(f"{t['device_name']}: {t['fraction_of_peak']:.1%} of {t['peak_bf16_tflop_s']:.0f} TFLOP/s bf16 peak")
+        lines.append(f"{result['device']}: {t['fraction_of_peak']:.1%} of {t['peak_bf16_tflop_s']:.0f} TFLOP/s bf16 peak")
     typer.echo("\n".join(lines))
     write_results(result, out)
 
