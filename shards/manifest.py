@@ -206,6 +206,8 @@ def read_manifest(location: str | Path) -> Manifest:
     try:
         manifest = parse_json(_read(where), where)
     except FileNotFoundError:
+        if "://" not in location and not Path(location).is_dir():
+            raise ShardError(f"{location} does not exist: name the folder `clsp synth run` wrote (its --out)") from None
         raise ShardError(f"{location} has no {MANIFEST}: the synth job did not finish there; rerun it with the same "
                          f"command to complete it") from None
     except (OSError, SchemaError) as error:

@@ -56,3 +56,5 @@ def test_shards_verify_info_and_sheet(shard_dir, tmp_path):
 def test_shards_info_on_a_directory_without_manifest_exits_2(tmp_path):
     result = runner.invoke(app, ["shards", "info", str(tmp_path)])
     assert result.exit_code == 2 and "has no manifest.json" in result.output
+    missing = runner.invoke(app, ["shards", "info", str(tmp_path / "typo")])  # not an unfinished job: no folder at all
+    assert missing.exit_code == 2 and "typo does not exist" in missing.output and "did not finish" not in missing.output
