@@ -117,17 +117,35 @@ def render(kind: str, files: list[str], root: Path) -> str:
     files not measured yet."""
     if kind not in KINDS:
         raise ValueError(f"unknown bench-table kind {kind!r}: use one of {', '.join(KINDS)}")
-    found = {name: json.loads((root / name).read_text()) for name in files if (root / name).is_file()}
+    found = {name: _load(root / name) for name in files if (root / name).is_file()}
+    columns = {name: _column(kind, name, figures) for name, figures in found.items()}
     lines = []
-    if found:
-        lines += ["| | " + " | ".join(f"`{Path(name).name}`" for name in found) + " |",
-                  "|---" * (len(found) + 1) + "|"]
-        for label, cell in KINDS[kind]:
-            lines.append(f"| {label} | " + " | ".join(cell(r) for r in found.values()) + " |")
+    if columns:
+        lines += ["| | " + " | ".join(f"`{Path(name).name}`" for name in columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        for row, (label, _) in enumerate(KINDS[kind]):
+            lines.append(f"| {label} | " + " | ".join(cells[row] for cells in columns.values()) + " |")
     missing = [name for name in files if name not in found]
     if missing:
         lines.append("Not measured yet: " + ", ".join(f"`{name}`" for name in missing) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read as a results file ({error}). Fix: run its bench again") from None
+
+
+def _column(kind: str, name: str, figures: dict) -> list[str]:
+    """One file's cells, top to bottom; a file another bench wrote (or an older bench without a figure) is refused."""
+    try:
+        return [cell(figures) for _, cell in KINDS[kind]]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{name} is not a {kind} results file of this clsp (no {error}). Fix: name it in a block of "
+                         f"its own kind, or run `python -m clsp.{'synth' if kind == 'sampler' else 'train'}.bench` "
+                         f"again") from None
 
 
 def refresh(text: str, root: Path) -> str:
@@ -144,7 +162,10 @@ def main(readme: Path = typer.Argument(Path("README.md"), help="the markdown fil
     text = readme.read_text()
     if not BLOCK.search(text):
         raise typer.BadParameter(f"{readme} has no `<!-- bench-table KIND: FILES -->` block to fill")
-    fresh = refresh(text, readme.parent)
+    try:
+        fresh = refresh(text, readme.parent)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     if fresh == text:
         typer.echo(f"{readme}: every bench table matches its results files")
     elif check:

@@ -22,6 +22,11 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+def said(result) -> str:
+    """The command's output as one line of words (typer draws its errors in a wrapped box)."""
+    return " ".join(result.output.replace("│", " ").split())
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     """A folder with one tiny run of each bench, as the benches write them."""
@@ -68,6 +73,16 @@ def test_a_trainer_table_gives_each_input_against_training(results):
     assert "Not measured yet" not in table
 
 
+def test_a_results_file_of_the_other_bench_is_refused_by_name(results):
+    with pytest.raises(ValueError, match="trainer.json is not a sampler results file"):
+        bench_report.render("sampler", ["trainer.json"], results)
+    (results / "broken.json").write_text("{")
+    readme = results / "BROKEN.md"
+    readme.write_text("<!-- bench-table trainer: broken.json -->\n<!-- /bench-table -->\n")
+    result = invoke(str(readme))
+    assert result.exit_code == 2 and "cannot be read as a results file" in said(result)
+
+
 def test_only_missing_files_give_a_line_and_no_table(tmp_path):
     assert bench_report.render("trainer", ["a.json", "b.json"], tmp_path) == "Not measured yet: `a.json`, `b.json`.\n"
     with pytest.raises(ValueError, match="unknown bench-table kind 'speed'"):
@@ -81,7 +96,7 @@ def test_check_refuses_a_stale_table_and_a_rewrite_touches_only_the_blocks(resul
     readme.write_text(before + block + after)
 
     stale = invoke(str(readme), "--check")
-    assert stale.exit_code == 1 and "python -m clsp.bench_report" in stale.output
+    assert stale.exit_code == 1 and "python -m clsp.bench_report" in said(stale)
     assert "| stale | table |" in readme.read_text()  # --check writes nothing
 
     assert invoke(str(readme)).exit_code == 0
@@ -95,4 +110,4 @@ def test_a_file_without_tables_is_refused(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# no tables here\n")
     result = invoke(str(readme))
-    assert result.exit_code == 2 and "no `<!-- bench-table KIND: FILES -->` block" in result.output
+    assert result.exit_code == 2 and "no `<!-- bench-table KIND: FILES -->` block" in said(result)
