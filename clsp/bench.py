@@ -51,11 +51,15 @@ def sync(device) -> None:
 
 def best_of(variants: dict[str, Callable[[], object]], repeats: int, device) -> tuple[dict, dict]:
     """Run every variant `repeats` times, interleaved (one round runs each once), so load from elsewhere on a shared
-    machine hits them alike -> ({name: [seconds per round]}, {name: the last round's output})."""
+    machine hits them alike; each round starts one variant later than the last, so no variant always runs first or
+    right after the same one -> ({name: [seconds per round]}, {name: its output in the last round})."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs: dict[str, object] = {}
-    for _ in range(repeats):
-        for name, run in variants.items():
+    names = list(variants)
+    for round_ in range(repeats):
+        first = round_ % len(names)
+        for name in names[first:] + names[:first]:
+            run = variants[name]
             sync(device)
             start = time.perf_counter()
             outputs[name] = run()
@@ -64,12 +68,34 @@ def best_of(variants: dict[str, Callable[[], object]], repeats: int, device) -> 
     return times, outputs
 
 
+def launches(run: Callable[[], object], device) -> int:
+    """What `run()` asks of the device, each launch costing the host some microseconds: on a GPU the CUDA kernels (and
+    copies) it launches, on the CPU the tensor ops it dispatches (the outermost aten op of each call, backward's too).
+    A step that takes longer to launch than its kernels take to run leaves the GPU idle: what CUDA graphs remove."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = getattr(device, "type", str(device)).startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run()
+        sync(device)
+    if cuda:
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    return sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+               for e in prof.events())
+
+
+def launch_unit(device) -> str:
+    return "CUDA kernels" if getattr(device, "type", str(device)).startswith("cuda") else "aten ops"
+
+
 def device_name(device) -> str:
     import torch
 
     if getattr(device, "type", str(device)).startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads of {os.cpu_count()}"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' * (threads != 1)} of {os.cpu_count()}"
 
 
 def peak_bf16_flops(device) -> float | None:

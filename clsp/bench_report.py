@@ -56,6 +56,17 @@ def _ratio(r: dict, a: str, b: str) -> str:
     return f"{_sig(rate[a] / rate[b])}x" if a in rate and b in rate else "—"
 
 
+def _launches(r: dict) -> str:
+    """What one step asks of the device (CUDA kernels, or aten ops on the CPU), and the split step's time per launch:
+    when the host needs about that long to issue one, it limits the step (files from before the count: '—')."""
+    launches = r.get("launches_per_step")
+    if launches is None:
+        return "—"
+    step_s = r["config"]["batch"] / r["images_per_s"]["split"] / r["config"]["steps"]  # one split step, best round
+    return (f"{launches['split']:,} / {launches['naive']:,} {launches['counted']} "
+            f"({_sig(1e6 * step_s / launches['split'])} µs of a split step each)")
+
+
 PROVENANCE_ROWS: list[Row] = [  # every table's first rows: what produced the column, where and when
     ("command", lambda r: f"`{r['command']}`"),
     ("where, when", lambda r: f"{r['device']}; torch {r['versions']['torch']}, clsp "
@@ -79,6 +90,7 @@ SAMPLER_ROWS: list[Row] = [
     ("counter / CPU-generator noise", lambda r: f"{_ratio(r, 'split', 'cpu-noise')}; one step's noise "
                                                 f"{r['noise_ms_per_step']['counter']:.1f} / "
                                                 f"{r['noise_ms_per_step']['cpu-generator']:.1f} ms"),
+    ("launches per step, split / naive", _launches),
     ("FLOP per image, split / naive", lambda r: f"{r['split_flops_per_image'] / 1e9:,.1f} / "
                                                 f"{r['naive_flops_per_image'] / 1e9:,.1f} G (a split step = "
                                                 f"{r['split_step_over_forward']:.3f} forward passes)"),
@@ -93,7 +105,11 @@ def _anchors(r: dict, rate: float) -> str:
 def _training(r: dict) -> str:
     t = r["train"]
     compiled = f"; compiling took {t['compile_s']:.0f} s" if t.get("compile_s") is not None else ""
-    return f"{_sig(t['anchors_per_s'])} anchors/s ({_flops(t['achieved_tflop_s'], t.get('fraction_of_peak'))}){compiled}"
+    launched = "" if "launches_per_step" not in t else (
+        f"; {t['launches_per_step']:,} {t['launches_counted']} a step "
+        f"({_sig(1e6 * r['config']['batch'] / t['anchors_per_s'] / t['launches_per_step'])} µs each)")
+    return (f"{_sig(t['anchors_per_s'])} anchors/s ({_flops(t['achieved_tflop_s'], t.get('fraction_of_peak'))})"
+            f"{compiled}{launched}")
 
 
 TRAINER_ROWS: list[Row] = [

@@ -14,8 +14,9 @@
     python -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 1024 --k 8 --compile \
         --out bench/results/sampler-h100.json
 
-Weights are random (the speed does not depend on them; the diversity figures only compare the two anchor-noise
-options with each other).
+It also counts what one step launches (CUDA kernels on a GPU, aten ops on the CPU): the host's share of a step, which
+is what CUDA graphs would remove. Weights are random (the speed does not depend on them; the diversity figures only
+compare the two anchor-noise options with each other).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 import typer
 from torch.utils.flop_counter import FlopCounterMode
 
-from clsp.bench import DEVICE, OUT, REPEATS, THREADS, best_of, peak_bf16_flops, provenance, set_threads, write_results
+from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, launch_unit, launches, peak_bf16_flops, provenance,
+                        set_threads, write_results)
 from clsp.synth.job_setup import prepare_unet
 from clsp.synth.noise import row_noise
 from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
@@ -157,6 +159,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     for name, config in configs.items():  # warm-up: allocator, kernels, torch.compile graphs
         variant(name, replace(config, steps=2))()
     times, outputs = best_of({name: variant(name, config) for name, config in configs.items()}, cfg.repeats, device)
+    launches = {name: launches_per_step(lambda steps: variant(name, replace(configs[name], steps=steps)), device)
+                for name in ("split", "naive")}
     rate = {name: batch / min(seconds) for name, seconds in times.items()}  # images/s, best round
     return {
         "config": {**asdict(cfg), "steps": steps, "batch": batch},
@@ -167,6 +171,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "speedup_split_over_authors": rate["split"] / rate["authors"],
         "speedup_counter_over_cpu_noise": rate["split"] / rate["cpu-noise"],
         "noise_ms_per_step": _noise_ms_per_step(anchor_ids, cfg, shape, device),
+        "launches_per_step": {**launches, "counted": launch_unit(device)},
         "seconds": {name: [round(s, 4) for s in seconds] for name, seconds in times.items()},
         "max_abs_diff_split_vs_naive": float((outputs["split"] - outputs["naive"]).abs().max()),
         **_bf16_weights_figures(rate, outputs),
@@ -219,6 +224,12 @@ def _noise_ms_per_step(anchor_ids, cfg: BenchConfig, shape, device) -> dict[str,
     return result
 
 
+def launches_per_step(sampler_with_steps, device) -> int:
+    """What one denoising step launches (clsp.bench.launches), without the set-up around the steps:
+    `sampler_with_steps(n)` -> a call that samples with n steps (already warmed up)."""
+    return launches(sampler_with_steps(2), device) - launches(sampler_with_steps(1), device)
+
+
 def _flops_per_image(unet, anchors, shape, cfg: BenchConfig) -> dict[str, float]:
     """FLOPs of one denoising step per synthetic image: split sampler, naive reference, plain forward, encoder."""
     from clsp.synth.sampler import _hooked_eps  # the naive step itself, so its count is not re-derived here
@@ -263,6 +274,8 @@ def format_table(r: dict) -> str:
         ("counter / cpu-generator noise", f"{r['speedup_counter_over_cpu_noise']:.2f}x; one step's noise: counter "
                                           f"{r['noise_ms_per_step']['counter']:.2f} ms, cpu-generator "
                                           f"{r['noise_ms_per_step']['cpu-generator']:.2f} ms"),
+        ("launches / step", f"split {r['launches_per_step']['split']:,}, naive {r['launches_per_step']['naive']:,} "
+                            f"{r['launches_per_step']['counted']}"),
         ("FLOPs / image", f"split {r['split_flops_per_image'] / 1e9:.3f} G, "
                           f"naive {r['naive_flops_per_image'] / 1e9:.3f} G ({c['steps']} steps)"),
         ("step cost", f"split step = {r['split_step_over_forward']:.3f} forward passes; encoder = "

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from clsp.bench import gpu_peak_bf16_flops, peak_bf16_flops
+from clsp.bench import best_of, gpu_peak_bf16_flops, peak_bf16_flops
 from clsp.synth import bench as sampler_bench
 from clsp.train import bench as trainer_bench
 
@@ -32,6 +32,8 @@ def test_sampler_bench_measures_every_column_and_split_equals_naive(tmp_path):
     assert 1.0 < figures["split_step_over_forward"] < 2.0  # one forward plus the anchor's encoder
     assert figures["naive_flops_per_image"] > figures["split_flops_per_image"]
     assert figures["shared_noise_flop_saving"] > 0
+    launches = figures["launches_per_step"]  # one step's host-side work: the naive step's second UNet pass costs more
+    assert launches["counted"] == "aten ops" and 0 < launches["split"] < launches["naive"]
     assert figures["config"]["steps"] == 1 and figures["config"]["batch"] == 8
     assert {"device", "command", "versions", "date"} <= figures.keys() and figures["versions"]["torch"]
     assert "speedup_bf16_weights_over_autocast" not in figures  # a CUDA column; the CPU path stays fp32
@@ -43,6 +45,8 @@ def test_trainer_bench_measures_training_and_every_input(tmp_path):
     train, inputs = figures["train"], figures["inputs"]
     assert train["anchors_per_s"] > 0 and train["gflop_per_step"] > 0 and train["compile_s"] is None
     assert train["view_layout"] == "contiguous_format"  # NCHW on the CPU (NHWC on CUDA: train.speed)
+    # ResNet-18's 20 convolutions, forward and backward, at least: the step's host-side work
+    assert train["launches_counted"] == "aten ops" and train["launches_per_step"] > 40
     for name in ("loader", "loader_raw", "stream", "stream_raw", "cached", "augment", "pil"):
         assert inputs[f"{name}_anchors_per_s"] > 0, name
     assert figures["cached_over_train"] == pytest.approx(inputs["cached_anchors_per_s"] / train["anchors_per_s"])
@@ -64,3 +68,12 @@ def test_compile_is_refused_on_the_cpu(config):
 def test_the_peak_behind_fraction_of_peak_is_the_named_gpus(name, peak):
     assert gpu_peak_bf16_flops(name) == peak
     assert peak_bf16_flops("cpu") is None  # no fraction of peak is claimed on a CPU
+
+
+def test_best_of_interleaves_the_variants_and_rotates_which_runs_first():
+    calls = []
+    variants = {name: (lambda name=name: calls.append(name) or name.upper()) for name in "abc"}
+    times, outputs = best_of(variants, 4, "cpu")
+    assert calls == list("abc" "bca" "cab" "abc")  # a position in the round is no variant's for good
+    assert {name: len(seconds) for name, seconds in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert outputs == {"a": "A", "b": "B", "c": "C"}

@@ -61,7 +61,18 @@ def test_a_sampler_table_carries_its_run_and_ratios_within_it(results):
     assert cells(table, "split / naive")[0].startswith(bench_report._sig(rate["split"] / rate["naive"]) + "x")
     assert cells(table, "split / authors' recipe") == [bench_report._sig(rate["split"] / rate["authors"]) + "x"]
     assert cells(table, "bf16 weights (no autocast)") == ["—"]  # a CUDA column
+    launches, step_s = figures["launches_per_step"], 8 / rate["split"] / 1  # batch 8, 1 step
+    assert cells(table, "launches per step, split / naive") == [
+        f"{launches['split']:,} / {launches['naive']:,} aten ops "
+        f"({bench_report._sig(1e6 * step_s / launches['split'])} µs of a split step each)"]
     assert table.rstrip().endswith("Not measured yet: `gpu.json`.")
+
+
+def test_a_results_file_from_before_the_launch_count_shows_a_dash(results):
+    figures = json.loads((results / "sampler.json").read_text())
+    del figures["launches_per_step"]
+    (results / "older.json").write_text(json.dumps(figures))
+    assert cells(bench_report.render("sampler", ["older.json"], results), "launches per step, split / naive") == ["—"]
 
 
 def test_a_trainer_table_gives_each_input_against_training(results):

@@ -1,8 +1,8 @@
 """Which side limits training: `python -m clsp.train.bench [--device cuda]` measures, in one run,
 
   train     one CLSP-SimCLR step of ResNet-18 on three views per anchor (two real + the synthetic one), input already
-            on the device, as `clsp train run` takes it (train.speed: NHWC views on CUDA, --compile): anchors/s, and
-            achieved FLOP/s (vs the device's peak on a known GPU)
+            on the device, as `clsp train run` takes it (train.speed: NHWC views on CUDA, --compile): anchors/s,
+            achieved FLOP/s (vs the device's peak on a known GPU), and the launches a step takes (clsp.bench.launches)
   loader    the shard stream (decode the anchor and one of K positives) + BatchAugment of the three views on the device,
             from the same shards written with each image codec: png (PIL decodes) and raw (.npy: no decoding), timed
             interleaved, best of --repeats; raw_over_png is their ratio
@@ -28,8 +28,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, peak_bf16_flops, provenance, set_threads, sync,
-                        write_results)
+from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, launch_unit, launches, peak_bf16_flops, provenance,
+                        set_threads, sync, write_results)
 from clsp.shards.manifest import read_manifest
 from clsp.shards.manifest_writer import write_manifest
 from clsp.shards.schema import ShardSample
@@ -101,10 +101,12 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
         step()
     sync(device)
     seconds = (time.perf_counter() - start) / cfg.steps
+    launched = launches(step, device)
     flops = counter.get_total_flops() / seconds
     result = {"anchors_per_s": cfg.batch / seconds, "views_per_s": 3 * cfg.batch / seconds,
               "gflop_per_step": counter.get_total_flops() / 1e9, "achieved_tflop_s": flops / 1e12,
-              "compile_s": compile_s, "view_layout": str(view_layout(device)).removeprefix("torch.")}
+              "compile_s": compile_s, "launches_per_step": launched, "launches_counted": launch_unit(device),
+              "view_layout": str(view_layout(device)).removeprefix("torch.")}
     peak = peak_bf16_flops(device)
     if peak is not None:
         result.update(peak_bf16_tflop_s=peak / 1e12, fraction_of_peak=flops / peak)
@@ -230,7 +232,8 @@ def main(device: str = DEVICE, width: int = typer.Option(64),
     lines = [f"device {device}, {result['threads']} threads, {workers} loader processes, ResNet-18 width {width} at "
              f"{size} px, batch {batch}{', compiled' if compile else ''}",
              f"train            {t['anchors_per_s']:9.1f} anchors/s  ({t['views_per_s']:.1f} views/s, "
-             f"{t['achieved_tflop_s'] * 1e3:.1f} GFLOP/s achieved)",
+             f"{t['achieved_tflop_s'] * 1e3:.1f} GFLOP/s achieved; {t['launches_per_step']:,} "
+             f"{t['launches_counted']} a step)",
              f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of {result['config']['k']} "
              f"positives, 3 augmented views; png shards, {mib['png']:.1f} MiB)",
              f"  raw codec      {i['loader_raw_anchors_per_s']:9.1f} anchors/s  (the same from .npy members, "
