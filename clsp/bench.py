@@ -42,17 +42,23 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def on_cuda(device) -> bool:
+    """Whether `device` (a torch.device or its name: "cpu", "cuda", "cuda:1") is a GPU."""
+    return getattr(device, "type", str(device)).startswith("cuda")
+
+
 def sync(device) -> None:
     import torch
 
-    if getattr(device, "type", str(device)).startswith("cuda"):
+    if on_cuda(device):
         torch.cuda.synchronize(device)
 
 
 def best_of(variants: dict[str, Callable[[], object]], repeats: int, device) -> tuple[dict, dict]:
     """Run every variant `repeats` times, interleaved (one round runs each once), so load from elsewhere on a shared
-    machine hits them alike; each round starts one variant later than the last, so no variant always runs first or
-    right after the same one -> ({name: [seconds per round]}, {name: its output in the last round})."""
+    machine hits them alike; each round starts one variant later than the last, so that no variant always runs first
+    (right after the set-up, or after the slowest) -> ({name: [seconds per round]}, {name: its output in the last
+    round})."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs: dict[str, object] = {}
     names = list(variants)
@@ -75,24 +81,23 @@ def launches(run: Callable[[], object], device) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = getattr(device, "type", str(device)).startswith("cuda")
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda(device) else ProfilerActivity.CPU]) as prof:
         run()
         sync(device)
-    if cuda:
+    if on_cuda(device):
         return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
     return sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
                for e in prof.events())
 
 
 def launch_unit(device) -> str:
-    return "CUDA kernels" if getattr(device, "type", str(device)).startswith("cuda") else "aten ops"
+    return "CUDA kernels" if on_cuda(device) else "aten ops"
 
 
 def device_name(device) -> str:
     import torch
 
-    if getattr(device, "type", str(device)).startswith("cuda"):
+    if on_cuda(device):
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
     return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' * (threads != 1)} of {os.cpu_count()}"
@@ -100,7 +105,7 @@ def device_name(device) -> str:
 
 def peak_bf16_flops(device) -> float | None:
     """The dense bf16 peak of a known GPU in FLOP/s; None on the CPU and on GPUs not in PEAK_BF16_FLOPS."""
-    if not getattr(device, "type", str(device)).startswith("cuda"):
+    if not on_cuda(device):
         return None
     return gpu_peak_bf16_flops(device_name(device))
 

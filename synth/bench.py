@@ -159,7 +159,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     for name, config in configs.items():  # warm-up: allocator, kernels, torch.compile graphs
         variant(name, replace(config, steps=2))()
     times, outputs = best_of({name: variant(name, config) for name, config in configs.items()}, cfg.repeats, device)
-    launches = {name: launches_per_step(lambda steps: variant(name, replace(configs[name], steps=steps)), device)
+    launched = {name: launches_per_step(lambda steps: variant(name, replace(configs[name], steps=steps)), device)
                 for name in ("split", "naive")}
     rate = {name: batch / min(seconds) for name, seconds in times.items()}  # images/s, best round
     return {
@@ -171,7 +171,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "speedup_split_over_authors": rate["split"] / rate["authors"],
         "speedup_counter_over_cpu_noise": rate["split"] / rate["cpu-noise"],
         "noise_ms_per_step": _noise_ms_per_step(anchor_ids, cfg, shape, device),
-        "launches_per_step": {**launches, "counted": launch_unit(device)},
+        "launches_per_step": {**launched, "counted": launch_unit(device)},
         "seconds": {name: [round(s, 4) for s in seconds] for name, seconds in times.items()},
         "max_abs_diff_split_vs_naive": float((outputs["split"] - outputs["naive"]).abs().max()),
         **_bf16_weights_figures(rate, outputs),
