@@ -17,6 +17,7 @@ from __future__ import annotations
 from clsp.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+POSITIVES = ("synthetic", "augment", "none")  # --positives, the third view: synthetic positive, third real view, none
 PRECISION_HELP = "auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs only) | fp32"
 DEVICE_HELP = "auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N"
 FORWARD_BATCH_HELP = "images per forward pass per process (memory use, not results)"

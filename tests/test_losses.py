@@ -13,7 +13,7 @@ from clsp.train.distributed import (
     cosine_momentum,
     gather_with_grad,
 )
-from clsp.train.losses import byol_loss, clsp_term, info_nce, moco_infonce, nnclr_loss, positive_mask
+from clsp.train.losses import byol_loss, clsp_term, info_nce, moco_infonce, nnclr_loss
 
 
 def reference_info_nce(z, ids, temperature):
@@ -27,22 +27,6 @@ def reference_info_nce(z, ids, temperature):
             terms = [-math.log(math.exp(float(z[i] @ z[p]) / temperature) / denom) for p in pos]
             losses.append(sum(terms) / len(terms))
     return sum(losses) / len(losses)
-
-
-def test_positive_mask_hand_checked_with_several_views_per_id():
-    ids = torch.tensor([7, 3, 7, 7, 3, 5])
-    expected = torch.tensor(
-        [
-            [0, 0, 1, 1, 0, 0],
-            [0, 0, 0, 0, 1, 0],
-            [1, 0, 0, 1, 0, 0],
-            [1, 0, 1, 0, 0, 0],
-            [0, 1, 0, 0, 0, 0],
-            [0, 0, 0, 0, 0, 0],
-        ],
-        dtype=torch.bool,
-    )
-    assert torch.equal(positive_mask(ids), expected)
 
 
 def test_info_nce_matches_simclr_nt_xent_for_two_views():

@@ -8,6 +8,7 @@ import torch
 
 from clsp.train.backbones import build_backbone, mlp_head, wants_small_stem
 from clsp.train.distributed import FeatureQueue
+from clsp.train.losses import moco_infonce
 from clsp.train.methods import MethodConfig, build_method, setting_names
 from clsp.train.methods.byol import BYOLConfig
 from clsp.train.methods.moco import MoCoConfig
@@ -160,14 +161,28 @@ def test_queue_state_is_in_the_state_dict_and_only_fills_in_training():
     v1, v2, _, ids = fixed_batch()
     method.eval()
     method([v1, v2], ids)
-    assert int(method.queue.filled) == 0
+    assert [int(queue.filled) for queue in method.queues] == [0, 0]
     method.train()
     method([v1, v2], ids)
-    assert int(method.queue.filled) == 16
+    assert [int(queue.filled) for queue in method.queues] == [len(ids), len(ids)]  # one key per image and view
     clone = tiny_method("moco", "none")
     clone.load_state_dict(method.state_dict())
-    assert torch.equal(clone.queue.get(), method.queue.get())
-    assert "queue.features" in method.state_dict()
+    assert all(torch.equal(a.get(), b.get()) for a, b in zip(clone.queues, method.queues))
+    assert {"queues.0.features", "queues.1.features"} <= set(method.state_dict())
+
+
+def test_moco_scores_each_query_against_the_other_views_past_keys():
+    method = tiny_method("moco", "none").train()
+    v1, v2, _, ids = fixed_batch()
+    method([v1, v2], ids)  # fills each view's queue with its keys
+    k1, k2 = method.keys(v1), method.keys(v2)  # (B, p): the same batch, so the same keys as those just queued
+    past_k1, past_k2 = (queue.get() for queue in method.queues)
+    assert torch.allclose(past_k1, k1, atol=1e-6) and torch.allclose(past_k2, k2, atol=1e-6)
+    w1, w2 = v1.flip(-1), v2.flip(-2)  # a new batch: its loss uses the queues as they were before it
+    t = method.cfg.temperature
+    q1, q2, n1, n2 = method.project(w1), method.project(w2), method.keys(w1), method.keys(w2)
+    expected = (moco_infonce(q1, n2, past_k2, t) + moco_infonce(q2, n1, past_k1, t)) / 2
+    assert torch.allclose(method([w1, w2], ids)["loss_base"], expected, atol=1e-5)
 
 
 def test_each_method_has_its_own_settings_and_defaults():

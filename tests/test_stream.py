@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import build_shard_dir, random_sample
+from clsp.errors import UserError
 from clsp.shards.manifest import read_manifest
 from clsp.train.stream import ShardStream, StreamConfig, positive_index, steps_per_epoch
 
@@ -134,3 +135,37 @@ def test_a_corrupt_shard_is_named_or_skipped_and_counted(tmp_path):
     assert [s for b in batches for s in b["skipped"]] == ["shard-000001.tar"]
     missing = StreamConfig((str(directory / "shard-000009.tar"),), 2, 1, 1)
     assert "shard-000009.tar" in epoch_batches(ShardStream(missing, {}), 0)[0]["error"]
+
+
+def test_a_shard_with_an_undecodable_image_is_dropped_at_once_with_skip_corrupt(tmp_path):
+    """The tar reads, but one anchor's positives are not PNGs: from that failure on, no sample of that shard is used,
+    those already in the shuffle buffer included, and later passes skip it."""
+    from clsp.shards.schema import encode_sample
+
+    k, ids, urls = 2, {}, []
+    for shard in range(3):
+        members = []
+        for n in range(shard * 4, shard * 4 + 4):
+            sample = random_sample(f"anchor-{n:05d}", k, 8, 0, seed=n)
+            for name, data in encode_sample(sample, k, 8):
+                members.append((name, b"not a png" if n == 5 and ".pos" in name else data))
+            ids[sample.anchor_id] = n
+        urls.append(str(tmp_path / f"shard-{shard:06d}.tar"))
+        write_raw_shard(Path(urls[-1]), members)
+    cfg = StreamConfig(tuple(urls), 2, 10, k, seed=3, shuffle_buffer=64, skip_corrupt=True)  # 20 visits: 3 passes
+    batches = epoch_batches(ShardStream(cfg, ids), epoch=0)
+    assert len(batches) == 10 and [s for b in batches for s in b["skipped"]] == ["shard-000001.tar"]
+    reported = next(i for i, b in enumerate(batches) if b["skipped"])
+    later = {i for b in batches[reported + 1:] for i in b["ids"].tolist()}
+    assert later and not later & set(range(4, 8))
+
+
+def test_fewer_shards_than_processes_is_refused_with_a_fix():
+    with pytest.raises(UserError, match="2 shard.*3 processes.*--cache"):
+        StreamConfig(("a/shard-000000.tar", "a/shard-000001.tar"), 2, 1, 1, rank=0, world_size=3)
+
+
+def test_the_batch_size_advice_is_a_global_batch_that_fits():
+    with pytest.raises(UserError, match="at most 100"):
+        steps_per_epoch(100, 2, 64)  # 128 anchors a step over 2 processes; 2 x 50 = 100 fit
+    assert steps_per_epoch(100, 2, 50) == 1

@@ -117,6 +117,37 @@ def test_each_method_records_its_own_settings_and_older_records_still_resume(sha
     # size is for MoCo and NNCLR; SimCLR leaves it out
 
 
+def test_a_streamed_run_resumes_only_with_its_loader_processes_and_a_cached_one_with_any(shards, tmp_path):
+    one_epoch = dict(epochs=1, warmup_epochs=0.0)
+    streamed = tmp_path / "streamed"  # each loader process reads its own shards: the count decides the order
+    train(make_config(**options(shards, streamed, cache=False, workers=2, **one_epoch)))
+    record = read_json(streamed / "config.json")
+    assert record["data"]["stream_workers"] == 2 and record["method_state"] == 1
+    with pytest.raises(UserError, match="stream_workers"):
+        train(make_config(**options(shards, streamed, cache=False, workers=1, resume=True, **one_epoch)))
+    del record["data"]["stream_workers"], record["method_state"]  # as clsp 0.3.0 wrote it: config.workers decides
+    (streamed / "config.json").write_text(json.dumps(record))
+    assert train(make_config(**options(shards, streamed, cache=False, workers=2, resume=True, **one_epoch))) == streamed
+    with pytest.raises(UserError, match="stream_workers"):
+        train(make_config(**options(shards, streamed, cache=False, workers=3, resume=True, **one_epoch)))
+    cached = tmp_path / "cached"  # no loader processes: --workers changes nothing
+    train(make_config(**options(shards, cached, cache=True, workers=0, **one_epoch)))
+    assert "stream_workers" not in read_json(cached / "config.json")["data"]
+    assert train(make_config(**options(shards, cached, cache=True, workers=2, resume=True, **one_epoch))) == cached
+
+
+def test_a_moco_run_of_the_shared_queue_layout_is_refused_naming_it(shards, tmp_path):
+    out = tmp_path / "moco"
+    moco = dict(method="moco", queue_size=16, epochs=1, warmup_epochs=0.0)
+    train(make_config(**options(shards, out, **moco)))
+    record = read_json(out / "config.json")
+    assert record["method_state"] == 2
+    del record["method_state"]  # a MoCo run begun with one queue for both views
+    (out / "config.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="method_state"):
+        train(make_config(**options(shards, out, resume=True, **moco)))
+
+
 def test_a_run_after_another_with_other_precision_in_the_same_process_trains(shards, tmp_path):
     # Accelerate keeps one state per process: a bf16 run (the default on a GPU) followed by an fp32 one in the same
     # process (eval study, this test suite on a GPU machine) was refused with "AcceleratorState has already been

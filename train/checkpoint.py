@@ -2,8 +2,8 @@
 
 A run directory holds:
     config.json             what the run is (training options, data, backbone, normalisation); written at the start
-    checkpoint/             the last complete checkpoint: model.safetensors (weights, incl. queues and momentum
-                            encoders as buffers), optimizer.pt, scheduler.pt, rng-rank{R}.pt (torch, numpy, python,
+    checkpoint/             the last complete checkpoint: model.safetensors (weights, incl. the momentum encoders
+                            and the queues' buffers), optimizer.pt, scheduler.pt, rng-rank{R}.pt (torch, numpy, python,
                             cuda RNG of each process) and position.json (next epoch, step in epoch, global step)
     backbone.safetensors    the encoder evaluated downstream (`load_backbone`)
     log.csv, summary.json   per-step log; summary.json appears when the run finished

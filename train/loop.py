@@ -39,12 +39,13 @@ from clsp.train.epoch import Launch, run_epoch
 from clsp.train.knn_monitor import KnnMonitor
 from clsp.train.methods import Method, MethodConfig, build_method, method_names, setting_names
 from clsp.train.speed import compile_encoders
-from clsp.vocabulary import CPU_COMPILE_REFUSED
+from clsp.vocabulary import CPU_COMPILE_REFUSED, POSITIVES
 from clsp.train.shard_input import open_input, open_shards, split_batch
-from clsp.train.stream import POSITIVES, WEIGHTINGS, PositiveFilter
+from clsp.train.stream import WEIGHTINGS, PositiveFilter
 from clsp.train.trackers import tracker_options
 
-# Options that may change when a run is resumed: they do not change what is computed.
+# Options that may change when a run is resumed: they do not change what is computed (the streamed input's order
+# depends on --workers: the record's data.stream_workers holds it).
 OPERATIONAL = ("out", "workers", "resume", "overwrite", "knn_every", "knn_source", "log_with")
 METHOD_SETTINGS = ("lam", "temperature", "proj_hidden", "proj_dim", "queue_size")  # options a method may lack
 
@@ -52,15 +53,27 @@ METHOD_SETTINGS = ("lam", "temperature", "proj_hidden", "proj_dim", "queue_size"
 def _upgrade_record(record: dict) -> dict:
     """Records of clsp < 0.3 list every method's settings under "method" (one config class served all methods): keep
     those the run's method has; the others never took part in it."""
-    method, settings = record.get("config", {}).get("method"), record.get("method")
+    config, settings = record.get("config", {}), record.get("method")
+    method = config.get("method")
     if isinstance(settings, dict) and method in method_names():
         record["method"] = {key: value for key, value in settings.items() if key in setting_names(method)}
+    data = record.get("data")
+    if isinstance(data, dict) and "cache" not in config and "stream_workers" not in data and "workers" in config:
+        data["stream_workers"] = _stream_workers(config["workers"])  # older records: streamed with config.workers
     return record
+
+
+def _stream_workers(workers: int) -> int:
+    """The loader processes a streamed run's order depends on: each reads its own shards through its own shuffle
+    buffer (train.stream), so a resume with another count would visit other anchors. 0 (in the training process)
+    reads as one would."""
+    return max(1, workers)
 
 
 TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe=describe_run,
                     operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version"),
-                    legacy_keys=("config", "backbone", "normalize", "data"), upgrade=_upgrade_record)
+                    legacy_keys=("config", "backbone", "normalize", "data"), absent_means={"method_state": 1},
+                    upgrade=_upgrade_record)
 # embedded: 16 px digits (1,437 anchors, 11 steps an epoch) on 2 CPU cores, about 2.5 minutes a run (550 steps).
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
@@ -228,11 +241,15 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
                   monitor=monitor)
 
 
+def shards_sha256(manifest: Manifest) -> str:
+    """One digest of every shard's bytes (their manifest sha256s, in order): the data a run's record names."""
+    return hashlib.sha256("".join(s["sha256"] for s in manifest.shards).encode()).hexdigest()
+
+
 def _run_record(cfg: TrainConfig, manifest: Manifest, built: dict, cached: bool, world: int, per_process: int,
                 spe: int) -> dict:
     """The record config.json holds (a resume must match it): the config, `built` (method, augment, image_size,
     backbone), the normalisation, the package version and the data."""
-    shard_sums = hashlib.sha256("".join(s["sha256"] for s in manifest.shards).encode()).hexdigest()
     config = {key: value for key, value in asdict(cfg).items()  # unset options: a record as before they existed
               if key != "cache" and (value is not None or key not in ("positive_filter", "positive_weighting"))
               and (value or key != "compile")}  # an eager run keeps the record it had before --compile existed
@@ -242,7 +259,9 @@ def _run_record(cfg: TrainConfig, manifest: Manifest, built: dict, cached: bool,
            "normalize": {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}, "package_version": __version__,
            "data": {"count": manifest.count, "k": manifest.k, "shard_image_size": int(manifest.run["image_size"]),
                     "source": manifest.run["source"], "generator": manifest.run.get("generator"),
-                    "shards_sha256": shard_sums, "world_size": world, "steps_per_epoch": spe}}
+                    "shards_sha256": shards_sha256(manifest), "world_size": world, "steps_per_epoch": spe}}
+    if not cached:  # --workers stays operational for the cached input, which has no loader processes
+        run["data"]["stream_workers"] = _stream_workers(cfg.workers)
     if world > 1:  # --batch-size became global: a several-process run begun when it was per process is not resumed
         run["data"]["per_process_batch"] = per_process
     return run
@@ -254,7 +273,8 @@ def _build_method(cfg: TrainConfig, size: int) -> tuple[Method, dict]:
     backbone, feat_dim = build_backbone(cfg.backbone, cfg.width, small_stem=small_stem)
     method = build_method(cfg.method, backbone, feat_dim, cfg.method_config())
     recipe = cfg.method if cfg.method in RECIPES else "simclr"
-    return method, {"method": asdict(method.cfg), "augment": recipe, "image_size": size,
+    return method, {"method": asdict(method.cfg), "method_state": method.state_layout, "augment": recipe,
+                    "image_size": size,
                     "backbone": {"name": cfg.backbone, "width": cfg.width, "small_stem": small_stem,
                                  "feat_dim": feat_dim}}
 

@@ -5,12 +5,6 @@ import torch
 import torch.nn.functional as F
 
 
-def positive_mask(ids: torch.Tensor) -> torch.Tensor:
-    """(N,) ids -> (N, N) bool: True where rows i != j share an id (the positives of anchor i)."""
-    same = ids[:, None] == ids[None, :]
-    return same & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
-
-
 def info_nce(
     z: torch.Tensor, ids: torch.Tensor, temperature: float, anchors: slice | torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -12,8 +12,10 @@ Order of the stream for one epoch:
      scores in the manifest's index) narrows the draw to the positives that pass the filter and/or weights it by each
      positive's distance to the anchor, from the same keyed generator.
 Every rank yields exactly `steps_per_epoch` batches per epoch, so ranks with uneven shards never hang DDP. The dataset
-yields whole batches (use `DataLoader(stream, batch_size=None)`); worker w yields global batches b with b % workers == w,
-which is the order in which the DataLoader interleaves workers, so `start_step` can resume mid-epoch.
+yields whole batches (use `DataLoader(stream, batch_size=None)`); with A = min(workers, this rank's shards) active
+workers, worker w yields global batches b with b % A == w, which is the order in which the DataLoader interleaves
+workers, so `start_step` can resume mid-epoch. The order depends on A: a resume must keep --workers (the run record
+holds it).
 """
 from __future__ import annotations
 
@@ -32,10 +34,10 @@ from clsp.hashing import keyed_seed
 from clsp.shards.manifest import Contract
 from clsp.shards.reader import ShardError, epoch_shards, iter_shard
 from clsp.shards.schema import SchemaError
+from clsp.vocabulary import POSITIVES
 
 log = logging.getLogger(__name__)
 
-POSITIVES = ("synthetic", "augment", "none")  # third view: a synthetic positive, a third real view, or none
 WEIGHTINGS = ("uniform", "harder")  # --positive-weighting: every kept positive alike, or in proportion to its distance
 _FILTER = re.compile(r"^\s*(distance|agreement)\s*(>=|<=|>|<)\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$")
 _COMPARE = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less}
@@ -127,11 +129,11 @@ def positive_draw(positive_filter: str | None, weighting: str | None, scores: Ca
 
 
 def steps_per_epoch(count: int, world_size: int, batch_size: int) -> int:
-    """Optimizer steps per epoch: every rank takes this many batches of `batch_size` anchors."""
+    """Optimizer steps per epoch: every rank takes this many batches of `batch_size` anchors (per rank)."""
     steps = count // (world_size * batch_size)
-    if steps < 1:
+    if steps < 1:  # --batch-size is global: world_size * batch_size anchors a step
         raise UserError(f"{count} anchors cannot fill one batch of {batch_size} on each of {world_size} processes; "
-                        f"lower --batch-size to at most {max(1, count // world_size)}")
+                        f"lower --batch-size to at most {max(1, count // world_size) * world_size}")
     return steps
 
 
@@ -159,6 +161,10 @@ class StreamConfig:
             raise UserError("batch_size, steps_per_epoch and shuffle_buffer must be >= 1")
         if not 0 <= self.rank < self.world_size:
             raise UserError(f"rank {self.rank} is outside world size {self.world_size}")
+        if len(self.urls) < self.world_size:  # a rank without a shard could only repeat another rank's batches
+            raise UserError(f"{len(self.urls)} shard(s) cannot be streamed by {self.world_size} processes: each process "
+                            "reads shards of its own. Train from memory (--cache), or with at most "
+                            f"{len(self.urls)} processes")
 
 
 def shard_name(url: str) -> str:
@@ -202,9 +208,7 @@ class ShardStream(IterableDataset):
     def worker_plan(self, worker: int, workers: int) -> tuple[list[str], int, int]:
         """(this worker's shards, its batches this epoch, how many of them to skip for a mid-epoch resume)."""
         cfg = self.cfg
-        urls = epoch_shards(list(cfg.urls), cfg.seed, self.epoch, cfg.rank, cfg.world_size)
-        if not urls:  # fewer shards than ranks: reuse one so that this rank still yields its quota
-            urls = [cfg.urls[(cfg.rank + self.epoch) % len(cfg.urls)]]
+        urls = epoch_shards(list(cfg.urls), cfg.seed, self.epoch, cfg.rank, cfg.world_size)  # >= 1: StreamConfig
         active = min(workers, len(urls))  # a worker without a shard yields nothing
         if worker >= active:
             return [], 0, 0
@@ -248,6 +252,8 @@ class ShardStream(IterableDataset):
                     continue
                 try:
                     for sample in self.contract.samples(url) if self.contract is not None else iter_shard(url):
+                        if shard_name(url) in self._bad:  # an image of it failed to decode (`_batch`): stop reading
+                            break
                         buffer.append((sample, visit))
                         read += 1
                         if len(buffer) >= cfg.shuffle_buffer:
@@ -273,6 +279,8 @@ class ShardStream(IterableDataset):
         anchors, positives, ids, labels = [], [], [], []
         while len(anchors) < cfg.batch_size:
             sample, visit = next(samples)
+            if sample.shard in self._bad:  # buffered before one of its images failed to decode: none of it is used
+                continue
             if sample.key not in self.id_index:
                 raise UserError(f"anchor {sample.key!r} in shard {shard_name(sample.shard)} is not in the manifest "
                                 "index; the shards and manifest.json belong to different runs")
@@ -284,7 +292,6 @@ class ShardStream(IterableDataset):
                     positives.append(sample.positive(j))
             except Exception as exc:  # an undecodable image inside an otherwise readable tar
                 self._corrupt(sample.shard, exc)
-                del positives[len(anchors):]
                 continue
             anchors.append(anchor)
             ids.append(self.id_index[sample.key])

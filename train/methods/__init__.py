@@ -30,6 +30,9 @@ class Method(nn.Module):
     """Base class: input checks, the CLSP term and the result dict. ``backbone`` is the encoder evaluated later."""
 
     config: ClassVar[type[MethodConfig]] = MethodConfig  # this method's settings and their defaults
+    # What the method's saved state means; a method raises it when that changes (MoCo's queues), and the run record
+    # holds it, so a resume across the change is refused naming it rather than failing to load the checkpoint.
+    state_layout: ClassVar[int] = 1
 
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig):
         super().__init__()

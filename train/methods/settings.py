@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-POSITIVES = ("synthetic", "augment", "none")  # synthetic positive / third real augmented view / no third view
+from clsp.vocabulary import POSITIVES
+
 # setting -> (is the value valid, what is asked of it): `MethodConfig.check` applies the rule of every field a config has
 RULES = {
     "lam": (lambda v: v >= 0, "lam (CLSP weight) must be >= 0"),
