@@ -23,13 +23,19 @@ def info_command(source: str = typer.Argument(..., help=SPEC_HELP),
 
 @app.command("sheet")
 def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
-                  out: Path = typer.Option(..., "--out", help="PNG file to write."),
+                  out: Path = typer.Option(..., "--out", help="Image file to write (.png, .jpg, .jpeg or .webp)."),
                   split: str = typer.Option("train", help=SPLIT_HELP),
                   image_size: int = typer.Option(None, help="Resize images to this many pixels (square)."),
-                  rows: int = typer.Option(8, min=1), columns: int = typer.Option(12, min=1)) -> None:
+                  rows: int = typer.Option(8, min=1), columns: int = typer.Option(12, min=1),
+                  overwrite: bool = typer.Option(False, help="Replace an existing --out file.")) -> None:
     """A grid of the first images of a source."""
     from clsp.sources import open_source
-    from clsp.shards.sheet import image_grid  # imported here: shards.sheet imports torch (webdataset); --help stays fast
+    from clsp.shards.sheet import check_sheet_out, image_grid, save_sheet  # here: shards.sheet imports torch
+
+    try:
+        check_sheet_out(out, overwrite)  # a usage error (exit 2) before the source is read
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--out") from None
 
     opened = open_source(source, split, image_size)
     records = list(opened.records(0, rows * columns))
@@ -38,6 +44,4 @@ def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
     grid = [[r.image for r in records[i:i + columns]] for i in range(0, len(records), columns)]
     captions = [[name(r.label) for r in records[i:i + columns]] for i in range(0, len(records), columns)]
     title = f"{source} [{split}]: the first {len(records)} images, captioned with their class"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(grid, min_side=48, anchor_gap=0, captions=captions, title=title).save(out)
-    typer.echo(out)
+    typer.echo(save_sheet(image_grid(grid, min_side=48, anchor_gap=0, captions=captions, title=title), out, overwrite))

@@ -1,40 +1,20 @@
 """File writes and loads that every stage shares.
 
-`write_atomic` is the project's one atomic file write (shards/ keeps its own: it imports nothing of the project), and
-`write_json` writes through it; `partial_removed` cleans up a checkpoint or shard that could not be finished, and
-`refused_if_not_ours` turns a file that does not load (not ours, or damaged) into a clear error.
+`write_atomic` is the project's one atomic file write, re-exported from shards.atomic (shards/ imports nothing of the
+project, so the one implementation lives there), and `write_json` writes through it; `partial_removed` cleans up a
+checkpoint or shard that could not be finished, and `refused_if_not_ours` turns a file that does not load (not ours,
+or damaged) into a clear error.
 """
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from clsp.errors import NO_ROOM, UserError, error_number, os_problem
-
-
-def write_atomic(path: str | Path, data: bytes | str | Callable[[Path], object]) -> Path:
-    """Write `data` to `path`: a reader sees the old file or the new one, never half of one, and a failure (a full
-    disk) leaves neither a temp file nor a changed `path` behind. `data` may be a function that writes the file at the
-    path it is given (a library's own saver, e.g. safetensors' save_model)."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if callable(data):
-            data(temp)
-        else:
-            temp.write_bytes(data.encode() if isinstance(data, str) else data)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())  # on disk before the rename makes it visible
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
+from clsp.shards.atomic import write_atomic  # noqa: F401  (re-exported)
 
 
 @contextmanager

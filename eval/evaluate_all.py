@@ -41,7 +41,7 @@ def evaluate_all(cfg: AllConfig) -> dict:
     audit_json, audit_md = write_audit(audit, out)
     out.mkdir(parents=True, exist_ok=True)
     temp = out / ".contact_sheet.tmp.png"
-    contact_sheet(cfg.shards, temp)  # the lead's sheet writes in place; keep our no-overwrite rule on the result
+    contact_sheet(cfg.shards, temp, overwrite=True)  # our temp (a killed run's too); the result is never replaced
     sheet = write_new(out / "contact_sheet.png", temp.read_bytes())
     temp.unlink()
     summary = report([cfg.run_dir], out)

@@ -56,9 +56,14 @@ def _compute(run: dict) -> str:
 
 @app.command("sheet")
 def sheet_command(directory: str = typer.Argument(..., help="Shard directory or URL."),
-                  out: Path = typer.Option(..., "--out", help="PNG file to write."),
-                  anchors: int = typer.Option(8, min=1, help="How many anchors (rows).")) -> None:
+                  out: Path = typer.Option(..., "--out", help="Image file to write (.png, .jpg, .jpeg or .webp)."),
+                  anchors: int = typer.Option(8, min=1, help="How many anchors (rows)."),
+                  overwrite: bool = typer.Option(False, help="Replace an existing --out file.")) -> None:
     """Contact sheet: anchors in the first column, their positives to the right."""
-    from clsp.shards.sheet import contact_sheet
+    from clsp.shards.sheet import check_sheet_out, contact_sheet
 
-    typer.echo(contact_sheet(directory, out, anchors))
+    try:
+        check_sheet_out(out, overwrite)  # a usage error (exit 2) before any shard is read
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--out") from None
+    typer.echo(contact_sheet(directory, out, anchors, overwrite))

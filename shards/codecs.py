@@ -44,11 +44,14 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def check_png(data: bytes, what: str = "image", size: int | None = None) -> None:
-    """Refuse anything but an intact 8-bit RGB PNG (of `size` x `size` when given), reading only its chunk headers.
+def check_png(data: bytes, what: str = "image", size: int | None = None) -> tuple[int, int]:
+    """Refuse anything but an intact 8-bit RGB PNG (of `size` x `size` when given), reading only its chunk headers;
+    returns (H, W) for `decode_png`.
 
     Every chunk's CRC is checked and the file must run from IHDR to IEND, so a truncated or bit-flipped image is found
     without decompressing it; grayscale, palette, alpha and 16-bit PNGs are refused rather than silently converted.
+    Exactly one IHDR, the first chunk: PIL decodes by the first, so a later one could pass this check with a colour
+    type the pixels do not have.
     """
     if not data.startswith(PNG_SIGNATURE):
         raise SchemaError(f"{what} is not a PNG")
@@ -63,21 +66,30 @@ def check_png(data: bytes, what: str = "image", size: int | None = None) -> None
         pos = end
     if kinds[:1] != [b"IHDR"] or kinds[-1:] != [b"IEND"] or len(header) != 13:
         raise SchemaError(f"{what} is a broken PNG (it must run from an IHDR chunk to an IEND chunk)")
+    if kinds.count(b"IHDR") != 1:
+        raise SchemaError(f"{what} is a malformed PNG ({kinds.count(b'IHDR')} IHDR chunks; a PNG has exactly one): "
+                          f"regenerate the shard")
     width, height, depth, colour = struct.unpack(">IIBB", header[:10])
     if (depth, colour) != (8, 2):
         kind = PNG_COLOUR_TYPES.get(colour, f"colour type {colour}")
         raise SchemaError(f"{what} is a {kind} PNG ({depth}-bit); the schema stores 8-bit RGB: regenerate the shard")
     _check_side(what, width, height, size)
+    return height, width
 
 
 def decode_png(data: bytes, what: str = "image", size: int | None = None) -> np.ndarray:
     """PNG bytes -> (H, W, 3) uint8 (read-only), after `check_png` (no other codec is tried)."""
-    check_png(data, what, size)
+    height, width = check_png(data, what, size)
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            return np.asarray(image, dtype=np.uint8)  # 8-bit RGB by check_png: (H, W, 3), no conversion
+            mode, pixels = image.mode, np.asarray(image)  # no conversion: anything but RGB is refused below
     except Exception as error:  # PIL raises many types for broken data
         raise SchemaError(f"{what} is a broken PNG ({error})") from None
+    # What PIL decoded, checked too: the header check reads chunks as this module parses them, PIL may read otherwise.
+    if mode != "RGB" or pixels.dtype != np.uint8 or pixels.shape != (height, width, 3):
+        raise SchemaError(f"{what} decodes to PIL mode {mode} ({pixels.dtype}, shape {pixels.shape}); the schema stores "
+                          f"{height}x{width} 8-bit RGB, shape ({height}, {width}, 3): regenerate the shard")
+    return pixels
 
 
 # --- raw (.npy) ----------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,13 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clsp.shards.atomic import write_atomic
 from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, Manifest, ManifestError
 from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, SCORE_TYPE, document_problems, index_problems, \
     score_column
 from clsp.shards.reader import RawSample, ShardError, iter_shard
 from clsp.shards.codecs import DEFAULT_CODEC
 from clsp.shards.schema import CODEC_VERSIONS, SCHEMA_VERSION, positive_distances, sample_sha256
-from clsp.shards.writer import SHARD_PATTERN
+from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, shard_name
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
 
 
 def _decoded_positives(sample: RawSample, k) -> tuple[np.ndarray, np.ndarray] | None:
@@ -93,17 +86,54 @@ def _index_shards(directory: Path, k, agreement: AgreementScorer | None) -> tupl
     return shards, pa.table(rows, schema=schema)
 
 
-def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer | None = None) -> Manifest:
+def manifest_run(run: dict, agreement: AgreementScorer | None = None) -> dict:
+    """The `run` record that write_manifest writes for `run`: the codec only when it is not png, and the scores."""
+    run = {key: value for key, value in run.items() if key != "codec" or value != DEFAULT_CODEC}
+    return {**run, "scores": {"distance": DISTANCE_RECORD, **({"agreement": agreement.record} if agreement else {})}}
+
+
+def expected_shards(run: dict) -> list[str]:
+    """The shard names a synth run of `run` writes: ceil(source.count / anchors_per_shard) of them, from 0."""
+    return [shard_name(i) for i in range(math.ceil(run["source"]["count"] / run["anchors_per_shard"]))]
+
+
+def _missing_shards(directory: Path, run: dict) -> None:
+    """Refuses a folder whose shards are not exactly those of `run` (a missing one would be left out of the index)."""
+    present = {p.name for p in directory.iterdir() if SHARD_PATTERN.match(p.name)}
+    expected = expected_shards(run)
+    missing, extra = [n for n in expected if n not in present], sorted(present - set(expected))
+    if missing or extra:
+        raise ShardError(f"{directory} does not hold the {len(expected)} shards of its run ({run['source']['count']} "
+                         f"anchors, {run['anchors_per_shard']} per shard): "
+                         + "; ".join(([f"missing {', '.join(missing[:5])}"] if missing else [])
+                                     + ([f"not of this run: {', '.join(extra[:5])}"] if extra else []))
+                         + f"; {MANIFEST} not written: rerun the same `clsp synth run` command to make the missing "
+                           f"shards, or --overwrite to start again")
+
+
+def _count_problems(shards: list[dict], run: dict) -> list[str]:
+    """Shard i holds anchors [i * aps, (i + 1) * aps) of the run's count: each shard's count must say so."""
+    count, per_shard = run["source"]["count"], run["anchors_per_shard"]
+    return [f"{s['name']} holds {s['count']} anchors, expected {min(per_shard, count - i * per_shard)} (the run has "
+            f"{count} anchors, {per_shard} per shard)"
+            for i, s in enumerate(shards) if s["count"] != min(per_shard, count - i * per_shard)]
+
+
+def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer | None = None,
+                   complete: bool = False) -> Manifest:
     """Index every finished shard in `directory`, scoring each positive (its distance to the anchor, and with
-    `agreement` its class agreement), and write index.parquet, then manifest.json (last). Refuses (writing nothing)
-    what `read_manifest` would refuse.
+    `agreement` its class agreement), and write index.parquet, then manifest.json (last), each replacing the old one
+    atomically. Refuses (writing nothing) what `read_manifest` would refuse, and with `complete` (the synth job) a
+    folder whose shards are not exactly shards 0..N-1 of `run`, holding run.source.count anchors, anchors_per_shard
+    per shard (the last the rest).
 
     `run` may name the image codec (run["codec"], default png): the manifest is written with that codec's schema
     version, and records the codec only when it is not png, so a PNG run's manifest stays as version 2 wrote it."""
     directory = Path(directory)
     codec = run.get("codec", DEFAULT_CODEC)
-    run = {key: value for key, value in run.items() if key != "codec" or value != DEFAULT_CODEC}
-    run = {**run, "scores": {"distance": DISTANCE_RECORD, **({"agreement": agreement.record} if agreement else {})}}
+    run = manifest_run(run, agreement)
+    if complete:
+        _missing_shards(directory, run)  # before indexing: nothing is read for a refused folder
     shards, index = _index_shards(directory, run.get("k"), agreement)
     if not shards:
         raise ShardError(f"{directory} holds no finished shards: nothing to index")
@@ -114,8 +144,11 @@ def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer 
     manifest = {"format": FORMAT, "schema_version": version, "count": index.num_rows, "run": run,
                 "shards": shards, "index": {"name": INDEX, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}}
     problems = document_problems(manifest) or index_problems(index, manifest)
+    if not problems and complete:
+        problems = _count_problems(shards, run)
     if problems:
         raise ManifestError.of(f"{directory}/{MANIFEST} (not written)", problems)
-    _write_atomic(directory / INDEX, buffer.getvalue())
-    _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    for name, data in ((INDEX, buffer.getvalue()), (MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())):
+        # the temp names a killed writer's leftovers go by in a shard folder (shards.writer.temp_files)
+        write_atomic(directory / name, data, f"{TEMP_PREFIX}{name}.{os.getpid()}")
     return Manifest(str(directory), run, shards, index, index.num_rows, version)

@@ -6,7 +6,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clsp.shards.atomic import write_atomic
 from clsp.shards.manifest import read_manifest
+
+SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --out extension -> PIL format
 
 
 def _fit(draw, text: str, width: int, font) -> str:
@@ -49,9 +52,29 @@ def image_grid(rows: list[list[np.ndarray]], min_side: int = 48, gap: int = 2, a
     return sheet
 
 
-def contact_sheet(directory: str, out: str | Path, anchors: int = 8) -> Path:
-    """Write a PNG of the first `anchors` anchors of a shard directory and all their positives, each anchor captioned
-    with its label and id, under a title with the generator and the sampler settings the manifest records."""
+def check_sheet_out(out: str | Path, overwrite: bool = False) -> str:
+    """The PIL format `out` names by its extension; ValueError (before any work) for another extension, or for an
+    existing file unless `overwrite`: a sheet never replaces a file nobody asked it to."""
+    found = SHEET_FORMATS.get(Path(out).suffix.lower())
+    if found is None:
+        raise ValueError(f"{out} does not end in an image extension: end it in {', '.join(SHEET_FORMATS)}")
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    return found
+
+
+def save_sheet(image: Image.Image, out: str | Path, overwrite: bool = False) -> Path:
+    """Write `image` to `out` in the format its extension names, atomically (a failure leaves no half image)."""
+    image_format = check_sheet_out(out, overwrite)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(out, lambda temp: image.save(temp, format=image_format))
+
+
+def contact_sheet(directory: str, out: str | Path, anchors: int = 8, overwrite: bool = False) -> Path:
+    """Write an image (its format by `out`'s extension, see SHEET_FORMATS) of the first `anchors` anchors of a shard
+    directory and all their positives, each anchor captioned with its label and id, under a title with the generator
+    and the sampler settings the manifest records. An existing `out` is replaced only with `overwrite`."""
+    check_sheet_out(out, overwrite)  # a bad --out is refused before any shard is read
     manifest = read_manifest(directory)
     rows, captions = [], []
     for sample in manifest.samples():  # each checked: a malformed sample stops with its name
@@ -65,7 +88,4 @@ def contact_sheet(directory: str, out: str | Path, anchors: int = 8) -> Path:
                        f"label · id), K = {manifest.k} positives each", f"generator {generator.get('model_id')}",
                        f"weights {str(generator.get('weights_sha256'))[:12]}, seed {run.get('seed')}",
                        f"w = {sampler.get('w')}, {sampler.get('steps')} DDIM steps, eta = {sampler.get('eta')}"])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows, min_side=64, captions=captions, title=title).save(out)
-    return out
+    return save_sheet(image_grid(rows, min_side=64, captions=captions, title=title), out, overwrite)

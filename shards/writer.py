@@ -14,6 +14,7 @@ from pathlib import Path
 
 from webdataset import TarWriter
 
+from clsp.shards.atomic import fsync_dir
 from clsp.shards.codecs import DEFAULT_CODEC, get_codec
 from clsp.shards.schema import SchemaError, ShardSample, encode_sample, sample_sha256
 
@@ -30,14 +31,6 @@ def shard_name(index: int) -> str:
 def temp_files(directory: str | Path) -> list[Path]:
     """Unfinished shards a crashed writer left behind (never read as shards)."""
     return sorted(Path(directory).glob(f"{TEMP_PREFIX}*"))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -86,4 +79,4 @@ class ShardWriter:
             self.temp.unlink(missing_ok=True)
             return
         os.replace(self.temp, self.path)  # atomic on POSIX: the final name only ever holds a complete shard
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)

@@ -98,6 +98,28 @@ def save_checkpoint(out: Path, step: int, unet, ema, optimizer, extra: dict, kee
     return final
 
 
+def rng_states(procs) -> dict:
+    """Every process's state of torch's global RNGs, which dropout draws from (the step generator holds the rest):
+    {"cpu": (world, n) uint8, "cuda": (world, m) uint8 on a GPU}. All processes call this. Tensors only, so state.pt
+    stays loadable with torch.load(weights_only=True)."""
+    states = {"cpu": torch.get_rng_state()}
+    if procs.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(procs.device)
+    return {name: procs.gather(state.to(procs.device)[None]).cpu() for name, state in states.items()}
+
+
+def restore_rng(states: dict | None, procs) -> bool:
+    """Set this process's global RNGs from rng_states' result; False (nothing set) when it lacks a state this run
+    draws from: a checkpoint of an older clsp, or one written on another kind of device or number of processes."""
+    names = ("cpu", "cuda") if procs.device.type == "cuda" else ("cpu",)
+    if not states or any(len(states.get(name, ())) != procs.num_processes for name in names):
+        return False
+    torch.set_rng_state(states["cpu"][procs.process_index].clone())
+    if "cuda" in names:
+        torch.cuda.set_rng_state(states["cuda"][procs.process_index].clone(), procs.device)
+    return True
+
+
 def load_checkpoint(path: Path, unet, ema, optimizer) -> dict:
     """Restore weights (safetensors) and optimizer state (torch.load, weights_only); return the state dict."""
     from safetensors.torch import load_file

@@ -15,7 +15,7 @@ from clsp.errors import UserError
 from clsp.hashing import keyed_seed
 from clsp.schedules import warmup_cosine
 from clsp.synth.ddpm import diffusion_loss, sample_grid, save_grid
-from clsp.synth.diffusion_run_dir import STEP_PREFIX, append_log, save_checkpoint
+from clsp.synth.diffusion_run_dir import STEP_PREFIX, append_log, rng_states, save_checkpoint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -104,12 +104,14 @@ class _Progress:
         self.state["loss"], self.window, self.tick = mean, [], now
         return mean
 
-    def checkpoint(self, cfg: DiffusionTrainConfig, done: int, models: Models, grid: bool) -> None:
-        """(Main process) the checkpoint after `done` steps, a sample grid when `grid`, and the rows to log.csv."""
+    def checkpoint(self, cfg: DiffusionTrainConfig, done: int, models: Models, grid: bool, rng: dict) -> None:
+        """(Main process) the checkpoint after `done` steps with `rng` (rng_states), a sample grid when `grid`, and
+        the rows to log.csv."""
         self.state["wall_time_s"] = self.state.get("wall_time_s", 0.0) + time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
         save_checkpoint(cfg.out, done, models.raw, models.ema, models.optimizer,
-                        {"loss": self.state["loss"], "wall_time_s": self.state["wall_time_s"]}, cfg.keep_checkpoints)
+                        {"loss": self.state["loss"], "wall_time_s": self.state["wall_time_s"], "rng": rng},
+                        cfg.keep_checkpoints)
         if grid:
             save_grid(sample_grid(models.ema, models.scheduler, cfg.grid_size, cfg.sample_steps, cfg.seed),
                       cfg.out / "samples" / f"{STEP_PREFIX}{done:06d}.png")
@@ -143,8 +145,9 @@ def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, model
                 bar.set_postfix(loss=f"{progress.log_row(cfg, step, accelerator):.4f}")
             bar.update(1)
             if scheduled or stop:
+                rng = rng_states(accelerator)  # what dropout draws from next: a resume goes on from the same state
                 if accelerator.is_main_process:
-                    progress.checkpoint(cfg, done, models, grid=scheduled)
+                    progress.checkpoint(cfg, done, models, grid=scheduled, rng=rng)
                 accelerator.wait_for_everyone()
             if stop:
                 raise UserError(f"stopped by SIGTERM after step {done}; a checkpoint was saved in {cfg.out}: rerun "

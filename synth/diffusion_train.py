@@ -1,14 +1,17 @@
 """Train an unconditional DDPM (epsilon prediction, linear betas) on any data source, as CLSP trains one per dataset.
 
 The data set is held in memory as a uint8 tensor (fine up to CIFAR size). Step `s` draws its batch, timesteps and noise
-from a generator seeded by (seed, s) alone, and the learning rate is a function of `s`, so a resumed run repeats an
-uninterrupted one exactly and the global batch does not depend on the number of processes (each rank takes its slice).
+from a generator seeded by (seed, s) alone, and the learning rate is a function of `s`; dropout draws from torch's
+global RNGs, whose states each checkpoint holds. So a resumed run repeats an uninterrupted one exactly (on the same
+kind of device and number of processes), and the global batch does not depend on the number of processes (each rank
+takes its slice).
 Here: the config, the presets and the run's setup and finish; synth.diffusion_steps runs the steps, synth.ddpm holds
 the model, the loss and the sample grids.
 
 Output directory:
-    train_config.json                   what was asked for: the record (clsp.run_dir); a resume must match it
-    checkpoints/step-000500/            unet.safetensors, ema_unet.safetensors, state.pt (optimizer, step, loss)
+    train_config.json                   the record (clsp.run_dir): what was asked for, the source's fingerprint and the
+                                        precision that runs; a resume must match it
+    checkpoints/step-000500/            unet.safetensors, ema_unet.safetensors, state.pt (optimizer, step, loss, RNGs)
     samples/step-000500.png             DDIM sample grid of the EMA model from a fixed seed, one per checkpoint
     log.csv                             step, loss, lr, images_per_s
     unet/ scheduler/ model_index.json   the EMA generator (synth.models.save_generator), model_index.json last
@@ -28,7 +31,8 @@ from clsp.errors import UserError
 from clsp.run_dir import prepare_run_dir
 from clsp.sources import SPLITS, load_arrays, open_source
 from clsp.synth.ddpm import build_scheduler, build_unet
-from clsp.synth.diffusion_run_dir import GENERATOR_RUN, append_log, checkpoint_dirs, load_checkpoint, resume_step
+from clsp.synth.diffusion_run_dir import (GENERATOR_RUN, append_log, checkpoint_dirs, load_checkpoint, restore_rng,
+                                          resume_step)
 from clsp.synth.diffusion_steps import Models, run_steps
 from clsp.synth.provenance import machine_info, package_versions
 from clsp.synth.unet_split import SkipDropout
@@ -167,8 +171,14 @@ def _train(cfg: DiffusionTrainConfig, command: str | None, stack: ExitStack) -> 
     accelerator = fresh_accelerator(cpu=not cuda, mixed_precision=precision)
     source, images_np = _read_source(cfg, accelerator.num_processes)  # (N, H, W, 3) uint8
     size = images_np.shape[1]
+    # What the options do not pin down: the data's content (folder:DIR may change under the same spec) and the
+    # precision "auto" resolved to on this device. Either changes the weights, so a resume must match them too.
+    resolved = {"source_fingerprint": source.fingerprint(), "resolved_mixed_precision": accelerator.mixed_precision}
+    # A record written before these keys were recorded cannot say which data or precision its run used: it reads as
+    # today's (not compared on them, so it resumes as before), and the record written back holds them from then on.
+    kind = dataclasses.replace(GENERATOR_RUN, absent_means={**GENERATOR_RUN.absent_means, **resolved})
     # the input is checked: claim the folder (nothing was written before this line)
-    claim = stack.enter_context(prepare_run_dir(cfg.out, cfg.training_fields(), GENERATOR_RUN, cfg.resume,
+    claim = stack.enter_context(prepare_run_dir(cfg.out, {**cfg.training_fields(), **resolved}, kind, cfg.resume,
                                                 cfg.overwrite, accelerator))
     start = resume_step(cfg, claim, accelerator)
     if start < 0:
@@ -216,7 +226,12 @@ def _build(cfg: DiffusionTrainConfig, size: int, start: int, accelerator) -> tup
     raw = getattr(raw, "unet", raw)  # the UNet2DModel itself (checkpoints, EMA)
     state = {"loss": float("nan"), "wall_time_s": 0.0}
     if start > 0:
-        state = load_checkpoint(checkpoint_dirs(cfg.out)[-1][1], raw, ema, optimizer)
+        path = checkpoint_dirs(cfg.out)[-1][1]
+        state = load_checkpoint(path, raw, ema, optimizer)
+        if not restore_rng(state.pop("rng", None), accelerator) and cfg.dropout > 0:  # still resumable: nothing lost
+            accelerator.print(f"note: {path} holds no RNG state for this device and number of processes (written by "
+                              f"an older clsp or elsewhere): dropout from step {start} on will differ from an "
+                              f"uninterrupted run")
         accelerator.print(f"resuming {cfg.out} from step {start}")
     return Models(unet, raw, ema, scheduler, optimizer), state
 

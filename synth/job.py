@@ -2,12 +2,15 @@
 processes under `accelerate launch` / `torchrun`.
 
 Work is divided by shard, never by rank: shard i holds anchors [i * aps, (i + 1) * aps) in id order and is made by
-rank i % world_size, so every world size writes the same files. Every random draw comes from a torch.Generator keyed on
-(seed, anchor id, candidate), so the output depends on neither batch size nor world size. A shard appears under its
-final name only when complete (ShardWriter), so a killed job is resumed by running the same command again.
+rank i % world_size, so every world size writes the same files. Every random draw is keyed on (seed, anchor id,
+candidate) (synth/noise.py: counter-based Philox noise by default, one CPU torch.Generator per row with --noise
+cpu-generator), so on the CPU the output depends on neither batch size nor world size (on a GPU another forward batch
+may round differently in the last bit). A shard appears under its final name only when complete (ShardWriter), so a
+killed job is resumed by running the same command again; the manifest is written last.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -26,21 +29,22 @@ from clsp.file_io import partial_removed
 from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir, read_record, remove_files
 from clsp.sources import Record
-from clsp.shards.manifest import FORMAT, INDEX, MANIFEST
-from clsp.shards.manifest_writer import write_manifest
+from clsp.shards.manifest import FORMAT, INDEX, MANIFEST, Manifest, read_manifest
+from clsp.shards.manifest_writer import expected_shards, file_sha256, manifest_run, write_manifest
+from clsp.shards.reader import ShardError
 from clsp.shards.codecs import CODECS, DEFAULT_CODEC
 from clsp.shards.schema import ShardSample
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, ShardWriter, shard_name
 from clsp.synth.noise import LEGACY_NOISE, candidate_seed, row_noise
-from clsp.synth.job_setup import compute_record, load_job_generator, open_matching_source, prepare_unet, \
-    reference_scorer, run_metadata, sample_size
+from clsp.synth.job_setup import compute_record, image_library, load_job_generator, open_matching_source, \
+    prepare_unet, reference_scorer, run_metadata, sample_size
+from clsp.synth.models import HUB_ID
 from clsp.synth.sampler import SamplerConfig, sample_positives
 from clsp.vocabulary import CPU_COMPILE_REFUSED
 
 RUN_FILE = "run.json"  # the intended run (the record), written before any shard: a rerun is compared against it
 CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --forward-batch is not given
 GPU_BATCH_ROWS = 2048  # first try on a GPU; halved on out-of-memory until it fits
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name; any other missing path is an error
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class SynthConfig:
                             f".npy images that training reads without decoding)")
         if self.resize and self.image_size is not None:
             problems.append("--resize and --image-size both set the anchor size: keep one")
-        if not Path(self.model).expanduser().exists() and not HUB_ID.match(self.model):
+        if not Path(self.model).expanduser().exists() and not HUB_ID.match(self.model):  # a missing path: an error
             problems.append(f"model {self.model} does not exist: train one with `clsp diffusion train SOURCE "
                             f"--out {self.model}` or give a hub id such as google/ddpm-cifar10-32")
         if problems:
@@ -147,9 +151,8 @@ def _run(cfg: SynthConfig, state):
     agreement = reference_scorer(cfg.source, source.image_size) if cfg.score_reference and state.is_main_process \
         else None  # fitted before the folder is claimed: a source without labels is refused with nothing written
     with prepare_run_dir(cfg.out, run, SYNTH_RUN, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
-        if claim.resumed and state.is_main_process:  # a killed run's temp files; the manifest is rewritten at the end
-            remove_files(cfg.out, [p for p in SYNTH_RUN.owned(cfg.out) if p.name != RUN_FILE
-                                   and not SHARD_PATTERN.match(p.name)])
+        if claim.resumed and state.is_main_process:  # a killed run's temp files; the manifest is dealt with at the end
+            remove_files(cfg.out, [p for p in SYNTH_RUN.owned(cfg.out) if _TEMP_NAME.match(p.name)])
         num_shards = math.ceil(count / cfg.anchors_per_shard)
         todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
         mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
@@ -158,10 +161,43 @@ def _run(cfg: SynthConfig, state):
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
-        manifest = write_manifest(cfg.out, run, agreement)
-    tqdm.write(f"{cfg.out}: {num_shards} shards, {count} anchors x {cfg.k} positives; manifest written",
-               file=sys.stderr)
+        # A rerun leaves a manifest (and its index) that already describes this run and exactly these shards as it is,
+        # unless new scores were asked for: it may hold agreement scores that this command was not asked to make.
+        # Otherwise both are rewritten, each replacing the old one atomically (an interrupted rewrite leaves the old
+        # manifest), and agreement scores that the old manifest recorded are made again, so no rewrite drops them.
+        manifest = None if todo or agreement is not None else _current_manifest(cfg.out, run)
+        done = "manifest written" if manifest is None else "manifest kept (it describes these shards)"
+        if manifest is None:
+            if agreement is None and _scored_agreement(cfg.out):
+                tqdm.write(f"note: {cfg.out}/{MANIFEST} scored class agreement: scoring it again for the new manifest",
+                           file=sys.stderr)
+                agreement = reference_scorer(cfg.source, source.image_size)
+            manifest = write_manifest(cfg.out, run, agreement, complete=True)  # refuses a missing shard
+    tqdm.write(f"{cfg.out}: {num_shards} shards, {count} anchors x {cfg.k} positives; {done}", file=sys.stderr)
     return manifest
+
+
+def _current_manifest(out: Path, run: dict) -> Manifest | None:
+    """The folder's manifest when it records this run and lists exactly its shards as they are on disk, else None."""
+    try:
+        manifest = read_manifest(out)
+    except ShardError:  # none, damaged, or an index that was being replaced: rewritten
+        return None
+    recorded, today = ({k: v for k, v in r.items() if k != "scores"} for r in (manifest.run, manifest_run(run)))
+    if recorded != json.loads(json.dumps(today)) or [s["name"] for s in manifest.shards] != expected_shards(run) \
+            or manifest.count != run["source"]["count"]:
+        return None  # another clsp or record (e.g. schema version 1, without scores), or other shards
+    same = all((out / s["name"]).stat().st_size == s["bytes"] and file_sha256(out / s["name"]) == s["sha256"]
+               for s in manifest.shards)
+    return manifest if same else None
+
+
+def _scored_agreement(out: Path) -> bool:
+    """Whether the folder's manifest.json records agreement scores (its JSON alone: also while its index is changed)."""
+    try:
+        return "agreement" in json.loads((out / MANIFEST).read_bytes())["run"]["scores"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, mine) -> None:
@@ -219,7 +255,10 @@ SYNTH_RUN = RunKind("synth", RUN_FILE, "clsp synth run", owned=lambda out: owned
                     # 2 or 3 follows the codec, which is compared itself ("codec: 'png' there, 'raw' now")
                     legacy_keys=("schema_version", "generator", "sampler", "anchors_per_shard"),
                     absent_means={"sampler.noise": LEGACY_NOISE,  # runs begun before the counter noise
-                                  "codec": DEFAULT_CODEC})  # runs begun before the raw codec
+                                  "codec": DEFAULT_CODEC,  # runs begun before the raw codec
+                                  # runs begun before Pillow was recorded: which one made their shards cannot be
+                                  # known, so they read as made with today's and resume as they did before
+                                  **{f"compute.{key}": value for key, value in image_library().items()}})
 
 
 def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int, state):
@@ -253,7 +292,10 @@ def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progre
                     if per_batch == 1:
                         raise UserError(f"one anchor x K={cfg.k} does not fit on the GPU: lower --k") from None
                     torch.cuda.empty_cache()
-                    batch_rows = max(cfg.k, batch_rows // 2)  # same seeds per row: a smaller batch, same output
+                    # Each row keeps its seeds, but on a GPU a smaller batch may pick kernels that round differently:
+                    # the positives can differ in their last bit from a run that fitted at the first size (README).
+                    # The forward batch is recorded nowhere (not in run.json, not in the manifest).
+                    batch_rows = max(cfg.k, batch_rows // 2)
                     continue
                 for record, images, row_seeds in zip(batch, positives, seeds):
                     writer.write(ShardSample(anchor_id=record.anchor_id, anchor=record.image, positives=images,
@@ -266,8 +308,10 @@ def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progre
 def sample_batch(cfg: SynthConfig, batch: list[Record], unet, scheduler, device: torch.device):
     """K positives for each anchor of `batch` -> (uint8 (A, K, H, W, 3), seeds [[K ints]] per anchor).
 
-    Row a * K + j is candidate j of anchor a. Its x_T and all its per-step noise are keyed on
-    candidate_seed(seed, anchor_id, j) (synth/noise.py), so a row's output depends only on its anchor, j and the seed.
+    Row a * K + j is candidate j of anchor a. Its x_T and its per-step noise are keyed on
+    candidate_seed(seed, anchor_id, j) (synth/noise.py), except that with share_anchor_noise the per-step draws that
+    re-noise the anchor are keyed on candidate_seed(seed, anchor_id, "anchor"), shared by the anchor's K rows. So a
+    row's output depends only on its anchor, j and the seed (on a GPU, up to the last bit, also on the batch size).
     """
     k = cfg.k
     seeds = [[candidate_seed(cfg.seed, r.anchor_id, j) for j in range(k)] for r in batch]

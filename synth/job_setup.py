@@ -94,6 +94,16 @@ def reference_scorer(spec: str, image_size: int) -> AgreementScorer:
     return AgreementScorer(score, record)
 
 
+def image_library() -> dict:
+    """Pillow and the deflate it links: PNG members' bytes depend on them (Pillow 13 ships zlib-ng, whose output differs
+    from zlib's; "zlib" is then zlib-ng's compatible version), and so do anchors that Pillow decodes, whatever the
+    codec. A version that this Pillow does not report is None."""
+    import PIL
+    from PIL import features
+
+    return {"pillow": PIL.__version__, "zlib": features.version("zlib"), "zlib_ng": features.version("zlib_ng")}
+
+
 def compute_record(cfg: SynthConfig, device: torch.device) -> dict:
     """What the shard bytes depend on besides the settings: device, CPU threads per process, precision, software.
 
@@ -105,7 +115,8 @@ def compute_record(cfg: SynthConfig, device: torch.device) -> dict:
     return {"device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else None,
             "threads": None if cuda else torch.get_num_threads(),  # CPU float sums depend on the thread count
             "precision": "bf16" if cuda and cfg.bf16 else "fp32", "compiled": cfg.compile,
-            "machine": platform.machine(), "torch": torch.__version__, "diffusers": version("diffusers")}
+            "machine": platform.machine(), "torch": torch.__version__, "diffusers": version("diffusers"),
+            **image_library()}
 
 
 def prepare_unet(unet, device: torch.device, compile: bool = False):

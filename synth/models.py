@@ -35,7 +35,7 @@ INDEX_NAME = "model_index.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_NAME = "diffusion_pytorch_model.bin"
 PROBE_TIMEOUT_S = 3.0  # one connection attempt to the hub; huggingface_hub alone retries for about a minute
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+HUB_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # owner/name, no ..
 
 
 def generator_info(model_id: str, unet: UNet2DModel, scheduler) -> dict:
@@ -67,7 +67,7 @@ def load_generator(path_or_id: str | os.PathLike, device: str | torch.device = "
     elif path.exists():
         raise UserError(f"generator {spec!r} is a file, not a directory. Fix: pass the directory written by "
                         "`clsp diffusion train --out DIR` (it holds unet/ and scheduler/) or a hub id.")
-    elif _HUB_ID.match(spec) and ".." not in spec:
+    elif HUB_ID.match(spec):
         unet, scheduler, model_id = _load_hub(spec)
     else:
         raise UserError(f"generator {spec!r} not found: no such directory, and it is not a hub id (owner/name). "
@@ -87,7 +87,10 @@ def _load_local(path: Path, spec: str):
         unet = _from_pretrained(spec, lambda: UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=True))
         scheduler = _read_scheduler(path / "scheduler", spec)
         card_file = path / CARD_NAME
-        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        card = {}
+        if card_file.is_file():  # provenance only: the dir loads without one
+            card = _read_json(card_file, spec, f"delete {CARD_NAME} (the generator then reports {spec} as its id) or "
+                              "re-run the command that wrote the dir")
         return unet, scheduler, str(card.get("model_id") or spec)
     if (path / "config.json").is_file():
         unet = _from_pretrained(spec, lambda: UNet2DModel.from_pretrained(path, use_safetensors=True))
@@ -102,7 +105,22 @@ def _read_scheduler(folder: Path, spec: str) -> DDIMScheduler:
     if not config_file.is_file():
         raise UserError(f"generator {spec!r} has no {config_file.name} in {folder.name or '.'}/. Fix: save the "
                         "scheduler next to the unet (scheduler.save_pretrained) or use synth.models.save_generator.")
-    return as_ddim(json.loads(config_file.read_text()))
+    return as_ddim(_read_json(config_file, spec, "re-save the scheduler (scheduler.save_pretrained) or re-run the "
+                                                 "command that wrote the dir"))
+
+
+def _read_json(file: Path, spec: str, fix: str) -> dict:
+    """A generator dir's JSON object file; a damaged or foreign one (not JSON, not UTF-8, not an object) is a UserError
+    naming it, not a traceback from deep inside the loader."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        reason = f"not valid JSON: {error}"
+    else:
+        if isinstance(data, dict):
+            return data
+        reason = "valid JSON but not an object (a {...} of settings)"
+    raise UserError(f"generator {spec!r}: {file} is {reason}. Fix: {fix}.")
 
 
 def weights_folder(path: Path) -> Path:

@@ -1,6 +1,7 @@
 """`clsp diffusion train`: tiny real runs (8 px digits, 8-channel UNet, a few steps) through the real code paths."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -137,3 +138,63 @@ def test_cli_overwrite_replaces_a_run_with_other_settings(tmp_path):
     replaced = runner.invoke(app, base + ["--seed", "3", "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert json.loads((out / "card.json").read_text())["seed"] == 3
+
+
+def test_resume_with_dropout_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, capsys):
+    out = tmp_path / "run"
+    train_diffusion(tiny(out, dropout=0.5))  # dropout draws from torch's global RNG, not the step generator
+    last = out / "checkpoints" / "step-000004"
+    straight = {name: load_file(last / name) for name in ("unet.safetensors", "ema_unet.safetensors")}
+    shutil.rmtree(last)
+    torch.rand(100)  # whatever ran in between moved the global RNG on: the checkpoint's state must replace it
+    train_diffusion(tiny(out, dropout=0.5, resume=True))
+    for name, expected in straight.items():
+        resumed = load_file(last / name)
+        assert all(torch.equal(resumed[k], expected[k]) for k in expected), name
+
+    # a checkpoint written before checkpoints held RNG states still resumes, with a note that dropout will differ
+    halfway = out / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(halfway, weights_only=True)
+    assert state["rng"]["cpu"].dtype == torch.uint8 and len(state["rng"]["cpu"]) == 1  # one row per process
+    torch.save({k: v for k, v in state.items() if k != "rng"}, halfway)
+    shutil.rmtree(last)
+    capsys.readouterr()
+    train_diffusion(tiny(out, dropout=0.5, resume=True))
+    assert "holds no RNG state" in capsys.readouterr().out and (out / "model_index.json").is_file()
+
+
+def _image_folder(root: Path, shade: int = 0) -> str:
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (40 * i + shade, 100 if label == "a" else 200, 0)).save(root / label / f"{i}.png")
+    return f"folder:{root}"
+
+
+def test_resume_is_refused_on_changed_data_or_another_precision_but_old_records_resume(tmp_path):
+    spec, out = _image_folder(tmp_path / "data"), tmp_path / "run"
+    cfg = tiny(out, source=spec, split="train", steps=2, checkpoint_every=1)
+    train_diffusion(cfg)
+    record_file = out / "train_config.json"
+    record = json.loads(record_file.read_text())
+    assert record["source_fingerprint"] == open_source(spec, "train", 8).fingerprint()
+    assert record["mixed_precision"] == "auto" and record["resolved_mixed_precision"] in ("no", "bf16")
+    shutil.rmtree(out / "checkpoints" / "step-000002")
+
+    _image_folder(tmp_path / "data", shade=1)  # same spec, other pixels
+    with pytest.raises(UserError, match=r"another config \(source_fingerprint: '[0-9a-f]{64}' there, '[0-9a-f]{64}' "
+                                        r"now\)"):
+        train_diffusion(dataclasses.replace(cfg, resume=True))
+    # a record from before fingerprints were recorded says nothing about its data: it resumes as it used to, and the
+    # record written back holds what this resume ran with
+    legacy = {k: v for k, v in record.items() if k not in ("source_fingerprint", "resolved_mixed_precision")}
+    record_file.write_text(json.dumps(legacy))
+    train_diffusion(dataclasses.replace(cfg, resume=True))
+    now = json.loads(record_file.read_text())
+    assert now["source_fingerprint"] == open_source(spec, "train", 8).fingerprint() != record["source_fingerprint"]
+
+    # as if the run had been made on the other kind of device: "auto" resolved to another precision there
+    other = {"no": "bf16", "bf16": "no"}[now["resolved_mixed_precision"]]
+    record_file.write_text(json.dumps({**now, "resolved_mixed_precision": other}))
+    with pytest.raises(UserError, match=f"resolved_mixed_precision: '{other}' there"):
+        train_diffusion(dataclasses.replace(cfg, resume=True))

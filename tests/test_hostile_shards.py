@@ -11,7 +11,9 @@ import io
 import json
 import os
 import pickle
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +25,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clsp.cli import app
+from clsp.shards import codecs
 from conftest import build_shard_dir, random_sample
 from clsp.shards.manifest import INDEX, MANIFEST, read_manifest
 from clsp.shards.manifest_writer import write_manifest
@@ -98,6 +101,19 @@ def png(image: np.ndarray, mode: str) -> bytes:
     return buffer.getvalue()
 
 
+def png_with_a_second_ihdr(side: int) -> bytes:
+    """A grayscale PNG with a second, RGB IHDR after its image data: every CRC sound, PIL decodes it by the first
+    IHDR (grayscale, 2-D), a parser that kept the last header saw 8-bit RGB."""
+    gray, chunks, pos = png(np.full((side, side), 90, np.uint8), "L"), [], 8
+    while pos < len(gray):
+        length, kind = struct.unpack(">I4s", gray[pos:pos + 8])
+        chunks.append((kind, gray[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    chunks.insert(-1, (b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)))  # before IEND
+    return gray[:8] + b"".join(struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d))
+                               for k, d in chunks)
+
+
 # --- the hostile cases -----------------------------------------------------------------------------------------------
 def duplicate_across_shards(d: Path, unique: bool) -> None:
     with ShardWriter(d / shard_name(3), k=2, image_size=8) as writer:
@@ -125,6 +141,11 @@ def images_of_another_size(d: Path, size: int) -> None:
 
 def anchor_in_mode(d: Path, mode: str) -> None:
     replace_member(d / shard_name(0), "anchor-00001.anchor.png", png(np.full((8, 8, 3), 90, np.uint8), mode))
+    forge_manifest(d)
+
+
+def second_ihdr(d: Path) -> None:
+    replace_member(d / shard_name(0), "anchor-00001.pos1.png", png_with_a_second_ihdr(8))
     forge_manifest(d)
 
 
@@ -184,6 +205,7 @@ CASES = {  # name -> (damage, words that both verdicts must name)
     "grayscale anchor": (lambda d: anchor_in_mode(d, "L"), ["anchor-00001", "grayscale"]),
     "RGBA anchor": (lambda d: anchor_in_mode(d, "RGBA"), ["anchor-00001", "RGBA"]),
     "palette anchor": (lambda d: anchor_in_mode(d, "P"), ["anchor-00001", "palette"]),
+    "grayscale positive with a second, RGB IHDR": (second_ihdr, ["anchor-00001.pos1.png", "IHDR"]),
     "label -7": (lambda d: label(d, -7), ["-7"]),
     "label 5000 of 10 classes": (lambda d: label(d, 5000), ["5000", "10 classes"]),
     "index labels are strings": (string_labels, ["label", "string"]),
@@ -220,6 +242,15 @@ def test_verify_and_train_refuse_each_malformed_directory_naming_the_problem(cas
     (line,) = error_lines(trained.output)
     assert all(w in line for w in words), line
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_what_pil_decodes_is_checked_even_where_the_header_check_is_fooled(monkeypatch):
+    """decode_png's own guard: with the header check bypassed, the 2-D grayscale pixels are still refused."""
+    forged = png_with_a_second_ihdr(8)
+    monkeypatch.setattr(codecs, "check_png", lambda data, what, size: (8, 8))
+    with pytest.raises(codecs.SchemaError, match=r"shard-000000.tar: anchor-00001.pos1.png decodes to PIL mode L .*"
+                                                 r"\(8, 8, 3\)"):
+        codecs.decode_png(forged, "shard-000000.tar: anchor-00001.pos1.png", 8)
 
 
 def test_a_hostile_pickle_member_fails_both_and_is_never_run(fresh, tmp_path):

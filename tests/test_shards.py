@@ -201,3 +201,48 @@ def test_disk_filling_up_leaves_no_shard_and_no_temp_file(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0 and "File too large" in result.stderr
     assert list(target.parent.iterdir()) == []
+
+
+# --- contact sheets ------------------------------------------------------------------------------------------------
+def test_a_sheet_out_without_an_image_extension_is_refused_before_any_shard_is_read(tmp_path):
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+
+    result = CliRunner().invoke(app, ["shards", "sheet", str(tmp_path / "no-such-dir"), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--out" in result.output and ".png, .jpg, .jpeg, .webp" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sheet_replaces_an_existing_out_only_when_asked_and_whole(shard_dir, tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+    from clsp.shards.sheet import contact_sheet
+
+    out = tmp_path / "sheets" / "s.jpg"
+    out.parent.mkdir()
+    out.write_bytes(b"the user's own file")
+    for command in (["shards", "sheet", str(shard_dir)], ["data", "sheet", "digits"]):
+        refused = CliRunner().invoke(app, [*command, "--out", str(out)])
+        assert refused.exit_code == 2 and "--overwrite" in refused.output and "Traceback" not in refused.output
+        assert out.read_bytes() == b"the user's own file"
+    assert contact_sheet(str(shard_dir), out, overwrite=True) == out and Image.open(out).format == "JPEG"
+    earlier = out.read_bytes()
+
+    real_save = Image.Image.save
+
+    def full_disk(image, file, format=None):  # writes the start of the image, then the disk fills up
+        real_save(image, buffer := io.BytesIO(), format="JPEG")
+        with open(file, "wb") if isinstance(file, (str, os.PathLike)) else file as handle:
+            handle.write(buffer.getvalue()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError):
+        contact_sheet(str(shard_dir), out, overwrite=True)
+    assert out.read_bytes() == earlier and list(out.parent.iterdir()) == [out]  # no half sheet, no temp file
