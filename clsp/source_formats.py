@@ -218,9 +218,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise UserError(f"CIFAR batch file refers to {module}.{name}, which a CIFAR batch never does: "
-                            f"the file is not a CIFAR batch (re-download it)")
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never does")
         return super().find_class(module, name)
+
+
+def _not_cifar(file: Path, why: str) -> UserError:
+    return UserError(f"{file} is not a CIFAR file of torchvision's python version ({why}): it is damaged or another "
+                     f"file; download the dataset again (torchvision.datasets.CIFAR10 or CIFAR100(DIR, download=True))")
 
 
 class CifarSource(Source):
@@ -246,17 +250,32 @@ class CifarSource(Source):
         images, labels = [], []
         self._prefix = f"{kind}-{split}"
         for name in files:
-            batch = self._read(root / name)
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+            batch = self._read(root / name, b"data", label_key)
+            data, batch_labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+            if data.dtype != np.uint8 or data.shape[1:] != (3072,) or batch_labels.shape != data.shape[:1] or not \
+                    np.issubdtype(batch_labels.dtype, np.integer):
+                raise _not_cifar(root / name, f"{data.dtype} data {data.shape} with {batch_labels.size} labels, not "
+                                              f"uint8 (N, 3072) with N integer labels")
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(batch_labels.astype(np.int64))
         self._images, self._labels = np.concatenate(images), np.concatenate(labels)
         meta = root / meta_name
-        self.classes = [n.decode() for n in self._read(meta)[names_key]] if meta.is_file() else []
+        self.classes = [n.decode() for n in self._read(meta, names_key)[names_key]] if meta.is_file() else []
 
     @staticmethod
-    def _read(file: Path) -> dict:
-        with open(file, "rb") as handle:
-            return _NumpyOnlyUnpickler(handle, encoding="bytes").load()
+    def _read(file: Path, *keys: bytes) -> dict:
+        """The dict a batch or meta file holds, with `keys`; a UserError naming the file when it is no such file."""
+        try:
+            with open(file, "rb") as handle:
+                content = _NumpyOnlyUnpickler(handle, encoding="bytes").load()
+        except OSError:
+            raise  # a disk problem, which the CLI words (clsp.errors.OS_PROBLEMS)
+        except Exception as error:  # other bytes fail to unpickle every way: EOFError, UnpicklingError, ValueError...
+            raise _not_cifar(file, str(error) or type(error).__name__) from None
+        missing = [key.decode() for key in keys if not (isinstance(content, dict) and key in content)]
+        if missing:
+            raise _not_cifar(file, f"it holds no {', '.join(missing)}")
+        return content
 
     def _items(self) -> list:
         return list(range(len(self._labels)))

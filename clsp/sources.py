@@ -161,9 +161,6 @@ class Source:
                 )
             yield record
 
-    def ids(self) -> list[str]:
-        return [r.anchor_id for r in self]
-
     def fingerprint(self) -> str:
         """sha256 over (kind, split, image size, then id, label and content digest of every image, in order)."""
         if self._fingerprint is None:

@@ -7,13 +7,15 @@ For every (method, positives, seed) it trains a run on one set of shards (train.
 differences against the baseline with 95 % intervals (eval.report.write_report, eval.paired).
 
 Everything is checked before the first run trains: the source against the shards' record, the labels, every run's
-training config. Resumable: a run scored with the same scoring is skipped; a finished training run is not trained
-again; an unfinished one resumes from its checkpoint.
+training config, and every run already in `<out>/runs/` against the config this study would train it with (another
+one is refused: its scores would be reported as this study's). Resumable: a run whose current weights were scored with
+the same scoring is skipped; a finished training run is not trained again; an unfinished one resumes from its
+checkpoint.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from clsp.errors import UserError
@@ -65,6 +67,33 @@ def plan(cfg: StudyConfig) -> list:
         raise UserError(f"{error}: --train-option takes `clsp train run` options, e.g. epochs=20") from None
 
 
+def check_trained_as_planned(runs: list, manifest) -> None:
+    """Refuse a run folder whose config.json records another training than `runs` (TrainConfigs) plan for it, e.g. other
+    --train-option values: by train's own comparison (record_differences, train's operational keys) of the options and
+    the shards (source, generator, bytes), so a study never reports a run trained otherwise as one of its own."""
+    from clsp.run_dir import read_record, record_differences
+    from clsp.train.cache import use_cache
+    from clsp.train.loop import TRAIN_RUN, TrainConfig, shards_sha256
+
+    unset = {f.name: f.default for f in fields(TrainConfig)}  # config.json leaves out options that were left unset
+    made_from = {**{key: manifest.run.get(key) for key in ("source", "generator")},
+                 "shards_sha256": shards_sha256(manifest)}  # the same source and generator may have made other shards
+    for run in runs:
+        old = read_record(run.out, TRAIN_RUN)
+        if old is None:
+            continue
+        # config.json holds `cache` only when the run trained from memory (which reads the anchors in another order)
+        cached = use_cache(run.cache, manifest.count, manifest.k, int(manifest.run["image_size"]), run.positives, 1)
+        planned = {"config": {**asdict(run), "cache": cached}, "data": made_from}
+        recorded = {"config": {**unset, "cache": False, **old.get("config", {})},
+                    "data": {key: old.get("data", {}).get(key) for key in made_from}}
+        differences = record_differences(recorded, planned, TRAIN_RUN.operational)
+        if differences:
+            raise UserError(f"{run.out} was trained otherwise than this study would train it ({'; '.join(differences)})"
+                            f": its scores are not this study's; rerun with the options the study was begun with, or "
+                            f"pass another --out")
+
+
 def study(cfg: StudyConfig) -> dict:
     """Train, score (k-fold over every labelled image) and report every (method, positives, seed); returns the report
     summary (eval.report.write_report)."""
@@ -75,12 +104,14 @@ def study(cfg: StudyConfig) -> dict:
     from clsp.shards.manifest import read_manifest
     from clsp.train.loop import train
 
-    made_from = read_manifest(cfg.shards).run  # every check here comes before hours of training, not after
+    manifest = read_manifest(cfg.shards)  # every check here comes before hours of training, not after
+    made_from = manifest.run
     spec = cfg.source or made_from["source"]["spec"]
     shard_size = int(made_from["image_size"])
     bank = open_source(spec, cfg.eval.train_split, image_size=shard_size)  # the train split: the runs' own data
     check_trained_on(cfg.shards, {**made_from["source"], "image_size": shard_size}, bank, cfg.eval.transfer)
     runs = plan(cfg)
+    check_trained_as_planned(runs, manifest)
     data = load_labelled(spec, runs[0].image_size or shard_size)  # every labelled image, loaded once
     scoring = scoring_key(data, cfg.folds, cfg.eval)
     eval_config = replace(cfg.eval, source=spec)

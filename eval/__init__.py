@@ -39,30 +39,35 @@ def write_new(path: str | Path, content: str | bytes) -> Path:
 
 
 def write_result(path: str | Path, result: dict, outputs: set[str] | tuple[str, ...]) -> Path:
-    """Write a JSON result: over the newest of its series when that one was computed from the same inputs (every key
-    but `outputs`, the scores, is equal: the same weights, data, options), since a rerun of the same evaluation
-    replaces its own result; otherwise as `write_new` does (a new `stem-N.json` beside a result of other inputs)."""
+    """Write a JSON result: over the file of its series (`path`, `stem-2.json`, ...) computed from the same inputs
+    (every key but `outputs` is equal: the same weights, data, options), since a rerun of the same evaluation replaces
+    its own result; otherwise as `write_new` does (a new `stem-N.json` beside results of other inputs). Every file of
+    the series is compared, not only the newest: A, B, A again replaces A's file."""
     text = json.dumps(result, indent=1) + "\n"
-    newest = latest(path)
-    if newest is not None:
+    inputs = lambda r: {k: v for k, v in r.items() if k not in outputs}  # noqa: E731
+    mine = inputs(json.loads(text))  # as read back (tuples -> lists)
+    for earlier in series(path):
         try:
-            earlier = json.loads(newest.read_text())
+            found = json.loads(earlier.read_text())
         except (OSError, ValueError):
-            earlier = None
-        inputs = lambda r: {k: v for k, v in r.items() if k not in outputs}  # noqa: E731
-        if isinstance(earlier, dict) and inputs(earlier) == inputs(json.loads(text)):
-            write_atomic(newest, text)
-            return newest
+            continue  # not a result of ours: never written over
+        if isinstance(found, dict) and inputs(found) == mine:
+            write_atomic(earlier, text)
+            return earlier
     return write_new(path, text)
+
+
+def series(path: str | Path) -> list[Path]:
+    """The files `path`, `stem-2.ext`, `stem-3.ext`, ... that exist, in number order."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(path.stem) + r"-(\d+)" + re.escape(path.suffix) + r"$")
+    numbered = sorted((int(m.group(1)), p) for p in path.parent.iterdir() if (m := pattern.match(p.name)))
+    return [path] * path.exists() + [p for _, p in numbered]
 
 
 def latest(path: str | Path) -> Path | None:
     """The newest of `path`, `stem-2.ext`, `stem-3.ext`, ... (highest number), or None when none exists."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return None
-    pattern = re.compile(re.escape(path.stem) + r"-(\d+)" + re.escape(path.suffix) + r"$")
-    numbered = [(int(m.group(1)), p) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
-    if numbered:
-        return max(numbered)[1]
-    return path if path.exists() else None
+    found = series(path)
+    return found[-1] if found else None

@@ -118,7 +118,8 @@ def plots_command(run: Path = typer.Argument(..., help="training run directory")
     with _user_errors():
         written = plot_run(run, out)
     if not written:
-        raise UserError(f"{run} has neither log.csv nor eval/test_features.npy: train it and run `clsp eval knn` first")
+        raise UserError(f"{run} has neither log.csv nor an evaluation of its current weights: train it and run "
+                        f"`clsp eval knn {run}` first")
     for path in written:
         typer.echo(f"wrote {path}")
 

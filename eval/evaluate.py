@@ -1,8 +1,9 @@
 """Evaluate one run: kNN + linear probe of its frozen backbone on labelled data, every input checked first.
 
 `evaluate_run` writes `<run>/eval/results.json` (or knn.json / linear.json for one part) and the test-split embeddings
-`<run>/eval/test_features.npy` + `test_labels.npy` that the t-SNE plot reads. A result is never replaced by one of other
-inputs; a rerun on the same inputs replaces its own (`eval.write_new`, `eval.write_result`).
+`<run>/eval/test_features.npy` + `test_labels.npy` that the t-SNE plot reads (the result names the files it wrote, and
+holds the class names, so a picture always belongs to its result). A result is never replaced by one of other inputs;
+a rerun on the same inputs replaces its own (`eval.write_new`, `eval.write_result`).
 
 Numbers you can trust: the kNN bank / probe train set must be the data the run trained on (its config.json records the
 shards' source; `--transfer` scores other data on purpose), and every input is checked before anything is written.
@@ -12,9 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,10 @@ from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_accuracy
 from clsp.eval.linear import PROBE_PRESETS, ProbeConfig, probe_backbone
 
 RUN_KEYS = ("method", "positives", "lam", "seed")
-SCORES = {"linear_top1", "linear_train_top1", "knn", "knn_best", "knn_best_k", "knn_k20"}  # the rest are its inputs
+# what a rerun on the same inputs may change: the scores, the files it wrote, and how it was computed (the device and
+# --forward-batch change nothing but float rounding); every other key of a result is an input (eval.write_result)
+OUTPUTS = {"linear_top1", "linear_train_top1", "knn", "knn_best", "knn_best_k", "knn_k20", "test_features",
+           "test_labels", "computed_with"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ def check_trained_on(run_dir: str | Path, record: dict | None, bank, transfer: b
         return "same"
     if transfer:
         return "transfer"
+    if record.get("spec") == bank.spec and record.get("split") != bank.split:  # --source SPEC would fail the same way
+        raise UserError(f"{run_dir} trained on shards made from the {record.get('split')} split of {bank.spec}, but "
+                        f"the kNN bank / probe train set is its {bank.split} split: pass --transfer to score it on "
+                        f"those splits anyway (its training saw the {record.get('split')} images, without labels), "
+                        f"or train on shards made with `clsp synth run --split {bank.split}`")
     raise UserError(f"{run_dir} comes from {record.get('spec')}[{record.get('split')}] ({record.get('count')} "
                     f"anchors, fingerprint {record['fingerprint'][:12]}), but the kNN bank / probe train set here is "
                     f"{bank.name} ({len(bank)} images, fingerprint {fingerprint[:12]} at {size} px): evaluate on "
@@ -143,8 +151,7 @@ class EvalInputs:
     normalize: tuple  # (mean, std) per RGB channel
     train: tuple[np.ndarray, np.ndarray, str]  # images (N, H, W, 3) uint8, labels (N,), fingerprint
     test: tuple[np.ndarray, np.ndarray, str]
-    result: dict  # the start of results.json: the run's identity and the data it is scored on
-    class_names: list[str]  # the source's names of the classes, by label ([] when it has none)
+    result: dict  # the start of results.json: the run's identity, the data it is scored on and the class names
 
 
 @dataclass
@@ -192,12 +199,14 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
                         f"label would name another class in each; give splits of one dataset")
     train, held_out = _labelled(bank), _labelled(test)
     _check_disjoint(bank, test, train[0], held_out[0])
+    settings = asdict(replace(config, source=run.spec, test_source=test.spec))  # the sources as resolved
+    computed_with = {"device": settings.pop("device"), "forward_batch": settings.pop("batch_size")}
     result = dict(run.identity)
     result.update(run=run.run_dir.name, source=run.spec, test_source=test.spec, trained_on=run.record,
                   source_check=check, weights_sha256=weights_sha256(run.backbone), train_fingerprint=train[2],
-                  test_fingerprint=held_out[2], eval_config=asdict(config))
-    return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result,
-                      list(test.classes or bank.classes))
+                  test_fingerprint=held_out[2], eval_config=settings, computed_with=computed_with,
+                  class_names=list(test.classes or bank.classes))
+    return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result)
 
 
 def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict:
@@ -228,11 +237,9 @@ def score_run(inputs: EvalInputs, config: EvalConfig) -> dict:
         result.update(knn={str(key): v for key, v in accs.items()}, knn_best=top1, knn_best_k=k,
                       knn_k20=accs.get(min(20, len(train_labels))))
     out = inputs.run_dir / "eval"
-    write_new(out / "test_features.npy", _npy_bytes(test_feats))
-    write_new(out / "test_labels.npy", _npy_bytes(test_labels.astype(np.int64)))
-    if inputs.class_names:  # for the t-SNE legend (eval.plots.plot_run)
-        write_new(out / "test_classes.json", json.dumps(inputs.class_names) + "\n")
-    result["results_file"] = write_result(out / config.results_name, result, SCORES).name
+    result.update(test_features=write_new(out / "test_features.npy", _npy_bytes(test_feats)).name,  # the t-SNE's
+                  test_labels=write_new(out / "test_labels.npy", _npy_bytes(test_labels.astype(np.int64))).name)
+    result["results_file"] = write_result(out / config.results_name, result, OUTPUTS).name
     return result
 
 

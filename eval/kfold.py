@@ -20,11 +20,11 @@ import numpy as np
 
 from clsp.errors import UserError
 from clsp.hashing import keyed_seed
-from clsp.eval import latest, write_result
+from clsp.eval import write_result
 from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_predict
 from clsp.eval.linear import ProbeConfig, train_linear_probe
 from clsp.eval.evaluate import check_trained_on, open_run
-from clsp.eval.results import with_identity
+from clsp.eval.results import current_result, current_weights, with_identity
 
 FOLD_SALT = "clsp-kfold"  # part of every fold key: change it and every fold changes
 CORRECT_METRICS = ("knn_best", "knn_k20", "linear_top1")  # kept image by image (for the paired bootstrap)
@@ -114,9 +114,10 @@ def scoring_key(data: LabelledSet, folds: int, config) -> dict:
 
 
 def load_kfold(run_dir: str | Path) -> dict | None:
-    """The newest `<run>/eval/kfold.json` with the run's identity from config.json, or None when it was not scored."""
-    path = latest(Path(run_dir) / "eval" / "kfold.json")
-    return None if path is None else with_identity(json.loads(path.read_text()), run_dir)
+    """The `<run>/eval/kfold.json` last written from the run's current weights, with the run's identity from
+    config.json; None when these weights were not scored (a kfold.json of earlier weights is not this run's)."""
+    result, _ = current_result(run_dir, "kfold.json", current_weights(run_dir))
+    return None if result is None else with_identity(result, run_dir)
 
 
 def evaluate_run_kfold(run_dir: str | Path, data: LabelledSet, bank, config, folds: int = 5) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -119,21 +118,23 @@ def plot_tsne(
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """A run's pictures from its files: training curves (log.csv) and t-SNE of eval/test_features.npy, when present."""
-    from clsp.eval import latest
+    """A run's pictures from its files: training curves (log.csv) and a t-SNE of the test embeddings its result names
+    (eval/results.json, knn.json or linear.json last written from its current weights), when present."""
+    from clsp.eval.results import current_result, current_weights
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     written = []
     if (run_dir / "log.csv").is_file():
         written.append(plot_training(run_dir / "log.csv", out_dir / f"{run_dir.name}-training.png", run_dir.name))
-    feats, labels = latest(run_dir / "eval" / "test_features.npy"), latest(run_dir / "eval" / "test_labels.npy")
-    if feats is not None and labels is not None:
-        features, label_array = np.load(feats, allow_pickle=False), np.load(labels, allow_pickle=False)
-        names = latest(run_dir / "eval" / "test_classes.json")
-        names = json.loads(names.read_text()) if names is not None else None
-        names = names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
-        written.append(plot_tsne(features, label_array, out_dir / f"{run_dir.name}-tsne.png", f"{run_dir.name}: test",
-                                 class_names=names))
+    weights = current_weights(run_dir)
+    results = [current_result(run_dir, name, weights)[0] for name in ("results.json", "knn.json", "linear.json")]
+    result = next((r for r in results if r is not None and r.get("test_features") and r.get("test_labels")), None)
+    if result is not None:  # the embeddings, labels and class names of one evaluation of these weights
+        # file names only: a result names files beside it in eval/, never a path elsewhere
+        features = np.load(run_dir / "eval" / Path(result["test_features"]).name, allow_pickle=False)
+        labels = np.load(run_dir / "eval" / Path(result["test_labels"]).name, allow_pickle=False)
+        written.append(plot_tsne(features, labels, out_dir / f"{run_dir.name}-tsne.png", f"{run_dir.name}: test",
+                                 class_names=result.get("class_names") or None))
     return written
 
 

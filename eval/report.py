@@ -14,7 +14,7 @@ from pathlib import Path
 
 from clsp.eval import write_new
 from clsp.eval.evaluate import RUN_KEYS
-from clsp.eval.results import METRICS, aggregate, load_results
+from clsp.eval.results import METRICS, aggregate, common_settings, load_results
 
 
 def _fmt(stat: tuple[float, float, int]) -> str:
@@ -88,7 +88,8 @@ def write_report(rows: list[dict], run_dirs: list[str | Path], out: str | Path, 
     from clsp.eval.plots import plot_run, plot_summary
 
     out = Path(out)
-    groups = aggregate(rows)  # before any file: refuses repeated seeds
+    settings = common_settings(rows)  # before any file: refuses rows scored with other settings
+    groups = aggregate(rows)  # and repeated seeds
     comparisons = paired_differences(groups, METRICS)
     csv_cols = ["run", *RUN_KEYS, "knn_best", "knn_best_k", "knn_k20", "linear_top1", "weights_sha256", "source",
                 "train_fingerprint", "test_fingerprint"]
@@ -97,12 +98,13 @@ def write_report(rows: list[dict], run_dirs: list[str | Path], out: str | Path, 
     writer.writeheader()
     writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     csv_path = write_new(out / "results.csv", buffer.getvalue())
-    probe = (rows[0].get("eval_config") or {}).get("probe") or (rows[0].get("scoring") or {}).get("probe") or {}
+    probe, ks = settings.get("probe") or {}, settings["ks"]
     sources = sorted({g["source"] for g in groups})
     lines = verdicts(comparisons)
     md = ["# Results", "", f"{len(rows)} runs on {'; '.join(sources)}, scored with {scoring}; runs on different data "
           f"are never averaged together. Mean ± sample std over seeds; per-run numbers in `{csv_path.name}`. kNN: "
-          f"weighted by exp(cos/0.07), best k of 5..200 and k=20. Linear probe: {probe.get('epochs')} epochs SGD lr "
+          f"weighted by exp(cos/{settings['temperature']}), best k of {min(ks)}..{max(ks)} and k=20. Linear probe: "
+          f"{probe.get('epochs')} epochs SGD lr "
           f"{probe.get('lr')}, batch {probe.get('batch_size')}, on "
           f"{'standardised' if probe.get('standardize', True) else 'raw'} frozen features.", "",
           "Δ: the paired difference against the baseline (none) of the same seed, in points, with its 95 % interval: "

@@ -1,35 +1,94 @@
 """Read runs' result files (with the identity keys of their config.json) and group them over seeds.
 
+A result is this run's only when it was computed from the run's current weights: a retrained run (`clsp train run
+--overwrite`) keeps the eval/ files of its earlier weights, and they are never reported under its new config.
+
 A group is (source, method, positives, lam): runs scored on different data are never averaged together, nor one seed
-counted twice.
+counted twice; rows scored with other evaluation settings (probe, kNN ks or temperature, folds) are never compared in
+one report.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from clsp.errors import UserError
-from clsp.eval import latest
+from clsp.eval import series
 from clsp.eval.evaluate import run_identity
+from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE
 
 METRICS = ("knn_best", "knn_k20", "linear_top1")
+# keys on which a run's knn.json and linear.json must agree to be read as one result: the same weights and data
+SAME_INPUTS = ("weights_sha256", "source", "test_source", "train_fingerprint", "test_fingerprint")
+
+
+def current_weights(run_dir: str | Path) -> str | None:
+    """weights_sha256 of the run's backbone.safetensors, as evaluation records it; None when it has none."""
+    from clsp.hashing import weights_sha256
+    from clsp.train.checkpoint import BACKBONE, load_backbone
+
+    return weights_sha256(load_backbone(run_dir)[0]) if (Path(run_dir) / BACKBONE).is_file() else None
+
+
+def current_result(run_dir: str | Path, name: str, weights: str | None) -> tuple[dict | None, Path | None]:
+    """(the result of the series eval/<name> last written from `weights` (current_weights; None: any), with its file
+    as `results_file`, or None; the newest file of the series when none is, or None).
+
+    The last written, not the highest number: a rerun replaces its own file in place (eval.write_result)."""
+    files = series(Path(run_dir) / "eval" / name)
+    if not files:
+        return None, None
+    mine = []
+    for path in files:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and weights in (None, result.get("weights_sha256")):
+            mine.append((path.stat().st_mtime_ns, len(mine), path, result))  # ties: the higher number
+    if not mine:
+        return None, files[-1]
+    _, _, path, result = max(mine)
+    return {**result, "results_file": path.name}, None
+
+
+def _stale(run_dir: Path, path: Path) -> UserError:
+    return UserError(f"{path} was not computed from {run_dir}'s current weights (the run was trained again since), so "
+                     f"it is not this run's score: evaluate the run again, `clsp eval all {run_dir} --shards SHARDS "
+                     f"--out DIR` (or `clsp eval knn|linear {run_dir}`)")
 
 
 def load_results(run_dir: str | Path) -> dict:
-    """The newest results.json of a run (else its knn.json + linear.json), with identity keys from config.json."""
+    """The run's result from its current weights: the last written results.json, else its knn.json and linear.json
+    when they agree on weights and data; with identity keys from config.json. A UserError when there is none."""
     run_dir = Path(run_dir)
-    path = latest(run_dir / "eval" / "results.json")
-    parts = [path] if path is not None else [latest(run_dir / "eval" / n) for n in ("knn.json", "linear.json")]
-    if None in parts:
-        raise UserError(f"{run_dir} has no eval/results.json (nor knn.json and linear.json): run "
-                        f"`clsp eval all {run_dir} ...` (or study) first")
-    result = {}
-    for part in parts:  # knn.json and linear.json share the run's identity keys
-        result.update(json.loads(part.read_text()))
+    weights = current_weights(run_dir)
+    result, stale = current_result(run_dir, "results.json", weights)
+    if result is None:
+        (knn, stale_knn), (linear, stale_linear) = (current_result(run_dir, n, weights)
+                                                    for n in ("knn.json", "linear.json"))
+        stale = stale or stale_knn or stale_linear
+        if knn is None or linear is None:
+            if stale is not None:
+                raise _stale(run_dir, stale)
+            raise UserError(f"{run_dir} has no eval/results.json (nor knn.json and linear.json): run "
+                            f"`clsp eval all {run_dir} ...` (or study) first")
+        differ = [key for key in SAME_INPUTS if knn.get(key) != linear.get(key)]
+        if differ:
+            raise UserError(f"{run_dir}/eval/{knn['results_file']} and {linear['results_file']} were computed from "
+                            f"other {', '.join(differ)}: they are not one result; run `clsp eval all {run_dir} ...` "
+                            f"(or `clsp eval knn` and `linear` with the same options)")
+        settings = {**(linear.get("eval_config") or {}), **{key: (knn.get("eval_config") or {}).get(key)
+                                                              for key in ("ks", "temperature")}}
+        result = {**knn, **linear, "eval_config": settings}  # the probe's settings from linear, kNN's from knn
+    if weights is None:
+        print(f"warning: {run_dir} has no backbone.safetensors, so its eval/ results cannot be checked against its "
+              f"weights: they are its scores only if it was not trained again since", file=sys.stderr)
     return with_identity(result, run_dir)
 
 
@@ -42,6 +101,39 @@ def with_identity(result: dict, run_dir: str | Path) -> dict:
     result.setdefault("run", run_dir.name)
     result["run_dir"] = str(run_dir)
     return result
+
+
+# evaluation settings a score depends on besides weights and data, each with the score it matters for (None: all)
+SETTINGS = {"ks": "knn_best", "temperature": "knn_best", "probe": "linear_top1", "folds": None}
+
+
+def scoring_settings(row: dict) -> dict:
+    """A row's evaluation settings (k-fold: its `scoring`; else its `eval_config`) that its scores depend on."""
+    config = row.get("scoring") or row.get("eval_config") or {}
+    return {key: config[key] for key, metric in SETTINGS.items()
+            if key in config and (metric is None or row.get(metric) is not None)}
+
+
+def _what_differs(key: str, a, b) -> str:
+    """"probe.epochs 30 vs 100" (of two dicts, only the keys that differ), else "ks [5, 20] vs [5]"."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return f"{key} {a} vs {b}"
+    return ", ".join(f"{key}.{k} {a.get(k)} vs {b.get(k)}" for k in sorted({*a, *b}) if a.get(k) != b.get(k))
+
+
+def common_settings(rows: list[dict]) -> dict:
+    """The evaluation settings every row was scored with (kNN ks and temperature default when none records them); a
+    UserError naming two runs scored with other settings: their numbers are not comparable, in a table or a pair."""
+    seen: dict[str, tuple] = {}
+    for row in rows:
+        for key, value in scoring_settings(row).items():
+            first, where = seen.setdefault(key, (value, row.get("run_dir", row.get("run"))))
+            if value != first:
+                raise UserError(f"{where} and {row.get('run_dir', row.get('run'))} were scored with other settings "
+                                f"({_what_differs(key, first, value)}): their numbers do not compare; evaluate them "
+                                f"again with the same settings (e.g. the same --preset and --probe-epochs), or report "
+                                f"them apart")
+    return {"ks": list(KNN_KS), "temperature": KNN_TEMPERATURE, **{key: value for key, (value, _) in seen.items()}}
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:

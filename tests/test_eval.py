@@ -285,6 +285,8 @@ def test_a_rerun_on_the_same_inputs_replaces_its_result_and_other_inputs_get_a_n
     assert write_result(target, retrained, {"knn_best"}).name == "knn-2.json"
     assert json.loads(target.read_text())["weights_sha256"] == "aa"
     assert write_result(target, {**retrained, "knn_best": 1.0}, {"knn_best"}).name == "knn-2.json"  # its own rerun
+    assert write_result(target, {**first, "knn_best": 89.0}, {"knn_best"}) == target  # the first inputs again: their
+    assert json.loads(target.read_text())["knn_best"] == 89.0 and not (tmp_path / "knn-3.json").exists()  # own file
     (tmp_path / "notes.json").write_text("not json at all")
     assert write_result(tmp_path / "notes.json", first, {"knn_best"}).name == "notes-2.json"  # never over a stranger
     assert (tmp_path / "notes.json").read_text() == "not json at all"

@@ -2,9 +2,11 @@
 (never a silent default), reports never average across sources or over a seed twice, and bad input writes nothing."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -75,7 +77,7 @@ def test_an_imagenet_style_folder_reads_val_as_test_with_the_train_classes(tmp_p
     assert test.classes == ["cat", "dog", "eel"] and len(test) == 3
     assert [r.label for r in test] == [0, 2, 2]
     everything = open_source(f"folder:{tmp_path / 'imagenet'}", "all")
-    assert everything.classes == ["cat", "dog", "eel"] and len(everything) == 10 and len(set(everything.ids())) == 10
+    assert everything.classes == ["cat", "dog", "eel"] and len({r.anchor_id for r in everything}) == 10
     assert len(open_source(f"folder:{tmp_path / 'imagenet' / 'val'}", "test")) == 3  # the folder named val is test
     with pytest.raises(UserError, match="holds no train split"):
         open_source(f"folder:{tmp_path / 'imagenet' / 'val'}", "train")
@@ -181,16 +183,19 @@ def test_eval_all_with_missing_shards_writes_nothing(trained, tmp_path):
 
 # --- reports ------------------------------------------------------------------------------------------------------
 
-def _result(root, name: str, source: str, seed: int, linear: float, positives: str = "synthetic"):
+def _result(root, name: str, source: str, seed: int, linear: float, positives: str = "synthetic",
+            probe_epochs: int = 30, file: str = "results.json", metrics=("linear_top1", "knn_best", "knn_k20")):
+    """A run folder holding a hand-made result (no weights: nothing to check it against)."""
     run = root / name
-    (run / "eval").mkdir(parents=True)
+    (run / "eval").mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps({"method": "simclr", "positives": positives, "lam": 1.0,
                                                  "seed": seed}))
     fingerprint = source.encode().hex().ljust(64, "0")
-    (run / "eval" / "results.json").write_text(json.dumps(
+    settings = {"ks": [5, 20], "temperature": 0.07, "probe": {"epochs": probe_epochs, "lr": 1.0, "batch_size": 256}}
+    (run / "eval" / file).write_text(json.dumps(
         {"run": name, "source": source, "test_source": source, "train_fingerprint": fingerprint,
-         "test_fingerprint": fingerprint, "linear_top1": linear, "knn_best": linear, "knn_best_k": 20,
-         "knn_k20": linear}))
+         "test_fingerprint": fingerprint, "knn_best_k": 20, "eval_config": settings,
+         **{metric: linear for metric in metrics}}))
     return run
 
 
@@ -208,3 +213,99 @@ def test_report_groups_by_source_and_refuses_a_seed_twice(tmp_path):
     with pytest.raises(UserError, match="both seed 0 of simclr/synthetic"):
         report(again, tmp_path / "report-2")
     assert not (tmp_path / "report-2").exists()
+
+
+def test_report_refuses_runs_scored_with_other_settings_and_parts_of_other_inputs(tmp_path):
+    from clsp.eval.report import report
+
+    runs = [_result(tmp_path, f"r-{p}", "digits", 0, 80.0, positives=p, probe_epochs=e)
+            for p, e in (("none", 30), ("synthetic", 100))]
+    with pytest.raises(UserError, match=r"r-none and .*r-synthetic were scored with other settings "
+                                        r"\(probe.epochs 30 vs 100\).*--probe-epochs"):
+        report(runs, tmp_path / "report")  # a 30-epoch probe against a 100-epoch one: no paired difference
+    assert not (tmp_path / "report").exists()
+    knn_only = _result(tmp_path, "knn-only", "digits", 1, 70.0, probe_epochs=100, metrics=("knn_best", "knn_k20"))
+    summary = report([runs[0], knn_only], tmp_path / "report")  # its unused probe setting does not matter
+    assert "Linear probe: 30 epochs" in Path(summary["report"]).read_text()
+
+    _result(tmp_path, "parts", "digits", 0, 75.0, file="knn.json", metrics=("knn_best", "knn_k20"))
+    _result(tmp_path, "parts", "cifar10:c", 0, 60.0, file="linear.json", metrics=("linear_top1",))
+    with pytest.raises(UserError, match="knn.json and linear.json were computed from other source, "):
+        report([tmp_path / "parts"], tmp_path / "report-2")  # kNN on one dataset, the probe on another: not one row
+    _result(tmp_path, "parts", "digits", 0, 77.0, file="linear.json", metrics=("linear_top1",))
+    [row] = report([tmp_path / "parts"], tmp_path / "report-2")["groups"]
+    assert (row["knn_best"][0], row["linear_top1"][0]) == (75.0, 77.0)
+
+
+def test_a_retrained_run_never_shows_the_scores_or_pictures_of_its_earlier_weights(trained, tmp_path):
+    from clsp.eval.plots import plot_run
+    from clsp.hashing import weights_sha256
+    from clsp.train.checkpoint import load_backbone
+    from clsp.train.loop import make_config, train
+
+    _, shards, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    for part in (["knn"], ["linear", "--probe-epochs", "2"]):
+        assert _cli("eval", *part, run).exit_code == 0
+    train(make_config(None, shards=str(shards), out=str(run), method="simclr", positives="none", seed=1,
+                      overwrite=True, **dict(TINY_TRAIN)))  # as `clsp train run --overwrite`: eval/ is not its own
+    assert {"knn.json", "linear.json", "test_features.npy"} <= {p.name for p in (run / "eval").iterdir()}
+    refused = _cli("eval", "report", run, "--out", tmp_path / "report")
+    assert refused.exit_code == 2 and "error:" in refused.output and "Traceback" not in refused.output
+    assert "not computed from" in refused.output and f"clsp eval all {run}" in refused.output
+    assert not (tmp_path / "report").exists()
+    assert [p.name for p in plot_run(run, tmp_path / "pictures")] == ["run-training.png"]  # no t-SNE of old weights
+
+    for part in (["knn"], ["linear", "--probe-epochs", "2"]):
+        assert _cli("eval", *part, run).exit_code == 0
+    again = _cli("eval", "report", run, "--out", tmp_path / "report")
+    assert again.exit_code == 0, again.output
+    [row] = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
+    assert row["seed"] == "1" and row["weights_sha256"] == weights_sha256(load_backbone(run)[0])
+    assert (tmp_path / "report" / "pictures" / "run-tsne.png").is_file()
+
+
+def test_a_rerun_with_another_device_batch_or_spelling_of_the_source_replaces_its_result(trained, tmp_path):
+    _, _, source, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    assert _cli("eval", "knn", run).exit_code == 0
+    same = _cli("eval", "knn", run, "--source", source, "--forward-batch", "5", "--device", "cpu")
+    assert same.exit_code == 0, same.output
+    assert sorted(p.name for p in (run / "eval").glob("knn*.json")) == ["knn.json"]
+    result = json.loads((run / "eval" / "knn.json").read_text())
+    assert result["eval_config"]["source"] == source and result["computed_with"] == {"device": "cpu",
+                                                                                   "forward_batch": 5}
+
+
+def test_the_tsne_legend_names_the_classes_of_the_evaluation_it_shows(trained, tmp_path, monkeypatch):
+    from clsp.eval import plots
+
+    _, _, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    train_file, held_out = tmp_path / "data" / "train-00000-of-00001.parquet", tmp_path / "held-out.parquet"
+    _parquet(train_file, 12, seed=3)  # no class names in its schema
+    _parquet(held_out, 6, seed=4)
+    shown, real = [], plots.plot_tsne
+
+    def recording(features, labels, out_png, title="", **options):  # the points and legend names of each t-SNE
+        shown.append((len(labels), options["class_names"]))
+        return real(features, labels, out_png, title, **options)
+
+    monkeypatch.setattr(plots, "plot_tsne", recording)
+    for source in ([], ["--source", f"parquet:{train_file}", "--test-source", f"parquet:{held_out}", "--transfer"], []):
+        assert _cli("eval", "knn", run, *source).exit_code == 0  # folder:DIR (classes c0..c2), Parquet, folder again
+        plots.plot_run(run, tmp_path / "pictures")
+    assert shown == [(12, ["c0", "c1", "c2"]), (6, None), (12, ["c0", "c1", "c2"])]  # numbers where it has no names
+    assert sorted(p.name for p in (run / "eval").glob("knn*.json")) == ["knn-2.json", "knn.json"]  # A, B, A again
+
+
+def test_a_run_on_shards_of_the_all_split_is_told_a_fix_that_works(trained, tmp_path):
+    _, _, source, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["source"].update(split="all", fingerprint=open_source(source, "all", 8).fingerprint())
+    (run / "config.json").write_text(json.dumps(config))  # as shards made with `clsp synth run --split all`
+    refused = _cli("eval", "knn", run)
+    assert refused.exit_code == 2 and "made from the all split" in refused.output
+    assert "--transfer" in refused.output and f"--source {source}" not in refused.output
+    assert _cli("eval", "knn", run, "--transfer").exit_code == 0  # the fix it names works

@@ -33,7 +33,7 @@ def _parquet(directory, rng, n=7, split="train") -> None:
 
 
 def _assert_ids_good(source):
-    ids = source.ids()
+    ids = [r.anchor_id for r in source]
     assert len(ids) == len(set(ids)) == len(source)
     assert all("." not in i and "/" not in i for i in ids)
     return ids
@@ -45,8 +45,8 @@ def test_digits_is_the_real_dataset_with_a_fixed_split():
     images, labels, ids = load_arrays(test)
     assert images.shape == (360, 16, 16, 3) and images.dtype == np.uint8
     assert sorted(set(labels.tolist())) == list(range(10))
-    assert ids[:2] == ["digits-0000", "digits-0005"] and not set(ids) & set(train.ids())
-    assert _assert_ids_good(train) == open_source("digits").ids()  # stable across opens
+    assert ids[:2] == ["digits-0000", "digits-0005"] and not set(ids) & set(_assert_ids_good(train))
+    assert _assert_ids_good(train) == load_arrays(open_source("digits"))[2]  # stable across opens
     assert open_source("digits", image_size=8).records(0, 1).__next__().image.shape == (8, 8, 3)
 
 
@@ -126,9 +126,34 @@ def test_cifar_batch_with_code_in_it_is_refused_and_not_run(tmp_path):
     root.mkdir()
     marker = tmp_path / "pwned"
     _cifar_batch(root / "train", 2, rng, b"fine_labels", payload=_Payload(str(marker)))
-    with pytest.raises(UserError, match="os.makedirs.*not a CIFAR batch"):
+    with pytest.raises(UserError, match="not a CIFAR file.*refers to os.makedirs"):
         open_source(f"cifar100:{tmp_path}")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "Ran out of input"),  # empty (a download cut off at once): EOFError
+    (b"not a pickle at all", "invalid load key"),  # garbage: UnpicklingError
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)})[:40], "data"),  # truncated
+    (pickle.dumps({b"labels": [1]}), "it holds no data"),  # a pickle of something else: KeyError
+    (pickle.dumps([1, 2]), "it holds no data, labels"),
+    (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}), "not uint8 (N, 3072)"),
+])
+def test_a_damaged_cifar_file_is_one_error_line_naming_it(tmp_path, content, why):
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for i in range(1, 6):
+        _cifar_batch(root / f"data_batch_{i}", 2, rng)
+    (root / "test_batch").write_bytes(content)
+    result = CliRunner().invoke(app, ["data", "info", f"cifar10:{tmp_path}", "--split", "test"])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "Traceback" not in result.output
+    assert f"{root / 'test_batch'} is not a CIFAR file" in result.output and why in result.output
+    assert "download the dataset again" in result.output
 
 
 @pytest.mark.parametrize("spec, message", [

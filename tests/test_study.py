@@ -112,6 +112,17 @@ def test_tiny_study_trains_scores_all_images_reports_paired_differences_and_resu
     assert (run / "backbone.safetensors").read_bytes() == weights  # not retrained
     assert (run / "eval" / "kfold.json").read_bytes() == scores  # scored again, to the same bytes
 
+    from dataclasses import replace
+
+    from clsp.errors import UserError
+
+    longer = replace(config, train_options=(*TINY_TRAIN, ("epochs", 2)))  # the same --out, other training options
+    with pytest.raises(UserError, match=r"simclr-none-seed0 was trained otherwise .*config.epochs: 1 there, 2 now"
+                                        r".*another --out"):
+        study(longer)  # refused before anything trains: the old runs are not runs of these options
+    assert (run / "backbone.safetensors").read_bytes() == weights
+    assert (run / "eval" / "kfold.json").read_bytes() == scores
+
 
 def test_study_command_passes_options_and_refuses_bad_ones_before_training(tiny_world):
     from typer.testing import CliRunner
