@@ -248,18 +248,19 @@ class ShardStream(IterableDataset):
         while True:
             read = 0
             for url in urls:
-                if shard_name(url) in self._bad:
+                name = shard_name(url)
+                if name in self._bad:
                     continue
                 try:
                     for sample in self.contract.samples(url) if self.contract is not None else iter_shard(url):
-                        if shard_name(url) in self._bad:  # an image of it failed to decode (`_batch`): stop reading
+                        if name in self._bad:  # an image of it failed to decode (`_batch`): stop reading
                             break
                         buffer.append((sample, visit))
                         read += 1
                         if len(buffer) >= cfg.shuffle_buffer:
                             yield buffer.pop(rng.randrange(len(buffer)))
                 except Exception as exc:  # a missing, truncated, malformed or changed shard: name it
-                    buffer[:] = [item for item in buffer if item[0].shard != shard_name(url)]  # none of it is used
+                    buffer[:] = [item for item in buffer if item[0].shard != name]  # none of it is used
                     self._corrupt(url, exc)
             if read == 0:
                 raise UserError(f"no readable samples in shards {', '.join(shard_name(u) for u in urls)}; "
