@@ -1,10 +1,15 @@
 """Shared test fixtures: data the tests make themselves (shard directories, Parquet files, image folders)."""
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 import clsp.shards  # noqa: F401  (before torch: loads pyarrow first, see shards/__init__.py)
 import torch
@@ -14,6 +19,41 @@ torch.set_num_threads(1)  # CI has 2 cores; tiny models run faster single-thread
 from clsp.shards.manifest_writer import write_manifest
 from clsp.shards.schema import ShardSample
 from clsp.shards.writer import ShardWriter, shard_name
+
+
+class Planted:
+    """A pickle that creates `marker` (a file) if it is ever unpickled: proof that something ran. Pickled by reference
+    to this module, so a `weights_only` load or an allow-list unpickler must refuse it without running anything."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes): compare two to prove nothing was changed or lost."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> a PNG file's bytes, by PIL (independent of the project's own encoder)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_hf_parquet(path: Path, images: list[np.ndarray], labels: list[int], class_names: list[str] | None = None,
+                     row_group_size: int | None = None) -> None:
+    """A Parquet file in the Hugging Face datasets image layout: an `img` column of {bytes, path} structs and a `label`
+    column, with ClassLabel names in the schema metadata when `class_names` is given."""
+    table = pa.table({"img": [{"bytes": png_bytes(i), "path": None} for i in images], "label": labels})
+    if class_names is not None:
+        features = {"img": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": class_names}}
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
 
 
 def random_sample(anchor_id: str, k: int, size: int, label: int, seed: int) -> ShardSample:

@@ -77,3 +77,17 @@ def test_best_of_interleaves_the_variants_and_rotates_which_runs_first():
     assert calls == list("abc" "bca" "cab" "abc")  # a position in the round is no variant's for good
     assert {name: len(seconds) for name, seconds in times.items()} == {"a": 4, "b": 4, "c": 4}
     assert outputs == {"a": "A", "b": "B", "c": "C"}
+
+
+def test_flop_figures_from_per_step_counts_worked_by_hand():
+    # per image and step: a forward 10 FLOP, its encoder 3; split = forward + anchor's encoder = 13; naive = 2
+    # forwards = 20; shared anchor noise at K = 4 runs the anchor's encoder once per 4 rows: 10 + 3 / 4 = 10.75
+    flops = {"forward": 10.0, "encoder": 3.0, "split": 13.0, "naive": 20.0, "split_shared": 10.75}
+    rate = {"split": 2.0, "naive": 1.0, "shared": 4.0, "authors": 1.5}  # images/s
+    figures = sampler_bench._flop_figures(flops, 100, rate, peak=1e4)
+    assert figures["split_flops_per_image"] == 1300 and figures["naive_flops_per_image"] == 2000  # 100 steps
+    assert figures["tflop_per_s"] == pytest.approx({"split": 2600e-12, "naive": 2000e-12, "shared": 4300e-12,
+                                                    "authors": 1950e-12})  # the authors' recipe does the split's work
+    assert figures["fraction_of_peak"] == pytest.approx({"split": 0.26, "naive": 0.2, "shared": 0.43, "authors": 0.195})
+    assert figures["split_step_over_forward"] == 1.3 and figures["encoder_share_of_forward"] == 0.3
+    assert figures["shared_noise_flop_saving"] == pytest.approx(2.25 / 13)

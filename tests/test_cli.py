@@ -4,7 +4,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
+from importlib.metadata import entry_points
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from clsp import __version__
@@ -21,9 +25,15 @@ def test_help_lists_every_stage_and_version_prints():
     assert runner.invoke(app, ["--version"]).output.strip() == f"clsp {__version__}"
 
 
-def test_console_entry_point_runs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "clsp", "shards", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "verify" in result.stdout
+def test_the_clsp_script_and_python_m_clsp_run():
+    (entry,) = entry_points(group="console_scripts", name="clsp")  # [project.scripts] as installed
+    assert entry.value == "clsp.cli:app" and entry.load() is app
+    script = Path(sysconfig.get_path("scripts")) / "clsp"  # where pip wrote it for this interpreter
+    for command in ([sys.executable, "-m", "clsp"], [str(script)]):
+        if command == [str(script)] and not script.exists():
+            pytest.skip(f"no clsp script in {script.parent} (installed with pip --target?); python -m clsp passed")
+        result = subprocess.run([*command, "shards", "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "verify" in result.stdout, command
 
 
 def test_data_info_and_sheet_on_the_embedded_source(tmp_path):

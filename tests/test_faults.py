@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from clsp.cli import app, user_message
 from clsp.errors import UserError
-from conftest import build_shard_dir
+from conftest import Planted, build_shard_dir, snapshot
 from clsp.shards.manifest import read_manifest
 from clsp.shards.writer import temp_files
 from clsp.synth.diffusion_train import DiffusionTrainConfig, train_diffusion
@@ -39,10 +39,6 @@ TRAIN = ["--width", "4", "--epochs", "2", "--batch-size", "4", "--warmup-epochs"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return build_shard_dir(tmp_path_factory.mktemp("faults") / "shards", counts=(10, 7, 9), k=2)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def assert_one_error_line(output: str) -> str:
@@ -154,18 +150,17 @@ def test_sigterm_stops_diffusion_training_with_a_checkpoint_and_the_resume_match
         hook.remove()
         signal.signal(signal.SIGTERM, previous)
     assert (out / "checkpoints" / "step-000003").is_dir() and not (out / "model_index.json").exists()
+    state, marker = out / "checkpoints" / "step-000003" / "state.pt", tmp_path / "ran"
+    saved = state.read_bytes()
+    state.write_bytes(pickle.dumps(Planted(marker)))  # the optimizer and RNG states: loaded weights_only
+    with pytest.raises(UserError, match=r"state\.pt cannot be loaded .*not written by clsp"):
+        train_diffusion(DiffusionTrainConfig(out=out, resume=True, **TINY_DDPM))
+    assert not marker.exists()
+    state.write_bytes(saved)
     train_diffusion(DiffusionTrainConfig(out=out, resume=True, **TINY_DDPM))
     for name in ("unet.safetensors", "ema_unet.safetensors"):
         resumed, expected = (load_file(run / "checkpoints" / "step-000004" / name) for run in (out, straight))
         assert all(torch.equal(resumed[k], expected[k]) for k in expected), name
-
-
-class _Planted:  # a pickle that would create a file if it were ever unpickled
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch.load notes the planted pickle's protocol
@@ -176,10 +171,14 @@ def test_checkpoint_files_that_are_not_ours_are_refused_and_nothing_runs(shards,
     train(make_config(**options))
     (out / "summary.json").unlink()  # unfinished: --resume loads the checkpoint
     marker = tmp_path / "ran"
-    (out / "checkpoint" / "optimizer.pt").write_bytes(pickle.dumps(_Planted(marker)))
-    with pytest.raises(UserError, match=r"optimizer\.pt cannot be loaded .*not written by clsp"):
-        train(make_config(**options, resume=True))
-    assert not marker.exists()
+    for name in ("optimizer.pt", "scheduler.pt", "rng-rank0.pt"):  # every torch.load of a checkpoint (weights_only)
+        file = out / "checkpoint" / name
+        saved = file.read_bytes()
+        file.write_bytes(pickle.dumps(Planted(marker)))
+        with pytest.raises(UserError, match=rf"{name.replace('.', '[.]')} cannot be loaded .*not written by clsp"):
+            train(make_config(**options, resume=True))
+        assert not marker.exists(), name
+        file.write_bytes(saved)
     (out / "backbone.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{junk")
     with pytest.raises(UserError, match=r"backbone\.safetensors cannot be loaded"):
         load_backbone(out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import struct
 import tarfile
@@ -26,10 +25,10 @@ from typer.testing import CliRunner
 
 from clsp.cli import app
 from clsp.shards import codecs
-from conftest import build_shard_dir, random_sample
+from conftest import Planted, build_shard_dir, random_sample
 from clsp.shards.manifest import INDEX, MANIFEST, read_manifest
 from clsp.shards.manifest_writer import write_manifest
-from clsp.shards.reader import ShardError
+from clsp.shards.reader import ShardError, iter_samples
 from clsp.shards.schema import is_schema_key, sample_sha256
 from clsp.shards.verify import verify
 from clsp.shards.writer import ShardWriter, shard_name
@@ -164,12 +163,8 @@ def nested_meta(d: Path) -> None:
 
 
 def pickle_member(d: Path, marker: Path) -> None:
-    class Payload:  # unpickling this would create `marker`: proof that something ran
-        def __reduce__(self):
-            return os.makedirs, (str(marker),)
-
     members = tar_members(d / shard_name(0))
-    write_raw_shard(d / shard_name(0), members + [("anchor-00003.pyd", pickle.dumps(Payload()))])
+    write_raw_shard(d / shard_name(0), members + [("anchor-00003.pyd", pickle.dumps(Planted(marker)))])
     forge_manifest(d)
 
 
@@ -257,6 +252,10 @@ def test_a_hostile_pickle_member_fails_both_and_is_never_run(fresh, tmp_path):
     marker = tmp_path / "pwned"
     pickle_member(fresh, marker)
     assert any("anchor-00003" in p and ".pyd" in p and "outside the schema" in p for p in verify(fresh))
+    for sample in iter_samples(read_manifest(str(fresh)).shard_locations()):  # read and decode everything
+        sample.anchor(), [sample.positive(j) for j in range(sample.k)], sample.label, sample.meta
+        assert set(sample.members) <= {"anchor.png", "cls.txt", "meta.json", *(f"pos{j}.png" for j in range(sample.k))}
+        assert sample.ignored == (["anchor-00003.pyd"] if sample.key == "anchor-00003" else [])
     trained = runner.invoke(app, ["train", "run", str(fresh), "--out", str(tmp_path / "run"), "--workers", "0", *TRAIN])
     (line,) = error_lines(trained.output)
     assert trained.exit_code == 2 and "anchor-00003" in line and ".pyd" in line

@@ -20,6 +20,7 @@ from clsp.hashing import weights_sha256
 from clsp.presets import source_defaults
 from clsp.synth.models import load_generator
 from clsp.synth.untrained_unets import tiny_unet
+from conftest import Planted
 
 runner = CliRunner()
 
@@ -89,19 +90,9 @@ def test_convert_turns_a_bin_only_generator_into_safetensors_that_load(tmp_path,
     assert again.exit_code == 2 and "already exists" in again.output
 
 
-class _Payload:
-    """Pickled by reference to this module: a weights_only load must refuse it without running anything."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_convert_refuses_a_bin_holding_pickled_objects(tmp_path, unet):
     marker = tmp_path / "code-ran"
-    gen = _bin_only_dir(tmp_path / "gen", unet, {"conv_in.weight": _Payload(marker)})
+    gen = _bin_only_dir(tmp_path / "gen", unet, {"conv_in.weight": Planted(marker)})
     result = runner.invoke(app, ["diffusion", "convert", str(gen)])
     assert result.exit_code == 2, result.output
     assert "was not converted: it is not a plain state dict of tensors" in result.output

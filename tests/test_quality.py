@@ -17,6 +17,7 @@ from clsp.eval.fid import inception_fid
 from clsp.eval.quality import QualityConfig, evaluate_generator
 from clsp.synth.models import save_generator
 from clsp.synth.untrained_unets import tiny_unet
+from conftest import Planted
 
 SIZE = 8
 FAST = ["--steps", "2", "--components", "8"]
@@ -125,23 +126,13 @@ def test_real_fid_without_the_extra_fails_before_sampling(generator, tmp_path, m
     assert not (generator / "quality.json").exists()
 
 
-class _TouchOnLoad:
-    """A pickle that, if ever unpickled with code allowed, creates a file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_real_fid_never_unpickles_code_in_the_inception_weights(tmp_path):
     pytest.importorskip("torchmetrics", reason="the optional `fid` extra (torchmetrics) is not installed")
     pytest.importorskip("torch_fidelity", reason="the optional `fid` extra (torch-fidelity) is not installed")
     import torch
 
     marker, weights = tmp_path / "ran", tmp_path / "evil.pth"
-    torch.save({"Conv2d_1a_3x3.conv.weight": _TouchOnLoad(marker)}, weights)
+    torch.save({"Conv2d_1a_3x3.conv.weight": Planted(marker)}, weights)
     images = np.zeros((4, SIZE, SIZE, 3), np.uint8)
     with pytest.raises(ValueError, match="not a plain state dict"):
         inception_fid(images, images, str(weights), torch.device("cpu"), 4)

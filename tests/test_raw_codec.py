@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 
 import numpy as np
 import numpy.lib.format
 import pytest
 
-from conftest import build_shard_dir
+from conftest import Planted, build_shard_dir
 from clsp.shards.codecs import SchemaError, check_npy, decode_npy, encode_npy, encode_png
 from clsp.shards.manifest import MANIFEST, read_manifest
 from clsp.shards.manifest_writer import write_manifest
@@ -43,14 +42,6 @@ def test_encode_writes_what_np_save_writes_and_decode_reads_it_back(shape):
     decoded = decode_npy(data, "x", size=shape[0] if shape[0] == shape[1] else None)
     assert decoded.dtype == np.uint8 and decoded.shape == shape and np.array_equal(decoded, image)
     assert encode_npy(image) == data and encode_npy(np.asfortranarray(image)) == data  # C order whatever the input
-
-
-class Payload:  # unpickling this would create the marker directory: proof that something ran
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.makedirs, (self.marker,)
 
 
 def _padding(data: bytes, old: bytes, new: bytes) -> bytes:
@@ -96,7 +87,7 @@ def test_every_other_npy_is_refused_naming_the_member_without_np_load(case, monk
 
 def test_a_pickled_object_array_is_refused_and_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
-    data = saved(np.array([Payload(str(marker))], dtype=object), allow_pickle=True)
+    data = saved(np.array([Planted(marker)], dtype=object), allow_pickle=True)
     with pytest.raises(SchemaError, match=r"a.anchor.npy has the .npy header \"\{'descr': '\|O'"):
         decode_npy(data, "a.anchor.npy")
     assert not marker.exists()
@@ -185,7 +176,7 @@ def test_a_png_codec_may_be_named_under_version_2_or_3(tmp_path):
 def test_a_pickle_in_an_npy_member_fails_verify_and_training_and_is_never_run(raw_dir, tmp_path):
     marker = tmp_path / "pwned"
     replace_member(raw_dir / shard_name(1), "anchor-00005.pos1.npy",
-                   saved(np.array([Payload(str(marker))], dtype=object), allow_pickle=True))
+                   saved(np.array([Planted(marker)], dtype=object), allow_pickle=True))
     forge_manifest(raw_dir)
     assert any("anchor-00005.pos1.npy has the .npy header" in p and "'|O'" in p for p in verify(raw_dir))
     trained = runner.invoke(app, ["train", "run", str(raw_dir), "--out", str(tmp_path / "run"), "--workers", "0",

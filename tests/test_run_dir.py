@@ -18,14 +18,11 @@ from clsp.errors import UserError
 from clsp.file_checks import owned_files, starts_with
 from clsp.file_io import write_atomic
 from clsp.run_dir import LOCK_FILE, RunKind, prepare_run_dir, read_record
+from conftest import snapshot
 
 DEMO = RunKind("demo", "demo.json", "clsp demo run", describe=lambda out: "a demo run", operational=("workers",),
                owned=lambda out: owned_files(out, {"**/*.txt": starts_with(b"demo:")}))  # ours: .txt saying "demo:"
 RECORD = {"lr": 0.1, "model": {"width": 4}, "workers": 2}
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def claim(out: Path, record: dict = RECORD, resume: bool = False, overwrite: bool = False):

@@ -4,8 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -74,34 +72,6 @@ def test_truncated_shard_is_reported(shard_dir):
     assert any("shard-000001.tar: cannot be read as a tar" in p and "truncated" in p for p in problems)
     with pytest.raises(ShardError, match="shard-000001.tar"):
         list(iter_shard(str(path)))
-
-
-class _Payload:
-    """Unpickling this would create a directory: proof that something ran."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.makedirs, (self.marker,)
-
-
-def _append_member(shard: Path, name: str, data: bytes) -> None:
-    with tarfile.open(shard, "a") as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-
-def test_hostile_pickle_member_is_reported_and_never_run(shard_dir, tmp_path):
-    marker = tmp_path / "pwned"
-    _append_member(shard_dir / shard_name(0), "anchor-00003.pyd", pickle.dumps(_Payload(str(marker))))
-    problems = verify(shard_dir)
-    assert any("anchor-00003" in p and "outside the schema" in p and ".pyd" in p for p in problems)
-    for sample in iter_samples(read_manifest(str(shard_dir)).shard_locations()):  # read and decode everything
-        sample.anchor(), [sample.positive(j) for j in range(sample.k)], sample.label, sample.meta
-        assert all(key in {"anchor.png", "cls.txt", "meta.json"} or key.startswith("pos") for key in sample.members)
-    assert not marker.exists()
 
 
 def test_manifest_that_disagrees_with_its_shards_is_reported(shard_dir):

@@ -1,35 +1,25 @@
 """Data sources: the embedded digits, HF-layout Parquet, an image folder and torchvision's CIFAR folders."""
 from __future__ import annotations
 
-import io
-import json
-import os
 import pickle
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from clsp.errors import UserError
 from clsp.sources import load_arrays, open_source
+from conftest import Planted, png_bytes, write_hf_parquet
 
 
 def _png(rng, size=8) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
 def _parquet(directory, rng, n=7, split="train") -> None:
-    """A file in the Hugging Face datasets layout (struct image column, ClassLabel names in the schema metadata)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    features = {"info": {"features": {"img": {"_type": "Image"},
-                                      "label": {"_type": "ClassLabel", "names": ["cat", "dog", "eel"]}}}}
-    table = pa.table({"img": [{"bytes": _png(rng), "path": None} for _ in range(n)], "label": [i % 3 for i in range(n)]})
-    table = table.replace_schema_metadata({"huggingface": json.dumps(features)})
-    pq.write_table(table, directory / f"{split}-00000-of-00001.parquet", row_group_size=3)
+    """A hub-style file of n 8 px images with ClassLabel names, in row groups of 3."""
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+    write_hf_parquet(directory / f"{split}-00000-of-00001.parquet", images, [i % 3 for i in range(n)],
+                     class_names=["cat", "dog", "eel"], row_group_size=3)
 
 
 def _assert_ids_good(source):
@@ -112,21 +102,13 @@ def test_cifar10_folder_reads_like_torchvision(tmp_path):
     assert np.array_equal(record.image, raw.reshape(3, 32, 32).transpose(1, 2, 0))
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.makedirs, (self.marker,)
-
-
 def test_cifar_batch_with_code_in_it_is_refused_and_not_run(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "cifar-100-python"
     root.mkdir()
     marker = tmp_path / "pwned"
-    _cifar_batch(root / "train", 2, rng, b"fine_labels", payload=_Payload(str(marker)))
-    with pytest.raises(UserError, match="not a CIFAR file.*refers to os.makedirs"):
+    _cifar_batch(root / "train", 2, rng, b"fine_labels", payload=Planted(marker))
+    with pytest.raises(UserError, match="not a CIFAR file.*refers to pathlib.Path.touch"):
         open_source(f"cifar100:{tmp_path}")
     assert not marker.exists()
 

@@ -47,7 +47,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
-        assert torch.allclose(wa[name], wb[name], atol=1e-6), name
+        assert torch.equal(wa[name], wb[name]), name  # bit for bit
 
 
 def log_steps(run: Path) -> list[int]:
@@ -74,6 +74,9 @@ def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, t
                  "backbone.safetensors", "config.json", "summary.json"):
         assert (out / name).exists(), name
     assert log_steps(out) == list(range(1, 19))
+    summary = read_json(out / "summary.json")  # --precision auto: bf16 autocast on a GPU only, fp32 on the CPU
+    assert (summary["device"], summary["mixed_precision"]) == (("cuda", "bf16") if torch.cuda.is_available()
+                                                                else ("cpu", "no"))
     with open(out / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     knn = [float(r["knn_top1_pct"]) for r in rows if r["knn_top1_pct"]]
@@ -92,7 +95,7 @@ def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, t
     stamp = (out / "backbone.safetensors").stat().st_mtime_ns
     assert train(make_config(**options(shards, out, resume=True))) == out  # finished, same options: nothing to do
     assert (out / "backbone.safetensors").stat().st_mtime_ns == stamp
-    with pytest.raises(UserError, match=r"lr: 0\.05 -> 0\.1.*seed: 1 -> 2|seed"):
+    with pytest.raises(UserError, match=r"lr: 0\.05 there, 0\.1 now.*seed: 1 there, 2 now"):
         train(make_config(**options(shards, out, resume=True, lr=0.1, seed=2)))
     train(make_config(**options(shards, out, overwrite=True, epochs=1, warmup_epochs=0.0)))
     assert log_steps(out) == list(range(1, 7))

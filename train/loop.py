@@ -313,6 +313,7 @@ def _finish(run: Launch) -> None:
         last = run.run_log.last or {}
         write_json(run.out / SUMMARY, {
             "finished": True, "epochs": run.cfg.epochs, "steps": run.total, "world_size": acc.num_processes,
+            "device": acc.device.type, "mixed_precision": acc.mixed_precision,  # what this launch ran with
             "steps_per_rank_this_launch": [c[0] for c in counts],
             "skipped_shards": sorted(run.skipped), "skipped_per_rank": [c[1] for c in counts],
             "final_loss": last.get("loss"), "knn_top1_pct": last.get("knn_top1_pct") or None,
