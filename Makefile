@@ -25,7 +25,7 @@ TRAIN_OUT ?= $(RUN)/train/$(METHOD)-$(POSITIVES)-seed0
 
 setup: $(STAMP)
 
-# torch/torchvision are pinned to the builds that install offline on CPU machines; a GPU user installs the torch build
+# torch is pinned to the build that installs offline on CPU machines; a GPU user installs the torch build
 # for their CUDA first and then `pip install -e .` (README).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

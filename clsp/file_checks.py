@@ -4,7 +4,6 @@ so that --overwrite deletes only files that the stage made.
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,13 +51,6 @@ def is_safetensors(path: Path) -> bool:
     """Content check: an 8-byte little-endian header length, then a JSON header (the safetensors layout)."""
     head = _head(path, 9)
     return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def is_tar(path: Path) -> bool:
-    try:
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False
 
 
 IS_PNG = starts_with(b"\x89PNG\r\n\x1a\n")

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from clsp.errors import UserError
+from clsp.shards.schema import MAX_ID_CHARS
 from clsp.sources import Record, Source, pick_split, safe_id, split_named, splits_note, to_rgb_square
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -77,7 +78,7 @@ class ParquetSource(Source):
                             f"columns are {', '.join(schema.names)}")
         self._label_col = next((c for c in self.LABEL_COLUMNS if c in schema.names), None)
         self.classes = self._class_names(schema)
-        stems = [safe_id(Path(f).name.split(".")[0]) for f in files]
+        stems = [safe_id(Path(f).name.split(".")[0], MAX_ID_CHARS - 12) for f in files]  # room for "-ROW" (11 digits)
         if len(set(stems)) != len(stems):
             raise UserError(f"two Parquet files share a name under {path}: ids would collide; pass one split's files")
         # (file number, row group, row in group): cheap handles from the footers, so slicing reads only what it needs

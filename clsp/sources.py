@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from clsp.errors import UserError
+from clsp.shards.schema import MAX_ID_CHARS
 
 SPLITS = ("train", "test", "all")
 TEST_NAMES = ("test", "val", "validation")  # a folder or file named for one of these holds the test split
@@ -43,9 +44,14 @@ class Record:
     label: int  # -1 when unknown
 
 
-def safe_id(text: str) -> str:
-    """Map a file name or relative path to an id of letters, digits, '_' and '-' only."""
-    return _UNSAFE_ID_CHARS.sub("_", text).strip("_") or "x"
+def safe_id(text: str, max_chars: int = MAX_ID_CHARS) -> str:
+    """Map a file name or relative path to an id of letters, digits, '_' and '-' only, at most `max_chars` long: a
+    longer one keeps its head and ends with 12 hex digits of the text's sha256, so it stays unique and the same on
+    every machine (the shard schema allows 80 characters; a source that appends a row number asks for fewer)."""
+    anchor_id = _UNSAFE_ID_CHARS.sub("_", text).strip("_") or "x"
+    if len(anchor_id) <= max_chars:
+        return anchor_id
+    return f"{anchor_id[:max_chars - 13]}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def split_named(name: str, prefix: bool) -> str | None:
@@ -68,7 +74,9 @@ def pick_split(parts: dict, split: str, where: str, example: str) -> list:
                         f"others out, or name one split's files or folder as the source")
     if not named:
         if split == "test":
-            raise OneSplitError(f"{where} names no split (no train/test/val/validation in its file or folder names), "
+            raise OneSplitError(f"{where} names no split (no file or folder name starts with the word train, test, "
+                                f"val or validation followed by a non-letter: train-0.parquet is named, "
+                                f"training.parquet is not), "
                                 f"so it is one split, read as train: name the test images as their own source "
                                 f"(e.g. {example.format('test')}; `clsp eval` takes it as --test-source)")
         return parts[None]

@@ -8,7 +8,7 @@ reads its help strings from here before torch is loaded.
   --batch-size     training only: examples per optimizer step over all processes (images for the generator, anchors
                    for contrastive training, each seen in three views).
   --forward-batch  inference only: images per forward pass per process (synth, sweep, quality, eval); it sets memory
-                   use, not results.
+                   use, and float sums round by it (the synth job records it; evaluation under computed_with).
   positional       the thing a command acts on (a source, shards, a run, a generator); what it reads besides is an
                    option (`clsp eval all RUN --shards SHARDS`).
 """
@@ -20,7 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 POSITIVES = ("synthetic", "augment", "none")  # --positives, the third view: synthetic positive, third real view, none
 PRECISION_HELP = "auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs only) | fp32"
 DEVICE_HELP = "auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N"
-FORWARD_BATCH_HELP = "images per forward pass per process (memory use, not results)"
+FORWARD_BATCH_HELP = "images per forward pass per process (memory use; float sums round by it)"
 BATCH_SIZE_HELP = "examples per optimizer step over all processes"
 # --compile (synth, train and their benches) is for GPUs. On the CPU, torch 2.13's inductor lays convolutions out NHWC,
 # and a compiled width-4 ResNet-18 training step corrupted the heap here every time ("realloc(): invalid old size", in

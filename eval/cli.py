@@ -190,7 +190,9 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
                   positives: str = typer.Option("none,augment,synthetic", help="comma-separated kinds of positives"),
                   seeds: str = typer.Option("0,1,2,3,4", help="comma-separated seeds"),
                   folds: int = typer.Option(5, help="folds of the k-fold scoring over all labelled images"),
-                  preset: str = typer.Option("embedded", help="training and probe preset: " + PRESET_HELP),
+                  preset: str = typer.Option("embedded", help="embedded (the embedded training preset, fast 30-epoch "
+                                             "probe) | paper (`clsp train run`'s defaults, set the schedule with "
+                                             "--train-option; the authors' 100-epoch probe)"),
                   train_option: Optional[list[str]] = typer.Option(
                       None, "--train-option", help="KEY=VALUE set on every training run (a `clsp train run` option, "
                       "JSON value), repeatable, e.g. --train-option epochs=20"),

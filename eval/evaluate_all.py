@@ -31,11 +31,7 @@ def evaluate_all(cfg: AllConfig) -> dict:
 
     out = Path(cfg.out)
     inputs = prepare_eval(cfg.run_dir, cfg.eval)
-    made_from, record = read_manifest(cfg.shards).run.get("source") or {}, inputs.result["trained_on"]
-    if record is not None and made_from.get("fingerprint") != record["fingerprint"]:
-        raise UserError(f"{cfg.shards} were made from {made_from.get('spec')}[{made_from.get('split')}], but "
-                        f"{cfg.run_dir} trained on shards made from {record.get('spec')}[{record.get('split')}] "
-                        f"(other fingerprints): pass --shards the directory the run trained on")
+    _check_trained_on_these(cfg, read_manifest(cfg.shards), inputs.result["trained_on"])
     audit = audit_shards(cfg.shards, inputs.result["source"], AuditConfig(cfg.audit_anchors))
     results = score_run(inputs, cfg.eval)
     audit_json, audit_md = write_audit(audit, out)
@@ -46,3 +42,20 @@ def evaluate_all(cfg: AllConfig) -> dict:
     temp.unlink()
     summary = report([cfg.run_dir], out)
     return {**summary, "results": results, "audit": str(audit_json), "audit_md": str(audit_md), "sheet": str(sheet)}
+
+
+def _check_trained_on_these(cfg: AllConfig, manifest, record: dict | None) -> None:
+    """The audit and the contact sheet must show the positives the run trained on: refuse shards from another source
+    or (by their bytes, as the run's config.json records them) any other shards."""
+    from clsp.run_dir import read_record
+    from clsp.train.loop import TRAIN_RUN, shards_sha256
+
+    made_from, fix = manifest.run.get("source") or {}, "pass --shards the directory the run trained on"
+    if record is not None and made_from.get("fingerprint") != record["fingerprint"]:
+        raise UserError(f"{cfg.shards} were made from {made_from.get('spec')}[{made_from.get('split')}], but "
+                        f"{cfg.run_dir} trained on shards made from {record.get('spec')}[{record.get('split')}] "
+                        f"(other fingerprints): {fix}")
+    trained = ((read_record(cfg.run_dir, TRAIN_RUN) or {}).get("data") or {}).get("shards_sha256")
+    if trained is not None and trained != shards_sha256(manifest):  # None: a run from before clsp recorded it
+        raise UserError(f"{cfg.shards} are not the shards {cfg.run_dir} trained on (same source, other shard bytes: "
+                        f"another K, sampler, generator or seed, or made again): {fix}")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 
 LOSS_COLUMNS = ("loss", "loss_base", "loss_clsp")
+TSNE_MIN_POINTS = 5
 
 
 def pyplot():
@@ -99,8 +101,9 @@ def plot_tsne(
     from sklearn.manifold import TSNE
 
     plt = pyplot()
-    if features.shape[0] != labels.shape[0] or features.shape[0] < 5:
-        raise ValueError(f"t-SNE needs >= 5 features with one label each, got {features.shape} and {labels.shape}")
+    if features.shape[0] != labels.shape[0] or features.shape[0] < TSNE_MIN_POINTS:
+        raise ValueError(f"t-SNE needs >= {TSNE_MIN_POINTS} features with one label each, got {features.shape} and "
+                         f"{labels.shape}")
     rows = np.random.default_rng(seed).permutation(features.shape[0])[:max_points]
     feats = features[rows] / (np.linalg.norm(features[rows], axis=1, keepdims=True) + 1e-12)  # cosine geometry
     perplexity = float(min(30, (len(rows) - 1) / 3))
@@ -119,7 +122,8 @@ def plot_tsne(
 
 def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """A run's pictures from its files: training curves (log.csv) and a t-SNE of the test embeddings its result names
-    (eval/results.json, knn.json or linear.json last written from its current weights), when present."""
+    (eval/results.json, knn.json or linear.json last written from its current weights), when present and of at least
+    TSNE_MIN_POINTS test images (fewer: a note, no picture)."""
     from clsp.eval.results import current_result, current_weights
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -133,8 +137,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
         # file names only: a result names files beside it in eval/, never a path elsewhere
         features = np.load(run_dir / "eval" / Path(result["test_features"]).name, allow_pickle=False)
         labels = np.load(run_dir / "eval" / Path(result["test_labels"]).name, allow_pickle=False)
-        written.append(plot_tsne(features, labels, out_dir / f"{run_dir.name}-tsne.png", f"{run_dir.name}: test",
-                                 class_names=result.get("class_names") or None))
+        if len(labels) < TSNE_MIN_POINTS:
+            print(f"note: no t-SNE of {run_dir.name}: {len(labels)} test images, it needs {TSNE_MIN_POINTS}",
+                  file=sys.stderr)
+        else:
+            written.append(plot_tsne(features, labels, out_dir / f"{run_dir.name}-tsne.png", f"{run_dir.name}: test",
+                                     class_names=result.get("class_names") or None))
     return written
 
 

@@ -20,6 +20,19 @@ INDEX_SCHEMA = pa.schema([("anchor_id", pa.string()), ("shard", pa.string()), ("
 SCORE_TYPE = pa.list_(pa.float32())  # K scores per anchor, each in 0..1
 
 
+def looks_like_index(path) -> bool:
+    """A Parquet file whose columns begin as an index's do: how `--overwrite` tells our index.parquet from another
+    Parquet file of the same name. Reads the footer only."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError):
+        return False
+    return len(schema) >= len(INDEX_SCHEMA) and all(schema.field(i).equals(field)
+                                                     for i, field in enumerate(INDEX_SCHEMA))
+
+
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -107,8 +107,11 @@ def _missing_shards(directory: Path, run: dict) -> None:
                          f"anchors, {run['anchors_per_shard']} per shard): "
                          + "; ".join(([f"missing {', '.join(missing[:5])}"] if missing else [])
                                      + ([f"not of this run: {', '.join(extra[:5])}"] if extra else []))
-                         + f"; {MANIFEST} not written: rerun the same `clsp synth run` command to make the missing "
-                           f"shards, or --overwrite to start again")
+                         + f"; {MANIFEST} not written: "
+                         + "; ".join(([f"move {', '.join(extra[:5])} out of {directory} (--overwrite deletes only "
+                                      f"the shards clsp wrote)"] if extra else [])
+                                     + (["rerun the same `clsp synth run` command to make the missing shards, or "
+                                         "--overwrite to start again"] if missing else [])))
 
 
 def _count_problems(shards: list[dict], run: dict) -> list[str]:

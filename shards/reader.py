@@ -22,7 +22,7 @@ import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from clsp.shards.codecs import SchemaError, codec_of
-from clsp.shards.schema import LABEL, META, POSITIVE, decode_label, decode_meta, image_keys, is_schema_key
+from clsp.shards.schema import ID_PATTERN, LABEL, META, POSITIVE, decode_label, decode_meta, image_keys, is_schema_key
 
 ALLOWED_SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "hf", "memory")
 MAX_MEMBER_BYTES = 64 << 20
@@ -165,6 +165,18 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def _is_schema_member(name: str) -> bool:
     return "/" not in name and is_schema_key(_split_name(name)[1])
+
+
+def looks_like_shard(path) -> bool:
+    """A plain tar whose first member is named ANCHOR_ID.KEY with a schema KEY: how `--overwrite` tells a shard of ours
+    from another tar of the same name. Reads one tar header."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError):
+        return False
+    return first is not None and first.isfile() and _is_schema_member(first.name) \
+        and ID_PATTERN.match(_split_name(first.name)[0]) is not None
 
 
 def _tar_members(reading: _Reading) -> Iterator[tuple[str, bytes | None]]:

@@ -37,7 +37,7 @@ def run(
     anchors_per_shard: Optional[int] = typer.Option(None, help="anchors per shard file"),
     forward_batch: Optional[int] = typer.Option(
         None, help=FORWARD_BATCH_HELP + "; a row is one candidate of one anchor (default: 256 on the CPU, 2,048 on a "
-        "GPU)"),
+        "GPU, halved until it fits; a rerun keeps the recorded one)"),
     limit: Optional[int] = typer.Option(None, help="only the first N anchors"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (default: auto)"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " (default: auto)"),

@@ -4,9 +4,11 @@ processes under `accelerate launch` / `torchrun`.
 Work is divided by shard, never by rank: shard i holds anchors [i * aps, (i + 1) * aps) in id order and is made by
 rank i % world_size, so every world size writes the same files. Every random draw is keyed on (seed, anchor id,
 candidate) (synth/noise.py: counter-based Philox noise by default, one CPU torch.Generator per row with --noise
-cpu-generator), so on the CPU the output depends on neither batch size nor world size (on a GPU another forward batch
-may round differently in the last bit). A shard appears under its final name only when complete (ShardWriter), so a
-killed job is resumed by running the same command again; the manifest is written last.
+cpu-generator), so the draws depend on neither batch size nor world size. The UNet's float sums do depend on how many
+rows a forward pass holds (on the CPU too: the convolutions block the batch differently), which can move a pixel by one
+level: run.json records the forward batch, and a rerun continues with it. A shard appears under its final name only
+when complete (ShardWriter), so a killed job is resumed by running the same command again; the manifest is written
+last.
 """
 from __future__ import annotations
 
@@ -24,14 +26,15 @@ from tqdm.auto import tqdm
 
 from clsp.accelerator import resolve_device
 from clsp.errors import UserError
-from clsp.file_checks import is_tar, json_with, owned_files, starts_with
+from clsp.file_checks import json_with, owned_files
 from clsp.file_io import partial_removed
 from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir, read_record, remove_files
 from clsp.sources import Record
 from clsp.shards.manifest import FORMAT, INDEX, MANIFEST, Manifest, read_manifest
+from clsp.shards.manifest_checks import looks_like_index
 from clsp.shards.manifest_writer import expected_shards, file_sha256, manifest_run, write_manifest
-from clsp.shards.reader import ShardError
+from clsp.shards.reader import ShardError, looks_like_shard
 from clsp.shards.codecs import CODECS, DEFAULT_CODEC
 from clsp.shards.schema import ShardSample
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, ShardWriter, shard_name
@@ -108,8 +111,9 @@ PRESETS: dict[str, dict] = {
     # neighbour's at w 0.1 / 0.2 / 0.25: 0.2 is the setting that keeps the class and is as hard as asked (README)
     # noise cpu-generator: those figures (and the shipped audit, 86.1 % / 1.50x) were measured with it; the same shards
     # with the counter noise audit at 86.4 % / 1.47x, within draw-to-draw noise but under the 1.5x hardness bar
-    "embedded": dict(source="digits", split="train", k=4, anchors_per_shard=240,
-                     sampler=SamplerConfig(w=0.2, steps=32, noise="cpu-generator")),
+    # sampler options flat, as on the command line (config_from_options puts them into the SamplerConfig), so that
+    # `--help` can show what the preset changes
+    "embedded": dict(source="digits", split="train", k=4, anchors_per_shard=240, w=0.2, steps=32, noise="cpu-generator"),
 }
 
 SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
@@ -135,8 +139,7 @@ def run_synth(cfg: SynthConfig):
     state = PartialState(cpu=resolve_device(cfg.device).type != "cuda")  # cpu: torchrun on a CPU forms a gloo group
     threads = torch.get_num_threads()
     try:
-        _use_recorded_threads(cfg, state)
-        return _run(cfg, state)
+        return _run(_continue_as_recorded(cfg, state), state)
     finally:
         torch.set_num_threads(threads)
 
@@ -147,12 +150,17 @@ def _run(cfg: SynthConfig, state):
     count = len(source) if cfg.limit is None else min(cfg.limit, len(source))
     if count == 0:
         raise UserError(f"{source.name} holds no images: check the source spec and split")
-    run = {**run_metadata(cfg, source, count, info), "compute": compute_record(cfg, state.device)}
+    compute = compute_record(cfg, state.device, forward_rows(cfg, state.device))
+    run = {**run_metadata(cfg, source, count, info), "compute": compute}
     agreement = reference_scorer(cfg.source, source.image_size) if cfg.score_reference and state.is_main_process \
         else None  # fitted before the folder is claimed: a source without labels is refused with nothing written
-    with prepare_run_dir(cfg.out, run, SYNTH_RUN, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
+    # a folder begun before the forward batch was recorded: which one made its shards cannot be known, so it reads
+    # as made with this run's and resumes as it did before
+    kind = replace(SYNTH_RUN, absent_means={**SYNTH_RUN.absent_means, "compute.forward_batch": compute["forward_batch"]})
+    with prepare_run_dir(cfg.out, run, kind, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
         if claim.resumed and state.is_main_process:  # a killed run's temp files; the manifest is dealt with at the end
             remove_files(cfg.out, [p for p in SYNTH_RUN.owned(cfg.out) if _TEMP_NAME.match(p.name)])
+        _refuse_foreign_shards(cfg.out)
         num_shards = math.ceil(count / cfg.anchors_per_shard)
         todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
         mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
@@ -202,7 +210,7 @@ def _scored_agreement(out: Path) -> bool:
 
 def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, mine) -> None:
     unet = prepare_unet(unet, state.device, cfg.compile)
-    batch_rows = cfg.batch_size or (GPU_BATCH_ROWS if state.device.type == "cuda" else CPU_BATCH_ROWS)
+    batch_rows = forward_rows(cfg, state.device) or GPU_BATCH_ROWS
     progress = _progress_bar(cfg, todo, count, num_shards, state)
     try:
         for index in mine:
@@ -220,26 +228,51 @@ def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, 
 # --- setup ---------------------------------------------------------------------------------------------------------
 
 
-def _use_recorded_threads(cfg: SynthConfig, state) -> None:
-    """On the CPU, continue a folder with the thread count it was begun with (torchrun sets 1 per process), so that
-    its shards match; a note says so."""
-    record = None if cfg.overwrite or state.device.type != "cpu" else read_record(cfg.out, SYNTH_RUN)
-    threads = ((record or {}).get("compute") or {}).get("threads")
-    if isinstance(threads, int) and threads >= 1 and threads != torch.get_num_threads():
-        if state.is_main_process:
-            tqdm.write(f"note: {cfg.out} was begun with {threads} CPU thread(s) per process, this process has "
-                       f"{torch.get_num_threads()}: using {threads} so that its shards match", file=sys.stderr)
+def forward_rows(cfg: SynthConfig, device: torch.device) -> int | None:
+    """Rows (anchors x K) per forward pass: --forward-batch, else CPU_BATCH_ROWS on the CPU; None on a GPU, where the
+    job starts at GPU_BATCH_ROWS and halves on out-of-memory."""
+    return cfg.batch_size or (None if device.type == "cuda" else CPU_BATCH_ROWS)
+
+
+def _continue_as_recorded(cfg: SynthConfig, state) -> SynthConfig:
+    """Continue a folder with what its shard bytes depend on that the command line may leave out, so that its shards
+    match: on the CPU the thread count it was begun with (torchrun sets 1 per process), and the forward batch when
+    --forward-batch is not given. A note says so; a --forward-batch given otherwise is refused by the record."""
+    record = None if cfg.overwrite else read_record(cfg.out, SYNTH_RUN)
+    compute = (record or {}).get("compute") or {}
+    notes = []
+    threads = compute.get("threads")
+    if state.device.type == "cpu" and isinstance(threads, int) and threads >= 1 and threads != torch.get_num_threads():
+        notes.append(f"{threads} CPU thread(s) per process (this process has {torch.get_num_threads()})")
         torch.set_num_threads(threads)
+    rows = compute.get("forward_batch")
+    if cfg.batch_size is None and isinstance(rows, int) and rows >= 1 and rows != forward_rows(cfg, state.device):
+        notes.append(f"--forward-batch {rows}")
+        cfg = replace(cfg, batch_size=rows)
+    if notes and state.is_main_process:
+        tqdm.write(f"note: {cfg.out} was begun with {' and '.join(notes)}: continuing so, so that its shards match",
+                   file=sys.stderr)
+    return cfg
+
+
+def _refuse_foreign_shards(out: Path) -> None:
+    """Before any sampling: a file under a shard's name that is not a shard (a user's tar) would count as done and
+    then be refused at the manifest, after the GPU-hours."""
+    foreign = [p.name for p in sorted(out.glob("shard-*.tar")) if SHARD_PATTERN.match(p.name)
+               and not looks_like_shard(p)]
+    if foreign:
+        raise UserError(f"{out} holds {', '.join(foreign[:5])} under shard names, but not shards clsp wrote: move "
+                        f"them out of {out} (--overwrite deletes only the shards clsp wrote); nothing was sampled")
 
 
 # The files a synth run writes, recognised by name pattern and content: what --overwrite deletes.
 _TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(shard-[0-9]{{6}}\.tar|{re.escape(MANIFEST)}|{re.escape(INDEX)})"
                         rf"\.[0-9]+$")  # what a killed writer leaves: ShardWriter's and the manifest's temp files
 _OWNED = {
-    "shard-*.tar": lambda p: bool(SHARD_PATTERN.match(p.name)) and is_tar(p),
+    "shard-*.tar": lambda p: bool(SHARD_PATTERN.match(p.name)) and looks_like_shard(p),
     f"{TEMP_PREFIX}*": lambda p: bool(_TEMP_NAME.match(p.name)),
     MANIFEST: json_with(format=FORMAT),
-    INDEX: starts_with(b"PAR1"),  # Parquet's magic number
+    INDEX: looks_like_index,
     RUN_FILE: json_with("clsp_run"),
 }
 
@@ -292,9 +325,9 @@ def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progre
                     if per_batch == 1:
                         raise UserError(f"one anchor x K={cfg.k} does not fit on the GPU: lower --k") from None
                     torch.cuda.empty_cache()
-                    # Each row keeps its seeds, but on a GPU a smaller batch may pick kernels that round differently:
-                    # the positives can differ in their last bit from a run that fitted at the first size (README).
-                    # The forward batch is recorded nowhere (not in run.json, not in the manifest).
+                    # Each row keeps its seeds, but a smaller batch may pick kernels that round differently: the
+                    # positives can differ in their last bit from a run that fitted at the first size (README).
+                    # run.json records the forward batch asked for (None: the GPU's default), not the halved one.
                     batch_rows = max(cfg.k, batch_rows // 2)
                     continue
                 for record, images, row_seeds in zip(batch, positives, seeds):

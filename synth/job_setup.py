@@ -104,16 +104,18 @@ def image_library() -> dict:
     return {"pillow": PIL.__version__, "zlib": features.version("zlib"), "zlib_ng": features.version("zlib_ng")}
 
 
-def compute_record(cfg: SynthConfig, device: torch.device) -> dict:
-    """What the shard bytes depend on besides the settings: device, CPU threads per process, precision, software.
+def compute_record(cfg: SynthConfig, device: torch.device, forward_batch: int | None) -> dict:
+    """What the shard bytes depend on besides the settings: device, CPU threads per process, rows per forward pass
+    (`forward_batch`; None: the GPU's default), precision, software.
 
-    Same settings + same record -> the same bytes, whatever the world size or batch size. A folder is only ever
-    continued with the record it was begun with (an identity field of run.json), so its shards never mix two."""
+    Same settings + same record -> the same bytes, whatever the world size. A folder is only ever continued with the
+    record it was begun with (an identity field of run.json), so its shards never mix two."""
     from importlib.metadata import version
 
     cuda = device.type == "cuda"
     return {"device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else None,
             "threads": None if cuda else torch.get_num_threads(),  # CPU float sums depend on the thread count
+            "forward_batch": forward_batch,  # ... and on the rows per forward pass (how convolutions block them)
             "precision": "bf16" if cuda and cfg.bf16 else "fp32", "compiled": cfg.compile,
             "machine": platform.machine(), "torch": torch.__version__, "diffusers": version("diffusers"),
             **image_library()}

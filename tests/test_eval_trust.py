@@ -169,6 +169,30 @@ def test_eval_all_with_missing_shards_writes_nothing(trained, tmp_path):
     assert not (tmp_path / "report").exists()
 
 
+def test_eval_all_refuses_shards_of_the_same_source_that_the_run_did_not_train_on(trained, tmp_path):
+    _, shards, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    record = json.loads((run / "config.json").read_text())
+    record["data"]["shards_sha256"] = "0" * 64  # as if trained on other shards of the same source (another K, w ...)
+    (run / "config.json").write_text(json.dumps(record))
+    result = _cli("eval", "all", run, "--shards", shards, "--out", tmp_path / "report", "--probe-epochs", "2")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{shards} are not the shards {run} trained on" in result.output and "--shards the directory" in result.output
+    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "config.json"]
+    assert not (tmp_path / "report").exists()
+
+
+def test_eval_all_with_too_few_test_images_for_a_t_sne_reports_without_one(trained, tmp_path):
+    _, shards, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    _folder(tmp_path / "few" / "test", {"c0": 2, "c1": 1, "c2": 1}, seed=5)  # 4 held-out images: a t-SNE needs 5
+    result = _cli("eval", "all", run, "--shards", shards, "--test-source", f"folder:{tmp_path / 'few'}", "--out",
+                  tmp_path / "report", "--probe-epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert f"no t-SNE of {run.name}: 4 test images, it needs 5" in result.output
+    assert (tmp_path / "report" / "report.md").is_file() and not list((tmp_path / "report").glob("*tsne*"))
+
+
 # --- reports ------------------------------------------------------------------------------------------------------
 
 def _result(root, name: str, source: str, seed: int, linear: float, positives: str = "synthetic",

@@ -124,7 +124,9 @@ def test_help_shows_every_default_in_plain_text():
         assert "--forward-batch INT images per forward pass per process" in stage and "--batch-size" not in stage
         assert "--device TEXT auto (a GPU when one is visible, else the CPU)" in stage
     synth = _help("synth", "run")
-    assert "positives per anchor [default: 8; --preset embedded: 4]" in synth and "DDIM steps [default: 100]" in synth
+    for note in ("positives per anchor [default: 8; --preset embedded: 4]", "[default: 0.1; --preset embedded: 0.2]",
+                 "DDIM steps [default: 100; --preset embedded: 32]", "[default: counter; --preset embedded: cpu-generator]"):
+        assert note in synth, note  # the sampler options a preset sets are shown too
     for text in (train, diffusion, synth, _help("eval", "all")):
         assert "<str>" not in text and "<bool>" not in text and "<int>" not in text
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clsp.errors import UserError
+from clsp.shards.schema import ID_PATTERN, MAX_ID_CHARS
 from clsp.sources import load_arrays, open_source
 from conftest import Planted, png_bytes, write_hf_parquet
 
@@ -77,6 +78,20 @@ def test_image_folder_with_classes_and_resizing(tmp_path):
     assert ids[0] == "a-img_0" and "a-sub_x" in ids
     images, labels, _ = load_arrays(source)
     assert images.shape == (8, 8, 8, 3) and labels.tolist() == [0] * 4 + [1] * 4
+
+
+def test_long_file_names_give_short_unique_ids_the_shards_accept(tmp_path):
+    rng = np.random.default_rng(0)
+    long_name = "photo_" + "x" * 84  # with its class: 92 characters, over the schema's 80
+    (tmp_path / "folder" / "cat").mkdir(parents=True)
+    for tail in ("1", "2"):  # the same 67-character head: only the hash tells them apart
+        (tmp_path / "folder" / "cat" / f"{long_name}{tail}.png").write_bytes(_png(rng))
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)]
+    write_hf_parquet(tmp_path / "hub" / f"train-{'p' * 90}.parquet", images, [0, 1])  # a stem over the limit
+    for spec in (f"folder:{tmp_path / 'folder'}", f"parquet:{tmp_path / 'hub'}"):
+        ids = _assert_ids_good(open_source(spec))
+        assert all(ID_PATTERN.match(i) and len(i) <= MAX_ID_CHARS for i in ids), ids
+    assert ids == [f"{ids[0][:-8]}-{row:07d}" for row in range(2)]  # the row number survives
 
 
 def _cifar_batch(path, n, rng, label_key=b"labels", payload=None) -> None:

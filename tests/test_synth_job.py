@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from clsp.shards.manifest import read_manifest
 from clsp.shards.reader import iter_shard
 from clsp.shards.verify import verify
 from clsp.shards.writer import temp_files
-from clsp.synth.job import SynthConfig, config_from_options, run_synth
+from clsp.errors import UserError
+from clsp.synth.job import CPU_BATCH_ROWS, SynthConfig, config_from_options, run_synth
 from clsp.synth.noise import candidate_seed
 from clsp.synth.sampler import SamplerConfig
 
@@ -74,16 +76,48 @@ def test_one_process_writes_complete_shards_with_keyed_seeds(reference):
     assert temp_files(reference) == []
 
 
-def test_output_does_not_depend_on_batch_size(generator, reference, tmp_path):
+def positives(directory: Path) -> np.ndarray:
+    """Every positive of a shard directory, in anchor order: (anchors, K, H, W, 3) int16."""
+    samples = [s for p in sorted(directory.glob("shard-*.tar")) for s in iter_shard(str(p))]
+    return np.stack([[s.positive(j) for j in range(s.k)] for s in samples]).astype(np.int16)
+
+
+def test_the_draws_do_not_depend_on_the_forward_batch_and_it_is_recorded(generator, reference, tmp_path):
     run_synth(config(generator, tmp_path / "b", batch_size=K))  # one anchor per forward instead of all of a shard
-    assert shard_hashes(tmp_path / "b") == shard_hashes(reference)
+    # The same noise for every row: the positives agree up to the UNet's float sums, which depend on the rows per
+    # forward pass (a pixel may move one level), so the forward batch is part of the record
+    assert np.abs(positives(tmp_path / "b") - positives(reference)).max() <= 1
+    assert read_manifest(tmp_path / "b").run["compute"]["forward_batch"] == K
+    assert read_manifest(reference).run["compute"]["forward_batch"] == CPU_BATCH_ROWS  # the CPU's default
+
+
+def test_a_rerun_continues_with_the_recorded_forward_batch_and_refuses_another(generator, tmp_path, capsys):
+    out = tmp_path / "b"
+    run_synth(config(generator, out, batch_size=K))
+    made = shard_hashes(out)
+    for name in ("shard-000003.tar", "shard-000004.tar", "manifest.json", "index.parquet"):
+        (out / name).unlink()  # as if killed after shard 2
+    run_synth(config(generator, out))  # --forward-batch left out: continues with K rows, says so
+    assert f"was begun with --forward-batch {K}" in capsys.readouterr().err
+    assert shard_hashes(out) == made
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match=rf"compute.forward_batch: {K} there, {2 * K} now"):
+        run_synth(config(generator, out, batch_size=2 * K))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written or removed
+
+    record = json.loads((out / "run.json").read_text())  # a folder begun before the forward batch was recorded
+    del record["compute"]["forward_batch"]
+    (out / "run.json").write_text(json.dumps(record))
+    (out / "shard-000004.tar").unlink()
+    run_synth(config(generator, out, batch_size=2 * K))  # which one made its shards is unknown: it resumes
+    assert read_manifest(out).count == LIMIT
 
 
 def test_shared_anchor_noise_is_keyed_on_the_anchor_too(generator, reference, tmp_path):
     shared = SamplerConfig(steps=STEPS, share_anchor_noise=True)
     run_synth(config(generator, tmp_path / "whole", sampler=shared))
     run_synth(config(generator, tmp_path / "one", sampler=shared, batch_size=K))
-    assert shard_hashes(tmp_path / "whole") == shard_hashes(tmp_path / "one")
+    assert np.abs(positives(tmp_path / "whole") - positives(tmp_path / "one")).max() <= 1  # see above
     assert shard_hashes(tmp_path / "whole") != shard_hashes(reference)
     assert read_manifest(tmp_path / "whole").run["sampler"]["share_anchor_noise"] is True
 
@@ -137,6 +171,15 @@ def test_other_settings_are_refused_unless_overwrite(generator, tmp_path):
     assert refused.exit_code == 2
     assert "seed: 0 there, 7 now" in refused.output and "--overwrite" in refused.output
     assert shard_hashes(out) == before
+    foreign = out / "shard-000009.tar"  # a user's tar under a shard's name: --overwrite must not take it for ours
+    with tarfile.open(foreign, "w") as tar:
+        tar.add(__file__, arcname="mk.py")
+    kept = foreign.read_bytes()
+    refused = runner.invoke(app, ["synth", *small, "--seed", "7", "--overwrite"])
+    assert refused.exit_code == 2 and foreign.read_bytes() == kept
+    assert "shard-000009.tar under shard names, but not shards clsp wrote: move them out" in refused.output
+    assert "nothing was sampled" in refused.output and not (out / "manifest.json").exists()
+    foreign.unlink()
     accepted = runner.invoke(app, ["synth", *small, "--seed", "7", "--overwrite"])
     assert accepted.exit_code == 0, accepted.output
     assert read_manifest(out).run["seed"] == 7
