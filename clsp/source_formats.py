@@ -53,7 +53,8 @@ class ParquetSource(Source):
 
     Read in record batches with pyarrow (never whole). PATH is a file, a glob, or a directory (searched for *.parquet).
     A file's split is the one its name starts with (train-*.parquet, test-*, validation-*), else the one its nearest
-    folder is named (train/0000.parquet); see pick_split for files that name none. Id = file stem + row number.
+    folder is named (train/0000.parquet); see pick_split for files that name none. Id = file stem + row number (the stem
+    prefixed with its folder's name when two files share a stem, as train/0000 and test/0000 do under split "all").
     """
 
     kind = "parquet"
@@ -79,8 +80,11 @@ class ParquetSource(Source):
         self._label_col = next((c for c in self.LABEL_COLUMNS if c in schema.names), None)
         self.classes = self._class_names(schema)
         stems = [safe_id(Path(f).name.split(".")[0], MAX_ID_CHARS - 12) for f in files]  # room for "-ROW" (11 digits)
+        if len(set(stems)) != len(stems):  # e.g. train/0000.parquet + test/0000.parquet read as --split all
+            stems = [safe_id(f"{Path(f).parent.name}-{Path(f).name.split('.')[0]}", MAX_ID_CHARS - 12) for f in files]
         if len(set(stems)) != len(stems):
-            raise UserError(f"two Parquet files share a name under {path}: ids would collide; pass one split's files")
+            raise UserError(f"two Parquet files under {path} share a name and a folder name: ids would collide; "
+                            f"pass one folder's files")
         # (file number, row group, row in group): cheap handles from the footers, so slicing reads only what it needs
         self._handles = [
             (f, g, r)

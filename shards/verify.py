@@ -28,6 +28,9 @@ def _sample_problems(sample: RawSample, contract: Contract) -> list[str]:
 
 def verify(directory: str | Path) -> list[str]:
     """All problems of a shard directory; an empty list means it is sound."""
+    if "://" in str(directory):  # it lists the folder (shards on disk that the manifest does not name): local only
+        return [f"{directory}: verify checks a local shard directory; copy the shards to a local folder and verify "
+                f"that (training reads the URL itself and checks every shard it reads against the manifest)"]
     directory = Path(directory)
     if not directory.is_dir():
         return [f"{directory} is not a directory"]

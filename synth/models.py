@@ -183,9 +183,28 @@ def _require_online(model_id: str) -> None:
             return
         except OSError as error:  # URLError, timeouts, refused connections
             reason = f"{endpoint} cannot be reached: {getattr(error, 'reason', error)}"
+    snapshot = _cached_snapshot_with_pickle_only(model_id)
+    if snapshot is not None:
+        raise UserError(f"generator {model_id!r} is in the local Hugging Face cache with only the pickled {PICKLE_NAME}, "
+                        f"which is never loaded (unpickling can run code), and this machine is offline ({reason}). "
+                        f"Fix: if you trust it, copy the repo out of the cache (`cp -rL {snapshot} DIR`), run `clsp "
+                        f"diffusion convert DIR` (safetensors from its tensors) and pass --model DIR.")
     raise UserError(f"generator {model_id!r} is not in the local Hugging Face cache and this machine is offline "
                     f"({reason}). Fix: download the repo where there is network (e.g. `hf download {model_id} "
                     "--local-dir DIR`), copy it here and pass --model DIR, or set HF_HOME to a cache that holds it.")
+
+
+def _cached_snapshot_with_pickle_only(model_id: str) -> Path | None:
+    """The cached snapshot folder of `model_id` that holds the UNet's pickled weights and no safetensors (at its
+    root or under unet/), if the cache holds one."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for folder in ("", "unet/"):
+        pickled = try_to_load_from_cache(model_id, f"{folder}{PICKLE_NAME}")
+        if isinstance(pickled, str) and not isinstance(try_to_load_from_cache(model_id, f"{folder}{WEIGHTS_NAME}"),
+                                                        str):
+            return Path(pickled).parent.parent if folder else Path(pickled).parent  # the snapshot: --model takes it
+    return None
 
 
 def _from_pretrained(spec: str, loader):

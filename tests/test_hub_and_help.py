@@ -67,6 +67,19 @@ def test_a_cached_hub_id_loads_offline(unet, empty_cache, monkeypatch):
     assert scheduler.config.num_train_timesteps == 50
 
 
+def test_a_hub_id_cached_with_only_pickled_weights_says_so_offline(unet, empty_cache, tmp_path):
+    snapshot = empty_cache / "models--someone--tiny-ddpm" / "snapshots" / ("0" * 40)
+    _bin_only_dir(snapshot, unet, unet.state_dict())
+    (empty_cache / "models--someone--tiny-ddpm" / "refs").mkdir()
+    (empty_cache / "models--someone--tiny-ddpm" / "refs" / "main").write_text("0" * 40)
+    result = runner.invoke(app, ["synth", "run", "digits", "--model", "someone/tiny-ddpm", "--out",
+                                 str(tmp_path / "out"), "--limit", "2"])  # offline: conftest sets HF_HUB_OFFLINE
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "in the local Hugging Face cache with only the pickled diffusion_pytorch_model.bin" in result.output
+    assert f"cp -rL {snapshot} DIR" in result.output and "clsp diffusion convert DIR" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def _bin_only_dir(directory: Path, unet, payload) -> Path:
     """A hub-layout generator dir whose weights are only diffusion_pytorch_model.bin (torch.save of `payload`)."""
     unet.save_config(directory)

@@ -94,6 +94,16 @@ def test_long_file_names_give_short_unique_ids_the_shards_accept(tmp_path):
     assert ids == [f"{ids[0][:-8]}-{row:07d}" for row in range(2)]  # the row number survives
 
 
+def test_parquet_split_folders_with_the_same_file_names_read_as_all(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+        write_hf_parquet(tmp_path / split / "0000.parquet", images, list(range(n)))
+    assert _assert_ids_good(open_source(f"parquet:{tmp_path}"))[0] == "0000-0000000"  # one file: its stem alone
+    ids = _assert_ids_good(open_source(f"parquet:{tmp_path}", split="all"))
+    assert sorted(ids) == [f"{split}-0000-{row:07d}" for split, n in (("test", 2), ("train", 3)) for row in range(n)]
+
+
 def _cifar_batch(path, n, rng, label_key=b"labels", payload=None) -> None:
     batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: list(range(n))}
     if payload is not None:
