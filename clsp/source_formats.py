@@ -144,12 +144,17 @@ class ParquetSource(Source):
         if not data:
             raise UserError(f"row {r} of {self._paths[f]} has no image bytes: the image column must hold "
                             f"encoded images ({{bytes, path}} structs)")
-        label = int(rows[self._label_col][r]) if self._label_col else -1
+        value = rows[self._label_col][r] if self._label_col else None
+        label = -1 if value is None else int(value)  # a null label: unknown, as with no label column
         return f"{self._stems[f]}-{self._row_number(f, g, r):07d}", label, data
 
     def _load(self, item) -> Record:
         anchor_id, label, data = self._raw(item)
-        return Record(anchor_id, to_rgb_square(Image.open(io.BytesIO(data)), self._size), label)
+        try:
+            return Record(anchor_id, to_rgb_square(Image.open(io.BytesIO(data)), self._size), label)
+        except (OSError, ValueError) as error:  # PIL: unidentified, truncated or unsupported image
+            raise UserError(f"{self._paths[item[0]]}: the image of row {anchor_id} cannot be read ({error}): "
+                            f"replace the file or leave it out of the source") from None
 
     def _content_digest(self, item) -> tuple[str, int, bytes]:
         return self._raw(item)
@@ -175,7 +180,8 @@ class FolderSource(Source):
         parts: dict[str | None, list[Path]] = {}
         for folder in _subfolders(root):
             parts.setdefault(split_named(folder.name, prefix=False), []).append(folder)
-        if None in parts and len(parts) == 1:  # no split folders: DIR is one split, or the one its own name says
+        # no split folders (or no folders at all): DIR is one split, or the one its own name says
+        if not parts or (None in parts and len(parts) == 1):
             parts = {split_named(root.resolve().name, prefix=False): [root]}
         self.splits = splits_note(parts)
         tops = pick_split(parts, split, spec, "folder:DIR/{}")
@@ -204,8 +210,12 @@ class FolderSource(Source):
 
     def _load(self, item) -> Record:
         anchor_id, file, label = item
-        with Image.open(file) as image:
-            return Record(anchor_id, to_rgb_square(image, self._size), label)
+        try:
+            with Image.open(file) as image:
+                return Record(anchor_id, to_rgb_square(image, self._size), label)
+        except (OSError, ValueError) as error:  # PIL: unidentified, truncated (an interrupted copy) or unsupported
+            raise UserError(f"{file} cannot be read as an image ({error}): replace it or move it out of the "
+                            f"source") from None
 
     def _content_digest(self, item) -> tuple[str, int, bytes]:
         anchor_id, file, label = item

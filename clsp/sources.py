@@ -100,7 +100,14 @@ def splits_note(parts: dict) -> str:
 
 
 def to_rgb_square(image: Image.Image, size: int | None) -> np.ndarray:
-    """PIL image -> (size, size, 3) uint8: RGB, centre-cropped to a square, resized (bicubic) when size differs."""
+    """PIL image -> (size, size, 3) uint8: RGB, centre-cropped to a square, resized (bicubic) when size differs.
+    16-bit grayscale (PIL modes I;16*, I) keeps its top 8 bits; PIL's own RGB conversion would clip it to 0 or 255."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        levels = np.asarray(image).astype(np.int64)  # (H, W) in 0..65535
+        image = Image.fromarray(np.clip(levels >> 8, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise ValueError("a floating-point image (PIL mode F) has no fixed range to read as 8-bit levels: "
+                         "save it as 8- or 16-bit PNG")
     image = image.convert("RGB")
     w, h = image.size
     if w != h:
@@ -149,6 +156,8 @@ class Source:
     @property
     def image_size(self) -> int:
         if self._size is None:  # native size: read it off the first image
+            if len(self) == 0:
+                raise UserError(f"{self.name} holds no images: check the source spec and split")
             self._size = int(next(iter(self)).image.shape[0])
         return self._size
 
@@ -215,6 +224,20 @@ def open_source(spec: str, split: str = "train", image_size: int | None = None) 
     if kind in CifarSource.LAYOUT:
         return CifarSource(spec, split, image_size, path, kind)
     raise UserError(f"unknown source kind {kind!r} in {spec!r}: use {SPEC_HELP}")
+
+
+def refuse_out_inside(spec: str, out: str | Path) -> None:
+    """An output folder inside the folder a `folder:` or `parquet:` source reads (recursively) would add what the stage
+    writes there (sample grids, report pictures, index.parquet) to that source as data: refused before anything is
+    written."""
+    kind, _, location = spec.partition(":")
+    if kind not in ("folder", "parquet") or "://" in location or any(c in location for c in "*?[") \
+            or location.endswith(".parquet"):  # one file or a glob: nothing written beside it is read
+        return
+    root, target = Path(location).expanduser().resolve(), Path(out).expanduser().resolve()
+    if target == root or root in target.parents:
+        raise UserError(f"--out {out} lies inside {location}, which the source {spec} reads: what this command writes "
+                        f"would become part of the source; choose an --out outside {location}")
 
 
 def load_arrays(source: Source, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:

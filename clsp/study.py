@@ -58,6 +58,10 @@ def plan(cfg: StudyConfig) -> list:
     """Every run's TrainConfig, built (so validated) before the first one trains: a typo costs seconds, not hours."""
     from clsp.train.loop import make_config
 
+    own = sorted(set(dict(cfg.train_options)) & {"shards", "out", "method", "positives", "seed", "resume", "overwrite"})
+    if own:  # the study sets these per run: a --train-option value would be overridden without a word
+        raise UserError(f"--train-option {', '.join(own)}: the study sets these itself; use --methods, --positives, "
+                        f"--seeds and --out (or the positional SHARDS) instead")
     try:
         return [make_config(cfg.train_preset, **{**dict(cfg.train_options), "shards": cfg.shards,
                                                  "out": str(run_dir(cfg, method, positives, seed)), "method": method,

@@ -170,10 +170,16 @@ class OpenRun:
 def open_run(run_dir: str | Path, source: str | None) -> OpenRun:
     """Load a run; `source` None: the source its config.json records (a UserError when it records none). Reads only."""
     from clsp.eval.features import normalization_from_config
-    from clsp.train.checkpoint import load_backbone
+    from clsp.file_checks import small_json
+    from clsp.train.checkpoint import SUMMARY, load_backbone
 
     run_dir = Path(run_dir)
     backbone, run_config = load_backbone(run_dir)
+    summary = small_json(run_dir / SUMMARY)
+    if not (isinstance(summary, dict) and summary.get("finished") is True):  # the backbone of its last checkpoint
+        raise UserError(f"{run_dir} has not finished training (no {SUMMARY}: it was stopped or is still running), so "
+                        f"its backbone is an intermediate one: finish it with `clsp train run SHARDS --out {run_dir} "
+                        f"--resume` (the same options), then evaluate")
     record = trained_source(run_config)
     spec = source or (record or {}).get("spec")
     if spec is None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clsp.errors import UserError
+from clsp.sources import refuse_out_inside
 from clsp.eval import write_new
 from clsp.eval.evaluate import EvalConfig, prepare_eval, score_run
 from clsp.eval.report import report
@@ -31,6 +32,8 @@ def evaluate_all(cfg: AllConfig) -> dict:
 
     out = Path(cfg.out)
     inputs = prepare_eval(cfg.run_dir, cfg.eval)
+    for spec in {inputs.result["source"], inputs.result["test_source"]}:
+        refuse_out_inside(spec, out)  # its pictures would become images of the source
     _check_trained_on_these(cfg, read_manifest(cfg.shards), inputs.result["trained_on"])
     audit = audit_shards(cfg.shards, inputs.result["source"], AuditConfig(cfg.audit_anchors))
     results = score_run(inputs, cfg.eval)

@@ -29,7 +29,7 @@ import torch
 
 from clsp.errors import UserError
 from clsp.run_dir import prepare_run_dir
-from clsp.sources import SPLITS, load_arrays, open_source
+from clsp.sources import SPLITS, load_arrays, open_source, refuse_out_inside
 from clsp.synth.ddpm import build_scheduler, build_unet
 from clsp.synth.diffusion_run_dir import (GENERATOR_RUN, append_log, checkpoint_dirs, load_checkpoint, restore_rng,
                                           resume_step)
@@ -129,6 +129,7 @@ class DiffusionTrainConfig:
             problems.append(f"lr_schedule {self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
         if problems:
             raise UserError("invalid diffusion training config: " + "; ".join(problems))
+        refuse_out_inside(self.source, self.out)  # its sample grids would become training images
 
     def training_fields(self) -> dict:
         """The settings that define the model and its training run, as JSON values (tuples become lists)."""

@@ -30,7 +30,7 @@ from clsp.file_checks import json_with, owned_files
 from clsp.file_io import partial_removed
 from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir, read_record, remove_files
-from clsp.sources import Record
+from clsp.sources import Record, refuse_out_inside
 from clsp.shards.manifest import FORMAT, INDEX, MANIFEST, Manifest, read_manifest
 from clsp.shards.manifest_checks import looks_like_index
 from clsp.shards.manifest_writer import expected_shards, file_sha256, manifest_run, write_manifest
@@ -95,6 +95,10 @@ class SynthConfig:
         if self.codec not in CODECS:
             problems.append(f"--codec {self.codec}: use {' or '.join(CODECS)} (png: smaller files, for sharing; raw: "
                             f".npy images that training reads without decoding)")
+        try:
+            refuse_out_inside(self.source, self.out)  # shards and index.parquet inside the source read
+        except UserError as error:
+            problems.append(str(error))
         if self.resize and self.image_size is not None:
             problems.append("--resize and --image-size both set the anchor size: keep one")
         if not Path(self.model).expanduser().exists() and not HUB_ID.match(self.model):  # a missing path: an error
@@ -113,7 +117,8 @@ PRESETS: dict[str, dict] = {
     # with the counter noise audit at 86.4 % / 1.47x, within draw-to-draw noise but under the 1.5x hardness bar
     # sampler options flat, as on the command line (config_from_options puts them into the SamplerConfig), so that
     # `--help` can show what the preset changes
-    "embedded": dict(source="digits", split="train", k=4, anchors_per_shard=240, w=0.2, steps=32, noise="cpu-generator"),
+    "embedded": dict(source="digits", split="train", k=4, anchors_per_shard=240,
+                     w=0.2, steps=32, noise="cpu-generator"),
 }
 
 SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
@@ -156,7 +161,8 @@ def _run(cfg: SynthConfig, state):
         else None  # fitted before the folder is claimed: a source without labels is refused with nothing written
     # a folder begun before the forward batch was recorded: which one made its shards cannot be known, so it reads
     # as made with this run's and resumes as it did before
-    kind = replace(SYNTH_RUN, absent_means={**SYNTH_RUN.absent_means, "compute.forward_batch": compute["forward_batch"]})
+    kind = replace(SYNTH_RUN,
+                   absent_means={**SYNTH_RUN.absent_means, "compute.forward_batch": compute["forward_batch"]})
     with prepare_run_dir(cfg.out, run, kind, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
         if claim.resumed and state.is_main_process:  # a killed run's temp files; the manifest is dealt with at the end
             remove_files(cfg.out, [p for p in SYNTH_RUN.owned(cfg.out) if _TEMP_NAME.match(p.name)])

@@ -26,7 +26,8 @@ def _cli(*args: str):
 def _parquet(path, n: int, seed: int) -> None:
     """n labelled 8 px images (3 classes) in the Hugging Face image layout, without class names."""
     rng = np.random.default_rng(seed)
-    write_hf_parquet(path, [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)], [i % 3 for i in range(n)])
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+    write_hf_parquet(path, images, [i % 3 for i in range(n)])
 
 
 def _folder(root, counts: dict[str, int], seed: int = 0) -> None:
@@ -88,9 +89,9 @@ def trained(tiny_world):  # noqa: F811
 
 
 def _copy_run(run, to):
-    """The run's weights and config only (no eval/ and no feature cache)."""
+    """The run's weights, config and summary only (no eval/ and no feature cache)."""
     to.mkdir()
-    for name in ("config.json", "backbone.safetensors"):
+    for name in ("config.json", "backbone.safetensors", "summary.json"):
         shutil.copy(run / name, to / name)
     return to
 
@@ -165,7 +166,7 @@ def test_eval_all_with_missing_shards_writes_nothing(trained, tmp_path):
     result = _cli("eval", "all", run, "--shards", tmp_path / "missing", "--out", tmp_path / "report",
                   "--probe-epochs", "2")
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
-    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "config.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "config.json", "summary.json"]
     assert not (tmp_path / "report").exists()
 
 
@@ -178,8 +179,27 @@ def test_eval_all_refuses_shards_of_the_same_source_that_the_run_did_not_train_o
     result = _cli("eval", "all", run, "--shards", shards, "--out", tmp_path / "report", "--probe-epochs", "2")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert f"{shards} are not the shards {run} trained on" in result.output and "--shards the directory" in result.output
-    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "config.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "config.json", "summary.json"]
     assert not (tmp_path / "report").exists()
+
+
+def test_a_run_that_has_not_finished_training_is_not_scored(trained, tmp_path):
+    _, shards, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    (run / "summary.json").unlink()  # as a kill -9 between two checkpoints leaves it
+    for command in (["eval", "knn", run], ["eval", "all", run, "--shards", shards, "--out", tmp_path / "report"]):
+        result = _cli(*command)
+        assert result.exit_code == 2 and "has not finished training" in result.output, result.output
+        assert "--resume" in result.output and not (run / "eval").exists() and not (tmp_path / "report").exists()
+
+
+def test_eval_all_refuses_an_out_inside_the_source_folder(trained, tmp_path):
+    _, shards, source, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    folder = source.partition(":")[2]
+    result = _cli("eval", "all", run, "--shards", shards, "--out", f"{folder}/report", "--probe-epochs", "2")
+    assert result.exit_code == 2 and "lies inside" in result.output, result.output
+    assert not Path(folder, "report").exists() and not (run / "eval").exists()
 
 
 def test_eval_all_with_too_few_test_images_for_a_t_sne_reports_without_one(trained, tmp_path):

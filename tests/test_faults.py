@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 
 from clsp.cli import app, user_message
 from clsp.errors import UserError
-from conftest import Planted, build_shard_dir, snapshot
+from conftest import Planted, build_shard_dir, png_bytes, snapshot
 from clsp.shards.manifest import read_manifest
 from clsp.shards.writer import temp_files
 from clsp.synth.diffusion_train import DiffusionTrainConfig, train_diffusion
@@ -64,7 +65,7 @@ def test_synth_and_train_never_touch_a_folder_they_did_not_make(generator, shard
     assert snapshot(users) == before and snapshot(generator) == generator_before
 
 
-@pytest.mark.parametrize("bad", [["--shuffle-buffer", "0"], ["--backbone", "vgg"]])
+@pytest.mark.parametrize("bad", [["--shuffle-buffer", "0"], ["--backbone", "vgg"], ["--seed", "-1"]])
 def test_a_refused_train_command_writes_nothing_and_the_corrected_one_runs(shards, tmp_path, bad):
     out = tmp_path / "run"
     refused = runner.invoke(app, ["train", "run", str(shards), "--out", str(out), *TRAIN, *bad])
@@ -207,6 +208,22 @@ def test_bad_command_lines_end_as_one_error_line_with_exit_2_and_nothing_written
         assert result.exit_code == 2, (command, result.output, result.exception)
         assert_one_error_line(result.output)
         assert not (tmp_path / "out").exists() and (tmp_path / "a-file").read_text() == "x", command
+
+
+def test_an_out_inside_the_source_folder_is_refused_before_anything_is_written(generator, tmp_path):
+    source = tmp_path / "images"
+    for label in ("a", "b"):
+        (source / label).mkdir(parents=True)
+        for i in range(2):
+            (source / label / f"{i}.png").write_bytes(png_bytes(np.full((8, 8, 3), 60 * i, np.uint8)))
+    before = snapshot(source)
+    for command in (["diffusion", "train", f"folder:{source}", "--out", str(source / "generator"), "--steps", "1"],
+                    ["synth", "run", f"folder:{source}", "--model", str(generator), "--out", str(source / "shards")],
+                    ["synth", "run", f"parquet:{tmp_path}", "--model", str(generator), "--out", str(tmp_path / "s")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert "lies inside" in assert_one_error_line(result.output) and "choose an --out outside" in result.output
+    assert snapshot(source) == before and not (tmp_path / "s").exists()
 
 
 def test_os_failures_a_user_can_fix_are_worded_and_bugs_keep_their_traceback():

@@ -138,7 +138,8 @@ def test_help_shows_every_default_in_plain_text():
         assert "--device TEXT auto (a GPU when one is visible, else the CPU)" in stage
     synth = _help("synth", "run")
     for note in ("positives per anchor [default: 8; --preset embedded: 4]", "[default: 0.1; --preset embedded: 0.2]",
-                 "DDIM steps [default: 100; --preset embedded: 32]", "[default: counter; --preset embedded: cpu-generator]"):
+                 "DDIM steps [default: 100; --preset embedded: 32]",
+                 "[default: counter; --preset embedded: cpu-generator]"):
         assert note in synth, note  # the sampler options a preset sets are shown too
     for text in (train, diffusion, synth, _help("eval", "all")):
         assert "<str>" not in text and "<bool>" not in text and "<int>" not in text

@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from clsp.errors import UserError
 from clsp.shards.schema import ID_PATTERN, MAX_ID_CHARS
@@ -102,6 +103,37 @@ def test_parquet_split_folders_with_the_same_file_names_read_as_all(tmp_path):
     assert _assert_ids_good(open_source(f"parquet:{tmp_path}"))[0] == "0000-0000000"  # one file: its stem alone
     ids = _assert_ids_good(open_source(f"parquet:{tmp_path}", split="all"))
     assert sorted(ids) == [f"{split}-0000-{row:07d}" for split, n in (("test", 2), ("train", 3)) for row in range(n)]
+
+
+def test_16_bit_grayscale_keeps_its_levels(tmp_path):
+    levels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1028  # 0 .. 64764: 64 grey levels over the 16-bit range
+    (tmp_path / "c").mkdir()
+    Image.fromarray(levels).save(tmp_path / "c" / "deep.png")  # PIL writes a 16-bit greyscale PNG (mode I;16)
+    (record,) = open_source(f"folder:{tmp_path}")
+    assert np.array_equal(record.image, np.repeat((levels >> 8).astype(np.uint8)[..., None], 3, axis=2))
+
+
+def test_unreadable_images_and_empty_or_flat_sources_are_one_error_naming_them(tmp_path):
+    (tmp_path / "cut" / "c").mkdir(parents=True)
+    whole = _png(np.random.default_rng(0), size=32)
+    (tmp_path / "cut" / "c" / "x.png").write_bytes(whole[:100])  # an interrupted copy
+    with pytest.raises(UserError, match=r"x\.png cannot be read as an image .*replace it or move it out"):
+        open_source(f"folder:{tmp_path / 'cut'}").image_size
+    for name in ("flat", "empty"):  # images without class folders; nothing at all
+        (tmp_path / name).mkdir()
+    (tmp_path / "flat" / "x.png").write_bytes(whole)
+    for name in ("flat", "empty"):
+        with pytest.raises(UserError, match="has no class sub-folders"):
+            open_source(f"folder:{tmp_path / name}")
+    write_hf_parquet(tmp_path / "none.parquet", [], [])
+    with pytest.raises(UserError, match="holds no images"):
+        open_source(f"parquet:{tmp_path / 'none.parquet'}").image_size
+
+
+def test_a_null_parquet_label_reads_as_unknown(tmp_path):
+    images = [np.zeros((8, 8, 3), np.uint8)] * 2
+    write_hf_parquet(tmp_path / "train.parquet", images, [1, None])
+    assert [r.label for r in open_source(f"parquet:{tmp_path / 'train.parquet'}")] == [1, -1]
 
 
 def _cifar_batch(path, n, rng, label_key=b"labels", payload=None) -> None:

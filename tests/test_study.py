@@ -141,6 +141,7 @@ def test_study_command_passes_options_and_refuses_bad_ones_before_training(tiny_
 
     for bad, words in ((["--train-option", "epochs"], "must look like KEY=VALUE"),
                        (["--train-option", "epoks=3"], "--train-option takes `clsp train run` options"),
+                       (["--train-option", "seed=3"], "--train-option seed: the study sets these itself"),
                        (["--methods", "simclr,nope"], "unknown method 'nope'"),
                        (["--seeds", "0,x"], "must be comma-separated integers"),
                        (["--seeds", "0,0"], "give each once"),

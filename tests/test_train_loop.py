@@ -94,6 +94,7 @@ def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, t
         train(make_config(**options(shards, out)))
     stamp = (out / "backbone.safetensors").stat().st_mtime_ns
     assert train(make_config(**options(shards, out, resume=True))) == out  # finished, same options: nothing to do
+    assert train(make_config(**options(f"{shards}/.", out, resume=True))) == out  # the same shards, spelt otherwise
     assert (out / "backbone.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match=r"lr: 0\.05 there, 0\.1 now.*seed: 1 there, 2 now"):
         train(make_config(**options(shards, out, resume=True, lr=0.1, seed=2)))

@@ -45,8 +45,9 @@ from clsp.train.stream import WEIGHTINGS, PositiveFilter
 from clsp.train.trackers import tracker_options
 
 # Options that may change when a run is resumed: they do not change what is computed (the streamed input's order
-# depends on --workers: the record's data.stream_workers holds it).
-OPERATIONAL = ("out", "workers", "resume", "overwrite", "knn_every", "knn_source", "log_with")
+# depends on --workers: the record's data.stream_workers holds it; the shards may move or be spelt otherwise: the
+# record's data.shards_sha256 holds their bytes).
+OPERATIONAL = ("out", "shards", "workers", "resume", "overwrite", "knn_every", "knn_source", "log_with")
 METHOD_SETTINGS = ("lam", "temperature", "proj_hidden", "proj_dim", "queue_size")  # options a method may lack
 
 
@@ -146,6 +147,8 @@ class TrainConfig:
              f"--warmup-epochs ({self.warmup_epochs}) must lie in 0..--epochs ({self.epochs}): lower it, or leave it "
              f"out for {WARMUP_SHARE:.0%} of a short run")
         need(self.workers >= 0 and self.knn_every >= 0, "--workers and --knn-every must be >= 0")
+        need(0 <= self.seed < 2**31, f"--seed {self.seed}: use 0 .. 2**31 - 1 (numpy's and each process's seeds must "
+             f"fit 32 bits)")
         need(self.image_size is None or self.image_size >= 8, "--image-size must be >= 8 pixels")
         need(self.knn_every == 0 or bool(self.knn_source), "--knn-every needs --knn-source (a labelled source spec)")
         need(not (self.resume and self.overwrite), "pass --resume or --overwrite, not both")
