@@ -94,12 +94,15 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_beside_workers(workers: int, processes_here: int = 1) -> int | None:
-    """Give this process's torch ops the cores its loader processes and sibling processes leave free, so that they do
-    not oversubscribe the cores (OpenMP threads that wait on a busy core spin, and a batch step then takes 10-20x as
-    long). Returns the count set, or None when the user chose one (OMP_NUM_THREADS, or torch.set_num_threads)."""
+def threads_beside_workers(workers: int) -> int | None:
+    """Give this process's torch ops the cores its loader processes and its sibling training processes on this machine
+    leave free, so that they do not oversubscribe the cores (OpenMP threads that wait on a busy core spin, and a batch
+    step then takes 10-20x as long). Siblings: LOCAL_WORLD_SIZE, which torchrun (and so `accelerate launch`) sets per
+    machine; the world size would count other machines' processes too. Returns the count set, or None when the user
+    chose one (OMP_NUM_THREADS, or torch.set_num_threads)."""
     if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _TORCH_DEFAULT_THREADS:
         return None
-    threads = max(1, available_cores() // max(1, processes_here) - workers)
+    processes_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = max(1, available_cores() // processes_here - workers)
     torch.set_num_threads(threads)
     return threads

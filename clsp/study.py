@@ -73,11 +73,12 @@ def plan(cfg: StudyConfig) -> list:
 
 def check_trained_as_planned(runs: list, manifest) -> None:
     """Refuse a run folder whose config.json records another training than `runs` (TrainConfigs) plan for it, e.g. other
-    --train-option values: by train's own comparison (record_differences, train's operational keys) of the options and
-    the shards (source, generator, bytes), so a study never reports a run trained otherwise as one of its own."""
+    --train-option values: by train's own comparison (record_differences, train's operational keys) of the options,
+    the shards (source, generator, bytes) and a streamed run's loader processes, so a study never reports a run
+    trained otherwise as one of its own, nor trains for hours before train refuses to resume one."""
     from clsp.run_dir import read_record, record_differences
     from clsp.train.cache import use_cache
-    from clsp.train.loop import TRAIN_RUN, TrainConfig, shards_sha256
+    from clsp.train.loop import TRAIN_RUN, TrainConfig, shards_sha256, stream_workers
 
     unset = {f.name: f.default for f in fields(TrainConfig)}  # config.json leaves out options that were left unset
     made_from = {**{key: manifest.run.get(key) for key in ("source", "generator")},
@@ -88,9 +89,11 @@ def check_trained_as_planned(runs: list, manifest) -> None:
             continue
         # config.json holds `cache` only when the run trained from memory (which reads the anchors in another order)
         cached = use_cache(run.cache, manifest.count, manifest.k, int(manifest.run["image_size"]), run.positives, 1)
-        planned = {"config": {**asdict(run), "cache": cached}, "data": made_from}
+        # a streamed run's order depends on its loader processes (train's data.stream_workers; None: from memory)
+        data = {**made_from, "stream_workers": None if cached else stream_workers(run.workers)}
+        planned = {"config": {**asdict(run), "cache": cached}, "data": data}
         recorded = {"config": {**unset, "cache": False, **old.get("config", {})},
-                    "data": {key: old.get("data", {}).get(key) for key in made_from}}
+                    "data": {key: old.get("data", {}).get(key) for key in data}}
         differences = record_differences(recorded, planned, TRAIN_RUN.operational)
         if differences:
             raise UserError(f"{run.out} was trained otherwise than this study would train it ({'; '.join(differences)})"
@@ -102,7 +105,7 @@ def study(cfg: StudyConfig) -> dict:
     """Train, score (k-fold over every labelled image) and report every (method, positives, seed); returns the report
     summary (eval.report.write_report)."""
     from clsp.sources import open_source
-    from clsp.eval.kfold import evaluate_run_kfold, load_kfold, load_labelled, scoring_key
+    from clsp.eval.kfold import assign_folds, evaluate_run_kfold, load_kfold, load_labelled, scoring_key
     from clsp.eval.evaluate import check_trained_on
     from clsp.eval.report import write_report
     from clsp.shards.manifest import read_manifest
@@ -117,6 +120,7 @@ def study(cfg: StudyConfig) -> dict:
     runs = plan(cfg)
     check_trained_as_planned(runs, manifest)
     data = load_labelled(spec, runs[0].image_size or shard_size)  # every labelled image, loaded once
+    assign_folds(data.ids, cfg.folds)  # more folds than images: refused now, not after the first run has trained
     scoring = scoring_key(data, cfg.folds, cfg.eval)
     eval_config = replace(cfg.eval, source=spec)
     print(f"study: {len(runs)} runs, each scored by {cfg.folds}-fold over the {len(data.ids)} labelled images of "
@@ -153,6 +157,7 @@ def _train_on_threads(run, threads: int, log_file: str) -> str:
 
     from clsp.train.loop import train
 
+    _exit_with_parent(os.getppid())
     with open(log_file, "a") as log:
         os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike
         sys.stderr = log
@@ -160,24 +165,67 @@ def _train_on_threads(run, threads: int, log_file: str) -> str:
         return Path(train(run)).name
 
 
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """End this pool process when the study that started it is gone (kill -9, or a SIGTERM that came before its
+    handler): an orphan would go on training and hold its run folder's lock, so a rerun would find it "in use".
+    Checkpoints are written atomically, so exiting mid-step loses at most the steps since the last one."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is re-parented (to init or a subreaper)
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the study stops as it does on Ctrl-C."""
+
+
 def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     """Train `runs` (TrainConfigs) `jobs` at a time in fresh processes. Two one-thread runs on two cores do about 1.8x
     the work of one two-thread run: a small network's layers do not split well across threads. A run's result does
-    not depend on the number of jobs beside it (each is seeded from its config), only on its own thread count."""
+    not depend on the number of jobs beside it (each is seeded from its config), only on its own thread count.
+
+    A failed run: the runs not started yet are not started, the running ones finish, its error is raised. Ctrl-C or
+    SIGTERM: the running ones are stopped too (they resume from their checkpoints on the next run of the study)."""
     import multiprocessing
     import os
+    import signal
+    import sys
+    import threading
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"study: training {len(runs)} runs, {jobs} at a time on {threads} thread(s) each; progress in {log_dir}/")
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+    def stop(signum, frame):
+        print(f"study: stopped by signal {signum}; the runs resume from their checkpoints when you run the same "
+              f"command again", file=sys.stderr, flush=True)
+        raise Stopped
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # the only thread that may set handlers
+    previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
+    others = set(multiprocessing.active_children())  # started before the pool: not ours to stop
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
         futures = [pool.submit(_train_on_threads, run, threads, str(log_dir / f"{Path(run.out).name}.log"))
                    for run in runs]
-        try:
-            for done, future in enumerate(as_completed(futures), 1):
-                print(f"{future.result()}: trained ({done}/{len(runs)})", flush=True)
-        except BaseException:  # a failed run (or Ctrl-C): runs not started yet are not started; rerun to resume
-            for future in futures:
-                future.cancel()
-            raise
+        for done, future in enumerate(as_completed(futures), 1):
+            print(f"{future.result()}: trained ({done}/{len(runs)})", flush=True)
+    except Exception:  # a failed run: the others already training finish (rerun the study to go on)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    except BaseException:  # Ctrl-C or SIGTERM: stop the runs in training as well
+        for worker in set(multiprocessing.active_children()) - others:  # the pool's processes
+            worker.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -104,6 +104,11 @@ def check_trained_on(run_dir: str | Path, record: dict | None, bank, transfer: b
                         f"the kNN bank / probe train set is its {bank.split} split: pass --transfer to score it on "
                         f"those splits anyway (its training saw the {record.get('split')} images, without labels), "
                         f"or train on shards made with `clsp synth run --split {bank.split}`")
+    if record.get("spec") == bank.spec:  # the place named is right: what it holds is not what the shards were made of
+        raise UserError(f"{bank.name} has changed since {run_dir}'s shards were made from it ({record.get('count')} "
+                        f"anchors, fingerprint {record['fingerprint'][:12]} then; {len(bank)} images, fingerprint "
+                        f"{fingerprint[:12]} at {size} px now): put back the images it trained on, or pass --transfer "
+                        f"to score the data as it is now on purpose")
     raise UserError(f"{run_dir} comes from {record.get('spec')}[{record.get('split')}] ({record.get('count')} "
                     f"anchors, fingerprint {record['fingerprint'][:12]}), but the kNN bank / probe train set here is "
                     f"{bank.name} ({len(bank)} images, fingerprint {fingerprint[:12]} at {size} px): evaluate on "

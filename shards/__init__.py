@@ -4,5 +4,6 @@ Imports nothing else of the project, so a team that only reads shards needs only
 """
 # pyarrow must be loaded before torch: with torch loaded first, a process that has read Parquet aborts at exit
 # ("terminate called without an active exception", seen with torch 2.14 and pyarrow 26). Every package of the
-# project imports `shards` first for this reason.
+# project imports `shards` first for this reason. The abort still came, 1 process in about 50, until its cause was
+# found: see `_parquet_table` in shards/manifest.py. The import order is kept: it costs nothing.
 import pyarrow  # noqa: F401

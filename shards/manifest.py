@@ -18,7 +18,7 @@ agreement row is null for an anchor without a label. `Manifest.scores(metric)` h
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +33,7 @@ from clsp.shards.reader import RawSample, ShardError, check_location, iter_shard
 from clsp.shards.codecs import CODECS, DEFAULT_CODEC, SchemaError, codec_of
 from clsp.shards.schema import LEGACY_NOISE, META, READ_VERSIONS, SCHEMA_VERSION, is_image_key, member_keys, \
     parse_json, sample_sha256
+from clsp.shards.writer import SHARD_PATTERN
 
 FORMAT = "clsp-shards"
 DISTANCE_RECORD = "RMS pixel difference to the anchor, pixels in [0, 1] (shards.schema.positive_distances)"
@@ -198,6 +199,32 @@ def _read(location: str) -> bytes:
         return handle.read(16 << 20)
 
 
+def _parquet_table(data: bytes) -> pa.Table:
+    """A Parquet file's bytes -> its table, in memory that arrow owns. Read from Python objects (io.BytesIO, bytes),
+    arrow's pool threads hold buffers whose release needs the GIL; one that lets go while the interpreter exits
+    aborts the process ("terminate called without an active exception", exit 134) after the command has done its
+    work. Copied into arrow's memory first, and read by the file reader that starts no threads, none does."""
+    sink = pa.BufferOutputStream()
+    sink.write(data)
+    return pq.ParquetFile(pa.BufferReader(sink.getvalue())).read(use_threads=False)
+
+
+SYNTH_RECORD = "run.json"  # what `clsp synth run` writes first, before any shard ({"clsp_run": "synth", ...})
+
+
+def _begun_by_synth(folder: Path) -> bool:
+    """Whether a folder without a manifest holds a synth job's record or shards: a job that has not finished (or a copy
+    that left the manifest behind), not a folder of something else."""
+    try:
+        if any(SHARD_PATTERN.match(p.name) for p in folder.iterdir()):
+            return True
+        with open(folder / SYNTH_RECORD, "rb") as handle:
+            record = json.loads(handle.read(1 << 20))
+    except (OSError, ValueError):  # absent, unreadable, not JSON (UnicodeDecodeError is a ValueError)
+        return False
+    return isinstance(record, dict) and record.get("clsp_run") == "synth"
+
+
 def read_manifest(location: str | Path) -> Manifest:
     """Read and check a manifest and its index from a directory or URL. Raises ShardError (ManifestError for a
     broken contract) naming the problem and the fix."""
@@ -208,6 +235,12 @@ def read_manifest(location: str | Path) -> Manifest:
     except FileNotFoundError:
         if "://" not in location and not Path(location).is_dir():
             raise ShardError(f"{location} does not exist: name the folder `clsp synth run` wrote (its --out)") from None
+        if "://" in location:
+            raise ShardError(f"{location} has no {MANIFEST}: it is not a shard directory, or the synth job writing it "
+                             f"has not finished") from None
+        if not _begun_by_synth(Path(location)):
+            raise ShardError(f"{location} is not a shard directory (it has no {MANIFEST}, and no {SYNTH_RECORD} of a "
+                             f"`clsp synth run`): name the folder `clsp synth run` wrote (its --out)") from None
         raise ShardError(f"{location} has no {MANIFEST}: the synth job did not finish there; rerun it with the same "
                          f"command to complete it") from None
     except (OSError, SchemaError) as error:
@@ -230,8 +263,8 @@ def read_manifest(location: str | Path) -> Manifest:
         raise ShardError(f"{index_where} cannot be read ({error}): {FIX}") from None
     if hashlib.sha256(data).hexdigest() != manifest["index"]["sha256"]:
         raise ShardError(f"{index_where} does not match the checksum in {MANIFEST}: the index was changed")
-    try:  # no arrow thread pool: torch + arrow pools can abort at exit
-        index = pq.read_table(io.BytesIO(data), use_threads=False)
+    try:
+        index = _parquet_table(data)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise ShardError(f"{index_where} cannot be read as Parquet ({str(error)[:120]}): {FIX}") from None
     problems = index_problems(index, manifest)

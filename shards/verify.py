@@ -27,13 +27,16 @@ def _sample_problems(sample: RawSample, contract: Contract) -> list[str]:
 
 
 def verify(directory: str | Path) -> list[str]:
-    """All problems of a shard directory; an empty list means it is sound."""
+    """All problems of a shard directory; an empty list means it is sound. ShardError when `directory` names no local
+    folder: there is nothing to verify, which is not the same as a directory that fails."""
     if "://" in str(directory):  # it lists the folder (shards on disk that the manifest does not name): local only
-        return [f"{directory}: verify checks a local shard directory; copy the shards to a local folder and verify "
-                f"that (training reads the URL itself and checks every shard it reads against the manifest)"]
+        raise ShardError(f"{directory}: verify checks a local shard directory; copy the shards to a local folder and "
+                         f"verify that (training reads the URL itself and checks every shard it reads against the "
+                         f"manifest)")
     directory = Path(directory)
     if not directory.is_dir():
-        return [f"{directory} is not a directory"]
+        raise ShardError(f"{directory} {'is not a directory' if directory.exists() else 'does not exist'}: name the "
+                         f"folder `clsp synth run` wrote (its --out)")
     problems = [f"{p.name}: unfinished file left by an interrupted writer: rerun the synth job to finish, "
                 f"or delete it" for p in temp_files(directory)]
     try:

@@ -108,6 +108,8 @@ class DiffusionTrainConfig:
         problems += [f"{k} = {v}: must be > 0" for k, v in positive.items() if not v > 0]
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps = {self.warmup_steps}: must be >= 0")
+        if self.seed < 0:
+            problems.append(f"seed = {self.seed}: use a seed >= 0")
         if self.snr_gamma < 0:
             problems.append(f"snr_gamma = {self.snr_gamma}: must be >= 0 (0 turns Min-SNR weighting off)")
         if self.skip_fill not in ("zero", "shuffle"):

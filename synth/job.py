@@ -31,7 +31,7 @@ from clsp.file_io import partial_removed
 from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir, read_record, remove_files
 from clsp.sources import Record, refuse_out_inside
-from clsp.shards.manifest import FORMAT, INDEX, MANIFEST, Manifest, read_manifest
+from clsp.shards.manifest import FORMAT, INDEX, MANIFEST, SYNTH_RECORD, Manifest, read_manifest
 from clsp.shards.manifest_checks import looks_like_index
 from clsp.shards.manifest_writer import expected_shards, file_sha256, manifest_run, write_manifest
 from clsp.shards.reader import ShardError, looks_like_shard
@@ -45,7 +45,7 @@ from clsp.synth.models import HUB_ID
 from clsp.synth.sampler import SamplerConfig, sample_positives
 from clsp.vocabulary import CPU_COMPILE_REFUSED
 
-RUN_FILE = "run.json"  # the intended run (the record), written before any shard: a rerun is compared against it
+RUN_FILE = SYNTH_RECORD  # run.json: the intended run, written before any shard (a rerun is compared with it)
 CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --forward-batch is not given
 GPU_BATCH_ROWS = 2048  # first try on a GPU; halved on out-of-memory until it fits
 

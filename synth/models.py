@@ -27,6 +27,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.errors import UserError
+from clsp.file_checks import small_json
 from clsp.file_io import write_atomic
 from clsp.hashing import weights_sha256
 
@@ -95,9 +96,21 @@ def _load_local(path: Path, spec: str):
     if (path / "config.json").is_file():
         unet = _from_pretrained(spec, lambda: UNet2DModel.from_pretrained(path, use_safetensors=True))
         return unet, _read_scheduler(path, spec), spec
+    _refuse_unfinished_training(path, spec)
     raise UserError(f"{spec!r} is not a generator dir: expected unet/ + scheduler/ (save layout) or config.json + "
                     "diffusion_pytorch_model.safetensors + scheduler_config.json (hub layout). Fix: pass the dir "
                     "written by `clsp diffusion train --out DIR`.")
+
+
+def _refuse_unfinished_training(path: Path, spec: str) -> None:
+    """A `clsp diffusion train` --out whose run has not saved its generator yet (its record, train_config.json, is
+    there; unet/ is written at the end): say so and how to finish it, rather than "not a generator dir"."""
+    begun = small_json(path / "train_config.json")
+    if isinstance(begun, dict) and begun.get("clsp_run") == "generator":
+        source = begun.get("source") if isinstance(begun.get("source"), str) else "SOURCE"
+        raise UserError(f"{spec!r} is a `clsp diffusion train` run that has not finished (it saves the generator, "
+                        f"unet/ and scheduler/, at its last step): finish it with `clsp diffusion train {source} "
+                        f"--out {spec} --resume` and the options it was begun with, then pass the same dir")
 
 
 def _read_scheduler(folder: Path, spec: str) -> DDIMScheduler:

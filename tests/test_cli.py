@@ -63,8 +63,14 @@ def test_shards_verify_info_and_sheet(shard_dir, tmp_path):
     assert bad.exit_code == 1 and "FAIL shard-000001.tar" in bad.output and "problem(s)" in bad.output
 
 
-def test_shards_info_on_a_directory_without_manifest_exits_2(tmp_path):
-    result = runner.invoke(app, ["shards", "info", str(tmp_path)])
-    assert result.exit_code == 2 and "has no manifest.json" in result.output
-    missing = runner.invoke(app, ["shards", "info", str(tmp_path / "typo")])  # not an unfinished job: no folder at all
-    assert missing.exit_code == 2 and "typo does not exist" in missing.output and "did not finish" not in missing.output
+def test_shards_info_and_verify_on_a_folder_that_is_no_shard_directory_exit_2(tmp_path):
+    result = runner.invoke(app, ["shards", "info", str(tmp_path)])  # a folder no synth job wrote
+    assert result.exit_code == 2 and "is not a shard directory" in result.output
+    assert "did not finish" not in result.output
+    (tmp_path / "run.json").write_text(json.dumps({"clsp_run": "synth"}))  # a synth job's record, written first
+    unfinished = runner.invoke(app, ["shards", "info", str(tmp_path)])
+    assert unfinished.exit_code == 2 and "has no manifest.json: the synth job did not finish" in unfinished.output
+    for command in ("verify", "info"):  # nothing to verify is a usage error (2), not a directory that fails (1)
+        missing = runner.invoke(app, ["shards", command, str(tmp_path / "typo")])
+        assert missing.exit_code == 2 and "typo does not exist" in missing.output, (command, missing.output)
+        assert "FAIL" not in missing.output and "did not finish" not in missing.output

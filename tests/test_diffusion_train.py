@@ -118,6 +118,8 @@ def test_config_validation_and_preset_overrides(tmp_path):
         DiffusionTrainConfig(out=tmp_path, channels=(12, 24), norm_groups=8)
     with pytest.raises(UserError, match="attention_levels"):
         DiffusionTrainConfig(out=tmp_path, channels=(8, 8), norm_groups=4, attention_levels=(2,))
+    with pytest.raises(UserError, match=r"seed = -1: use a seed >= 0"):  # as synth and train refuse it
+        DiffusionTrainConfig(out=tmp_path, seed=-1)
     with pytest.raises(UserError, match="unknown preset"):
         config_from_options("nope", out=tmp_path)
     cfg = config_from_options("embedded", out=tmp_path, steps=7, hflip=None)

@@ -115,6 +115,29 @@ def test_eval_defaults_to_the_recorded_source_and_refuses_another(trained, tmp_p
     assert json.loads((run / "eval" / "knn-2.json").read_text())["source_check"] == "transfer"
 
 
+def test_a_source_changed_since_training_is_named_as_changed(trained, tmp_path):
+    """The recorded source, whose images were edited after the shards were made: the error says the data changed
+    (not "evaluate on --source X", the very source the user passed)."""
+    import shutil
+
+    from PIL import Image
+
+    root, _, source, run = trained
+    images = tmp_path / "images"
+    shutil.copytree(source.split(":", 1)[1], images)
+    run = _copy_run(run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["source"].update(spec=f"folder:{images}",
+                                    fingerprint=open_source(f"folder:{images}", "train", 8).fingerprint())
+    (run / "config.json").write_text(json.dumps(config))
+    first = sorted((images / "train" / "c0").iterdir())[0]
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(first)  # one training image edited since
+    refused = _cli("eval", "knn", run)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert f"folder:{images}[train] has changed since" in refused.output and "--transfer" in refused.output
+    assert "--source" not in refused.output, refused.output
+
+
 def test_a_run_without_a_source_record_needs_source(trained, tmp_path):
     _, _, source, run = trained
     run = _copy_run(run, tmp_path / "old-run")

@@ -65,7 +65,8 @@ def test_synth_and_train_never_touch_a_folder_they_did_not_make(generator, shard
     assert snapshot(users) == before and snapshot(generator) == generator_before
 
 
-@pytest.mark.parametrize("bad", [["--shuffle-buffer", "0"], ["--backbone", "vgg"], ["--seed", "-1"]])
+@pytest.mark.parametrize("bad", [["--shuffle-buffer", "0"], ["--backbone", "vgg"], ["--seed", "-1"],
+                                 ["--momentum", "2"]])
 def test_a_refused_train_command_writes_nothing_and_the_corrected_one_runs(shards, tmp_path, bad):
     out = tmp_path / "run"
     refused = runner.invoke(app, ["train", "run", str(shards), "--out", str(out), *TRAIN, *bad])

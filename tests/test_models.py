@@ -71,6 +71,18 @@ def test_unusable_paths_raise_user_errors_with_a_fix(tmp_path, unet):
         load_generator(tmp_path / "empty")
 
 
+def test_an_unfinished_training_run_is_named_with_how_to_finish_it(tmp_path):
+    """`clsp diffusion train --out DIR` stopped before its last step: DIR holds its record and checkpoints, no unet/.
+    Passing DIR as a generator says so and gives the resume command, not "not a generator dir"."""
+    from clsp.run_dir import prepare_run_dir
+    from clsp.synth.diffusion_run_dir import GENERATOR_RUN
+
+    with prepare_run_dir(tmp_path / "gen", {"source": "digits", "steps": 100}, GENERATOR_RUN, False, False):
+        (tmp_path / "gen" / "checkpoints").mkdir()
+    with pytest.raises(UserError, match=r"has not finished .*`clsp diffusion train digits --out .*gen --resume`"):
+        load_generator(str(tmp_path / "gen"))
+
+
 def test_pickle_weights_are_never_loaded(tmp_path, unet):
     unet.save_config(tmp_path / "bin")
     (tmp_path / "bin" / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle, must never be unpickled")

@@ -49,8 +49,13 @@ def test_loader_processes_get_cores_of_their_own(monkeypatch):
     monkeypatch.setattr(accelerator, "available_cores", lambda: 8)
     monkeypatch.setattr(accelerator, "_TORCH_DEFAULT_THREADS", before)  # nobody has chosen a count yet
     try:
-        assert accelerator.threads_beside_workers(2, processes_here=2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two training processes on this machine (torchrun sets it)
+        monkeypatch.setenv("WORLD_SIZE", "16")  # of 16 over all machines: not this machine's to share
+        assert accelerator.threads_beside_workers(2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")  # no launcher: this process alone
         monkeypatch.setattr(accelerator, "_TORCH_DEFAULT_THREADS", 2)
+        assert accelerator.threads_beside_workers(2) == 6 and torch.get_num_threads() == 6
+        monkeypatch.setattr(accelerator, "_TORCH_DEFAULT_THREADS", 6)
         assert accelerator.threads_beside_workers(8) == 1  # never below one thread
         torch.set_num_threads(3)  # the user's choice stands
         assert accelerator.threads_beside_workers(2) is None and torch.get_num_threads() == 3

@@ -3,6 +3,7 @@ them, and a tiny end-to-end study that trains, scores, reports and resumes."""
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -145,10 +146,35 @@ def test_study_command_passes_options_and_refuses_bad_ones_before_training(tiny_
                        (["--methods", "simclr,nope"], "unknown method 'nope'"),
                        (["--seeds", "0,x"], "must be comma-separated integers"),
                        (["--seeds", "0,0"], "give each once"),
-                       (["--folds", "1"], "--folds must be >= 2")):
+                       (["--folds", "1"], "--folds must be >= 2"),
+                       (["--folds", "100"], "got 100 folds of 36 images")):
         refused = CliRunner().invoke(app, ["eval", "study", str(shards), "--out", str(root / "x"), *bad])
         assert refused.exit_code == 2 and words in refused.output, (bad, refused.output)
         assert not (root / "x").exists()  # refused before anything was written
+
+
+def test_a_streamed_run_with_other_loader_processes_is_refused_before_training(tiny_world):
+    """A streamed run's order depends on its loader processes (train refuses to resume it with another count): the
+    study refuses such a run folder before anything trains, not when it reaches that run."""
+    from clsp.errors import UserError
+    from clsp.shards.manifest import read_manifest
+    from clsp.study import StudyConfig, check_trained_as_planned, plan
+    from clsp.train.loop import train
+
+    root, shards, source = tiny_world
+    streamed = (*TINY_TRAIN, ("cache", False))  # workers 0: read in the training process, as one loader would
+    config = StudyConfig(str(shards), source, str(root / "streamed"), positives=("none",), seeds=(0,), folds=2,
+                         train_preset=None, train_options=streamed)
+    (run,) = plan(config)
+    train(run)
+    check_trained_as_planned(plan(config), read_manifest(shards))  # the same plan: accepted
+    two = replace(config, train_options=(*streamed, ("workers", 2)))
+    with pytest.raises(UserError, match=r"simclr-none-seed0 was trained otherwise .*data.stream_workers: 1 there, "
+                                        r"2 now"):
+        check_trained_as_planned(plan(two), read_manifest(shards))
+    cached = replace(config, train_options=(*TINY_TRAIN, ("workers", 2)))  # from memory: no loader processes
+    with pytest.raises(UserError, match=r"config.cache: False there, True now"):
+        check_trained_as_planned(plan(cached), read_manifest(shards))
 
 
 def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_world, capsys):
@@ -184,3 +210,63 @@ def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_worl
         serial = load_file(str(root / "serial" / "runs" / name / "backbone.safetensors"))
         assert parallel.keys() == serial.keys()
         assert all(torch.equal(parallel[key], serial[key]) for key in parallel), name
+
+
+def _lock_held(run_dir) -> bool:
+    """Whether a process holds run_dir's flock (the kernel drops it when its holder dies)."""
+    import fcntl
+
+    lock = run_dir / ".clsp-lock"
+    if not lock.is_file():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def _wait_for(condition, what: str, limit_s: float = 120.0) -> None:
+    """Poll until `condition()` holds; a guard against hanging (not a speed limit): fails after limit_s."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {limit_s:.0f} s for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_path, signal_name):
+    """SIGTERM (a scheduler's stop) ends the study and the runs it is training; kill -9 of the study ends them too
+    (they watch their parent). Either way no orphan goes on training and holding its run folder's lock, which made a
+    rerun answer "in use by another run"."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root, shards, source = tiny_world
+    long = {**dict(TINY_TRAIN), "epochs": 100000}  # trains until stopped
+    options = [arg for key, value in long.items() for arg in ("--train-option", f"{key}={json.dumps(value)}")]
+    out = tmp_path / "study"
+    study = subprocess.Popen([sys.executable, "-m", "clsp", "eval", "study", str(shards), "--source", source,
+                              "--out", str(out), "--positives", "none,synthetic", "--seeds", "0", "--folds", "2",
+                              "--preset", "paper", "--jobs", "2", *options],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    runs = [out / "runs" / name for name in ("simclr-none-seed0", "simclr-synthetic-seed0")]
+    try:
+        _wait_for(lambda: all(_lock_held(run) for run in runs) or study.poll() is not None, "both runs to train")
+        assert study.poll() is None, study.communicate()
+        study.send_signal(getattr(signal, signal_name))
+        _, stderr = study.communicate(timeout=120)
+    finally:
+        if study.poll() is None:
+            study.kill()
+    assert study.returncode != 0
+    if signal_name == "SIGTERM":
+        assert "stopped by signal" in stderr and "Traceback" not in stderr, stderr
+    _wait_for(lambda: not any(_lock_held(run) for run in runs), "the training processes to end")

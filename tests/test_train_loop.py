@@ -102,6 +102,21 @@ def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, t
     assert log_steps(out) == list(range(1, 7))
 
 
+def test_a_one_split_knn_source_is_refused_with_a_fix_training_has(shards, tmp_path):
+    """The monitor scores a test split against a train split: a one-split source is refused before anything is
+    written, with a fix `clsp train run` has (the source's own message points to eval's --test-source)."""
+    import numpy as np
+
+    from conftest import write_hf_parquet
+
+    one_split = tmp_path / "labelled.parquet"
+    write_hf_parquet(one_split, [np.full((8, 8, 3), 40 * i, np.uint8) for i in range(4)], [0, 1, 0, 1])
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"--knn-source parquet:.* is one split .*drop --knn-every .*clsp eval knn"):
+        train(make_config(**options(shards, out, knn_every=1, knn_source=f"parquet:{one_split}")))
+    assert not out.exists()
+
+
 def test_each_method_records_its_own_settings_and_older_records_still_resume(shards, tmp_path):
     out = tmp_path / "run"
     train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from clsp.errors import UserError
 from clsp.knn import knn_predict
 from clsp.train.augment import DEFAULT_MEAN, DEFAULT_STD, EvalTransform
 from clsp.train.backbones import embed
@@ -14,10 +15,17 @@ class KnnMonitor:
     train split -> test split."""
 
     def __init__(self, spec: str, size: int, limit: int = 5000):
-        from clsp.sources import load_arrays, open_source
+        from clsp.sources import OneSplitError, load_arrays, open_source
 
         self.bank = load_arrays(open_source(spec, "train", image_size=size), limit)[:2]
-        self.query = load_arrays(open_source(spec, "test", image_size=size), limit)[:2]
+        try:
+            test = open_source(spec, "test", image_size=size)
+        except OneSplitError:  # its own message points to eval's --test-source, which training does not have
+            raise UserError(f"--knn-source {spec} is one split (no file or folder named for train and test), and the "
+                            f"monitor scores its test split against its train split: give a source with both, or "
+                            f"drop --knn-every and score the finished run with `clsp eval knn RUN --test-source ...`"
+                            ) from None
+        self.query = load_arrays(test, limit)[:2]
         self.transform = EvalTransform(size, DEFAULT_MEAN, DEFAULT_STD)
 
     @torch.no_grad()

@@ -60,11 +60,11 @@ def _upgrade_record(record: dict) -> dict:
         record["method"] = {key: value for key, value in settings.items() if key in setting_names(method)}
     data = record.get("data")
     if isinstance(data, dict) and "cache" not in config and "stream_workers" not in data and "workers" in config:
-        data["stream_workers"] = _stream_workers(config["workers"])  # older records: streamed with config.workers
+        data["stream_workers"] = stream_workers(config["workers"])  # older records: streamed with config.workers
     return record
 
 
-def _stream_workers(workers: int) -> int:
+def stream_workers(workers: int) -> int:
     """The loader processes a streamed run's order depends on: each reads its own shards through its own shuffle
     buffer (train.stream), so a resume with another count would visit other anchors. 0 (in the training process)
     reads as one would."""
@@ -141,8 +141,9 @@ class TrainConfig:
              f"{' or '.join(RESNET_LAYOUTS)}")
         for name in ("width", "epochs", "batch_size", "shuffle_buffer"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        need(self.lr > 0 and self.momentum >= 0 and self.weight_decay >= 0, "--lr must be > 0, momentum and "
-             "weight decay >= 0")
+        need(self.lr > 0 and self.weight_decay >= 0, "--lr must be > 0 and --weight-decay >= 0")
+        need(0 <= self.momentum < 1, f"--momentum {self.momentum}: SGD momentum must lie in [0, 1), e.g. 0.9 (at 1 "
+             f"or more the updates grow without bound)")
         need(0 <= self.warmup_epochs <= self.epochs,
              f"--warmup-epochs ({self.warmup_epochs}) must lie in 0..--epochs ({self.epochs}): lower it, or leave it "
              f"out for {WARMUP_SHARE:.0%} of a short run")
@@ -264,7 +265,7 @@ def _run_record(cfg: TrainConfig, manifest: Manifest, built: dict, cached: bool,
                     "source": manifest.run["source"], "generator": manifest.run.get("generator"),
                     "shards_sha256": shards_sha256(manifest), "world_size": world, "steps_per_epoch": spe}}
     if not cached:  # --workers stays operational for the cached input, which has no loader processes
-        run["data"]["stream_workers"] = _stream_workers(cfg.workers)
+        run["data"]["stream_workers"] = stream_workers(cfg.workers)
     if world > 1:  # --batch-size became global: a several-process run begun when it was per process is not resumed
         run["data"]["per_process_batch"] = per_process
     return run

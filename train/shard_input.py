@@ -55,7 +55,7 @@ def open_input(cfg: TrainConfig, manifest: Manifest, draw: PositiveDraw | None, 
     else:
         stream = ShardStream(stream_cfg, contract.rows, contract, draw)
         if acc.device.type == "cpu" and cfg.workers:  # the model's threads beside the loader processes, not on them
-            threads_beside_workers(cfg.workers, acc.num_processes)
+            threads_beside_workers(cfg.workers)
         loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                             generator=torch.Generator())  # own generator: iterators must not consume the global RNG
     return stream, loader
