@@ -169,8 +169,13 @@ class Source:
 
     def records(self, start: int, stop: int) -> Iterator[Record]:
         """Records at positions [start, stop) of the id order."""
-        for item in self._items()[start:stop]:
-            record = self._load(item)
+        return self.records_at(range(start, min(stop, len(self))))
+
+    def records_at(self, positions) -> Iterator[Record]:
+        """Records at these positions of the id order."""
+        items = self._items()
+        for position in positions:
+            record = self._load(items[position])
             if self._size is not None and record.image.shape != (self._size, self._size, 3):
                 raise UserError(
                     f"{self.name}: image {record.anchor_id} is {record.image.shape[1]}x{record.image.shape[0]}, "
@@ -241,8 +246,13 @@ def refuse_out_inside(spec: str, out: str | Path) -> None:
 
 
 def load_arrays(source: Source, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The whole source (or its first `limit` images) in memory: images (N, H, W, 3) uint8, labels (N,), ids."""
-    records = list(source.records(0, len(source) if limit is None else min(limit, len(source))))
+    """The whole source in memory: images (N, H, W, 3) uint8, labels (N,), ids. With `limit`, at most that many,
+    evenly spaced over the id order: a folder source lists its images class by class, and its first `limit` images
+    would be its first classes only."""
+    if limit is None or limit >= len(source):
+        records = list(source)
+    else:
+        records = list(source.records_at(np.unique(np.linspace(0, len(source) - 1, max(limit, 1)).round().astype(int))))
     if not records:
         raise UserError(f"{source.name} holds no images")
     images = np.stack([r.image for r in records])

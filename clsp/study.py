@@ -157,7 +157,6 @@ def _train_on_threads(run, threads: int, log_file: str) -> str:
 
     from clsp.train.loop import train
 
-    _exit_with_parent(os.getppid())
     with open(log_file, "a") as log:
         os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike
         sys.stderr = log
@@ -166,9 +165,10 @@ def _train_on_threads(run, threads: int, log_file: str) -> str:
 
 
 def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
-    """End this pool process when the study that started it is gone (kill -9, or a SIGTERM that came before its
-    handler): an orphan would go on training and hold its run folder's lock, so a rerun would find it "in use".
-    Checkpoints are written atomically, so exiting mid-step loses at most the steps since the last one."""
+    """The pool processes' initializer: end this process when the study that started it (pid `parent`) is gone
+    (kill -9, or a SIGTERM that came before its handler). An orphan would go on training and hold its run folder's
+    lock, so a rerun would find it "in use". Checkpoints are written atomically: exiting mid-step loses at most the
+    steps since the last one."""
     import os
     import threading
 
@@ -210,7 +210,8 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()  # the only thread that may set handlers
     previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
     others = set(multiprocessing.active_children())  # started before the pool: not ours to stop
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
+                               initargs=(os.getpid(),))
     try:
         futures = [pool.submit(_train_on_threads, run, threads, str(log_dir / f"{Path(run.out).name}.log"))
                    for run in runs]

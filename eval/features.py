@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from clsp.accelerator import resolve_device  # the one device check (--device cuda without CUDA is a UserError)
+from clsp.errors import UserError
 from clsp.file_io import write_atomic
 from clsp.hashing import weights_sha256
 from clsp.train.augment import EvalTransform
@@ -36,8 +37,13 @@ def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[fl
 def _embed(backbone: nn.Module, images: np.ndarray, mean, std, batch_size: int, device: torch.device) -> np.ndarray:
     backbone.to(device).eval()  # eval: BN uses its running stats and does not update them
     transform = EvalTransform(images.shape[1], mean, std)  # no resize: the images' own size
-    return embed(backbone, images, transform, batch_size, device, progress=f"features of {len(images)} images"
-                 ).cpu().numpy()  # (N, D) float32
+    features = embed(backbone, images, transform, batch_size, device, progress=f"features of {len(images)} images"
+                     ).cpu().numpy()  # (N, D) float32
+    broken = int((~np.isfinite(features).all(axis=1)).sum())
+    if broken:  # kNN ranks NaN similarities first and the probe fits NaN: the scores would be garbage, not low
+        raise UserError(f"the backbone gives non-finite features (NaN or inf) for {broken} of {len(images)} images: "
+                        f"its weights are broken (did its training diverge? see its log.csv); retrain it")
+    return features
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -10,10 +10,11 @@ import numpy as np
 from clsp.accelerator import resolve_device
 
 
-def sampler_config(w: float, steps: int, eta: float):
+def sampler_config(w: float, steps: int, eta: float, **options):
+    """The synth job's SamplerConfig; `options`: its other fields (noise, share_anchor_noise), else their defaults."""
     from clsp.synth.sampler import SamplerConfig
 
-    return SamplerConfig(w=float(w), steps=int(steps), eta=float(eta))
+    return SamplerConfig(w=float(w), steps=int(steps), eta=float(eta), **options)
 
 
 def card_source(generator: str) -> tuple[str | None, str | None]:

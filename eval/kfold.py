@@ -58,6 +58,8 @@ def kfold_accuracy(features: np.ndarray, labels: np.ndarray, ids: Sequence[str],
         raise ValueError(f"need features (N, D) and integer labels (N,), got {features.shape} and {labels.shape}")
     if labels.size and labels.min() < 0:
         raise ValueError("labels hold unknown entries (-1): k-fold scoring needs every image labelled")
+    if 20 not in ks:  # knn_k20 is reported beside the best k: without 20 it would be another k's score
+        raise ValueError(f"ks {tuple(ks)} must include 20 (the k every run reports beside its best)")
     if len(ids) != labels.shape[0]:
         raise ValueError(f"{len(ids)} ids for {labels.shape[0]} images: pass one id per image")
     fold = assign_folds(ids, folds)  # (N,)

@@ -120,17 +120,18 @@ def plot_tsne(
     return save_figure(fig, out_png)
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
+def plot_run(run_dir: str | Path, out_dir: str | Path, weights: str | None = None) -> list[Path]:
     """A run's pictures from its files: training curves (log.csv) and a t-SNE of the test embeddings its result names
     (eval/results.json, knn.json or linear.json last written from its current weights), when present and of at least
-    TSNE_MIN_POINTS test images (fewer: a note, no picture)."""
+    TSNE_MIN_POINTS test images (fewer: a note, no picture). `weights`: the current weights' sha256 when the caller
+    has just checked it (eval.results.current_weights), so the backbone is not loaded a second time."""
     from clsp.eval.results import current_result, current_weights
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     written = []
     if (run_dir / "log.csv").is_file():
         written.append(plot_training(run_dir / "log.csv", out_dir / f"{run_dir.name}-training.png", run_dir.name))
-    weights = current_weights(run_dir)
+    weights = weights or current_weights(run_dir)
     results = [current_result(run_dir, name, weights)[0] for name in ("results.json", "knn.json", "linear.json")]
     result = next((r for r in results if r is not None and r.get("test_features") and r.get("test_labels")), None)
     if result is not None:  # the embeddings, labels and class names of one evaluation of these weights

@@ -113,8 +113,8 @@ def write_report(rows: list[dict], run_dirs: list[str | Path], out: str | Path, 
           "noise.", "", *_method_tables(groups, comparisons), "## Verdict", "", *lines, "", "## Pictures", ""]
     summary_png = plot_summary(groups, comparisons, out / "summary.png")
     md.append(f"![per-seed accuracy and paired differences]({summary_png.name})")
-    for run_dir in run_dirs:
-        for png in plot_run(run_dir, out / "pictures"):
+    for run_dir, row in zip(run_dirs, rows):  # each row's weights_sha256: its run's current weights, checked above
+        for png in plot_run(run_dir, out / "pictures", row.get("weights_sha256")):
             md.append(f"![{png.stem}]({png.relative_to(out).as_posix()})")
     md_path = write_new(out / "report.md", "\n".join(md) + "\n")
     return {"report": str(md_path), "csv": str(csv_path), "groups": groups, "comparisons": comparisons,

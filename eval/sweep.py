@@ -68,6 +68,7 @@ class _Plan:
     shards_run: dict | None  # the shard manifest's run record, when the target is a shard dir
     settings: tuple[tuple[float, int], ...]  # (w, steps), sorted
     marked: tuple[float, int] | None  # the shards' own setting
+    sampling: dict  # the shards' generator of noise and anchor-noise sharing ({}: the sampler's defaults)
 
 
 def _plan(config: SweepConfig) -> _Plan:
@@ -80,6 +81,7 @@ def _plan(config: SweepConfig) -> _Plan:
         if config.model is not None and config.model != config.target:
             raise ValueError(f"{config.target} is a generator, not a shard dir: leave --model out (or pass shards)")
         generator, spec, defaults, marked = config.target, config.source or card_source(config.target)[0], {}, None
+        sampling = {}
     else:
         generator = config.model
         if generator is None:
@@ -90,13 +92,14 @@ def _plan(config: SweepConfig) -> _Plan:
         spec = config.source or run.get("source", {}).get("spec")
         defaults = {"k": run.get("k"), "eta": sampler.get("eta"), "seed": run.get("seed")}
         marked = (float(sampler["w"]), int(sampler["steps"]))
+        sampling = {key: sampler[key] for key in ("noise", "share_anchor_noise") if key in sampler}  # as they were made
     if spec is None:
         raise ValueError(f"{generator} records no source: pass --source, the labelled data it was trained on")
     settings = {(float(w), int(s)) for w in config.ws for s in config.steps} | ({marked} if marked else set())
     pick = lambda name, fallback: next(v for v in (getattr(config, name), defaults.get(name), fallback)  # noqa: E731
                                        if v is not None)
     return _Plan(generator, spec, int(pick("k", 4)), float(pick("eta", 0.1)), int(pick("seed", 0)), run,
-                 tuple(sorted(settings, key=lambda ws: (ws[1], ws[0]))), marked)
+                 tuple(sorted(settings, key=lambda ws: (ws[1], ws[0]))), marked, sampling)
 
 
 def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
@@ -131,7 +134,7 @@ def sweep(config: SweepConfig) -> dict:
     """Audit numbers of K positives per anchor at every (w, steps) setting, beside the nearest real neighbour."""
     from clsp.sources import load_arrays, open_source
     from clsp.eval.audit import AuditConfig, fit_reference
-    from clsp.eval.generator_samples import image_size
+    from clsp.eval.generator_samples import image_size, sampler_config
 
     plan = _plan(config)
     unet, scheduler, info, device = _open_generator(config, plan)
@@ -143,7 +146,7 @@ def sweep(config: SweepConfig) -> dict:
         raise ValueError(f"the shards' images are {anchors.shape[1]} px, the generator's {size} px: sweep the "
                          "generator that made them")
     audit_config = AuditConfig(max_anchors=config.anchors, pca_components=config.pca_components, seed=plan.seed)
-    reference = fit_reference(real, real_labels, audit_config)
+    reference = fit_reference(real, real_labels, audit_config, audit_config.folds)
 
     def audit(positives):  # (A, K, H, W, 3) -> the audit's numbers, in the one fitted feature space
         from clsp.eval.audit import audit_arrays
@@ -157,6 +160,7 @@ def sweep(config: SweepConfig) -> dict:
         "shards": config.target if plan.shards_run is not None else None,
         "source": {"spec": plan.spec, "split": "train", "fingerprint": source.fingerprint(), "count": len(real)},
         "anchors": len(ids), "k": plan.k, "eta": plan.eta, "seed": plan.seed,
+        "noise": sampler_config(0.0, 1, plan.eta, **plan.sampling).noise,  # the bytes of the positives depend on it
         "labelled_anchors": last["labelled_anchors"],
         "feature_space": last["feature_space"],
         "typical_real_pair_distance": last["typical_real_pair_distance"],
@@ -180,7 +184,7 @@ def _measure(config: SweepConfig, plan: _Plan, anchors, model, audit) -> tuple[l
     with tqdm(total=len(plan.settings) * len(records) * plan.k, desc="sweep", unit="img", dynamic_ncols=True) as bar:
         for w, steps in plan.settings:
             bar.set_postfix(w=w, steps=steps)
-            sampler = sampler_config(w, steps, plan.eta)
+            sampler = sampler_config(w, steps, plan.eta, **plan.sampling)
             cfg = synth_config(plan.generator, plan.spec, config.out, plan.k, sampler, plan.seed)
             last = audit(sample_records(cfg, records, *model, config.batch_size, bar))
             points.append({"w": w, "steps": steps, **{key: last[key]["synthetic"] for key in METRICS},
@@ -212,7 +216,8 @@ def sweep_csv(result: dict) -> str:
 def sweep_markdown(result: dict) -> str:
     fmt = lambda v, p=1: "n/a" if v is None or v != v else f"{v:.{p}f}"  # noqa: E731  (None or NaN)
     lines = [f"Sweep of {result['generator']['model_id']} on {result['anchors']} anchors of {result['source']['spec']}"
-             f" x K = {result['k']} (eta {result['eta']}, seed {result['seed']}). Feature space: "
+             f" x K = {result['k']} (eta {result['eta']}, seed {result['seed']}, {result.get('noise', 'counter')} "
+             f"noise). Feature space: "
              f"{result['feature_space']}; two random real images lie {result['typical_real_pair_distance']:.2f} apart.",
              "", "| w | steps | class agreement, % | distance to anchor | diversity among K |", "|---|---|---|---|---|"]
     for row in sweep_rows(result):

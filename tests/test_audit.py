@@ -62,3 +62,25 @@ def test_audit_refuses_size_mismatch():
     real, labels = digit_like(5, 3)
     with pytest.raises(ValueError, match="image size"):
         audit_arrays(real[:2, :4, :4], np.zeros((2, 2, 4, 4, 3), np.uint8), labels[:2], real, labels, config=CONFIG)
+
+
+def test_real_images_are_scored_by_a_classifier_that_did_not_see_them():
+    """Labels that have nothing to do with the pixels: a classifier fitted on every real image recalls many of them
+    (its own training labels), which made the anchors and their neighbours look far more class-consistent than the
+    positives. Scored as unseen (each image by the fold that left it out, each positive by the fold that left out its
+    anchor), every column is near chance, as it must be when there is nothing to learn."""
+    from clsp.eval.audit import fit_reference
+
+    rng = np.random.default_rng(5)
+    real = rng.integers(0, 256, size=(90, 8, 8, 3)).astype(np.uint8)
+    labels = rng.integers(0, 3, 90)  # chance: 1/3
+    config = AuditConfig(max_anchors=90, pca_components=48)
+    seen = fit_reference(real, labels, config).classifier
+    remembered = float((seen.predict(fit_reference(real, labels, config).features(real)) == labels).mean()) * 100
+    assert remembered > 90  # in sample, the classifier knows its training labels
+    positives = real[:, None].repeat(2, axis=1)  # (90, 2, 8, 8, 3): each anchor's positives are its own pixels
+    result = audit_arrays(real, positives, labels, real, labels, np.arange(90), config=config)
+    agreement = result["agreement_pct"]
+    for column in ("synthetic", "nearest_real", "anchor_itself"):
+        assert agreement[column] < 60, (column, agreement)
+    assert agreement["synthetic"] == agreement["anchor_itself"]  # the same pixels, by the same (anchor's) classifier

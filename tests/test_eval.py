@@ -141,6 +141,21 @@ def test_feature_cache_is_keyed_by_weights(tmp_path):
     assert json.loads((tmp_path / "abc.json").read_text())["weights_sha256"] == weights_sha256(backbone)
 
 
+def test_a_backbone_with_non_finite_weights_is_refused_not_scored(tmp_path):
+    """NaN features would be scored without a word (kNN ranks NaN first: 23 % instead of 77 % with one NaN row), so
+    the features are refused, naming the fix, and nothing is cached."""
+    from clsp.errors import UserError
+
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", width=2, small_stem=True)
+    with torch.no_grad():
+        backbone.conv1.weight[0, 0, 0, 0] = float("nan")  # as a diverged run leaves it
+    images, _ = tiny_images(6, 2)
+    with pytest.raises(UserError, match=r"non-finite features .* for 6 of 6 images.*retrain it"):
+        extract_features(backbone, images, (0.5,) * 3, (0.25,) * 3, cache_dir=tmp_path, source_fingerprint="abc")
+    assert not list(tmp_path.iterdir())
+
+
 def test_write_new_never_overwrites_a_different_result(tmp_path, capsys):
     target = tmp_path / "r.json"
     assert write_new(target, "a") == target

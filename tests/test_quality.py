@@ -72,6 +72,14 @@ def test_evaluate_generator_scores_plain_samples_beside_held_out_real_images(gen
     assert evaluate_generator(config)["generated"] == generated  # every sample's noise is keyed on its index
 
 
+def test_every_row_is_scored_at_one_count_when_the_held_out_split_is_smaller(generator, capsys):
+    """The Frechet distance and precision / recall shift with the count: 500 generated images against 360 held-out
+    ones (the digits' test split) made the held-out scale look worse than it is. Every row takes the smaller count."""
+    result = evaluate_generator(QualityConfig(str(generator), samples=500, steps=2, pca_components=8))
+    assert result["generated"]["count"] == result["real_sample"] == result["heldout_real"]["count"] == 360
+    assert "every row is scored on 360 images, not 500" in capsys.readouterr().err
+
+
 def test_cli_writes_quality_files_and_records_them_in_the_card(generator):
     result = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "16", *FAST])
     assert result.exit_code == 0, result.output

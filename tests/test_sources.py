@@ -81,6 +81,21 @@ def test_image_folder_with_classes_and_resizing(tmp_path):
     assert images.shape == (8, 8, 8, 3) and labels.tolist() == [0] * 4 + [1] * 4
 
 
+def test_a_limited_load_spreads_over_every_class_of_a_class_sorted_folder(tmp_path):
+    """A folder source lists its images class by class: `limit` images (the training loop's kNN monitor takes 5,000)
+    spread over all of it, not the first classes only (CIFAR-10 as folders would have given class 0 alone)."""
+    rng = np.random.default_rng(1)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            (tmp_path / name / f"{i}.png").write_bytes(_png(rng))
+    source = open_source(f"folder:{tmp_path}")
+    images, labels, ids = load_arrays(source, limit=6)
+    assert len(ids) == 6 and sorted(set(labels.tolist())) == [0, 1, 2]
+    assert ids == sorted(ids) and ids[0] == "a-0" and ids[-1] == "c-3"  # evenly spaced, first to last, in id order
+    assert load_arrays(source, limit=100)[2] == load_arrays(source)[2]
+
+
 def test_long_file_names_give_short_unique_ids_the_shards_accept(tmp_path):
     rng = np.random.default_rng(0)
     long_name = "photo_" + "x" * 84  # with its class: 92 characters, over the schema's 80

@@ -40,6 +40,9 @@ def test_kfold_accuracy_scores_every_image_and_ignores_input_order():
     again = kfold_accuracy(features[order], labels[order], [ids[i] for i in order], folds=5, probe=FAST_PROBE)
     assert again["knn"] == scores["knn"]  # the same folds: the same banks, the same predictions
     assert np.array_equal(again["correct"]["knn_best"], scores["correct"]["knn_best"][order])
+    for ks in ((5, 10), (5, 50)):  # knn_k20 would be k = 10's score, or a KeyError
+        with pytest.raises(ValueError, match="must include 20"):
+            kfold_accuracy(features, labels, ids, folds=5, probe=FAST_PROBE, ks=ks)
 
 
 def test_paired_interval_matches_a_hand_computed_student_t():

@@ -54,12 +54,13 @@ def test_sweep_writes_one_point_per_setting_and_the_nearest_real_reference(gener
 def test_the_point_at_the_shards_setting_is_the_audit_of_those_shards(generator, tmp_path):
     shards = tmp_path / "shards"
     run_synth(SynthConfig(source="digits", model=str(generator), out=shards, image_size=SIZE, k=2, device="cpu",
-                          sampler=SamplerConfig(w=0.1, steps=2), anchors_per_shard=4, limit=8))
+                          sampler=SamplerConfig(w=0.1, steps=2, noise="cpu-generator"), anchors_per_shard=4, limit=8))
     result = sweep(SweepConfig(str(shards), str(tmp_path / "sweep"), model=str(generator), ws=(1.0,), steps=(3,),
                                anchors=5, pca_components=8))
     assert [(p["w"], p["steps"], p["shards_setting"]) for p in result["settings"]] == [(0.1, 2, True),
                                                                                         (1.0, 3, False)]
-    assert result["k"] == 2 and result["shards"] == str(shards)  # K, eta and seed come from the shards
+    assert result["k"] == 2 and result["shards"] == str(shards)  # K, eta, seed and noise come from the shards
+    assert result["noise"] == "cpu-generator"  # not the sampler's default (counter): the shards' own draws
     audit = audit_shards(str(shards), "digits", AuditConfig(max_anchors=5, pca_components=8))
     at_shards = result["settings"][0]
     assert at_shards["agreement_pct"] == pytest.approx(audit["agreement_pct"]["synthetic"])

@@ -12,7 +12,7 @@ from clsp.train.backbones import embed
 
 class KnnMonitor:
     """Weighted kNN top-1 in percent (k 20, cosine, T 0.07; as eval reports it) of the backbone on a labelled source:
-    train split -> test split."""
+    train split -> test split, at most `limit` images of each, spread over the split (sources.load_arrays)."""
 
     def __init__(self, spec: str, size: int, limit: int = 5000):
         from clsp.sources import OneSplitError, load_arrays, open_source
