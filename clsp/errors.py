@@ -18,6 +18,11 @@ class UserError(ValueError):
     ``error:`` line (clsp/cli.py); stage commands turn the ValueErrors of their configs into UserErrors."""
 
 
+class StoppedBySigterm(UserError):
+    """A run that SIGTERM stopped after it saved a checkpoint; the message says how to go on (a caller that ran it, such
+    as the study, may say it in its own terms)."""
+
+
 _AGAIN = "then run the same command again"
 OS_PROBLEMS = {  # errno -> (what happened, the fix)
     errno.ENOSPC: ("the disk is full", f"free some space, {_AGAIN}"),

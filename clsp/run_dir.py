@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from clsp.errors import UserError
-from clsp.file_checks import SMALL_JSON, json_with, small_json
+from clsp.file_checks import SMALL_JSON, is_temp_of, json_with, small_json
 from clsp.file_io import write_json
 
 MARKER = "clsp_run"  # record key naming the kind of run: what marks a folder as ours
@@ -184,11 +184,15 @@ def _claim(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool
     _check_folder(out, record, kind, resume, overwrite)  # read only: a refusal changes nothing
     made = tuple(p for p in (out, *out.parents) if not p.exists())
     out.mkdir(parents=True, exist_ok=True)
-    run = RunDir(out, kind, resumed=False, lock=_lock(out, kind), made=made)
+    run = RunDir(out, kind, resumed=False, lock=lock_folder(out, kind.name), made=made)
     try:
         old = _check_folder(out, record, kind, resume, overwrite)  # again under the lock: another run may have ended
-        if old is not None and overwrite:
-            remove_files(out, kind.owned(out))
+        if old is not None and overwrite:  # the record last: killed midway, the folder is still a run of ours
+            record_file = out / kind.record_file
+            remove_files(out, [p for p in kind.owned(out) if p != record_file] + [record_file])
+        for temp in out.glob(f".{kind.record_file}.tmp-*"):  # a record write that a kill -9 cut short
+            if is_temp_of(kind.record_file)(temp):
+                temp.unlink(missing_ok=True)
         run.resumed = old is not None and not overwrite
         write_json(out / kind.record_file, record)
     except BaseException:
@@ -230,7 +234,8 @@ def _not_ours(out: Path, kind: RunKind) -> str | None:
     """Why `out` must not be used for a `kind` run, or None (new, empty, or a `kind` run of ours)."""
     if not out.is_dir():
         return None
-    entries = [p for p in out.iterdir() if not (p.name == LOCK_FILE and _is_lock(p))]
+    entries = [p for p in out.iterdir() if not (p.name == LOCK_FILE and _is_lock(p))
+               and not is_temp_of(kind.record_file)(p)]  # a fresh claim killed while writing its record
     if not entries or read_record(out, kind) is not None:
         return None
     for path in entries:
@@ -246,8 +251,9 @@ def _is_lock(path: Path) -> bool:
     return path.is_file() and (path.stat().st_size == 0 or json_with("clsp_lock")(path))
 
 
-def _lock(out: Path, kind: RunKind) -> IO:
-    """Exclusive lock on the folder, or UserError naming who holds it."""
+def lock_folder(out: Path, kind: str) -> IO:
+    """Exclusive lock on the folder (flock on OUT/.clsp-lock, naming this process and `kind`), or UserError naming who
+    holds it. Held until the returned handle is closed, or its process ends."""
     handle = open(out / LOCK_FILE, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -263,7 +269,7 @@ def _lock(out: Path, kind: RunKind) -> IO:
                         f" wait for it to finish or stop it, or choose another --out") from None
     handle.seek(0)
     handle.truncate()
-    handle.write(json.dumps({"clsp_lock": kind.name, "pid": os.getpid(), "host": socket.gethostname(),
+    handle.write(json.dumps({"clsp_lock": kind, "pid": os.getpid(), "host": socket.gethostname(),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": shlex.join(sys.argv)}) + "\n")
     handle.flush()
     return handle

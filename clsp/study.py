@@ -18,8 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from clsp.errors import UserError
+from clsp.errors import StoppedBySigterm, UserError
 from clsp.eval.evaluate import EvalConfig
+from clsp.run_dir import lock_folder
 
 
 @dataclass(frozen=True)
@@ -125,19 +126,28 @@ def study(cfg: StudyConfig) -> dict:
     eval_config = replace(cfg.eval, source=spec)
     print(f"study: {len(runs)} runs, each scored by {cfg.folds}-fold over the {len(data.ids)} labelled images of "
           f"{spec}")
-    pending = [run for run in runs if (load_kfold(run.out) or {}).get("scoring") != scoring]
-    if cfg.jobs > 1 and len(pending) > 1:
-        train_in_parallel(pending, cfg.jobs, Path(cfg.out) / "train-logs")
-    for run in runs:
-        name = Path(run.out).name
-        if run not in pending:
-            print(f"{name}: trained and scored already, skipped")
-            continue
-        train(run)  # a finished run returns at once; an unfinished one resumes
-        started = time.perf_counter()
-        result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
-        print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "
-              f"({time.perf_counter() - started:.1f} s to score)")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)  # everything is checked: claim --out for the whole study
+    lock = lock_folder(Path(cfg.out), "study")  # a second study here would take runs this one has not begun
+    try:
+        pending = [run for run in runs if (load_kfold(run.out) or {}).get("scoring") != scoring]
+        if cfg.jobs > 1 and len(pending) > 1:
+            train_in_parallel(pending, cfg.jobs, Path(cfg.out) / "train-logs")
+        for run in runs:
+            name = Path(run.out).name
+            if run not in pending:
+                print(f"{name}: trained and scored already, skipped")
+                continue
+            try:
+                train(run)  # a finished run returns at once; an unfinished one resumes
+            except StoppedBySigterm:  # its own message names `clsp train run --resume`, which is not how to go on
+                raise UserError(f"the study was stopped by SIGTERM while training {name}, whose checkpoint is saved: "
+                                f"run the same `clsp eval study` command again to go on") from None
+            started = time.perf_counter()
+            result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
+            print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "
+                  f"({time.perf_counter() - started:.1f} s to score)")
+    finally:
+        lock.close()  # releases the flock
     run_dirs = [Path(run.out) for run in runs]
     rows = [load_kfold(d) for d in run_dirs]
     scored = (f"{cfg.folds}-fold evaluation over all {len(data.ids)} labelled images of {spec} (each image scored by "
@@ -157,6 +167,8 @@ def _train_on_threads(run, threads: int, log_file: str) -> str:
 
     from clsp.train.loop import train
 
+    if _STOPPING is not None and _STOPPING.is_set():  # handed over in advance while the study was being stopped
+        return None
     with open(log_file, "a") as log:
         os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike
         sys.stderr = log
@@ -164,11 +176,25 @@ def _train_on_threads(run, threads: int, log_file: str) -> str:
         return Path(train(run)).name
 
 
+_STOPPING = None  # in a pool process: the study's stop flag (a multiprocessing Event), set when it is being stopped
+
+
+def _pool_process_setup(parent: int, stopping) -> None:
+    """The pool processes' initializer. Ctrl-C is the study's to handle: it stops its runs with SIGTERM, which training
+    answers with a checkpoint at the end of its step; a run the pool handed over in advance sees `stopping` set and
+    does not start. And the process ends when the study is gone (_exit_with_parent)."""
+    import signal
+
+    global _STOPPING
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _STOPPING = stopping
+    _exit_with_parent(parent)
+
+
 def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
-    """The pool processes' initializer: end this process when the study that started it (pid `parent`) is gone
-    (kill -9, or a SIGTERM that came before its handler). An orphan would go on training and hold its run folder's
-    lock, so a rerun would find it "in use". Checkpoints are written atomically: exiting mid-step loses at most the
-    steps since the last one."""
+    """End this pool process when the study that started it (pid `parent`) is gone (kill -9, or a SIGTERM that came
+    before its handler). An orphan would go on training and hold its run folder's lock, so a rerun would find it "in
+    use". Checkpoints are written atomically: exiting mid-step loses at most the steps since the last one."""
     import os
     import threading
 
@@ -210,8 +236,10 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()  # the only thread that may set handlers
     previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
     others = set(multiprocessing.active_children())  # started before the pool: not ours to stop
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
-                               initargs=(os.getpid(),))
+    context = multiprocessing.get_context("spawn")
+    stopping = context.Event()
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_pool_process_setup,
+                               initargs=(os.getpid(), stopping))
     try:
         futures = [pool.submit(_train_on_threads, run, threads, str(log_dir / f"{Path(run.out).name}.log"))
                    for run in runs]
@@ -220,7 +248,8 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     except Exception:  # a failed run: the others already training finish (rerun the study to go on)
         pool.shutdown(wait=True, cancel_futures=True)
         raise
-    except BaseException:  # Ctrl-C or SIGTERM: stop the runs in training as well
+    except BaseException:  # Ctrl-C or SIGTERM: stop the runs in training as well, and start no other
+        stopping.set()
         for worker in set(multiprocessing.active_children()) - others:  # the pool's processes
             worker.terminate()
         pool.shutdown(wait=True, cancel_futures=True)

@@ -2,7 +2,7 @@
 
 The data set is held in memory as a uint8 tensor (fine up to CIFAR size). Step `s` draws its batch, timesteps and noise
 from a generator seeded by (seed, s) alone, and the learning rate is a function of `s`; dropout draws from torch's
-global RNGs, whose states each checkpoint holds. So a resumed run repeats an uninterrupted one exactly (on the same
+global RNGs, seeded from (seed, rank) when a run begins, whose states each checkpoint holds. So a resumed run repeats an uninterrupted one exactly (on the same
 kind of device and number of processes), and the global batch does not depend on the number of processes (each rank
 takes its slice).
 Here: the config, the presets and the run's setup and finish; synth.diffusion_steps runs the steps, synth.ddpm holds
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from clsp.errors import UserError
+from clsp.hashing import keyed_seed
 from clsp.run_dir import prepare_run_dir
 from clsp.sources import SPLITS, load_arrays, open_source, refuse_out_inside
 from clsp.synth.ddpm import build_scheduler, build_unet
@@ -236,6 +237,8 @@ def _build(cfg: DiffusionTrainConfig, size: int, start: int, accelerator) -> tup
                               f"an older clsp or elsewhere): dropout from step {start} on will differ from an "
                               f"uninterrupted run")
         accelerator.print(f"resuming {cfg.out} from step {start}")
+    else:  # dropout draws from the global RNGs: a fresh run starts them from its seed, not from whatever ran before
+        torch.manual_seed(keyed_seed("diffusion-dropout", cfg.seed, accelerator.process_index))
     return Models(unet, raw, ema, scheduler, optimizer), state
 
 

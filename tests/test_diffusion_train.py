@@ -147,6 +147,11 @@ def test_resume_with_dropout_repeats_the_uninterrupted_run_bit_for_bit(tmp_path,
     train_diffusion(tiny(out, dropout=0.5))  # dropout draws from torch's global RNG, not the step generator
     last = out / "checkpoints" / "step-000004"
     straight = {name: load_file(last / name) for name in ("unet.safetensors", "ema_unet.safetensors")}
+    torch.rand(100)  # a second fresh run of the same config, after other work moved the global RNG on: the same run
+    train_diffusion(tiny(tmp_path / "again", dropout=0.5))
+    for name, expected in straight.items():
+        again = load_file(tmp_path / "again" / "checkpoints" / "step-000004" / name)
+        assert all(torch.equal(again[k], expected[k]) for k in expected), name
     shutil.rmtree(last)
     torch.rand(100)  # whatever ran in between moved the global RNG on: the checkpoint's state must replace it
     train_diffusion(tiny(out, dropout=0.5, resume=True))

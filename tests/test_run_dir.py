@@ -86,6 +86,43 @@ def test_overwrite_deletes_only_the_files_recognised_as_ours(tmp_path):
     assert read_record(out, DEMO)["lr"] == 0.5
 
 
+def test_a_claim_or_an_overwrite_killed_midway_leaves_a_folder_the_next_command_takes(tmp_path, monkeypatch):
+    """kill -9 while a fresh claim writes its record leaves the lock and the record's temp file; kill -9 during
+    --overwrite's deletions leaves some of the old files. Neither may turn the folder into one every later command
+    refuses as "not made by clsp": the record's temp file is not a stranger's, and the record is deleted last."""
+    from clsp.file_checks import json_with
+
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / LOCK_FILE).write_text("")
+    (tmp_path / "cut" / ".demo.json.tmp-999").write_text('{"clsp_run": "de')  # the dead writer's half
+    with claim(tmp_path / "cut"):
+        pass
+    assert sorted(snapshot(tmp_path / "cut")) == [LOCK_FILE, "demo.json"]
+
+    kind = RunKind("demo", "demo.json", "clsp demo run", describe=lambda out: "a demo run",
+                   owned=lambda out: owned_files(out, {"*.txt": starts_with(b"demo:"), "demo.json": json_with("x")}))
+    out = tmp_path / "run"
+    with prepare_run_dir(out, {"x": 1}, kind, resume=False, overwrite=False):
+        for name in ("a.txt", "b.txt"):
+            (out / name).write_text("demo: result")
+    real_unlink, deleted = Path.unlink, []
+
+    def killed_after_one(path, missing_ok=False):
+        if deleted:
+            raise SystemExit("kill -9")  # nothing after the first deletion happens
+        deleted.append(path.name)
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_one)
+    with pytest.raises(SystemExit):
+        prepare_run_dir(out, {"x": 2}, kind, resume=False, overwrite=True)
+    monkeypatch.undo()
+    assert deleted == ["a.txt"] and read_record(out, kind) == {"clsp_run": "demo", "x": 1}  # still a run of ours
+    with prepare_run_dir(out, {"x": 2}, kind, resume=False, overwrite=True):
+        pass
+    assert sorted(snapshot(out)) == [LOCK_FILE, "demo.json"] and read_record(out, kind)["x"] == 2
+
+
 def test_a_fresh_run_that_fails_before_writing_leaves_nothing_but_a_started_one_is_kept(tmp_path):
     out = tmp_path / "new" / "run"
     with pytest.raises(ValueError), claim(out):

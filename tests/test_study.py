@@ -241,11 +241,12 @@ def _wait_for(condition, what: str, limit_s: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
-def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_path, signal_name):
-    """SIGTERM (a scheduler's stop) ends the study and the runs it is training; kill -9 of the study ends them too
-    (they watch their parent). Either way no orphan goes on training and holding its run folder's lock, which made a
-    rerun answer "in use by another run"."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "Ctrl-C"])
+def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_path, stop):
+    """SIGTERM (a scheduler's stop) or Ctrl-C (SIGINT to the whole process group) ends the study and the runs it is
+    training, and no run the pool had handed over in advance starts; kill -9 of the study ends them too (they watch
+    their parent). Either way no orphan goes on training and holding its run folder's lock, which made a rerun answer
+    "in use by another run"."""
     import os
     import signal
     import subprocess
@@ -256,20 +257,70 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
     options = [arg for key, value in long.items() for arg in ("--train-option", f"{key}={json.dumps(value)}")]
     out = tmp_path / "study"
     study = subprocess.Popen([sys.executable, "-m", "clsp", "eval", "study", str(shards), "--source", source,
-                              "--out", str(out), "--positives", "none,synthetic", "--seeds", "0", "--folds", "2",
+                              "--out", str(out), "--positives", "none,synthetic", "--seeds", "0,1", "--folds", "2",
                               "--preset", "paper", "--jobs", "2", *options],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    runs = [out / "runs" / name for name in ("simclr-none-seed0", "simclr-synthetic-seed0")]
+    first = [out / "runs" / name for name in ("simclr-none-seed0", "simclr-none-seed1")]  # the first two of four
     try:
-        _wait_for(lambda: all(_lock_held(run) for run in runs) or study.poll() is not None, "both runs to train")
+        training = lambda run: _lock_held(run) and (run / "checkpoint" / "position.json").is_file()  # noqa: E731
+        _wait_for(lambda: all(training(run) for run in first) or study.poll() is not None, "both runs to train")
         assert study.poll() is None, study.communicate()
-        study.send_signal(getattr(signal, signal_name))
+        if stop == "Ctrl-C":
+            os.killpg(study.pid, signal.SIGINT)  # what the terminal sends: the study and its pool processes alike
+        else:
+            study.send_signal(getattr(signal, stop))
         _, stderr = study.communicate(timeout=120)
     finally:
         if study.poll() is None:
             study.kill()
     assert study.returncode != 0
-    if signal_name == "SIGTERM":
+    if stop == "SIGTERM":
         assert "stopped by signal" in stderr and "Traceback" not in stderr, stderr
-    _wait_for(lambda: not any(_lock_held(run) for run in runs), "the training processes to end")
+    _wait_for(lambda: not any(_lock_held(run) for run in first), "the training processes to end")
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [run.name for run in first]  # no third run began
+
+
+def test_a_second_study_on_the_same_out_is_refused_and_a_sigterm_names_the_study_command(tiny_world, tmp_path):
+    """Two studies on one --out would each take runs the other had not begun (both then fail "in use"): the second is
+    refused before it trains. A SIGTERM while the study trains a run in its own process says to rerun the study,
+    not `--resume`, which `clsp eval study` does not have."""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from clsp.errors import UserError
+    from clsp.run_dir import lock_folder
+    from clsp.study import StudyConfig, study
+
+    root, shards, source = tiny_world
+    config = StudyConfig(str(shards), source, str(tmp_path / "study"), positives=("none",), seeds=(0,), folds=2,
+                         train_preset=None, train_options=(*TINY_TRAIN[:1], ("epochs", 3), *TINY_TRAIN[2:]))
+    (tmp_path / "study").mkdir()
+    held = lock_folder(tmp_path / "study", "study")  # another study at work there
+    try:
+        with pytest.raises(UserError, match="is in use by another run"):
+            study(config)
+    finally:
+        held.close()
+    assert not (tmp_path / "study" / "runs").exists()
+
+    steps = [0]
+
+    def sigterm_after_two_steps(optimizer, args, kwargs) -> None:
+        steps[0] += 1
+        if steps[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    hook = register_optimizer_step_post_hook(sigterm_after_two_steps)
+    try:
+        with pytest.raises(UserError, match=r"stopped by SIGTERM while training simclr-none-seed0, whose checkpoint "
+                                            r"is saved: run the same `clsp eval study` command again") as stopped:
+            study(config)
+    finally:
+        hook.remove()
+    assert "--resume" not in str(stopped.value)
+    assert (tmp_path / "study" / "runs" / "simclr-none-seed0" / "checkpoint" / "position.json").is_file()
+    study(config)  # the same study again: goes on from the checkpoint and finishes
+    assert (tmp_path / "study" / "report.md").is_file()

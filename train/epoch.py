@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clsp.accelerator import SigtermFlag, any_process
-from clsp.errors import UserError
+from clsp.errors import StoppedBySigterm, UserError
 from clsp.train.checkpoint import RunLog, save_checkpoint
 from clsp.train.speed import to_view_layout
 
@@ -111,7 +111,7 @@ def _step(run: Launch, epoch: int, step: int, batch: dict, sigterm: SigtermFlag)
         run.run_log.flush()
         save_checkpoint(run.out, acc, run.method, run.optimizer, run.scheduler, {"epoch": epoch + done, "step": 0 if
                         done else step + 1, "global_step": gstep + 1}, run.method.backbone)
-        raise UserError(f"stopped by SIGTERM after step {gstep + 1}; a checkpoint was saved: rerun "
+        raise StoppedBySigterm(f"stopped by SIGTERM after step {gstep + 1}; a checkpoint was saved: rerun "
                         "the same command with --resume to continue")
 
 
