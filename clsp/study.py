@@ -157,9 +157,13 @@ def study(cfg: StudyConfig) -> dict:
     return write_report(rows, run_dirs, cfg.out, scored)
 
 
-def _train_on_threads(run, threads: int, log_file: str) -> str:
+_STOPPING = None  # in a pool process: the study's stop flag (a multiprocessing Event), set when it is being stopped
+
+
+def _train_on_threads(run, threads: int, log_file: str) -> str | None:
     """One training run in a pool process, on `threads` threads, its progress and warnings written to `log_file`
-    (parallel progress bars would interleave on the terminal; errors come back to the study as exceptions)."""
+    (parallel progress bars would interleave on the terminal; errors come back to the study as exceptions). None: not
+    started, because the study is stopping."""
     import os
     import sys
 
@@ -174,9 +178,6 @@ def _train_on_threads(run, threads: int, log_file: str) -> str:
         sys.stderr = log
         torch.set_num_threads(threads)
         return Path(train(run)).name
-
-
-_STOPPING = None  # in a pool process: the study's stop flag (a multiprocessing Event), set when it is being stopped
 
 
 def _pool_process_setup(parent: int, stopping) -> None:
@@ -245,7 +246,8 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
                    for run in runs]
         for done, future in enumerate(as_completed(futures), 1):
             print(f"{future.result()}: trained ({done}/{len(runs)})", flush=True)
-    except Exception:  # a failed run: the others already training finish (rerun the study to go on)
+    except Exception:  # a failed run: the others already training finish, and no other starts (rerun to go on)
+        stopping.set()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     except BaseException:  # Ctrl-C or SIGTERM: stop the runs in training as well, and start no other

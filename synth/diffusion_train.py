@@ -2,9 +2,9 @@
 
 The data set is held in memory as a uint8 tensor (fine up to CIFAR size). Step `s` draws its batch, timesteps and noise
 from a generator seeded by (seed, s) alone, and the learning rate is a function of `s`; dropout draws from torch's
-global RNGs, seeded from (seed, rank) when a run begins, whose states each checkpoint holds. So a resumed run repeats an uninterrupted one exactly (on the same
-kind of device and number of processes), and the global batch does not depend on the number of processes (each rank
-takes its slice).
+global RNGs, seeded from (seed, rank) when a run begins, whose states each checkpoint holds. So two runs of one config
+are the same run, a resumed run repeats an uninterrupted one exactly (on the same kind of device and number of
+processes), and the global batch does not depend on the number of processes (each rank takes its slice).
 Here: the config, the presets and the run's setup and finish; synth.diffusion_steps runs the steps, synth.ddpm holds
 the model, the loss and the sample grids.
 
