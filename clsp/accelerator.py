@@ -1,9 +1,11 @@
 """Process helpers every stage shares: the device a run asks for, one Accelerator per run (also when a process runs
-several), an int from the main process on every process, flags OR-ed over processes, and SIGTERM as a flag."""
+several), an int from the main process on every process, flags OR-ed over processes, SIGTERM as a flag, and loader
+processes that leave stopping to their parent."""
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import torch
 from accelerate import Accelerator
@@ -84,6 +86,27 @@ class SigtermFlag:
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+def stop_only_when_the_parent_says(worker_id: int) -> None:
+    """A DataLoader `worker_init_fn`: the loader process leaves stopping to the training process. A scheduler's SIGTERM
+    and the terminal's Ctrl-C reach the whole process group; a loader process that died of them would end the run with
+    "DataLoader worker ... killed by signal" in the middle of a step, before the training process could save its
+    checkpoint (SigtermFlag). So SIGINT is ignored, and a SIGTERM is obeyed only when the parent sent it (the
+    DataLoader's own way of ending a stuck worker); the parent ends its loader processes when the run stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not on Linux: no sender to check
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by the thread below, which takes them
+    parent = os.getppid()
+
+    def take_sigterms() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)  # as the DataLoader's own handler does for its parent's SIGTERM
+
+    threading.Thread(target=take_sigterms, name="clsp-sigterm", daemon=True).start()
 
 
 def available_cores() -> int:

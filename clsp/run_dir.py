@@ -5,7 +5,8 @@ names its kind, {"clsp_run": "synth", ...}: recognised by content, not by name. 
 resume, overwrite)`:
   - refuses --out at or under a regular file, and a non-empty folder that holds no record of ours (nothing changes);
   - takes an exclusive lock: flock on OUT/.clsp-lock, whose text names pid, host and command. The kernel drops the
-    lock when its process dies, so a killed run never leaves a stale lock behind;
+    lock when its process dies, so a killed run never leaves a stale lock behind; a forked child (a DataLoader
+    worker) closes its inherited copy at once, so a lock never outlives its own process in a child;
   - compares the record with the folder's: identity fields must match to go on (operational fields may differ), and
     an existing run goes on only with `resume` (synth always resumes);
   - with `overwrite`, deletes only the files the stage recognises as its own (name pattern AND content);
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from weakref import WeakSet
 
 from clsp.errors import UserError
 from clsp.file_checks import SMALL_JSON, is_temp_of, json_with, small_json
@@ -36,6 +38,19 @@ from clsp.file_io import write_json
 
 MARKER = "clsp_run"  # record key naming the kind of run: what marks a folder as ours
 LOCK_FILE = ".clsp-lock"
+_HELD: WeakSet[IO] = WeakSet()  # this process's lock handles (lock_folder)
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock handles. An flock belongs to the open file, which a
+    fork shares, so a DataLoader worker that outlives a kill -9 of its parent (it notices within seconds) would keep
+    the folder locked. Closing, not unlocking: LOCK_UN here would release the parent's lock too."""
+    for handle in list(_HELD):
+        handle.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 # --- removing a stage's own files (--overwrite) --------------------------------------------------------------------
@@ -272,4 +287,5 @@ def lock_folder(out: Path, kind: str) -> IO:
     handle.write(json.dumps({"clsp_lock": kind, "pid": os.getpid(), "host": socket.gethostname(),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": shlex.join(sys.argv)}) + "\n")
     handle.flush()
+    _HELD.add(handle)
     return handle

@@ -2,15 +2,22 @@
 
     python tests/_train_worker.py OPTIONS.json                       # one process
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_train_worker.py OPTIONS.json
-    python tests/_train_worker.py OPTIONS.json --kill-after-step N   # SIGKILL itself right after optimizer step N
+    python tests/_train_worker.py OPTIONS.json --after-step N FAULT   # a fault right after optimizer step N:
+        kill         SIGKILL to itself
+        term-group   SIGTERM to its whole process group, loader processes included, from another process (start
+                     it in a session of its own)
+        kill-loader  SIGKILL to one of its loader processes
 
-The kill uses torch's global optimizer-step hook, so the training code runs unchanged up to the kill.
+The faults use torch's global optimizer-step hook, so the training code runs unchanged up to them. A UserError is
+printed as the CLI prints it (`error: ...`, exit 2).
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,21 +26,41 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 torch.set_num_threads(1)  # as in the test process: same kernels, bit-identical results
 
+from clsp.errors import UserError  # noqa: E402
 from clsp.train.loop import make_config, train  # noqa: E402
+
+
+def fault(name: str) -> None:
+    if name == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif name == "term-group":
+        assert os.getpgid(0) == os.getpid(), "term-group needs a process group of its own (start_new_session=True)"
+        # from another process outside the group, as from a scheduler: a loader process obeys its parent's SIGTERM
+        # (the DataLoader's way of ending a stuck worker)
+        subprocess.run(["kill", "-TERM", "--", f"-{os.getpid()}"], check=True, start_new_session=True)
+    elif name == "kill-loader":
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+    else:
+        raise SystemExit(f"unknown fault {name!r}")
 
 
 def main(argv: list[str]) -> None:
     options = json.loads(Path(argv[0]).read_text())
-    if "--kill-after-step" in argv:
-        kill_at, done = int(argv[argv.index("--kill-after-step") + 1]), [0]
+    if "--after-step" in argv:
+        at = argv.index("--after-step")
+        step, name, done = int(argv[at + 1]), argv[at + 2], [0]
 
-        def kill(optimizer, args, kwargs) -> None:
+        def hook(optimizer, args, kwargs) -> None:
             done[0] += 1
-            if done[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if done[0] == step:
+                fault(name)
 
-        register_optimizer_step_post_hook(kill)
-    train(make_config(**options))
+        register_optimizer_step_post_hook(hook)
+    try:
+        train(make_config(**options))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

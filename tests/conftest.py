@@ -32,6 +32,22 @@ class Planted:
         return Path.touch, (Path(self.marker),)
 
 
+def lock_held(run_dir: Path) -> bool:
+    """Whether a process holds run_dir's flock (the kernel drops it when the last process that shares it ends)."""
+    import fcntl
+
+    lock = run_dir / ".clsp-lock"
+    if not lock.is_file():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (relative path -> bytes): compare two to prove nothing was changed or lost."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -11,6 +11,7 @@ import pytest
 from clsp.eval.kfold import assign_folds, kfold_accuracy
 from clsp.eval.linear import ProbeConfig
 from clsp.eval.paired import interval_verdict, paired_bootstrap, paired_interval
+from conftest import lock_held
 from test_eval import FAST_PROBE, TINY_TRAIN, tiny_world  # noqa: F401  (tiny_world: shards made from an image folder)
 
 
@@ -215,22 +216,6 @@ def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_worl
         assert all(torch.equal(parallel[key], serial[key]) for key in parallel), name
 
 
-def _lock_held(run_dir) -> bool:
-    """Whether a process holds run_dir's flock (the kernel drops it when its holder dies)."""
-    import fcntl
-
-    lock = run_dir / ".clsp-lock"
-    if not lock.is_file():
-        return False
-    with open(lock) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
 def _wait_for(condition, what: str, limit_s: float = 120.0) -> None:
     """Poll until `condition()` holds; a guard against hanging (not a speed limit): fails after limit_s."""
     import time
@@ -263,7 +248,7 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     first = [out / "runs" / name for name in ("simclr-none-seed0", "simclr-none-seed1")]  # the first two of four
     try:
-        training = lambda run: _lock_held(run) and (run / "checkpoint" / "position.json").is_file()  # noqa: E731
+        training = lambda run: lock_held(run) and (run / "checkpoint" / "position.json").is_file()  # noqa: E731
         _wait_for(lambda: all(training(run) for run in first) or study.poll() is not None, "both runs to train")
         assert study.poll() is None, study.communicate()
         if stop == "Ctrl-C":
@@ -277,7 +262,7 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
     assert study.returncode != 0
     if stop == "SIGTERM":
         assert "stopped by signal" in stderr and "Traceback" not in stderr, stderr
-    _wait_for(lambda: not any(_lock_held(run) for run in first), "the training processes to end")
+    _wait_for(lambda: not any(lock_held(run) for run in first), "the training processes to end")
     assert sorted(p.name for p in (out / "runs").iterdir()) == [run.name for run in first]  # no third run began
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from clsp.accelerator import stop_only_when_the_parent_says
 from clsp.errors import UserError
-from conftest import build_shard_dir
+from conftest import build_shard_dir, lock_held
 from clsp.file_io import read_json
 from clsp.train.backbones import build_backbone
 from clsp.train.checkpoint import load_backbone
@@ -189,7 +192,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_weights(
     killed = tmp_path / "killed"
     spec = tmp_path / "killed.json"
     spec.write_text(json.dumps(options(shards, killed, **moco)))
-    result = subprocess.run([sys.executable, str(WORKER), str(spec), "--kill-after-step", "8"], cwd=REPO,
+    result = subprocess.run([sys.executable, str(WORKER), str(spec), "--after-step", "8", "kill"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert read_json(killed / "checkpoint" / "position.json")["epoch"] == 1 and not (killed / "summary.json").exists()
@@ -212,6 +215,69 @@ def test_sigterm_mid_epoch_checkpoints_there_and_resume_matches(shards, tmp_path
     assert read_json(stopped / "checkpoint" / "position.json") == {"epoch": 1, "step": 4, "global_step": 10}
     train(make_config(**options(shards, stopped, resume=True, **two_workers)))
     assert_same_weights(tmp_path / "straight", stopped)
+
+
+@pytest.mark.parametrize("fault", ["term-group", "kill-loader", "kill"])
+def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_weights(shards, tmp_path, fault):
+    """Streamed by 2 loader processes, in a process group of its own:
+    - term-group: a scheduler's SIGTERM reaches the loader processes too; they leave stopping to the training process,
+      which checkpoints after its step (a loader that died of it ended the run mid-step: traceback, no checkpoint);
+    - kill-loader: a loader process killed (the out-of-memory killer) ends the run with one error line naming the
+      checkpoint to resume from (was a traceback);
+    - kill: after a kill -9 the orphaned loader processes live on for seconds, but the folder's lock is free at once
+      (their inherited copy was closed when they were forked), so --resume works straight away (was "in use")."""
+    streamed = dict(workers=2, shuffle_buffer=5, cache=False)
+    train(make_config(**options(shards, tmp_path / "straight", **streamed)))
+    out, spec, stderr = tmp_path / "stopped", tmp_path / "spec.json", tmp_path / "stderr.txt"
+    spec.write_text(json.dumps(options(shards, out, **streamed)))
+    with open(stderr, "w") as errors:  # not a pipe: orphaned loader processes would hold it open
+        returncode = subprocess.run([sys.executable, str(WORKER), str(spec), "--after-step", "9", fault], cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=errors, timeout=120,
+                                    start_new_session=True).returncode
+    message = stderr.read_text()
+    position = read_json(out / "checkpoint" / "position.json")
+    if fault == "kill":
+        assert returncode == -signal.SIGKILL, message[-2000:]
+        assert not lock_held(out)  # checked before the orphans have noticed (within 5 s) that their parent died
+    else:
+        assert returncode == 2 and "Traceback" not in message, message[-2000:]
+    if fault == "term-group":
+        assert "error: stopped by SIGTERM after step 10; a checkpoint was saved" in message
+        assert position == {"epoch": 1, "step": 4, "global_step": 10}
+    if fault == "kill-loader":
+        assert re.search(r"error: a loader process died: DataLoader worker \(pid \d+\) is killed by signal: Killed\. "
+                         r".* holds a training run \(checkpoint at epoch 1 step 0\): rerun the same command with "
+                         r"--resume", message), message
+        assert position == {"epoch": 1, "step": 0, "global_step": 6}
+    train(make_config(**options(shards, out, resume=True, **streamed)))
+    assert_same_weights(tmp_path / "straight", out)
+
+
+def _loader_like(ready) -> None:
+    stop_only_when_the_parent_says(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_loader_process_ignores_stop_signals_from_others_but_obeys_its_parents_sigterm():
+    """The DataLoader ends a stuck worker with SIGTERM (Process.terminate): that one still works."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # how the DataLoader starts its workers on Linux
+    ready = context.Event()
+    loader = context.Process(target=_loader_like, args=(ready,), daemon=True)
+    loader.start()
+    try:
+        assert ready.wait(30)
+        subprocess.run(["kill", "-TERM", str(loader.pid)], check=True)  # sent by another process: a scheduler's
+        os.kill(loader.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches the whole group
+        loader.join(1.0)
+        assert loader.exitcode is None  # alive
+        loader.terminate()  # SIGTERM from its parent
+        loader.join(30)
+        assert loader.exitcode == 0
+    finally:
+        loader.kill()
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):

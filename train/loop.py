@@ -91,6 +91,9 @@ PRESETS = {
                           temperature=0.2, proj_hidden=4096, proj_dim=256),
 }
 WARMUP_SHARE = 0.1  # a warm-up not given on the command line lasts at most this share of the run
+# How torch's DataLoader words the death of a loader process. It raises it wherever the training process is when it
+# learns of it (SIGCHLD), mid-step too, so the run stops at its last checkpoint rather than saving a half-done step.
+LOADER_DIED = "DataLoader worker (pid"
 
 
 @dataclass(frozen=True)
@@ -201,9 +204,17 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
     run = _setup(cfg, stack)
     if run is not None:  # None: the run was already finished
-        with SigtermFlag() as sigterm:
-            for epoch in range(run.position["epoch"], cfg.epochs):
-                run_epoch(run, epoch, sigterm)
+        try:
+            with SigtermFlag() as sigterm:
+                for epoch in range(run.position["epoch"], cfg.epochs):
+                    run_epoch(run, epoch, sigterm)
+        except RuntimeError as error:
+            if not str(error).startswith(LOADER_DIED):
+                raise
+            run.bar.close()  # so that the error starts its own line
+            raise UserError(f"a loader process died: {str(error).strip()} The out-of-memory killer is the usual "
+                            f"cause. {run.out} holds {describe_run(run.out)}: rerun the same command with --resume to "
+                            f"go on from there (fewer --workers or a smaller --shuffle-buffer use less memory)") from None
         _finish(run)
     return Path(cfg.out)
 

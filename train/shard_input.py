@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from clsp.accelerator import threads_beside_workers
+from clsp.accelerator import stop_only_when_the_parent_says, threads_beside_workers
 from clsp.errors import UserError
 from clsp.shards.manifest import Manifest, read_manifest
 from clsp.shards.reader import ShardError
@@ -57,5 +57,6 @@ def open_input(cfg: TrainConfig, manifest: Manifest, draw: PositiveDraw | None, 
         if acc.device.type == "cpu" and cfg.workers:  # the model's threads beside the loader processes, not on them
             threads_beside_workers(cfg.workers)
         loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                            generator=torch.Generator())  # own generator: iterators must not consume the global RNG
+                            generator=torch.Generator(),  # own generator: iterators must not consume the global RNG
+                            worker_init_fn=stop_only_when_the_parent_says)
     return stream, loader
