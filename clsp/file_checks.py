@@ -4,6 +4,7 @@ so that --overwrite deletes only files that the stage made.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +61,11 @@ IS_TORCH_SAVE = starts_with(b"PK\x03\x04")  # torch.save writes a zip archive
 def is_temp_of(name: str) -> Callable[[Path], bool]:
     """Name check for a `write_atomic` temp file of `name` that a killed writer left: .NAME.tmp-PID."""
     return lambda path: path.name.startswith(f".{name}.tmp-") and path.name.rsplit("-", 1)[1].isdigit()
+
+
+def is_atomic_temp(path: Path) -> bool:
+    """Name check for any `write_atomic` temp file (.NAME.tmp-PID); whose it is, a stage's owned rules say."""
+    return re.fullmatch(r"\..+\.tmp-[0-9]+", path.name) is not None
 
 
 def owned_files(out: Path, rules: dict[str, Callable[[Path], bool]]) -> list[Path]:

@@ -9,7 +9,8 @@ resume, overwrite)`:
     worker) closes its inherited copy at once, so a lock never outlives its own process in a child;
   - compares the record with the folder's: identity fields must match to go on (operational fields may differ), and
     an existing run goes on only with `resume` (synth always resumes);
-  - with `overwrite`, deletes only the files the stage recognises as its own (name pattern AND content);
+  - with `overwrite`, deletes only the files the stage recognises as its own (name pattern AND content); either way
+    removes the temp files (.NAME.tmp-PID) of its own that a killed writer left;
   - writes the record atomically, and returns a RunDir that holds the lock until it is left (`with`).
 Validate everything before calling it: a refused command must leave nothing behind. A fresh folder whose run fails
 while it holds nothing but the record is removed again on the way out of the `with`.
@@ -33,7 +34,7 @@ from typing import IO
 from weakref import WeakSet
 
 from clsp.errors import UserError
-from clsp.file_checks import SMALL_JSON, is_temp_of, json_with, small_json
+from clsp.file_checks import SMALL_JSON, is_atomic_temp, is_temp_of, json_with, small_json
 from clsp.file_io import write_json
 
 MARKER = "clsp_run"  # record key naming the kind of run: what marks a folder as ours
@@ -205,9 +206,10 @@ def _claim(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool
         if old is not None and overwrite:  # the record last: killed midway, the folder is still a run of ours
             record_file = out / kind.record_file
             remove_files(out, [p for p in kind.owned(out) if p != record_file] + [record_file])
-        for temp in out.glob(f".{kind.record_file}.tmp-*"):  # a record write that a kill -9 cut short
-            if is_temp_of(kind.record_file)(temp):
-                temp.unlink(missing_ok=True)
+        # writes a kill -9 cut short (the record's, a checkpoint's, a log's): under the lock, no writer of ours is alive
+        leftovers = {p for p in kind.owned(out) if is_atomic_temp(p)} | set(filter(
+            is_temp_of(kind.record_file), out.glob(f".{kind.record_file}.tmp-*")))
+        remove_files(out, sorted(leftovers))
         run.resumed = old is not None and not overwrite
         write_json(out / kind.record_file, record)
     except BaseException:

@@ -105,18 +105,20 @@ class _Progress:
         return mean
 
     def checkpoint(self, cfg: DiffusionTrainConfig, done: int, models: Models, grid: bool, rng: dict) -> None:
-        """(Main process) the checkpoint after `done` steps with `rng` (rng_states), a sample grid when `grid`, and
-        the rows to log.csv."""
+        """(Main process) a sample grid when `grid`, the rows to log.csv, then the checkpoint after `done` steps with
+        `rng` (rng_states). In this order a kill never leaves a checkpoint without its grid and rows; one before the
+        checkpoint is harmless: the resume goes on from the one before, drops the log's rows past it and draws the
+        same grid again."""
         self.state["wall_time_s"] = self.state.get("wall_time_s", 0.0) + time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
-        save_checkpoint(cfg.out, done, models.raw, models.ema, models.optimizer,
-                        {"loss": self.state["loss"], "wall_time_s": self.state["wall_time_s"], "rng": rng},
-                        cfg.keep_checkpoints)
         if grid:
             save_grid(sample_grid(models.ema, models.scheduler, cfg.grid_size, cfg.sample_steps, cfg.seed),
                       cfg.out / "samples" / f"{STEP_PREFIX}{done:06d}.png")
         append_log(cfg.out, self.rows)
         self.rows = []
+        save_checkpoint(cfg.out, done, models.raw, models.ema, models.optimizer,
+                        {"loss": self.state["loss"], "wall_time_s": self.state["wall_time_s"], "rng": rng},
+                        cfg.keep_checkpoints)
 
 
 def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, models: Models, state: dict,

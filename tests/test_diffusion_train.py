@@ -95,6 +95,36 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     assert steps == [2, 4]  # one row per step, none repeated by the resume
 
 
+def test_a_kill_right_after_a_checkpoint_keeps_its_grid_and_rows_and_resume_clears_cut_writes(tmp_path, monkeypatch):
+    """kill -9 right after a checkpoint's rename: its sample grid and log rows are there (they were written after it,
+    so lost); the temp files of writes a kill cut short are removed by --resume (they stayed), a stranger's are not."""
+    import clsp.synth.diffusion_steps as diffusion_steps
+
+    real = diffusion_steps.save_checkpoint
+
+    def killed_after_the_first(out, step, *args, **kwargs):
+        real(out, step, *args, **kwargs)
+        raise SystemExit("kill -9")  # nothing after the rename happens
+
+    monkeypatch.setattr(diffusion_steps, "save_checkpoint", killed_after_the_first)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train_diffusion(tiny(out))
+    monkeypatch.undo()
+    assert [step for step, _ in checkpoint_dirs(out)] == [2]
+    assert (out / "samples" / "step-000002.png").is_file()
+    assert [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]] == [2]
+    (out / "samples").mkdir(exist_ok=True)
+    cut = [out / ".log.csv.tmp-4242", out / ".card.json.tmp-4242", out / "samples" / ".step-000004.png.tmp-4242"]
+    for path in cut:
+        path.write_bytes(b"half")
+    (out / ".notes.txt.tmp-1").write_text("the user's")
+    train_diffusion(tiny(out, resume=True))
+    assert not any(path.exists() for path in cut)
+    assert (out / ".notes.txt.tmp-1").read_text() == "the user's"
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
+
+
 def test_refuses_another_config_over_an_existing_run(tmp_path):
     out = tmp_path / "run"
     train_diffusion(tiny(out, steps=2))

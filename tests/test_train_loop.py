@@ -225,7 +225,8 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
     - kill-loader: a loader process killed (the out-of-memory killer) ends the run with one error line naming the
       checkpoint to resume from (was a traceback);
     - kill: after a kill -9 the orphaned loader processes live on for seconds, but the folder's lock is free at once
-      (their inherited copy was closed when they were forked), so --resume works straight away (was "in use")."""
+      (their inherited copy was closed when they were forked), so --resume works straight away (was "in use"), and
+      removes the temp files of writes the kill cut short (they stayed)."""
     streamed = dict(workers=2, shuffle_buffer=5, cache=False)
     train(make_config(**options(shards, tmp_path / "straight", **streamed)))
     out, spec, stderr = tmp_path / "stopped", tmp_path / "spec.json", tmp_path / "stderr.txt"
@@ -236,9 +237,12 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
                                     start_new_session=True).returncode
     message = stderr.read_text()
     position = read_json(out / "checkpoint" / "position.json")
+    cut = [out / ".log.csv.tmp-4242", out / ".backbone.safetensors.tmp-4242", out / ".summary.json.tmp-4242"]
     if fault == "kill":
         assert returncode == -signal.SIGKILL, message[-2000:]
         assert not lock_held(out)  # checked before the orphans have noticed (within 5 s) that their parent died
+        for path in cut:  # writes a kill -9 cut short: --resume removes them
+            path.write_bytes(b"half")
     else:
         assert returncode == 2 and "Traceback" not in message, message[-2000:]
     if fault == "term-group":
@@ -251,6 +255,7 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
         assert position == {"epoch": 1, "step": 0, "global_step": 6}
     train(make_config(**options(shards, out, resume=True, **streamed)))
     assert_same_weights(tmp_path / "straight", out)
+    assert not any(path.exists() for path in cut)
 
 
 def _loader_like(ready) -> None:

@@ -52,6 +52,7 @@ _OWNED = {
     BACKBONE: is_safetensors, f".{BACKBONE}.tmp-*": is_temp_of(BACKBONE),
     f"{TRACKER_DIR}/events.out.tfevents.*": contains(b"brain.Event:", 64),  # tensorboard's first record
     LOG: lambda path: any(starts_with(",".join(columns).encode())(path) for columns in (LOG_COLUMNS, _LOG_COLUMNS_V1)),
+    f".{LOG}.tmp-*": is_temp_of(LOG),  # RunLog's rewrite on resume
     **{f"{folder}/{name}": check for folder in (CHECKPOINT, _TEMP, _OLD) for name, check in {
         "model.safetensors": is_safetensors, "*.pt": IS_TORCH_SAVE, "position.json": json_with("global_step"),
         ".position.json.tmp-*": is_temp_of("position.json")}.items()},
