@@ -16,26 +16,43 @@ from clsp.file_io import write_atomic
 
 
 def write_new(path: str | Path, content: str | bytes) -> Path:
-    """Write a result file without ever replacing a different earlier one.
+    """Write a result file without ever replacing a different earlier one (`write_new_set` of one file)."""
+    return write_new_set({path: content})[0]
 
-    If `path` is free it is written (atomically); if the newest of the series holds the same bytes it is left as is;
-    otherwise it goes to the next free `stem-2.ext`, `stem-3.ext`, ... with a note on stderr. Returns the path written.
-    """
-    path = Path(path)
-    data = content.encode() if isinstance(content, str) else content
-    path.parent.mkdir(parents=True, exist_ok=True)
-    newest = latest(path)
-    if newest is not None and newest.read_bytes() == data:
-        return newest  # same result as the newest one: nothing to write
-    if newest is None:
-        candidate = path
-    else:  # one past the newest number, so `latest` finds this file
-        n = int(newest.stem.rsplit("-", 1)[1]) + 1 if newest != path else 2
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    write_atomic(candidate, data)
-    if candidate != path:
-        print(f"note: {path} holds an earlier, different result; wrote {candidate} instead", file=sys.stderr)
-    return candidate
+
+def write_new_set(files: dict[str | Path, str | bytes]) -> list[Path]:
+    """Write files that belong together (sweep.json, .csv, .md, .png) under one number, never replacing a different
+    earlier result; returns the paths written, in order.
+
+    The set's newest number n is the highest of any of its files (1: the bare names, then `stem-2.ext`, ...). If every
+    file of the set at n holds these bytes, nothing is written; if those there do and some are missing (a write a kill
+    cut short), the missing ones are added at n; otherwise the whole set goes to n + 1, with a note on stderr. So
+    `stem-N.*` always come from one computation, and `latest` finds each of them."""
+    data = {Path(path): content.encode() if isinstance(content, str) else content for path, content in files.items()}
+    for path in data:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    newest = max((_number(path, latest(path)) for path in data if latest(path) is not None), default=0)
+    at = {path: _numbered(path, max(newest, 1)) for path in data}
+    if newest and all(not at[path].exists() or at[path].read_bytes() == content for path, content in data.items()):
+        missing = [path for path in data if not at[path].exists()]
+    else:
+        at = {path: _numbered(path, newest + 1) for path in data}
+        missing = list(data)
+        if newest:
+            print(f"note: {', '.join(str(p) for p in data)} hold{'s' * (len(data) == 1)} an earlier, different result; "
+                  f"wrote {', '.join(at[p].name for p in data)} instead", file=sys.stderr)
+    for path in missing:
+        write_atomic(at[path], data[path])
+    return [at[path] for path in data]
+
+
+def _number(path: Path, found: Path) -> int:
+    """1 for `path` itself, N for its `stem-N.ext` (`found`: a file of its series)."""
+    return 1 if found == path else int(found.stem[len(path.stem) + 1:])
+
+
+def _numbered(path: Path, n: int) -> Path:
+    return path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
 def write_result(path: str | Path, result: dict, outputs: set[str] | tuple[str, ...]) -> Path:

@@ -304,9 +304,14 @@ def audit_shards(shards_dir: str, source_spec: str, config: AuditConfig = AuditC
 
 def write_audit(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """audit.json and audit.md in out_dir (never silently replacing an earlier, different audit)."""
-    from clsp.eval import write_new
+    from clsp.eval import write_new_set
 
-    out_dir = Path(out_dir)
-    json_path = write_new(out_dir / "audit.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
-    md_path = write_new(out_dir / "audit.md", audit_markdown(result))
+    json_path, md_path = write_new_set(audit_files(result, out_dir))
     return json_path, md_path
+
+
+def audit_files(result: dict, out_dir: str | Path) -> dict[Path, str]:
+    """{path: text} of audit.json and audit.md in out_dir."""
+    out_dir = Path(out_dir)
+    return {out_dir / "audit.json": json.dumps(result, indent=2, sort_keys=True) + "\n",
+            out_dir / "audit.md": audit_markdown(result)}

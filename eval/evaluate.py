@@ -3,7 +3,7 @@
 `evaluate_run` writes `<run>/eval/results.json` (or knn.json / linear.json for one part) and the test-split embeddings
 `<run>/eval/test_features.npy` + `test_labels.npy` that the t-SNE plot reads (the result names the files it wrote, and
 holds the class names, so a picture always belongs to its result). A result is never replaced by one of other inputs;
-a rerun on the same inputs replaces its own (`eval.write_new`, `eval.write_result`).
+a rerun on the same inputs replaces its own (`eval.write_new_set`, `eval.write_result`).
 
 Numbers you can trust: the kNN bank / probe train set must be the data the run trained on (its config.json records the
 shards' source; `--transfer` scores other data on purpose), and every input is checked before anything is written.
@@ -21,7 +21,7 @@ import numpy as np
 
 from clsp.accelerator import resolve_device
 from clsp.errors import UserError
-from clsp.eval import write_new, write_result
+from clsp.eval import write_new_set, write_result
 from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE, best_k, knn_accuracy
 from clsp.eval.linear import PROBE_PRESETS, ProbeConfig, probe_backbone
 
@@ -248,8 +248,9 @@ def score_run(inputs: EvalInputs, config: EvalConfig) -> dict:
         result.update(knn={str(key): v for key, v in accs.items()}, knn_best=top1, knn_best_k=k,
                       knn_k20=accs.get(min(20, len(train_labels))))
     out = inputs.run_dir / "eval"
-    result.update(test_features=write_new(out / "test_features.npy", _npy_bytes(test_feats)).name,  # the t-SNE's
-                  test_labels=write_new(out / "test_labels.npy", _npy_bytes(test_labels.astype(np.int64))).name)
+    feats_path, labels_path = write_new_set({out / "test_features.npy": _npy_bytes(test_feats),  # the t-SNE's
+                                             out / "test_labels.npy": _npy_bytes(test_labels.astype(np.int64))})
+    result.update(test_features=feats_path.name, test_labels=labels_path.name)
     result["results_file"] = write_result(out / config.results_name, result, OUTPUTS).name
     return result
 

@@ -3,12 +3,13 @@ before the first file is written."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clsp.errors import UserError
 from clsp.sources import refuse_out_inside
-from clsp.eval import write_new
+from clsp.eval import write_new_set
 from clsp.eval.evaluate import EvalConfig, prepare_eval, score_run
 from clsp.eval.report import report
 
@@ -26,9 +27,9 @@ def evaluate_all(cfg: AllConfig) -> dict:
     """One run end to end: kNN + linear, audit of its shards, pictures, contact sheet, report (all under cfg.out).
 
     Every input (run, sources, shards) is read and checked, and the audit computed, before the first file is written."""
-    from clsp.eval.audit import AuditConfig, audit_shards, write_audit
+    from clsp.eval.audit import AuditConfig, audit_files, audit_shards
     from clsp.shards.manifest import read_manifest
-    from clsp.shards.sheet import contact_sheet
+    from clsp.shards.sheet import sheet_image
 
     out = Path(cfg.out)
     inputs = prepare_eval(cfg.run_dir, cfg.eval)
@@ -37,12 +38,10 @@ def evaluate_all(cfg: AllConfig) -> dict:
     _check_trained_on_these(cfg, read_manifest(cfg.shards), inputs.result["trained_on"])
     audit = audit_shards(cfg.shards, inputs.result["source"], AuditConfig(cfg.audit_anchors))
     results = score_run(inputs, cfg.eval)
-    audit_json, audit_md = write_audit(audit, out)
-    out.mkdir(parents=True, exist_ok=True)
-    temp = out / ".contact_sheet.tmp.png"
-    contact_sheet(cfg.shards, temp, overwrite=True)  # our temp (a killed run's too); the result is never replaced
-    sheet = write_new(out / "contact_sheet.png", temp.read_bytes())
-    temp.unlink()
+    png = io.BytesIO()
+    sheet_image(cfg.shards).save(png, format="png")
+    # one set, one number: audit-N.md and contact_sheet-N.png describe the same shards
+    audit_json, audit_md, sheet = write_new_set({**audit_files(audit, out), out / "contact_sheet.png": png.getvalue()})
     summary = report([cfg.run_dir], out)
     return {**summary, "results": results, "audit": str(audit_json), "audit_md": str(audit_md), "sheet": str(sheet)}
 

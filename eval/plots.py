@@ -22,14 +22,19 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, out_png: str | Path) -> Path:
-    """PNG bytes without a timestamp (so equal plots are equal files), written through the no-overwrite rule."""
-    from clsp.eval import write_new
-
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes without a timestamp (so equal plots are equal files); closes it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
     pyplot().close(fig)
-    return write_new(out_png, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_figure(fig, out_png: str | Path) -> Path:
+    """The figure as a PNG, written through the no-overwrite rule."""
+    from clsp.eval import write_new
+
+    return write_new(out_png, figure_png(fig))
 
 
 def read_log(log_csv: str | Path) -> dict[str, np.ndarray]:

@@ -188,11 +188,12 @@ def quality_markdown(result: dict) -> str:
 
 def write_quality(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """quality.json and quality.md in out_dir (an earlier, different result is never replaced)."""
-    from clsp.eval import write_new
+    from clsp.eval import write_new_set
 
     out_dir = Path(out_dir)
-    json_path = write_new(out_dir / "quality.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return json_path, write_new(out_dir / "quality.md", quality_markdown(result))
+    json_path, md_path = write_new_set({out_dir / "quality.json": json.dumps(result, indent=2, sort_keys=True) + "\n",
+                                        out_dir / "quality.md": quality_markdown(result)})
+    return json_path, md_path
 
 
 def record_in_card(generator_dir: str | Path, result: dict, json_path: Path) -> bool:

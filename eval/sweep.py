@@ -245,10 +245,10 @@ def _label_groups(points: list[dict], tol_x: float, tol_y: float) -> list[tuple[
     return [(g[0], "w=" + ", ".join(f"{p['w']:g}" for p in g)) for g in groups]
 
 
-def plot_sweep(result: dict, out_png: str | Path) -> Path:
-    """Class agreement (y) against distance to the anchor (x): one labelled point per setting, a line per step count,
-    the nearest real neighbour as a star, and the distance between two random real images as the scale."""
-    from clsp.eval.plots import pyplot, save_figure
+def plot_sweep(result: dict) -> bytes:
+    """PNG: class agreement (y) against distance to the anchor (x), one labelled point per setting, a line per step
+    count, the nearest real neighbour as a star, and the distance between two random real images as the scale."""
+    from clsp.eval.plots import figure_png, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 4.8))
@@ -278,20 +278,21 @@ def plot_sweep(result: dict, out_png: str | Path) -> Path:
     ax.set_ylim(-2, 102)
     ax.legend(frameon=False, fontsize=7, loc="best")
     fig.tight_layout()
-    return save_figure(fig, out_png)
+    return figure_png(fig)
 
 
 def run_sweep(config: SweepConfig) -> dict:
-    """Sweep, then write sweep.json, sweep.csv, sweep.md and sweep.png to config.out (nothing is overwritten)."""
-    from clsp.eval import write_new
+    """Sweep, then write sweep.json, sweep.csv, sweep.md and sweep.png to config.out, under one number (nothing is
+    overwritten)."""
+    from clsp.eval import write_new_set
 
     result = sweep(config)
     out = Path(config.out)
-    paths = {"json": write_new(out / "sweep.json", json.dumps(result, indent=2, sort_keys=True) + "\n"),
-             "csv": write_new(out / "sweep.csv", sweep_csv(result)),
-             "md": write_new(out / "sweep.md", sweep_markdown(result)),
-             "png": plot_sweep(result, out / "sweep.png")}
-    return {"result": result, **paths}
+    files = {"json": (out / "sweep.json", json.dumps(result, indent=2, sort_keys=True) + "\n"),
+             "csv": (out / "sweep.csv", sweep_csv(result)), "md": (out / "sweep.md", sweep_markdown(result)),
+             "png": (out / "sweep.png", plot_sweep(result))}
+    written = write_new_set(dict(files.values()))
+    return {"result": result, **dict(zip(files, written))}
 
 
 def numbers(text: str, kind: type, option: str) -> tuple:

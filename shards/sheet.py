@@ -71,10 +71,15 @@ def save_sheet(image: Image.Image, out: str | Path, overwrite: bool = False) -> 
 
 
 def contact_sheet(directory: str, out: str | Path, anchors: int = 8, overwrite: bool = False) -> Path:
-    """Write an image (its format by `out`'s extension, see SHEET_FORMATS) of the first `anchors` anchors of a shard
-    directory and all their positives, each anchor captioned with its label and id, under a title with the generator
-    and the sampler settings the manifest records. An existing `out` is replaced only with `overwrite`."""
+    """Write `sheet_image` to `out` (its format by the extension, see SHEET_FORMATS); an existing `out` is replaced
+    only with `overwrite`."""
     check_sheet_out(out, overwrite)  # a bad --out is refused before any shard is read
+    return save_sheet(sheet_image(directory, anchors), out, overwrite)
+
+
+def sheet_image(directory: str, anchors: int = 8) -> Image.Image:
+    """The first `anchors` anchors of a shard directory and all their positives, each anchor captioned with its label
+    and id, under a title with the generator and the sampler settings the manifest records."""
     manifest = read_manifest(directory)
     rows, captions = [], []
     for sample in manifest.samples():  # each checked: a malformed sample stops with its name
@@ -88,4 +93,4 @@ def contact_sheet(directory: str, out: str | Path, anchors: int = 8, overwrite: 
                        f"label · id), K = {manifest.k} positives each", f"generator {generator.get('model_id')}",
                        f"weights {str(generator.get('weights_sha256'))[:12]}, seed {run.get('seed')}",
                        f"w = {sampler.get('w')}, {sampler.get('steps')} DDIM steps, eta = {sampler.get('eta')}"])
-    return save_sheet(image_grid(rows, min_side=64, captions=captions, title=title), out, overwrite)
+    return image_grid(rows, min_side=64, captions=captions, title=title)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from clsp.hashing import weights_sha256
-from clsp.eval import latest, write_new
+from clsp.eval import latest, write_new, write_new_set
 from clsp.eval.features import extract_features
 from clsp.eval.knn import knn_accuracy, knn_predict
 from clsp.eval.linear import BackboneChangedError, ProbeConfig, linear_probe_accuracy, probe_backbone
@@ -164,6 +164,20 @@ def test_write_new_never_overwrites_a_different_result(tmp_path, capsys):
     assert target.read_text() == "a" and latest(target).read_text() == "b"
     assert write_new(target, "a").name == "r-3.json"  # differs from the newest, so a new file
     assert "r-3.json" in capsys.readouterr().err
+
+
+def test_files_written_as_a_set_share_one_number_also_after_a_kill(tmp_path, capsys):
+    """sweep.json/.csv/.md, audit.json/.md...: numbered one by one, a set cut short by a kill put the next result's
+    files under two numbers (sweep-3.json beside sweep-2.csv), so `stem-N.*` no longer came from one computation."""
+    result, notes = tmp_path / "s.json", tmp_path / "s.md"
+    assert write_new_set({result: "A", notes: "a"}) == [result, notes]
+    assert write_new_set({result: "A", notes: "a"}) == [result, notes]  # the same: nothing new
+    (tmp_path / "s-2.json").write_text("B")  # B was killed after its first file
+    assert write_new_set({result: "B", notes: "b"}) == [tmp_path / "s-2.json", tmp_path / "s-2.md"]  # completed
+    (tmp_path / "s-3.json").write_text("C")  # C was killed after its first file
+    assert write_new_set({result: "D", notes: "d"}) == [tmp_path / "s-4.json", tmp_path / "s-4.md"]
+    assert "wrote s-4.json, s-4.md instead" in capsys.readouterr().err
+    assert [p.read_text() for p in (result, notes, tmp_path / "s-2.md", tmp_path / "s-3.json")] == ["A", "a", "b", "C"]
 
 
 def make_run(root, name, method, positives, seed, linear, knn):
