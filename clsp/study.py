@@ -141,7 +141,7 @@ def study(cfg: StudyConfig) -> dict:
                 train(run)  # a finished run returns at once; an unfinished one resumes
             except StoppedBySigterm:  # its own message names `clsp train run --resume`, which is not how to go on
                 raise UserError(f"the study was stopped by SIGTERM while training {name}, whose checkpoint is saved: "
-                                f"run the same `clsp eval study` command again to go on") from None
+                                f"{STUDY_AGAIN}") from None
             started = time.perf_counter()
             result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
             print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "
@@ -207,6 +207,9 @@ def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+STUDY_AGAIN = "run the same `clsp eval study` command again to go on"
+
+
 class Stopped(KeyboardInterrupt):
     """SIGTERM, raised in the main thread: the study stops as it does on Ctrl-C."""
 
@@ -230,8 +233,8 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     print(f"study: training {len(runs)} runs, {jobs} at a time on {threads} thread(s) each; progress in {log_dir}/")
 
     def stop(signum, frame):
-        print(f"study: stopped by signal {signum}; the runs resume from their checkpoints when you run the same "
-              f"command again", file=sys.stderr, flush=True)
+        print("study: SIGTERM: stopping the runs in training (each saves a checkpoint after its step)", file=sys.stderr,
+              flush=True)
         raise Stopped
 
     in_main_thread = threading.current_thread() is threading.main_thread()  # the only thread that may set handlers
@@ -250,11 +253,14 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
         stopping.set()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
-    except BaseException:  # Ctrl-C or SIGTERM: stop the runs in training as well, and start no other
+    except BaseException as error:  # Ctrl-C or SIGTERM: stop the runs in training as well, and start no other
         stopping.set()
         for worker in set(multiprocessing.active_children()) - others:  # the pool's processes
             worker.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(error, Stopped):  # as with --jobs 1: one error line, exit status 2
+            raise UserError(f"the study was stopped by SIGTERM; the runs in training saved their checkpoints: "
+                            f"{STUDY_AGAIN}") from None
         raise
     else:
         pool.shutdown(wait=True)
