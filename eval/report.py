@@ -17,11 +17,15 @@ from clsp.eval.evaluate import RUN_KEYS
 from clsp.eval.results import METRICS, aggregate, common_settings, load_results
 
 
-def _fmt(stat: tuple[float, float, int]) -> str:
+def _fmt(stat: tuple[float, float, int], seeds: int) -> str:
+    """mean ± std over the n seeds that have the metric, naming n when it is not every one of the group's `seeds`."""
     mean, std, n = stat
     if n == 0:
         return "n/a"
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} (1 seed)"
+    value = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    if n < seeds:
+        return f"{value} ({n} of {seeds} seeds)"
+    return value if n > 1 else f"{value} (1 seed)"
 
 
 def _fmt_interval(low: float, high: float) -> str:
@@ -62,7 +66,7 @@ def _method_tables(groups: list[dict], comparisons: list[dict]) -> list[str]:
             delta = [f"{c[key]['mean']:+.2f} {_fmt_interval(*c[key]['interval'])}" if c and c[key]["diffs"] else "-"
                      for key in ("knn_best", "linear_top1")]
             md.append(f"| {g['positives']} | {'-' if g['lam'] is None else g['lam']} | {len(g['seeds'])} | "
-                      f"{_fmt(g['knn_best'])} | {_fmt(g['knn_k20'])} | {_fmt(g['linear_top1'])} | "
+                      f"{' | '.join(_fmt(g[metric], len(g['seeds'])) for metric in METRICS)} | "
                       f"{' | '.join(delta)} |")
         if mine:
             md += ["", "| comparison | metric | seeds | per-seed differences | mean | 95 % t (seeds) | "

@@ -214,6 +214,15 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     assert (tmp_path / "report" / "pictures" / "simclr-none-seed0-training.png").is_file()
 
 
+def test_a_metric_some_seeds_lack_names_how_many_seeds_its_mean_is_over(tmp_path):
+    """A mean over 2 of 3 seeds stood beside "seeds 3" as if over all three."""
+    runs = [make_run(tmp_path, f"simclr-none-seed{s}", "simclr", "none", s, lin, 60.0)
+            for s, lin in enumerate((70.0, 72.0, None))]  # seed 2 has no linear probe result
+    report(runs, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| none | - | 3 | 60.00 ± 0.00 | 60.00 ± 0.00 | 71.00 ± 1.41 (2 of 3 seeds) | - | - |" in text
+
+
 def test_verdict_reports_noise_and_single_seeds_honestly():
     from clsp.eval.paired import paired_differences
 
