@@ -90,13 +90,15 @@ def compare_metric(rows_a: list[dict], rows_b: list[dict], metric: str) -> dict:
 
 def paired_differences(groups: list[dict], metrics: Sequence[str]) -> list[dict]:
     """Each COMPARISON present among `groups` (eval.results.aggregate entries, with `by_seed`) on the same source and
-    method (the control: the same lam when there is one), paired over the seeds both sides hold."""
+    method, paired over the seeds both sides hold. The augment control only at the same lam (at another it controls
+    for nothing); the baseline (none: no third view, so its lam is moot) at the same lam, or the only one there is."""
     out = []
     for mode, against, name in COMPARISONS:
         for group in (g for g in groups if g["positives"] == mode):
             others = [g for g in groups if g["positives"] == against and g["method"] == group["method"]
                       and g["source"] == group["source"]]
-            others = [g for g in others if g["lam"] == group["lam"]] or others
+            same_lam = [g for g in others if g["lam"] == group["lam"]]
+            others = same_lam or (others if against == "none" and len(others) == 1 else [])
             if not others:
                 continue
             seeds = sorted(set(group["by_seed"]) & set(others[0]["by_seed"]), key=str)

@@ -239,6 +239,19 @@ def test_verdict_reports_noise_and_single_seeds_honestly():
         paired_differences(single, METRICS))[0]
 
 
+def test_the_augment_control_is_compared_only_at_the_same_lam():
+    """CLSP at lam 0.2 was compared with an augment control at lam 1.0 (the only one there), as if it controlled."""
+    from clsp.eval.paired import paired_differences
+
+    groups = aggregate([{"method": "simclr", "positives": p, "lam": lam, "seed": s, "linear_top1": 50.0 + s,
+                         "knn_best": 40.0, "knn_k20": 40.0} for p, lam in (("synthetic", 0.2), ("synthetic", 1.0),
+                                                                            ("augment", 1.0), ("none", None))
+                        for s in range(2)])
+    found = {(c["mode"], c["lam"], c["against"]) for c in paired_differences(groups, METRICS)}
+    assert found == {("synthetic", 0.2, "none"), ("synthetic", 1.0, "none"), ("synthetic", 1.0, "augment"),
+                     ("augment", 1.0, "none")}
+
+
 # --- end to end: a tiny trained run, evaluated through the CLI (the study: tests/test_study.py) ------------------
 
 TINY_TRAIN = (("width", 2), ("epochs", 1), ("batch_size", 4), ("workers", 0), ("proj_hidden", 16), ("proj_dim", 8),
