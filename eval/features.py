@@ -90,6 +90,7 @@ def extract_features(
             return cached
     feats = _embed(backbone, images, mean, std, batch_size, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    sidecar.unlink(missing_ok=True)  # first: a kill between the two writes must not leave the old key on the new array
     write_atomic(npy, lambda temp: _save_npy(temp, feats))
-    write_atomic(sidecar, json.dumps(key, indent=2) + "\n")  # written after the array: a half-written pair never matches
+    write_atomic(sidecar, json.dumps(key, indent=2) + "\n")  # after the array: a half-written pair never matches
     return feats

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,35 @@ def test_feature_cache_is_keyed_by_weights(tmp_path):
     second = extract_features(backbone, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="abc")
     assert not np.allclose(first, second)
     assert json.loads((tmp_path / "abc.json").read_text())["weights_sha256"] == weights_sha256(backbone)
+
+
+def test_a_kill_between_the_feature_cache_files_never_pairs_an_array_with_another_key(tmp_path, monkeypatch):
+    """The array was replaced first and its key second: killed in between, the new array sat beside the old key, and
+    the old weights (a retrain with the same seed gives them again) read the new weights' features."""
+    import clsp.eval.features as features
+
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", width=2, small_stem=True)
+    images, _ = tiny_images(10, 2)
+    norm = ((0.5,) * 3, (0.25,) * 3)
+    first = extract_features(backbone, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="abc")
+    real = features.write_atomic
+
+    def killed_before_the_key(path, data):
+        if Path(path).suffix == ".json":
+            raise SystemExit("kill -9")
+        return real(path, data)
+
+    monkeypatch.setattr(features, "write_atomic", killed_before_the_key)
+    with torch.no_grad():
+        backbone.conv1.weight.mul_(2.0)
+    with pytest.raises(SystemExit):
+        extract_features(backbone, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="abc")
+    monkeypatch.undo()
+    with torch.no_grad():
+        backbone.conv1.weight.div_(2.0)  # the first weights again
+    again = extract_features(backbone, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="abc")
+    np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-6)
 
 
 def test_a_backbone_with_non_finite_weights_is_refused_not_scored(tmp_path):
