@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -88,21 +89,25 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def stop_only_when_the_parent_says(worker_id: int) -> None:
-    """A DataLoader `worker_init_fn`: the loader process leaves stopping to the training process. A scheduler's SIGTERM
-    and the terminal's Ctrl-C reach the whole process group; a loader process that died of them would end the run with
-    "DataLoader worker ... killed by signal" in the middle of a step, before the training process could save its
-    checkpoint (SigtermFlag). So SIGINT is ignored, and a SIGTERM is obeyed only when the parent sent it (the
-    DataLoader's own way of ending a stuck worker); the parent ends its loader processes when the run stops."""
+def stop_only_when_the_parent_says(worker_id: int, parent: int) -> None:
+    """A DataLoader `worker_init_fn` (bind `parent`, the training process's pid, with functools.partial): the loader
+    process leaves stopping to the training process. A scheduler's SIGTERM and the terminal's Ctrl-C reach the whole
+    process group; a loader process that died of them would end the run with "DataLoader worker ... killed by signal"
+    in the middle of a step, before the training process could save its checkpoint (SigtermFlag). So SIGINT is
+    ignored, and a SIGTERM is obeyed only when the parent sent it (the DataLoader's own way of ending a stuck worker)
+    or once the parent is gone (an orphan left by kill -9 stays killable); the parent ends its loader processes when
+    the run stops.
+
+    Needs a forked, single-threaded worker on Linux (shard_input asks for fork there): a thread that does not block
+    SIGTERM would take it. Elsewhere (another start method, another system) the DataLoader's own handling stays."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # not on Linux: no sender to check
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    tasks = Path("/proc/self/task")
+    if not hasattr(signal, "sigwaitinfo") or not tasks.is_dir() or len(list(tasks.iterdir())) != 1:
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by the thread below, which takes them
-    parent = os.getppid()
 
     def take_sigterms() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent and os.getppid() == parent:
             pass
         os._exit(0)  # as the DataLoader's own handler does for its parent's SIGTERM
 

@@ -206,16 +206,37 @@ def _claim(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool
         if old is not None and overwrite:  # the record last: killed midway, the folder is still a run of ours
             record_file = out / kind.record_file
             remove_files(out, [p for p in kind.owned(out) if p != record_file] + [record_file])
-        # writes a kill -9 cut short (the record's, a checkpoint's, a log's): under the lock, no writer of ours is alive
-        leftovers = {p for p in kind.owned(out) if is_atomic_temp(p)} | set(filter(
-            is_temp_of(kind.record_file), out.glob(f".{kind.record_file}.tmp-*")))
-        remove_files(out, sorted(leftovers))
+        remove_files(out, _cut_writes(out, kind))
         run.resumed = old is not None and not overwrite
         write_json(out / kind.record_file, record)
     except BaseException:
         run.__exit__(*sys.exc_info())
         raise
     return run
+
+
+def _cut_writes(out: Path, kind: RunKind) -> list[Path]:
+    """The temp files (.NAME.tmp-PID) of the kind's writes that a kill cut short (the record's, a checkpoint's, a
+    log's): named so, recognised by the kind, and their writer gone (a command that writes into the folder without
+    claiming it, such as `clsp eval quality` into a generator's card, may be at work)."""
+    named = [p for p in out.rglob(".*.tmp-*") if is_atomic_temp(p) and not _running(int(p.name.rsplit("-", 1)[1]))]
+    if not named:  # the usual case: no content check of the kind's files
+        return []
+    ours = set(kind.owned(out)) | {p for p in named if p.parent == out and is_temp_of(kind.record_file)(p)}
+    return sorted(p for p in named if p in ours)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (not this process: it is claiming the folder, not writing in it)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _check_path(out: Path) -> None:

@@ -259,8 +259,8 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
             worker.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
         if isinstance(error, Stopped):  # as with --jobs 1: one error line, exit status 2
-            raise UserError(f"the study was stopped by SIGTERM; the runs in training saved their checkpoints: "
-                            f"{STUDY_AGAIN}") from None
+            raise UserError(f"the study was stopped by SIGTERM, and the runs it was training with it (each goes on "
+                            f"from its last checkpoint): {STUDY_AGAIN}") from None
         raise
     else:
         pool.shutdown(wait=True)

@@ -32,6 +32,15 @@ class Planted:
         return Path.touch, (Path(self.marker),)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended: the PID in the .NAME.tmp-PID name of a write a kill cut short."""
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return ended.pid
+
+
 def lock_held(run_dir: Path) -> bool:
     """Whether a process holds run_dir's flock (the kernel drops it when the last process that shares it ends)."""
     import fcntl

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from clsp.errors import UserError
+from conftest import dead_pid
 from clsp.sources import load_arrays, open_source
 from clsp.synth.ddpm import build_scheduler, build_unet, diffusion_loss
 from clsp.synth.diffusion_cli import app, config_from_options
@@ -97,7 +99,8 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
 
 def test_a_kill_right_after_a_checkpoint_keeps_its_grid_and_rows_and_resume_clears_cut_writes(tmp_path, monkeypatch):
     """kill -9 right after a checkpoint's rename: its sample grid and log rows are there (they were written after it,
-    so lost); the temp files of writes a kill cut short are removed by --resume (they stayed), a stranger's are not."""
+    so lost); the temp files of writes a kill cut short are removed by --resume (they stayed), a stranger's are not,
+    nor one whose writer still runs."""
     import clsp.synth.diffusion_steps as diffusion_steps
 
     real = diffusion_steps.save_checkpoint
@@ -115,13 +118,20 @@ def test_a_kill_right_after_a_checkpoint_keeps_its_grid_and_rows_and_resume_clea
     assert (out / "samples" / "step-000002.png").is_file()
     assert [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]] == [2]
     (out / "samples").mkdir(exist_ok=True)
-    cut = [out / ".log.csv.tmp-4242", out / ".card.json.tmp-4242", out / "samples" / ".step-000004.png.tmp-4242"]
+    dead = dead_pid()
+    cut = [out / f".log.csv.tmp-{dead}", out / f".card.json.tmp-{dead}", out / "samples" / f".step-000004.png.tmp-{dead}"]
     for path in cut:
         path.write_bytes(b"half")
-    (out / ".notes.txt.tmp-1").write_text("the user's")
-    train_diffusion(tiny(out, resume=True))
+    (out / f".notes.txt.tmp-{dead}").write_text("the user's")
+    writing = subprocess.Popen(["sleep", "60"])  # as `clsp eval quality` writing the card beside a resume
+    try:
+        (out / f".README.md.tmp-{writing.pid}").write_text("# Generator (being written)")
+        train_diffusion(tiny(out, resume=True))
+        assert (out / f".README.md.tmp-{writing.pid}").is_file()
+    finally:
+        writing.kill()
     assert not any(path.exists() for path in cut)
-    assert (out / ".notes.txt.tmp-1").read_text() == "the user's"
+    assert (out / f".notes.txt.tmp-{dead}").read_text() == "the user's"
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
 
 

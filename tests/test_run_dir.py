@@ -18,7 +18,7 @@ from clsp.errors import UserError
 from clsp.file_checks import owned_files, starts_with
 from clsp.file_io import write_atomic
 from clsp.run_dir import LOCK_FILE, RunKind, prepare_run_dir, read_record
-from conftest import snapshot
+from conftest import dead_pid, snapshot
 
 DEMO = RunKind("demo", "demo.json", "clsp demo run", describe=lambda out: "a demo run", operational=("workers",),
                owned=lambda out: owned_files(out, {"**/*.txt": starts_with(b"demo:")}))  # ours: .txt saying "demo:"
@@ -94,7 +94,7 @@ def test_a_claim_or_an_overwrite_killed_midway_leaves_a_folder_the_next_command_
 
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / LOCK_FILE).write_text("")
-    (tmp_path / "cut" / ".demo.json.tmp-999").write_text('{"clsp_run": "de')  # the dead writer's half
+    (tmp_path / "cut" / f".demo.json.tmp-{dead_pid()}").write_text('{"clsp_run": "de')  # the dead writer's half
     with claim(tmp_path / "cut"):
         pass
     assert sorted(snapshot(tmp_path / "cut")) == [LOCK_FILE, "demo.json"]

@@ -241,7 +241,8 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
     long = {**dict(TINY_TRAIN), "epochs": 100000}  # trains until stopped
     options = [arg for key, value in long.items() for arg in ("--train-option", f"{key}={json.dumps(value)}")]
     out = tmp_path / "study"
-    study = subprocess.Popen([sys.executable, "-m", "clsp", "eval", "study", str(shards), "--source", source,
+    study = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "clsp", "eval", "study", str(shards),
+                              "--source", source,
                               "--out", str(out), "--positives", "none,synthetic", "--seeds", "0,1", "--folds", "2",
                               "--preset", "paper", "--jobs", "2", *options],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -255,15 +256,21 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
             os.killpg(study.pid, signal.SIGINT)  # what the terminal sends: the study and its pool processes alike
         else:
             study.send_signal(getattr(signal, stop))
-        _, stderr = study.communicate(timeout=120)
+        try:
+            _, stderr = study.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # a hang: every thread's stack (faulthandler on SIGABRT), then fail
+            os.killpg(study.pid, signal.SIGABRT)
+            _, stderr = study.communicate(timeout=60)
+            logs = "".join(f"\n--- {log.name}\n{log.read_text()[-4000:]}" for log in (out / "train-logs").glob("*"))
+            pytest.fail(f"the study did not end within 120 s of {stop}:\n{stderr[-8000:]}{logs}")
     finally:
         if study.poll() is None:
             study.kill()
     assert study.returncode != 0
     if stop == "SIGTERM":  # as with --jobs 1: one error line, exit status 2
         assert study.returncode == 2 and "Traceback" not in stderr, stderr
-        assert "error: the study was stopped by SIGTERM; the runs in training saved their checkpoints: run the same " \
-               "`clsp eval study` command again" in stderr, stderr
+        assert "error: the study was stopped by SIGTERM, and the runs it was training with it (each goes on from its " \
+               "last checkpoint): run the same `clsp eval study` command again" in stderr, stderr
     _wait_for(lambda: not any(lock_held(run) for run in first), "the training processes to end")
     assert sorted(p.name for p in (out / "runs").iterdir()) == [run.name for run in first]  # no third run began
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from clsp.accelerator import stop_only_when_the_parent_says
 from clsp.errors import UserError
-from conftest import build_shard_dir, lock_held
+from conftest import build_shard_dir, dead_pid, lock_held
 from clsp.file_io import read_json
 from clsp.train.backbones import build_backbone
 from clsp.train.checkpoint import load_backbone
@@ -237,7 +237,7 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
                                     start_new_session=True).returncode
     message = stderr.read_text()
     position = read_json(out / "checkpoint" / "position.json")
-    cut = [out / ".log.csv.tmp-4242", out / ".backbone.safetensors.tmp-4242", out / ".summary.json.tmp-4242"]
+    cut = [out / f".{name}.tmp-{dead_pid()}" for name in ("log.csv", "backbone.safetensors", "summary.json")]
     if fault == "kill":
         assert returncode == -signal.SIGKILL, message[-2000:]
         assert not lock_held(out)  # checked before the orphans have noticed (within 5 s) that their parent died
@@ -258,22 +258,28 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
     assert not any(path.exists() for path in cut)
 
 
-def _loader_like(ready) -> None:
-    stop_only_when_the_parent_says(0)
+def _loader_like(ready, parent: int) -> None:
+    stop_only_when_the_parent_says(0, parent)
     ready.set()
     time.sleep(60)
 
 
-def test_a_loader_process_ignores_stop_signals_from_others_but_obeys_its_parents_sigterm():
-    """The DataLoader ends a stuck worker with SIGTERM (Process.terminate): that one still works."""
+def _start_loader_like(parent: int):
     import multiprocessing
 
-    context = multiprocessing.get_context("fork")  # how the DataLoader starts its workers on Linux
+    context = multiprocessing.get_context("fork")  # as train.shard_input asks the DataLoader to start its workers
     ready = context.Event()
-    loader = context.Process(target=_loader_like, args=(ready,), daemon=True)
+    loader = context.Process(target=_loader_like, args=(ready, parent), daemon=True)
     loader.start()
+    assert ready.wait(30)
+    return loader
+
+
+def test_a_loader_process_ignores_stop_signals_from_others_but_obeys_its_parents_sigterm():
+    """The DataLoader ends a stuck worker with SIGTERM (Process.terminate): that one still works; and once its parent
+    is gone (kill -9), an orphan obeys anyone's SIGTERM again."""
+    loader = _start_loader_like(os.getpid())
     try:
-        assert ready.wait(30)
         subprocess.run(["kill", "-TERM", str(loader.pid)], check=True)  # sent by another process: a scheduler's
         os.kill(loader.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches the whole group
         loader.join(1.0)
@@ -283,6 +289,15 @@ def test_a_loader_process_ignores_stop_signals_from_others_but_obeys_its_parents
         assert loader.exitcode == 0
     finally:
         loader.kill()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    orphan = _start_loader_like(gone.pid)  # its recorded parent is not its parent any more
+    try:
+        subprocess.run(["kill", "-TERM", str(orphan.pid)], check=True)
+        orphan.join(30)
+        assert orphan.exitcode == 0
+    finally:
+        orphan.kill()
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):

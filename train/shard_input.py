@@ -2,6 +2,9 @@
 the batches (streamed, or cached in memory)."""
 from __future__ import annotations
 
+import os
+import sys
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,5 +61,7 @@ def open_input(cfg: TrainConfig, manifest: Manifest, draw: PositiveDraw | None, 
             threads_beside_workers(cfg.workers)
         loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                             generator=torch.Generator(),  # own generator: iterators must not consume the global RNG
-                            worker_init_fn=stop_only_when_the_parent_says)
+                            # fork on Linux (its default before Python 3.14): what the workers' signal handling needs
+                            multiprocessing_context="fork" if sys.platform == "linux" and cfg.workers else None,
+                            worker_init_fn=partial(stop_only_when_the_parent_says, parent=os.getpid()))
     return stream, loader
