@@ -31,7 +31,8 @@ def write_new_set(files: dict[str | Path, str | bytes]) -> list[Path]:
     data = {Path(path): content.encode() if isinstance(content, str) else content for path, content in files.items()}
     for path in data:
         path.parent.mkdir(parents=True, exist_ok=True)
-    newest = max((_number(path, latest(path)) for path in data if latest(path) is not None), default=0)
+    found = {path: latest(path) for path in data}
+    newest = max((_number(path, found[path]) for path in data if found[path] is not None), default=0)
     at = {path: _numbered(path, max(newest, 1)) for path in data}
     if newest and all(not at[path].exists() or at[path].read_bytes() == content for path, content in data.items()):
         missing = [path for path in data if not at[path].exists()]
