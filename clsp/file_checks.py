@@ -4,6 +4,7 @@ so that --overwrite deletes only files that the stage made.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,23 @@ def is_temp_of(name: str) -> Callable[[Path], bool]:
 def is_atomic_temp(path: Path) -> bool:
     """Name check for any `write_atomic` temp file (.NAME.tmp-PID); whose it is, a stage's owned rules say."""
     return re.fullmatch(r"\..+\.tmp-[0-9]+", path.name) is not None
+
+
+def left_by_a_killed_writer(path: Path) -> bool:
+    """Whether `path` is a `write_atomic` temp file whose writer no longer runs on this machine, so a kill cut its
+    write short. This process counts as gone: it asks while starting, before it writes anything."""
+    if not is_atomic_temp(path):
+        return False
+    pid = int(path.name.rsplit("-", 1)[1])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
 
 
 def owned_files(out: Path, rules: dict[str, Callable[[Path], bool]]) -> list[Path]:

@@ -34,7 +34,7 @@ from typing import IO
 from weakref import WeakSet
 
 from clsp.errors import UserError
-from clsp.file_checks import SMALL_JSON, is_atomic_temp, is_temp_of, json_with, small_json
+from clsp.file_checks import SMALL_JSON, is_temp_of, json_with, left_by_a_killed_writer, small_json
 from clsp.file_io import write_json
 
 MARKER = "clsp_run"  # record key naming the kind of run: what marks a folder as ours
@@ -219,24 +219,11 @@ def _cut_writes(out: Path, kind: RunKind) -> list[Path]:
     """The temp files (.NAME.tmp-PID) of the kind's writes that a kill cut short (the record's, a checkpoint's, a
     log's): named so, recognised by the kind, and their writer gone (a command that writes into the folder without
     claiming it, such as `clsp eval quality` into a generator's card, may be at work)."""
-    named = [p for p in out.rglob(".*.tmp-*") if is_atomic_temp(p) and not _running(int(p.name.rsplit("-", 1)[1]))]
+    named = [p for p in out.rglob(".*.tmp-*") if left_by_a_killed_writer(p)]
     if not named:  # the usual case: no content check of the kind's files
         return []
     ours = set(kind.owned(out)) | {p for p in named if p.parent == out and is_temp_of(kind.record_file)(p)}
     return sorted(p for p in named if p in ours)
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (not this process: it is claiming the folder, not writing in it)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def _check_path(out: Path) -> None:

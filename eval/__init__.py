@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import clsp.shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
+from clsp.file_checks import left_by_a_killed_writer
 from clsp.file_io import write_atomic
 
 
@@ -27,24 +28,44 @@ def write_new_set(files: dict[str | Path, str | bytes]) -> list[Path]:
     The set's newest number n is the highest of any of its files (1: the bare names, then `stem-2.ext`, ...). If every
     file of the set at n holds these bytes, nothing is written; if those there do and some are missing (a write a kill
     cut short), the missing ones are added at n; otherwise the whole set goes to n + 1, with a note on stderr. So
-    `stem-N.*` always come from one computation, and `latest` finds each of them."""
+    `stem-N.*` always come from one computation, and `latest` finds each of them. Each file is created exclusively,
+    so two evaluations writing into one folder at once never replace each other's result: the later one moves on.
+    Temp files of the set's series that a killed write left are removed first."""
     data = {Path(path): content.encode() if isinstance(content, str) else content for path, content in files.items()}
     for path in data:
         path.parent.mkdir(parents=True, exist_ok=True)
-    found = {path: latest(path) for path in data}
-    newest = max((_number(path, found[path]) for path in data if found[path] is not None), default=0)
-    at = {path: _numbered(path, max(newest, 1)) for path in data}
-    if newest and all(not at[path].exists() or at[path].read_bytes() == content for path, content in data.items()):
-        missing = [path for path in data if not at[path].exists()]
-    else:
-        at = {path: _numbered(path, newest + 1) for path in data}
-        missing = list(data)
-        if newest:
-            print(f"note: {', '.join(str(p) for p in data)} hold{'s' * (len(data) == 1)} an earlier, different result; "
-                  f"wrote {', '.join(at[p].name for p in data)} instead", file=sys.stderr)
-    for path in missing:
-        write_atomic(at[path], data[path])
+        for temp in _cut_writes(path):
+            temp.unlink(missing_ok=True)
+    while True:  # again only when another process claimed the number first
+        found = {path: latest(path) for path in data}
+        newest = max((_number(path, found[path]) for path in data if found[path] is not None), default=0)
+        at = {path: _numbered(path, max(newest, 1)) for path in data}
+        if newest and all(not at[path].exists() or at[path].read_bytes() == content for path, content in data.items()):
+            missing, moved = [path for path in data if not at[path].exists()], False
+        else:
+            at = {path: _numbered(path, newest + 1) for path in data}
+            missing, moved = list(data), newest > 0
+        if all(_claimed(at[path], data[path]) for path in missing):
+            break
+    if moved:
+        print(f"note: {', '.join(str(p) for p in data)} hold{'s' * (len(data) == 1)} an earlier, different result; "
+              f"wrote {', '.join(at[p].name for p in data)} instead", file=sys.stderr)
     return [at[path] for path in data]
+
+
+def _claimed(path: Path, content: bytes) -> bool:
+    """Write `path` unless it exists (created by a concurrent writer meanwhile): True if it now holds `content`."""
+    try:
+        write_atomic(path, content, exclusive=True)
+    except FileExistsError:
+        return path.read_bytes() == content
+    return True
+
+
+def _cut_writes(path: Path) -> list[Path]:
+    """Temp files of `path`'s series (.stem-N.ext.tmp-PID) that a killed write left behind."""
+    name = re.compile(re.escape(f".{path.stem}") + r"(-\d+)?" + re.escape(path.suffix) + r"\.tmp-\d+")
+    return [p for p in path.parent.glob(".*.tmp-*") if name.fullmatch(p.name) and left_by_a_killed_writer(p)]
 
 
 def _number(path: Path, found: Path) -> int:

@@ -42,6 +42,7 @@ def evaluate_all(cfg: AllConfig) -> dict:
     sheet_image(cfg.shards).save(png, format="png")
     # one set, one number: audit-N.md and contact_sheet-N.png describe the same shards
     audit_json, audit_md, sheet = write_new_set({**audit_files(audit, out), out / "contact_sheet.png": png.getvalue()})
+    (out / ".contact_sheet.tmp.png").unlink(missing_ok=True)  # the fixed-name temp that earlier versions' kills left
     summary = report([cfg.run_dir], out)
     return {**summary, "results": results, "audit": str(audit_json), "audit_md": str(audit_md), "sheet": str(sheet)}
 

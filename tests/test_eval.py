@@ -1,7 +1,10 @@
 """Evaluation: weighted kNN, the linear probe and its frozen-backbone guard, the feature cache, report aggregation."""
 
+import errno
 import json
 import math
+import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from clsp.hashing import weights_sha256
 from clsp.eval import latest, write_new, write_new_set
 from clsp.eval.features import extract_features
 from clsp.eval.knn import knn_accuracy, knn_predict
 from clsp.eval.linear import BackboneChangedError, ProbeConfig, linear_probe_accuracy, probe_backbone
 from clsp.eval.report import report, verdicts
 from clsp.eval.results import METRICS, aggregate, mean_std
+from clsp.file_io import write_atomic
+from clsp.hashing import weights_sha256
 from clsp.train.backbones import build_backbone
+from conftest import dead_pid
 
 FAST_PROBE = ProbeConfig(epochs=20, lr=0.5, batch_size=32, milestones=(12, 16))
 
@@ -208,7 +213,52 @@ def test_files_written_as_a_set_share_one_number_also_after_a_kill(tmp_path, cap
     assert write_new_set({result: "D", notes: "d"}) == [tmp_path / "s-4.json", tmp_path / "s-4.md"]
     assert "wrote s-4.json, s-4.md instead" in capsys.readouterr().err
     assert [p.read_text() for p in (result, notes, tmp_path / "s-2.md", tmp_path / "s-3.json")] == ["A", "a", "b", "C"]
+    cut, live, other = (tmp_path / f".s-3.md.tmp-{dead_pid()}", tmp_path / f".s-5.md.tmp-{os.getppid()}",
+                        tmp_path / f".sweep.md.tmp-{dead_pid()}")
+    for temp in (cut, live, other):
+        temp.write_text("partial")
+    write_new_set({result: "E", notes: "e"})  # removes only its own series' temps whose writer is gone
+    assert not cut.exists() and live.exists() and other.exists()
 
+
+
+def _write_sets(directory, writer, count, barrier):
+    """One of several processes that write result sets into `directory` at once (once all have started)."""
+    barrier.wait()
+    for i in range(count):
+        write_new_set({Path(directory) / "s.json": f"{writer}-{i}", Path(directory) / "s.md": f"{writer}-{i} notes"})
+
+
+def test_concurrent_writers_of_one_result_set_never_replace_each_other(tmp_path):
+    """Two evaluations writing into one folder at once both chose the next free number, and the later rename replaced
+    the other's result; each file is now created exclusively, so every result survives, each set whole."""
+    writers, count = 4, 8
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(writers, timeout=120)
+    processes = [spawn.Process(target=_write_sets, args=(tmp_path, w, count, barrier)) for w in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    results = sorted(p.read_text() for p in tmp_path.glob("s*.json"))
+    assert results == sorted(f"{w}-{i}" for w in range(writers) for i in range(count))
+    assert all(p.with_suffix(".md").read_text() == p.read_text() + " notes" for p in tmp_path.glob("s*.json"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_an_exclusive_write_without_hard_links_still_never_replaces_a_file(tmp_path, monkeypatch):
+    """Some file systems (FUSE mounts of object stores) refuse hard links: the name is then claimed by an exclusive
+    create before the rename, so an existing file still stops the write."""
+    def no_hard_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_hard_links)
+    target = tmp_path / "r.json"
+    assert write_atomic(target, "a", exclusive=True) == target and target.read_text() == "a"
+    with pytest.raises(FileExistsError):
+        write_atomic(target, "b", exclusive=True)
+    assert target.read_text() == "a" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    assert write_new(target, "b").name == "r-2.json"
 
 def make_run(root, name, method, positives, seed, linear, knn):
     run = root / name
@@ -343,7 +393,9 @@ def test_eval_all_command_end_to_end_and_idempotent(tiny_world):
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["method"] == "simclr" and results["positives"] == "synthetic" and results["seed"] == 0
     assert set(results["knn"]) == {"5", "10", "20", "24"}  # 50, 100, 200 capped at the 24 train images
-    second = CliRunner().invoke(app, args)  # same inputs: same results, no new files
+    (root / "report" / ".contact_sheet.tmp.png").write_bytes(b"\x89PNG")  # earlier versions' temp, a kill left
+    (root / "report" / f".audit.md.tmp-{dead_pid()}").write_text("# Aud")  # a write a kill cut short
+    second = CliRunner().invoke(app, args)  # same inputs: same results, no new files, no leftovers
     assert second.exit_code == 0, second.output
     assert sorted(p.name for p in (root / "report").rglob("*") if p.is_file()) == made
 
