@@ -78,6 +78,8 @@ class ParquetSource(Source):
             raise UserError(f"{files[0]} has no image column (looked for {', '.join(self.IMAGE_COLUMNS)}); "
                             f"columns are {', '.join(schema.names)}")
         self._label_col = next((c for c in self.LABEL_COLUMNS if c in schema.names), None)
+        if self._label_col:
+            self._check_labels(files)
         self.classes = self._class_names(schema)
         stems = [safe_id(Path(f).name.split(".")[0], MAX_ID_CHARS - 12) for f in files]  # room for "-ROW" (11 digits)
         if len(set(stems)) != len(stems):  # e.g. train/0000.parquet + test/0000.parquet read as --split all
@@ -113,6 +115,18 @@ class ParquetSource(Source):
             folders = (Path(path).resolve().name, *Path(file).relative_to(path).parent.parts)
         words = [split_named(Path(file).name, prefix=True)] + [split_named(f, prefix=False) for f in reversed(folders)]
         return next((w for w in words if w), None)
+
+    def _check_labels(self, files: list[str]) -> None:
+        """Labels must be class numbers in every file: a float 0.5 would be read as class 0, a string not at all."""
+        import pyarrow as pa
+
+        for path, parquet in zip(files, self._files):
+            schema = parquet.schema_arrow
+            kind = schema.field(self._label_col).type if self._label_col in schema.names else "no such column"
+            if kind == "no such column" or not (pa.types.is_integer(kind) or pa.types.is_null(kind)):  # null: unknown
+                raise UserError(f"{path}: the label column `{self._label_col}` holds {kind}, not class numbers: store "
+                                f"integers 0, 1, ... in it (a datasets ClassLabel, or pandas' "
+                                f"`df['{self._label_col}'].astype('category').cat.codes`), in every file of the source")
 
     def _class_names(self, schema) -> list[str]:
         meta = (schema.metadata or {}).get(b"huggingface")
@@ -164,10 +178,15 @@ def _subfolders(directory: Path) -> list[Path]:
     return sorted(d for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _holds_images(directory: Path) -> bool:
+    return any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() for f in directory.iterdir())
+
+
 class FolderSource(Source):
     """An image-folder tree: DIR/CLASS/IMAGE, or DIR/SPLIT/CLASS/IMAGE with SPLIT folders named train, test, val or
-    validation (val and validation are the test split; see pick_split). The classes are the class folders of every
-    split folder together, so a label names the same class in each split even when one split lacks a class.
+    validation (val and validation are the test split; see pick_split); a folder that holds images itself is a class
+    folder, also when it bears a split's name. The classes are the class folders of every split folder together, so
+    a label names the same class in each split even when one split lacks a class.
     """
 
     kind = "folder"
@@ -178,8 +197,9 @@ class FolderSource(Source):
         if not root.is_dir():
             raise UserError(f"image folder {path} does not exist: give DIR with one sub-folder per class")
         parts: dict[str | None, list[Path]] = {}
-        for folder in _subfolders(root):
-            parts.setdefault(split_named(folder.name, prefix=False), []).append(folder)
+        for folder in _subfolders(root):  # one holding images itself is a class, whatever its name (CIFAR-100's train)
+            word = None if _holds_images(folder) else split_named(folder.name, prefix=False)
+            parts.setdefault(word, []).append(folder)
         # no split folders (or no folders at all): DIR is one split, or the one its own name says
         if not parts or (None in parts and len(parts) == 1):
             parts = {split_named(root.resolve().name, prefix=False): [root]}

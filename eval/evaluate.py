@@ -29,7 +29,7 @@ RUN_KEYS = ("method", "positives", "lam", "seed")
 # what a rerun on the same inputs may change: the scores, the files it wrote, and how it was computed (the device and
 # --forward-batch change nothing but float rounding); every other key of a result is an input (eval.write_result)
 OUTPUTS = {"linear_top1", "linear_train_top1", "knn", "knn_best", "knn_best_k", "knn_k20", "test_features",
-           "test_labels", "computed_with"}
+           "test_labels", "computed_with", "test_images_in_train"}  # the last: follows from the fingerprints
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,19 @@ def _labelled(source) -> tuple[np.ndarray, np.ndarray, str]:
     return images, labels, source.fingerprint()
 
 
-def _check_disjoint(train, test, train_images: np.ndarray, test_images: np.ndarray) -> None:
-    """Refuse a test set that is mostly training images (the same files given as both): that scores memory."""
+def _check_disjoint(train, test, train_images: np.ndarray, test_images: np.ndarray) -> int:
+    """How many test images are also training images (byte for byte): a warning when any are, since those score
+    memory; refused when most are (the same files given as both)."""
     seen = {hashlib.sha256(image.tobytes()).digest() for image in train_images}
     shared = sum(hashlib.sha256(image.tobytes()).digest() in seen for image in test_images)
     if 2 * shared > len(test_images):
         raise UserError(f"{shared} of the {len(test_images)} test images of {test.name} are also in {train.name}: "
                         f"score on held-out images (a test split, or --test-source naming other files)")
+    if shared:
+        print(f"warning: {shared} of the {len(test_images)} test images of {test.name} are also in {train.name} "
+              f"(byte for byte), so the scores are partly memory; results.json records the count "
+              f"(test_images_in_train): score on held-out images to compare with others", file=sys.stderr)
+    return shared
 
 
 @dataclass
@@ -209,14 +215,14 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
         raise UserError(f"{bank.name} has classes {bank.classes[:5]}... but {test.name} has {test.classes[:5]}...: a "
                         f"label would name another class in each; give splits of one dataset")
     train, held_out = _labelled(bank), _labelled(test)
-    _check_disjoint(bank, test, train[0], held_out[0])
+    shared = _check_disjoint(bank, test, train[0], held_out[0])
     settings = asdict(replace(config, source=run.spec, test_source=test.spec))  # the sources as resolved
     computed_with = {"device": settings.pop("device"), "forward_batch": settings.pop("batch_size")}
     result = dict(run.identity)
     result.update(run=run.run_dir.name, source=run.spec, test_source=test.spec, trained_on=run.record,
                   source_check=check, weights_sha256=weights_sha256(run.backbone), train_fingerprint=train[2],
-                  test_fingerprint=held_out[2], eval_config=settings, computed_with=computed_with,
-                  class_names=list(test.classes or bank.classes))
+                  test_fingerprint=held_out[2], test_images_in_train=shared, eval_config=settings,
+                  computed_with=computed_with, class_names=list(test.classes or bank.classes))
     return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result)
 
 

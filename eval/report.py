@@ -14,7 +14,7 @@ from pathlib import Path
 
 from clsp.eval import write_new
 from clsp.eval.evaluate import RUN_KEYS
-from clsp.eval.results import METRICS, aggregate, common_settings, load_results
+from clsp.eval.results import METRICS, aggregate, common_settings, common_setup, load_results
 
 
 def _fmt(stat: tuple[float, float, int], seeds: int) -> str:
@@ -92,7 +92,8 @@ def write_report(rows: list[dict], run_dirs: list[str | Path], out: str | Path, 
     from clsp.eval.plots import plot_run, plot_summary
 
     out = Path(out)
-    settings = common_settings(rows)  # before any file: refuses rows scored with other settings
+    settings = common_settings(rows)  # before any file: refuses rows scored with other settings,
+    common_setup(rows)  # runs trained otherwise
     groups = aggregate(rows)  # and repeated seeds
     comparisons = paired_differences(groups, METRICS)
     csv_cols = ["run", *RUN_KEYS, "knn_best", "knn_best_k", "knn_k20", "linear_top1", "weights_sha256", "source",

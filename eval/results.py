@@ -4,8 +4,8 @@ A result is this run's only when it was computed from the run's current weights:
 --overwrite`) keeps the eval/ files of its earlier weights, and they are never reported under its new config.
 
 A group is (source, method, positives, lam): runs scored on different data are never averaged together, nor one seed
-counted twice; rows scored with other evaluation settings (probe, kNN ks or temperature, folds) are never compared in
-one report.
+counted twice; runs of one method trained otherwise (training_setup) and rows scored with other evaluation settings
+(probe, kNN ks or temperature, folds) are never compared in one report.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from clsp.errors import UserError
 from clsp.eval import series
-from clsp.eval.evaluate import run_identity
+from clsp.eval.evaluate import RUN_KEYS, run_identity
 from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE
 
 METRICS = ("knn_best", "knn_k20", "linear_top1")
@@ -93,14 +93,73 @@ def load_results(run_dir: str | Path) -> dict:
 
 
 def with_identity(result: dict, run_dir: str | Path) -> dict:
-    """A result file's dict with the run's identity keys from its config.json (they win) and run / run_dir."""
+    """A result file's dict with the run's identity keys and training setup from its config.json (they win) and
+    run / run_dir."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if config_path.is_file():
-        result.update(run_identity(json.loads(config_path.read_text())))
+        from clsp.run_dir import read_record
+        from clsp.train.loop import TRAIN_RUN
+
+        config = json.loads(config_path.read_text())
+        recorded = read_record(run_dir, TRAIN_RUN)  # as today's clsp writes it (older ones listed other methods' keys)
+        result.update(run_identity(config), training_setup=training_setup(recorded or config))
     result.setdefault("run", run_dir.name)
     result["run_dir"] = str(run_dir)
     return result
+
+
+# training options that change how a run is computed or where it is written, not what it learns (besides its identity
+# keys): train's operational options, the anchors' order (in-memory cache, shuffle buffer) and rounding (bf16,
+# compile), as another seed would; and those the record holds resolved (the method's settings, the image size)
+NOT_SETUP = ("out", "shards", "workers", "resume", "overwrite", "knn_every", "knn_source", "log_with", "cache",
+             "shuffle_buffer", "bf16", "compile", "skip_corrupt", "expect_k", "image_size", "temperature", "proj_dim",
+             "proj_hidden", "queue_size")
+
+
+def training_setup(run_config: dict) -> dict:
+    """What a run learned from besides its identity (method, positives, lam, seed): its training options, the method's
+    resolved settings, the anchors it trained on and, for synthetic positives, the shards that gave them. Runs that
+    differ here are not seeds of one experiment."""
+    from dataclasses import fields
+
+    from clsp.train.loop import TrainConfig
+
+    section = lambda name: run_config.get(name) if isinstance(run_config.get(name), dict) else {}  # noqa: E731
+    options, method, data = section("config"), section("method"), section("data")
+    if options:  # options added since a run was recorded read as their defaults, as a resume reads them
+        options = {**{f.name: f.default for f in fields(TrainConfig)}, **options}
+    setup = {"options": {k: v for k, v in options.items() if k not in (*NOT_SETUP, *RUN_KEYS)},
+             "method": {k: v for k, v in method.items() if k not in ("lam", "positives")},
+             "image_size": run_config.get("image_size"),
+             "anchors": {"fingerprint": (data.get("source") or {}).get("fingerprint"), "count": data.get("count"),
+                         "world_size": data.get("world_size")}}
+    if options.get("positives", run_config.get("positives")) == "synthetic":
+        setup["positives"] = {"shards_sha256": data.get("shards_sha256")}
+    return setup
+
+
+def common_setup(rows: list[dict]) -> None:
+    """Refuse runs of one method on one source trained otherwise (epochs, batch, anchors...), or synthetic runs at one
+    lam on other shards: they would be averaged as seeds of one row, or paired against a baseline, as if they differed
+    only in seed or in the CLSP term."""
+    from clsp.run_dir import record_differences
+
+    seen: dict[tuple, tuple[dict, dict]] = {}
+    for row in rows:
+        setup = row.get("training_setup") or {}
+        where = (source_label(row), row.get("method"))
+        checks = [(where, {part: value for part, value in setup.items() if part != "positives"})]
+        if "positives" in setup:  # the shards matter where their positives are used
+            checks.append(((*where, row.get("lam")), {"positives": setup["positives"]}))
+        for key, value in checks:
+            earlier, first = seen.setdefault(key, (value, row))
+            differ = record_differences(earlier, value)
+            if differ:
+                raise UserError(f"{first.get('run_dir', first.get('run'))} and {row.get('run_dir', row.get('run'))} "
+                                f"are both {row.get('method')} runs on {where[0]} but were trained otherwise "
+                                f"({'; '.join(differ[:4])}): their scores neither average as seeds nor pair against "
+                                f"a baseline; report them apart (one `clsp eval report` each), or train them alike")
 
 
 # evaluation settings a score depends on besides weights and data, each with the score it matters for (None: all)

@@ -23,11 +23,14 @@ def _cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def _images(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+
+
 def _parquet(path, n: int, seed: int) -> None:
     """n labelled 8 px images (3 classes) in the Hugging Face image layout, without class names."""
-    rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
-    write_hf_parquet(path, images, [i % 3 for i in range(n)])
+    write_hf_parquet(path, _images(n, seed), [i % 3 for i in range(n)])
 
 
 def _folder(root, counts: dict[str, int], seed: int = 0) -> None:
@@ -170,7 +173,15 @@ def test_a_train_file_is_never_scored_as_its_own_test_split(trained, tmp_path):
                   f"parquet:{tmp_path / 'held-out.parquet'}", "--transfer")
     assert scored.exit_code == 0, scored.output
     result = json.loads((run / "eval" / "knn.json").read_text())
-    assert result["test_source"] == f"parquet:{tmp_path / 'held-out.parquet'}"
+    assert result["test_source"] == f"parquet:{tmp_path / 'held-out.parquet'}" and result["test_images_in_train"] == 0
+
+    # a few training images among held-out ones: scored, but never silently (they were before)
+    mixed = tmp_path / "mixed.parquet"
+    write_hf_parquet(mixed, _images(12, seed=3)[:4] + _images(6, seed=5), [i % 3 for i in range(10)])
+    partly = _cli("eval", "knn", run, "--source", f"parquet:{train_file}", "--test-source", f"parquet:{mixed}",
+                  "--transfer")
+    assert partly.exit_code == 0 and "warning: 4 of the 10 test images" in partly.output
+    assert json.loads((run / "eval" / "knn-2.json").read_text())["test_images_in_train"] == 4  # other test data
 
 
 def test_device_cuda_without_cuda_is_refused_even_when_features_are_cached(trained, tmp_path, monkeypatch):
@@ -239,12 +250,14 @@ def test_eval_all_with_too_few_test_images_for_a_t_sne_reports_without_one(train
 # --- reports ------------------------------------------------------------------------------------------------------
 
 def _result(root, name: str, source: str, seed: int, linear: float, positives: str = "synthetic",
-            probe_epochs: int = 30, file: str = "results.json", metrics=("linear_top1", "knn_best", "knn_k20")):
-    """A run folder holding a hand-made result (no weights: nothing to check it against)."""
+            probe_epochs: int = 30, file: str = "results.json", metrics=("linear_top1", "knn_best", "knn_k20"),
+            trained: dict | None = None):
+    """A run folder holding a hand-made result (no weights: nothing to check it against); `trained`: a training
+    record's sections (config, data) to add to its config.json."""
     run = root / name
     (run / "eval").mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps({"method": "simclr", "positives": positives, "lam": 1.0,
-                                                 "seed": seed}))
+                                                 "seed": seed, **(trained or {})}))
     fingerprint = source.encode().hex().ljust(64, "0")
     settings = {"ks": [5, 20], "temperature": 0.07, "probe": {"epochs": probe_epochs, "lr": 1.0, "batch_size": 256}}
     (run / "eval" / file).write_text(json.dumps(
@@ -289,6 +302,38 @@ def test_report_refuses_runs_scored_with_other_settings_and_parts_of_other_input
     _result(tmp_path, "parts", "digits", 0, 77.0, file="linear.json", metrics=("linear_top1",))
     [row] = report([tmp_path / "parts"], tmp_path / "report-2")["groups"]
     assert (row["knn_best"][0], row["linear_top1"][0]) == (75.0, 77.0)
+
+
+def test_report_refuses_to_average_or_pair_runs_that_were_trained_otherwise(tmp_path):
+    """Runs were grouped by (source, method, positives, lam) only: a 50-epoch and a 1-epoch run became two seeds of
+    one row, and a 50-epoch CLSP run was paired against a 1-epoch baseline, with a verdict."""
+    from clsp.eval.report import report
+
+    def trained(seed, positives="synthetic", epochs=50, shards="a" * 64, workers=2):
+        config = {"method": "simclr", "positives": positives, "seed": seed, "epochs": epochs, "workers": workers,
+                  "out": f"/runs/{positives}-{seed}-{epochs}-{workers}"}
+        return {"config": config, "data": {"shards_sha256": shards, "count": 12, "source": {"fingerprint": "f"}}}
+
+    def run(name, seed, **options):
+        return _result(tmp_path, name, "digits", seed, 80.0 + seed, positives=options.get("positives", "synthetic"),
+                       trained=trained(seed, **options))
+
+    clsp = [run(f"clsp-{s}", s) for s in (0, 1)]
+    short = run("clsp-short", 2, epochs=1)
+    with pytest.raises(UserError, match=r"clsp-0 and .*clsp-short are both simclr runs on digits .*trained otherwise "
+                                        r"\(options.epochs: 50 there, 1 now\).*report them apart"):
+        report([*clsp, short], tmp_path / "r")  # pooled as a third seed before
+    baseline_short = run("none-short", 0, positives="none", epochs=1)
+    with pytest.raises(UserError, match=r"options.epochs: 50 there, 1 now"):
+        report([*clsp, baseline_short], tmp_path / "r")  # paired against a shorter baseline before
+    other_shards = run("clsp-b", 3, shards="b" * 64)
+    with pytest.raises(UserError, match=r"positives.shards_sha256"):
+        report([*clsp, other_shards], tmp_path / "r")  # positives of another generator pooled as a seed before
+    assert not (tmp_path / "r").exists()
+    # trained alike: another folder, loader count or (for the baseline, which uses no positives) other shards
+    alike = [*clsp, run("clsp-w", 2, workers=4), run("none-0", 0, positives="none", shards="b" * 64)]
+    groups = report(alike, tmp_path / "r")["groups"]
+    assert [(g["positives"], g["seeds"]) for g in groups] == [("none", [0]), ("synthetic", [0, 1, 2])]
 
 
 def test_a_retrained_run_never_shows_the_scores_or_pictures_of_its_earlier_weights(trained, tmp_path):

@@ -151,6 +151,30 @@ def test_a_null_parquet_label_reads_as_unknown(tmp_path):
     assert [r.label for r in open_source(f"parquet:{tmp_path / 'train.parquet'}")] == [1, -1]
 
 
+
+@pytest.mark.parametrize("labels, kind", [(["cat", "dog"], "string"), ([0.0, 0.5], "double")])
+def test_parquet_labels_that_are_not_class_numbers_are_refused(tmp_path, labels, kind):
+    """A string label ended in a traceback from int(); a float one was truncated (0.5 read as class 0)."""
+    images = [np.zeros((8, 8, 3), np.uint8)] * 2
+    write_hf_parquet(tmp_path / "train.parquet", images, labels)
+    with pytest.raises(UserError, match=rf"train.parquet: the label column `label` holds {kind}, not class numbers"):
+        open_source(f"parquet:{tmp_path / 'train.parquet'}")
+
+
+def test_a_class_folder_named_like_a_split_is_a_class(tmp_path):
+    """CIFAR-100 as an image folder has a class named `train`: it was taken for a split folder, and the source was
+    refused as mixing splits with other folders. A folder that holds images itself is a class folder."""
+    rng = np.random.default_rng(0)
+    for name in ("apple", "train", "tractor"):
+        (tmp_path / "c100" / name).mkdir(parents=True)
+        (tmp_path / "c100" / name / "0.png").write_bytes(_png(rng))
+    source = open_source(f"folder:{tmp_path / 'c100'}")
+    assert source.classes == ["apple", "tractor", "train"] and len(source) == 3
+    for split in ("train", "test"):  # split folders holding class folders still are splits
+        (tmp_path / "split" / split / "apple").mkdir(parents=True)
+        (tmp_path / "split" / split / "apple" / "0.png").write_bytes(_png(rng))
+    assert len(open_source(f"folder:{tmp_path / 'split'}", split="test")) == 1
+
 def _cifar_batch(path, n, rng, label_key=b"labels", payload=None) -> None:
     batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: list(range(n))}
     if payload is not None:
