@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from clsp.accelerator import available_cores
 from clsp.errors import StoppedBySigterm, UserError
 from clsp.eval.evaluate import EvalConfig
 from clsp.run_dir import lock_folder
@@ -228,7 +229,7 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     import threading
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, available_cores() // jobs)  # the CPU affinity (taskset, Slurm), not the machine
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"study: training {len(runs)} runs, {jobs} at a time on {threads} thread(s) each; progress in {log_dir}/")
 

@@ -162,16 +162,18 @@ def all_command(run: Path = typer.Argument(..., help="training run directory"),
 
 
 def _key_values(options: list[str]) -> tuple[tuple[str, object], ...]:
-    """["epochs=20", "lr=0.1"] -> (("epochs", 20), ("lr", 0.1)); a value that is not JSON stays a string."""
+    """["epochs=20", "lr=0.1", "cache=False"] -> (("epochs", 20), ("lr", 0.1), ("cache", False)): JSON, or Python's
+    spelling of True, False and None; any other value stays a string (TrainConfig checks each option's type)."""
     import json
 
+    python = {"True": True, "False": False, "None": None}
     pairs = []
     for option in options:
         key, sep, text = option.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--train-option {option!r} must look like KEY=VALUE, e.g. epochs=20")
         try:
-            value = json.loads(text)
+            value = python[text.strip()] if text.strip() in python else json.loads(text)
         except ValueError:
             value = text
         pairs.append((key.strip().replace("-", "_"), value))

@@ -135,18 +135,21 @@ def test_study_command_passes_options_and_refuses_bad_ones_before_training(tiny_
     from clsp.cli import app
 
     root, shards, source = tiny_world
-    options = [arg for key, value in TINY_TRAIN for arg in ("--train-option", f"{key}={json.dumps(value)}")]
+    spelt = lambda value: "False" if value is False else json.dumps(value)  # noqa: E731  (before: 'False', true)
+    options = [arg for key, value in TINY_TRAIN for arg in ("--train-option", f"{key}={spelt(value)}")]
     result = CliRunner().invoke(app, ["eval", "study", str(shards), "--source", source, "--out", str(root / "cli"),
                                       "--positives", "none", "--seeds", "0", "--folds", "2", "--preset", "paper",
                                       "--probe-epochs", "2", *options])
     assert result.exit_code == 0, result.output
     config = json.loads((root / "cli" / "runs" / "simclr-none-seed0" / "config.json").read_text())
-    assert config["config"]["width"] == 2 and config["config"]["epochs"] == 1
+    assert config["config"]["width"] == 2 and config["config"]["epochs"] == 1 and config["config"]["bf16"] is False
     assert "nothing to compare" in result.output and (root / "cli" / "report.md").is_file()
 
     for bad, words in ((["--train-option", "epochs"], "must look like KEY=VALUE"),
                        (["--train-option", "epoks=3"], "--train-option takes `clsp train run` options"),
                        (["--train-option", "seed=3"], "--train-option seed: the study sets these itself"),
+                       (["--train-option", "epochs=2.5"], "--epochs must be a whole number, got 2.5"),
+                       (["--train-option", "cache=maybe"], "--cache must be true/false or unset, got 'maybe'"),
                        (["--methods", "simclr,nope"], "unknown method 'nope'"),
                        (["--seeds", "0,x"], "must be comma-separated integers"),
                        (["--seeds", "0,0"], "give each once"),

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
+from typing import get_type_hints
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -137,6 +138,10 @@ class TrainConfig:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise UserError(message)
+        for name, kinds in _FIELD_TYPES.items():  # a study's --train-option values come typed only as JSON reads them
+            value = getattr(self, name)
+            need(type(value) in kinds or (float in kinds and type(value) is int), f"--{name.replace('_', '-')} must "
+                 f"be {' or '.join(_TYPE_WORDS[k] for k in kinds)}, got {value!r}")
         need(self.method in method_names(), f"unknown method {self.method!r}: choose one of {method_names()}")
         need(self.positives in POSITIVES, f"--positives must be one of {', '.join(POSITIVES)}, got {self.positives!r}")
         need(self.optimizer == "sgd", f"optimizer {self.optimizer!r} is not available: use sgd")
@@ -177,6 +182,11 @@ class TrainConfig:
             raise UserError(str(error)) from None
 
 
+_TYPE_WORDS = {bool: "true/false", int: "a whole number", float: "a number", str: "text", type(None): "unset"}
+# each option's accepted value types, from its annotation ("int | None" -> (int, NoneType))
+_FIELD_TYPES = {name: tuple(getattr(kind, "__args__", (kind,))) for name, kind in get_type_hints(TrainConfig).items()}
+
+
 def make_config(preset: str | None = None, **options) -> TrainConfig:
     """TrainConfig from a preset (or the defaults) with the given options on top; options that are None are unset."""
     unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
@@ -184,6 +194,11 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
         raise TypeError(f"unknown TrainConfig option(s) {unknown}")
     values = preset_values(PRESETS, preset, options)
     method = values.get("method", TrainConfig.method)
+    made_for = PRESETS[preset].get("method", method) if preset else method
+    if method != made_for:  # its lam, temperature and projector are that method's, not this one's defaults
+        raise UserError(f"--preset {preset} is the paper's {made_for} setting (its lam, temperature, projector and "
+                        f"schedule are {made_for}'s): for --method {method} leave --preset out (the method's defaults "
+                        f"are its own settings) and give the schedule as options")
     stray = [name for name in METHOD_SETTINGS if options.get(name) is not None and method in method_names()
              and name not in setting_names(method)]
     if stray:
