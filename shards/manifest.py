@@ -2,8 +2,10 @@
 
 A shard directory is complete exactly when `manifest.json` exists. The run metadata records what made the shards:
 schema version, source (spec, split, fingerprint, count, and the class count when the source names its classes),
-generator (model id, weights hash), sampler settings, K, seed, image size, anchors per shard and package version, and
-from schema version 3 the image codec (run.codec "raw"; absent means png, see shards.schema).
+generator (model id, weights hash, and the scheduler and UNet config digests that the synth job records), sampler
+settings, K, seed, image size, anchors per shard and package version, and from schema version 3 the image codec
+(run.codec "raw"; absent means png, see shards.schema). A rewrite leaves its new index under `pending_index`'s name
+until manifest.json names it; `read_manifest` reads it there when index.parquet is not the one manifest.json names.
 
 `read_manifest` is the one check of a manifest (field types, required fields, bounds, index columns and rows) that every
 reader goes through, and `write_manifest` (shards.manifest_writer) refuses to write what it would refuse. `Manifest.contract()` then holds what
@@ -29,11 +31,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clsp.shards.manifest_checks import INDEX, MANIFEST, document_problems, index_problems, score_column
+from clsp.shards.parquet_pages import WHOLE_TEXT_ENCODINGS, column_pages
 from clsp.shards.reader import RawSample, ShardError, check_location, iter_shard, join_location, open_location
 from clsp.shards.codecs import CODECS, DEFAULT_CODEC, SchemaError, codec_of
-from clsp.shards.schema import LEGACY_NOISE, META, READ_VERSIONS, SCHEMA_VERSION, is_image_key, member_keys, \
-    parse_json, sample_sha256
-from clsp.shards.writer import SHARD_PATTERN
+from clsp.shards.schema import LEGACY_NOISE, MAX_ID_CHARS, META, READ_VERSIONS, SCHEMA_VERSION, SCORES, is_image_key, \
+    member_keys, parse_json, sample_sha256
+from clsp.shards.writer import SHARD_PATTERN, shard_name
 
 FORMAT = "clsp-shards"
 DISTANCE_RECORD = "RMS pixel difference to the anchor, pixels in [0, 1] (shards.schema.positive_distances)"
@@ -199,14 +202,85 @@ def _read(location: str) -> bytes:
         return handle.read(16 << 20)
 
 
-def _parquet_table(data: bytes) -> pa.Table:
-    """A Parquet file's bytes -> its table, in memory that arrow owns. Read from Python objects (io.BytesIO, bytes),
-    arrow's pool threads hold buffers whose release needs the GIL; one that lets go while the interpreter exits
-    aborts the process ("terminate called without an active exception", exit 134) after the command has done its
-    work. Copied into arrow's memory first, and read by the file reader that starts no threads, none does."""
+# the most bytes of one value of each index column the schema allows (a score: one float32 of K); others: MAX_ID_CHARS
+VALUE_BYTES = {"anchor_id": MAX_ID_CHARS, "shard": len(shard_name(0)), "label": 8, "sha256": 64,
+               **{score_column(metric): 4 for metric in SCORES}}
+SLACK_BYTES = 1 << 20  # what a column may take beyond its values: page headers, statistics, a small index's dictionary
+
+
+def _value_bound(column: str, count: int, k: int) -> tuple[int, int]:
+    """(values, decoded bytes) that `count` anchors of values the schema allows can take in index `column`, generously:
+    each value twice (a dictionary and Parquet's fallback from it to plain values), with 8 bytes of length and
+    levels."""
+    values = count * max(k, 1) if column in map(score_column, SCORES) else count  # an empty or null list takes one
+    return values, 2 * values * (VALUE_BYTES.get(column, MAX_ID_CHARS) + 8) + SLACK_BYTES
+
+
+def _page_problems(data: bytes, parquet: pq.ParquetFile, count: int, k: int) -> list[str]:
+    """What reading the index would take beyond `count` anchors of values the schema allows (`_value_bound`): more rows,
+    or more values or decoded bytes in a column by its pages' own headers (shards.parquet_pages), or text that cannot
+    be read as a dictionary (see `_decoded_text`). Checked before any page is read: a small compressed file can decode
+    into gigabytes, and the checksum in manifest.json proves nothing about an index a stranger wrote."""
+    metadata = parquet.metadata
+    rows = max(metadata.num_rows, sum(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)))
+    if rows > count:
+        return [f"{MANIFEST} counts {count} anchors, {INDEX} has {rows}"]
+    problems, declared = [], {}  # column -> [values, decoded bytes] over its leaves
+    for path, pages in column_pages(data, metadata).items():
+        whole = sorted(WHOLE_TEXT_ENCODINGS[code] for code in pages.encodings & WHOLE_TEXT_ENCODINGS.keys())
+        if whole:
+            problems.append(f"{INDEX} column {path} holds {' and '.join(whole)}-encoded text, which arrow reads only "
+                            f"value by value (in DELTA_BYTE_ARRAY a few bits can stand for a long value): write the "
+                            f"index with pyarrow's default encodings")
+        sums = declared.setdefault(path.split(".")[0], [0, 0])
+        sums[0], sums[1] = sums[0] + pages.values, sums[1] + pages.most_bytes()
+    for column, (values, size) in declared.items():
+        most_values, most_bytes = _value_bound(column, count, k)
+        if values > most_values or size > most_bytes:
+            problems.append(f"{INDEX} column {column} holds {values} values of {size} bytes decoded; {count} anchors "
+                            f"take at most {most_values} values of {most_bytes} bytes, so it was not read")
+    return problems
+
+
+def _decoded_text(table: pa.Table, declared: pa.Schema, count: int, k: int) -> tuple[pa.Table, list[str]]:
+    """The index with the text columns read as dictionaries (a value named by many rows held once) decoded, once
+    what they decode to is known to fit `_value_bound`; what does not fit is a problem, left undecoded."""
+    problems = []
+    for i, (field, column) in enumerate(zip(declared, table.columns)):
+        if pa.types.is_dictionary(column.type) and not pa.types.is_dictionary(field.type):
+            size = sum(pc.sum(pc.take(pc.binary_length(chunk.dictionary), chunk.indices)).as_py() or 0
+                       for chunk in column.chunks)  # bytes of text once every row holds its own value
+            most = _value_bound(field.name, count, k)[1]
+            if size > most:
+                problems.append(f"{INDEX} column {field.name} holds {size} bytes of text once decoded; {count} "
+                                f"anchors take at most {most}, so it was not decoded")
+            else:
+                table = table.set_column(i, field.name, column.cast(column.type.value_type))
+    return table, problems
+
+
+def _parquet_table(data: bytes, count: int, k: int, where: str) -> pa.Table:
+    """A Parquet file's bytes -> its table, in memory that arrow owns, read only once its pages hold no more than
+    `count` anchors can take (`_page_problems`, `_decoded_text`: ManifestError naming `where` otherwise). Read from
+    Python objects (io.BytesIO, bytes), arrow's pool threads hold buffers whose release needs the GIL; one that lets
+    go while the interpreter exits aborts the process ("terminate called without an active exception", exit 134)
+    after the command has done its work. Copied into arrow's memory first, and read by the file reader that starts no
+    threads, none does."""
     sink = pa.BufferOutputStream()
     sink.write(data)
-    return pq.ParquetFile(pa.BufferReader(sink.getvalue())).read(use_threads=False)
+    buffer = sink.getvalue()
+    parquet = pq.ParquetFile(pa.BufferReader(buffer), arrow_extensions_enabled=False)  # JSON text: text, not json
+    problems = _page_problems(data, parquet, count, k)
+    if problems:
+        raise ManifestError.of(where, problems)
+    text = [leaf.path for leaf in map(parquet.schema.column, range(len(parquet.schema)))
+            if leaf.physical_type == "BYTE_ARRAY"]  # read as dictionaries (an arrow json column would not be)
+    table = pq.ParquetFile(pa.BufferReader(buffer), metadata=parquet.metadata, read_dictionary=text,
+                           arrow_extensions_enabled=False).read(use_threads=False)
+    table, problems = _decoded_text(table, parquet.schema_arrow, count, k)
+    if problems:
+        raise ManifestError.of(where, problems)
+    return table
 
 
 SYNTH_RECORD = "run.json"  # what `clsp synth run` writes first, before any shard ({"clsp_run": "synth", ...})
@@ -223,6 +297,23 @@ def _begun_by_synth(folder: Path) -> bool:
     except (OSError, ValueError):  # absent, unreadable, not JSON (UnicodeDecodeError is a ValueError)
         return False
     return isinstance(record, dict) and record.get("clsp_run") == "synth"
+
+
+def pending_index(sha256: str) -> str:
+    """The name write_manifest gives a new index until the manifest.json that records its checksum has replaced the
+    old one; then it becomes index.parquet (shards.manifest_writer)."""
+    return f"index-{sha256[:12]}.parquet"
+
+
+def _pending_index(location: str, sha256: str) -> bytes | None:
+    """The bytes of the index that manifest.json names by `sha256` under its pending name, when a write_manifest was
+    stopped after it replaced manifest.json and before it renamed that index to index.parquet; else None."""
+    try:
+        with open_location(join_location(location, pending_index(sha256))) as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None
 
 
 def read_manifest(location: str | Path) -> Manifest:
@@ -260,11 +351,15 @@ def read_manifest(location: str | Path) -> Manifest:
         with open_location(index_where) as handle:
             data = handle.read()
     except OSError as error:
-        raise ShardError(f"{index_where} cannot be read ({error}): {FIX}") from None
+        data = _pending_index(location, manifest["index"]["sha256"])  # a first write cut short before its rename
+        if data is None:
+            raise ShardError(f"{index_where} cannot be read ({error}): {FIX}") from None
     if hashlib.sha256(data).hexdigest() != manifest["index"]["sha256"]:
-        raise ShardError(f"{index_where} does not match the checksum in {MANIFEST}: the index was changed")
+        data = _pending_index(location, manifest["index"]["sha256"])  # a rewrite cut short before its rename
+        if data is None:
+            raise ShardError(f"{index_where} does not match the checksum in {MANIFEST}: the index was changed")
     try:
-        index = _parquet_table(data)
+        index = _parquet_table(data, manifest["count"], manifest["run"]["k"], index_where)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise ShardError(f"{index_where} cannot be read as Parquet ({str(error)[:120]}): {FIX}") from None
     problems = index_problems(index, manifest)

@@ -1,6 +1,6 @@
 """Writing a manifest, last, when every shard is complete: index every shard's samples (checksums, per-positive scores),
-then `index.parquet` and `manifest.json`, each atomically. What it writes passes `read_manifest`'s checks, which it runs
-before writing (shards.manifest)."""
+then `index.parquet` and `manifest.json`, a matching pair at every moment. What it writes passes `read_manifest`'s
+checks, which it runs before writing (shards.manifest)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clsp.shards.atomic import write_atomic
-from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, Manifest, ManifestError
+from clsp.shards.atomic import fsync_dir, write_atomic
+from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, Manifest, ManifestError, pending_index
 from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, SCORE_TYPE, document_problems, index_problems, \
-    score_column
+    looks_like_index, score_column
 from clsp.shards.reader import RawSample, ShardError, iter_shard
 from clsp.shards.codecs import DEFAULT_CODEC
 from clsp.shards.schema import CODEC_VERSIONS, SCHEMA_VERSION, positive_distances, sample_sha256
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, shard_name
+
+
+PENDING_INDEX = re.compile(r"index-[0-9a-f]{12}\.parquet")  # the names pending_index gives (fullmatch)
 
 
 @dataclass(frozen=True)
@@ -122,13 +126,50 @@ def _count_problems(shards: list[dict], run: dict) -> list[str]:
             for i, s in enumerate(shards) if s["count"] != min(per_shard, count - i * per_shard)]
 
 
+def _publish(directory: Path, index: bytes, manifest: dict) -> None:
+    """Replace index.parquet and manifest.json so that the folder holds a matching pair at every moment: the new index
+    is written beside the old one under its pending name, then manifest.json (which records its checksum) replaces
+    the old one, and only then the new index becomes index.parquet. Stopped before the manifest, the old pair is whole
+    (a failed write removes the pending index again; after a kill, `settle_index` does); stopped after it,
+    read_manifest reads the pending index until `settle_index` (the synth job's rerun, or the next write) renames it."""
+    settle_index(directory)  # what an earlier write left, before a failure here could remove what it needs
+    pending = directory / pending_index(manifest["index"]["sha256"])
+    temp = lambda name: f"{TEMP_PREFIX}{name}.{os.getpid()}"  # noqa: E731 (what shards.writer.temp_files lists)
+    write_atomic(pending, index, temp(pending.name))
+    try:
+        write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode(), temp(MANIFEST))
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    os.replace(pending, directory / INDEX)
+    fsync_dir(directory)
+
+
+def settle_index(directory: str | Path) -> None:
+    """Finish what a stopped write_manifest left (see `_publish`): the pending index that manifest.json records becomes
+    index.parquet; any other pending index (its manifest was never written) is removed."""
+    directory = Path(directory)
+    try:
+        recorded = json.loads((directory / MANIFEST).read_bytes())["index"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    for path in sorted(directory.glob("index-*.parquet")):
+        if not (PENDING_INDEX.fullmatch(path.name) and looks_like_index(path)):
+            continue  # not ours
+        if isinstance(recorded, str) and path.name == pending_index(recorded) and file_sha256(path) == recorded:
+            os.replace(path, directory / INDEX)
+            fsync_dir(directory)
+        else:
+            path.unlink()
+
+
 def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer | None = None,
                    complete: bool = False) -> Manifest:
     """Index every finished shard in `directory`, scoring each positive (its distance to the anchor, and with
-    `agreement` its class agreement), and write index.parquet, then manifest.json (last), each replacing the old one
-    atomically. Refuses (writing nothing) what `read_manifest` would refuse, and with `complete` (the synth job) a
-    folder whose shards are not exactly shards 0..N-1 of `run`, holding run.source.count anchors, anchors_per_shard
-    per shard (the last the rest).
+    `agreement` its class agreement), and write index.parquet and manifest.json so that the folder holds a matching
+    pair at every moment (`_publish`). Refuses (writing nothing) what `read_manifest` would refuse, and with
+    `complete` (the synth job) a folder whose shards are not exactly shards 0..N-1 of `run`, holding run.source.count
+    anchors, anchors_per_shard per shard (the last the rest).
 
     `run` may name the image codec (run["codec"], default png): the manifest is written with that codec's schema
     version, and records the codec only when it is not png, so a PNG run's manifest stays as version 2 wrote it."""
@@ -151,7 +192,5 @@ def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer 
         problems = _count_problems(shards, run)
     if problems:
         raise ManifestError.of(f"{directory}/{MANIFEST} (not written)", problems)
-    for name, data in ((INDEX, buffer.getvalue()), (MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())):
-        # the temp names a killed writer's leftovers go by in a shard folder (shards.writer.temp_files)
-        write_atomic(directory / name, data, f"{TEMP_PREFIX}{name}.{os.getpid()}")
+    _publish(directory, buffer.getvalue(), manifest)
     return Manifest(str(directory), run, shards, index, index.num_rows, version)

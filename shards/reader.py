@@ -1,13 +1,14 @@
-"""A safe streaming reader: webdataset's tar stages over our own opener group tar members into samples by key, and
-only schema keys are kept.
+"""A safe streaming reader: tarfile's stream mode over our own opener reads the tar, every member's header looked at
+before its data, webdataset's `group_by_keys` groups the members into samples by key, and only schema keys are kept.
 
 Nothing read from a shard is unpickled, `torch.load`ed or executed: PNGs go to PIL's PNG decoder only, .npy images to
 our own strict header parser (never `np.load`), the label is parsed as a decimal, meta as JSON (shards.codecs,
 shards.schema). Members with other extensions (`.pyd`, `.pth`, `.pickle`, ...) are never decoded: they are
 counted in `RawSample.ignored` (`verify` and the training stream refuse such samples). Locations are local paths or
 fsspec URLs that the *user* gives; shard names from a manifest must match `shard-NNNNNN.tar`, so a manifest cannot
-point anywhere else, and shell schemes such as `pipe:` are refused outright. Shards are plain tars: a compressed one
-is refused rather than inflated, and no member is read past MAX_MEMBER_BYTES.
+point anywhere else, and shell schemes such as `pipe:` are refused outright. Shards are plain tars of regular files: a
+compressed one is refused rather than inflated, and so is a shard holding a link, a directory, a device or a sparse
+member, or a member that declares more than MAX_MEMBER_BYTES, before any byte of that member is read.
 """
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ import hashlib
 import random
 import tarfile
 from dataclasses import dataclass, field
-from itertools import chain
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator, TypeVar
 
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from clsp.shards.codecs import SchemaError, codec_of
 from clsp.shards.schema import ID_PATTERN, LABEL, META, POSITIVE, decode_label, decode_meta, image_keys, is_schema_key
 
 ALLOWED_SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "hf", "memory")
 MAX_MEMBER_BYTES = 64 << 20
+MAX_HEADER_BYTES = 1 << 20  # a member's headers (PAX records, GNU long names, sparse maps); ours take 512 bytes
 
 
 class ShardError(RuntimeError):
@@ -99,17 +100,9 @@ class RawSample:
         return [(f"{self.key}.{key}", data) for key, data in self.members.items()]
 
 
-class _Refused(Exception):
-    """A refusal raised inside webdataset's tar stage, which appends " @ <stream>" to an error's first argument: the
-    message travels apart from it and becomes a ShardError outside."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
 def _compression(head: bytes) -> str | None:
-    """The codec that tarfile's "r|*" mode (how webdataset's tar stage opens a stream) would decompress with, if any."""
+    """The codec a compressed stream starts with, if any: refused by name (tarfile's "r|" mode would only find no tar
+    header)."""
     if head.startswith(b"\x1f\x8b\x08"):
         return "gzip"
     if head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
@@ -123,33 +116,25 @@ class _Reading:
     """Wraps a stream: hashes every byte read (sha256), counts them, and keeps the last 1024 (a complete tar ends with
     two 512-byte zero blocks, which tarfile's stream mode does not insist on: a shard cut at a block boundary would
     otherwise read as shorter). It refuses a compressed stream (a small file must not inflate into a huge member) and,
-    while a member is being read, more bytes than MAX_MEMBER_BYTES plus tarfile's read-ahead of one record."""
+    while a member's headers are being read, more than MAX_HEADER_BYTES of them plus tarfile's read-ahead of one
+    record: tarfile parses a PAX record, long name or sparse map in memory before anyone sees the member."""
 
     def __init__(self, stream: IO[bytes], name: str):
         self.stream, self.name, self.tail, self.size, self.digest = stream, name, b"", 0, hashlib.sha256()
-        self.member: str | None = None  # the member being read ...
-        self.limit: int | None = None  # ... and the stream position its reading must not pass
-
-    def __str__(self) -> str:  # what webdataset appends to errors inside its tar stage (" @ shard-000001.tar")
-        return self.name
+        self.limit: int | None = None  # while headers are read: the stream position their reading must not pass
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
         if self.size == 0 and (codec := _compression(data)):
-            raise _Refused(f"{self.name} is {codec}-compressed; shards are plain tar files: decompress it or "
-                           f"regenerate it")
+            raise ShardError(f"{self.name} is {codec}-compressed; shards are plain tar files: decompress it or "
+                             f"regenerate it")
         self.tail = (self.tail + data)[-1024:]
         self.size += len(data)
         self.digest.update(data)
         if self.limit is not None and self.size > self.limit:
-            raise _Refused(f"{self.name}: member {self.member} is more than {MAX_MEMBER_BYTES} bytes, above the limit")
+            raise ShardError(f"{self.name}: a member's tar headers (PAX records, long names or sparse maps) take more "
+                             f"than {MAX_HEADER_BYTES} bytes, above the limit: it is not a shard of ours")
         return data
-
-    def start_member(self, name: str) -> None:
-        self.member, self.limit = name, self.size + MAX_MEMBER_BYTES + tarfile.RECORDSIZE
-
-    def end_member(self) -> None:
-        self.member = self.limit = None
 
     def ends_cleanly(self) -> bool:
         while self.read(1 << 20):  # drain what tarfile left unread after the end-of-archive blocks
@@ -179,35 +164,58 @@ def looks_like_shard(path) -> bool:
         and ID_PATTERN.match(_split_name(first.name)[0]) is not None
 
 
+_MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.DIRTYPE: "a directory",
+                 tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
+_T = TypeVar("_T")
+
+
+def _member_refusal(member: tarfile.TarInfo, name: str) -> str | None:
+    """Why a member's header alone refuses it, if it does: a shard holds regular files of at most MAX_MEMBER_BYTES.
+    The declared size is what reading it would cost: tarfile fills a sparse member's holes in memory, reading
+    nothing."""
+    if not member.isreg():
+        target = f" to {member.linkname!r}" if member.issym() or member.islnk() else ""
+        return (f"{name}: member {member.name} is {_MEMBER_KINDS.get(member.type, f'of tar type {member.type!r}')}"
+                f"{target}; a shard holds regular files only, and links are never followed: regenerate it")
+    if member.issparse():
+        return (f"{name}: member {member.name} is a sparse file declaring {member.size} bytes; a shard holds plain "
+                f"regular files only, and it was not read: regenerate it")
+    if member.size > MAX_MEMBER_BYTES:
+        return (f"{name}: member {member.name} is more than {MAX_MEMBER_BYTES} bytes, above the limit (it declares "
+                f"{member.size}), and it was not read")
+    return None
+
+
+def _headers(reading: _Reading, position: int, parse: Callable[[], _T]) -> _T:
+    """`parse()` (tarfile reading the member headers that begin at stream `position`) under MAX_HEADER_BYTES; what
+    tarfile's sparse-map parsing lets through of a malformed header (ValueError, IndexError) is a ReadError."""
+    reading.limit = position + MAX_HEADER_BYTES + tarfile.RECORDSIZE
+    try:
+        return parse()
+    except (ValueError, IndexError) as error:
+        raise tarfile.ReadError(f"malformed header: {error}") from None
+    finally:
+        reading.limit = None
+
+
 def _tar_members(reading: _Reading) -> Iterator[tuple[str, bytes | None]]:
-    """(member name, bytes) in tar order through webdataset's tar stage, bytes None for a member outside the schema.
-
-    Wrapped because `tar_file_iterator` reads every member it selects whole while its selector sees only the name:
-    so only schema members are selected (the others are skipped unread, their names still handed on for `verify` to
-    name) and `reading` caps each selected read. It also skips links, directories and `__*__` members unread, and ends
-    quietly on a missing end-of-archive marker, which is checked here."""
-    skipped: list[str] = []
-
-    def select(name: str) -> bool:
-        if _is_schema_member(name):
-            reading.start_member(name)
-            return True
-        skipped.append(name)
-        return False
-
-    for member in chain(tar_file_iterator(reading, skip_meta=None, select_files=select), [None]):
-        reading.end_member()
-        yield from ((name, None) for name in skipped)  # skipped before this member, in tar order
-        skipped.clear()
-        if member is not None:
-            yield member["fname"], member["data"]
+    """(member name, bytes) in tar order, bytes None for a member outside the schema (skipped unread, its name handed on
+    for `verify` to name). Each member's header is looked at before any byte of its data is read: see
+    `_member_refusal`. tarfile's stream mode ends quietly on a missing end-of-archive marker, which is checked here."""
+    tar = _headers(reading, 0, lambda: tarfile.open(fileobj=reading, mode="r|"))  # reads the first header
+    while (member := _headers(reading, tar.offset, tar.next)) is not None:  # tar.offset: where the next header begins
+        refusal = _member_refusal(member, reading.name)
+        if refusal:
+            raise ShardError(refusal)
+        tar.members.clear()  # stream mode keeps every header otherwise
+        yield member.name, tar.extractfile(member).read() if _is_schema_member(member.name) else None
     if not reading.ends_cleanly():
         raise EOFError("no end-of-archive marker")
 
 
 def _checked(members: Iterator[tuple[str, bytes | None]], name: str, url: str) -> Iterator[dict]:
     """Member records for `group_by_keys`, refusing what it would mishandle: names not ID.KEY (it skips them) or with
-    a KEY it keeps for itself (`__key__`, `__url__`), a KEY twice in a sample (its ValueError), oversized members."""
+    a KEY it keeps for itself (`__key__`, `__url__`), a KEY twice in a sample (its ValueError)."""
     current, keys = None, set()
     for member, data in members:
         key, ext = _split_name(member)
@@ -221,8 +229,6 @@ def _checked(members: Iterator[tuple[str, bytes | None]], name: str, url: str) -
         if ext in keys:
             raise ShardError(f"{name}: sample {key} has {ext} twice")
         keys.add(ext)
-        if data is not None and len(data) > MAX_MEMBER_BYTES:
-            raise ShardError(f"{name}: member {member} is {len(data)} bytes, above the limit")
         yield {"fname": member, "data": data, "__url__": url}
 
 
@@ -246,8 +252,9 @@ def _entry_differences(entry: dict, reading: _Reading, count: int) -> list[str]:
 
 
 def iter_shard(location: str, entry: dict | None = None) -> Iterator[RawSample]:
-    """Samples of one shard, in order, read by webdataset's `tar_file_iterator` and `group_by_keys` over our own opener.
-    Raises ShardError naming the shard when it is truncated, compressed or not a tar, holds an anchor twice, or (given
+    """Samples of one shard, in order, read by `_tar_members` and webdataset's `group_by_keys` over our own opener.
+    Raises ShardError naming the shard when it is truncated, compressed or not a tar, holds a member that is not a
+    regular file of at most MAX_MEMBER_BYTES (named before it is read), holds an anchor twice, or (given
     its manifest `entry`) differs from the entry's sha256, size or count once read to the end: the bytes are hashed as
     they stream, so a shard changed after `verify` is caught at no extra read."""
     name = location.rstrip("/").rsplit("/", 1)[-1]
@@ -263,11 +270,8 @@ def iter_shard(location: str, entry: dict | None = None) -> Iterator[RawSample]:
                                      f"exactly once): regenerate the shard")
                 keys.add(group["__key__"])
                 yield _raw_sample(group, name)
-    except _Refused as refusal:
-        raise ShardError(refusal.message) from None
     except (tarfile.TarError, EOFError, OSError) as error:
-        detail = str(error).replace(f" @ {name}", "")  # webdataset's tar stage appends " @ <stream>" (see _Reading)
-        raise ShardError(f"{name}: cannot be read as a tar ({detail}); it is truncated or corrupt: "
+        raise ShardError(f"{name}: cannot be read as a tar ({error}); it is truncated or corrupt: "
                          f"regenerate it or rerun the synth job") from None
     differences = _entry_differences(entry, reading, len(keys)) if entry is not None else []
     if differences:  # raised after the last sample, so that a reader has seen (and can report) every sample

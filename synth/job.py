@@ -33,14 +33,15 @@ from clsp.run_dir import RunKind, prepare_run_dir, read_record, remove_files
 from clsp.sources import Record, refuse_out_inside
 from clsp.shards.manifest import FORMAT, INDEX, MANIFEST, SYNTH_RECORD, Manifest, read_manifest
 from clsp.shards.manifest_checks import looks_like_index
-from clsp.shards.manifest_writer import expected_shards, file_sha256, manifest_run, write_manifest
+from clsp.shards.manifest_writer import PENDING_INDEX, expected_shards, file_sha256, manifest_run, settle_index, \
+    write_manifest
 from clsp.shards.reader import ShardError, looks_like_shard
 from clsp.shards.codecs import CODECS, DEFAULT_CODEC
 from clsp.shards.schema import ShardSample
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, ShardWriter, shard_name
 from clsp.synth.noise import LEGACY_NOISE, candidate_seed, row_noise
-from clsp.synth.job_setup import compute_record, image_library, load_job_generator, open_matching_source, \
-    prepare_unet, reference_scorer, run_metadata, sample_size
+from clsp.synth.job_setup import GENERATOR_CONFIGS, compute_record, image_library, load_job_generator, \
+    open_matching_source, prepare_unet, reference_scorer, run_metadata, sample_size
 from clsp.synth.models import HUB_ID
 from clsp.synth.sampler import SamplerConfig, sample_positives
 from clsp.vocabulary import CPU_COMPILE_REFUSED
@@ -159,13 +160,15 @@ def _run(cfg: SynthConfig, state):
     run = {**run_metadata(cfg, source, count, info), "compute": compute}
     agreement = reference_scorer(cfg.source, source.image_size) if cfg.score_reference and state.is_main_process \
         else None  # fitted before the folder is claimed: a source without labels is refused with nothing written
-    # a folder begun before the forward batch was recorded: which one made its shards cannot be known, so it reads
-    # as made with this run's and resumes as it did before
-    kind = replace(SYNTH_RUN,
-                   absent_means={**SYNTH_RUN.absent_means, "compute.forward_batch": compute["forward_batch"]})
+    # a folder begun before the forward batch or the generator's config digests were recorded: which ones made its
+    # shards cannot be known, so it reads as made with this run's and resumes as it did before (its run.json then
+    # records them, and later resumes compare them)
+    kind = replace(SYNTH_RUN, absent_means={**SYNTH_RUN.absent_means, "compute.forward_batch": compute["forward_batch"],
+                                            **{f"generator.{key}": info[key] for key in GENERATOR_CONFIGS}})
     with prepare_run_dir(cfg.out, run, kind, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
         if claim.resumed and state.is_main_process:  # a killed run's temp files; the manifest is dealt with at the end
             remove_files(cfg.out, [p for p in SYNTH_RUN.owned(cfg.out) if _TEMP_NAME.match(p.name)])
+            settle_index(cfg.out)  # and the index a killed manifest write left under its pending name
         _refuse_foreign_shards(cfg.out)
         num_shards = math.ceil(count / cfg.anchors_per_shard)
         todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
@@ -177,8 +180,9 @@ def _run(cfg: SynthConfig, state):
             return None
         # A rerun leaves a manifest (and its index) that already describes this run and exactly these shards as it is,
         # unless new scores were asked for: it may hold agreement scores that this command was not asked to make.
-        # Otherwise both are rewritten, each replacing the old one atomically (an interrupted rewrite leaves the old
-        # manifest), and agreement scores that the old manifest recorded are made again, so no rewrite drops them.
+        # Otherwise both are rewritten, the pair replaced so that they match at every moment (an interrupted rewrite
+        # leaves the old pair, or the new one: write_manifest), and agreement scores that the old manifest recorded
+        # are made again, so no rewrite drops them.
         manifest = None if todo or agreement is not None else _current_manifest(cfg.out, run)
         done = "manifest written" if manifest is None else "manifest kept (it describes these shards)"
         if manifest is None:
@@ -272,13 +276,15 @@ def _refuse_foreign_shards(out: Path) -> None:
 
 
 # The files a synth run writes, recognised by name pattern and content: what --overwrite deletes.
-_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(shard-[0-9]{{6}}\.tar|{re.escape(MANIFEST)}|{re.escape(INDEX)})"
-                        rf"\.[0-9]+$")  # what a killed writer leaves: ShardWriter's and the manifest's temp files
+_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(shard-[0-9]{{6}}\.tar|{re.escape(MANIFEST)}|{re.escape(INDEX)}|"
+                        rf"{PENDING_INDEX.pattern})\.[0-9]+$")  # what a killed writer leaves: ShardWriter's and the
+# manifest's temp files (the index's under its pending name; under index.parquet's from an older clsp)
 _OWNED = {
     "shard-*.tar": lambda p: bool(SHARD_PATTERN.match(p.name)) and looks_like_shard(p),
     f"{TEMP_PREFIX}*": lambda p: bool(_TEMP_NAME.match(p.name)),
     MANIFEST: json_with(format=FORMAT),
     INDEX: looks_like_index,
+    "index-*.parquet": lambda p: bool(PENDING_INDEX.fullmatch(p.name)) and looks_like_index(p),  # write_manifest's
     RUN_FILE: json_with("clsp_run"),
 }
 

@@ -3,6 +3,8 @@ size, the run record written to run.json and the manifest, the compute record, a
 scores class agreement."""
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 
 def load_job_generator(cfg: SynthConfig):
+    """(unet, scheduler, info): load_generator's info plus the digests of the scheduler's and the UNet's configs."""
     unet, scheduler, info = load_generator(cfg.model)  # raises UserError naming the fix
     try:
         cfg.sampler.check_scheduler(scheduler)  # steps <= the generator's training timesteps
@@ -31,7 +34,20 @@ def load_job_generator(cfg: SynthConfig):
     if unet.config.in_channels != 3 or unet.config.out_channels != 3:
         raise UserError(f"{cfg.model} makes {unet.config.out_channels}-channel images; the anchors are RGB: "
                         f"use a generator trained on RGB images")
+    info = {**info, "scheduler_sha256": config_sha256(scheduler.config),
+            "unet_config_sha256": config_sha256(unet.config)}
     return unet.eval().requires_grad_(False), scheduler, info
+
+
+def config_sha256(config) -> str:
+    """sha256 of a diffusers config's settings as loaded (defaults filled in). The sampled bytes depend on settings that
+    the weights do not show: the scheduler's (beta_schedule, prediction_type, clip_sample, timestep_spacing, ...) and
+    the UNet's that change no tensor shape (flip_sin_to_cos, freq_shift, norm_eps, ...). The keys diffusers keeps for
+    itself (`_class_name`, `_diffusers_version`, `_name_or_path`, `_use_default_values`) are left out: where the model
+    was loaded from (a hub id, a local copy) and which diffusers saved it do not change it. A diffusers that adds a
+    setting does; the record holds the diffusers version (compute.diffusers), which a resume compares anyway."""
+    settings = {key: value for key, value in dict(config).items() if not key.startswith("_")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def sample_size(unet) -> int:
@@ -49,6 +65,9 @@ def open_matching_source(cfg: SynthConfig, model_size: int):
     return source
 
 
+GENERATOR_CONFIGS = ("scheduler_sha256", "unet_config_sha256")  # load_job_generator's config digests
+
+
 def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
     """What the shards are made of: the manifest's `run` record, also written to run.json before any shard.
 
@@ -59,7 +78,10 @@ def run_metadata(cfg: SynthConfig, source, count: int, info: dict) -> dict:
         "codec": cfg.codec,
         "source": {"spec": cfg.source, "split": cfg.split, "fingerprint": source.fingerprint(), "count": count,
                    **({"num_classes": len(source.classes)} if source.classes else {})},  # bounds the labels
-        "generator": {"model_id": info["model_id"], "weights_sha256": info["weights_sha256"]},
+        # the weights and the config digests are the generator's identity (model_id, a name, is operational); an info
+        # from load_generator itself, without the digests, records the weights alone
+        "generator": {"model_id": info["model_id"], "weights_sha256": info["weights_sha256"],
+                      **{key: info[key] for key in GENERATOR_CONFIGS if key in info}},
         "sampler": asdict(cfg.sampler),  # every SamplerConfig field: a new option is recorded and compared on resume
         "k": cfg.k,
         "seed": cfg.seed,

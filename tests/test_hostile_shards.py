@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import struct
 import tarfile
 import zlib
@@ -24,11 +25,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clsp.cli import app
-from clsp.shards import codecs
+from clsp.shards import codecs, reader
 from conftest import Planted, build_shard_dir, random_sample
 from clsp.shards.manifest import INDEX, MANIFEST, read_manifest
 from clsp.shards.manifest_writer import write_manifest
-from clsp.shards.reader import ShardError, iter_samples
+from clsp.shards.reader import MAX_MEMBER_BYTES, ShardError, iter_samples, iter_shard
 from clsp.shards.schema import is_schema_key, sample_sha256
 from clsp.shards.verify import verify
 from clsp.shards.writer import ShardWriter, shard_name
@@ -42,8 +43,9 @@ TRAIN = ["--width", "4", "--epochs", "1", "--batch-size", "4", "--warmup-epochs"
 
 # --- forging -------------------------------------------------------------------------------------------------------
 def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    """The regular members (links and the like have no bytes of their own)."""
     with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]
 
 
 def replace_member(path: Path, name: str, data: bytes) -> None:
@@ -174,10 +176,74 @@ def edited_manifest(d: Path, edit: Callable[[dict], None]) -> None:
     (d / MANIFEST).write_text(json.dumps(document))
 
 
+def replace_index(d: Path, data: bytes) -> None:
+    """index.parquet becomes `data`, and manifest.json gives its checksum."""
+    (d / INDEX).write_bytes(data)
+    edited_manifest(d, lambda doc: doc["index"].update(sha256=hashlib.sha256(data).hexdigest()))
+
+
 def corrupt_index(d: Path) -> None:
     data = (d / INDEX).read_bytes()
-    (d / INDEX).write_bytes(data[:40] + b"\xff" * 64 + data[104:])
-    edited_manifest(d, lambda doc: doc["index"].update(sha256=hashlib.sha256((d / INDEX).read_bytes()).hexdigest()))
+    replace_index(d, data[:40] + b"\xff" * 64 + data[104:])
+
+
+def padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def with_raw_member(path: Path, name: str, raw: bytes, after: bool = False) -> None:
+    """Rebuild a shard with `raw` (a member's headers and data, made by hand) in place of member `name`, or after it."""
+    blocks = []
+    for member, data in tar_members(path):
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        blocks += [info.tobuf(tarfile.USTAR_FORMAT) + padded(data)] if after or member != name else []
+        blocks += [raw] if member == name else []
+    path.write_bytes(b"".join(blocks) + bytes(2 * tarfile.BLOCKSIZE))
+
+
+def special(name: str, kind: bytes, target: str = "") -> bytes:
+    """The header of a member that is not a regular file: a link to `target`, a directory, a device, a FIFO."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+def links(d: Path) -> None:
+    """Beside anchor-00001's members, a symbolic link to /etc/passwd and a hard link to its anchor image."""
+    with_raw_member(d / shard_name(0), "anchor-00001.anchor.png", after=True,
+                    raw=special("anchor-00001.payload.pyd", tarfile.SYMTYPE, "/etc/passwd")
+                    + special("anchor-00001.model.pth", tarfile.LNKTYPE, "anchor-00001.anchor.png"))
+    forge_manifest(d)
+
+
+def gnu_sparse(name: str, size: int) -> bytes:
+    """A GNU sparse member (type S) of `size` bytes, all of them hole: one 512-byte header, no data."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:410] = tarfile.itn(size, 12, tarfile.GNU_FORMAT) + tarfile.itn(0, 12, tarfile.GNU_FORMAT)  # 0 B at size
+    header[483:495] = tarfile.itn(size, 12, tarfile.GNU_FORMAT)  # the size it stands for
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
+def pax_sparse(name: str, size: int, sparse_map: bytes | None = None) -> bytes:
+    """A PAX (GNU 1.0) sparse member of `size` bytes, all of them hole: its map is its only data."""
+    info = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+                        "GNU.sparse.realsize": str(size)}
+    data = padded(f"1\n{size}\n0\n".encode() if sparse_map is None else sparse_map)  # one 0-byte block at `size`
+    info.size = len(data)
+    return info.tobuf(tarfile.PAX_FORMAT) + data
+
+
+def declaring(name: str, size: int) -> bytes:
+    """A regular member's header declaring `size` bytes (none of which follow)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(tarfile.USTAR_FORMAT)
 
 
 def changed_after_verify(d: Path) -> None:
@@ -212,6 +278,8 @@ CASES = {  # name -> (damage, words that both verdicts must name)
     "index is text": (lambda d: edited_manifest(d, lambda doc: doc.update(index="x")), ["index is 'x'"]),
     "corrupt index.parquet": (corrupt_index, ["index.parquet", "Parquet"]),
     "shard changed after the manifest": (changed_after_verify, ["shard-000001.tar", "sha256"]),
+    "symbolic link to /etc/passwd and a hard link": (links, ["shard-000000.tar", "anchor-00001.payload.pyd",
+                                                             "symbolic link to '/etc/passwd'"]),
 }
 
 
@@ -237,6 +305,140 @@ def test_verify_and_train_refuse_each_malformed_directory_naming_the_problem(cas
     (line,) = error_lines(trained.output)
     assert all(w in line for w in words), line
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+INFLATING = {  # a member put in place of anchor-00004.pos0.png -> how the refusal names it
+    "GNU sparse, 3 GiB of hole": (lambda name: gnu_sparse(name, 3 << 30), "is a sparse file declaring 3221225472"),
+    "PAX sparse, 3 GiB of hole": (lambda name: pax_sparse(name, 3 << 30), "is a sparse file declaring 3221225472"),
+    "declares one byte too many": (lambda name: declaring(name, MAX_MEMBER_BYTES + 1),
+                                   f"is more than {MAX_MEMBER_BYTES} bytes, above the limit (it declares "
+                                   f"{MAX_MEMBER_BYTES + 1})"),
+}
+
+
+@pytest.mark.parametrize("case", list(INFLATING))
+def test_a_member_that_would_inflate_is_refused_by_its_header_and_never_opened(case, fresh, monkeypatch):
+    """tarfile fills a sparse member's holes in memory, reading nothing: what reading a member costs is the size its
+    header declares, not the bytes the shard holds (a 1.5 KB shard made `verify` take 1.75 GB)."""
+    make, refusal = INFLATING[case]
+    with_raw_member(fresh / shard_name(1), "anchor-00004.pos0.png", make("anchor-00004.pos0.png"))
+    opened, extractfile = [], tarfile.TarFile.extractfile
+
+    def spy(tar, member):
+        opened.append(member.name)
+        if member.name == "anchor-00004.pos0.png":
+            pytest.fail(f"the reader opened {member.name}, which declares {member.size} bytes")  # never inflated
+        return extractfile(tar, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    problems = verify(fresh)
+    assert any(p.startswith(f"shard-000001.tar: member anchor-00004.pos0.png {refusal}") for p in problems), problems
+    assert "anchor-00004.anchor.png" in opened  # the spy does see what the reader opens
+
+
+NOT_REGULAR = {  # a member put in place of anchor-00004.pos0.png -> how the refusal names it
+    "symbolic link": (tarfile.SYMTYPE, "/etc/passwd", "is a symbolic link to '/etc/passwd'"),
+    "hard link": (tarfile.LNKTYPE, "anchor-00004.anchor.png", "is a hard link to 'anchor-00004.anchor.png'"),
+    "directory": (tarfile.DIRTYPE, "", "is a directory"),
+    "FIFO": (tarfile.FIFOTYPE, "", "is a FIFO"),
+    "character device": (tarfile.CHRTYPE, "", "is a character device"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_REGULAR))
+def test_a_member_that_is_not_a_regular_file_is_refused_by_name_never_followed(case, fresh):
+    """webdataset's tar stage skips such members unseen, so a schema name could hide behind a link: each is named."""
+    kind, target, refusal = NOT_REGULAR[case]
+    path = fresh / shard_name(1)
+    with_raw_member(path, "anchor-00004.pos0.png", special("anchor-00004.pos0.png", kind, target))
+    with pytest.raises(ShardError, match=re.escape(f"shard-000001.tar: member anchor-00004.pos0.png {refusal}; a "
+                                                   f"shard holds regular files only")):
+        list(iter_shard(str(path)))
+
+
+def test_tar_headers_are_read_under_a_limit(fresh, monkeypatch):
+    """tarfile parses PAX records, long names and sparse maps in memory before anyone sees their member."""
+    info = tarfile.TarInfo("anchor-00004.pos0.png")
+    info.pax_headers = {"comment": "x" * 8192}
+    with_raw_member(fresh / shard_name(1), "anchor-00004.pos0.png", info.tobuf(tarfile.PAX_FORMAT))
+    monkeypatch.setattr(reader, "MAX_HEADER_BYTES", 4096, raising=False)  # absent: no limit
+    with pytest.raises(ShardError, match=r"^shard-000001.tar: a member's tar headers \(PAX records, long names or "
+                                         r"sparse maps\) take more than 4096 bytes, above the limit"):
+        list(iter_shard(str(fresh / shard_name(1))))
+
+
+def test_a_sparse_map_tarfile_cannot_parse_is_a_corrupt_shard_not_a_traceback(fresh):
+    with_raw_member(fresh / shard_name(1), "anchor-00004.pos0.png", pax_sparse("anchor-00004.pos0.png", 100, b"x\n"))
+    with pytest.raises(ShardError, match=r"^shard-000001.tar: cannot be read as a tar \(malformed header: "):
+        list(iter_shard(str(fresh / shard_name(1))))
+
+
+def index_bytes(index: pa.Table, long_id: str, every_row: bool = False, json: bool = False, **options) -> bytes:
+    """The index with `long_id` as its first (or every) anchor id (as JSON text: arrow's json type), written with
+    pq.write_table's `options`."""
+    ids = pa.array([long_id] * index.num_rows if every_row else [long_id, *index.column(0).to_pylist()[1:]])
+    ids = pa.ExtensionArray.from_storage(pa.json_(), ids) if json else ids
+    buffer = io.BytesIO()
+    pq.write_table(index.set_column(0, pa.field("anchor_id", ids.type), ids), buffer, **options)
+    return buffer.getvalue()
+
+
+def understating(data: bytes) -> bytes:
+    """The Parquet file with its footer saying that its first column (and its row group) take 1000 bytes decoded:
+    the sizes are rewritten as Thrift varints of the same length (padded with empty 7-bit groups)."""
+    def varint(n: int, length: int = 0) -> bytes:
+        zigzag, out = n << 1, bytearray()
+        while zigzag >= 0x80 or len(out) < length - 1:
+            out.append(zigzag & 0x7F | 0x80)
+            zigzag >>= 7
+        return bytes(out + bytes([zigzag]))
+
+    metadata = pq.ParquetFile(io.BytesIO(data)).metadata
+    start = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+    footer = data[start:-8]
+    for size in (metadata.row_group(0).column(0).total_uncompressed_size, metadata.row_group(0).total_byte_size):
+        footer = footer.replace(varint(size), varint(1000, len(varint(size))))
+    assert pq.ParquetFile(io.BytesIO(data[:start] + footer + data[-8:])).metadata.row_group(0).column(0) \
+        .total_uncompressed_size == 1000
+    return data[:start] + footer + data[-8:]
+
+
+LONG = "a" * (8 << 20)
+INDEX_BOMBS = {  # how index.parquet is made from the fresh one -> how the refusal names it
+    "an 8 MiB id, zstd": (lambda index: index_bytes(index, LONG, compression="zstd"),
+                          "holds 11 values of 8388788 bytes decoded"),
+    "the same, its footer saying 1000 bytes": (lambda index: understating(index_bytes(index, LONG, compression="zstd")),
+                                               "holds 11 values of 8388788 bytes decoded"),
+    "one 900 KB id in a dictionary, named by every row": (
+        lambda index: index_bytes(index, LONG[:900_000], True, dictionary_pagesize_limit=1 << 30),
+        "holds 9900000 bytes of text once decoded"),
+    "the same as JSON text, which arrow would not keep as a dictionary": (
+        lambda index: index_bytes(index, LONG[:900_000], True, json=True, dictionary_pagesize_limit=1 << 30),
+        "holds 9900000 bytes of text once decoded"),
+    "one 900 KB id, then its prefix again and again": (
+        lambda index: index_bytes(index, LONG[:900_000], True, use_dictionary=False,
+                                  column_encoding={"anchor_id": "DELTA_BYTE_ARRAY"}),
+        "holds DELTA_BYTE_ARRAY-encoded text"),
+}
+
+
+@pytest.mark.parametrize("case", list(INDEX_BOMBS))
+def test_an_index_that_would_decode_into_far_more_than_its_anchors_need_is_refused_unread(case, fresh):
+    """A few KB of index.parquet can decode into gigabytes (a 35 KB one into 5.5 GB), and its checksum in
+    manifest.json proves nothing (the same stranger wrote both): its pages' own headers are held to what 11 anchors
+    of valid values can take before arrow decompresses or decodes them. The footer's sizes may lie; arrow trusts the
+    page headers, and so does this check."""
+    make, refusal = INDEX_BOMBS[case]
+    replace_index(fresh, make(pq.read_table(fresh / INDEX)))
+    default = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(default)  # counts what arrow allocates while it is the default pool
+    pa.set_memory_pool(pool)
+    try:
+        problems = verify(fresh)
+    finally:
+        pa.set_memory_pool(default)
+    assert any(p.startswith("manifest: index.parquet column anchor_id ") and refusal in p for p in problems), problems
+    assert pool.max_memory() < 4 << 20, pool.max_memory()  # never the megabytes the id decodes to
 
 
 def test_what_pil_decodes_is_checked_even_where_the_header_check_is_fooled(monkeypatch):

@@ -1,11 +1,15 @@
 """Rerunning a synth job on its own folder loses nothing: a finished folder's manifest and index (with the agreement
 scores a plain rerun was not asked to make) are kept, a rewrite scores what the old index scored, an interrupted rerun
-leaves the old manifest, a manifest is never written over missing shards, and a record written before clsp recorded
-Pillow still resumes. Tiny 8 px generator, K=2, 2 DDIM steps, 6 anchors in 2 shards."""
+leaves the old manifest, a manifest rewrite stopped between its index and its manifest leaves a folder that reads, a
+manifest is never written over missing shards, a record written before clsp recorded Pillow or the generator's configs
+still resumes, and a generator whose scheduler or UNet config changed is refused. Tiny 8 px generator, K=2, 2 DDIM
+steps, 6 anchors in 2 shards."""
 from __future__ import annotations
 
+import errno
 import json
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -13,11 +17,13 @@ import pytest
 
 from clsp.errors import UserError
 from clsp.file_io import write_atomic
-from clsp.shards import atomic
-from clsp.shards.manifest import INDEX, MANIFEST, ShardError, read_manifest
-from clsp.shards.manifest_writer import write_manifest
+from clsp.shards import atomic, manifest_writer
+from clsp.shards.manifest import INDEX, MANIFEST, ShardError, pending_index, read_manifest
+from clsp.shards.manifest_writer import file_sha256, write_manifest
+from clsp.shards.verify import verify
 from clsp.shards.writer import temp_files
-from clsp.synth.job import SynthConfig, run_synth
+from clsp.synth.job import SYNTH_RUN, SynthConfig, run_synth
+from clsp.synth.job_setup import load_job_generator
 from conftest import build_shard_dir
 from test_synth_job import ROOT, cli_options, config, shard_hashes, subprocess_env
 
@@ -66,6 +72,53 @@ def test_an_interrupted_rerun_leaves_the_finished_manifest(generator, tmp_path):
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)))
     assert full.returncode == 2 and "file-size limit" in full.stderr, full.stderr[-2000:]
     assert {name: (out / name).read_bytes() for name in (MANIFEST, INDEX)} == kept and temp_files(out) == []
+
+
+def test_a_rewrite_whose_manifest_finds_no_room_leaves_the_finished_folder_as_it_was(generator, tmp_path,
+                                                                                     monkeypatch):
+    """The disk fills up after the new index is written, at manifest.json (a finished job rerun with
+    --score-reference): the folder still holds the manifest and index that match, and verifies."""
+    out = tmp_path / "shards"
+    run_synth(config(generator, out, **SMALL))
+    before = files(out)
+    write = manifest_writer.write_atomic
+
+    def full_at_the_manifest(path, data, temp_name=None, exclusive=False):
+        if path.name == MANIFEST:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, data, temp_name, exclusive)
+
+    monkeypatch.setattr(manifest_writer, "write_atomic", full_at_the_manifest)
+    with pytest.raises(OSError, match="No space left"):
+        run_synth(config(generator, out, score_reference=True, **SMALL))
+    assert files(out) == before and verify(out) == [] and read_manifest(out).scores("agreement") is None
+
+
+def test_a_rewrite_stopped_after_its_manifest_reads_its_new_index_and_a_rerun_finishes_it(generator, tmp_path,
+                                                                                         monkeypatch):
+    """Killed after manifest.json was replaced, before the new index took the name index.parquet: readers and verify
+    read the index the manifest names by its checksum, and the next rerun renames it, keeping the manifest."""
+    out = tmp_path / "shards"
+    run_synth(config(generator, out, **SMALL))
+    replace = manifest_writer.os.replace
+
+    def killed_at_the_rename(source, target):
+        if str(target).endswith(f"/{INDEX}"):
+            raise KeyboardInterrupt
+        return replace(source, target)
+
+    monkeypatch.setattr(manifest_writer.os, "replace", killed_at_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        run_synth(config(generator, out, score_reference=True, **SMALL))
+    monkeypatch.undo()
+    sha256 = json.loads((out / MANIFEST).read_text())["index"]["sha256"]
+    pending = out / pending_index(sha256)
+    assert file_sha256(out / INDEX) != sha256 and pending.is_file() and pending in SYNTH_RUN.owned(out)
+    assert read_manifest(out).scores("agreement") is not None and verify(out) == []
+    manifest = (out / MANIFEST).read_bytes()
+    run_synth(config(generator, out, **SMALL))  # the plain command: the manifest describes these shards, and is kept
+    assert (out / MANIFEST).read_bytes() == manifest and file_sha256(out / INDEX) == sha256 and not pending.exists()
+    assert verify(out) == [] and temp_files(out) == []
 
 
 def test_a_manifest_is_not_written_over_missing_shards_or_other_counts(generator, tmp_path):
@@ -119,3 +172,63 @@ def test_a_record_begun_before_pillow_was_recorded_resumes_and_another_pillow_is
 def test_a_model_that_is_neither_a_folder_nor_a_hub_id_is_refused_up_front(tmp_path):
     with pytest.raises(UserError, match="does not exist"):  # ".." is never part of a hub id (synth.models.HUB_ID)
         SynthConfig(source="digits", model="owner../name", out=tmp_path / "o", device="cpu")
+
+
+def edited_generator(generator, folder, file: str, **changes):
+    """A copy of `generator` whose config `file` (scheduler/scheduler_config.json, unet/config.json) has `changes`."""
+    shutil.copytree(generator, folder)
+    settings = json.loads((folder / file).read_text())
+    (folder / file).write_text(json.dumps({**settings, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("file, changes, field", [
+    ("scheduler/scheduler_config.json", dict(beta_schedule="scaled_linear"), "scheduler_sha256"),
+    ("unet/config.json", dict(flip_sin_to_cos=False), "unet_config_sha256")])  # the tiny UNet's is True
+def test_a_generator_whose_scheduler_or_unet_config_changed_is_refused_on_resume(generator, tmp_path, file, changes,
+                                                                                  field):
+    """Settings the weights do not show change the sampled bytes: same weights, other sampler, refused."""
+    out = tmp_path / "shards"
+    run_synth(config(generator, out, **SMALL))
+    (out / "shard-000001.tar").unlink()
+    before = files(out)
+    other = edited_generator(generator, tmp_path / "other", file, **changes)
+    with pytest.raises(UserError, match=rf"generator\.{field}: '[0-9a-f]{{64}}' there, '[0-9a-f]{{64}}' now"):
+        run_synth(config(other, out, **SMALL))
+    assert files(out) == before  # nothing sampled, nothing removed
+
+
+def test_the_config_digests_leave_out_diffusers_bookkeeping_and_old_records_resume(generator, tmp_path):
+    """A copy saved by another diffusers (`_diffusers_version`, `_class_name`, ...) continues the folder, and so does a
+    record written before the config digests were recorded; the resumed run records them."""
+    out = tmp_path / "shards"
+    run_synth(config(generator, out, **SMALL))
+    reference, generator_record = shard_hashes(out), read_manifest(out).run["generator"]
+    assert set(generator_record) == {"model_id", "weights_sha256", "scheduler_sha256", "unet_config_sha256"}
+    other = edited_generator(generator, tmp_path / "other", "scheduler/scheduler_config.json",
+                             _diffusers_version="0.0.1", _class_name="DDPMScheduler")
+    edited = json.loads((other / "unet/config.json").read_text())
+    (other / "unet/config.json").write_text(json.dumps({**edited, "_diffusers_version": "0.0.1"}))
+    record = json.loads((out / "run.json").read_text())
+    for key in ("scheduler_sha256", "unet_config_sha256"):  # as an older clsp wrote it
+        record["generator"].pop(key)
+    (out / "run.json").write_text(json.dumps(record))
+    (out / "shard-000001.tar").unlink()
+    run_synth(config(other, out, **SMALL))
+    assert shard_hashes(out) == reference and read_manifest(out).run["generator"] == generator_record
+    assert json.loads((out / "run.json").read_text())["generator"] == generator_record
+
+
+def test_a_hub_id_and_a_local_copy_of_the_same_generator_record_the_same_digests(generator, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    shutil.copytree(generator, cache / "models--someone--tiny-gen" / "snapshots" / ("0" * 40))
+    (cache / "models--someone--tiny-gen" / "refs").mkdir()
+    (cache / "models--someone--tiny-gen" / "refs" / "main").write_text("0" * 40)
+    hub = load_job_generator(config(generator, tmp_path / "o", model="someone/tiny-gen"))[2]
+    local = load_job_generator(config(generator, tmp_path / "o"))[2]
+    keys = ("weights_sha256", "scheduler_sha256", "unet_config_sha256")
+    assert {key: hub[key] for key in keys} == {key: local[key] for key in keys} and hub["model_id"] != local["model_id"]
