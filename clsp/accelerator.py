@@ -1,10 +1,11 @@
 """Process helpers every stage shares: the device a run asks for, one Accelerator per run (also when a process runs
-several), an int from the main process on every process, flags OR-ed over processes, SIGTERM as a flag, and loader
+several), an int from the main process on every process, flags OR-ed over processes, SIGTERM and Ctrl-C as a flag, and loader
 processes that leave stopping to their parent."""
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -70,30 +71,41 @@ def any_process(procs, *flags: bool) -> list[bool]:
     return [bool(v > 0) for v in values.tolist()]
 
 
-class SigtermFlag:
-    """Within the block, SIGTERM only raises a flag: the loop checkpoints at the end of its step and stops."""
+class StopFlag:
+    """Within the block, SIGTERM and a first Ctrl-C only raise a flag (`by` names the signal): the loop checkpoints at
+    the end of its step and stops. A second Ctrl-C stops at once (KeyboardInterrupt). Ctrl-C is left alone where
+    SIGINT is ignored (a job started with nohup or `&`, a study's pool processes, whose study stops them)."""
 
-    def __enter__(self) -> "SigtermFlag":
-        self.raised, self.previous = False, None
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: keep the default behaviour
-            pass
+    def __enter__(self) -> "StopFlag":
+        self.raised, self.by, self.interrupts, self.previous = False, "", 0, {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
+                continue
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: keep the default behaviour
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr,
+                  flush=True)
+        self.raised, self.by = True, self.by or ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def stop_only_when_the_parent_says(worker_id: int, parent: int) -> None:
     """A DataLoader `worker_init_fn` (bind `parent`, the training process's pid, with functools.partial): the loader
     process leaves stopping to the training process. A scheduler's SIGTERM and the terminal's Ctrl-C reach the whole
     process group; a loader process that died of them would end the run with "DataLoader worker ... killed by signal"
-    in the middle of a step, before the training process could save its checkpoint (SigtermFlag). So SIGINT is
+    in the middle of a step, before the training process could save its checkpoint (StopFlag). So SIGINT is
     ignored, and a SIGTERM is obeyed only when the parent sent it (the DataLoader's own way of ending a stuck worker)
     or once the parent is gone (an orphan left by kill -9 stays killable); the parent ends its loader processes when
     the run stops.

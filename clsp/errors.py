@@ -18,9 +18,16 @@ class UserError(ValueError):
     ``error:`` line (clsp/cli.py); stage commands turn the ValueErrors of their configs into UserErrors."""
 
 
-class StoppedBySigterm(UserError):
-    """A run that SIGTERM stopped after it saved a checkpoint; the message says how to go on (a caller that ran it, such
-    as the study, may say it in its own terms)."""
+class StoppedBySignal(UserError):
+    """A run that SIGTERM or Ctrl-C stopped after it saved a checkpoint; the message says how to go on (a caller that
+    ran it, such as the study, may say it in its own terms); `by` names the signal ("SIGTERM", "Ctrl-C")."""
+
+    def __init__(self, message: str, by: str) -> None:
+        super().__init__(message)
+        self.by = by
+
+    def __reduce__(self):  # a study's pool process sends it back pickled: both arguments, not only the message
+        return type(self), (str(self), self.by)
 
 
 _AGAIN = "then run the same command again"

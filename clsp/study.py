@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from clsp.accelerator import available_cores
-from clsp.errors import StoppedBySigterm, UserError
+from clsp.errors import StoppedBySignal, UserError
 from clsp.eval.evaluate import EvalConfig
 from clsp.run_dir import lock_folder
 
@@ -80,7 +80,7 @@ def check_trained_as_planned(runs: list, manifest) -> None:
     trained otherwise as one of its own, nor trains for hours before train refuses to resume one."""
     from clsp.run_dir import read_record, record_differences
     from clsp.train.cache import use_cache
-    from clsp.train.loop import TRAIN_RUN, TrainConfig, shards_sha256, stream_workers
+    from clsp.train.loop import TRAIN_RUN, TrainConfig, shards_sha256, stream_plan, stream_workers
 
     unset = {f.name: f.default for f in fields(TrainConfig)}  # config.json leaves out options that were left unset
     made_from = {**{key: manifest.run.get(key) for key in ("source", "generator")},
@@ -91,8 +91,10 @@ def check_trained_as_planned(runs: list, manifest) -> None:
             continue
         # config.json holds `cache` only when the run trained from memory (which reads the anchors in another order)
         cached = use_cache(run.cache, manifest.count, manifest.k, int(manifest.run["image_size"]), run.positives, 1)
-        # a streamed run's order depends on its loader processes (train's data.stream_workers; None: from memory)
-        data = {**made_from, "stream_workers": None if cached else stream_workers(run.workers)}
+        # a streamed run's order depends on its loader processes and how its batches are split over them (train's
+        # data.stream_workers and data.stream_plan; None: from memory, or split as clsp 0.3.0 split them)
+        data = {**made_from, "stream_workers": None if cached else stream_workers(run.workers),
+                "stream_plan": None if cached else stream_plan(run, manifest, 1)}
         planned = {"config": {**asdict(run), "cache": cached}, "data": data}
         recorded = {"config": {**unset, "cache": False, **old.get("config", {})},
                     "data": {key: old.get("data", {}).get(key) for key in data}}
@@ -140,8 +142,8 @@ def study(cfg: StudyConfig) -> dict:
                 continue
             try:
                 train(run)  # a finished run returns at once; an unfinished one resumes
-            except StoppedBySigterm:  # its own message names `clsp train run --resume`, which is not how to go on
-                raise UserError(f"the study was stopped by SIGTERM while training {name}, whose checkpoint is saved: "
+            except StoppedBySignal as stopped:  # its message names `clsp train run --resume`, not how to go on
+                raise UserError(f"the study was stopped by {stopped.by} while training {name}, whose checkpoint is saved: "
                                 f"{STUDY_AGAIN}") from None
             started = time.perf_counter()
             result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)

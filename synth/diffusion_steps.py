@@ -125,10 +125,11 @@ def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, model
               accelerator: Accelerator, stack: ExitStack) -> dict:
     """Steps start .. cfg.steps - 1 on `images` (N, 3, H, W) uint8; returns `state` (loss, wall_time_s) at the end.
 
-    SIGTERM stops the run after the current step with a checkpoint, and a UserError that says how to resume."""
+    SIGTERM or Ctrl-C stops the run after the current step with a checkpoint, and a UserError that says how to
+    resume."""
     from tqdm.auto import tqdm
 
-    from clsp.accelerator import SigtermFlag, any_process
+    from clsp.accelerator import StopFlag, any_process
 
     world, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(total=cfg.steps, initial=start, disable=not accelerator.is_main_process, desc="diffusion train")
@@ -136,13 +137,13 @@ def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, model
     progress = _Progress(state)
     local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     models.unet.train()
-    with SigtermFlag() as sigterm:
+    with StopFlag() as stop_flag:
         for step in range(start, cfg.steps):
             loss = train_step(cfg, step, models, draw_batch(cfg, step, images, local, accelerator.device), accelerator)
             progress.window.append(loss.detach())
             done = step + 1
             scheduled = done % cfg.checkpoint_every == 0 or done == cfg.steps
-            stop = any_process(accelerator, sigterm.raised)[0]  # every process stops after the same step
+            stop = any_process(accelerator, stop_flag.raised)[0]  # every process stops after the same step
             if done % LOG_EVERY == 0 or scheduled or stop:
                 bar.set_postfix(loss=f"{progress.log_row(cfg, step, accelerator):.4f}")
             bar.update(1)
@@ -152,7 +153,8 @@ def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, model
                     progress.checkpoint(cfg, done, models, grid=scheduled, rng=rng)
                 accelerator.wait_for_everyone()
             if stop:
-                raise UserError(f"stopped by SIGTERM after step {done}; a checkpoint was saved in {cfg.out}: rerun "
+                raise UserError(f"stopped by {stop_flag.by or 'a stop signal to another process'} after step {done}; "
+                                f"a checkpoint was saved in {cfg.out}: rerun "
                                 f"the same command with --resume to continue")
     bar.close()
     return progress.state

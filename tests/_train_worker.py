@@ -6,6 +6,8 @@
         kill         SIGKILL to itself
         term-group   SIGTERM to its whole process group, loader processes included, from another process (start
                      it in a session of its own)
+        int-group    SIGINT to its whole process group, as a terminal's Ctrl-C (likewise; start it with SIGINT at
+                     its default, as a terminal's job has it)
         kill-loader  SIGKILL to one of its loader processes
 
 The faults use torch's global optimizer-step hook, so the training code runs unchanged up to them. A UserError is
@@ -33,11 +35,12 @@ from clsp.train.loop import make_config, train  # noqa: E402
 def fault(name: str) -> None:
     if name == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    elif name == "term-group":
-        assert os.getpgid(0) == os.getpid(), "term-group needs a process group of its own (start_new_session=True)"
-        # from another process outside the group, as from a scheduler: a loader process obeys its parent's SIGTERM
-        # (the DataLoader's way of ending a stuck worker)
-        subprocess.run(["kill", "-TERM", "--", f"-{os.getpid()}"], check=True, start_new_session=True)
+    elif name in ("term-group", "int-group"):
+        assert os.getpgid(0) == os.getpid(), f"{name} needs a process group of its own (start_new_session=True)"
+        # from another process outside the group, as from a scheduler or a terminal: a loader process obeys only its
+        # parent's SIGTERM (the DataLoader's way of ending a stuck worker)
+        sent = "-TERM" if name == "term-group" else "-INT"
+        subprocess.run(["kill", sent, "--", f"-{os.getpid()}"], check=True, start_new_session=True)
     elif name == "kill-loader":
         os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
     else:

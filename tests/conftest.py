@@ -41,6 +41,14 @@ def dead_pid() -> int:
     return ended.pid
 
 
+def as_a_terminals_job() -> None:
+    """A subprocess's preexec_fn: SIGINT as a terminal's foreground job has it. Run in the background by a shell
+    (`make test &`), the tests inherit SIGINT ignored, and Python then installs no Ctrl-C handler in a child."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def lock_held(run_dir: Path) -> bool:
     """Whether a process holds run_dir's flock (the kernel drops it when the last process that shares it ends)."""
     import fcntl

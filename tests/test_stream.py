@@ -123,6 +123,26 @@ def test_workers_split_shards_and_a_mid_epoch_start_continues_the_same_sequence(
         [b["ids"].tolist() for b in full[1:]]
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_loader_processes_take_batches_in_proportion_to_their_anchors_so_an_epoch_visits_each_once(tmp_path, workers):
+    """Each loader process reads only its own shards. With the same number of batches each, one whose shards held
+    fewer anchors visited some twice while the others' surplus went unseen; in proportion, every epoch visits each
+    anchor once but the 3 that do not fill a batch, and a mid-epoch start still continues the same sequence."""
+    directory = build_shard_dir(tmp_path / "s", counts=(16, 4, 12, 8, 20, 7), k=1)  # 67 anchors: 16 batches of 4
+    manifest = read_manifest(directory)
+    contract = manifest.contract()
+    cfg = StreamConfig(tuple(manifest.shard_locations()), 4, steps_per_epoch(manifest.count, 1, 4), manifest.k,
+                       seed=3, shuffle_buffer=3)
+    stream = ShardStream(cfg, contract.rows, contract)  # the manifest says what each shard holds
+    for epoch in range(3):  # each epoch deals the shards out anew
+        full = epoch_batches(stream, epoch, workers)
+        visits = Counter(i for b in full for i in b["ids"].tolist())
+        assert len(full) == 16 and len(visits) == 64 and max(visits.values()) == 1, (epoch, visits)
+    for start in (1, 7, 14):
+        assert [b["ids"].tolist() for b in epoch_batches(stream, 2, workers, start_step=start)] == \
+            [b["ids"].tolist() for b in full[start:]]
+
+
 def test_a_corrupt_shard_is_named_or_skipped_and_counted(tmp_path):
     directory = build_shard_dir(tmp_path / "s", counts=(4, 4, 4), k=1)
     broken = directory / "shard-000001.tar"

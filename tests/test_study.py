@@ -11,7 +11,7 @@ import pytest
 from clsp.eval.kfold import assign_folds, kfold_accuracy
 from clsp.eval.linear import ProbeConfig
 from clsp.eval.paired import interval_verdict, paired_bootstrap, paired_interval
-from conftest import lock_held
+from conftest import as_a_terminals_job, lock_held
 from test_eval import FAST_PROBE, TINY_TRAIN, tiny_world  # noqa: F401  (tiny_world: shards made from an image folder)
 
 
@@ -219,14 +219,6 @@ def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_worl
         assert all(torch.equal(parallel[key], serial[key]) for key in parallel), name
 
 
-def _as_a_terminals_job() -> None:
-    """SIGINT as a terminal's foreground job has it. Run in the background by a shell (`make test &`), this process
-    inherits SIGINT ignored, and Python then installs no Ctrl-C handler in the study: it would train on."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _wait_for(condition, what: str, limit_s: float = 120.0) -> None:
     """Poll until `condition()` holds; a guard against hanging (not a speed limit): fails after limit_s."""
     import time
@@ -257,7 +249,7 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
                               "--out", str(out), "--positives", "none,synthetic", "--seeds", "0,1", "--folds", "2",
                               "--preset", "paper", "--jobs", "2", *options],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_as_a_terminals_job)
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=as_a_terminals_job)
     first = [out / "runs" / name for name in ("simclr-none-seed0", "simclr-none-seed1")]  # the first two of four
     try:
         training = lambda run: lock_held(run) and (run / "checkpoint" / "position.json").is_file()  # noqa: E731

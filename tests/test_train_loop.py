@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from clsp.accelerator import stop_only_when_the_parent_says
 from clsp.errors import UserError
-from conftest import build_shard_dir, dead_pid, lock_held
+from conftest import as_a_terminals_job, build_shard_dir, dead_pid, lock_held
 from clsp.file_io import read_json
 from clsp.train.backbones import build_backbone
 from clsp.train.checkpoint import load_backbone
@@ -68,6 +69,16 @@ def on_optimizer_step(n: int, action):
             action(optimizer)
 
     return register_optimizer_step_post_hook(hook)
+
+
+@contextmanager
+def sigterm_after_step(n: int):
+    """Within the block, SIGTERM to this process right after the n-th optimizer step (seen at the next step's check)."""
+    handle = on_optimizer_step(n, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def test_a_tiny_run_writes_its_files_and_never_clobbers_a_finished_run(shards, tmp_path):
@@ -120,6 +131,28 @@ def test_a_one_split_knn_source_is_refused_with_a_fix_training_has(shards, tmp_p
     assert not out.exists()
 
 
+def test_a_streamed_run_is_refused_where_the_split_of_its_batches_over_loader_processes_changed(shards, tmp_path):
+    """Loader processes take batches in proportion to their shards' anchors (train.stream STREAM_PLAN); clsp 0.3.0
+    gave each the same number. Where the two differ the record says so (data.stream_plan) and a run 0.3.0 began is
+    refused rather than switched mid-run; where they agree (one loader process, shards that split evenly) the
+    record is 0.3.0's, and such runs go on."""
+    one_epoch = dict(epochs=1, warmup_epochs=0.0, cache=False)
+    uneven = tmp_path / "uneven"  # COUNTS (10, 7, 9) over 2 loader processes: 2 shards for one, 1 for the other
+    train(make_config(**options(shards, uneven, workers=2, **one_epoch)))
+    record = read_json(uneven / "config.json")
+    assert record["data"]["stream_plan"] == 2
+    del record["data"]["stream_plan"]  # as clsp 0.3.0 wrote it
+    (uneven / "config.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"data\.stream_plan: absent there, 2 now"):
+        train(make_config(**options(shards, uneven, workers=2, resume=True, **one_epoch)))
+    even = build_shard_dir(tmp_path / "even", counts=(9, 9), k=2)  # 18 anchors: 4 batches, 2 for each process
+    for folder, workers in ((shards, 1), (even, 2)):
+        out = tmp_path / f"same-{workers}"
+        train(make_config(**options(folder, out, workers=workers, **one_epoch)))
+        assert "stream_plan" not in read_json(out / "config.json")["data"]
+        assert train(make_config(**options(folder, out, workers=workers, resume=True, **one_epoch))) == out
+
+
 def test_each_method_records_its_own_settings_and_older_records_still_resume(shards, tmp_path):
     out = tmp_path / "run"
     train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))
@@ -147,7 +180,7 @@ def test_a_streamed_run_resumes_only_with_its_loader_processes_and_a_cached_one_
     assert record["data"]["stream_workers"] == 2 and record["method_state"] == 1
     with pytest.raises(UserError, match="stream_workers"):
         train(make_config(**options(shards, streamed, cache=False, workers=1, resume=True, **one_epoch)))
-    del record["data"]["stream_workers"], record["method_state"]  # as clsp 0.3.0 wrote it: config.workers decides
+    del record["data"]["stream_workers"], record["method_state"]  # as clsp 0.3.0 wrote them: config.workers decides
     (streamed / "config.json").write_text(json.dumps(record))
     assert train(make_config(**options(shards, streamed, cache=False, workers=2, resume=True, **one_epoch))) == streamed
     with pytest.raises(UserError, match="stream_workers"):
@@ -206,22 +239,46 @@ def test_sigterm_mid_epoch_checkpoints_there_and_resume_matches(shards, tmp_path
     two_workers = dict(workers=2, shuffle_buffer=5, cache=cache)
     train(make_config(**options(shards, tmp_path / "straight", **two_workers)))
     stopped = tmp_path / "stopped"
-    handle = on_optimizer_step(9, lambda _: os.kill(os.getpid(), signal.SIGTERM))  # seen at the next step's check
-    try:
-        with pytest.raises(UserError, match="SIGTERM after step 10"):
-            train(make_config(**options(shards, stopped, **two_workers)))
-    finally:
-        handle.remove()
+    with sigterm_after_step(9), pytest.raises(UserError, match="SIGTERM after step 10"):
+        train(make_config(**options(shards, stopped, **two_workers)))
     assert read_json(stopped / "checkpoint" / "position.json") == {"epoch": 1, "step": 4, "global_step": 10}
     train(make_config(**options(shards, stopped, resume=True, **two_workers)))
     assert_same_weights(tmp_path / "straight", stopped)
 
 
-@pytest.mark.parametrize("fault", ["term-group", "kill-loader", "kill"])
+def log_rows(run: Path) -> list[dict]:
+    """log.csv's rows without the one column that depends on the machine's speed."""
+    with open(run / "log.csv", newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "images_per_s"} for row in csv.DictReader(handle)]
+
+
+def test_a_sigterm_on_an_epochs_last_step_ends_that_epoch_first_and_on_the_runs_last_one_finishes_it(shards, tmp_path):
+    """A stop on an epoch's last step saved the next epoch's checkpoint from within the step, so that epoch's kNN
+    monitor never ran (its log row had none), and on the run's last step the resumed run's summary had neither final
+    loss nor kNN. Now the epoch's own work comes first, and the log and summary are the uninterrupted run's."""
+    knn = dict(knn_every=1, knn_source="digits")  # 6 steps an epoch, 3 epochs
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(make_config(**options(shards, straight, **knn)))
+    with sigterm_after_step(5), pytest.raises(UserError, match="SIGTERM after step 6; a checkpoint was saved"):
+        train(make_config(**options(shards, stopped, **knn)))
+    assert read_json(stopped / "checkpoint" / "position.json") == {"epoch": 1, "step": 0, "global_step": 6}
+    assert log_rows(stopped) == log_rows(straight)[:6] and log_rows(stopped)[5]["knn_top1_pct"]
+    with sigterm_after_step(11):  # the resumed launch's 11th step is the run's 17th: seen at its last, it finishes
+        assert train(make_config(**options(shards, stopped, resume=True, **knn))) == stopped
+    assert log_rows(stopped) == log_rows(straight)
+    launch = ("wall_s_this_launch", "steps_per_rank_this_launch")
+    summary = {k: v for k, v in read_json(stopped / "summary.json").items() if k not in launch}
+    assert summary == {k: v for k, v in read_json(straight / "summary.json").items() if k not in launch}
+    assert summary["final_loss"] is not None and summary["knn_top1_pct"] is not None
+    assert_same_weights(straight, stopped)
+
+
+@pytest.mark.parametrize("fault", ["term-group", "int-group", "kill-loader", "kill"])
 def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_weights(shards, tmp_path, fault):
     """Streamed by 2 loader processes, in a process group of its own:
     - term-group: a scheduler's SIGTERM reaches the loader processes too; they leave stopping to the training process,
       which checkpoints after its step (a loader that died of it ended the run mid-step: traceback, no checkpoint);
+    - int-group: a terminal's Ctrl-C, likewise (it was a KeyboardInterrupt: no checkpoint since the epoch's start);
     - kill-loader: a loader process killed (the out-of-memory killer) ends the run with one error line naming the
       checkpoint to resume from (was a traceback);
     - kill: after a kill -9 the orphaned loader processes live on for seconds, but the folder's lock is free at once
@@ -234,7 +291,7 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
     with open(stderr, "w") as errors:  # not a pipe: orphaned loader processes would hold it open
         returncode = subprocess.run([sys.executable, str(WORKER), str(spec), "--after-step", "9", fault], cwd=REPO,
                                     stdout=subprocess.DEVNULL, stderr=errors, timeout=120,
-                                    start_new_session=True).returncode
+                                    start_new_session=True, preexec_fn=as_a_terminals_job).returncode
     message = stderr.read_text()
     position = read_json(out / "checkpoint" / "position.json")
     cut = [out / f".{name}.tmp-{dead_pid()}" for name in ("log.csv", "backbone.safetensors", "summary.json")]
@@ -245,8 +302,9 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
             path.write_bytes(b"half")
     else:
         assert returncode == 2 and "Traceback" not in message, message[-2000:]
-    if fault == "term-group":
-        assert "error: stopped by SIGTERM after step 10; a checkpoint was saved" in message
+    if fault in ("term-group", "int-group"):
+        by = "SIGTERM" if fault == "term-group" else "Ctrl-C"
+        assert f"error: stopped by {by} after step 10; a checkpoint was saved" in message, message[-2000:]
         assert position == {"epoch": 1, "step": 4, "global_step": 10}
     if fault == "kill-loader":
         assert re.search(r"error: a loader process died: DataLoader worker \(pid \d+\) is killed by signal: Killed\. "

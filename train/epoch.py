@@ -1,5 +1,6 @@
 """One epoch of a training launch: per step augment on the device -> method forward -> backward -> schedule -> log;
-then the kNN monitor when due and a checkpoint. A non-finite loss or SIGTERM ends the launch within the step."""
+then the kNN monitor when due and a checkpoint. A non-finite loss ends the launch within its step, SIGTERM after it
+(after the epoch's end when it is the epoch's last)."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clsp.accelerator import SigtermFlag, any_process
-from clsp.errors import StoppedBySigterm, UserError
+from clsp.accelerator import StopFlag, any_process
+from clsp.errors import StoppedBySignal, UserError
 from clsp.train.checkpoint import RunLog, save_checkpoint
 from clsp.train.speed import to_view_layout
 
@@ -59,22 +60,40 @@ class Launch:
         return self.spe * self.cfg.epochs
 
 
-def run_epoch(run: Launch, epoch: int, sigterm: SigtermFlag) -> None:
-    """Epoch `epoch` (in the launch's first, from its resumed step), the kNN monitor when due, and a checkpoint."""
+def run_epoch(run: Launch, epoch: int, stop_flag: StopFlag) -> None:
+    """Epoch `epoch` (in the launch's first, from its resumed step), the kNN monitor when due, and a checkpoint.
+    SIGTERM or Ctrl-C stops the launch after its step with a checkpoint; on an epoch's last step only after the
+    epoch's own work and checkpoint (the resumed run then logs what an uninterrupted one does); on the run's last step
+    the run finishes."""
     cfg, acc = run.cfg, run.acc
     run.stream.set_position(epoch, run.position["step"] if epoch == run.position["epoch"] else 0)
     run.model.train()
     run.tick = time.perf_counter()
+    stop, by = False, ""
     for step, batch in enumerate(run.loader, start=run.stream.start_step):
         _check_batch(run, batch)
-        _step(run, epoch, step, batch, sigterm)
+        stop = _step(run, epoch, step, batch, stop_flag)
+        by = (stop_flag.by or "a stop signal to another process") if stop else ""
+        if stop and step + 1 < run.spe:
+            _checkpoint(run, {"epoch": epoch, "step": step + 1, "global_step": epoch * run.spe + step + 1}, by)
     if run.monitor is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
         run.run_log.set_last(knn_top1_pct=run.monitor(run.method.backbone, acc.device))
         if cfg.log_with:
             acc.log({"knn_top1_pct": run.run_log.last["knn_top1_pct"]}, (epoch + 1) * run.spe)
+    _checkpoint(run, {"epoch": epoch + 1, "step": 0, "global_step": (epoch + 1) * run.spe},
+                by if epoch + 1 < cfg.epochs else "")
+    if stop:  # on the run's last step nothing is left to resume: the launch finishes the run (a few files)
+        run.bar.close()  # so that the note starts its own line
+        acc.print(f"{by} came during the run's last step: {run.out} is finished")
+
+
+def _checkpoint(run: Launch, position: dict, stopped_by: str = "") -> None:
+    """The log and a checkpoint at `position`; then, when `stopped_by` names a signal, StoppedBySignal."""
     run.run_log.flush()
-    save_checkpoint(run.out, acc, run.method, run.optimizer, run.scheduler, {"epoch": epoch + 1, "step": 0,
-                    "global_step": (epoch + 1) * run.spe}, run.method.backbone)
+    save_checkpoint(run.out, run.acc, run.method, run.optimizer, run.scheduler, position, run.method.backbone)
+    if stopped_by:
+        raise StoppedBySignal(f"stopped by {stopped_by} after step {position['global_step']}; a checkpoint was saved: "
+                               "rerun the same command with --resume to continue", by=stopped_by)
 
 
 def _check_batch(run: Launch, batch: dict) -> None:
@@ -87,13 +106,14 @@ def _check_batch(run: Launch, batch: dict) -> None:
         raise UserError(batch["error"])
 
 
-def _step(run: Launch, epoch: int, step: int, batch: dict, sigterm: SigtermFlag) -> None:
-    """One optimiser step; a non-finite loss (on any process) stops the run, SIGTERM stops it with a checkpoint."""
+def _step(run: Launch, epoch: int, step: int, batch: dict, stop_flag: StopFlag) -> bool:
+    """One optimiser step; a non-finite loss (on any process) stops the run. True: SIGTERM or Ctrl-C came (on any
+    process), the launch stops after this step."""
     acc = run.acc
     gstep = epoch * run.spe + step
     losses = _losses(run, batch)
     lr = run.scheduler.get_last_lr()[0]
-    diverged, stop = any_process(acc, not torch.isfinite(losses["loss"].detach()).item(), sigterm.raised)
+    diverged, stop = any_process(acc, not torch.isfinite(losses["loss"].detach()).item(), stop_flag.raised)
     if diverged:
         run.run_log.flush()
         raise UserError(f"loss became non-finite at step {gstep + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
@@ -106,13 +126,7 @@ def _step(run: Launch, epoch: int, step: int, batch: dict, sigterm: SigtermFlag)
     run.method.after_step((gstep + 1) / run.total)
     run.steps_here += 1
     _log_step(run, epoch, gstep, lr, losses, len(batch["anchor"]))
-    if stop:
-        done = step + 1 == run.spe
-        run.run_log.flush()
-        save_checkpoint(run.out, acc, run.method, run.optimizer, run.scheduler, {"epoch": epoch + done, "step": 0 if
-                        done else step + 1, "global_step": gstep + 1}, run.method.backbone)
-        raise StoppedBySigterm(f"stopped by SIGTERM after step {gstep + 1}; a checkpoint was saved: rerun "
-                        "the same command with --resume to continue")
+    return stop
 
 
 def _losses(run: Launch, batch: dict) -> dict:

@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from clsp import __version__
-from clsp.accelerator import SigtermFlag, fresh_accelerator
+from clsp.accelerator import StopFlag, fresh_accelerator
 from clsp.errors import UserError
 from clsp.file_io import write_json
 from clsp.presets import preset_values
@@ -42,7 +42,7 @@ from clsp.train.methods import Method, MethodConfig, build_method, method_names,
 from clsp.train.speed import compile_encoders
 from clsp.vocabulary import CPU_COMPILE_REFUSED, POSITIVES
 from clsp.train.shard_input import open_input, open_shards, split_batch
-from clsp.train.stream import WEIGHTINGS, PositiveFilter
+from clsp.train.stream import WEIGHTINGS, PositiveFilter, recorded_plan
 from clsp.train.trackers import tracker_options
 
 # Options that may change when a run is resumed: they do not change what is computed (the streamed input's order
@@ -70,6 +70,15 @@ def stream_workers(workers: int) -> int:
     buffer (train.stream), so a resume with another count would visit other anchors. 0 (in the training process)
     reads as one would."""
     return max(1, workers)
+
+
+def stream_plan(cfg: TrainConfig, manifest: Manifest, world: int) -> int | None:
+    """A streamed run's data.stream_plan: how its batches are split over its loader processes (train.stream
+    STREAM_PLAN), where that split differs from clsp 0.3.0's, so that a run begun by either is not resumed by the
+    other; None (left out, as 0.3.0 wrote it) where the two agree: one loader process, or shards that split evenly."""
+    per_process, spe = split_batch(cfg.batch_size, manifest.count, world)
+    return recorded_plan({shard["name"]: shard["count"] for shard in manifest.shards}, cfg.seed, cfg.epochs, world,
+                         stream_workers(cfg.workers), per_process, spe)
 
 
 TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe=describe_run,
@@ -220,9 +229,9 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
     run = _setup(cfg, stack)
     if run is not None:  # None: the run was already finished
         try:
-            with SigtermFlag() as sigterm:
+            with StopFlag() as stop_flag:
                 for epoch in range(run.position["epoch"], cfg.epochs):
-                    run_epoch(run, epoch, sigterm)
+                    run_epoch(run, epoch, stop_flag)
         except RuntimeError as error:
             if not str(error).startswith(LOADER_DIED):
                 raise
@@ -292,6 +301,8 @@ def _run_record(cfg: TrainConfig, manifest: Manifest, built: dict, cached: bool,
                     "shards_sha256": shards_sha256(manifest), "world_size": world, "steps_per_epoch": spe}}
     if not cached:  # --workers stays operational for the cached input, which has no loader processes
         run["data"]["stream_workers"] = stream_workers(cfg.workers)
+        if (plan := stream_plan(cfg, manifest, world)) is not None:
+            run["data"]["stream_plan"] = plan
     if world > 1:  # --batch-size became global: a several-process run begun when it was per process is not resumed
         run["data"]["per_process_batch"] = per_process
     return run

@@ -1,21 +1,24 @@
 """Streaming training input: shards -> batches of (anchor, one synthetic positive, id, label), equal-length per rank.
 
 Order of the stream for one epoch:
-  1. shard order reshuffled from (seed, epoch) and split by rank (`shards.reader.epoch_shards`), then split by loader worker;
-  2. each worker reads its shards in turn (cycling them when its quota is not reached), through a small shuffle buffer of
-     raw (undecoded) samples; each sample read is checked against the manifest as `clsp shards verify` checks it, and
-     each shard read to its end against its manifest entry (its sha256 hashed as it streams). A shard that fails either
-     stops training with one error naming it (and the sample), or with skip_corrupt is skipped and counted, its
+  1. shard order reshuffled from (seed, epoch) and split by rank (`shards.reader.epoch_shards`), then split by loader
+     worker, each worker's batches in proportion to the anchors its shards hold (`batch_quotas`), so that an epoch
+     visits every anchor at most once where the shards allow it (each worker reads only its own shards);
+  2. each worker reads its shards in turn (cycling them only when its quota exceeds them), through a small shuffle
+     buffer of raw (undecoded) samples; each sample read is checked against the manifest as `clsp shards verify` checks
+     it, and each shard read to its end against its manifest entry (its sha256 hashed as it streams). A shard that fails
+     either stops training with one error naming it (and the sample), or with skip_corrupt is skipped and counted, its
      still-buffered samples dropped;
   3. each anchor visit draws ONE of its K positives uniformly, from a generator keyed on (seed, epoch, anchor id, pass), and
      decodes only the anchor and that positive. A `PositiveDraw` (--positive-filter, --positive-weighting, from the
      scores in the manifest's index) narrows the draw to the positives that pass the filter and/or weights it by each
      positive's distance to the anchor, from the same keyed generator.
 Every rank yields exactly `steps_per_epoch` batches per epoch, so ranks with uneven shards never hang DDP. The dataset
-yields whole batches (use `DataLoader(stream, batch_size=None)`); with A = min(workers, this rank's shards) active
-workers, worker w yields global batches b with b % A == w, which is the order in which the DataLoader interleaves
-workers, so `start_step` can resume mid-epoch. The order depends on A: a resume must keep --workers (the run record
-holds it).
+yields whole batches (use `DataLoader(stream, batch_size=None)`). The DataLoader takes one batch from each of its A
+active workers in turn, skipping those that are done, so global batch b comes from the worker `batch_owners` names;
+after a mid-epoch start its workers take over, in turn, the parts of those that still owe batches, so `start_step` can
+resume mid-epoch. The order depends on A: a resume must keep --workers (the run record holds it), and on how batches
+are split over the workers (STREAM_PLAN: the record holds it where it matters, `recorded_plan`).
 """
 from __future__ import annotations
 
@@ -137,6 +140,54 @@ def steps_per_epoch(count: int, world_size: int, batch_size: int) -> int:
     return steps
 
 
+# How a streamed epoch's batches are split over a rank's loader processes. 1 (clsp <= 0.3.0): equally, whatever their
+# shards held, so a process with fewer anchors visited some twice while others' went unseen; 2: in proportion to them.
+STREAM_PLAN = 2
+
+
+def batch_quotas(anchors: list[int], steps: int, batch: int) -> list[int]:
+    """The batches each loader process yields in an epoch of `steps`, from the anchors its shards hold: in proportion,
+    rounded down, then one more at a time to the process with the most anchors still unvisited (the first of equals),
+    so that none is visited twice where the shards allow it, and the fewest otherwise. Equal anchors: the first
+    steps % A processes take one more, as in plan 1."""
+    total = max(1, sum(anchors))
+    quotas = [steps * count // total for count in anchors]
+    while sum(quotas) < steps:
+        unvisited = [count - quota * batch for count, quota in zip(anchors, quotas)]
+        quotas[unvisited.index(max(unvisited))] += 1
+    return quotas
+
+
+def loader_split(urls: list[str], workers: int, anchors: Callable[[str], int], steps: int,
+                 batch: int) -> tuple[list[list[str]], list[int]]:
+    """(each active loader process's shards, its batches) from a rank's shards of an epoch (`epoch_shards`): dealt in
+    turn to min(workers, shards) processes, each one's batches by `batch_quotas` from `anchors(url)`."""
+    active = min(workers, len(urls))
+    shards = [urls[w::active] for w in range(active)]
+    return shards, batch_quotas([sum(map(anchors, own)) for own in shards], steps, batch)
+
+
+def batch_owners(quotas: list[int]) -> list[int]:
+    """(steps,) the loader process each batch of the epoch comes from: the DataLoader asks them in turn, skipping
+    those that yielded all of theirs."""
+    return [w for turn in range(max(quotas, default=0)) for w in range(len(quotas)) if quotas[w] > turn]
+
+
+def recorded_plan(anchors: Mapping[str, int], seed: int, epochs: int, world: int, workers: int, batch: int,
+                  steps: int) -> int | None:
+    """data.stream_plan in a streamed run's record, for shards `anchors` (name -> anchors it holds): STREAM_PLAN where
+    the run's batches differ from plan 1's in some epoch on some rank, so that a run begun with one plan is not resumed
+    with the other; None (left out, as in the records plan 1 wrote) where the two agree: one loader process, or
+    processes whose shards hold equal anchors."""
+    for epoch in range(epochs if workers > 1 else 0):
+        for rank in range(world):
+            urls = epoch_shards(list(anchors), seed, epoch, rank, world)
+            quotas = loader_split(urls, workers, anchors.__getitem__, steps, batch)[1]
+            if quotas != [steps // len(quotas) + (w < steps % len(quotas)) for w in range(len(quotas))]:  # plan 1's
+                return STREAM_PLAN
+    return None
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     urls: tuple[str, ...]          # every shard of the run (see shards.reader.shard_urls)
@@ -209,15 +260,21 @@ class ShardStream(IterableDataset):
         """(this worker's shards, its batches this epoch, how many of them to skip for a mid-epoch resume)."""
         cfg = self.cfg
         urls = epoch_shards(list(cfg.urls), cfg.seed, self.epoch, cfg.rank, cfg.world_size)  # >= 1: StreamConfig
-        active = min(workers, len(urls))  # a worker without a shard yields nothing
-        if worker >= active:
-            return [], 0, 0
+        shards, quotas = loader_split(urls, workers, self._anchors, cfg.steps_per_epoch, cfg.batch_size)
+        owners = batch_owners(quotas)
         # The DataLoader asks workers 0, 1, ... in turn from the first batch it delivers, so after a mid-epoch start
-        # process-worker `worker` plays the part of the worker that owns global batch start_step + worker.
-        worker = (worker + self.start_step) % active
-        steps = cfg.steps_per_epoch // active + (worker < cfg.steps_per_epoch % active)
-        skip = max(0, -(-(self.start_step - worker) // active))  # batches b < start_step with b % active == worker
-        return urls[worker::active], steps, min(skip, steps)
+        # process-worker `worker` plays the part of the worker-th of those still owing batches, counted from the owner
+        # of global batch start_step; a worker without a shard or a part yields nothing.
+        rest = owners[self.start_step:]
+        parts = sorted(set(rest), key=lambda part: (part - rest[0]) % len(quotas))
+        if worker >= len(parts):
+            return [], 0, 0
+        part = parts[worker]
+        return shards[part], quotas[part], owners[:self.start_step].count(part)
+
+    def _anchors(self, url: str) -> int:
+        """The anchors the shard at `url` holds, from the manifest; without one (benchmarks on bare shards) 1 each."""
+        return self.contract.entry(url)["count"] if self.contract is not None else 1
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
