@@ -236,7 +236,10 @@ def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
             if not str(error).startswith(LOADER_DIED):
                 raise
             run.bar.close()  # so that the error starts its own line
-            raise UserError(f"a loader process died: {str(error).strip()} The out-of-memory killer is the usual "
+            # torch says "is killed by signal: Killed." or "exited unexpectedly", as its SIGCHLD handler or its fetch
+            # notices first
+            died = str(error).strip().rstrip(".")
+            raise UserError(f"a loader process died: {died}. The out-of-memory killer is the usual "
                             f"cause. {run.out} holds {describe_run(run.out)}: rerun the same command with --resume to "
                             f"go on from there (fewer --workers or a smaller --shuffle-buffer use less memory)") from None
         _finish(run)
