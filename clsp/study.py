@@ -80,10 +80,10 @@ def check_trained_as_planned(runs: list, manifest) -> None:
     trained otherwise as one of its own, nor trains for hours before train refuses to resume one."""
     from clsp.run_dir import read_record, record_differences
     from clsp.train.cache import use_cache
-    from clsp.train.loop import TRAIN_RUN, TrainConfig, shards_sha256, stream_plan, stream_workers
+    from clsp.train.loop import TRAIN_RUN, TrainConfig, recorded_generator, shards_sha256, stream_plan, stream_workers
 
     unset = {f.name: f.default for f in fields(TrainConfig)}  # config.json leaves out options that were left unset
-    made_from = {**{key: manifest.run.get(key) for key in ("source", "generator")},
+    made_from = {"source": manifest.run.get("source"), "generator": recorded_generator(manifest),
                  "shards_sha256": shards_sha256(manifest)}  # the same source and generator may have made other shards
     for run in runs:
         old = read_record(run.out, TRAIN_RUN)
@@ -143,8 +143,8 @@ def study(cfg: StudyConfig) -> dict:
             try:
                 train(run)  # a finished run returns at once; an unfinished one resumes
             except StoppedBySignal as stopped:  # its message names `clsp train run --resume`, not how to go on
-                raise UserError(f"the study was stopped by {stopped.by} while training {name}, whose checkpoint is saved: "
-                                f"{STUDY_AGAIN}") from None
+                raise UserError(f"the study was stopped by {stopped.by} while training {name}, whose checkpoint is "
+                                f"saved: {STUDY_AGAIN}") from None
             started = time.perf_counter()
             result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
             print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "

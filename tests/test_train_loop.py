@@ -172,6 +172,26 @@ def test_each_method_records_its_own_settings_and_older_records_still_resume(sha
     # size is for MoCo and NNCLR; SimCLR leaves it out
 
 
+
+def test_a_synth_rerun_that_records_the_generators_configs_keeps_the_runs_on_its_shards(shards, tmp_path):
+    """A synth rerun adds the generator's config digests to an older manifest (the shards stay byte for byte): its
+    runs must still resume and read as finished, not as trained on other data (their record named the manifest's
+    whole generator section)."""
+    import shutil
+
+    from clsp.shards.manifest import read_manifest
+    from clsp.shards.manifest_writer import write_manifest
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    one_epoch = dict(epochs=1, warmup_epochs=0.0)
+    run = train(make_config(**options(copy, tmp_path / "run", **one_epoch)))
+    made = read_manifest(copy).run
+    write_manifest(copy, {**made, "generator": {**made["generator"], "scheduler_sha256": "1" * 64,
+                                                "unet_config_sha256": "2" * 64}})
+    assert train(make_config(**options(copy, run, resume=True, **one_epoch))) == run  # "already finished"
+    assert read_json(run / "config.json")["data"]["generator"] == {"model_id": "none", "weights_sha256": "0" * 64}
+
 def test_a_streamed_run_resumes_only_with_its_loader_processes_and_a_cached_one_with_any(shards, tmp_path):
     one_epoch = dict(epochs=1, warmup_epochs=0.0)
     streamed = tmp_path / "streamed"  # each loader process reads its own shards: the count decides the order

@@ -288,6 +288,15 @@ def shards_sha256(manifest: Manifest) -> str:
     return hashlib.sha256("".join(s["sha256"] for s in manifest.shards).encode()).hexdigest()
 
 
+def recorded_generator(manifest: Manifest) -> dict | None:
+    """The generator as a run's record names it: its name and weights. The shards' bytes (shards_sha256) pin the rest;
+    the config digests that synth records since are left out, so a rerun of the synth job, which adds them to an older
+    manifest, does not make its runs resume as trained on other data."""
+    generator = manifest.run.get("generator")
+    return {key: generator.get(key) for key in ("model_id", "weights_sha256")} if isinstance(generator, dict) \
+        else generator
+
+
 def _run_record(cfg: TrainConfig, manifest: Manifest, built: dict, cached: bool, world: int, per_process: int,
                 spe: int) -> dict:
     """The record config.json holds (a resume must match it): the config, `built` (method, augment, image_size,
@@ -300,7 +309,7 @@ def _run_record(cfg: TrainConfig, manifest: Manifest, built: dict, cached: bool,
     run = {"config": config, **built,
            "normalize": {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}, "package_version": __version__,
            "data": {"count": manifest.count, "k": manifest.k, "shard_image_size": int(manifest.run["image_size"]),
-                    "source": manifest.run["source"], "generator": manifest.run.get("generator"),
+                    "source": manifest.run["source"], "generator": recorded_generator(manifest),
                     "shards_sha256": shards_sha256(manifest), "world_size": world, "steps_per_epoch": spe}}
     if not cached:  # --workers stays operational for the cached input, which has no loader processes
         run["data"]["stream_workers"] = stream_workers(cfg.workers)
