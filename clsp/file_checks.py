@@ -79,7 +79,7 @@ def left_by_a_killed_writer(path: Path) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a pid no process can have
         return True
     except PermissionError:  # another user's process
         return False

@@ -82,6 +82,8 @@ class RunKind:
     # dotted key -> the value a record written before that key existed was made with (e.g. the generator of noise)
     absent_means: dict = field(default_factory=dict)
     upgrade: Callable[[dict], dict] | None = None  # rewrites a record an older clsp wrote into today's form
+    # dotted key -> the fix to name when it differs, where passing the same options cannot continue the run
+    hints: dict = field(default_factory=dict)
 
 
 def read_record(out: str | Path, kind: RunKind) -> dict | None:
@@ -247,8 +249,10 @@ def _check_folder(out: Path, record: dict, kind: RunKind, resume: bool, overwrit
         return old
     differences = record_differences(old, record, kind.operational)
     if differences:
+        hints = [kind.hints[key] for key in kind.hints if any(d.startswith(f"{key}:") for d in differences)]
         raise UserError(f"--out {out} holds a {kind.name} run made with another config ({'; '.join(differences)}): "
-                        f"pass the same options to continue it, another --out, or --overwrite to replace it")
+                        f"{'; '.join(hints) or 'pass the same options to continue it'}, another --out, or "
+                        f"--overwrite to replace it")
     if not resume:
         raise UserError(f"--out {out} already holds {kind.describe(out)} with these settings: pass --resume to "
                         f"continue it (a finished run is left as it is), or --overwrite to start again")

@@ -215,10 +215,11 @@ def test_files_written_as_a_set_share_one_number_also_after_a_kill(tmp_path, cap
     assert [p.read_text() for p in (result, notes, tmp_path / "s-2.md", tmp_path / "s-3.json")] == ["A", "a", "b", "C"]
     cut, live, other = (tmp_path / f".s-3.md.tmp-{dead_pid()}", tmp_path / f".s-5.md.tmp-{os.getppid()}",
                         tmp_path / f".sweep.md.tmp-{dead_pid()}")
-    for temp in (cut, live, other):
+    impossible = tmp_path / f".s.json.tmp-{2 ** 70}"  # a pid no process can have (os.kill: OverflowError)
+    for temp in (cut, live, other, impossible):
         temp.write_text("partial")
     write_new_set({result: "E", notes: "e"})  # removes only its own series' temps whose writer is gone
-    assert not cut.exists() and live.exists() and other.exists()
+    assert not cut.exists() and live.exists() and other.exists() and not impossible.exists()
 
 
 

@@ -206,3 +206,9 @@ def test_a_short_run_gets_a_short_warm_up_and_the_paper_preset_has_the_paper_set
     with pytest.raises(UserError, match="paper's simclr setting .*for --method moco leave --preset out"):
         make_config("paper-cifar10", method="moco", **where)  # gave MoCo SimCLR's lam 1.0 (method.md: 0.5)
     assert make_config(method="moco", **where).method_config().lam == 0.5
+    import numpy as np  # a Path and numpy's scalars are other spellings of an option's type: kept, as builtins
+
+    spelt = make_config(shards=tmp_path / "s", out=str(tmp_path / "o"), lr=np.float64(0.1), epochs=np.int64(3))
+    assert (spelt.shards, spelt.lr, spelt.epochs) == (str(tmp_path / "s"), 0.1, 3) and type(spelt.epochs) is int
+    with pytest.raises(UserError, match="--epochs must be a whole number, got np.float64"):
+        make_config(epochs=np.float64(2.5), **where)

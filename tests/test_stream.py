@@ -189,3 +189,11 @@ def test_the_batch_size_advice_is_a_global_batch_that_fits():
     with pytest.raises(UserError, match="at most 100"):
         steps_per_epoch(100, 2, 64)  # 128 anchors a step over 2 processes; 2 x 50 = 100 fit
     assert steps_per_epoch(100, 2, 50) == 1
+
+
+def test_a_rank_without_shards_leaves_the_refusal_to_the_stream():
+    """More processes than shards: the record's plan check ran first and raised a bare ValueError (max() of nothing);
+    StreamConfig's refusal, which names the fix, is what the user must see."""
+    from clsp.train.stream import recorded_plan
+
+    assert recorded_plan({"shard-000000.tar": 10}, seed=0, epochs=1, world=2, workers=2, batch=4, steps=2) is None

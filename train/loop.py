@@ -11,6 +11,8 @@ train.shard_input reads the shards.
 from __future__ import annotations
 
 import hashlib
+import numbers
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
@@ -84,7 +86,9 @@ def stream_plan(cfg: TrainConfig, manifest: Manifest, world: int) -> int | None:
 TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe=describe_run,
                     operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version"),
                     legacy_keys=("config", "backbone", "normalize", "data"), absent_means={"method_state": 1},
-                    upgrade=_upgrade_record)
+                    upgrade=_upgrade_record,
+                    hints={"data.stream_plan": "its loader processes split the batches as clsp <= 0.3.0 did, which no "
+                                               "option brings back: finish it with that version"})
 # embedded: 16 px digits (1,437 anchors, 11 steps an epoch) on 2 CPU cores, about 2.5 minutes a run (550 steps).
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
@@ -148,7 +152,8 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         for name, kinds in _FIELD_TYPES.items():  # a study's --train-option values come typed only as JSON reads them
-            value = getattr(self, name)
+            value = _as_builtin(getattr(self, name), kinds)  # a Path, numpy's scalars: as JSON records them
+            object.__setattr__(self, name, value)
             need(type(value) in kinds or (float in kinds and type(value) is int), f"--{name.replace('_', '-')} must "
                  f"be {' or '.join(_TYPE_WORDS[k] for k in kinds)}, got {value!r}")
         need(self.method in method_names(), f"unknown method {self.method!r}: choose one of {method_names()}")
@@ -189,6 +194,20 @@ class TrainConfig:
             return MethodConfig.for_method(self.method, positives=self.positives, **settings)
         except ValueError as error:
             raise UserError(str(error)) from None
+
+
+def _as_builtin(value, kinds: tuple[type, ...]):
+    """`value` as the builtin type of its option when it is another spelling of one (os.PathLike for text, numpy's
+    integers and floats for numbers); else as it is, for the type check."""
+    if type(value) in kinds or isinstance(value, bool):
+        return value
+    if str in kinds and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if int in kinds and isinstance(value, numbers.Integral):
+        return int(value)
+    if float in kinds and isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 _TYPE_WORDS = {bool: "true/false", int: "a whole number", float: "a number", str: "text", type(None): "unset"}

@@ -182,6 +182,8 @@ def recorded_plan(anchors: Mapping[str, int], seed: int, epochs: int, world: int
     for epoch in range(epochs if workers > 1 else 0):
         for rank in range(world):
             urls = epoch_shards(list(anchors), seed, epoch, rank, world)
+            if not urls:  # fewer shards than processes: StreamConfig refuses the run with the fix
+                return None
             quotas = loader_split(urls, workers, anchors.__getitem__, steps, batch)[1]
             if quotas != [steps // len(quotas) + (w < steps % len(quotas)) for w in range(len(quotas))]:  # plan 1's
                 return STREAM_PLAN
