@@ -109,12 +109,10 @@ def with_identity(result: dict, run_dir: str | Path) -> dict:
     return result
 
 
-# training options that change how a run is computed or where it is written, not what it learns (besides its identity
-# keys): train's operational options, the anchors' order (in-memory cache, shuffle buffer) and rounding (bf16,
-# compile), as another seed would; and those the record holds resolved (the method's settings, the image size)
-NOT_SETUP = ("out", "shards", "workers", "resume", "overwrite", "knn_every", "knn_source", "log_with", "cache",
-             "shuffle_buffer", "bf16", "compile", "skip_corrupt", "expect_k", "image_size", "temperature", "proj_dim",
-             "proj_hidden", "queue_size")
+# training options that change how a run is computed, not what it learns (besides its identity keys and train's
+# OPERATIONAL ones): the anchors' order (in-memory cache, shuffle buffer) and rounding (bf16, compile), as another seed
+# would; checks; and those the record holds resolved (the image size, METHOD_SETTINGS under "method")
+HOW_COMPUTED = ("cache", "shuffle_buffer", "bf16", "compile", "skip_corrupt", "expect_k", "image_size")
 
 
 def training_setup(run_config: dict) -> dict:
@@ -123,13 +121,14 @@ def training_setup(run_config: dict) -> dict:
     differ here are not seeds of one experiment."""
     from dataclasses import fields
 
-    from clsp.train.loop import TrainConfig
+    from clsp.train.loop import METHOD_SETTINGS, OPERATIONAL, TrainConfig
 
     section = lambda name: run_config.get(name) if isinstance(run_config.get(name), dict) else {}  # noqa: E731
     options, method, data = section("config"), section("method"), section("data")
     if options:  # options added since a run was recorded read as their defaults, as a resume reads them
         options = {**{f.name: f.default for f in fields(TrainConfig)}, **options}
-    setup = {"options": {k: v for k, v in options.items() if k not in (*NOT_SETUP, *RUN_KEYS)},
+    not_setup = {*OPERATIONAL, *HOW_COMPUTED, *METHOD_SETTINGS, *RUN_KEYS}
+    setup = {"options": {k: v for k, v in options.items() if k not in not_setup},
              "method": {k: v for k, v in method.items() if k not in ("lam", "positives")},
              "image_size": run_config.get("image_size"),
              "anchors": {"fingerprint": (data.get("source") or {}).get("fingerprint"), "count": data.get("count"),
