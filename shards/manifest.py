@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -301,8 +302,11 @@ def _begun_by_synth(folder: Path) -> bool:
 
 def pending_index(sha256: str) -> str:
     """The name write_manifest gives a new index until the manifest.json that records its checksum has replaced the
-    old one; then it becomes index.parquet (shards.manifest_writer)."""
+    old one; then it becomes index.parquet (shards.manifest_writer). PENDING_INDEX matches every such name."""
     return f"index-{sha256[:12]}.parquet"
+
+
+PENDING_INDEX = re.compile(r"index-[0-9a-f]{12}\.parquet")  # the names pending_index gives (fullmatch)
 
 
 def _pending_index(location: str, sha256: str) -> bytes | None:

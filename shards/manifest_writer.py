@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clsp.shards.atomic import fsync_dir, write_atomic
-from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, Manifest, ManifestError, pending_index
+from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, PENDING_INDEX, Manifest, ManifestError, pending_index
 from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, SCORE_TYPE, document_problems, index_problems, \
     looks_like_index, score_column
 from clsp.shards.reader import RawSample, ShardError, iter_shard
 from clsp.shards.codecs import DEFAULT_CODEC
 from clsp.shards.schema import CODEC_VERSIONS, SCHEMA_VERSION, positive_distances, sample_sha256
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, shard_name
-
-
-PENDING_INDEX = re.compile(r"index-[0-9a-f]{12}\.parquet")  # the names pending_index gives (fullmatch)
 
 
 @dataclass(frozen=True)
@@ -145,22 +141,35 @@ def _publish(directory: Path, index: bytes, manifest: dict) -> None:
     fsync_dir(directory)
 
 
-def settle_index(directory: str | Path) -> None:
-    """Finish what a stopped write_manifest left (see `_publish`): the pending index that manifest.json records becomes
-    index.parquet; any other pending index (its manifest was never written) is removed."""
-    directory = Path(directory)
+def pending_indexes(directory: Path) -> tuple[Path | None, list[Path]]:
+    """The pending indexes a stopped write_manifest left in `directory` (see `_publish`): (the one manifest.json
+    records, or None; the others, whose manifest was never written). Files under that name that are no index are
+    not ours and are left out."""
     try:
         recorded = json.loads((directory / MANIFEST).read_bytes())["index"]["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         recorded = None
+    live, stale = None, []
     for path in sorted(directory.glob("index-*.parquet")):
         if not (PENDING_INDEX.fullmatch(path.name) and looks_like_index(path)):
             continue  # not ours
         if isinstance(recorded, str) and path.name == pending_index(recorded) and file_sha256(path) == recorded:
-            os.replace(path, directory / INDEX)
-            fsync_dir(directory)
+            live = path
         else:
-            path.unlink()
+            stale.append(path)
+    return live, stale
+
+
+def settle_index(directory: str | Path) -> None:
+    """Finish what a stopped write_manifest left: the pending index that manifest.json records becomes index.parquet;
+    any other pending index is removed."""
+    directory = Path(directory)
+    live, stale = pending_indexes(directory)
+    for path in stale:
+        path.unlink()
+    if live is not None:
+        os.replace(live, directory / INDEX)
+        fsync_dir(directory)
 
 
 def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clsp.shards.manifest import INDEX, MANIFEST, Contract, ManifestError, read_manifest
+from clsp.shards.manifest_writer import pending_indexes
 from clsp.shards.reader import RawSample, ShardError, iter_shard
 from clsp.shards.schema import SchemaError
 from clsp.shards.writer import SHARD_PATTERN, temp_files
@@ -39,6 +40,8 @@ def verify(directory: str | Path) -> list[str]:
                          f"folder `clsp synth run` wrote (its --out)")
     problems = [f"{p.name}: unfinished file left by an interrupted writer: rerun the synth job to finish, "
                 f"or delete it" for p in temp_files(directory)]
+    problems += [f"{p.name}: an index whose {MANIFEST} was never written (a manifest write was interrupted): rerun "
+                 f"the synth job, which removes it, or delete it" for p in pending_indexes(directory)[1]]
     try:
         contract = read_manifest(str(directory)).contract()
     except ManifestError as error:

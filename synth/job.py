@@ -31,10 +31,9 @@ from clsp.file_io import partial_removed
 from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir, read_record, remove_files
 from clsp.sources import Record, refuse_out_inside
-from clsp.shards.manifest import FORMAT, INDEX, MANIFEST, SYNTH_RECORD, Manifest, read_manifest
+from clsp.shards.manifest import FORMAT, INDEX, MANIFEST, PENDING_INDEX, SYNTH_RECORD, Manifest, read_manifest
 from clsp.shards.manifest_checks import looks_like_index
-from clsp.shards.manifest_writer import PENDING_INDEX, expected_shards, file_sha256, manifest_run, settle_index, \
-    write_manifest
+from clsp.shards.manifest_writer import expected_shards, file_sha256, manifest_run, settle_index, write_manifest
 from clsp.shards.reader import ShardError, looks_like_shard
 from clsp.shards.codecs import CODECS, DEFAULT_CODEC
 from clsp.shards.schema import ShardSample

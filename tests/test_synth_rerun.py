@@ -1,12 +1,13 @@
 """Rerunning a synth job on its own folder loses nothing: a finished folder's manifest and index (with the agreement
 scores a plain rerun was not asked to make) are kept, a rewrite scores what the old index scored, an interrupted rerun
-leaves the old manifest, a manifest rewrite stopped between its index and its manifest leaves a folder that reads, a
-manifest is never written over missing shards, a record written before clsp recorded Pillow or the generator's configs
-still resumes, and a generator whose scheduler or UNet config changed is refused. Tiny 8 px generator, K=2, 2 DDIM
-steps, 6 anchors in 2 shards."""
+leaves the old manifest, a manifest rewrite stopped between its index and its manifest leaves a folder that reads (and
+verify names an index left without its manifest), a manifest is never written over missing shards, a record written
+before clsp recorded Pillow or the generator's configs still resumes, and a generator whose scheduler or UNet config
+changed is refused. Tiny 8 px generator, K=2, 2 DDIM steps, 6 anchors in 2 shards."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import resource
 import shutil
@@ -119,6 +120,22 @@ def test_a_rewrite_stopped_after_its_manifest_reads_its_new_index_and_a_rerun_fi
     run_synth(config(generator, out, **SMALL))  # the plain command: the manifest describes these shards, and is kept
     assert (out / MANIFEST).read_bytes() == manifest and file_sha256(out / INDEX) == sha256 and not pending.exists()
     assert verify(out) == [] and temp_files(out) == []
+
+
+def test_an_index_whose_manifest_was_never_written_is_reported_and_a_rerun_removes_it(generator, scored, tmp_path):
+    """Killed after the new index was written under its pending name, before manifest.json was replaced: the old pair
+    still reads, verify names the leftover index, and the next rerun removes it and keeps the old pair."""
+    out = tmp_path / "shards"
+    run_synth(config(generator, out, **SMALL))
+    before = files(out)
+    new_index = scored[1][INDEX]  # what a --score-reference rewrite of these shards writes first
+    leftover = out / pending_index(hashlib.sha256(new_index).hexdigest())
+    leftover.write_bytes(new_index)
+    assert read_manifest(out).scores("agreement") is None  # the old manifest and its index
+    assert verify(out) == [f"{leftover.name}: an index whose {MANIFEST} was never written (a manifest write was "
+                           f"interrupted): rerun the synth job, which removes it, or delete it"]
+    run_synth(config(generator, out, **SMALL))
+    assert files(out) == before and verify(out) == []
 
 
 def test_a_manifest_is_not_written_over_missing_shards_or_other_counts(generator, tmp_path):
