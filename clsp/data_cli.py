@@ -29,13 +29,14 @@ def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
                   rows: int = typer.Option(8, min=1), columns: int = typer.Option(12, min=1),
                   overwrite: bool = typer.Option(False, help="Replace an existing --out file.")) -> None:
     """A grid of the first images of a source."""
-    from clsp.sources import open_source
+    from clsp.sources import open_source, refuse_out_inside
     from clsp.shards.sheet import check_sheet_out, image_grid, save_sheet  # here: shards.sheet imports torch
 
     try:
         check_sheet_out(out, overwrite)  # a usage error (exit 2) before the source is read
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--out") from None
+    refuse_out_inside(source, out)  # a sheet inside a class folder would be read as one of its images
 
     opened = open_source(source, split, image_size)
     records = list(opened.records(0, rows * columns))

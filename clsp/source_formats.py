@@ -206,6 +206,9 @@ class FolderSource(Source):
             parts = {split_named(root.resolve().name, prefix=False): [root]}
         self.splits = splits_note(parts)
         tops = pick_split(parts, split, spec, "folder:DIR/{}")
+        # name order, as torchvision's ImageFolder: numbered folders read 0, 1, 10, 2, ... A label is a position in
+        # this list, and shards and fingerprints record labels, so the order never changes; a source that numbers the
+        # classes otherwise is other data (the sweep and eval compare fingerprints)
         self.classes = sorted({c.name for top in (t for ts in parts.values() for t in ts) for c in _subfolders(top)})
         if not self.classes:
             raise UserError(f"{root} has no class sub-folders: expected DIR/CLASS/IMAGE.png or "

@@ -33,6 +33,24 @@ def _user_errors():
         raise UserError(str(error)) from None
 
 
+def _refuse_out_inside(specs, out: Path) -> None:
+    """An --out inside a folder (or Parquet directory) that a source reads would add what the command writes there to
+    the data: a new class folder, pictures read as images, another fingerprint, so that the next evaluation scores
+    other data or refuses the run's own. Refused before any work, for every source the command reads or that its
+    runs and shards were made from."""
+    from clsp.sources import refuse_out_inside
+
+    for spec in sorted({spec for spec in specs if spec}):
+        refuse_out_inside(spec, out)
+
+
+def _shards_source(shards: str) -> str | None:
+    """The source spec the shards' manifest records (reading it raises the error the command itself would give)."""
+    from clsp.shards.manifest import read_manifest
+
+    return (read_manifest(shards).run.get("source") or {}).get("spec")
+
+
 def _eval_config(source: Optional[str], preset: str, probe_epochs: Optional[int], batch_size: int, device: str, *,
                  test_source: Optional[str] = None, transfer: bool = False, knn: bool = True, linear: bool = True):
     from dataclasses import replace
@@ -104,6 +122,7 @@ def audit_command(shards: str = typer.Argument(..., help="shard directory (with 
 
     with _user_errors():
         config = AuditConfig(max_anchors=anchors, pca_components=components)
+        _refuse_out_inside([source, _shards_source(shards)], out)
         json_path, md_path = write_audit(audit_shards(shards, source, config), out)
     typer.echo(md_path.read_text())
     typer.echo(f"wrote {json_path} and {md_path}")
@@ -114,8 +133,10 @@ def plots_command(run: Path = typer.Argument(..., help="training run directory")
                   out: Path = typer.Option(..., help="directory for the PNGs")) -> None:
     """Loss terms and kNN monitor from log.csv; t-SNE of the test embeddings saved by `knn`/`linear`/`all`."""
     from clsp.eval.plots import plot_run
+    from clsp.eval.results import run_sources
 
     with _user_errors():
+        _refuse_out_inside(run_sources(run), out)
         written = plot_run(run, out)
     if not written:
         raise UserError(f"{run} has neither log.csv nor an evaluation of its current weights: train it and run "
@@ -129,8 +150,10 @@ def report_command(runs: list[Path] = typer.Argument(..., help="run directories 
                    out: Path = typer.Option(..., help="directory for report.md, results.csv and pictures")) -> None:
     """Compare runs: mean ± std over seeds by method, positives and lam, with a plain verdict per method."""
     from clsp.eval.report import report
+    from clsp.eval.results import run_sources
 
     with _user_errors():
+        _refuse_out_inside([spec for run in runs for spec in run_sources(run)], out)
         summary = report(runs, out)
     typer.echo("\n".join(summary["verdicts"]))
     typer.echo(f"wrote {summary['report']} and {summary['csv']}")
@@ -150,10 +173,13 @@ def all_command(run: Path = typer.Argument(..., help="training run directory"),
                 device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """kNN + linear + audit + plots + contact sheet + report for one run (`make eval`)."""
     from clsp.eval.evaluate_all import AllConfig, evaluate_all
+    from clsp.eval.results import run_sources
 
     with _user_errors():
         eval_config = _eval_config(source, preset, probe_epochs, forward_batch, device, test_source=test_source,
                                    transfer=transfer)
+        # evaluate_all refuses an --out inside the sources it scores on; the run's own and the shards' also matter
+        _refuse_out_inside([*run_sources(run), _shards_source(shards)], out)
         config = AllConfig(str(run), shards, str(out), eval_config, audit_anchors)
         summary = evaluate_all(config)
     _echo_results(summary["results"])
@@ -212,6 +238,7 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
             seed_values = tuple(int(s) for s in split(seeds))
         except ValueError:
             raise UserError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3,4") from None
+        _refuse_out_inside([source, _shards_source(shards)], out)  # the study's runs, reports and pictures go there
         config = StudyConfig(shards, source, str(out), split(methods), split(positives), seed_values, folds,
                              "embedded" if preset == "embedded" else None,
                              train_options=_key_values(train_option or []), jobs=jobs,

@@ -211,9 +211,7 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
     check = check_trained_on(run.run_dir, run.record, bank, config.transfer)
     test = _open_test(config.test_source or run.spec, config.test_split, run.image_size,
                       explicit=config.test_source is not None)
-    if bank.classes and test.classes and bank.classes != test.classes:
-        raise UserError(f"{bank.name} has classes {bank.classes[:5]}... but {test.name} has {test.classes[:5]}...: a "
-                        f"label would name another class in each; give splits of one dataset")
+    _check_classes(bank, test)
     train, held_out = _labelled(bank), _labelled(test)
     shared = _check_disjoint(bank, test, train[0], held_out[0])
     settings = asdict(replace(config, source=run.spec, test_source=test.spec))  # the sources as resolved
@@ -224,6 +222,30 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
                   test_fingerprint=held_out[2], test_images_in_train=shared, eval_config=settings,
                   computed_with=computed_with, class_names=list(test.classes or bank.classes))
     return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result)
+
+
+def _check_classes(bank, test) -> None:
+    """A label must name one class in both sources. Two sources that name their classes must name the same ones. When
+    only one does, the other's label i can only be read as the named one's i-th class: refused where that is known to
+    be wrong-prone (class folders named by numbers, which read in name order: 0, 1, 10, 2, ...; a bare label 2 there
+    means class '10'), and said otherwise, since CIFAR's and STL-10's names read in name order are their numbering."""
+    if bank.classes and test.classes:
+        if bank.classes != test.classes:
+            raise UserError(f"{bank.name} has classes {bank.classes[:5]}... but {test.name} has {test.classes[:5]}...: "
+                            f"a label would name another class in each; give splits of one dataset")
+        return
+    named, bare = (bank, test) if bank.classes else (test, bank)
+    if not named.classes or named.classes == [str(i) for i in range(len(named.classes))]:
+        return  # no names at all, or names that are the labels themselves
+    if all(name.isdigit() for name in named.classes):
+        raise UserError(f"{named.name} names its classes by numbers, in name order ({', '.join(named.classes[:4])}, "
+                        f"...: its label 2 is class {named.classes[2] if len(named.classes) > 2 else '?'}), and "
+                        f"{bare.name} gives bare labels, whose numbering cannot be matched to those names: give both "
+                        f"splits in one format, or name {bare.name}'s classes (a Parquet file's huggingface metadata, "
+                        f"as a datasets ClassLabel writes it)")
+    print(f"warning: {bare.name} does not name its classes: its label i is read as {named.name}'s i-th class "
+          f"({', '.join(f'{i} = {n}' for i, n in enumerate(named.classes[:3]))}, ...); if it numbers them otherwise, "
+          f"these accuracies are wrong", file=sys.stderr)
 
 
 def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict:

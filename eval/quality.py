@@ -84,6 +84,8 @@ def _real_sets(spec: str, split: str, size: int):
         except UserError:
             pass
     described = {"spec": spec, "split": split, "count": int(len(images)), "fingerprint": source.fingerprint()}
+    if source.classes and source.classes != [str(i) for i in range(len(source.classes))]:
+        described["classes"] = list(source.classes)  # label i is class classes[i] (numbered folders: 0, 1, 10, ...)
     return images, labels, held, held_labels, described
 
 
@@ -157,8 +159,9 @@ def quality_markdown(result: dict) -> str:
     gen, held, fid = result["generated"], result["heldout_real"], result["fid"]
     src, smp, k = result["source"], result["sampler"], result["config"]["neighbours"]
     fmt = lambda m, key, p=1: "n/a" if m is None else f"{m[key]:.{p}f}"  # noqa: E731
-    classes = gen["class_pct"]
+    classes = gen["class_pct"]  # label -> share
     low, high = min(classes, key=classes.get), max(classes, key=classes.get)
+    name = lambda label: src["classes"][int(label)] if "classes" in src else label  # noqa: E731
     lines = [
         f"Generator {result['generator']['model_id']} (weights {result['generator']['weights_sha256'][:12]}): "
         f"{gen['count']} plain DDIM samples (w = 1, {smp['steps']} steps, eta {smp['eta']}) against "
@@ -179,7 +182,8 @@ def quality_markdown(result: dict) -> str:
     if fid is not None:
         lines.append(f"| FID, {fid['features']} | {fid['value']:.2f} | n/a |")
     lines += ["", f"Classes the reference classifier gives the generated samples: from {classes[low]:.1f}% (class "
-                  f"{low}) to {classes[high]:.1f}% (class {high}); an even spread is {100.0 / len(classes):.1f}%."]
+                  f"{name(low)}) to {classes[high]:.1f}% (class {name(high)}); an even spread is "
+                  f"{100.0 / len(classes):.1f}%."]
     if result.get("reference_heldout_accuracy_pct") is not None:
         lines.append(f"The reference classifier labels held-out real images correctly "
                      f"{result['reference_heldout_accuracy_pct']:.1f}% of the time.")

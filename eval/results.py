@@ -36,25 +36,68 @@ def current_weights(run_dir: str | Path) -> str | None:
 
 
 def current_result(run_dir: str | Path, name: str, weights: str | None) -> tuple[dict | None, Path | None]:
-    """(the result of the series eval/<name> last written from `weights` (current_weights; None: any), with its file
-    as `results_file`, or None; the newest file of the series when none is, or None).
+    """(the result of the series eval/<name> last written from `weights` (current_weights; None: unknown), with its
+    file as `results_file`, or None; the newest file of the series when none is, or None).
 
-    The last written, not the highest number: a rerun replaces its own file in place (eval.write_result)."""
+    The last written, not the highest number: a rerun replaces its own file in place (eval.write_result), so after
+    A, B, A again it is A's file that was asked for last. File times only ever choose among results of one weights
+    (other inputs, each labelled with them), never between weights: a copy of the folder does not keep them."""
     files = series(Path(run_dir) / "eval" / name)
     if not files:
         return None, None
-    mine = []
+    found = _readable(files)
+    weights = weights or _latest_weights(run_dir, found)
+    mine = [(path, result) for path, result in found if weights in (None, result.get("weights_sha256"))]
+    if not mine:
+        return None, files[-1]
+    path, result = max(mine, key=lambda one: (one[0].stat().st_mtime_ns, files.index(one[0])))  # ties: the higher
+    if len(mine) > 1:
+        print(f"note: {Path(run_dir) / 'eval'} holds {len(mine)} results of these weights from other inputs "
+              f"({', '.join(p.name for p, _ in mine)}): using {path.name}, the last written (by file time, which a "
+              f"copy of the folder does not keep); move the others out of eval/ to use another", file=sys.stderr)
+    return {**result, "results_file": path.name}, None
+
+
+def _readable(files: list[Path]) -> list[tuple[Path, dict]]:
+    """(file, result) of each file that holds a JSON object, in number order; the others are not results of ours."""
+    found = []
     for path in files:
         try:
             result = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(result, dict) and weights in (None, result.get("weights_sha256")):
-            mine.append((path.stat().st_mtime_ns, len(mine), path, result))  # ties: the higher number
-    if not mine:
-        return None, files[-1]
-    _, _, path, result = max(mine)
-    return {**result, "results_file": path.name}, None
+        if isinstance(result, dict):
+            found.append((path, result))
+    return found
+
+
+def _latest_weights(run_dir: str | Path, found: list[tuple[Path, dict]]) -> str | None:
+    """For a run whose weights are unknown (no backbone.safetensors): the weights of its highest-numbered result that
+    records them, or None. Results of new weights never replace a file (eval.write_result), so the highest number
+    holds the weights evaluated last, in any copy of the folder; file times would not (cp -r, rsync and git write
+    them anew, in their own order)."""
+    recorded = [(path, result["weights_sha256"]) for path, result in found if result.get("weights_sha256")]
+    if len({sha for _, sha in recorded}) > 1:
+        print(f"warning: {run_dir} has no backbone.safetensors and its eval/ holds results of "
+              f"{len({sha for _, sha in recorded})} weights: using those of {recorded[-1][0].name} (weights "
+              f"{recorded[-1][1][:12]}), the last evaluated; the others were scored before it was trained again",
+              file=sys.stderr)
+    return recorded[-1][1] if recorded else None
+
+
+def run_sources(run_dir: str | Path) -> set[str]:
+    """Every source spec a run names: the data its shards were made from (config.json) and the data its eval/ results
+    were scored on (source, test_source). A file that cannot be read names none."""
+    from clsp.eval.evaluate import trained_source
+    from clsp.file_checks import small_json
+
+    run_dir = Path(run_dir)
+    config = small_json(run_dir / "config.json")
+    specs = {(trained_source(config) or {}).get("spec")} if isinstance(config, dict) else set()
+    eval_dir = run_dir / "eval"
+    for _, result in _readable(sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []):
+        specs |= {result.get("source"), result.get("test_source")}
+    return {spec for spec in specs if isinstance(spec, str)}
 
 
 def _stale(run_dir: Path, path: Path) -> UserError:

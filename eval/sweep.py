@@ -117,17 +117,65 @@ def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
 
 
 def _open_generator(config: SweepConfig, plan: _Plan):
-    """(unet, scheduler, info, device) after the job's checks (steps <= T, RGB) and, for shards, the maker's weights."""
+    """(unet, scheduler, info, device) after the job's checks (steps <= T, RGB; an --out inside the source refused)
+    and, for shards, the check that this generator made them."""
     from clsp.eval.generator_samples import open_generator, sampler_config, synth_config
 
     longest = sampler_config(1.0, max(s for _, s in plan.settings), plan.eta)
     opened = open_generator(synth_config(plan.generator, plan.spec, config.out, plan.k, longest, plan.seed),
                             config.device)
-    made_by, weights = (plan.shards_run or {}).get("generator", {}).get("weights_sha256"), opened[2]["weights_sha256"]
-    if made_by is not None and made_by != weights:
-        raise ValueError(f"--model {plan.generator} (weights {weights[:12]}) did not make {config.target} (weights "
-                         f"{made_by[:12]}): pass the generator that made the shards")
+    _check_made_by(config, plan, opened[2])
     return opened
+
+
+# what identifies a generator in the shards' record (synth.job_setup.run_metadata), as a sweep's error names it
+GENERATOR_PARTS = {"weights_sha256": "weights", "scheduler_sha256": "scheduler config",
+                   "unet_config_sha256": "UNet config"}
+
+
+def _check_made_by(config: SweepConfig, plan: _Plan, info: dict) -> None:
+    """The point at the shards' setting is their positives only when --model is the generator that made them: the same
+    weights, and the same scheduler and UNet configs (beta schedule, prediction type, ...), which change the samples
+    and no weight. `info` holds the digests the synth job computes (synth.job_setup.load_job_generator). A digest
+    that an older manifest lacks was not recorded, so it reads as this generator's, as a synth resume reads it."""
+    from clsp.synth.job_setup import GENERATOR_CONFIGS
+
+    made_by = (plan.shards_run or {}).get("generator") or {}
+    differ = [key for key in ("weights_sha256", *GENERATOR_CONFIGS) if made_by.get(key) not in (None, info[key])]
+    if differ:
+        what = "; ".join(f"{GENERATOR_PARTS[key]} {info[key][:12]} here, {str(made_by[key])[:12]} in the shards' "
+                         f"manifest" for key in differ)
+        raise ValueError(f"--model {plan.generator} did not make {config.target} ({what}): its samples are not the "
+                         f"shards' positives; pass the generator that made the shards")
+
+
+def _check_source_made_the_shards(config: SweepConfig, plan: _Plan, source) -> None:
+    """With shards, the anchors and their labels come from the shards, the real images and the labels the reference
+    classifier learns from the source: it must be the data the shards were made from (fingerprints cover ids, labels,
+    pixels and image size). Other data, or the same place holding other images now, pairs the anchors with other
+    images and may number the classes otherwise (numbered class folders are read in name order, 0, 1, 10, 2, ...; a
+    Parquet copy of them in numeric order), and class agreement would then be wrong without a sign."""
+    from clsp.errors import UserError
+    from clsp.sources import open_source
+
+    made_from = (plan.shards_run or {}).get("source") or {}
+    if plan.shards_run is None or made_from.get("fingerprint") is None:  # a generator's sweep; an unrecorded source
+        return
+    split = made_from.get("split", "train")
+    try:
+        now = (source if split == source.split else open_source(plan.spec, split, source.image_size)).fingerprint()
+    except UserError:  # e.g. a source without the shards' split: not the data they were made from
+        now = None
+    if now == made_from["fingerprint"]:
+        return
+    was = f"{made_from.get('spec')}[{split}] (fingerprint {made_from['fingerprint'][:12]})"
+    held = f"fingerprint {now[:12]}" if now else f"no {split} split"
+    if made_from.get("spec") == plan.spec:
+        raise ValueError(f"{plan.spec} has changed since {config.target} were made from it: {was} then, {held} now; "
+                         f"put back the images the shards were made from")
+    raise ValueError(f"{config.target} were made from {was}, not from {plan.spec} ({held}): the anchors' labels and "
+                     f"the reference classifier's would come from other data, and class agreement would mean nothing; "
+                     f"leave --source out, or pass the data the shards were made from")
 
 
 def sweep(config: SweepConfig) -> dict:
@@ -140,6 +188,7 @@ def sweep(config: SweepConfig) -> dict:
     unet, scheduler, info, device = _open_generator(config, plan)
     size = image_size(info)
     source = open_source(plan.spec, "train", image_size=size)
+    _check_source_made_the_shards(config, plan, source)
     real, real_labels, real_ids = load_arrays(source)
     anchors, labels, ids, index = _anchors(config, plan, real, real_labels, real_ids)
     if anchors.shape[1:] != real.shape[1:]:

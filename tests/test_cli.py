@@ -8,6 +8,7 @@ import sysconfig
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -45,7 +46,17 @@ def test_data_info_and_sheet_on_the_embedded_source(tmp_path):
     assert result.exit_code == 0 and (tmp_path / "d.png").stat().st_size > 0
 
 
-def test_bad_source_exits_2_with_one_clear_line():
+def test_a_data_sheet_inside_the_folder_source_it_shows_is_refused(tmp_path):
+    from conftest import png_bytes
+
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    (tmp_path / "images" / "cat" / "0.png").write_bytes(png_bytes(np.zeros((8, 8, 3), dtype=np.uint8)))
+    out = tmp_path / "images" / "cat" / "sheet.png"  # it would become the class's second image
+    result = runner.invoke(app, ["data", "sheet", f"folder:{tmp_path / 'images'}", "--out", str(out)])
+    assert result.exit_code == 2 and "choose an --out outside" in result.output and not out.exists()
+
+
+
     result = runner.invoke(app, ["data", "info", "nope:/x"])
     assert result.exit_code == 2
     assert "error: unknown source kind 'nope'" in result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -116,6 +117,27 @@ def test_eval_defaults_to_the_recorded_source_and_refuses_another(trained, tmp_p
     transfer = _cli("eval", "knn", run, "--source", "digits", "--transfer")
     assert transfer.exit_code == 0, transfer.output
     assert json.loads((run / "eval" / "knn-2.json").read_text())["source_check"] == "transfer"
+
+
+def test_a_test_source_without_class_names_is_matched_to_the_banks_names_only_where_that_can_hold(trained, tmp_path):
+    """Bare labels beside a bank that names its classes: refused when the names are numbers read in name order (label
+    2 is class '10'), said in a warning when they are words (CIFAR's names in name order are its numbering), silent
+    when the test set names the same classes."""
+    root, _, source, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    _folder(tmp_path / "numbered" / "train", {str(c): 2 for c in range(11)})  # 0, 1, 10, 2, ...
+    _parquet(tmp_path / "bare.parquet", 6, seed=3)
+    bare = f"parquet:{tmp_path / 'bare.parquet'}"
+    refused = _cli("eval", "knn", run, "--source", f"folder:{tmp_path / 'numbered'}", "--transfer",
+                   "--test-source", bare)
+    assert refused.exit_code == 2 and "names its classes by numbers, in name order (0, 1, 10, 2" in refused.output
+    assert "its label 2 is class 10" in refused.output and not (run / "eval").exists()
+    warned = _cli("eval", "knn", run, "--test-source", bare)  # the run's own bank: classes c0, c1, c2
+    assert warned.exit_code == 0, warned.output
+    assert "warning: " in warned.output and "its label i is read as" in warned.output and "0 = c0" in warned.output
+    write_hf_parquet(tmp_path / "named.parquet", _images(6, seed=3), [i % 3 for i in range(6)], ["c0", "c1", "c2"])
+    named = _cli("eval", "knn", run, "--test-source", f"parquet:{tmp_path / 'named.parquet'}")
+    assert named.exit_code == 0 and "warning" not in named.output, named.output
 
 
 def test_a_source_changed_since_training_is_named_as_changed(trained, tmp_path):
@@ -236,6 +258,51 @@ def test_eval_all_refuses_an_out_inside_the_source_folder(trained, tmp_path):
     assert not Path(folder, "report").exists() and not (run / "eval").exists()
 
 
+def _run_on_a_copy_of_its_source(trained, tmp_path):
+    """A copy of the run whose config.json names a copy of its folder source (the same images, so the same
+    fingerprint): a test that writes into the source spoils only its own copy. -> (run, spec, folder)."""
+    _, _, source, run = trained
+    folder = tmp_path / "images"
+    shutil.copytree(source.partition(":")[2], folder)
+    run = _copy_run(run, tmp_path / "run")
+    record = json.loads((run / "config.json").read_text())
+    record["data"]["source"]["spec"] = f"folder:{folder}"
+    (run / "config.json").write_text(json.dumps(record))
+    return run, f"folder:{folder}", folder
+
+
+@pytest.mark.parametrize("command", ["audit", "plots", "report", "study", "sweep", "all"])
+def test_every_eval_command_refuses_an_out_inside_a_folder_source_before_any_work(trained, generator, tmp_path,
+                                                                                   command):
+    """What an eval command writes under an --out inside a folder source becomes part of that source: here a folder
+    beside train/ and test/ makes it unreadable, inside train/ it would be a new class, and the run's own evaluation
+    would then be refused as on changed data. Each command refuses it, naming the fix, with nothing written. (The
+    sweep refused it already: its synth config checks the --out; `all` did for the data it scores, here digits.)"""
+    from conftest import snapshot
+
+    _, shards, _, _ = trained
+    run, spec, folder = _run_on_a_copy_of_its_source(trained, tmp_path)
+    if command in ("plots", "report"):  # a result for them to show, scored on the run's (copied) source
+        for part in (["knn"], ["linear", "--probe-epochs", "2"]):
+            assert _cli("eval", *part, run).exit_code == 0
+    out = folder / "written"
+    spelt = lambda value: "False" if value is False else json.dumps(value)  # noqa: E731
+    args = {"audit": ["audit", shards, "--source", spec, "--anchors", "4", "--components", "4"],
+            "plots": ["plots", run], "report": ["report", run],
+            "study": ["study", shards, "--source", spec, "--positives", "none", "--seeds", "0", "--folds", "2",
+                      "--probe-epochs", "1",
+                      *[arg for key, value in TINY_TRAIN for arg in ("--train-option", f"{key}={spelt(value)}")]],
+            "sweep": ["sweep", generator, "--source", spec, "--w", "1", "--steps", "2", "--anchors", "2", "--k", "2",
+                      "--components", "4"],
+            "all": ["all", run, "--shards", shards, "--source", "digits", "--transfer", "--probe-epochs", "2"]}[command]
+    before = snapshot(folder)
+    result = _cli("eval", *args, "--out", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"--out {out} lies inside {folder}" in result.output and "choose an --out outside" in result.output
+    assert snapshot(folder) == before and not out.exists()
+    assert open_source(spec, "train", 8).classes == ["c0", "c1", "c2"]  # the source reads as before
+
+
 def test_eval_all_with_too_few_test_images_for_a_t_sne_reports_without_one(trained, tmp_path):
     _, shards, _, run = trained
     run = _copy_run(run, tmp_path / "run")
@@ -334,6 +401,39 @@ def test_report_refuses_to_average_or_pair_runs_that_were_trained_otherwise(tmp_
     alike = [*clsp, run("clsp-w", 2, workers=4), run("none-0", 0, positives="none", shards="b" * 64)]
     groups = report(alike, tmp_path / "r")["groups"]
     assert [(g["positives"], g["seeds"]) for g in groups] == [("none", [0]), ("synthetic", [0, 1, 2])]
+
+
+def test_a_run_without_its_weights_reports_those_evaluated_last_also_in_a_copy(tmp_path, capsys):
+    """Without backbone.safetensors a run's current weights are unknown, and its eval/ may hold results of weights it
+    had before it was trained again. They were told apart by file time, which a copy writes anew: a git checkout
+    (or rsync -r) writes results-2.json before results.json, and the report then showed the earlier weights' score.
+    The highest number holds the weights evaluated last (new weights never replace a file), in any copy."""
+    from clsp.eval.report import report
+
+    run = _result(tmp_path, "run", "digits", 0, 60.0)
+    first = json.loads((run / "eval" / "results.json").read_text())
+    (run / "eval" / "results.json").write_text(json.dumps({**first, "weights_sha256": "1" * 64}))
+    later = {**first, "weights_sha256": "2" * 64, "linear_top1": 80.0, "knn_best": 80.0, "knn_k20": 80.0}
+    (run / "eval" / "results-2.json").write_text(json.dumps(later))
+    now = (run / "eval" / "results-2.json").stat().st_mtime_ns
+    os.utime(run / "eval" / "results.json", ns=(now + 10**9, now + 10**9))  # as a copy in name order leaves them
+    [group] = report([run], tmp_path / "report")["groups"]
+    assert group["linear_top1"][0] == 80.0 and group["knn_best"][0] == 80.0
+    assert "results of 2 weights: using those of results-2.json (weights 222222222222)" in capsys.readouterr().err
+
+
+def test_which_of_several_results_of_the_same_weights_is_used_is_said(tmp_path, capsys):
+    """Results of one weights from other inputs (here two probe settings), each labelled with them: the last written
+    is used, by file time, which a copy does not keep, so the choice is named with the way to make another."""
+    from clsp.eval.results import current_result
+
+    run = _result(tmp_path, "run", "digits", 0, 70.0, probe_epochs=30)
+    _result(tmp_path, "run", "digits", 0, 75.0, probe_epochs=100, file="results-2.json")
+    result, _ = current_result(run, "results.json", None)
+    assert result["results_file"] == "results-2.json" and result["eval_config"]["probe"]["epochs"] == 100
+    note = capsys.readouterr().err
+    assert "holds 2 results of these weights from other inputs (results.json, results-2.json): using " \
+           "results-2.json, the last written" in note and "move the others out of eval/" in note
 
 
 def test_a_retrained_run_never_shows_the_scores_or_pictures_of_its_earlier_weights(trained, tmp_path):

@@ -80,6 +80,28 @@ def test_every_row_is_scored_at_one_count_when_the_held_out_split_is_smaller(gen
     assert "every row is scored on 360 images, not 500" in capsys.readouterr().err
 
 
+def test_the_class_shares_name_numbered_class_folders_by_their_names(generator, tmp_path):
+    """Numbered class folders read in name order (0, 1, 10, 2, ...): label 2 is folder 10, and quality.md says so."""
+    from clsp.eval.quality import quality_markdown
+    from conftest import png_bytes
+
+    rng = np.random.default_rng(0)
+    for name in map(str, range(11)):
+        (tmp_path / "numbered" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "numbered" / name / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 256, (8, 8, 3),
+                                                                                           dtype=np.uint8)))
+    result = evaluate_generator(QualityConfig(str(generator), source=f"folder:{tmp_path / 'numbered'}", samples=12,
+                                              steps=2, pca_components=4))
+    assert result["source"]["classes"][:4] == ["0", "1", "10", "2"]
+    shares = result["generated"]["class_pct"]
+    shares.update({key: 0.0 for key in shares}, **{"2": 60.0, "5": 40.0})  # label 2 is folder 10, label 5 folder 4
+    text = quality_markdown(result)
+    assert "from 0.0% (class 0) to 60.0% (class 10)" in text
+    digits = evaluate_generator(QualityConfig(str(generator), samples=12, steps=2, pca_components=4))
+    assert "classes" not in digits["source"]  # names that are the labels themselves: the record stays as it was
+
+
 def test_cli_writes_quality_files_and_records_them_in_the_card(generator):
     result = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "16", *FAST])
     assert result.exit_code == 0, result.output

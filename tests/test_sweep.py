@@ -101,3 +101,77 @@ def test_shards_need_the_generator_that_made_them(shard_dir, generator, tmp_path
     other = runner.invoke(app, ["eval", "sweep", str(shard_dir), "--model", str(generator), "--out", str(out)])
     assert other.exit_code == 2 and "did not make" in other.output
     assert not out.exists()
+
+
+def _shards_of(generator: Path, source: str, out: Path) -> Path:
+    run_synth(SynthConfig(source=source, model=str(generator), out=out, image_size=SIZE, k=2, device="cpu",
+                          sampler=SamplerConfig(w=0.1, steps=2), anchors_per_shard=8, limit=8))
+    return out
+
+
+def _sweep_cli(target: Path, out: Path, *options: str):
+    return runner.invoke(app, ["eval", "sweep", str(target), "--out", str(out), "--w", "1", "--steps", "2",
+                               "--anchors", "4", "--components", "4", *options])
+
+
+@pytest.mark.parametrize("file, changes, part", [
+    ("scheduler/scheduler_config.json", dict(beta_schedule="scaled_linear"), "scheduler config"),
+    ("unet/config.json", dict(flip_sin_to_cos=False), "UNet config")])  # the tiny UNet's is True
+def test_shards_are_swept_only_with_the_scheduler_and_unet_config_that_made_them(generator, tmp_path, file, changes,
+                                                                                  part):
+    """The same weights with another scheduler or UNet config sample other positives, so the point marked as the
+    shards' would not be theirs: refused, naming what differs. A manifest written before the config digests were
+    recorded reads them as the given generator's (as a synth resume does)."""
+    import shutil
+
+    from clsp.shards.manifest import read_manifest
+    from clsp.shards.manifest_writer import write_manifest
+
+    shards = _shards_of(generator, "digits", tmp_path / "shards")
+    other = tmp_path / "other"
+    shutil.copytree(generator, other)
+    settings = json.loads((other / file).read_text())
+    (other / file).write_text(json.dumps({**settings, **changes}))
+    out = tmp_path / "sweep"
+    refused = _sweep_cli(shards, out, "--model", str(other))
+    assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+    assert f"--model {other} did not make {shards} ({part} " in refused.output
+    assert "pass the generator that made the shards" in refused.output and not out.exists()
+
+    made = read_manifest(shards).run
+    older = {key: made["generator"][key] for key in ("model_id", "weights_sha256")}
+    write_manifest(shards, {**made, "generator": older})  # as clsp wrote it before recording the configs
+    assert _sweep_cli(shards, out, "--model", str(generator)).exit_code == 0
+
+
+def test_shards_are_swept_only_against_the_data_they_were_made_from(generator, tmp_path):
+    """Numbered class folders are read in name order (1, 10, 2, ...), a Parquet copy of them numbers its classes as
+    its label column does: swept against the copy, the shards' anchor labels and the reference classifier's would
+    name other classes, and class agreement came out wrong without a word. Another source, or the shards' own that
+    has changed since, is refused; the shards' own source is swept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clsp.sources import load_arrays, open_source
+    from conftest import png_bytes
+
+    images, digits, _ = load_arrays(open_source("digits", "train", SIZE), limit=60)
+    folder, copy = tmp_path / "numbered", tmp_path / "copy.parquet"
+    for i, (image, digit) in enumerate(zip(images, digits)):
+        (folder / str(digit + 1)).mkdir(parents=True, exist_ok=True)  # classes 1..10
+        (folder / str(digit + 1) / f"{i:03d}.png").write_bytes(png_bytes(image))
+    pq.write_table(pa.table({"img": [{"bytes": png_bytes(image), "path": None} for image in images],
+                             "label": [int(d) for d in digits]}), copy)  # class "1" is 0, ..., "10" is 9
+    assert open_source(f"folder:{folder}", "train").classes[:3] == ["1", "10", "2"]  # the folders' label 1 is "10"
+    shards = _shards_of(generator, f"folder:{folder}", tmp_path / "shards")
+    out = tmp_path / "sweep"
+    other = _sweep_cli(shards, out, "--model", str(generator), "--source", f"parquet:{copy}")
+    assert other.exit_code == 2 and "Traceback" not in other.output, other.output
+    assert f"were made from folder:{folder}[train]" in other.output and f"not from parquet:{copy}" in other.output
+    assert "leave --source out" in other.output and not out.exists()
+
+    assert _sweep_cli(shards, out, "--model", str(generator)).exit_code == 0  # their own source
+    (folder / "3" / "extra.png").write_bytes(png_bytes(images[0]))  # the folder holds other images now
+    changed = _sweep_cli(shards, tmp_path / "sweep-2", "--model", str(generator))
+    assert changed.exit_code == 2 and f"folder:{folder} has changed since {shards} were made" in changed.output
+    assert not (tmp_path / "sweep-2").exists()
