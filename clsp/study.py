@@ -10,7 +10,7 @@ Everything is checked before the first run trains: the source against the shards
 training config, and every run already in `<out>/runs/` against the config this study would train it with (another
 one is refused: its scores would be reported as this study's). Resumable: a run whose current weights were scored with
 the same scoring is skipped; a finished training run is not trained again; an unfinished one resumes from its
-checkpoint.
+checkpoint, with a note when it goes on on another thread count than it began on (`<out>/train-threads.json`).
 """
 from __future__ import annotations
 
@@ -113,7 +113,6 @@ def study(cfg: StudyConfig) -> dict:
     from clsp.eval.evaluate import check_trained_on
     from clsp.eval.report import write_report
     from clsp.shards.manifest import read_manifest
-    from clsp.train.loop import train
 
     manifest = read_manifest(cfg.shards)  # every check here comes before hours of training, not after
     made_from = manifest.run
@@ -133,18 +132,16 @@ def study(cfg: StudyConfig) -> dict:
     lock = lock_folder(Path(cfg.out), "study")  # a second study here would take runs this one has not begun
     try:
         pending = [run for run in runs if (load_kfold(run.out) or {}).get("scoring") != scoring]
-        if cfg.jobs > 1 and len(pending) > 1:
-            train_in_parallel(pending, cfg.jobs, Path(cfg.out) / "train-logs")
+        to_train = [run for run in pending if not _finished(run)]
+        note_thread_changes(to_train, threads_per_run(cfg.jobs), Path(cfg.out))
+        if cfg.jobs > 1 and to_train:  # also a single run: in the pool it trains on the threads --jobs gives every run
+            train_in_parallel(to_train, cfg.jobs, Path(cfg.out) / "train-logs")
         for run in runs:
             name = Path(run.out).name
             if run not in pending:
                 print(f"{name}: trained and scored already, skipped")
                 continue
-            try:
-                train(run)  # a finished run returns at once; an unfinished one resumes
-            except StoppedBySignal as stopped:  # its message names `clsp train run --resume`, not how to go on
-                raise UserError(f"the study was stopped by {stopped.by} while training {name}, whose checkpoint is "
-                                f"saved: {STUDY_AGAIN}") from None
+            _train_here(run)  # a finished run returns at once; an unfinished one resumes
             started = time.perf_counter()
             result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
             print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "
@@ -158,6 +155,78 @@ def study(cfg: StudyConfig) -> dict:
               f"run, so runs are compared image by image; the backbones saw the train split's images, without labels, "
               f"while training)")
     return write_report(rows, run_dirs, cfg.out, scored)
+
+
+def _finished(run) -> bool:
+    from clsp.train.checkpoint import SUMMARY
+
+    return (Path(run.out) / SUMMARY).is_file()
+
+
+def _train_here(run) -> None:
+    """Train (or resume, or find finished) one run in the study's own process. SIGTERM or a first Ctrl-C stops the
+    study (UserError: exit status 2, rerun to go on) after the run's step with a checkpoint, or, when it came during the
+    run's last step, once that step has finished the run. That run is left unscored: a stop asks to end soon (a
+    scheduler kills after a grace period), scoring can take minutes, and the rerun scores it without training again."""
+    from clsp.accelerator import StopFlag
+    from clsp.train.loop import train
+
+    name = Path(run.out).name
+    # handed to train, which enters it around its steps as it would its own: a signal in the run's last step finishes
+    # the run and train returns as usual, and only a flag the study holds still says afterwards that one came
+    stop_flag = StopFlag()
+    try:
+        train(run, stop_flag)
+    except StoppedBySignal as stopped:  # its message names `clsp train run --resume`, not how to go on
+        raise UserError(f"the study was stopped by {stopped.by} while training {name}, whose checkpoint is "
+                        f"saved: {STUDY_AGAIN}") from None
+    if getattr(stop_flag, "raised", False):  # set when entered: a run found finished had no steps to train
+        raise UserError(f"the study was stopped by {stop_flag.by} while training {name}, whose last step finished "
+                        f"it (it is scored when the study goes on): {STUDY_AGAIN}")
+
+
+# in --out: the thread count each run was given when it last began from its first step (train records none); read
+# only for a run that has a checkpoint, which it began on that count
+THREADS_RECORD = "train-threads.json"
+
+
+def threads_per_run(jobs: int) -> int:
+    """The torch threads the study gives each run: under --jobs N > 1 every run trains in a pool process
+    (pool_threads); under --jobs 1 in the study's own process, on its count (OMP_NUM_THREADS, or torch's default)."""
+    import torch
+
+    return pool_threads(jobs) if jobs > 1 else torch.get_num_threads()
+
+
+def pool_threads(jobs: int) -> int:
+    """The threads of each of `jobs` pool processes: the cores this process may use (its CPU affinity: taskset,
+    Slurm; not the machine's), shared out."""
+    return max(1, available_cores() // jobs)
+
+
+def note_thread_changes(runs: list, threads: int, out: Path) -> None:
+    """Record in `out` the thread count each of `runs` (TrainConfigs to train) that begins from its first step is
+    given, and say so when one goes on from its checkpoint on another count (another --jobs, other cores): a CPU run's
+    weights depend on its thread count, so that run will not end byte-identical to an uninterrupted run on either
+    count. Said, not refused: it is still a sound run of its config, and refusing would strand hours of training for
+    want of the same cores."""
+    from clsp.file_io import read_json, write_json
+    from clsp.train.checkpoint import find_checkpoint
+
+    record = out / THREADS_RECORD
+    began = read_json(record) if record.is_file() else {}
+    before = dict(began)
+    for run in runs:
+        name = Path(run.out).name
+        if find_checkpoint(Path(run.out)) is None:  # begins from its first step (again)
+            began[name] = threads
+        elif began.get(name, threads) != threads:  # a run begun before the study kept this record is not compared
+            print(f"study: {name} began training on {began[name]} thread(s) and goes on from its checkpoint on "
+                  f"{threads}: a CPU run's weights depend on its thread count, so they will not be byte-identical to "
+                  f"an uninterrupted run's on either count (to keep them, go on with {began[name]} thread(s) per run: "
+                  f"the --jobs and cores it began with)")
+    if began != before:
+        write_json(record, began)
 
 
 _STOPPING = None  # in a pool process: the study's stop flag (a multiprocessing Event), set when it is being stopped
@@ -180,7 +249,53 @@ def _train_on_threads(run, threads: int, log_file: str) -> str | None:
         os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike
         sys.stderr = log
         torch.set_num_threads(threads)
-        return Path(train(run)).name
+        try:
+            return Path(train(run)).name
+        except Exception as error:
+            if _survives_pickling(error):
+                raise
+            # as itself it would break the pool: a pickling error in place of the run's, or a study hung on its pool
+            raise _stand_in(error, Path(run.out).name) from error  # the pool's traceback text shows both
+
+
+def _survives_pickling(error: Exception) -> bool:
+    """Whether `error` comes back to the study as itself: the pool pickles it here and unpickles it there."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # e.g. TypeError: a lock in its attributes, or a required __init__ argument it does not pickle
+        return False
+    return True
+
+
+class RunFailed(Exception):
+    """What the study gets of a run's error that does not survive pickling: the run, the error's type name, message
+    and traceback text."""
+
+    def __init__(self, run: str, kind: str, message: str, trace: str) -> None:
+        super().__init__(f"{run} failed: {kind}: {message}")
+        self.run, self.kind, self.message, self.trace = run, kind, message, trace
+
+    def __reduce__(self):
+        return type(self), (self.run, self.kind, self.message, self.trace)
+
+
+class RunFailedAsUserError(RunFailed, UserError):
+    """RunFailed for a UserError: the CLI still prints its message as one `error:` line, with exit status 2."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _stand_in(error: Exception, run: str) -> RunFailed:
+    import traceback
+
+    kind = type(error).__qualname__
+    if type(error).__module__ != "builtins":
+        kind = f"{type(error).__module__}.{kind}"
+    trace = "".join(traceback.format_exception(error))
+    return (RunFailedAsUserError if isinstance(error, UserError) else RunFailed)(run, kind, str(error), trace)
 
 
 def _pool_process_setup(parent: int, stopping) -> None:
@@ -231,9 +346,10 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     import threading
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    threads = max(1, available_cores() // jobs)  # the CPU affinity (taskset, Slurm), not the machine
+    threads = pool_threads(jobs)
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"study: training {len(runs)} runs, {jobs} at a time on {threads} thread(s) each; progress in {log_dir}/")
+    print(f"study: training {len(runs)} run(s), {jobs} at a time on {threads} thread(s) each; progress in "
+          f"{log_dir}/")
 
     def stop(signum, frame):
         print("study: SIGTERM: stopping the runs in training (each saves a checkpoint after its step)", file=sys.stderr,

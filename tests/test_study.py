@@ -3,16 +3,38 @@ them, and a tiny end-to-end study that trains, scores, reports and resumes."""
 
 import json
 import math
+import os
+import re
+import signal
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from clsp.eval.kfold import assign_folds, kfold_accuracy
 from clsp.eval.linear import ProbeConfig
 from clsp.eval.paired import interval_verdict, paired_bootstrap, paired_interval
 from conftest import as_a_terminals_job, lock_held
 from test_eval import FAST_PROBE, TINY_TRAIN, tiny_world  # noqa: F401  (tiny_world: shards made from an image folder)
+
+
+@contextmanager
+def sigterm_after_step(step: int):
+    """SIGTERM to this process right after the `step`-th optimiser step from now (any run's); yields the step count."""
+    steps = [0]
+
+    def hook(optimizer, args, kwargs) -> None:
+        steps[0] += 1
+        if steps[0] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield steps
+    finally:
+        handle.remove()
 
 
 def test_folds_are_balanced_stable_and_independent_of_order():
@@ -205,8 +227,11 @@ def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_worl
     logs = sorted(p.name for p in (root / "parallel" / "train-logs").iterdir())
     assert logs == ["simclr-none-seed3.log", "simclr-synthetic-seed3.log"]
 
+    each = max(1, (os.cpu_count() or 1) // 2)  # the thread count each pool process ran on, as the study records it
+    assert json.loads((root / "parallel" / "train-threads.json").read_text()) == {
+        "simclr-none-seed3": each, "simclr-synthetic-seed3": each}
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # the thread count each pool process ran on
+    torch.set_num_threads(each)
     try:
         for run in plan(StudyConfig(**{**config.__dict__, "out": str(root / "serial"), "jobs": 1})):
             train(run)
@@ -282,11 +307,6 @@ def test_a_second_study_on_the_same_out_is_refused_and_a_sigterm_names_the_study
     """Two studies on one --out would each take runs the other had not begun (both then fail "in use"): the second is
     refused before it trains. A SIGTERM while the study trains a run in its own process says to rerun the study,
     not `--resume`, which `clsp eval study` does not have."""
-    import os
-    import signal
-
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
     from clsp.errors import UserError
     from clsp.run_dir import lock_folder
     from clsp.study import StudyConfig, study
@@ -303,21 +323,152 @@ def test_a_second_study_on_the_same_out_is_refused_and_a_sigterm_names_the_study
         held.close()
     assert not (tmp_path / "study" / "runs").exists()
 
-    steps = [0]
-
-    def sigterm_after_two_steps(optimizer, args, kwargs) -> None:
-        steps[0] += 1
-        if steps[0] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    hook = register_optimizer_step_post_hook(sigterm_after_two_steps)
-    try:
-        with pytest.raises(UserError, match=r"stopped by SIGTERM while training simclr-none-seed0, whose checkpoint "
-                                            r"is saved: run the same `clsp eval study` command again") as stopped:
-            study(config)
-    finally:
-        hook.remove()
+    with sigterm_after_step(2), pytest.raises(UserError, match=r"stopped by SIGTERM while training simclr-none-seed0, "
+                                                               r"whose checkpoint is saved: run the same `clsp eval "
+                                                               r"study` command again") as stopped:
+        study(config)
     assert "--resume" not in str(stopped.value)
     assert (tmp_path / "study" / "runs" / "simclr-none-seed0" / "checkpoint" / "position.json").is_file()
     study(config)  # the same study again: goes on from the checkpoint and finishes
     assert (tmp_path / "study" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("after_step", [2, 3], ids=["seen-by-the-last-step", "during-the-last-step"])
+def test_a_stop_on_a_runs_last_step_stops_the_study_after_that_run_is_saved(tiny_world, tmp_path, capsys,
+                                                                            after_step):
+    """SIGTERM that training takes in a run's last step (seen by that step's check, or come after it) finishes the run
+    rather than stopping it: the study stops there too, as it does for a stop mid-run, and trains no next run. The
+    finished run is scored when the study goes on, without training it again."""
+    from clsp.errors import UserError
+    from clsp.study import StudyConfig, study
+
+    root, shards, source = tiny_world
+    config = StudyConfig(str(shards), source, str(tmp_path / "study"), positives=("none",), seeds=(0, 1), folds=2,
+                         train_preset=None, train_options=TINY_TRAIN)  # 12 anchors, batch 4, 1 epoch: 3 steps a run
+    with sigterm_after_step(after_step) as steps, pytest.raises(
+            UserError, match=r"stopped by SIGTERM while training simclr-none-seed0, whose last step finished it .*run "
+                             r"the same `clsp eval study` command again"):
+        study(config)
+    assert steps[0] == 3  # the first run's steps, and no other run's
+    runs = tmp_path / "study" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["simclr-none-seed0"]  # the next run did not begin
+    first = runs / "simclr-none-seed0"
+    assert (first / "summary.json").is_file() and not (first / "eval" / "kfold.json").exists()
+    weights = (first / "backbone.safetensors").read_bytes()
+
+    capsys.readouterr()
+    study(config)  # goes on: scores the finished run without training it again, then trains and scores the next
+    assert "simclr-none-seed0 is already finished with these settings: nothing to do" in capsys.readouterr().out
+    assert (first / "backbone.safetensors").read_bytes() == weights
+    assert all((runs / name / "eval" / "kfold.json").is_file() for name in ("simclr-none-seed0", "simclr-none-seed1"))
+
+
+_FAILING_STUDY = '''"""`clsp eval study` whose runs fail at their first step with an error that does not survive
+pickling. The study's pool processes (spawn) import this file as their main module, so the fault is in them too."""
+import threading
+
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from clsp.errors import UserError
+
+
+class NeedsTwo(Exception):  # pickles as NeedsTwo(message): unpickling it in the study fails (a missing argument)
+    def __init__(self, message, detail):
+        super().__init__(message)
+        self.detail = detail
+
+
+class HoldsALock(Exception):  # does not pickle at all
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class UserErrorNeedsTwo(UserError):  # a user error (one `error:` line, exit 2) that does not unpickle either
+    def __init__(self, message, detail):
+        super().__init__(message)
+        self.detail = detail
+
+
+def fail(optimizer, args, kwargs):
+    raise {raise_it}
+
+
+register_optimizer_step_post_hook(fail)
+
+if __name__ == "__main__":
+    from clsp.cli import app
+
+    app(prog_name="clsp")
+'''
+
+
+@pytest.mark.parametrize("raise_it", ['NeedsTwo("the run broke", 7)', 'HoldsALock("the run broke")',
+                                      'UserErrorNeedsTwo("the run broke: fix this", 7)'])
+def test_a_parallel_runs_error_that_does_not_pickle_ends_the_study_with_that_error(tiny_world, tmp_path, raise_it):
+    """A run's error goes back from the pool process by pickle. One that does not pickle (or unpickle) came back as
+    the pickling error, or broke the pool and hung the study: it comes back as RunFailed with its type name, message
+    and traceback text (a UserError's as one `error:` line), and the study ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root, shards, source = tiny_world
+    script = tmp_path / "failing_study.py"
+    script.write_text(_FAILING_STUDY.replace("{raise_it}", raise_it))
+    options = [arg for key, value in TINY_TRAIN for arg in ("--train-option", f"{key}={json.dumps(value)}")]
+    study = subprocess.Popen([sys.executable, str(script), "eval", "study", str(shards), "--source", source, "--out",
+                              str(tmp_path / "study"), "--positives", "none,synthetic", "--seeds", "0", "--folds", "2",
+                              "--preset", "paper", "--jobs", "2", *options],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = study.communicate(timeout=120)  # a guard against the hang, not a speed limit
+    except subprocess.TimeoutExpired:
+        os.killpg(study.pid, signal.SIGKILL)  # the study and its pool processes
+        study.communicate()
+        pytest.fail(f"the study did not end within 120 s of its runs' error ({raise_it})")
+    kind = raise_it.split("(")[0]
+    if kind == "UserErrorNeedsTwo":
+        assert study.returncode == 2 and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1] == "error: the run broke: fix this", stderr
+        return
+    assert study.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"clsp\.study\.RunFailed: simclr-(none|synthetic)-seed0 failed: \w+\.{kind}: the run broke",
+                        last), stderr
+    assert f'in fail\n    raise {raise_it}' in stderr  # the traceback text from the pool process, to the fault's line
+
+
+def test_a_run_going_on_on_another_thread_count_is_named_and_not_refused(tiny_world, tmp_path, capsys):
+    """A CPU run's weights depend on its thread count, which the study sets from --jobs and the cores: one begun on
+    one count and resumed on another ends unlike an uninterrupted run on either. The study records the count each run
+    began on and says so when a run goes on on another; it does not refuse it. Under --jobs N a single run left to
+    train goes to the pool too, on the threads --jobs gives every run, not on the study's own count."""
+    import torch
+
+    from clsp.accelerator import available_cores
+    from clsp.errors import UserError
+    from clsp.study import StudyConfig, study
+
+    root, shards, source = tiny_world
+    config = StudyConfig(str(shards), source, str(tmp_path / "study"), positives=("none",), seeds=(0,), folds=2,
+                         train_preset=None, train_options=(*TINY_TRAIN[:1], ("epochs", 3), *TINY_TRAIN[2:]))
+    with sigterm_after_step(2), pytest.raises(UserError, match="whose checkpoint is saved"):
+        study(config)  # --jobs 1: in this process, on its thread count
+    record = tmp_path / "study" / "train-threads.json"
+    assert json.loads(record.read_text()) == {"simclr-none-seed0": torch.get_num_threads()}
+
+    on_two_jobs = max(1, available_cores() // 2)  # what --jobs 2 gives each run
+    began = on_two_jobs + 1  # as if begun where the study gave each run one thread more (other cores, another --jobs)
+    record.write_text(json.dumps({"simclr-none-seed0": began}))
+    capsys.readouterr()
+    study(replace(config, jobs=2))  # goes on from the checkpoint: said, not refused
+    out = capsys.readouterr().out
+    assert f"training 1 run(s), 2 at a time on {on_two_jobs} thread(s) each" in out  # in the pool, alone
+    assert (f"study: simclr-none-seed0 began training on {began} thread(s) and goes on from its checkpoint on "
+            f"{on_two_jobs}: a CPU run's weights depend on its thread count, so they will not be byte-identical to an "
+            f"uninterrupted run's on either count") in out
+    assert json.loads(record.read_text()) == {"simclr-none-seed0": began}  # the count it began on stays recorded
+    assert (tmp_path / "study" / "runs" / "simclr-none-seed0" / "eval" / "kfold.json").is_file()

@@ -238,31 +238,46 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) the run in `cfg.out`; returns the run directory. Call on every process of a launch."""
+def train(cfg: TrainConfig, stop_flag: StopFlag | None = None) -> Path:
+    """Train (or resume) the run in `cfg.out`; returns the run directory. Call on every process of a launch.
+
+    stop_flag: a StopFlag for train to enter around its steps in place of a new one, so that the caller can read it
+    afterwards: SIGTERM or Ctrl-C during the run's last step finishes the run and train returns as usual (the study
+    stops on it)."""
     with ExitStack() as stack:  # holds the claim on cfg.out (clsp.run_dir) until the run ends
-        return _train(cfg, stack)
+        return _train(cfg, stack, stop_flag)
 
 
-def _train(cfg: TrainConfig, stack: ExitStack) -> Path:
+def _train(cfg: TrainConfig, stack: ExitStack, stop_flag: StopFlag | None) -> Path:
     run = _setup(cfg, stack)
     if run is not None:  # None: the run was already finished
         try:
-            with StopFlag() as stop_flag:
+            with stop_flag or StopFlag() as stop_flag:
                 for epoch in range(run.position["epoch"], cfg.epochs):
                     run_epoch(run, epoch, stop_flag)
-        except RuntimeError as error:
-            if not str(error).startswith(LOADER_DIED):
+        except (RuntimeError, ConnectionError) as error:
+            if not _loader_died(error, run):
                 raise
             run.bar.close()  # so that the error starts its own line
             # torch says "is killed by signal: Killed." or "exited unexpectedly", as its SIGCHLD handler or its fetch
-            # notices first
+            # notices first; a batch whose sender died before handing over its shared memory cuts the connection
             died = str(error).strip().rstrip(".")
+            if isinstance(error, ConnectionError):
+                died = f"its connection was cut ({type(error).__name__}: {died})"
             raise UserError(f"a loader process died: {died}. The out-of-memory killer is the usual "
                             f"cause. {run.out} holds {describe_run(run.out)}: rerun the same command with --resume to "
                             f"go on from there (fewer --workers or a smaller --shuffle-buffer use less memory)") from None
         _finish(run)
     return Path(cfg.out)
+
+
+def _loader_died(error: Exception, run: Launch) -> bool:
+    """Whether `error` is how torch tells the training process that a loader process died. A ConnectionError counts
+    only where loader processes stream the input, and not when a loader raised it itself (reading shards over a
+    network, say): the DataLoader passes those on as "Caught ConnectionResetError in DataLoader worker process N"."""
+    if isinstance(error, ConnectionError):
+        return getattr(run.loader, "num_workers", 0) > 0 and "in DataLoader worker process" not in str(error)
+    return str(error).startswith(LOADER_DIED)
 
 
 def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
