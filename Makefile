@@ -73,17 +73,24 @@ bench: setup
 
 # The README's GPU figures, on a CUDA machine, in the environment that holds your CUDA torch and clsp (not .venv, whose
 # torch is the CPU build): `make bench-gpu GPU_PY=python`. Each command writes its JSON under $(GPU_RESULTS); the last
-# line fills the README's tables from those files.
+# line fills the README's tables from those files. Each measurement is also a target of its own
+# (`make bench-gpu-sampler-compiled GPU_PY=python`, a few minutes each), to run them one at a time.
 GPU_PY      ?= python3
 GPU_RESULTS ?= bench/results/gpu
 SAMPLER_GPU := -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 1024 --k 8 --repeats 1
 TRAINER_GPU := -m clsp.train.bench --device cuda --batch 512 --steps 20 --anchors 8192 --repeats 2
-bench-gpu:
-	$(GPU_PY) $(SAMPLER_GPU) --out $(GPU_RESULTS)/sampler-eager.json
-	$(GPU_PY) $(SAMPLER_GPU) --compile --out $(GPU_RESULTS)/sampler-compiled.json
-	$(GPU_PY) $(TRAINER_GPU) --out $(GPU_RESULTS)/trainer-eager.json
-	$(GPU_PY) $(TRAINER_GPU) --compile --out $(GPU_RESULTS)/trainer-compiled.json
+GPU_BENCHES := bench-gpu-sampler-eager bench-gpu-sampler-compiled bench-gpu-trainer-eager bench-gpu-trainer-compiled
+.PHONY: $(GPU_BENCHES)
+bench-gpu: $(GPU_BENCHES)
 	$(GPU_PY) -m clsp.bench_report
+bench-gpu-sampler-eager:
+	$(GPU_PY) $(SAMPLER_GPU) --out $(GPU_RESULTS)/sampler-eager.json
+bench-gpu-sampler-compiled:
+	$(GPU_PY) $(SAMPLER_GPU) --compile --out $(GPU_RESULTS)/sampler-compiled.json
+bench-gpu-trainer-eager:
+	$(GPU_PY) $(TRAINER_GPU) --out $(GPU_RESULTS)/trainer-eager.json
+bench-gpu-trainer-compiled:
+	$(GPU_PY) $(TRAINER_GPU) --compile --out $(GPU_RESULTS)/trainer-compiled.json
 
 # Removes the environment and caches only: generators, shards and runs under runs/ cost hours and are kept.
 clean:

@@ -27,10 +27,11 @@ THREADS = typer.Option(0, help="torch CPU threads; 0 keeps torch's choice (one p
 REPEATS = typer.Option(2, help="interleaved timed rounds; the best of each is reported")
 OUT = typer.Option(None, help="also write the results as JSON here (bench/results/ holds the README's figures)")
 # Dense bf16 tensor-core peak, FLOP/s, by a word of torch.cuda.get_device_name (first match wins, so "H100 PCIe"
-# before "H100"); the datasheets' figures without sparsity.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "A10": 125e12}
-PACKAGES = ("clsp-positives", "torch", "diffusers", "accelerate", "webdataset", "numpy", "pillow", "kornia")
+# before "H100"); the datasheets' figures without sparsity. The SXM parts are "NVIDIA H100 80GB HBM3" and "NVIDIA
+# H200"; the NVL (and PCIe) parts run at lower clocks and power; a GH200's GPU is an H100/H200 SXM.
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "GH200": 989e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+                   "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+PACKAGES = ("clsp-positives", "torch", "triton", "diffusers", "accelerate", "webdataset", "numpy", "pillow", "kornia")
 
 
 def set_threads(threads: int) -> None:
@@ -78,16 +79,32 @@ def launches(run: Callable[[], object], device) -> int:
     """What `run()` asks of the device, each launch costing the host some microseconds: on a GPU the CUDA kernels (and
     copies) it launches, on the CPU the tensor ops it dispatches (the outermost aten op of each call, backward's too).
     A step that takes longer to launch than its kernels take to run leaves the GPU idle: what CUDA graphs remove."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
+    sync(device)  # work queued before the profile is not this run's
     with profile(activities=[ProfilerActivity.CUDA if on_cuda(device) else ProfilerActivity.CPU]) as prof:
         run()
         sync(device)
     if on_cuda(device):
-        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+        return sum(map(is_device_launch, prof.events()))
     return sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
                for e in prof.events())
+
+
+# Events of the CUDA device type that launch nothing: the ranges of record_function that kineto mirrors onto the
+# GPU's timeline (optimizer steps, torch.compile's "Torch-Compiled Region" and "CompiledFunction", inductor's "## Call
+# CompiledFxGraph"), and, where a profiler records them, the waits of synchronisations (torch's device-time totals and
+# inductor's benchmarking leave both out, by these names).
+NOT_LAUNCHES = {"gpu_user_annotation", "cuda_sync"}  # kineto activity types
+SYNC_EVENTS = {"Context Sync", "Stream Sync", "Event Sync", "Stream Wait Event"}
+
+
+def is_device_launch(event) -> bool:
+    """Whether a profiler event is work launched on a GPU: a kernel, a copy or a memset."""
+    import torch
+
+    return (event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+            and getattr(event, "activity_type", None) not in NOT_LAUNCHES and event.name not in SYNC_EVENTS)
 
 
 def launch_unit(device) -> str:
@@ -112,7 +129,9 @@ def peak_bf16_flops(device) -> float | None:
 
 def gpu_peak_bf16_flops(name: str) -> float | None:
     """PEAK_BF16_FLOPS of the GPU called `name` (torch.cuda.get_device_name); whole words only, so an A10G is not
-    taken for an A10."""
+    taken for an A10. None for a MIG slice ("... MIG 3g.40gb"): it has a part of the GPU's multiprocessors."""
+    if re.search(r"\bMIG\b", name):
+        return None
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if re.search(rf"\b{key}\b", name)), None)
 
 
@@ -126,6 +145,10 @@ def provenance(device) -> dict:
             versions[name] = None
     command = "python -m " + (sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None)
                               else Path(sys.argv[0]).name)
+    if on_cuda(device):  # the libraries the GPU's kernels come from
+        import torch
+
+        versions.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return {"device": device_name(device), "command": shlex.join([*command.split(), *sys.argv[1:]]),
             "versions": versions, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

@@ -44,7 +44,11 @@ def _flops(tflop_s: float, fraction: float | None = None) -> str:
 
 
 def _images(r: dict, name: str) -> str:
-    """One sampler variant: images/s and the FLOP/s it achieved (and the share of the GPU's peak, when known)."""
+    """One sampler variant: images/s and the FLOP/s it achieved (and the share of the GPU's peak, when known); for a
+    variant that failed in its warm-up (the bench leaves it out and names its error under "failed"), the error's
+    kind."""
+    if name in r.get("failed", {}):
+        return f"failed ({r['failed'][name].split(':')[0]}: see the results file)"
     if name not in r["images_per_s"]:
         return "—"
     fraction = r.get("fraction_of_peak", {}).get(name)
@@ -60,7 +64,7 @@ def _launches(r: dict) -> str:
     """What one step asks of the device (CUDA kernels, or aten ops on the CPU), and the split step's time per launch:
     when the host needs about that long to issue one, it limits the step (files from before the count: '—')."""
     launches = r.get("launches_per_step")
-    if launches is None:
+    if not launches or not launches.get("split"):  # none counted (a profiler that saw no kernels): no time per launch
         return "—"
     step_s = r["config"]["batch"] / r["images_per_s"]["split"] / r["config"]["steps"]  # one split step, best round
     return (f"{launches['split']:,} / {launches['naive']:,} {launches['counted']} "
@@ -105,7 +109,7 @@ def _anchors(r: dict, rate: float) -> str:
 def _training(r: dict) -> str:
     t = r["train"]
     compiled = f"; compiling took {t['compile_s']:.0f} s" if t.get("compile_s") is not None else ""
-    launched = "" if "launches_per_step" not in t else (
+    launched = "" if not t.get("launches_per_step") else (
         f"; {t['launches_per_step']:,} {t['launches_counted']} a step "
         f"({_sig(1e6 * r['config']['batch'] / t['anchors_per_s'] / t['launches_per_step'])} µs each)")
     return (f"{_sig(t['anchors_per_s'])} anchors/s ({_flops(t['achieved_tflop_s'], t.get('fraction_of_peak'))})"

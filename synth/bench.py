@@ -17,11 +17,22 @@
 It also counts what one step launches (CUDA kernels on a GPU, aten ops on the CPU): the host's share of a step, which
 is what CUDA graphs would remove. Weights are random (the speed does not depend on them; the diversity figures only
 compare the two anchor-noise options with each other).
+
+With --compile every variant runs the UNet's compiled blocks (the authors' recipe too), each on graphs made for its own
+batch shapes, as the job's are (static): the variants call the encoder on 2B, B + A or B rows, and graphs made dynamic
+to serve them all would time the split on other kernels than the job's. A variant other than split and naive that fails
+in its warm-up is left out and named under "failed" in the results, so that one failure does not cost the whole run;
+--skip leaves variants out from the start (a shorter run). Progress lines with the time so far go to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import re
+import sys
+import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,16 +40,22 @@ import torch
 import typer
 from torch.utils.flop_counter import FlopCounterMode
 
-from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, launch_unit, launches, peak_bf16_flops, provenance,
-                        set_threads, write_results)
+from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, launch_unit, launches, on_cuda, peak_bf16_flops,
+                        provenance, set_threads, write_results)
 from clsp.synth.job_setup import prepare_unet
 from clsp.synth.noise import row_noise
 from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
-from clsp.synth.unet_split import decode, embed_time, encode
+from clsp.synth.unet_split import compile_blocks, decode, embed_time, encode
 from clsp.vocabulary import CPU_COMPILE_REFUSED
 from clsp.synth.untrained_unets import ddpm_cifar10_scheduler, ddpm_cifar10_unet, tiny_unet
 
 MODELS = ("small", "ddpm-cifar10")
+VARIANTS = ("split", "cpu-noise", "naive", "authors", "shared", "bf16-weights")  # bf16-weights: CUDA with --fast
+REQUIRED = ("split", "naive")  # every figure is relative to these two; another variant may fail and be left out
+# Graphs dynamo may keep per compiled function. One block class serves several blocks (the DDPM UNet's three
+# DownBlock2D), each compiled per state (fp32 weights under autocast, bf16 weights, the authors' fp32) and per batch
+# shape (2B, B + A and B rows): up to 15 for DownBlock2D, where dynamo's default of 8 would run the rest eagerly.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -56,8 +73,12 @@ class BenchConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     out: str | None = None
+    skip: tuple[str, ...] = ()  # variants left out (never split or naive): a shorter run, e.g. a compiled one
 
     def __post_init__(self) -> None:
+        optional = [name for name in VARIANTS if name not in REQUIRED]
+        if not set(self.skip) <= set(optional):
+            raise ValueError(f"--skip takes variants among {', '.join(optional)}, got {', '.join(self.skip)}")
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {MODELS}, got {self.model!r}")
         if self.k < 2:
@@ -125,15 +146,63 @@ def authors_recipe(unet, scheduler, anchors: torch.Tensor, config: SamplerConfig
     return x.clamp(-1.0, 1.0)
 
 
+@contextlib.contextmanager
+def more_recompiles(limit: int = RECOMPILE_LIMIT):
+    """Within: dynamo may keep up to `limit` graphs per compiled function, as the process had it afterwards (torch >=
+    2.7 calls the setting recompile_limit, older releases cache_size_limit)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with config.patch(**{name: max(limit, getattr(config, name))}):
+        yield
+
+
+def bench_unet(unet, device: torch.device, compile: bool):
+    """prepare_unet (the job's placement: channels_last and deterministic cuDNN on a GPU), its blocks compiled for
+    static shapes: one graph per batch shape, as the job's steady state runs them."""
+    unet = prepare_unet(unet, device)
+    if compile:
+        compile_blocks(unet, dynamic=False)
+    return unet
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _recompile_limit_hits() -> int:
+    """How often dynamo refused a graph for hitting its recompile limit (a block then runs eagerly for that call's
+    shapes and state, which a compiled column must not hide); torch 2.x counts it among its "unimplemented" reasons."""
+    from torch._dynamo.utils import counters
+
+    return sum(count for reason, count in counters["unimplemented"].items()
+               if re.search(r"recompile.limit|cache.size.limit", str(reason), re.IGNORECASE))
+
+
+def _progress(start: float, what: str) -> None:
+    """A line on stderr per phase, so that a run stopped at a time limit says where it was."""
+    print(f"[{time.perf_counter() - start:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def run_bench(cfg: BenchConfig) -> dict:
+    with more_recompiles() if cfg.compile else contextlib.nullcontext():
+        return _measure(cfg)
+
+
+def _measure(cfg: BenchConfig) -> dict:
+    started = time.perf_counter()
     steps, batch = cfg.resolved()
     set_threads(cfg.threads)
     device = torch.device(cfg.device)
+    graphs_before, hits_before = (_dynamo_graphs(), _recompile_limit_hits()) if cfg.compile else (0, 0)
     unet, scheduler = build_model(cfg.model)
     weights_bf16 = None  # on CUDA: the same UNet cast to bf16, sampled without autocast ("bf16-weights")
-    if cfg.on_cuda and cfg.fast:
-        weights_bf16 = prepare_unet(copy.deepcopy(unet).to(torch.bfloat16).eval(), device, cfg.compile)
-    unet = prepare_unet(unet.eval(), device, cfg.compile)
+    if cfg.on_cuda and cfg.fast and "bf16-weights" not in cfg.skip:
+        weights_bf16 = bench_unet(copy.deepcopy(unet).to(torch.bfloat16).eval(), device, cfg.compile)
+    unet = bench_unet(unet.eval(), device, cfg.compile)
     size, channels = unet.config.sample_size, unet.config.in_channels
     shape = (channels, size, size)
     anchor_ids = [f"a{i}" for i in range(batch // cfg.k)]
@@ -144,6 +213,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                "authors": sampler, "shared": replace(sampler, share_anchor_noise=True)}
     if weights_bf16 is not None:
         configs["bf16-weights"] = sampler
+    configs = {name: config for name, config in configs.items() if name not in cfg.skip}
     functions = {"naive": naive_reference}
 
     def variant(name: str, config: SamplerConfig):
@@ -156,20 +226,31 @@ def run_bench(cfg: BenchConfig) -> dict:
         return lambda: fn(model, scheduler, anchors, row_noise(config.noise, cfg.seed, anchor_ids, cfg.k,
                                                               config.share_anchor_noise, backend), config, fast=cfg.fast)
 
-    for name, config in configs.items():  # warm-up: allocator, kernels, torch.compile graphs
-        variant(name, replace(config, steps=2))()
+    _progress(started, f"warm-up of {', '.join(configs)}" + (" (compiling the UNet's blocks)" * cfg.compile))
+    warm_start = time.perf_counter()
+    failed = warm_up({name: variant(name, replace(config, steps=2)) for name, config in configs.items()}, device)
+    configs = {name: config for name, config in configs.items() if name not in failed}
+    warmup_s = time.perf_counter() - warm_start
+    _progress(started, f"{cfg.repeats} timed round(s) of {steps} steps, batch {batch}")
     times, outputs = best_of({name: variant(name, config) for name, config in configs.items()}, cfg.repeats, device)
+    _progress(started, "launch counts, noise timing, FLOP counts")
     launched = {name: launches_per_step(lambda steps: variant(name, replace(configs[name], steps=steps)), device)
-                for name in ("split", "naive")}
+                for name in REQUIRED}
     rate = {name: batch / min(seconds) for name, seconds in times.items()}  # images/s, best round
-    return {
+    ratio = {key: rate["split"] / rate[name] for key, name in (("speedup_split_over_naive", "naive"),
+                                                                ("speedup_split_over_authors", "authors"),
+                                                                ("speedup_counter_over_cpu_noise", "cpu-noise"))
+             if name in rate}
+    results = {
         "config": {**asdict(cfg), "steps": steps, "batch": batch},
         **provenance(device),
         "parameters": sum(p.numel() for p in unet.parameters()),
         "images_per_s": rate,
-        "speedup_split_over_naive": rate["split"] / rate["naive"],
-        "speedup_split_over_authors": rate["split"] / rate["authors"],
-        "speedup_counter_over_cpu_noise": rate["split"] / rate["cpu-noise"],
+        **ratio,
+        "failed": failed,
+        "warmup_s": warmup_s,  # every variant's first (2-step) call: with --compile, mostly compiling
+        **({"compiled_graphs": _dynamo_graphs() - graphs_before,
+            "recompile_limit_hits": _recompile_limit_hits() - hits_before} if cfg.compile else {}),
         "noise_ms_per_step": _noise_ms_per_step(anchor_ids, cfg, shape, device),
         "launches_per_step": {**launched, "counted": launch_unit(device)},
         "seconds": {name: [round(s, 4) for s in seconds] for name, seconds in times.items()},
@@ -177,10 +258,32 @@ def run_bench(cfg: BenchConfig) -> dict:
         **_bf16_weights_figures(rate, outputs),
         **_flop_figures(_flops_per_image(unet, anchors, shape, cfg), steps, rate, peak_bf16_flops(device)),
         "diversity_own_anchor_noise": mean_pairwise_l2(outputs["split"], cfg.k),
-        "diversity_shared_anchor_noise": mean_pairwise_l2(outputs["shared"], cfg.k),
         "mean_l2_to_anchor_own": float((outputs["split"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
-        "mean_l2_to_anchor_shared": float((outputs["shared"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
     }
+    if "shared" in outputs:
+        results.update(diversity_shared_anchor_noise=mean_pairwise_l2(outputs["shared"], cfg.k),
+                       mean_l2_to_anchor_shared=float((outputs["shared"].cpu() - anchors).flatten(1).norm(dim=1)
+                                                      .mean()))
+    _progress(started, "done")
+    return results
+
+
+def warm_up(calls: dict, device) -> dict[str, str]:
+    """Run each variant's warm-up call once (allocator, cuDNN, torch.compile graphs) -> {variant: its error} for those
+    that failed, which the run then leaves out; split and naive (REQUIRED) may not fail."""
+    failed = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except Exception as error:  # a compile error, an out-of-memory, ...: the other variants are still measured
+            if name in REQUIRED:
+                raise
+            failed[name] = f"{type(error).__name__}: {error}".strip()[:2000]
+            print(f"variant {name} failed in its warm-up and is left out of the results:\n"
+                  + "".join(traceback.format_exception(error))[-4000:], file=sys.stderr, flush=True)
+            if on_cuda(device):
+                torch.cuda.empty_cache()
+    return failed
 
 
 def _bf16_weights_figures(rate: dict[str, float], outputs: dict) -> dict:
@@ -218,7 +321,9 @@ def _noise_ms_per_step(anchor_ids, cfg: BenchConfig, shape, device) -> dict[str,
     for kind in ("counter", "cpu-generator"):
         noise = row_noise(kind, cfg.seed, anchor_ids, cfg.k, False, "inductor" if cfg.compile else None)
         noise.start(shape, device)  # warm-up
-        times, _ = best_of({kind: lambda: (noise.anchor(3, shape, device), noise.variance(3, shape, device))},
+        # in inference mode, as the sampler draws them (compiled noise: the graphs the sampler runs)
+        times, _ = best_of({kind: torch.inference_mode()(lambda: (noise.anchor(3, shape, device),
+                                                                   noise.variance(3, shape, device)))},
                            max(3, cfg.repeats), device)
         result[kind] = 1e3 * min(times[kind])
     return result
@@ -264,14 +369,16 @@ def format_table(r: dict) -> str:
                 f"w {c['w']}, eta {c['eta']}, compile {c['compile']}, fast {c['fast']}"),
         *[(f"{name}", f"{ips[name]:.2f} images/s, {1e3 * tf[name]:.2f} GFLOP/s"
                       + (f" ({r['fraction_of_peak'][name]:.1%} of bf16 peak)" if "fraction_of_peak" in r else ""))
-          for name in ("split", "cpu-noise", "naive", "authors", "shared", "bf16-weights") if name in ips],
+          for name in VARIANTS if name in ips],
+        *[(name, "FAILED in its warm-up: " + error.split("\n")[0]) for name, error in r.get("failed", {}).items()],
         ("split / naive", f"{r['speedup_split_over_naive']:.2f}x (outputs differ by at most "
                           f"{r['max_abs_diff_split_vs_naive']:.1e})"),
-        ("split / authors' recipe", f"{r['speedup_split_over_authors']:.2f}x"),
+        *([("split / authors' recipe", f"{r['speedup_split_over_authors']:.2f}x")] if "authors" in ips else []),
         *([("bf16 weights / autocast", f"{r['speedup_bf16_weights_over_autocast']:.2f}x (positives differ by "
                                        f"{r['bf16_weights_vs_autocast_abs_diff']['mean']:.1e} on average)")]
           if "bf16-weights" in ips else []),
-        ("counter / cpu-generator noise", f"{r['speedup_counter_over_cpu_noise']:.2f}x; one step's noise: counter "
+        ("counter / cpu-generator noise", (f"{r['speedup_counter_over_cpu_noise']:.2f}x; " if "cpu-noise" in ips
+                                           else "") + f"one step's noise: counter "
                                           f"{r['noise_ms_per_step']['counter']:.2f} ms, cpu-generator "
                                           f"{r['noise_ms_per_step']['cpu-generator']:.2f} ms"),
         ("launches / step", f"split {r['launches_per_step']['split']:,}, naive {r['launches_per_step']['naive']:,} "
@@ -283,9 +390,13 @@ def format_table(r: dict) -> str:
         ("shared anchor noise", f"{r['shared_noise_flops_per_image'] / 1e9:.3f} GFLOP/image "
                                 f"({100 * r['shared_noise_flop_saving']:.1f}% fewer FLOPs)"),
         ("diversity (mean L2 among K)", f"own noise {r['diversity_own_anchor_noise']:.3f}, shared "
-                                        f"{r['diversity_shared_anchor_noise']:.3f}"),
+                                        f"{r.get('diversity_shared_anchor_noise', float('nan')):.3f}"),
         ("mean L2 to anchor", f"own noise {r['mean_l2_to_anchor_own']:.3f}, "
-                              f"shared {r['mean_l2_to_anchor_shared']:.3f}"),
+                              f"shared {r.get('mean_l2_to_anchor_shared', float('nan')):.3f}"),
+        *([("warm-up", f"{r['warmup_s']:.1f} s, {r['compiled_graphs']} graphs compiled"
+                       + (f"; dynamo's recompile limit was hit {r['recompile_limit_hits']} time(s): some calls ran "
+                          "eagerly" if r.get("recompile_limit_hits") else ""))]
+          if "compiled_graphs" in r else []),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -298,11 +409,14 @@ def main(model: str = typer.Option("small", help=f"one of {', '.join(MODELS)}"),
          eta: float = typer.Option(0.1), device: str = DEVICE,
          compile: bool = typer.Option(False, help="torch.compile the UNet blocks"),
          fast: bool = typer.Option(True, help="CUDA: bf16 autocast and channels_last (--no-fast: fp32)"),
-         repeats: int = REPEATS, seed: int = typer.Option(0), threads: int = THREADS, out: Path = OUT) -> None:
+         repeats: int = REPEATS, seed: int = typer.Option(0), threads: int = THREADS, out: Path = OUT,
+         skip: str = typer.Option("", help="variants to leave out, comma-separated: cpu-noise, authors, shared, "
+                                           "bf16-weights (a shorter run; their rows read '—')")) -> None:
     """The split sampler against the naive reference and the authors' recipe, in one run."""
     try:
         cfg = BenchConfig(model, steps, batch, k, w, eta, device, compile, fast, repeats, seed, threads,
-                          None if out is None else str(out))
+                          None if out is None else str(out),
+                          tuple(name.strip() for name in skip.split(",") if name.strip()))
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     results = run_bench(cfg)

@@ -4,12 +4,15 @@ Nothing here asserts a time."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
-from clsp.bench import best_of, gpu_peak_bf16_flops, peak_bf16_flops
+from clsp import bench as common
+from clsp.bench import best_of, gpu_peak_bf16_flops, launches, peak_bf16_flops
 from clsp.synth import bench as sampler_bench
 from clsp.train import bench as trainer_bench
 
@@ -63,6 +66,9 @@ def test_compile_is_refused_on_the_cpu(config):
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+                                        ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None),  # a part of the GPU
                                         ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12),
                                         ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", None)])
 def test_the_peak_behind_fraction_of_peak_is_the_named_gpus(name, peak):
@@ -91,3 +97,101 @@ def test_flop_figures_from_per_step_counts_worked_by_hand():
     assert figures["fraction_of_peak"] == pytest.approx({"split": 0.26, "naive": 0.2, "shared": 0.43, "authors": 0.195})
     assert figures["split_step_over_forward"] == 1.3 and figures["encoder_share_of_forward"] == 0.3
     assert figures["shared_noise_flop_saving"] == pytest.approx(2.25 / 13)
+
+
+def test_gpu_launches_are_kernels_copies_and_memsets_not_the_annotations_on_the_gpu_timeline(monkeypatch):
+    # what kineto hands back for a CUDA-only profile: device work, plus the record_function ranges (optimizer steps,
+    # torch.compile's regions) that it mirrors onto the GPU's timeline as user annotations of the CUDA device type
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(name=name, device_type=device, is_user_annotation=kind == "gpu_user_annotation",
+                              activity_type=kind)
+              for name, device, kind in [
+                  ("void at::native::elementwise_kernel<...>", cuda, "kernel"),
+                  ("triton_poi_fused_add_0", cuda, "kernel"), ("sm90_xmma_fprop_implicit_gemm_bf16", cuda, "kernel"),
+                  ("Memcpy HtoD (Pageable -> Device)", cuda, "gpu_memcpy"), ("Memset (Device)", cuda, "gpu_memset"),
+                  ("Optimizer.step#SGD.step", cuda, "gpu_user_annotation"),
+                  ("Torch-Compiled Region: 0/0", cuda, "gpu_user_annotation"), ("Context Sync", cuda, "cuda_sync"),
+                  ("cudaLaunchKernel", cpu, "cuda_runtime")]]
+    asked = []
+
+    class Profile:
+        def __init__(self, activities):
+            asked.extend(activities)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(common, "sync", lambda device: None)  # no GPU here
+    assert launches(lambda: None, "cuda") == 5
+    assert asked == [torch.profiler.ProfilerActivity.CUDA]
+
+
+def test_a_variant_that_fails_its_warm_up_is_named_and_the_others_still_measured(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(sampler_bench, "authors_recipe", broken)
+    out = tmp_path / "sampler.json"
+    app = typer.Typer()
+    app.command()(sampler_bench.main)
+    result = CliRunner().invoke(app, ["--steps", "1", "--batch", "8", "--k", "4", "--repeats", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "authors" in result.output and "FAILED in its warm-up: RuntimeError: no kernel image" in result.output
+    figures = json.loads(out.read_text())  # written, with every other column
+    assert figures["failed"] == {"authors": "RuntimeError: no kernel image is available for execution on the device"}
+    assert set(figures["images_per_s"]) == COLUMNS - {"authors"} and "speedup_split_over_authors" not in figures
+    assert figures["speedup_split_over_naive"] > 0 and figures["diversity_shared_anchor_noise"] > 0
+
+    monkeypatch.setattr(sampler_bench, "naive_reference", broken)  # split and naive are every ratio's base
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        sampler_bench.run_bench(sampler_bench.BenchConfig(steps=1, batch=8, k=4, repeats=1))
+
+
+def test_the_compiled_bench_makes_static_graphs_and_keeps_one_per_variant_and_shape(monkeypatch):
+    import torch._dynamo
+
+    import clsp.synth.job_setup
+    import clsp.synth.noise
+
+    compiled = []
+
+    def compile_blocks(unet, **kwargs):  # what the bench asks of torch.compile, and dynamo's limit at that moment
+        compiled.append((kwargs, torch._dynamo.config.recompile_limit))
+        return unet
+
+    assert torch._dynamo.config.recompile_limit == 8  # torch's default
+    monkeypatch.setattr(sampler_bench, "compile_blocks", compile_blocks, raising=False)
+    monkeypatch.setattr(clsp.synth.job_setup, "compile_blocks", compile_blocks)
+    monkeypatch.setattr(clsp.synth.noise, "compiled_counter_normal", lambda backend: clsp.synth.noise.counter_normal)
+    cfg = sampler_bench.BenchConfig(steps=1, batch=8, k=4, repeats=1)
+    object.__setattr__(cfg, "compile", True)  # refused on the CPU; the compile itself is what is replaced here
+    figures = sampler_bench.run_bench(cfg)
+    # one graph per batch shape (the job's static graphs), never a dynamic one that would serve the split's 2B rows in
+    # place of its own; the DDPM UNet's DownBlock2D needs 15 (3 blocks x 5 variant states and shapes)
+    assert [kwargs for kwargs, _ in compiled] == [{"dynamic": False}]  # the fp32 UNet (bf16 weights: CUDA only)
+    assert min(limit for _, limit in compiled) >= 16
+    assert figures["failed"] == {} and "warmup_s" in figures
+    assert figures["compiled_graphs"] == 0 and figures["recompile_limit_hits"] == 0  # nothing compiled here
+    assert "graphs compiled" in sampler_bench.format_table(figures)
+    assert torch._dynamo.config.recompile_limit == 8  # the bench's limit ends with it
+
+
+def test_skipped_variants_are_left_out_but_split_and_naive_never(tmp_path):
+    out = tmp_path / "sampler.json"
+    app = typer.Typer()
+    app.command()(sampler_bench.main)
+    result = CliRunner().invoke(app, ["--steps", "1", "--batch", "8", "--k", "4", "--repeats", "1", "--out", str(out),
+                                      "--skip", "authors, cpu-noise"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert set(figures["images_per_s"]) == COLUMNS - {"authors", "cpu-noise"} and figures["failed"] == {}
+    assert figures["config"]["skip"] == ["authors", "cpu-noise"]
+    with pytest.raises(ValueError, match="--skip takes variants among cpu-noise, authors, shared, bf16-weights"):
+        sampler_bench.BenchConfig(skip=("naive",))

@@ -122,3 +122,28 @@ def test_a_file_without_tables_is_refused(tmp_path):
     readme.write_text("# no tables here\n")
     result = invoke(str(readme))
     assert result.exit_code == 2 and "no `<!-- bench-table KIND: FILES -->` block" in said(result)
+
+
+def test_a_variant_that_failed_says_so_and_its_ratios_are_dashes(results):
+    figures = json.loads((results / "sampler.json").read_text())
+    for key in ("images_per_s", "tflop_per_s", "seconds"):
+        del figures[key]["authors"]
+    figures.pop("speedup_split_over_authors")
+    figures["failed"] = {"authors": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    (results / "failed.json").write_text(json.dumps(figures))
+    table = bench_report.render("sampler", ["failed.json"], results)
+    assert cells(table, "authors' recipe (fp32)") == ["failed (OutOfMemoryError: see the results file)"]
+    assert cells(table, "split / authors' recipe") == ["—"]
+    assert cells(table, "shared anchor noise")[0].endswith("GFLOP/s)")  # the others are measured
+
+
+def test_no_launches_counted_shows_a_dash_rather_than_dividing_by_zero(results):
+    sampler = json.loads((results / "sampler.json").read_text())
+    sampler["launches_per_step"] = {"split": 0, "naive": 0, "counted": "CUDA kernels"}  # a profiler that saw none
+    trainer = json.loads((results / "trainer.json").read_text())
+    trainer["train"].update(launches_per_step=0, launches_counted="CUDA kernels")
+    (results / "sampler-none.json").write_text(json.dumps(sampler))
+    (results / "trainer-none.json").write_text(json.dumps(trainer))
+    assert cells(bench_report.render("sampler", ["sampler-none.json"], results),
+                 "launches per step, split / naive") == ["—"]
+    assert "µs each" not in cells(bench_report.render("trainer", ["trainer-none.json"], results), "training")[0]
