@@ -76,6 +76,9 @@ class StopFlag:
     the end of its step and stops. A second Ctrl-C stops at once (KeyboardInterrupt). Ctrl-C is left alone where
     SIGINT is ignored (a job started with nohup or `&`, a study's pool processes, whose study stops them)."""
 
+    def __init__(self) -> None:
+        self.raised, self.by = False, ""  # read after the block too (a study asks whether its run was stopped)
+
     def __enter__(self) -> "StopFlag":
         self.raised, self.by, self.interrupts, self.previous = False, "", 0, {}
         for signum in (signal.SIGTERM, signal.SIGINT):

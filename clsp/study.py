@@ -180,7 +180,7 @@ def _train_here(run) -> None:
     except StoppedBySignal as stopped:  # its message names `clsp train run --resume`, not how to go on
         raise UserError(f"the study was stopped by {stopped.by} while training {name}, whose checkpoint is "
                         f"saved: {STUDY_AGAIN}") from None
-    if getattr(stop_flag, "raised", False):  # set when entered: a run found finished had no steps to train
+    if stop_flag.raised:  # never entered when the run was found finished: no steps to train
         raise UserError(f"the study was stopped by {stop_flag.by} while training {name}, whose last step finished "
                         f"it (it is scored when the study goes on): {STUDY_AGAIN}")
 

@@ -252,7 +252,7 @@ def _train(cfg: TrainConfig, stack: ExitStack, stop_flag: StopFlag | None) -> Pa
     run = _setup(cfg, stack)
     if run is not None:  # None: the run was already finished
         try:
-            with stop_flag or StopFlag() as stop_flag:
+            with stop_flag if stop_flag is not None else StopFlag() as stop_flag:
                 for epoch in range(run.position["epoch"], cfg.epochs):
                     run_epoch(run, epoch, stop_flag)
         except (RuntimeError, ConnectionError) as error:
