@@ -81,7 +81,8 @@ SAMPLER_GPU := -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 10
 TRAINER_GPU := -m clsp.train.bench --device cuda --batch 512 --steps 20 --anchors 8192 --repeats 2
 GPU_BENCHES := bench-gpu-sampler-eager bench-gpu-sampler-compiled bench-gpu-trainer-eager bench-gpu-trainer-compiled
 .PHONY: $(GPU_BENCHES)
-bench-gpu: $(GPU_BENCHES)
+bench-gpu:  # one after another, also under make -j: measurements that share the GPU would spoil each other
+	$(foreach bench,$(GPU_BENCHES),$(MAKE) --no-print-directory $(bench) &&) true
 	$(GPU_PY) -m clsp.bench_report
 bench-gpu-sampler-eager:
 	$(GPU_PY) $(SAMPLER_GPU) --out $(GPU_RESULTS)/sampler-eager.json

@@ -237,7 +237,8 @@ def _check_classes(bank, test) -> None:
     named, bare = (bank, test) if bank.classes else (test, bank)
     if not named.classes or named.classes == [str(i) for i in range(len(named.classes))]:
         return  # no names at all, or names that are the labels themselves
-    if all(name.isdigit() for name in named.classes):
+    numbers = all(name.isdigit() for name in named.classes)
+    if numbers and named.classes != sorted(named.classes, key=int):  # zero-padded numbers read in their own order
         raise UserError(f"{named.name} names its classes by numbers, in name order ({', '.join(named.classes[:4])}, "
                         f"...: its label 2 is class {named.classes[2] if len(named.classes) > 2 else '?'}), and "
                         f"{bare.name} gives bare labels, whose numbering cannot be matched to those names: give both "

@@ -10,6 +10,7 @@ counted twice; runs of one method trained otherwise (training_setup) and rows sc
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -52,10 +53,17 @@ def current_result(run_dir: str | Path, name: str, weights: str | None) -> tuple
         return None, files[-1]
     path, result = max(mine, key=lambda one: (one[0].stat().st_mtime_ns, files.index(one[0])))  # ties: the higher
     if len(mine) > 1:
-        print(f"note: {Path(run_dir) / 'eval'} holds {len(mine)} results of these weights from other inputs "
-              f"({', '.join(p.name for p, _ in mine)}): using {path.name}, the last written (by file time, which a "
-              f"copy of the folder does not keep); move the others out of eval/ to use another", file=sys.stderr)
+        _note_once(f"note: {Path(run_dir) / 'eval'} holds {len(mine)} results of these weights from other inputs "
+                   f"({', '.join(p.name for p, _ in mine)}): using {path.name}, the last written (by file time, which "
+                   f"a copy of the folder does not keep); move the others out of eval/ to use another")
     return {**result, "results_file": path.name}, None
+
+
+@functools.lru_cache(maxsize=None)
+def _note_once(message: str) -> None:
+    """Print `message` on stderr the first time only: a command reads a run's result for several parts (table,
+    pictures, report), and one note per choice is enough."""
+    print(message, file=sys.stderr)
 
 
 def _readable(files: list[Path]) -> list[tuple[Path, dict]]:

@@ -56,7 +56,7 @@ def test_a_data_sheet_inside_the_folder_source_it_shows_is_refused(tmp_path):
     assert result.exit_code == 2 and "choose an --out outside" in result.output and not out.exists()
 
 
-
+def test_bad_source_exits_2_with_one_clear_line():
     result = runner.invoke(app, ["data", "info", "nope:/x"])
     assert result.exit_code == 2
     assert "error: unknown source kind 'nope'" in result.output

@@ -132,6 +132,9 @@ def test_a_test_source_without_class_names_is_matched_to_the_banks_names_only_wh
                    "--test-source", bare)
     assert refused.exit_code == 2 and "names its classes by numbers, in name order (0, 1, 10, 2" in refused.output
     assert "its label 2 is class 10" in refused.output and not (run / "eval").exists()
+    _folder(tmp_path / "padded" / "train", {f"{c:02d}": 2 for c in range(11)})  # 00, 01, ..., 10: numeric order
+    padded = _cli("eval", "knn", run, "--source", f"folder:{tmp_path / 'padded'}", "--transfer", "--test-source", bare)
+    assert padded.exit_code == 0 and "0 = 00, 1 = 01, 2 = 02" in padded.output, padded.output
     warned = _cli("eval", "knn", run, "--test-source", bare)  # the run's own bank: classes c0, c1, c2
     assert warned.exit_code == 0, warned.output
     assert "warning: " in warned.output and "its label i is read as" in warned.output and "0 = c0" in warned.output
@@ -332,6 +335,17 @@ def _result(root, name: str, source: str, seed: int, linear: float, positives: s
          "test_fingerprint": fingerprint, "knn_best_k": 20, "eval_config": settings,
          **{metric: linear for metric in metrics}}))
     return run
+
+
+def test_a_source_recorded_by_a_relative_path_does_not_refuse_an_out_elsewhere(tmp_path, monkeypatch):
+    """A recorded spec holds the path as typed where that stage ran: `folder:.` then is not the folder a report runs
+    in now, so an --out here is not refused for it; an absolute recorded path still is (the test above)."""
+    run = _result(tmp_path / "runs", "run", "folder:.", 0, 70.0)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = _cli("eval", "report", run, "--out", "report")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "elsewhere" / "report" / "report.md").is_file()
 
 
 def test_report_groups_by_source_and_refuses_a_seed_twice(tmp_path):
