@@ -83,28 +83,44 @@ def trained_source(run_config: dict) -> dict | None:
     return {**source, "image_size": data.get("shard_image_size")}
 
 
+def compare_with_record(record: dict, spec: str, split: str, size: int, opened=None) -> tuple[str, str]:
+    """How spec[split], read at `size` px (the size the record's fingerprint was taken at), stands to the source a
+    record names ({spec, split, fingerprint, count}) -> (verdict, its fingerprint now). Verdicts: "same" (equal
+    fingerprints: ids, labels, pixels and size), "other split" (the recorded place, another split), "changed" (the
+    recorded place and split, holding other images now) or "other data". `opened`: that source if already open at
+    `size`. Each caller words its own error: what the mismatch breaks differs between them."""
+    from clsp.sources import open_source
+
+    source = opened if opened is not None and (opened.split, opened.image_size) == (split, size) else \
+        open_source(spec, split, size)
+    now = source.fingerprint()
+    if now == record["fingerprint"]:
+        return "same", now
+    if record.get("spec") != spec:
+        return "other data", now
+    return ("other split" if record.get("split", "train") != split else "changed"), now
+
+
 def check_trained_on(run_dir: str | Path, record: dict | None, bank, transfer: bool) -> str:
     """Is the kNN bank / probe train set the data the run trained on? "same" (equal fingerprints at the shards' image
     size), "transfer" (not, and --transfer says so) or "unrecorded" (a run from before the record: warned); else
     a UserError naming both fingerprints and the fix."""
-    from clsp.sources import open_source
-
     if record is None:
         print(f"warning: {run_dir} does not record the data it trained on, so {bank.name} cannot be checked against "
               f"it: its scores mean something only if that is the same data", file=sys.stderr)
         return "unrecorded"
     size = record.get("image_size") or bank.image_size
-    fingerprint = (bank if size == bank.image_size else open_source(bank.spec, bank.split, size)).fingerprint()
-    if fingerprint == record["fingerprint"]:
+    verdict, fingerprint = compare_with_record(record, bank.spec, bank.split, size, opened=bank)
+    if verdict == "same":
         return "same"
     if transfer:
         return "transfer"
-    if record.get("spec") == bank.spec and record.get("split") != bank.split:  # --source SPEC would fail the same way
+    if verdict == "other split":  # --source SPEC would fail the same way
         raise UserError(f"{run_dir} trained on shards made from the {record.get('split')} split of {bank.spec}, but "
                         f"the kNN bank / probe train set is its {bank.split} split: pass --transfer to score it on "
                         f"those splits anyway (its training saw the {record.get('split')} images, without labels), "
                         f"or train on shards made with `clsp synth run --split {bank.split}`")
-    if record.get("spec") == bank.spec:  # the place named is right: what it holds is not what the shards were made of
+    if verdict == "changed":  # the place named is right: what it holds is not what the shards were made of
         raise UserError(f"{bank.name} has changed since {run_dir}'s shards were made from it ({record.get('count')} "
                         f"anchors, fingerprint {record['fingerprint'][:12]} then; {len(bank)} images, fingerprint "
                         f"{fingerprint[:12]} at {size} px now): put back the images it trained on, or pass --transfer "

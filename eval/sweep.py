@@ -156,21 +156,21 @@ def _check_source_made_the_shards(config: SweepConfig, plan: _Plan, source) -> N
     images and may number the classes otherwise (numbered class folders are read in name order, 0, 1, 10, 2, ...; a
     Parquet copy of them in numeric order), and class agreement would then be wrong without a sign."""
     from clsp.errors import UserError
-    from clsp.sources import open_source
+    from clsp.eval.evaluate import compare_with_record
 
     made_from = (plan.shards_run or {}).get("source") or {}
     if plan.shards_run is None or made_from.get("fingerprint") is None:  # a generator's sweep; an unrecorded source
         return
     split = made_from.get("split", "train")
     try:
-        now = (source if split == source.split else open_source(plan.spec, split, source.image_size)).fingerprint()
+        verdict, now = compare_with_record(made_from, plan.spec, split, source.image_size, opened=source)
     except UserError:  # e.g. a source without the shards' split: not the data they were made from
-        now = None
-    if now == made_from["fingerprint"]:
+        verdict, now = ("changed" if made_from.get("spec") == plan.spec else "other data"), None
+    if verdict == "same":
         return
     was = f"{made_from.get('spec')}[{split}] (fingerprint {made_from['fingerprint'][:12]})"
     held = f"fingerprint {now[:12]}" if now else f"no {split} split"
-    if made_from.get("spec") == plan.spec:
+    if verdict == "changed":
         raise ValueError(f"{plan.spec} has changed since {config.target} were made from it: {was} then, {held} now; "
                          f"put back the images the shards were made from")
     raise ValueError(f"{config.target} were made from {was}, not from {plan.spec} ({held}): the anchors' labels and "
