@@ -77,23 +77,47 @@ def _numbered(path: Path, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
+WRITTEN = "written"  # in every JSON result: the order its series was written in (1, 2, ...), the highest last
+
+
 def write_result(path: str | Path, result: dict, outputs: set[str] | tuple[str, ...]) -> Path:
     """Write a JSON result: over the file of its series (`path`, `stem-2.json`, ...) computed from the same inputs
     (every key but `outputs` is equal: the same weights, data, options), since a rerun of the same evaluation replaces
     its own result; otherwise as `write_new` does (a new `stem-N.json` beside results of other inputs). Every file of
-    the series is compared, not only the newest: A, B, A again replaces A's file."""
-    text = json.dumps(result, indent=1) + "\n"
-    inputs = lambda r: {k: v for k, v in r.items() if k not in outputs}  # noqa: E731
-    mine = inputs(json.loads(text))  # as read back (tuples -> lists)
-    for earlier in series(path):
-        try:
-            found = json.loads(earlier.read_text())
-        except (OSError, ValueError):
-            continue  # not a result of ours: never written over
-        if isinstance(found, dict) and inputs(found) == mine:
-            write_atomic(earlier, text)
+    the series is compared, not only the newest: A, B, A again replaces A's file.
+
+    Each result records `written`, one more than the series' highest (kept by a rerun of the result already written
+    last, so its bytes stay those of the first run): after A, B, A again, A's file is the last written by its content,
+    in any copy of the folder; file times would not say so (cp -r, rsync and git write them anew)."""
+    inputs = lambda r: {k: v for k, v in r.items() if k not in {*outputs, WRITTEN}}  # noqa: E731
+    mine = inputs(json.loads(json.dumps(result)))  # as read back (tuples -> lists)
+    found = readable_results(series(path))  # a file that holds no JSON object is a stranger's: never written over
+    last = max((written_order(content) for _, content in found), default=0)
+    for earlier, content in found:
+        if inputs(content) == mine:
+            order = last if written_order(content) == last > 0 else last + 1
+            write_atomic(earlier, json.dumps({**result, WRITTEN: order}, indent=1) + "\n")
             return earlier
-    return write_new(path, text)
+    return write_new(path, json.dumps({**result, WRITTEN: last + 1}, indent=1) + "\n")
+
+
+def readable_results(files: list[Path]) -> list[tuple[Path, dict]]:
+    """(file, result) of each file that holds a JSON object, in the order given; the others are not results of ours."""
+    found = []
+    for path in files:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict):
+            found.append((path, result))
+    return found
+
+
+def written_order(result: dict) -> int:
+    """A result's `written` (see write_result); 0 for results from before clsp recorded it."""
+    order = result.get(WRITTEN)
+    return order if isinstance(order, int) and not isinstance(order, bool) else 0
 
 
 def series(path: str | Path) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from clsp.errors import UserError
-from clsp.eval import series
+from clsp.eval import readable_results, series, written_order
 from clsp.eval.evaluate import RUN_KEYS, run_identity
 from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE
 
@@ -41,21 +41,25 @@ def current_result(run_dir: str | Path, name: str, weights: str | None) -> tuple
     file as `results_file`, or None; the newest file of the series when none is, or None).
 
     The last written, not the highest number: a rerun replaces its own file in place (eval.write_result), so after
-    A, B, A again it is A's file that was asked for last. File times only ever choose among results of one weights
-    (other inputs, each labelled with them), never between weights: a copy of the folder does not keep them."""
+    A, B, A again it is A's file that was asked for last, as its `written` says. File times choose only among results
+    of one weights from before clsp recorded `written`, never between weights: a copy of the folder does not keep
+    them."""
     files = series(Path(run_dir) / "eval" / name)
     if not files:
         return None, None
-    found = _readable(files)
+    found = readable_results(files)
     weights = weights or _latest_weights(run_dir, found)
     mine = [(path, result) for path, result in found if weights in (None, result.get("weights_sha256"))]
     if not mine:
         return None, files[-1]
-    path, result = max(mine, key=lambda one: (one[0].stat().st_mtime_ns, files.index(one[0])))  # ties: the higher
+    # the highest `written` (eval.write_result); between results from before clsp recorded it, the file time
+    path, result = max(mine, key=lambda one: (written_order(one[1]), one[0].stat().st_mtime_ns, files.index(one[0])))
     if len(mine) > 1:
+        unordered = sum(written_order(other) == written_order(result) for _, other in mine) > 1
+        how = "by file time, which a copy of the folder does not keep" if unordered else "as its `written` records"
         _note_once(f"note: {Path(run_dir) / 'eval'} holds {len(mine)} results of these weights from other inputs "
-                   f"({', '.join(p.name for p, _ in mine)}): using {path.name}, the last written (by file time, which "
-                   f"a copy of the folder does not keep); move the others out of eval/ to use another")
+                   f"({', '.join(p.name for p, _ in mine)}): using {path.name}, the last written ({how}); move the "
+                   f"others out of eval/ to use another")
     return {**result, "results_file": path.name}, None
 
 
@@ -64,19 +68,6 @@ def _note_once(message: str) -> None:
     """Print `message` on stderr the first time only: a command reads a run's result for several parts (table,
     pictures, report), and one note per choice is enough."""
     print(message, file=sys.stderr)
-
-
-def _readable(files: list[Path]) -> list[tuple[Path, dict]]:
-    """(file, result) of each file that holds a JSON object, in number order; the others are not results of ours."""
-    found = []
-    for path in files:
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(result, dict):
-            found.append((path, result))
-    return found
 
 
 def _latest_weights(run_dir: str | Path, found: list[tuple[Path, dict]]) -> str | None:
@@ -103,7 +94,7 @@ def run_sources(run_dir: str | Path) -> set[str]:
     config = small_json(run_dir / "config.json")
     specs = {(trained_source(config) or {}).get("spec")} if isinstance(config, dict) else set()
     eval_dir = run_dir / "eval"
-    for _, result in _readable(sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []):
+    for _, result in readable_results(sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []):
         specs |= {result.get("source"), result.get("test_source")}
     return {spec for spec in specs if isinstance(spec, str)}
 

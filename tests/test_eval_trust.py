@@ -450,6 +450,29 @@ def test_which_of_several_results_of_the_same_weights_is_used_is_said(tmp_path, 
            "results-2.json, the last written" in note and "move the others out of eval/" in note
 
 
+def test_the_result_written_last_is_used_also_in_a_copy_that_rewrote_the_file_times(tmp_path, capsys):
+    """A, B, A again (one weights, two probe settings): A's file was written last, and file times said so only on
+    the machine that wrote them; a copy writes them anew, in its own order. The order is recorded in each result
+    (`written`), and a rerun of the result written last keeps its bytes."""
+    from clsp.eval import write_result
+    from clsp.eval.results import current_result
+
+    run = _result(tmp_path, "run", "digits", 0, 0.0, file="unused.json")
+    settings = lambda epochs: {"weights_sha256": "a" * 64, "eval_config": {"probe": {"epochs": epochs}}}  # noqa: E731
+    target = run / "eval" / "results.json"
+    assert write_result(target, {**settings(30), "linear_top1": 70.0}, {"linear_top1"}) == target
+    assert write_result(target, {**settings(100), "linear_top1": 75.0}, {"linear_top1"}).name == "results-2.json"
+    assert write_result(target, {**settings(30), "linear_top1": 70.0}, {"linear_top1"}) == target  # A again
+    later = (run / "eval" / "results-2.json").stat().st_mtime_ns + 10**9
+    os.utime(run / "eval" / "results-2.json", ns=(later, later))  # as a copy in another order leaves them
+    result, _ = current_result(run, "results.json", None)
+    assert result["results_file"] == "results.json" and result["eval_config"]["probe"]["epochs"] == 30
+    assert "using results.json, the last written (as its `written` records)" in capsys.readouterr().err
+    before = target.read_bytes()
+    write_result(target, {**settings(30), "linear_top1": 70.0}, {"linear_top1"})  # A once more: already the last
+    assert target.read_bytes() == before
+
+
 def test_a_retrained_run_never_shows_the_scores_or_pictures_of_its_earlier_weights(trained, tmp_path):
     from clsp.eval.plots import plot_run
     from clsp.hashing import weights_sha256
