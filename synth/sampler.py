@@ -163,8 +163,8 @@ def _ddim_loop(eps_fn: EpsFn, unet, scheduler, anchors, noise, config, fast):
     anchor_row = noise.anchor_row.to(device)  # (B,): row -> its group
 
     anchors = anchors.to(device=device, dtype=torch.float32)
-    x = noise.start(row_shape, device).to(torch.float32)  # (B, C, H, W) x_T; scheduler maths stays fp32
-    with torch.inference_mode():
+    with torch.inference_mode():  # x_T too: compiled noise then runs the graphs of one grad mode only
+        x = noise.start(row_shape, device).to(torch.float32)  # (B, C, H, W) x_T; scheduler maths stays fp32
         for i, t in enumerate(sched.timesteps.tolist()):
             a_noise = noise.anchor(i, row_shape, device)  # (A, C, H, W)
             a_t = sched.add_noise(anchors[first_rows], a_noise, torch.full((groups,), t, dtype=torch.long))
