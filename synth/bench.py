@@ -353,8 +353,12 @@ def _flops_per_image(unet, anchors, shape, cfg: BenchConfig) -> dict[str, float]
         "forward": lambda: unet(x, 500),
         "encoder": lambda: encode(unet, x, 500),
     }
+    # eagerly: dynamo refuses to compile under a dispatch mode such as the counter, and some torch releases then
+    # skip that code for good or raise (pytorch/pytorch#128199, #190286); the FLOPs are the same either way
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else \
+        contextlib.nullcontext()
     for name, step in steps.items():
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        with eager, torch.inference_mode(), FlopCounterMode(display=False) as counter:
             step()
         counts[name] = counter.get_total_flops() / b
     return counts
