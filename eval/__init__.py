@@ -95,7 +95,8 @@ def write_result(path: str | Path, result: dict, outputs: set[str] | tuple[str, 
     last = max((written_order(content) for _, content in found), default=0)
     for earlier, content in found:
         if inputs(content) == mine:
-            order = last if written_order(content) == last > 0 else last + 1
+            alone_last = written_order(content) == last > 0 and sum(written_order(c) == last for _, c in found) == 1
+            order = last if alone_last else last + 1  # a tie (two writers at once) is broken by a rerun
             write_atomic(earlier, json.dumps({**result, WRITTEN: order}, indent=1) + "\n")
             return earlier
     return write_new(path, json.dumps({**result, WRITTEN: last + 1}, indent=1) + "\n")

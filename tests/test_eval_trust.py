@@ -471,6 +471,10 @@ def test_the_result_written_last_is_used_also_in_a_copy_that_rewrote_the_file_ti
     before = target.read_bytes()
     write_result(target, {**settings(30), "linear_top1": 70.0}, {"linear_top1"})  # A once more: already the last
     assert target.read_bytes() == before
+    tied = json.loads((run / "eval" / "results-2.json").read_text())  # two writers at once read the same last
+    (run / "eval" / "results-2.json").write_text(json.dumps({**tied, "written": 3}))
+    write_result(target, {**settings(30), "linear_top1": 70.0}, {"linear_top1"})  # a rerun breaks the tie
+    assert json.loads(target.read_text())["written"] == 4
 
 
 def test_a_retrained_run_never_shows_the_scores_or_pictures_of_its_earlier_weights(trained, tmp_path):
