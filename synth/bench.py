@@ -136,7 +136,8 @@ def authors_recipe(unet, scheduler, anchors: torch.Tensor, config: SamplerConfig
     with torch.inference_mode():
         for t in sched.timesteps.tolist():
             noise = torch.randn(anchors.shape, generator=generator, device=device)
-            a_t = sched.add_noise(anchors, noise, torch.full((len(anchors),), t, dtype=torch.long))
+            a_t = sched.add_noise(anchors, noise, torch.full((len(anchors),), t, dtype=torch.long,
+                                                               device=device))
             temb = embed_time(unet, t, len(anchors))
             h, skips = encode(unet, x, t, temb=temb)  # the sample's bottleneck and skips
             h_anchor, _ = encode(unet, a_t, t, temb=temb)  # the anchor's bottleneck (its skips unused)

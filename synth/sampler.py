@@ -167,7 +167,9 @@ def _ddim_loop(eps_fn: EpsFn, unet, scheduler, anchors, noise, config, fast):
         x = noise.start(row_shape, device).to(torch.float32)  # (B, C, H, W) x_T; scheduler maths stays fp32
         for i, t in enumerate(sched.timesteps.tolist()):
             a_noise = noise.anchor(i, row_shape, device)  # (A, C, H, W)
-            a_t = sched.add_noise(anchors[first_rows], a_noise, torch.full((groups,), t, dtype=torch.long))
+            # t on the device: add_noise copies CPU timesteps over, and a blocking copy waits for the GPU every step
+            a_t = sched.add_noise(anchors[first_rows], a_noise,
+                                  torch.full((groups,), t, dtype=torch.long, device=device))
             with autocast:  # a_t: (A, C, H, W), the anchors noised to t
                 eps = eps_fn(unet, _model_input(x, unet, layout), _model_input(a_t, unet, layout), t, config.w,
                              anchor_row)

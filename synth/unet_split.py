@@ -32,9 +32,9 @@ def check_supported(unet: torch.nn.Module) -> None:
 def timestep_tensor(unet: UNet2DModel, t: torch.Tensor | int | float, batch: int) -> torch.Tensor:
     """Broadcast a timestep (scalar or (B,)) to a (batch,) tensor on the unet's device, as UNet2DModel.forward does."""
     device = unet.conv_in.weight.device
-    if not torch.is_tensor(t):
-        t = torch.tensor([t], dtype=torch.long, device=device)
-    elif t.ndim == 0:
+    if not torch.is_tensor(t):  # filled on the device: torch.tensor([t], device=...) is a copy that waits for the GPU
+        return torch.full((batch,), t, dtype=torch.long, device=device)  # (batch,)
+    if t.ndim == 0:
         t = t[None].to(device)
     t = t.to(device)
     return t * torch.ones(batch, dtype=t.dtype, device=device)  # (batch,)
