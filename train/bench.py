@@ -85,6 +85,7 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the loss to the host after the update, the loop's one wait for the device a step (train.epoch)
 
     with FlopCounterMode(display=False) as counter:  # one eager step: the FLOPs (and the warm-up when eager)
         step()

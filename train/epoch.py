@@ -4,6 +4,7 @@ then the kNN monitor when due and a checkpoint. A non-finite loss ends the launc
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -108,24 +109,30 @@ def _check_batch(run: Launch, batch: dict) -> None:
 
 def _step(run: Launch, epoch: int, step: int, batch: dict, stop_flag: StopFlag) -> bool:
     """One optimiser step; a non-finite loss (on any process) stops the run. True: SIGTERM or Ctrl-C came (on any
-    process), the launch stops after this step."""
+    process), the launch stops after this step.
+
+    The losses come to the host once, after the update (on a GPU the step's only wait for the device): a check
+    before backward would hold the backward's launch until the forward had run. A non-finite loss has then updated
+    the weights in memory, which the run drops: it stops here, and its checkpoints on disk are kept."""
     acc = run.acc
     gstep = epoch * run.spe + step
     losses = _losses(run, batch)
     lr = run.scheduler.get_last_lr()[0]
-    diverged, stop = any_process(acc, not torch.isfinite(losses["loss"].detach()).item(), stop_flag.raised)
-    if diverged:
-        run.run_log.flush()
-        raise UserError(f"loss became non-finite at step {gstep + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
-                        f"training stopped and the last good checkpoint in {run.out} is kept. Lower --lr or "
-                        "raise --warmup-epochs, then start again with --overwrite")
+    raised = stop_flag.raised  # read where it always was: a signal that comes during the update counts for the next
     acc.backward(losses["loss"])
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.method.after_step((gstep + 1) / run.total)
+    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))  # one copy
+    diverged, stop = any_process(acc, not math.isfinite(values["loss"]), raised)
+    if diverged:
+        run.run_log.flush()
+        raise UserError(f"loss became non-finite at step {gstep + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
+                        f"training stopped and the last good checkpoint in {run.out} is kept. Lower --lr or "
+                        "raise --warmup-epochs, then start again with --overwrite")
     run.steps_here += 1
-    _log_step(run, epoch, gstep, lr, losses, len(batch["anchor"]))
+    _log_step(run, epoch, gstep, lr, values, len(batch["anchor"]))
     return stop
 
 
@@ -146,10 +153,10 @@ def _losses(run: Launch, batch: dict) -> dict:
     return run.model(views, batch["ids"].to(device), third)
 
 
-def _log_step(run: Launch, epoch: int, gstep: int, lr: float, losses: dict, anchors: int) -> None:
+def _log_step(run: Launch, epoch: int, gstep: int, lr: float, losses: dict[str, float], anchors: int) -> None:
     now = time.perf_counter()
     run.run_log.add(step=gstep + 1, epoch=epoch + 1, lr=lr, images_per_s=run.acc.num_processes * anchors /
-                    (now - run.tick), **{k: float(v.detach()) for k, v in losses.items()})
+                    (now - run.tick), **losses)
     if run.cfg.log_with:
         run.acc.log({k: v for k, v in run.run_log.last.items() if k not in ("step", "knn_top1_pct")}, gstep + 1)
     run.tick = now
