@@ -129,6 +129,26 @@ def stop_only_when_the_parent_says(worker_id: int, parent: int) -> None:
     threading.Thread(target=take_sigterms, name="clsp-sigterm", daemon=True).start()
 
 
+def stop_loader_processes(batches) -> None:
+    """End a DataLoader iterator's loader processes now and stop torch watching them. For the training process once a
+    loader process has died: torch's SIGCHLD handler raises "DataLoader worker ... is killed by signal" wherever the
+    process is when a child exits next, and where a cut connection told of the death first, that was in the
+    iterator's __del__ at exit, a traceback after the run's one error line. Torch's handler is set aside meanwhile
+    (in the main thread: elsewhere handlers cannot change), since the other loader processes exit now too. Anything
+    but a DataLoader iterator with loader processes (the cached stream, no workers) is left alone."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multiprocessing iterator (a private method)
+    if shutdown is None:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        shutdown()
+        return
+    handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # SIG_DFL, not SIG_IGN: children stay joinable
+    try:
+        shutdown()  # joins the loader processes, then forgets their pids: the handler has nothing left to raise about
+    finally:
+        signal.signal(signal.SIGCHLD, handler)
+
+
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers and taskset narrow), not the machine's."""
     try:

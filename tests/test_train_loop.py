@@ -372,6 +372,57 @@ def test_a_connection_cut_by_a_dying_loader_is_told_as_its_death(shards, tmp_pat
     assert epochs == [0] and read_json(out / "checkpoint" / "position.json")["epoch"] == 1
 
 
+class _SlowCount(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        for i in range(1000):
+            time.sleep(0.05)
+            yield torch.tensor([i])
+
+
+def _iterator_with_a_dead_loader():
+    """A DataLoader iterator with 2 loader processes, one killed and not yet reaped, its SIGCHLD not taken by torch's
+    handler: as when the training process learns of the death by a cut connection before the signal."""
+    from torch.utils.data import DataLoader
+
+    batches = iter(DataLoader(_SlowCount(), batch_size=None, num_workers=2, multiprocessing_context="fork"))
+    next(batches)
+    handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        victim = batches._workers[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{victim.pid}/stat").read_text().split(") ")[1][0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)  # dead, not reaped: torch's check reads how it died
+    finally:
+        signal.signal(signal.SIGCHLD, handler)
+    return batches
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="waits for the killed loader process in /proc (Linux only)")
+def test_a_dead_loaders_iterator_is_stopped_without_a_traceback_at_exit(monkeypatch):
+    """After a loader process died (its death told by a cut connection), the iterator's __del__ at exit ended the
+    workers under torch's SIGCHLD handler, which raised "DataLoader worker ... is killed by signal": a traceback
+    after the run's one error line (seen in CI). The training process now ends them at once, and the check that
+    torch's handler runs has nothing left to raise about."""
+    import gc
+
+    from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails  # what the SIGCHLD handler runs
+
+    from clsp.accelerator import stop_loader_processes
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    batches = _iterator_with_a_dead_loader()
+    workers = list(batches._workers)
+    stop_loader_processes(batches)
+    assert not any(worker.is_alive() for worker in workers)  # ended now, not at exit
+    _error_if_any_worker_fails()  # what the next SIGCHLD runs: nothing left to raise about
+    del batches
+    gc.collect()
+    assert not unraisable, [str(u.exc_value) for u in unraisable]
+    stop_loader_processes(iter([1, 2]))  # anything but a loader iterator with processes is left alone
+
+
 def _loader_like(ready, parent: int) -> None:
     stop_only_when_the_parent_says(0, parent)
     ready.set()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +55,7 @@ class Launch:
     steps_here: int = 0                     # steps this process took in this launch
     started: float = field(default_factory=time.perf_counter)
     tick: float = 0.0                       # when the last step ended (images_per_s)
+    batches: Iterator[dict] | None = None   # the epoch's iterator over `loader` (stopped at once if a loader dies)
 
     @property
     def total(self) -> int:
@@ -71,7 +72,8 @@ def run_epoch(run: Launch, epoch: int, stop_flag: StopFlag) -> None:
     run.model.train()
     run.tick = time.perf_counter()
     stop, by = False, ""
-    for step, batch in enumerate(run.loader, start=run.stream.start_step):
+    run.batches = iter(run.loader)
+    for step, batch in enumerate(run.batches, start=run.stream.start_step):
         _check_batch(run, batch)
         stop = _step(run, epoch, step, batch, stop_flag)
         by = (stop_flag.by or "a stop signal to another process") if stop else ""

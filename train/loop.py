@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from clsp import __version__
-from clsp.accelerator import StopFlag, fresh_accelerator
+from clsp.accelerator import StopFlag, fresh_accelerator, stop_loader_processes
 from clsp.errors import UserError
 from clsp.file_io import write_json
 from clsp.presets import preset_values
@@ -258,6 +258,7 @@ def _train(cfg: TrainConfig, stack: ExitStack, stop_flag: StopFlag | None) -> Pa
         except (RuntimeError, ConnectionError) as error:
             if not _loader_died(error, run):
                 raise
+            stop_loader_processes(run.batches)  # before torch's SIGCHLD handler raises about them again
             run.bar.close()  # so that the error starts its own line
             # torch says "is killed by signal: Killed." or "exited unexpectedly", as its SIGCHLD handler or its fetch
             # notices first; a batch whose sender died before handing over its shared memory cuts the connection
