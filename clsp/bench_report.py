@@ -91,6 +91,7 @@ SAMPLER_ROWS: list[Row] = [
     ("split / authors' recipe", lambda r: _ratio(r, "split", "authors")),
     ("shared anchor noise", lambda r: _images(r, "shared")),
     ("bf16 weights (no autocast)", lambda r: _images(r, "bf16-weights")),
+    ("whole loop as one CUDA graph", lambda r: _images(r, "graphed")),
     ("counter / CPU-generator noise", lambda r: f"{_ratio(r, 'split', 'cpu-noise')}; one step's noise "
                                                 f"{r['noise_ms_per_step']['counter']:.1f} / "
                                                 f"{r['noise_ms_per_step']['cpu-generator']:.1f} ms"),

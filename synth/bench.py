@@ -9,6 +9,8 @@
              one device calls the model directly)
   shared     split with --share-anchor-noise: one anchor encoder pass per anchor instead of per candidate
   bf16-weights  (CUDA) split on the UNet cast to bf16, no autocast: GroupNorm and SiLU in bf16, no casts per step
+  graphed    (CUDA) split with its whole denoising loop captured once as a CUDA graph and replayed
+             (synth/cuda_graph.py): no launch cost on the host; its positives are compared with split's
 
     python -m clsp.synth.bench                                   # small UNet, few steps: about 1-2 min on 2 CPU cores
     python -m clsp.synth.bench --model ddpm-cifar10 --device cuda --steps 100 --batch 1024 --k 8 --compile \
@@ -42,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, launch_unit, launches, on_cuda, peak_bf16_flops,
                         provenance, set_threads, write_results)
+from clsp.synth.cuda_graph import GraphedSampler
 from clsp.synth.job_setup import prepare_unet
 from clsp.synth.noise import row_noise
 from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
@@ -50,7 +53,7 @@ from clsp.vocabulary import CPU_COMPILE_REFUSED
 from clsp.synth.untrained_unets import ddpm_cifar10_scheduler, ddpm_cifar10_unet, tiny_unet
 
 MODELS = ("small", "ddpm-cifar10")
-VARIANTS = ("split", "cpu-noise", "naive", "authors", "shared", "bf16-weights")  # bf16-weights: CUDA with --fast
+VARIANTS = ("split", "cpu-noise", "naive", "authors", "shared", "bf16-weights", "graphed")  # the last two: CUDA
 REQUIRED = ("split", "naive")  # every figure is relative to these two; another variant may fail and be left out
 # Graphs dynamo may keep per compiled function. One block class serves several blocks (the DDPM UNet's three
 # DownBlock2D), each compiled per state (fp32 weights under autocast, bf16 weights, the authors' fp32) and per batch
@@ -214,10 +217,15 @@ def _measure(cfg: BenchConfig) -> dict:
                "authors": sampler, "shared": replace(sampler, share_anchor_noise=True)}
     if weights_bf16 is not None:
         configs["bf16-weights"] = sampler
+    if cfg.on_cuda:
+        configs["graphed"] = sampler
     configs = {name: config for name, config in configs.items() if name not in cfg.skip}
     functions = {"naive": naive_reference}
+    graphs: dict[int, GraphedSampler] = {}  # steps -> the graph captured for them, at the first call
 
     def variant(name: str, config: SamplerConfig):
+        if name == "graphed":
+            return lambda: graphed(config)
         if name == "authors":  # fp32, its own device generator, re-seeded each call
             generator = torch.Generator(device).manual_seed(cfg.seed)
             return lambda: authors_recipe(unet, scheduler, anchors, config, generator.manual_seed(cfg.seed))
@@ -227,9 +235,18 @@ def _measure(cfg: BenchConfig) -> dict:
         return lambda: fn(model, scheduler, anchors, row_noise(config.noise, cfg.seed, anchor_ids, cfg.k,
                                                               config.share_anchor_noise, backend), config, fast=cfg.fast)
 
+    def graphed(config: SamplerConfig):
+        noise = row_noise(config.noise, cfg.seed, anchor_ids, cfg.k, config.share_anchor_noise,
+                          "inductor" if cfg.compile else None)
+        if config.steps not in graphs:
+            graphs[config.steps] = GraphedSampler(unet, scheduler, anchors, noise, config, fast=cfg.fast)
+        return graphs[config.steps](anchors, noise)
+
     _progress(started, f"warm-up of {', '.join(configs)}" + (" (compiling the UNet's blocks)" * cfg.compile))
     warm_start = time.perf_counter()
-    failed = warm_up({name: variant(name, replace(config, steps=2)) for name, config in configs.items()}, device)
+    # graphed warms up at full length: its first call captures the graph, which must not fall in a timed round
+    failed = warm_up({name: variant(name, replace(config, steps=steps if name == "graphed" else 2))
+                      for name, config in configs.items()}, device)
     configs = {name: config for name, config in configs.items() if name not in failed}
     warmup_s = time.perf_counter() - warm_start
     _progress(started, f"{cfg.repeats} timed round(s) of {steps} steps, batch {batch}")
@@ -257,6 +274,7 @@ def _measure(cfg: BenchConfig) -> dict:
         "seconds": {name: [round(s, 4) for s in seconds] for name, seconds in times.items()},
         "max_abs_diff_split_vs_naive": float((outputs["split"] - outputs["naive"]).abs().max()),
         **_bf16_weights_figures(rate, outputs),
+        **_graphed_figures(rate, outputs),
         **_flop_figures(_flops_per_image(unet, anchors, shape, cfg), steps, rate, peak_bf16_flops(device)),
         "diversity_own_anchor_noise": mean_pairwise_l2(outputs["split"], cfg.k),
         "mean_l2_to_anchor_own": float((outputs["split"].cpu() - anchors).flatten(1).norm(dim=1).mean()),
@@ -294,6 +312,15 @@ def _bf16_weights_figures(rate: dict[str, float], outputs: dict) -> dict:
     diff = (outputs["bf16-weights"].float() - outputs["split"].float()).abs()
     return {"speedup_bf16_weights_over_autocast": rate["bf16-weights"] / rate["split"],
             "bf16_weights_vs_autocast_abs_diff": {"max": float(diff.max()), "mean": float(diff.mean())}}
+
+
+def _graphed_figures(rate: dict[str, float], outputs: dict) -> dict:
+    """The whole loop as one CUDA graph against the same loop launched step by step: speed, and whether the positives
+    are the same bytes (the replay runs the kernels the capture recorded)."""
+    if "graphed" not in rate:
+        return {}
+    return {"speedup_graphed_over_split": rate["graphed"] / rate["split"],
+            "graphed_vs_split_max_abs_diff": float((outputs["graphed"].float() - outputs["split"].float()).abs().max())}
 
 
 def _flop_figures(flops: dict[str, float], steps: int, rate: dict[str, float], peak: float | None) -> dict:
@@ -381,6 +408,8 @@ def format_table(r: dict) -> str:
         *([("bf16 weights / autocast", f"{r['speedup_bf16_weights_over_autocast']:.2f}x (positives differ by "
                                        f"{r['bf16_weights_vs_autocast_abs_diff']['mean']:.1e} on average)")]
           if "bf16-weights" in ips else []),
+        *([("CUDA graph / launched", f"{r['speedup_graphed_over_split']:.2f}x (positives differ by at most "
+                                     f"{r['graphed_vs_split_max_abs_diff']:.1e})")] if "graphed" in ips else []),
         ("counter / cpu-generator noise", (f"{r['speedup_counter_over_cpu_noise']:.2f}x; " if "cpu-noise" in ips
                                            else "") + f"one step's noise: counter "
                                           f"{r['noise_ms_per_step']['counter']:.2f} ms, cpu-generator "
@@ -415,7 +444,7 @@ def main(model: str = typer.Option("small", help=f"one of {', '.join(MODELS)}"),
          fast: bool = typer.Option(True, help="CUDA: bf16 autocast and channels_last (--no-fast: fp32)"),
          repeats: int = REPEATS, seed: int = typer.Option(0), threads: int = THREADS, out: Path = OUT,
          skip: str = typer.Option("", help="variants to leave out, comma-separated: cpu-noise, authors, shared, "
-                                           "bf16-weights (a shorter run; their rows read '—')")) -> None:
+                                           "bf16-weights, graphed (a shorter run; their rows read '—')")) -> None:
     """The split sampler against the naive reference and the authors' recipe, in one run."""
     try:
         cfg = BenchConfig(model, steps, batch, k, w, eta, device, compile, fast, repeats, seed, threads,

@@ -87,6 +87,9 @@ class RowNoise:
     rows: int
     anchor_row: torch.Tensor  # (B,) long, on the CPU
 
+    def to_device(self, device: torch.device) -> None:
+        """Move what the draws on `device` need there ahead of the sampler's loop (which then copies nothing over)."""
+
     def start(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:  # (B, *shape)
         raise NotImplementedError
 
@@ -130,6 +133,19 @@ class CounterNoise(RowNoise):
         if device not in self._on:
             self._on[device] = (self.keys.to(device), self.group_keys.to(device))
         return self._on[device]
+
+    def to_device(self, device):
+        self._keys(device)
+
+    def set_keys(self, other: "CounterNoise") -> None:
+        """Take the keys of `other` (the same rows and groups) in place: the key tensors already on a device keep
+        their memory, which a captured CUDA graph reads (synth/cuda_graph.py)."""
+        if other.keys.shape != self.keys.shape or other.group_keys.shape != self.group_keys.shape:
+            raise ValueError(f"need keys for {len(self.keys)} rows in {len(self.group_keys)} groups, got "
+                             f"{len(other.keys)} rows in {len(other.group_keys)} groups")
+        for keys, group_keys in [(self.keys, self.group_keys), *self._on.values()]:
+            keys.copy_(other.keys)
+            group_keys.copy_(other.group_keys)
 
     def start(self, shape, device):
         return self._normal(self._keys(device)[0], START, 0, shape)

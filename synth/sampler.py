@@ -141,48 +141,80 @@ def _hooked_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w
 
 
 def _ddim_loop(eps_fn: EpsFn, unet, scheduler, anchors, noise, config, fast):
-    check_supported(unet)
-    if not isinstance(config, SamplerConfig):
-        raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
-    config.check_scheduler(scheduler)
-    _check_batch(unet, anchors, noise, config)
-    sched = ddim_scheduler(scheduler, config.steps)
-    device = unet.conv_in.weight.device
-    use_fast = fast and device.type == "cuda"
-    layout = torch.channels_last if use_fast else torch.contiguous_format
-    # autocast for fp32 weights only: a UNet already in bf16 takes bf16 inputs (_model_input) and keeps its GroupNorm
-    # and SiLU in bf16, where autocast would run them in fp32 and cast every convolution's input back
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_fast and unet.dtype == torch.float32
-                else contextlib.nullcontext())
-    row_shape = tuple(anchors.shape[1:])
-    first: dict[int, int] = {}  # group -> its first row; one noised anchor per group (per row, or per anchor if shared)
-    for row, group in enumerate(noise.anchor_row.tolist()):
-        first.setdefault(group, row)
-    groups = len(first)  # A
-    first_rows = torch.tensor([first[g] for g in range(groups)], device=device)  # (A,)
-    anchor_row = noise.anchor_row.to(device)  # (B,): row -> its group
-
-    anchors = anchors.to(device=device, dtype=torch.float32)
+    loop = DenoisingLoop.prepare(eps_fn, unet, scheduler, anchors, noise, config, fast)
     with torch.inference_mode():  # x_T too: compiled noise then runs the graphs of one grad mode only
-        x = noise.start(row_shape, device).to(torch.float32)  # (B, C, H, W) x_T; scheduler maths stays fp32
-        for i, t in enumerate(sched.timesteps.tolist()):
-            a_noise = noise.anchor(i, row_shape, device)  # (A, C, H, W)
-            # t on the device: add_noise copies CPU timesteps over, and a blocking copy waits for the GPU every step
-            a_t = sched.add_noise(anchors[first_rows], a_noise,
-                                  torch.full((groups,), t, dtype=torch.long, device=device))
+        return loop.run(anchors.to(device=loop.device, dtype=torch.float32), noise)
+
+
+@dataclass(frozen=True)
+class DenoisingLoop:
+    """One batch layout's denoising loop, its checks done and its index tensors already on the device, so that run()
+    neither reads anything back from the device nor copies anything onto it: each step is device work only, which a
+    CUDA graph can capture whole (synth/cuda_graph.py)."""
+
+    eps_fn: EpsFn
+    unet: UNet2DModel
+    sched: DDIMScheduler  # private, with config.steps timesteps and its alphas_cumprod on the device
+    timesteps: tuple[int, ...]  # sched.timesteps, on the host
+    config: SamplerConfig
+    device: torch.device
+    layout: torch.memory_format
+    autocast: bool  # bf16 autocast around the UNet (CUDA, fp32 weights, fast)
+    first_rows: torch.Tensor  # (A,) on the device: each anchor-noise group's first row
+    anchor_row: torch.Tensor  # (B,) on the device: row -> its group
+
+    @classmethod
+    def prepare(cls, eps_fn: EpsFn, unet, scheduler, anchors, noise: RowNoise, config, fast) -> "DenoisingLoop":
+        check_supported(unet)
+        if not isinstance(config, SamplerConfig):
+            raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
+        config.check_scheduler(scheduler)
+        check_batch(unet, anchors, noise, config)
+        sched = ddim_scheduler(scheduler, config.steps)
+        device = unet.conv_in.weight.device
+        sched.alphas_cumprod = sched.alphas_cumprod.to(device)  # what add_noise would copy over at its first call
+        noise.to_device(device)  # the counter noise's keys
+        use_fast = fast and device.type == "cuda"
+        first: dict[int, int] = {}  # group -> its first row; one noised anchor per group (per row, or per anchor)
+        for row, group in enumerate(noise.anchor_row.tolist()):
+            first.setdefault(group, row)
+        return cls(eps_fn, unet, sched, tuple(sched.timesteps.tolist()), config, device,
+                   torch.channels_last if use_fast else torch.contiguous_format,
+                   # autocast for fp32 weights only: a UNet already in bf16 takes bf16 inputs (_model_input) and keeps
+                   # its GroupNorm and SiLU in bf16, where autocast would run them in fp32 and cast every
+                   # convolution's input back
+                   use_fast and unet.dtype == torch.float32,
+                   torch.tensor([first[g] for g in range(len(first))], device=device),
+                   noise.anchor_row.to(device))
+
+    def run(self, anchors: torch.Tensor, noise: RowNoise) -> torch.Tensor:
+        """anchors (B, C, H, W) fp32 on the device -> positives (B, C, H, W) in [-1, 1]; call in inference mode."""
+        row_shape, groups, w = tuple(anchors.shape[1:]), len(self.first_rows), self.config.w
+        # the cast weights are not cached: a CUDA graph may not capture autocast's cache (torch.cuda.graph's notes),
+        # and each step's context casts every weight once anyway
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.autocast
+                    else contextlib.nullcontext())
+        x = noise.start(row_shape, self.device).to(torch.float32)  # (B, C, H, W) x_T; scheduler maths stays fp32
+        for i, t in enumerate(self.timesteps):
+            a_noise = noise.anchor(i, row_shape, self.device)  # (A, C, H, W)
+            # t filled on the device: add_noise would copy CPU timesteps over, a copy that waits for the GPU
+            a_t = self.sched.add_noise(anchors[self.first_rows], a_noise,
+                                       torch.full((groups,), t, dtype=torch.long, device=self.device))
             with autocast:  # a_t: (A, C, H, W), the anchors noised to t
-                eps = eps_fn(unet, _model_input(x, unet, layout), _model_input(a_t, unet, layout), t, config.w,
-                             anchor_row)
-            variance_noise = noise.variance(i, row_shape, device) if config.eta > 0 else None
-            x = sched.step(eps.float(), t, x, eta=config.eta, variance_noise=variance_noise).prev_sample
-    return x.clamp(-1.0, 1.0)
+                eps = self.eps_fn(self.unet, _model_input(x, self.unet, self.layout),
+                                  _model_input(a_t, self.unet, self.layout), t, w, self.anchor_row)
+            variance_noise = noise.variance(i, row_shape, self.device) if self.config.eta > 0 else None
+            x = self.sched.step(eps.float(), t, x, eta=self.config.eta, variance_noise=variance_noise).prev_sample
+        return x.clamp(-1.0, 1.0)
 
 
 def _model_input(x: torch.Tensor, unet: UNet2DModel, layout: torch.memory_format) -> torch.Tensor:
     return x.to(dtype=unet.dtype).contiguous(memory_format=layout)
 
 
-def _check_batch(unet, anchors: torch.Tensor, noise: RowNoise, config: SamplerConfig) -> None:
+def check_batch(unet, anchors: torch.Tensor, noise: RowNoise, config: SamplerConfig) -> None:
+    """The sampler's inputs: anchors (B, C, H, W) in [-1, 1] for this UNet, one noise row per anchor row from the
+    config's generator of noise, and anchor noise shared only among the candidates of one anchor."""
     if anchors.ndim != 4 or anchors.shape[1] != unet.config.in_channels:
         raise ValueError(f"anchors must be (B, {unet.config.in_channels}, H, W) for this generator, got "
                          f"{tuple(anchors.shape)}")

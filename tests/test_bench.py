@@ -16,7 +16,7 @@ from clsp.bench import best_of, gpu_peak_bf16_flops, launches, peak_bf16_flops
 from clsp.synth import bench as sampler_bench
 from clsp.train import bench as trainer_bench
 
-COLUMNS = {"split", "cpu-noise", "naive", "authors", "shared"}  # bf16-weights: CUDA only
+COLUMNS = {"split", "cpu-noise", "naive", "authors", "shared"}  # bf16-weights and graphed: CUDA only
 
 
 def test_sampler_bench_measures_every_column_and_split_equals_naive(tmp_path):
@@ -40,6 +40,7 @@ def test_sampler_bench_measures_every_column_and_split_equals_naive(tmp_path):
     assert figures["config"]["steps"] == 1 and figures["config"]["batch"] == 8
     assert {"device", "command", "versions", "date"} <= figures.keys() and figures["versions"]["torch"]
     assert "speedup_bf16_weights_over_autocast" not in figures  # a CUDA column; the CPU path stays fp32
+    assert "speedup_graphed_over_split" not in figures  # CUDA graphs: a CUDA column too
 
 
 def test_trainer_bench_measures_training_and_every_input(tmp_path):
@@ -193,5 +194,5 @@ def test_skipped_variants_are_left_out_but_split_and_naive_never(tmp_path):
     figures = json.loads(out.read_text())
     assert set(figures["images_per_s"]) == COLUMNS - {"authors", "cpu-noise"} and figures["failed"] == {}
     assert figures["config"]["skip"] == ["authors", "cpu-noise"]
-    with pytest.raises(ValueError, match="--skip takes variants among cpu-noise, authors, shared, bf16-weights"):
+    with pytest.raises(ValueError, match="--skip takes variants among cpu-noise, authors, shared, bf16-weights, gra"):
         sampler_bench.BenchConfig(skip=("naive",))

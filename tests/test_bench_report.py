@@ -61,6 +61,7 @@ def test_a_sampler_table_carries_its_run_and_ratios_within_it(results):
     assert cells(table, "split / naive")[0].startswith(bench_report._sig(rate["split"] / rate["naive"]) + "x")
     assert cells(table, "split / authors' recipe") == [bench_report._sig(rate["split"] / rate["authors"]) + "x"]
     assert cells(table, "bf16 weights (no autocast)") == ["—"]  # a CUDA column
+    assert cells(table, "whole loop as one CUDA graph") == ["—"]  # another
     launches, step_s = figures["launches_per_step"], 8 / rate["split"] / 1  # batch 8, 1 step
     assert cells(table, "launches per step, split / naive") == [
         f"{launches['split']:,} / {launches['naive']:,} aten ops "
