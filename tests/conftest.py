@@ -1,6 +1,8 @@
-"""Shared test fixtures: data the tests make themselves (shard directories, Parquet files, image folders)."""
+"""Shared test fixtures: data the tests make themselves (shard directories, Parquet files, image folders), and a watch
+for host reads of device values (host_traffic)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -19,6 +21,9 @@ torch.set_num_threads(1)  # CI has 2 cores; tiny models run faster single-thread
 from clsp.shards.manifest_writer import write_manifest
 from clsp.shards.schema import ShardSample
 from clsp.shards.writer import ShardWriter, shard_name
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 class Planted:
@@ -141,4 +146,60 @@ def _offline(monkeypatch):
     yield
 
 
+class _HostTraffic(TorchDispatchMode):
+    """Records (into `seen`) the ops that make the host wait for a device or copy onto it: reading a device tensor's
+    value on the host (.item(), .tolist(), float(), a Python `if` on a tensor, a boolean mask), or an op between a CPU
+    tensor and a device tensor. A 0-dim CPU tensor is allowed: it rides along as a kernel argument, as a Python number
+    does. On the meta device a read has no value: it is recorded and answered with 1, so the run goes on and every
+    read is listed."""
 
+    def __init__(self, seen: list[str]):
+        super().__init__()
+        self.seen = seen
+
+    # ops whose output's size depends on the values: the host waits for them to learn it
+    SIZED_BY_VALUES = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+                       torch.ops.aten._unique2.default, torch.ops.aten.unique_consecutive.default,
+                       torch.ops.aten.repeat_interleave.Tensor}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        on_device = any(t.device.type != "cpu" for t in tensors)
+        if func is torch.ops.aten._local_scalar_dense.default and on_device:
+            self.seen.append(str(func))
+            return 1 if tensors[0].device.type == "meta" else func(*args, **(kwargs or {}))
+        mask = func is torch.ops.aten.index.Tensor and any(t.dtype == torch.bool for t in tensors[1:])
+        if on_device and (func in self.SIZED_BY_VALUES or mask):
+            self.seen.append(str(func) + " (a boolean mask)" * mask)
+        out = func(*args, **(kwargs or {}))
+        tensors += [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type != "cpu" for t in tensors) and any(t.device.type == "cpu" and t.dim() for t in tensors):
+            self.seen.append(str(func))
+        return out
+
+
+class _HostData(TorchFunctionMode):
+    """Records torch.tensor / torch.as_tensor calls that put host data on a device, which copy below the dispatcher."""
+
+    def __init__(self, seen: list[str]):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        device = (kwargs or {}).get("device")
+        if func in (torch.tensor, torch.as_tensor) and device is not None and torch.device(device).type != "cpu":
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_traffic():
+    """Within: the list of host reads of device values and copies from the host onto a device (run the code on the
+    meta device to check it on a machine without a GPU). Empty: the code queues device work only, so on a GPU the host
+    runs ahead and a CUDA graph can capture it."""
+    from torch.fx.experimental import _config as fx_config
+
+    seen: list[str] = []
+    # a meta boolean mask then selects every row (the meta device has no values), so the run goes on past it
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True), _HostTraffic(seen), _HostData(seen):
+        yield seen

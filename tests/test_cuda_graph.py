@@ -6,10 +6,8 @@ import copy
 
 import pytest
 import torch
+from conftest import host_traffic
 from diffusers import DDIMScheduler
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from clsp.synth.cuda_graph import GraphedSampler
 from clsp.synth.noise import row_noise
@@ -19,40 +17,6 @@ from clsp.synth.untrained_unets import ddpm_cifar10_scheduler, ddpm_cifar10_unet
 SHAPE = (3, 16, 16)
 IDS = ["a0", "a1"]
 K = 2
-
-
-class HostTraffic(TorchDispatchMode):
-    """Records the ops a CUDA graph cannot capture: reading a device tensor's value on the host (.item(), .tolist(),
-    float(), a Python `if` on a tensor), or an op between a CPU tensor and a device tensor (a copy onto the device).
-    A 0-dim CPU tensor is allowed: it rides along as a kernel argument, as a Python number does. Tensors built from
-    host data straight on the device (torch.tensor(data, device=...)) copy below the dispatcher: HostData sees them."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        on_device = any(t.device.type != "cpu" for t in tensors)
-        cpu_data = any(t.device.type == "cpu" and t.dim() > 0 for t in tensors)
-        if on_device and (cpu_data or func is torch.ops.aten._local_scalar_dense.default):
-            self.seen.append(str(func))
-        return out
-
-
-class HostData(TorchFunctionMode):
-    """Records torch.tensor / torch.as_tensor calls that put host data on a device (into `seen`)."""
-
-    def __init__(self, seen: list[str]):
-        super().__init__()
-        self.seen = seen
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        device = (kwargs or {}).get("device")
-        if func in (torch.tensor, torch.as_tensor) and device is not None and torch.device(device).type != "cpu":
-            self.seen.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def anchors_and_noise(kind: str, share: bool, seed: int = 0, ids: list[str] = IDS, size: int = 16):
@@ -72,11 +36,11 @@ def loop_traffic(kind: str, share: bool, eta: float, model: str = "tiny") -> lis
     anchors, noise = anchors_and_noise(kind, share, size=size)
     config = SamplerConfig(steps=2, eta=eta, share_anchor_noise=share, noise=kind)
     loop = DenoisingLoop.prepare(mixed_eps, unet, scheduler, anchors, noise, config, True)
-    anchors, watch = anchors.to("meta"), HostTraffic()
-    with torch.inference_mode(), watch, HostData(watch.seen):
+    anchors = anchors.to("meta")
+    with torch.inference_mode(), host_traffic() as seen:
         positives = loop.run(anchors, noise)
     assert positives.shape == anchors.shape and positives.device.type == "meta"
-    return watch.seen
+    return seen
 
 
 @pytest.mark.parametrize("share, eta, model", [(False, 0.1, "tiny"), (True, 0.1, "tiny"), (False, 0.0, "tiny"),

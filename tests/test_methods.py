@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import host_traffic
 
 from clsp.train.backbones import build_backbone, mlp_head, wants_small_stem
 from clsp.train.distributed import FeatureQueue
@@ -111,6 +112,25 @@ def test_loss_decreases_over_sgd_steps(name, positives):
         assert out["loss_clsp"].item() == 0.0
     else:
         assert out["loss_clsp"].item() > 0
+
+
+@pytest.mark.parametrize("positives", ["none", "synthetic"])
+@pytest.mark.parametrize("name", METHODS)
+def test_a_training_step_never_waits_for_the_device(name, positives):
+    """Forward, backward, SGD step and after_step, on the meta device under a watch for host reads of device values
+    (queue lengths, positive checks, boolean masks) and copies onto the device: there are none, so on a GPU the host
+    queues a whole step ahead (the loop's one wait is its loss copy after the update: train.epoch)."""
+    method = tiny_method(name, positives).to("meta").train()
+    v1, v2, v3, ids = (t.to("meta") for t in fixed_batch())
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
+                                weight_decay=1e-4)
+    with host_traffic() as seen:
+        for step in range(2):  # the second with filled queues (MoCo, NNCLR) and momentum buffers
+            method([v1, v2], ids, None if positives == "none" else v3)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_step(step / 2)
+    assert seen == []
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -63,7 +63,9 @@ class FeatureQueue(nn.Module):
     """Ring buffer of the last ``size`` feature rows (MoCo negatives, NNCLR support set).
 
     State lives in buffers (features, ptr, filled), so ``state_dict`` and checkpoints hold it. Rows are written
-    in order from row 0, so the valid rows are always ``features[:filled]``.
+    in order from row 0, so the valid rows are always ``features[:filled]``. The host keeps its own count of them
+    (``rows``, read from ``filled`` once when a state is loaded), so that a step never waits for the device to learn
+    it.
     """
 
     def __init__(self, size: int, dim: int):
@@ -74,6 +76,8 @@ class FeatureQueue(nn.Module):
         self.register_buffer("features", torch.zeros(size, dim))  # (Q, d)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next row to write
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))  # number of valid rows
+        self.rows = 0  # = int(filled), kept on the host
+        self.register_load_state_dict_post_hook(lambda queue, _: setattr(queue, "rows", int(queue.filled)))
 
     @torch.no_grad()
     def enqueue(self, x: torch.Tensor) -> None:
@@ -88,10 +92,11 @@ class FeatureQueue(nn.Module):
         self.features.index_copy_(0, index, x)
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.add_(n).clamp_(max=self.size)
+        self.rows = min(self.rows + n, self.size)
 
     def get(self) -> torch.Tensor:
         """A copy of the valid rows (filled, d). A copy, so a later ``enqueue`` cannot corrupt a pending backward."""
-        return self.features[: int(self.filled)].clone()
+        return self.features[: self.rows].clone()
 
 
 def cosine_momentum(base: float, final: float, progress: float) -> float:

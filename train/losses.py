@@ -26,11 +26,11 @@ def info_nce(
     log_prob = logits.masked_fill(is_self, float("-inf")).log_softmax(dim=1)  # (M, N)
     positives = (ids[anchor_rows][:, None] == ids[None, :]) & ~is_self  # (M, N)
     n_pos = positives.sum(dim=1)  # (M,)
-    has_pos = n_pos > 0
-    if not bool(has_pos.any()):
-        raise ValueError("info_nce: no anchor has a positive; pass at least two views sharing each id")
-    per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(dim=1) / n_pos.clamp(min=1)  # (M,)
-    return per_anchor[has_pos].mean()
+    # checked on the device: a host check (or a boolean mask) would make every step wait for the GPU here
+    torch._assert_async((n_pos > 0).any(), "info_nce: no anchor has a positive; pass at least two views sharing "
+                                           "each id")
+    per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(dim=1) / n_pos.clamp(min=1)  # (M,): 0 without positives
+    return per_anchor.sum() / (n_pos > 0).sum()  # the mean over the anchors that have positives
 
 
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
