@@ -12,6 +12,8 @@ of the eager loop it ran. So far this is a benchmark variant (synth/bench.py "gr
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import UNet2DModel
 
@@ -34,17 +36,18 @@ class GraphedSampler:
         if not isinstance(noise, CounterNoise):
             raise ValueError(f"a CUDA graph needs the counter noise drawn on the device, got {type(noise).__name__}. "
                              "Fix: build the noise with synth.noise.row_noise('counter', ...).")
-        self.loop = DenoisingLoop.prepare(mixed_eps, unet, scheduler, anchors, noise, config, fast)
-        self.noise = noise  # its key tensors on the device are the graph's noise inputs
-        self.anchors = anchors.to(device=device, dtype=torch.float32)  # (B, C, H, W): the graph's anchor input
+        self.noise = copy.deepcopy(noise)  # its own: its key tensors on the device are the graph's noise inputs
+        self.loop = DenoisingLoop.prepare(mixed_eps, unet, scheduler, anchors, self.noise, config, fast)
+        # (B, C, H, W), the graph's anchor input: a copy, so that a call never writes into the caller's tensor
+        self.anchors = anchors.to(device=device, dtype=torch.float32, copy=True)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():
-            self.loop.run(self.anchors, noise)  # warm-up, as torch.cuda.graph asks: nothing is first done in capture
+            self.loop.run(self.anchors, self.noise)  # warm-up: nothing runs for the first time inside the capture
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
-            self.positives = self.loop.run(self.anchors, noise)  # (B, C, H, W), rewritten by every replay
+            self.positives = self.loop.run(self.anchors, self.noise)  # (B, C, H, W), rewritten by every replay
 
     def __call__(self, anchors: torch.Tensor, noise: CounterNoise) -> torch.Tensor:
         """anchors (B, C, H, W) in [-1, 1] with their CounterNoise, laid out as the first batch -> positives (B, C,

@@ -146,7 +146,7 @@ def _ddim_loop(eps_fn: EpsFn, unet, scheduler, anchors, noise, config, fast):
         return loop.run(anchors.to(device=loop.device, dtype=torch.float32), noise)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors and a module: compared by identity
 class DenoisingLoop:
     """One batch layout's denoising loop, its checks done and its index tensors already on the device, so that run()
     neither reads anything back from the device nor copies anything onto it: each step is device work only, which a

@@ -2,8 +2,6 @@
 loop, run on the meta device, neither reads a tensor's value on the host nor moves a CPU tensor onto the device; and the
 graph's key tensors take a new batch's keys in place. The capture itself needs CUDA (the last test)."""
 
-import copy
-
 import pytest
 import torch
 from conftest import host_traffic
@@ -82,10 +80,12 @@ def test_replays_give_the_eager_loops_positives_for_each_batch(fast):
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     config = SamplerConfig(steps=3, eta=0.1, share_anchor_noise=True)
     anchors, noise = anchors_and_noise("counter", True)
-    graphed = GraphedSampler(unet, scheduler, anchors, copy.deepcopy(noise), config, fast=fast)
+    on_device = anchors.to("cuda")  # float32 on the device already: the graph must still keep its own copy
+    graphed = GraphedSampler(unet, scheduler, on_device, noise, config, fast=fast)
     for seed, ids in ((0, IDS), (5, ["c0", "c1"])):  # the first batch again, then another
         batch_anchors, batch_noise = anchors_and_noise("counter", True, seed, ids)
         expected = sample_positives(unet, scheduler, batch_anchors, batch_noise, config, fast=fast)
         assert torch.equal(graphed(batch_anchors, batch_noise), expected)
+    assert torch.equal(on_device.cpu(), anchors)  # the calls' anchors went into the graph's copy, not this tensor
     with pytest.raises(ValueError, match="captured for .* Fix: capture a GraphedSampler per batch layout"):
         graphed(anchors, row_noise("counter", 0, IDS, K, False))
