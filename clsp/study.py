@@ -76,9 +76,10 @@ def plan(cfg: StudyConfig) -> list:
 def check_trained_as_planned(runs: list, manifest) -> None:
     """Refuse a run folder whose config.json records another training than `runs` (TrainConfigs) plan for it, e.g. other
     --train-option values: by train's own comparison (record_differences, train's operational keys) of the options,
-    the shards (source, generator, bytes) and a streamed run's loader processes, so a study never reports a run
-    trained otherwise as one of its own, nor trains for hours before train refuses to resume one."""
+    the shards (source, generator, bytes), a streamed run's loader processes and the augmentation's draws, so a study
+    never reports a run trained otherwise as one of its own, nor trains for hours before train refuses to resume one."""
     from clsp.run_dir import read_record, record_differences
+    from clsp.train.augment import AUGMENT_DRAWS
     from clsp.train.cache import use_cache
     from clsp.train.loop import TRAIN_RUN, TrainConfig, recorded_generator, shards_sha256, stream_plan, stream_workers
 
@@ -95,9 +96,10 @@ def check_trained_as_planned(runs: list, manifest) -> None:
         # data.stream_workers and data.stream_plan; None: from memory, or split as clsp 0.3.0 split them)
         data = {**made_from, "stream_workers": None if cached else stream_workers(run.workers),
                 "stream_plan": None if cached else stream_plan(run, manifest, 1)}
-        planned = {"config": {**asdict(run), "cache": cached}, "data": data}
+        planned = {"config": {**asdict(run), "cache": cached}, "data": data, "augment_draws": AUGMENT_DRAWS}
         recorded = {"config": {**unset, "cache": False, **old.get("config", {})},
-                    "data": {key: old.get("data", {}).get(key) for key in data}}
+                    "data": {key: old.get("data", {}).get(key) for key in data},
+                    "augment_draws": old.get("augment_draws")}  # None: kornia's modules (clsp <= 0.3.0)
         differences = record_differences(recorded, planned, TRAIN_RUN.operational)
         if differences:
             raise UserError(f"{run.out} was trained otherwise than this study would train it ({'; '.join(differences)})"

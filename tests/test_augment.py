@@ -1,10 +1,13 @@
-"""BatchAugment: shapes, dtype, range, per-sample randomness, seeding, recipes, and agreement with the PIL reference."""
+"""BatchAugment: shapes, dtype, range, per-sample randomness, seeding, recipes, the crop's geometry, the jitter's
+per-sample order, no host reads, and agreement with the PIL reference."""
 import numpy as np
 import pytest
 import torch
+from conftest import host_traffic
 from PIL import Image
 
-from clsp.train.augment import BatchAugment, EvalTransform, to_unit_float
+from clsp.train.augment import _COLOUR_STEPS, _COLUMNS, PARAMS, BatchAugment, EvalTransform, colour_jitter, \
+    crop_and_flip, to_unit_float
 from clsp.train.pil_augment import pil_reference
 
 
@@ -81,3 +84,62 @@ def test_batch_and_pil_pipelines_agree_in_distribution(recipe):
     assert pil.shape == batch.shape
     assert torch.allclose(batch.mean(dim=(0, 2, 3)), pil.mean(dim=(0, 2, 3)), atol=0.08)
     assert torch.allclose(batch.std(dim=(0, 2, 3)), pil.std(dim=(0, 2, 3)), rtol=0.15)
+
+
+def uniforms(b, **columns):
+    """A sample's uniforms (B, PARAMS) split by column, with the named columns set (a float or a (B, n) tensor)."""
+    u = dict(zip(_COLUMNS, torch.full((b, PARAMS), 0.5).split(list(_COLUMNS.values()), dim=1)))
+    return {name: (column if name not in columns else torch.as_tensor(columns[name]).expand_as(column).clone())
+            for name, column in u.items()}
+
+
+def test_crop_takes_the_box_torchvision_would_and_resamples_it_exactly():
+    x = torch.rand(3, 3, 12, 16)  # (B, 3, H, W)
+    ratio_one = 0.5  # log-ratio column: the middle of [log 3/4, log 4/3] is ratio 1
+    # area 0.25 x 12 x 16 = 48 at ratio 1: w = h = round(6.93) = 7; top and left at floor(u x (room + 1))
+    u = uniforms(3, area=(0.25 - 0.08) / 0.92, log_ratio=ratio_one, top=torch.tensor([[0.0], [0.99], [0.5]]),
+                 left=torch.tensor([[0.0], [0.99], [0.3]]), flip=0.9)
+    out = crop_and_flip(x, u, size=7)  # a 7 x 7 box at 7 px: pixel centres fall on pixel centres
+    for i, (top, left) in enumerate([(0, 0), (12 - 7, 16 - 7), (3, 3)]):  # floor(0.5 * 6) = 3, floor(0.3 * 10) = 3
+        assert torch.allclose(out[i], x[i, :, top:top + 7, left:left + 7], atol=1e-5), i
+    flipped = crop_and_flip(x, {**u, "flip": torch.zeros(3, 1)}, size=7)
+    assert torch.allclose(flipped, out.flip(-1), atol=1e-5)  # a flip mirrors within the box
+
+
+def test_crop_falls_back_to_the_centred_box_when_no_try_fits():
+    x = torch.rand(2, 3, 8, 8)
+    none_fit = uniforms(2, area=1.0, log_ratio=1.0)  # whole area at ratio 4/3: wider than the image, ten times
+    assert torch.allclose(crop_and_flip(x, {**none_fit, "flip": torch.ones(2, 1)}, size=8), x, atol=1e-5)
+    tall = torch.rand(1, 3, 20, 8)  # narrower than 3/4: the fallback keeps the width, height round(8 / 0.75) = 11
+    out = crop_and_flip(tall, {**uniforms(1, area=1.0, log_ratio=1.0), "flip": torch.ones(1, 1)}, size=8)
+    expected = torch.nn.functional.interpolate(tall[:, :, 4:15], size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_jitter_applies_its_steps_in_the_order_given_to_the_samples_drawn_for_it():
+    x = torch.rand(3, 3, 6, 6)
+    factors = torch.tensor([[0.9, 0.2, 0.7, 0.95]]).expand(3, 4)  # strong contrast, some hue: the order matters
+    u = uniforms(3, jitter=torch.tensor([[0.0], [0.5], [0.9]]), factors=factors)  # JITTER_P 0.8: the third skips
+    values = [0.6 + 0.9 * 0.8, 0.6 + 0.2 * 0.8, 0.6 + 0.7 * 0.8, -0.1 + 0.95 * 0.2]  # the factors in their ranges
+    outputs = []
+    for order in ((0, 1, 2, 3), (3, 2, 1, 0)):
+        out = colour_jitter(x, u, (0.4, 0.4, 0.4, 0.1), order)
+        expected = x[:2]
+        for step in order:
+            expected = _COLOUR_STEPS[step](expected, torch.tensor([values[step]]))
+        assert torch.allclose(out[:2], expected, atol=1e-5), order
+        assert torch.equal(out[2], x[2])  # not drawn for the jitter: untouched
+        outputs.append(out)
+    assert not torch.allclose(outputs[0][:2], outputs[1][:2])  # the two orders differ on the same images
+
+
+@pytest.mark.parametrize("recipe", ["simclr", "moco"])
+def test_augmentation_never_waits_for_the_device(recipe):
+    # On a GPU a host read (kornia's modules made several per call) makes the host wait for the device at every
+    # augmented view; the meta device stands in for it (tests/conftest.host_traffic).
+    augment = BatchAugment(recipe, size=16).to("meta")
+    images = digit_like_batch(8, size=12).to("meta")
+    with host_traffic() as seen:
+        out = augment(images)
+        augment(to_unit_float(images))
+    assert seen == [] and out.shape == (8, 3, 16, 16)

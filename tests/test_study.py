@@ -14,6 +14,7 @@ import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from clsp.eval.kfold import assign_folds, kfold_accuracy
+from clsp.file_io import read_json
 from clsp.eval.linear import ProbeConfig
 from clsp.eval.paired import interval_verdict, paired_bootstrap, paired_interval
 from conftest import as_a_terminals_job, lock_held
@@ -204,6 +205,13 @@ def test_a_streamed_run_with_other_loader_processes_is_refused_before_training(t
     cached = replace(config, train_options=(*TINY_TRAIN, ("workers", 2)))  # from memory: no loader processes
     with pytest.raises(UserError, match=r"config.cache: False there, True now"):
         check_trained_as_planned(plan(cached), read_manifest(shards))
+    record_file = os.path.join(run.out, "config.json")
+    record = read_json(record_file)
+    del record["augment_draws"]  # as clsp <= 0.3.0 wrote it: views augmented by kornia's modules
+    with open(record_file, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(UserError, match=r"simclr-none-seed0 was trained otherwise .*augment_draws: None there, 2 now"):
+        check_trained_as_planned(plan(config), read_manifest(shards))
 
 
 def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_world, capsys):

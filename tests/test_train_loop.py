@@ -154,6 +154,20 @@ def test_a_streamed_run_is_refused_where_the_split_of_its_batches_over_loader_pr
         assert train(make_config(**options(folder, out, workers=workers, resume=True, **one_epoch))) == out
 
 
+def test_a_run_begun_with_kornias_augmentation_is_refused_rather_than_resumed_with_other_draws(shards, tmp_path):
+    """The views' random draws changed when the kornia modules gave way to train.augment's one draw per sample; the
+    record says which made a run (augment_draws, absent before), so a run is never continued with the other."""
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))
+    record = read_json(out / "config.json")
+    assert record["augment_draws"] == 2
+    del record["augment_draws"]
+    (out / "config.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"augment_draws: absent there, 2 now\): its views were augmented by kornia's "
+                                        r"modules as clsp <= 0.3.0 did, .*finish it with that version"):
+        train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True)))
+
+
 def test_each_method_records_its_own_settings_and_older_records_still_resume(shards, tmp_path):
     out = tmp_path / "run"
     train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))

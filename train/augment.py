@@ -1,28 +1,45 @@
-"""Batched GPU/CPU augmentation of the SimCLR and MoCo v2+ recipes (kornia); `train.pil_augment` is the per-image form.
+"""Batched GPU/CPU augmentation of the SimCLR and MoCo v2+ recipes; `train.pil_augment` is the per-image form.
 
-    augment = BatchAugment("simclr", size=32, mean=CIFAR_MEAN, std=CIFAR_STD).to(device)
+    augment = BatchAugment("simclr", size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
     v1, v2 = augment(images), augment(images)   # images: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1]
 
-Every sample gets its own crop/flip/jitter/... parameters, drawn from the torch RNG of the device the images are on
-(seed it with ``torch.manual_seed``; the module follows the input's device). Differences from torchvision's per-image
-pipeline: kornia draws one jitter order per batch (torchvision: per image), and the crop is resampled bilinearly
-without antialiasing.
+Every sample gets its own crop, flip, jitter factors, grayscale and solarize draws: one draw of PARAMS uniforms per
+sample from the torch RNG of the images' device, and the batch's jitter order from torch's CPU RNG (seed both with
+``torch.manual_seed``). Nothing is read back from the device and nothing is copied onto it, so on a GPU the host
+queues a step's augmentation and goes on (tests/test_augment.py checks this on the meta device), where kornia's
+augmentation modules read parameters back several times a call. The colour steps are kornia's functions (the
+PIL-compatible brightness, contrast, saturation and hue). Differences from torchvision's per-image pipeline: one jitter
+order per batch (as kornia's ColorJitter; one per image would run every step at every position, 3.4x the time on a
+CPU), and the crop is resampled bilinearly without antialiasing (as kornia's "resample" crop).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
-import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction, adjust_hue,
+                            adjust_saturation_with_gray_subtraction)
 from torch import nn
 
 RECIPES = ("simclr", "moco")
-CROP_SCALE = (0.08, 1.0)
+CROP_SCALE, CROP_RATIO, CROP_TRIES = (0.08, 1.0), (3 / 4, 4 / 3), 10  # torchvision's RandomResizedCrop
 JITTER = {"simclr": (0.4, 0.4, 0.4, 0.1), "moco": (0.4, 0.4, 0.2, 0.1)}  # brightness, contrast, saturation, hue
 JITTER_P, GRAYSCALE_P, SOLARIZE_P = 0.8, 0.2, 0.2  # solarize: MoCo recipe only
 DEFAULT_MEAN = (0.5, 0.5, 0.5)  # maps [0, 1] to [-1, 1]; pass dataset statistics where known
 DEFAULT_STD = (0.5, 0.5, 0.5)
+
+# The columns of a sample's uniforms, in draw order: changing them changes every augmentation of a seed.
+_COLUMNS = {"area": CROP_TRIES, "log_ratio": CROP_TRIES, "top": 1, "left": 1, "flip": 1, "jitter": 1, "factors": 4,
+            "grayscale": 1, "solarize": 1}
+PARAMS = sum(_COLUMNS.values())  # 30 uniforms per sample
+# A training run's record names how its views were drawn (augment_draws), so that a run is never resumed with other
+# draws: absent = kornia's augmentation modules (clsp <= 0.3.0); 2 = this module's draws.
+AUGMENT_DRAWS = 2
+_COLOUR_STEPS = (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
+                 adjust_saturation_with_gray_subtraction, lambda x, turns: adjust_hue(x, turns * (2 * math.pi)))
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -37,6 +54,50 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
             f"got {images.dtype} {tuple(images.shape)}"
         )
     return images.float()
+
+
+def crop_and_flip(x: torch.Tensor, u: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    """RandomResizedCrop + RandomHorizontalFlip as one bilinear resampling: (B, 3, H, W) -> (B, 3, size, size).
+
+    The box follows torchvision's draw, batched: ten tries of an area fraction and a log-uniform aspect ratio, the
+    first that fits (integer width and height), else the largest centred box within the ratio range."""
+    height, width = x.shape[-2:]
+    area = (CROP_SCALE[0] + u["area"] * (CROP_SCALE[1] - CROP_SCALE[0])) * (height * width)  # (B, tries)
+    ratio = torch.exp(math.log(CROP_RATIO[0]) + u["log_ratio"] * math.log(CROP_RATIO[1] / CROP_RATIO[0]))
+    w, h = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()  # (B, tries)
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # (B, 1): the first try that fits (argmax: first max)
+    found = fits.any(dim=1)  # (B,)
+    fallback_w, fallback_h = width, height  # centred fallback, as torchvision's, computed from the shape alone
+    if width / height < CROP_RATIO[0]:
+        fallback_h = round(width / CROP_RATIO[0])
+    elif width / height > CROP_RATIO[1]:
+        fallback_w = round(height * CROP_RATIO[1])
+    w = torch.where(found, w.gather(1, first).squeeze(1), float(fallback_w))  # (B,)
+    h = torch.where(found, h.gather(1, first).squeeze(1), float(fallback_h))
+    top = torch.where(found, (u["top"].squeeze(1) * (height - h + 1)).floor(), float((height - fallback_h) // 2))
+    left = torch.where(found, (u["left"].squeeze(1) * (width - w + 1)).floor(), float((width - fallback_w) // 2))
+    flip = torch.where(u["flip"].squeeze(1) < 0.5, -1.0, 1.0)
+    # Output pixel centres at normalised u in (-1, 1) sample the box [left, left + w] x [top, top + h]: x = sx u + tx
+    # in grid_sample's coordinates (align_corners=False); a flip mirrors within the box.
+    zero = torch.zeros_like(w)
+    theta = torch.stack([flip * w / width, zero, (2 * left + w) / width - 1,
+                         zero, h / height, (2 * top + h) / height - 1], dim=1).view(-1, 2, 3)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)  # (B, size, size, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def colour_jitter(x: torch.Tensor, u: dict[str, torch.Tensor], strengths: Sequence[float],
+                  order: Sequence[int]) -> torch.Tensor:
+    """With probability JITTER_P per sample, brightness, contrast, saturation and hue (steps 0-3) by random factors,
+    in `order`: (B, 3, H, W) in [0, 1] -> the same."""
+    ranges = [(max(0.0, 1 - s), 1 + s) for s in strengths[:3]] + [(-strengths[3], strengths[3])]  # hue: in turns
+    jittered = (u["jitter"] < JITTER_P)[:, :, None, None]  # (B, 1, 1, 1)
+    for step in order:
+        low, high = ranges[step]
+        factor = low + u["factors"][:, step] * (high - low)  # (B,)
+        x = torch.where(jittered, _COLOUR_STEPS[step](x, factor), x)
+    return x.clamp(0.0, 1.0)  # the hue step's HSV round trip may leave [0, 1] by a rounding error
 
 
 class _Normalize(nn.Module):
@@ -67,24 +128,22 @@ class BatchAugment(nn.Module):
         if size < 1:
             raise ValueError(f"augmentation output size must be >= 1 pixel, got {size}")
         self.recipe, self.size = recipe, size
-        ops = [
-            # "resample" crops the whole batch with one warp; kornia's default "slice" loops over samples on the host
-            K.RandomResizedCrop((size, size), scale=CROP_SCALE, cropping_mode="resample"),
-            K.RandomHorizontalFlip(p=0.5),
-            K.ColorJitter(*JITTER[recipe], p=JITTER_P),
-            K.RandomGrayscale(p=GRAYSCALE_P),
-        ]
-        if recipe == "moco":  # fixed threshold 0.5 like torchvision's RandomSolarize(128)
-            ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=SOLARIZE_P))
-        self.ops = nn.Sequential(*ops)
         self.normalize = _Normalize(mean, std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = to_unit_float(images)  # (B, 3, H, W) in [0, 1]
-        if self.normalize.mean.device != x.device:  # draw the random parameters where the images are
+        if self.normalize.mean.device != x.device:  # follow the images
             self.to(x.device)
-        return self.normalize(self.ops(x))  # (B, 3, size, size)
+        draws = torch.rand(x.shape[0], PARAMS, device=x.device)  # (B, PARAMS): each sample's parameters
+        u = dict(zip(_COLUMNS, draws.split(list(_COLUMNS.values()), dim=1)))
+        order = torch.randperm(len(_COLOUR_STEPS)).tolist()  # the batch's jitter order, drawn on the host
+        x = colour_jitter(crop_and_flip(x, u, self.size), u, JITTER[self.recipe], order)  # (B, 3, size, size)
+        grey = u["grayscale"][:, :, None, None] < GRAYSCALE_P  # (B, 1, 1, 1)
+        x = torch.where(grey, rgb_to_grayscale(x).expand_as(x), x)
+        if self.recipe == "moco":  # solarize at 0.5, like torchvision's RandomSolarize(128)
+            x = torch.where((u["solarize"][:, :, None, None] < SOLARIZE_P) & (x >= 0.5), 1.0 - x, x)
+        return self.normalize(x)
 
 
 class EvalTransform(nn.Module):

@@ -113,8 +113,8 @@ def _step(run: Launch, epoch: int, step: int, batch: dict, stop_flag: StopFlag) 
     """One optimiser step; a non-finite loss (on any process) stops the run. True: SIGTERM or Ctrl-C came (on any
     process), the launch stops after this step.
 
-    The losses come to the host once, after the update (the method's step itself never waits for the device:
-    tests/test_methods.py checks that on the meta device; kornia's augmentation has reads of its own): a check
+    The losses come to the host once, after the update (neither the augmentation nor the method's step waits for the
+    device: tests/test_augment.py and tests/test_methods.py check that on the meta device): a check
     before backward would hold the backward's launch until the forward had run. A non-finite loss has then updated
     the weights in memory, which the run drops: it stops here, and its checkpoints on disk are kept."""
     acc = run.acc

@@ -33,7 +33,7 @@ from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir
 from clsp.schedules import warmup_cosine
 from clsp.shards.manifest import Manifest
-from clsp.train.augment import DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
+from clsp.train.augment import AUGMENT_DRAWS, DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
 from clsp.train.backbones import RESNET_LAYOUTS, build_backbone, wants_small_stem
 from clsp.train.cache import use_cache
 from clsp.train.checkpoint import (CONFIG, LOG, SUMMARY, TRACKER_DIR, RunLog, describe_run, find_checkpoint,
@@ -88,7 +88,9 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
                     legacy_keys=("config", "backbone", "normalize", "data"), absent_means={"method_state": 1},
                     upgrade=_upgrade_record,
                     hints={"data.stream_plan": "its loader processes split the batches as clsp <= 0.3.0 did, which no "
-                                               "option brings back: finish it with that version"})
+                                               "option brings back: finish it with that version",
+                           "augment_draws": "its views were augmented by kornia's modules as clsp <= 0.3.0 did, which "
+                                            "no option brings back: finish it with that version"})
 # embedded: 16 px digits (1,437 anchors, 11 steps an epoch) on 2 CPU cores, about 2.5 minutes a run (550 steps).
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
@@ -362,7 +364,7 @@ def _build_method(cfg: TrainConfig, size: int) -> tuple[Method, dict]:
     method = build_method(cfg.method, backbone, feat_dim, cfg.method_config())
     recipe = cfg.method if cfg.method in RECIPES else "simclr"
     return method, {"method": asdict(method.cfg), "method_state": method.state_layout, "augment": recipe,
-                    "image_size": size,
+                    "augment_draws": AUGMENT_DRAWS, "image_size": size,
                     "backbone": {"name": cfg.backbone, "width": cfg.width, "small_stem": small_stem,
                                  "feat_dim": feat_dim}}
 

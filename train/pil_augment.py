@@ -5,7 +5,7 @@
 
 It follows torchvision's documented semantics (RandomResizedCrop's ten-try area/log-ratio draw with a centre-crop
 fallback, a jitter order drawn per image, PIL's enhancers, hue as a shift of the HSV hue byte, solarize at 128), so it is
-the reference the batched kornia pipeline (`train.augment.BatchAugment`) is checked against and the per-image speed
+the reference the batched pipeline (`train.augment.BatchAugment`) is checked against and the per-image speed
 `train.bench` compares it with. It is written on PIL and numpy so the CPU install needs no torchvision.
 """
 from __future__ import annotations
@@ -17,17 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from clsp.train.augment import (CROP_SCALE, DEFAULT_MEAN, DEFAULT_STD, GRAYSCALE_P, JITTER, JITTER_P, RECIPES,
-                                SOLARIZE_P)
-
-CROP_RATIO = (3 / 4, 4 / 3)
+from clsp.train.augment import (CROP_RATIO, CROP_SCALE, CROP_TRIES, DEFAULT_MEAN, DEFAULT_STD, GRAYSCALE_P, JITTER,
+                                JITTER_P, RECIPES, SOLARIZE_P)
 
 
 def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (left, top, right, bottom): a random area fraction and log-uniform aspect ratio, ten
     tries, then the largest centred box within the ratio range."""
     area = width * height
-    for _ in range(10):
+    for _ in range(CROP_TRIES):
         target = area * rng.uniform(*CROP_SCALE)
         ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
         w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
