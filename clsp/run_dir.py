@@ -132,6 +132,11 @@ def record_differences(old: dict, new: dict, operational: tuple[str, ...] = ()) 
             if not skip(key) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
 
 
+def difference_hints(kind: RunKind, differences: list[str]) -> list[str]:
+    """The kind's hints for the keys that `differences` (record_differences) name: fixes that no option gives."""
+    return [kind.hints[key] for key in kind.hints if any(d.startswith(f"{key}:") for d in differences)]
+
+
 # --- claiming a folder ----------------------------------------------------------------------------------------------
 @dataclass
 class RunDir:
@@ -249,7 +254,7 @@ def _check_folder(out: Path, record: dict, kind: RunKind, resume: bool, overwrit
         return old
     differences = record_differences(old, record, kind.operational)
     if differences:
-        hints = [kind.hints[key] for key in kind.hints if any(d.startswith(f"{key}:") for d in differences)]
+        hints = difference_hints(kind, differences)
         raise UserError(f"--out {out} holds a {kind.name} run made with another config ({'; '.join(differences)}): "
                         f"{'; '.join(hints) or 'pass the same options to continue it'}, another --out, or "
                         f"--overwrite to replace it")

@@ -78,7 +78,7 @@ def check_trained_as_planned(runs: list, manifest) -> None:
     --train-option values: by train's own comparison (record_differences, train's operational keys) of the options,
     the shards (source, generator, bytes), a streamed run's loader processes and the augmentation's draws, so a study
     never reports a run trained otherwise as one of its own, nor trains for hours before train refuses to resume one."""
-    from clsp.run_dir import read_record, record_differences
+    from clsp.run_dir import difference_hints, read_record, record_differences
     from clsp.train.augment import AUGMENT_DRAWS
     from clsp.train.cache import use_cache
     from clsp.train.loop import TRAIN_RUN, TrainConfig, recorded_generator, shards_sha256, stream_plan, stream_workers
@@ -102,9 +102,9 @@ def check_trained_as_planned(runs: list, manifest) -> None:
                     "augment_draws": old.get("augment_draws")}  # None: kornia's modules (clsp <= 0.3.0)
         differences = record_differences(recorded, planned, TRAIN_RUN.operational)
         if differences:
+            fix = "; ".join(difference_hints(TRAIN_RUN, differences)) or "rerun with the options the study was begun with"
             raise UserError(f"{run.out} was trained otherwise than this study would train it ({'; '.join(differences)})"
-                            f": its scores are not this study's; rerun with the options the study was begun with, or "
-                            f"pass another --out")
+                            f": its scores are not this study's; {fix}, or pass another --out")
 
 
 def study(cfg: StudyConfig) -> dict:
