@@ -123,6 +123,9 @@ TRAINER_ROWS: list[Row] = [
                        f"{r['config']['batch']} anchors x 3 views, {_count(r['config']['workers'], 'loader process')}"
                        f", {_count(r['threads'], 'thread')}{', compiled' if r['config'].get('compile') else ''}"),
     ("training", _training),
+    ("training + augment on the device", lambda r: "—" if "augmented_anchors_per_s" not in r["train"] else
+     f"{_sig(r['train']['augmented_anchors_per_s'])} anchors/s (augmentation: "
+     f"{100 * r['train']['augment_share_of_step']:.1f} % of a step)"),
     ("streamed png shards + augment", lambda r: _anchors(r, r["inputs"]["loader_anchors_per_s"])),
     ("streamed raw shards + augment", lambda r: _anchors(r, r["inputs"]["loader_raw_anchors_per_s"])),
     ("in-memory input + augment", lambda r: _anchors(r, r["inputs"]["cached_anchors_per_s"])),

@@ -48,6 +48,8 @@ def test_trainer_bench_measures_training_and_every_input(tmp_path):
     figures = trainer_bench.bench(cfg)
     train, inputs = figures["train"], figures["inputs"]
     assert train["anchors_per_s"] > 0 and train["gflop_per_step"] > 0 and train["compile_s"] is None
+    assert 0 < train["augmented_anchors_per_s"] and train["augment_share_of_step"] == pytest.approx(
+        1 - train["augmented_anchors_per_s"] / train["anchors_per_s"])
     assert train["view_layout"] == "contiguous_format"  # NCHW on the CPU (NHWC on CUDA: train.speed)
     # ResNet-18's 20 convolutions, forward and backward, at least: the step's host-side work
     assert train["launches_counted"] == "aten ops" and train["launches_per_step"] > 40

@@ -83,6 +83,13 @@ def test_a_trainer_table_gives_each_input_against_training(results):
     assert cells(table, "in-memory input + augment") == [
         f"{bench_report._sig(cached)} anchors/s ({bench_report._sig(cached / train)}x training)"]
     assert "Not measured yet" not in table
+    share = figures["train"]["augment_share_of_step"]
+    assert cells(table, "training + augment on the device") == [
+        f"{bench_report._sig(figures['train']['augmented_anchors_per_s'])} anchors/s (augmentation: "
+        f"{100 * share:.1f} % of a step)"]
+    del figures["train"]["augmented_anchors_per_s"]  # a file from before that figure
+    (results / "older.json").write_text(json.dumps(figures))
+    assert cells(bench_report.render("trainer", ["older.json"], results), "training + augment on the device") == ["—"]
 
 
 def test_a_results_file_of_the_other_bench_is_refused_by_name(results):

@@ -2,7 +2,9 @@
 
   train     one CLSP-SimCLR step of ResNet-18 on three views per anchor (two real + the synthetic one), input already
             on the device, as `clsp train run` takes it (train.speed: NHWC views on CUDA, --compile): anchors/s,
-            achieved FLOP/s (vs the device's peak on a known GPU), and the launches a step takes (clsp.bench.launches)
+            achieved FLOP/s (vs the device's peak on a known GPU), and the launches a step takes (clsp.bench.launches);
+            then the same steps with their three views augmented on the device first, as the loop does: what share
+            of a step the augmentation takes (the two interleaved, best of --repeats)
   loader    the shard stream (decode the anchor and one of K positives) + BatchAugment of the three views on the device,
             from the same shards written with each image codec: png (PIL decodes) and raw (.npy: no decoding), timed
             interleaved, best of --repeats; raw_over_png is their ratio
@@ -76,10 +78,12 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     method = build_method("simclr", backbone, feat_dim, MethodConfig.for_method("simclr")).to(device)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
     views = [to_view_layout(torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device)) for _ in range(3)]
+    images = torch.randint(0, 256, (cfg.batch, cfg.size, cfg.size, 3), dtype=torch.uint8, device=device)  # (B,S,S,3)
+    augment = BatchAugment("simclr", cfg.size).to(device)
     ids = torch.arange(cfg.batch, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step() -> None:
+    def step(views: list[torch.Tensor] = views) -> None:
         with autocast:
             loss = method(views[:2], ids, views[2])["loss"]
         loss.backward()
@@ -96,15 +100,16 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
         step(), step()
         sync(device)
         compile_s = time.perf_counter() - start
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(cfg.steps):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / cfg.steps
+    augmented = lambda: step([to_view_layout(augment(images)) for _ in range(3)])  # noqa: E731  the loop's step
+    augmented()  # warm-up
+    rounds = [(timed_steps(step, cfg.steps, device), timed_steps(augmented, cfg.steps, device))
+              for _ in range(cfg.repeats)]  # interleaved: a slow spell of the machine hits both
+    seconds, augmented_seconds = (min(times) for times in zip(*rounds))  # best of --repeats each
     launched = launches(step, device)
     flops = counter.get_total_flops() / seconds
     result = {"anchors_per_s": cfg.batch / seconds, "views_per_s": 3 * cfg.batch / seconds,
+              "augmented_anchors_per_s": cfg.batch / augmented_seconds,
+              "augment_share_of_step": 1 - seconds / augmented_seconds,
               "gflop_per_step": counter.get_total_flops() / 1e9, "achieved_tflop_s": flops / 1e12,
               "compile_s": compile_s, "launches_per_step": launched, "launches_counted": launch_unit(device),
               "view_layout": str(view_layout(device)).removeprefix("torch.")}
@@ -112,6 +117,16 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     if peak is not None:
         result.update(peak_bf16_tflop_s=peak / 1e12, fraction_of_peak=flops / peak)
     return result
+
+
+def timed_steps(step, steps: int, device: torch.device) -> float:
+    """Seconds per call of `step`, over `steps` calls queued back to back."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
 
 
 def write_bench_shards(directory: Path, cfg: BenchConfig, codec: str = "png") -> list[str]:
@@ -236,6 +251,8 @@ def main(device: str = DEVICE, width: int = typer.Option(64),
              f"train            {t['anchors_per_s']:9.1f} anchors/s  ({t['views_per_s']:.1f} views/s, "
              f"{t['achieved_tflop_s'] * 1e3:.1f} GFLOP/s achieved; {t['launches_per_step']:,} "
              f"{t['launches_counted']} a step)",
+             f"train+augment    {t['augmented_anchors_per_s']:9.1f} anchors/s  (3 views augmented on the device "
+             f"first: {t['augment_share_of_step']:.1%} of a step)",
              f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of {result['config']['k']} "
              f"positives, 3 augmented views; png shards, {mib['png']:.1f} MiB)",
              f"  raw codec      {i['loader_raw_anchors_per_s']:9.1f} anchors/s  (the same from .npy members, "
