@@ -1,5 +1,5 @@
 """BatchAugment: shapes, dtype, range, per-sample randomness, seeding, recipes, the crop's geometry, the jitter's
-per-sample order, no host reads, and agreement with the PIL reference."""
+order and gate, no host reads, and agreement with the PIL reference."""
 import numpy as np
 import pytest
 import torch
