@@ -117,15 +117,25 @@ def _training(r: dict) -> str:
             f"{compiled}{launched}")
 
 
+def _augmented_training(r: dict) -> str:
+    """The loop's step, views augmented on the device first: its rate, the augmentation's share of it and what one
+    view's augmentation launches (files from before these figures: '—')."""
+    t = r["train"]
+    if "augmented_anchors_per_s" not in t:
+        return "—"
+    launched = (f", {t['augment_launches_per_view']:,} {t['launches_counted']} a view"
+                if "augment_launches_per_view" in t else "")
+    return (f"{_sig(t['augmented_anchors_per_s'])} anchors/s (augmentation: "
+            f"{100 * t['augment_share_of_step']:.1f} % of a step{launched})")
+
+
 TRAINER_ROWS: list[Row] = [
     *PROVENANCE_ROWS,
     ("work", lambda r: f"ResNet-18 width {r['config']['width']} at {r['config']['size']} px, batch "
                        f"{r['config']['batch']} anchors x 3 views, {_count(r['config']['workers'], 'loader process')}"
                        f", {_count(r['threads'], 'thread')}{', compiled' if r['config'].get('compile') else ''}"),
     ("training", _training),
-    ("training + augment on the device", lambda r: "—" if "augmented_anchors_per_s" not in r["train"] else
-     f"{_sig(r['train']['augmented_anchors_per_s'])} anchors/s (augmentation: "
-     f"{100 * r['train']['augment_share_of_step']:.1f} % of a step)"),
+    ("training + augment on the device", _augmented_training),
     ("streamed png shards + augment", lambda r: _anchors(r, r["inputs"]["loader_anchors_per_s"])),
     ("streamed raw shards + augment", lambda r: _anchors(r, r["inputs"]["loader_raw_anchors_per_s"])),
     ("in-memory input + augment", lambda r: _anchors(r, r["inputs"]["cached_anchors_per_s"])),

@@ -143,3 +143,25 @@ def test_augmentation_never_waits_for_the_device(recipe):
         out = augment(images)
         augment(to_unit_float(images))
     assert seen == [] and out.shape == (8, 3, 16, 16)
+
+
+@pytest.mark.parametrize("recipe", ["simclr", "moco"])
+def test_compiled_stages_give_the_eager_views_and_compile_once_per_colour_step_not_per_order(recipe):
+    """What `--compile` does to the augmentation on a GPU (inductor there); aot_eager traces the stages the same way
+    on the CPU (dynamo, fullgraph: a graph break fails) and runs the traced graphs with eager kernels."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # graphs compiled earlier in this process (the other recipe's) would be reused
+    images = digit_like_batch(8, size=12)
+    eager, compiled = BatchAugment(recipe, size=10), BatchAugment(recipe, size=10).compile_stages("aot_eager")
+    before, graphs, orders = counters["stats"]["unique_graphs"], [], set()
+    for call in range(12):  # 12 batches: 10 or more of the 24 jitter orders
+        torch.manual_seed(call)
+        orders.add(tuple(torch.randperm(4).tolist()))  # the order forward draws after this seed (host generator)
+        torch.manual_seed(call)
+        want = eager(images)
+        torch.manual_seed(call)
+        torch.testing.assert_close(compiled(images), want, rtol=0, atol=1e-6)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert len(orders) >= 8
+    assert graphs[0] == graphs[-1] == 6  # crop, four colour steps (every batch uses all four), the last steps

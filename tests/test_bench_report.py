@@ -83,13 +83,18 @@ def test_a_trainer_table_gives_each_input_against_training(results):
     assert cells(table, "in-memory input + augment") == [
         f"{bench_report._sig(cached)} anchors/s ({bench_report._sig(cached / train)}x training)"]
     assert "Not measured yet" not in table
-    share = figures["train"]["augment_share_of_step"]
+    step = figures["train"]  # the training figures
+    augmented = (f"{bench_report._sig(step['augmented_anchors_per_s'])} anchors/s "
+                 f"(augmentation: {100 * step['augment_share_of_step']:.1f} % of a step")
     assert cells(table, "training + augment on the device") == [
-        f"{bench_report._sig(figures['train']['augmented_anchors_per_s'])} anchors/s (augmentation: "
-        f"{100 * share:.1f} % of a step)"]
-    del figures["train"]["augmented_anchors_per_s"]  # a file from before that figure
+        f"{augmented}, {step['augment_launches_per_view']:,} aten ops a view)"]
+    del step["augment_launches_per_view"]  # a file from before that figure
     (results / "older.json").write_text(json.dumps(figures))
-    assert cells(bench_report.render("trainer", ["older.json"], results), "training + augment on the device") == ["—"]
+    assert cells(bench_report.render("trainer", ["older.json"], results), "training + augment on the device") == [
+        f"{augmented})"]
+    del step["augmented_anchors_per_s"]  # and before the augmented step
+    (results / "oldest.json").write_text(json.dumps(figures))
+    assert cells(bench_report.render("trainer", ["oldest.json"], results), "training + augment on the device") == ["—"]
 
 
 def test_a_results_file_of_the_other_bench_is_refused_by_name(results):

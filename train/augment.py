@@ -7,8 +7,9 @@ Every sample gets its own crop, flip, jitter factors, grayscale and solarize dra
 sample from the torch RNG of the images' device, and the batch's jitter order from torch's CPU RNG (seed both with
 ``torch.manual_seed``). Nothing is read back from the device and nothing is copied onto it, so on a GPU the host
 queues a step's augmentation and goes on (tests/test_augment.py checks this on the meta device), where kornia's
-augmentation modules read parameters back several times a call. The colour steps are kornia's functions (the
-PIL-compatible brightness, contrast, saturation and hue). Differences from torchvision's per-image pipeline: one jitter
+augmentation modules read parameters back several times a call. On a GPU, `compile_stages()` (what `--compile`
+does) compiles the work between the draws, about 240 small ops a view, into a few fused kernels. The colour steps
+are kornia's functions (the PIL-compatible brightness, contrast, saturation and hue). Differences from torchvision's per-image pipeline: one jitter
 order per batch (as kornia's ColorJitter; one per image would run every step at every position, 3.4x the time on a
 CPU), and the crop is resampled bilinearly without antialiasing (as kornia's "resample" crop).
 """
@@ -87,17 +88,33 @@ def crop_and_flip(x: torch.Tensor, u: dict[str, torch.Tensor], size: int) -> tor
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def colour_jitter(x: torch.Tensor, u: dict[str, torch.Tensor], strengths: Sequence[float],
-                  order: Sequence[int]) -> torch.Tensor:
+def jitter_step(x: torch.Tensor, u_factor: torch.Tensor, jittered: torch.Tensor, step: int, low: float,
+                high: float) -> torch.Tensor:
+    """Colour step `step` (0-3: brightness, contrast, saturation, hue) by a factor uniform in [low, high] on the
+    samples `jittered` (B, 1, 1, 1) marks: (B, 3, H, W) -> the same; u_factor (B,) in [0, 1)."""
+    return torch.where(jittered, _COLOUR_STEPS[step](x, low + u_factor * (high - low)), x)
+
+
+def colour_jitter(x: torch.Tensor, u: dict[str, torch.Tensor], strengths: Sequence[float], order: Sequence[int],
+                  step=jitter_step) -> torch.Tensor:
     """With probability JITTER_P per sample, brightness, contrast, saturation and hue (steps 0-3) by random factors,
-    in `order`: (B, 3, H, W) in [0, 1] -> the same."""
+    in `order`: (B, 3, H, W) in [0, 1] -> the same. `step`: jitter_step or its compiled form."""
     ranges = [(max(0.0, 1 - s), 1 + s) for s in strengths[:3]] + [(-strengths[3], strengths[3])]  # hue: in turns
-    jittered = (u["jitter"] < JITTER_P)[:, :, None, None]  # (B, 1, 1, 1)
-    for step in order:
-        low, high = ranges[step]
-        factor = low + u["factors"][:, step] * (high - low)  # (B,)
-        x = torch.where(jittered, _COLOUR_STEPS[step](x, factor), x)
+    jittered = u["jitter"][:, :, None, None] < JITTER_P  # (B, 1, 1, 1)
+    for index in order:
+        x = step(x, u["factors"][:, index], jittered, index, *ranges[index])
     return x.clamp(0.0, 1.0)  # the hue step's HSV round trip may leave [0, 1] by a rounding error
+
+
+def grey_solarize_normalise(x: torch.Tensor, u: dict[str, torch.Tensor], solarize: bool, mean: torch.Tensor,
+                            std: torch.Tensor) -> torch.Tensor:
+    """The last steps: grayscale (p GRAYSCALE_P), MoCo's solarize at 0.5 (p SOLARIZE_P, like torchvision's
+    RandomSolarize(128)) where `solarize`, then (x - mean) / std: (B, 3, H, W) -> the same; mean, std (1, 3, 1, 1)."""
+    grey = u["grayscale"][:, :, None, None] < GRAYSCALE_P  # (B, 1, 1, 1)
+    x = torch.where(grey, rgb_to_grayscale(x).expand_as(x), x)
+    if solarize:
+        x = torch.where((u["solarize"][:, :, None, None] < SOLARIZE_P) & (x >= 0.5), 1.0 - x, x)
+    return (x - mean) / std
 
 
 class _Normalize(nn.Module):
@@ -110,6 +127,9 @@ class _Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std  # (B, 3, H, W)
+
+
+_STAGES = (crop_and_flip, jitter_step, grey_solarize_normalise)
 
 
 class BatchAugment(nn.Module):
@@ -128,7 +148,18 @@ class BatchAugment(nn.Module):
         if size < 1:
             raise ValueError(f"augmentation output size must be >= 1 pixel, got {size}")
         self.recipe, self.size = recipe, size
-        self.normalize = _Normalize(mean, std)
+        self.normalize = _Normalize(mean, std)  # its buffers: the mean and std the last stage uses
+        self._crop, self._step, self._finish = _STAGES  # eager; compile_stages replaces them
+
+    def compile_stages(self, backend: str = "inductor") -> BatchAugment:
+        """torch.compile the three stages (crop and flip, a jitter step, the last steps) for a GPU, where each of
+        their small ops (with the draws, about 240 a view) would otherwise be a kernel launch; returns self. The draws stay eager, so the
+        views are the eager ones up to float rounding. Each stage compiles once per batch shape, the jitter step once
+        per colour step too: 6 graphs a recipe and shape. (Compiling forward whole would draw inside the graph, with
+        other random numbers, and compile once per jitter order: 24.)"""
+        self._crop, self._step, self._finish = (torch.compile(stage, backend=backend, dynamic=False, fullgraph=True)
+                                                for stage in _STAGES)
+        return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -138,12 +169,8 @@ class BatchAugment(nn.Module):
         draws = torch.rand(x.shape[0], PARAMS, device=x.device)  # (B, PARAMS): each sample's parameters
         u = dict(zip(_COLUMNS, draws.split(list(_COLUMNS.values()), dim=1)))
         order = torch.randperm(len(_COLOUR_STEPS)).tolist()  # the batch's jitter order, drawn on the host
-        x = colour_jitter(crop_and_flip(x, u, self.size), u, JITTER[self.recipe], order)  # (B, 3, size, size)
-        grey = u["grayscale"][:, :, None, None] < GRAYSCALE_P  # (B, 1, 1, 1)
-        x = torch.where(grey, rgb_to_grayscale(x).expand_as(x), x)
-        if self.recipe == "moco":  # solarize at 0.5, like torchvision's RandomSolarize(128)
-            x = torch.where((u["solarize"][:, :, None, None] < SOLARIZE_P) & (x >= 0.5), 1.0 - x, x)
-        return self.normalize(x)
+        x = colour_jitter(self._crop(x, u, self.size), u, JITTER[self.recipe], order, self._step)  # (B, 3, size, size)
+        return self._finish(x, u, self.recipe == "moco", self.normalize.mean, self.normalize.std)
 
 
 class EvalTransform(nn.Module):

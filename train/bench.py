@@ -57,7 +57,7 @@ class BenchConfig:
     k: int = 8
     workers: int = 0
     repeats: int = 2       # interleaved rounds of the png and raw loaders; the best of each is reported
-    compile: bool = False  # torch.compile the encoder for the training steps (train.speed), as `--compile` does
+    compile: bool = False  # torch.compile the encoder and the augmentation (train.speed), as `--compile` does
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
@@ -73,13 +73,13 @@ class BenchConfig:
 
 def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     """Training steps as `clsp train run` takes them on `device` (bf16 autocast and NHWC views on CUDA, the encoder
-    compiled with cfg.compile: train.speed), input already on the device."""
+    and the augmentation compiled with cfg.compile: train.speed), input already on the device."""
     backbone, feat_dim = build_backbone("resnet18", cfg.width, small_stem=True)
     method = build_method("simclr", backbone, feat_dim, MethodConfig.for_method("simclr")).to(device)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
     views = [to_view_layout(torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device)) for _ in range(3)]
     images = torch.randint(0, 256, (cfg.batch, cfg.size, cfg.size, 3), dtype=torch.uint8, device=device)  # (B,S,S,3)
-    augment = BatchAugment("simclr", cfg.size).to(device)
+    augment = bench_augment(cfg, device)
     ids = torch.arange(cfg.batch, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -94,26 +94,28 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     with FlopCounterMode(display=False) as counter:  # one eager step: the FLOPs (and the warm-up when eager)
         step()
     compile_s = None
-    if cfg.compile:  # compiled after the count (the counter is a dispatch mode); two steps compile and settle
-        compile_encoders(method)
-        start = time.perf_counter()
-        step(), step()
-        sync(device)
-        compile_s = time.perf_counter() - start
     def augmented_step() -> None:  # the loop's step: three views augmented on the device, then the update
         step([to_view_layout(augment(images)) for _ in range(3)])
 
+    if cfg.compile:  # compiled after the count (the counter is a dispatch mode); two steps compile and settle
+        compile_encoders(method)
+        start = time.perf_counter()
+        step(), augmented_step()  # the encoder's graphs, then the augmentation's (bench_augment)
+        sync(device)
+        compile_s = time.perf_counter() - start
     augmented_step()  # warm-up
-    rounds = [(timed_steps(step, cfg.steps, device), timed_steps(augmented_step, cfg.steps, device))
-              for _ in range(cfg.repeats)]  # interleaved: a slow spell of the machine hits both
-    seconds, augmented_seconds = (min(times) for times in zip(*rounds))  # best of --repeats each
+    times, _ = best_of({"plain": lambda: [step() for _ in range(cfg.steps)],  # cfg.steps queued back to back
+                        "augmented": lambda: [augmented_step() for _ in range(cfg.steps)]}, cfg.repeats, device)
+    seconds, augmented_seconds = min(times["plain"]) / cfg.steps, min(times["augmented"]) / cfg.steps  # best of each
     launched = launches(step, device)
+    augment_launched = launches(lambda: augment(images), device)  # one view's
     flops = counter.get_total_flops() / seconds
     result = {"anchors_per_s": cfg.batch / seconds, "views_per_s": 3 * cfg.batch / seconds,
               "augmented_anchors_per_s": cfg.batch / augmented_seconds,
               "augment_share_of_step": 1 - seconds / augmented_seconds,
               "gflop_per_step": counter.get_total_flops() / 1e9, "achieved_tflop_s": flops / 1e12,
               "compile_s": compile_s, "launches_per_step": launched, "launches_counted": launch_unit(device),
+              "augment_launches_per_view": augment_launched,
               "view_layout": str(view_layout(device)).removeprefix("torch.")}
     peak = peak_bf16_flops(device)
     if peak is not None:
@@ -121,14 +123,10 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     return result
 
 
-def timed_steps(step, steps: int, device: torch.device) -> float:
-    """Seconds per call of `step`, over `steps` calls queued back to back."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - start) / steps
+def bench_augment(cfg: BenchConfig, device: torch.device) -> BatchAugment:
+    """The loop's augmentation: its stages compiled with cfg.compile, as `clsp train run --compile` does."""
+    augment = BatchAugment("simclr", cfg.size).to(device)
+    return augment.compile_stages() if cfg.compile else augment
 
 
 def write_bench_shards(directory: Path, cfg: BenchConfig, codec: str = "png") -> list[str]:
@@ -170,7 +168,7 @@ def loader_epoch(cfg: BenchConfig, device: torch.device, augment: BatchAugment |
 
 def bench_inputs(cfg: BenchConfig, device: torch.device, urls: dict[str, list[str]]) -> dict:
     """urls: {codec: shard paths} for png and raw, the same images in each."""
-    augment = BatchAugment("simclr", cfg.size).to(device)
+    augment = bench_augment(cfg, device)
     steps = cfg.anchors // cfg.batch
     variants = {f"{codec}{part}": loader_epoch(cfg, device, augment if part == "" else None, paths)
                 for codec, paths in urls.items() for part in ("", " stream")}  # "png", "png stream", "raw", ...
@@ -236,8 +234,8 @@ def main(device: str = DEVICE, width: int = typer.Option(64),
          workers: Optional[int] = typer.Option(None, help="Loader processes (default: 0 on the CPU; on CUDA the "
                                                "cores less two, at most 8)."),
          repeats: int = REPEATS, threads: int = THREADS,
-         compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder, as `clsp train run "
-                                      "--compile` (the compile is timed apart)."),
+         compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder and the augmentation's "
+                                      "stages, as `clsp train run --compile` (the compile is timed apart)."),
          out: Path = OUT) -> None:
     """Training vs input-pipeline throughput (anchors/s; each anchor is three augmented views)."""
     set_threads(threads)
@@ -254,7 +252,8 @@ def main(device: str = DEVICE, width: int = typer.Option(64),
              f"{t['achieved_tflop_s'] * 1e3:.1f} GFLOP/s achieved; {t['launches_per_step']:,} "
              f"{t['launches_counted']} a step)",
              f"train+augment    {t['augmented_anchors_per_s']:9.1f} anchors/s  (3 views augmented on the device "
-             f"first: {t['augment_share_of_step']:.1%} of a step)",
+             f"first: {t['augment_share_of_step']:.1%} of a step; {t['augment_launches_per_view']:,} "
+             f"{t['launches_counted']} a view)",
              f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of {result['config']['k']} "
              f"positives, 3 augmented views; png shards, {mib['png']:.1f} MiB)",
              f"  raw codec      {i['loader_raw_anchors_per_s']:9.1f} anchors/s  (the same from .npy members, "

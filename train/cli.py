@@ -57,8 +57,9 @@ def run_command(
         None, "--cache/--no-cache", help="Decode every image once and train from memory (no loader processes); "
         "default: when one process's share fits in 4 GiB."),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " (default: auto)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the encoders: faster steps on a GPU after a "
-                                 "first step that compiles (minutes); recorded, a resume must match it."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the encoders and the augmentation's stages: "
+                                 "faster steps on a GPU after a first step that compiles (minutes); recorded, a resume "
+                                 "must match it."),
     knn_every: Optional[int] = typer.Option(None, help="Epochs between kNN monitor runs (0: off)."),
     knn_source: Optional[str] = typer.Option(None, help="Labelled source for the kNN monitor, e.g. digits."),
     log_with: Optional[str] = typer.Option(

@@ -316,6 +316,8 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
         acc.init_trackers(TRACKER_DIR)
         stack.callback(acc.end_training)
     augment = BatchAugment(built["augment"], size, DEFAULT_MEAN, DEFAULT_STD).to(acc.device)
+    if cfg.compile:
+        augment.compile_stages()  # lazily, as the encoders: the first step compiles
     return _start(cfg, acc, method, checkpoint, stack, spe=spe, augment=augment, stream=stream, loader=loader,
                   monitor=monitor)
 
