@@ -93,10 +93,10 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
 
     with FlopCounterMode(display=False) as counter:  # one eager step: the FLOPs (and the warm-up when eager)
         step()
-    compile_s = None
     def augmented_step() -> None:  # the loop's step: three views augmented on the device, then the update
         step([to_view_layout(augment(images)) for _ in range(3)])
 
+    compile_s = None
     if cfg.compile:  # compiled after the count (the counter is a dispatch mode); two steps compile and settle
         compile_encoders(method)
         start = time.perf_counter()
