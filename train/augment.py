@@ -9,9 +9,9 @@ sample from the torch RNG of the images' device, and the batch's jitter order fr
 queues a step's augmentation and goes on (tests/test_augment.py checks this on the meta device), where kornia's
 augmentation modules read parameters back several times a call. On a GPU, `compile_stages()` (what `--compile`
 does) compiles the work between the draws, about 240 small ops a view, into a few fused kernels. The colour steps
-are kornia's functions (the PIL-compatible brightness, contrast, saturation and hue). Differences from torchvision's per-image pipeline: one jitter
-order per batch (as kornia's ColorJitter; one per image would run every step at every position, 3.4x the time on a
-CPU), and the crop is resampled bilinearly without antialiasing (as kornia's "resample" crop).
+are kornia's functions (the PIL-compatible brightness, contrast, saturation and hue). Differences from torchvision's
+per-image pipeline: one jitter order per batch (as kornia's ColorJitter; one per image would run every step at every
+position, 3.4x the time on a CPU), and the crop is resampled bilinearly without antialiasing (as kornia's "resample" crop).
 """
 from __future__ import annotations
 
@@ -153,10 +153,10 @@ class BatchAugment(nn.Module):
 
     def compile_stages(self, backend: str = "inductor") -> BatchAugment:
         """torch.compile the three stages (crop and flip, a jitter step, the last steps) for a GPU, where each of
-        their small ops (with the draws, about 240 a view) would otherwise be a kernel launch; returns self. The draws stay eager, so the
-        views are the eager ones up to float rounding. Each stage compiles once per batch shape, the jitter step once
-        per colour step too: 6 graphs a recipe and shape. (Compiling forward whole would draw inside the graph, with
-        other random numbers, and compile once per jitter order: 24.)"""
+        their small ops (with the draws, about 240 a view) would otherwise be a kernel launch; returns self. The
+        draws stay eager, so the views are the eager ones up to float rounding. Each stage compiles once per batch
+        shape, the jitter step once per colour step too: 6 graphs a recipe and shape. (Compiling forward whole would
+        draw inside the graph, with other random numbers, and compile once per jitter order: 24.)"""
         self._crop, self._step, self._finish = (torch.compile(stage, backend=backend, dynamic=False, fullgraph=True)
                                                 for stage in _STAGES)
         return self

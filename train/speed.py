@@ -9,7 +9,8 @@
   break graphs). The augmentation's stages are compiled too (`BatchAugment.compile_stages`: about 240 small ops a
   view eagerly, each a kernel launch on a GPU, three views a step), its draws staying eager. Compiling in place keeps
   the state-dict names (no `_orig_mod.` prefix), so checkpoints and backbone.safetensors are those of an eager run.
-  Compiled code rounds differently from eager code, so a run records `compile` and a resume must match it. GPU runs only (clsp.vocabulary.CPU_COMPILE_REFUSED says why).
+  Compiled code rounds differently from eager code, so a run records `compile` and a resume must match it. GPU runs
+  only (clsp.vocabulary.CPU_COMPILE_REFUSED says why).
 """
 from __future__ import annotations
 
