@@ -11,7 +11,8 @@ augmentation modules read parameters back several times a call. On a GPU, `compi
 does) compiles the work between the draws, about 240 small ops a view, into a few fused kernels. The colour steps
 are kornia's functions (the PIL-compatible brightness, contrast, saturation and hue). Differences from torchvision's
 per-image pipeline: one jitter order per batch (as kornia's ColorJitter; one per image would run every step at every
-position, 3.4x the time on a CPU), and the crop is resampled bilinearly without antialiasing (as kornia's "resample" crop).
+position, 3.4x the time on a CPU), and the crop is resampled bilinearly without antialiasing (as kornia's "resample"
+crop).
 """
 from __future__ import annotations
 
