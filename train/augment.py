@@ -115,6 +115,12 @@ def grey_solarize_normalise(x: torch.Tensor, u: dict[str, torch.Tensor], solariz
     x = torch.where(grey, rgb_to_grayscale(x).expand_as(x), x)
     if solarize:
         x = torch.where((u["solarize"][:, :, None, None] < SOLARIZE_P) & (x >= 0.5), 1.0 - x, x)
+    return normalise(x, mean, std)
+
+
+def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std: x (B, 3, H, W), mean and std (1, 3, 1, 1). A plain function, so that the compiled last stage
+    fuses it into its kernel."""
     return (x - mean) / std
 
 
@@ -127,7 +133,7 @@ class _Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std  # (B, 3, H, W)
+        return normalise(x, self.mean, self.std)  # (B, 3, H, W)
 
 
 _STAGES = (crop_and_flip, jitter_step, grey_solarize_normalise)
