@@ -127,7 +127,7 @@ def series(path: str | Path) -> list[Path]:
     if not path.parent.is_dir():
         return []
     pattern = re.compile(re.escape(path.stem) + r"-(\d+)" + re.escape(path.suffix) + r"$")
-    numbered = sorted((int(m.group(1)), p) for p in path.parent.iterdir() if (m := pattern.match(p.name)))
+    numbered = sorted((int(m.group(1)), p) for p in path.parent.iterdir() if (m := pattern.fullmatch(p.name)))
     return [path] * path.exists() + [p for _, p in numbered]
 
 

@@ -198,9 +198,16 @@ class Manifest:
                         self.index.column("label").to_numpy(), checksums, unscored, self.codec)
 
 
+MAX_MANIFEST_BYTES = 16 << 20  # manifest.json: about 170 bytes a shard, so some 100,000 shards
+
+
 def _read(location: str) -> bytes:
     with open_location(location) as handle:
-        return handle.read(16 << 20)
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ShardError(f"{location} is larger than {MAX_MANIFEST_BYTES} bytes, the most a manifest may take, and "
+                         f"was not read: regenerate the shards as fewer shards (more --anchors-per-shard)")
+    return data
 
 
 # the most bytes of one value of each index column the schema allows (a score: one float32 of K); others: MAX_ID_CHARS
@@ -291,7 +298,7 @@ def _begun_by_synth(folder: Path) -> bool:
     """Whether a folder without a manifest holds a synth job's record or shards: a job that has not finished (or a copy
     that left the manifest behind), not a folder of something else."""
     try:
-        if any(SHARD_PATTERN.match(p.name) for p in folder.iterdir()):
+        if any(SHARD_PATTERN.fullmatch(p.name) for p in folder.iterdir()):
             return True
         with open(folder / SYNTH_RECORD, "rb") as handle:
             record = json.loads(handle.read(1 << 20))

@@ -40,7 +40,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TOP_SPEC = [("count", int, 0, None), ("run", dict), ("shards", list), ("index", dict)]
 
 
-RUN_SPEC = [("source", dict), ("generator", dict), ("sampler", dict), ("k", int, 0, MAX_K), ("seed", int),
+RUN_SPEC = [("source", dict), ("generator", dict), ("sampler", dict), ("k", int, 1, MAX_K), ("seed", int),
             ("image_size", int, 1, MAX_IMAGE_SIDE), ("anchors_per_shard", int, 1, None), ("package_version", str)]
 
 
@@ -91,12 +91,10 @@ def document_problems(document: dict) -> list[str]:
     problems: list[str] = []
     _check_fields(document, TOP_SPEC, "", problems)
     run, index, shards = document.get("run"), document.get("index"), document.get("shards")
-    if isinstance(run, dict) and _check_fields(run, RUN_SPEC, "run.", problems) and "num_classes" in run["source"]:
-        _check_fields(run["source"], SOURCE_SPEC, "run.source.", problems)
-    if isinstance(run, dict) and "codec" in run:
-        problems += _codec_problems(run["codec"], document.get("schema_version"))
+    if isinstance(run, dict):
+        problems += run_problems(run, document.get("schema_version"))
     if isinstance(index, dict) and _check_fields(index, INDEX_SPEC, "index.", problems):
-        if index["name"] != INDEX or not HEX64.match(index["sha256"]):
+        if index["name"] != INDEX or not HEX64.fullmatch(index["sha256"]):
             problems.append(f"index must name {INDEX} and give its sha256 (64 hex digits)")
     if isinstance(shards, list):
         problems += [] if shards else ["shards is empty: a manifest lists at least one shard"]
@@ -105,13 +103,23 @@ def document_problems(document: dict) -> list[str]:
             if not isinstance(entry, dict):
                 problems.append(f"{where} is {_show(entry)}, expected an object")
             elif _check_fields(entry, SHARD_SPEC, f"{where}.", problems):
-                if not SHARD_PATTERN.match(entry["name"]):
+                if not SHARD_PATTERN.fullmatch(entry["name"]):
                     problems.append(f"{where}.name is {_show(entry['name'])}: shard names must look like "
                                     f"shard-000000.tar")
-                if not HEX64.match(entry["sha256"]):
+                if not HEX64.fullmatch(entry["sha256"]):
                     problems.append(f"{where}.sha256 is not 64 hex digits")
         names = [entry.get("name") for entry in shards if isinstance(entry, dict)]
         problems += [f"shard {name} is listed twice" for name in sorted({n for n in names if names.count(n) > 1})]
+    return problems
+
+
+def run_problems(run: dict, version) -> list[str]:
+    """Types, required fields and bounds of manifest.json's run record (`version`: the manifest's schema version)."""
+    problems: list[str] = []
+    if _check_fields(run, RUN_SPEC, "run.", problems) and "num_classes" in run["source"]:
+        _check_fields(run["source"], SOURCE_SPEC, "run.source.", problems)
+    if "codec" in run:
+        problems += _codec_problems(run["codec"], version)
     return problems
 
 

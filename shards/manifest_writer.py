@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clsp.shards.atomic import fsync_dir, write_atomic
-from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, PENDING_INDEX, Manifest, ManifestError, pending_index
+from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, MAX_MANIFEST_BYTES, PENDING_INDEX, Manifest, ManifestError, \
+    pending_index
 from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, SCORE_TYPE, document_problems, index_problems, \
-    looks_like_index, score_column
-from clsp.shards.reader import RawSample, ShardError, iter_shard
+    looks_like_index, run_problems, score_column
+from clsp.shards.reader import RawSample, ShardError, iter_shard, open_location
 from clsp.shards.codecs import DEFAULT_CODEC
 from clsp.shards.schema import CODEC_VERSIONS, SCHEMA_VERSION, positive_distances, sample_sha256
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, shard_name
@@ -37,7 +38,7 @@ class AgreementScorer:
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_location(str(path)) as handle:  # a regular file only
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -63,7 +64,7 @@ def _index_shards(directory: Path, k, agreement: AgreementScorer | None) -> tupl
                        + ([pa.field(agree, SCORE_TYPE)] if agreement is not None else []))
     rows: dict[str, list] = {name: [] for name in schema.names}
     shards = []
-    for path in sorted(p for p in directory.iterdir() if SHARD_PATTERN.match(p.name)):
+    for path in sorted(p for p in directory.iterdir() if SHARD_PATTERN.fullmatch(p.name)):
         count, pending = 0, []  # pending: (row, positives (K, H, W, 3), label) for the agreement scorer, per shard
         for sample in iter_shard(str(path)):
             rows["anchor_id"].append(sample.key)
@@ -99,7 +100,7 @@ def expected_shards(run: dict) -> list[str]:
 
 def _missing_shards(directory: Path, run: dict) -> None:
     """Refuses a folder whose shards are not exactly those of `run` (a missing one would be left out of the index)."""
-    present = {p.name for p in directory.iterdir() if SHARD_PATTERN.match(p.name)}
+    present = {p.name for p in directory.iterdir() if SHARD_PATTERN.fullmatch(p.name)}
     expected = expected_shards(run)
     missing, extra = [n for n in expected if n not in present], sorted(present - set(expected))
     if missing or extra:
@@ -122,20 +123,21 @@ def _count_problems(shards: list[dict], run: dict) -> list[str]:
             for i, s in enumerate(shards) if s["count"] != min(per_shard, count - i * per_shard)]
 
 
-def _publish(directory: Path, index: bytes, manifest: dict) -> None:
+def _publish(directory: Path, index: bytes, manifest: bytes, index_sha256: str) -> None:
     """Replace index.parquet and manifest.json so that the folder holds a matching pair at every moment: the new index
     is written beside the old one under its pending name, then manifest.json (which records its checksum) replaces
     the old one, and only then the new index becomes index.parquet. Stopped before the manifest, the old pair is whole
     (a failed write removes the pending index again; after a kill, `settle_index` does); stopped after it,
     read_manifest reads the pending index until `settle_index` (the synth job's rerun, or the next write) renames it."""
     settle_index(directory)  # what an earlier write left, before a failure here could remove what it needs
-    pending = directory / pending_index(manifest["index"]["sha256"])
+    pending = directory / pending_index(index_sha256)
     temp = lambda name: f"{TEMP_PREFIX}{name}.{os.getpid()}"  # noqa: E731 (what shards.writer.temp_files lists)
     write_atomic(pending, index, temp(pending.name))
     try:
-        write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode(), temp(MANIFEST))
-    except BaseException:
-        pending.unlink(missing_ok=True)
+        write_atomic(directory / MANIFEST, manifest, temp(MANIFEST))
+    except BaseException:  # also a Ctrl-C or a failed fsync after manifest.json was replaced: its index stays
+        if _recorded_index(directory) != index_sha256:
+            pending.unlink(missing_ok=True)
         raise
     os.replace(pending, directory / INDEX)
     fsync_dir(directory)
@@ -145,10 +147,7 @@ def pending_indexes(directory: Path) -> tuple[Path | None, list[Path]]:
     """The pending indexes a stopped write_manifest left in `directory` (see `_publish`): (the one manifest.json
     records, or None; the others, whose manifest was never written). Files under that name that are no index are
     not ours and are left out."""
-    try:
-        recorded = json.loads((directory / MANIFEST).read_bytes())["index"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = None
+    recorded = _recorded_index(directory)
     live, stale = None, []
     for path in sorted(directory.glob("index-*.parquet")):
         if not (PENDING_INDEX.fullmatch(path.name) and looks_like_index(path)):
@@ -158,6 +157,14 @@ def pending_indexes(directory: Path) -> tuple[Path | None, list[Path]]:
         else:
             stale.append(path)
     return live, stale
+
+
+def _recorded_index(directory: Path) -> str | None:
+    """The index checksum that `directory`'s manifest.json records, if it can be read."""
+    try:
+        return json.loads((directory / MANIFEST).read_bytes())["index"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def settle_index(directory: str | Path) -> None:
@@ -185,6 +192,11 @@ def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer 
     directory = Path(directory)
     codec = run.get("codec", DEFAULT_CODEC)
     run = manifest_run(run, agreement)
+    # an unknown codec is refused here (run_problems), naming the codecs
+    version = CODEC_VERSIONS.get(codec, SCHEMA_VERSION) if isinstance(codec, str) else SCHEMA_VERSION
+    problems = run_problems(run, version)  # before indexing: its scores need a valid K
+    if problems:
+        raise ManifestError.of(f"{directory}/{MANIFEST} (not written)", problems)
     if complete:
         _missing_shards(directory, run)  # before indexing: nothing is read for a refused folder
     shards, index = _index_shards(directory, run.get("k"), agreement)
@@ -192,14 +204,16 @@ def write_manifest(directory: str | Path, run: dict, agreement: AgreementScorer 
         raise ShardError(f"{directory} holds no finished shards: nothing to index")
     buffer = io.BytesIO()
     pq.write_table(index, buffer)
-    # an unknown codec is refused below (document_problems), naming the codecs
-    version = CODEC_VERSIONS.get(codec, SCHEMA_VERSION) if isinstance(codec, str) else SCHEMA_VERSION
     manifest = {"format": FORMAT, "schema_version": version, "count": index.num_rows, "run": run,
                 "shards": shards, "index": {"name": INDEX, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}}
     problems = document_problems(manifest) or index_problems(index, manifest)
     if not problems and complete:
         problems = _count_problems(shards, run)
+    text = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if not problems and len(text) > MAX_MANIFEST_BYTES:
+        problems = [f"it would take {len(text)} bytes for {len(shards)} shards, more than the {MAX_MANIFEST_BYTES} "
+                    f"read_manifest reads: make fewer shards (more --anchors-per-shard)"]
     if problems:
         raise ManifestError.of(f"{directory}/{MANIFEST} (not written)", problems)
-    _publish(directory, buffer.getvalue(), manifest)
+    _publish(directory, buffer.getvalue(), text, manifest["index"]["sha256"])
     return Manifest(str(directory), run, shards, index, index.num_rows, version)

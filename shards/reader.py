@@ -6,14 +6,17 @@ our own strict header parser (never `np.load`), the label is parsed as a decimal
 shards.schema). Members with other extensions (`.pyd`, `.pth`, `.pickle`, ...) are never decoded: they are
 counted in `RawSample.ignored` (`verify` and the training stream refuse such samples). Locations are local paths or
 fsspec URLs that the *user* gives; shard names from a manifest must match `shard-NNNNNN.tar`, so a manifest cannot
-point anywhere else, and shell schemes such as `pipe:` are refused outright. Shards are plain tars of regular files: a
-compressed one is refused rather than inflated, and so is a shard holding a link, a directory, a device or a sparse
+point anywhere else, and shell schemes such as `pipe:` are refused outright; a local name must lead to a regular file
+(not a device or a FIFO, whose read would never end). Shards are plain tars of regular files: a compressed one is
+refused rather than inflated, and so is a shard holding a link, a directory, a device or a sparse
 member, or a member that declares more than MAX_MEMBER_BYTES, before any byte of that member is read.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Callable, Iterator, TypeVar
@@ -43,12 +46,19 @@ def check_location(location: str) -> str:
 
 
 def open_location(location: str) -> IO[bytes]:
+    """`location` opened for reading; a local path must be a regular file (a link to one is followed): a name that
+    leads to a device, a FIFO or a directory (a link a stranger's folder holds to /dev/zero, say) is refused with an
+    OSError before any read, as a read of it could go on forever."""
     check_location(location)
     if "://" in location:
         import fsspec
 
         return fsspec.open(location, "rb").open()
-    return open(location, "rb")
+    fd = os.open(location, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO's open would wait for a writer
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{location} is not a regular file (a device, a FIFO or a directory, or a link to one)")
+    return os.fdopen(fd, "rb")
 
 
 def join_location(base: str, name: str) -> str:
@@ -66,7 +76,7 @@ class RawSample:
 
     @property
     def k(self) -> int:
-        return sum(1 for key in self.members if POSITIVE.match(key))
+        return sum(1 for key in self.members if POSITIVE.fullmatch(key))
 
     def _need(self, key: str) -> bytes:
         if key not in self.members:
@@ -113,14 +123,16 @@ def _compression(head: bytes) -> str | None:
 
 
 class _Reading:
-    """Wraps a stream: hashes every byte read (sha256), counts them, and keeps the last 1024 (a complete tar ends with
-    two 512-byte zero blocks, which tarfile's stream mode does not insist on: a shard cut at a block boundary would
-    otherwise read as shorter). It refuses a compressed stream (a small file must not inflate into a huge member) and,
-    while a member's headers are being read, more than MAX_HEADER_BYTES of them plus tarfile's read-ahead of one
-    record: tarfile parses a PAX record, long name or sparse map in memory before anyone sees the member."""
+    """Wraps a stream: hashes every byte read (sha256), counts them, and notes where the last non-zero byte was (a
+    complete tar ends with two 512-byte zero blocks after its last member, which tarfile's stream mode does not insist
+    on: a shard cut at a block boundary or damaged in a header would otherwise read as shorter). It refuses a
+    compressed stream (a small file must not inflate into a huge member) and, while a member's headers are being
+    read, more than MAX_HEADER_BYTES of them plus tarfile's read-ahead of one record: tarfile parses a PAX record, long
+    name or sparse map in memory before anyone sees the member."""
 
     def __init__(self, stream: IO[bytes], name: str):
-        self.stream, self.name, self.tail, self.size, self.digest = stream, name, b"", 0, hashlib.sha256()
+        self.stream, self.name, self.size, self.digest = stream, name, 0, hashlib.sha256()
+        self.content_end = 0  # the stream position just past the last non-zero byte read
         self.limit: int | None = None  # while headers are read: the stream position their reading must not pass
 
     def read(self, size: int = -1) -> bytes:
@@ -128,7 +140,9 @@ class _Reading:
         if self.size == 0 and (codec := _compression(data)):
             raise ShardError(f"{self.name} is {codec}-compressed; shards are plain tar files: decompress it or "
                              f"regenerate it")
-        self.tail = (self.tail + data)[-1024:]
+        content = data.rstrip(b"\0") if data and not data[-1] else data  # a copy only where data ends in zeros
+        if content:
+            self.content_end = self.size + len(content)
         self.size += len(data)
         self.digest.update(data)
         if self.limit is not None and self.size > self.limit:
@@ -136,10 +150,13 @@ class _Reading:
                              f"than {MAX_HEADER_BYTES} bytes, above the limit: it is not a shard of ours")
         return data
 
-    def ends_cleanly(self) -> bool:
+    def ends_cleanly(self, end: int) -> bool:
+        """Whether the stream holds only zeros from `end` (where tarfile found no further member header) to its end,
+        at least the two 512-byte blocks of an end-of-archive marker: tarfile's stream mode also ends quietly at a
+        damaged header, or where a file cut at a block boundary ends (whose last bytes may be zeros too)."""
         while self.read(1 << 20):  # drain what tarfile left unread after the end-of-archive blocks
             pass
-        return self.tail == bytes(1024)
+        return self.content_end <= end and self.size - end >= 1024
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -156,12 +173,12 @@ def looks_like_shard(path) -> bool:
     """A plain tar whose first member is named ANCHOR_ID.KEY with a schema KEY: how `--overwrite` tells a shard of ours
     from another tar of the same name. Reads one tar header."""
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open_location(str(path)) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             first = tar.next()
     except (tarfile.TarError, OSError):
         return False
     return first is not None and first.isfile() and _is_schema_member(first.name) \
-        and ID_PATTERN.match(_split_name(first.name)[0]) is not None
+        and ID_PATTERN.fullmatch(_split_name(first.name)[0]) is not None
 
 
 _MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.DIRTYPE: "a directory",
@@ -209,8 +226,8 @@ def _tar_members(reading: _Reading) -> Iterator[tuple[str, bytes | None]]:
             raise ShardError(refusal)
         tar.members.clear()  # stream mode keeps every header otherwise
         yield member.name, tar.extractfile(member).read() if _is_schema_member(member.name) else None
-    if not reading.ends_cleanly():
-        raise EOFError("no end-of-archive marker")
+    if not reading.ends_cleanly(tar.offset):
+        raise EOFError("no end-of-archive marker where the members end: a damaged header, or a cut file")
 
 
 def _checked(members: Iterator[tuple[str, bytes | None]], name: str, url: str) -> Iterator[dict]:

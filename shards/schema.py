@@ -74,7 +74,7 @@ def member_keys(k: int, codec: str = DEFAULT_CODEC) -> list[str]:
 
 
 def is_image_key(key: str) -> bool:
-    return IMAGE.match(key) is not None
+    return IMAGE.fullmatch(key) is not None
 
 
 def is_schema_key(key: str) -> bool:
@@ -91,7 +91,7 @@ class ShardSample:
 
 
 def check_id(anchor_id: str) -> str:
-    if not isinstance(anchor_id, str) or not ID_PATTERN.match(anchor_id):
+    if not isinstance(anchor_id, str) or not ID_PATTERN.fullmatch(anchor_id):
         raise SchemaError(f"anchor id {anchor_id!r} is not allowed: use 1-80 letters, digits, '_' or '-' (no dots)")
     return anchor_id
 

@@ -48,7 +48,7 @@ def verify(directory: str | Path) -> list[str]:
         return problems + [f"manifest: {problem}" for problem in error.problems]
     except ShardError as error:
         return problems + [f"manifest: {error}"]
-    on_disk = sorted(p.name for p in directory.iterdir() if SHARD_PATTERN.match(p.name))
+    on_disk = sorted(p.name for p in directory.iterdir() if SHARD_PATTERN.fullmatch(p.name))
     problems += [f"{name}: listed in {MANIFEST} but missing" for name in contract.entries if name not in on_disk]
     problems += [f"{name}: on disk but not in {MANIFEST} (from another run?)" for name in on_disk
                  if name not in contract.entries]

@@ -39,7 +39,7 @@ class ShardWriter:
 
     def __init__(self, path: str | Path, k: int, image_size: int, codec: str = DEFAULT_CODEC):
         self.path = Path(path)
-        if not SHARD_PATTERN.match(self.path.name):
+        if not SHARD_PATTERN.fullmatch(self.path.name):
             raise ValueError(f"shard file name {self.path.name!r} must look like {shard_name(0)}")
         self.k, self.image_size, self.codec = k, image_size, get_codec(codec).name  # ValueError naming the codecs
         self.temp = self.path.with_name(f"{TEMP_PREFIX}{self.path.name}.{os.getpid()}")

@@ -101,7 +101,7 @@ class SynthConfig:
             problems.append(str(error))
         if self.resize and self.image_size is not None:
             problems.append("--resize and --image-size both set the anchor size: keep one")
-        if not Path(self.model).expanduser().exists() and not HUB_ID.match(self.model):  # a missing path: an error
+        if not Path(self.model).expanduser().exists() and not HUB_ID.fullmatch(self.model):  # a missing path: an error
             problems.append(f"model {self.model} does not exist: train one with `clsp diffusion train SOURCE "
                             f"--out {self.model}` or give a hub id such as google/ddpm-cifar10-32")
         if problems:
@@ -267,7 +267,7 @@ def _continue_as_recorded(cfg: SynthConfig, state) -> SynthConfig:
 def _refuse_foreign_shards(out: Path) -> None:
     """Before any sampling: a file under a shard's name that is not a shard (a user's tar) would count as done and
     then be refused at the manifest, after the GPU-hours."""
-    foreign = [p.name for p in sorted(out.glob("shard-*.tar")) if SHARD_PATTERN.match(p.name)
+    foreign = [p.name for p in sorted(out.glob("shard-*.tar")) if SHARD_PATTERN.fullmatch(p.name)
                and not looks_like_shard(p)]
     if foreign:
         raise UserError(f"{out} holds {', '.join(foreign[:5])} under shard names, but not shards clsp wrote: move "
@@ -279,7 +279,7 @@ _TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(shard-[0-9]{{6}}\.tar|{re.e
                         rf"{PENDING_INDEX.pattern})\.[0-9]+$")  # what a killed writer leaves: ShardWriter's and the
 # manifest's temp files (the index's under its pending name; under index.parquet's from an older clsp)
 _OWNED = {
-    "shard-*.tar": lambda p: bool(SHARD_PATTERN.match(p.name)) and looks_like_shard(p),
+    "shard-*.tar": lambda p: bool(SHARD_PATTERN.fullmatch(p.name)) and looks_like_shard(p),
     f"{TEMP_PREFIX}*": lambda p: bool(_TEMP_NAME.match(p.name)),
     MANIFEST: json_with(format=FORMAT),
     INDEX: looks_like_index,

@@ -68,7 +68,7 @@ def load_generator(path_or_id: str | os.PathLike, device: str | torch.device = "
     elif path.exists():
         raise UserError(f"generator {spec!r} is a file, not a directory. Fix: pass the directory written by "
                         "`clsp diffusion train --out DIR` (it holds unet/ and scheduler/) or a hub id.")
-    elif HUB_ID.match(spec):
+    elif HUB_ID.fullmatch(spec):
         unet, scheduler, model_id = _load_hub(spec)
     else:
         raise UserError(f"generator {spec!r} not found: no such directory, and it is not a hub id (owner/name). "

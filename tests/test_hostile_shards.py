@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import struct
@@ -246,6 +247,23 @@ def declaring(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT)
 
 
+def not_a_file(d: Path, make: Callable[[Path], None]) -> None:
+    """shard-000001.tar replaced by something that is not a regular file (`make` puts it at the path)."""
+    path = d / shard_name(1)
+    path.unlink()
+    make(path)
+
+
+def damaged_header(d: Path) -> None:
+    """One byte of anchor-00002's first header changed, the manifest rewritten by a tool that read the tar as far as
+    tarfile goes (which ends quietly at a bad header after the first): it agrees with the shard's bytes and count."""
+    path = d / shard_name(0)
+    data = bytearray(path.read_bytes())
+    data[data.find(b"anchor-00002.anchor.png") + 3] ^= 1
+    path.write_bytes(bytes(data))
+    forge_manifest(d)
+
+
 def changed_after_verify(d: Path) -> None:
     """One byte of a member's zero padding changed: the tar still reads, only its checksum tells."""
     path = d / shard_name(1)
@@ -280,6 +298,15 @@ CASES = {  # name -> (damage, words that both verdicts must name)
     "shard changed after the manifest": (changed_after_verify, ["shard-000001.tar", "sha256"]),
     "symbolic link to /etc/passwd and a hard link": (links, ["shard-000000.tar", "anchor-00001.payload.pyd",
                                                              "symbolic link to '/etc/passwd'"]),
+    # a read of either would never end
+    "a shard that is a link to /dev/zero": (lambda d: not_a_file(d, lambda p: p.symlink_to("/dev/zero")),
+                                            ["shard-000001.tar", "not a regular file"]),
+    "a shard that is a FIFO": (lambda d: not_a_file(d, os.mkfifo), ["shard-000001.tar", "not a regular file"]),
+    "a damaged header, the manifest counting the samples before it": (damaged_header, [
+        "shard-000000.tar", "no end-of-archive marker where the members end"]),
+    "a member named KEY.anchor.png and a newline": (lambda d: (with_raw_member(
+        d / shard_name(0), "anchor-00001.anchor.png", after=True, raw=declaring("anchor-00001.anchor.png\n", 0)),
+        forge_manifest(d)), ["anchor-00001", "outside the schema"]),
 }
 
 
@@ -491,6 +518,8 @@ def test_the_writer_refuses_a_manifest_that_readers_would_refuse_and_writes_noth
     forged = {name: (fresh / name).read_bytes() for name in (MANIFEST, INDEX)}
     with pytest.raises(ShardError, match="run.k is 'two', expected an integer"):
         write_manifest(fresh, {**run, "k": "two"})
+    with pytest.raises(ShardError, match=r"run.k is 0, expected 1\.\.1000"):
+        write_manifest(fresh, {**run, "k": 0})  # before it indexes anything
     with pytest.raises(ShardError, match=r"label 12 of anchor anchor-00009 .* is not -1 \(unknown\) or 0..9"):
         write_manifest(fresh, {**run, "source": {**run["source"], "num_classes": 10}})
     assert {name: (fresh / name).read_bytes() for name in (MANIFEST, INDEX)} == forged

@@ -4,12 +4,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import build_shard_dir, random_sample
+from clsp.shards import manifest, manifest_writer
 from clsp.shards.manifest import MANIFEST, read_manifest
 from clsp.shards.manifest_writer import write_manifest
 from clsp.shards.reader import ShardError, epoch_shards, iter_samples, iter_shard
@@ -75,6 +77,39 @@ def test_truncated_shard_is_reported(shard_dir):
     assert any("shard-000001.tar: cannot be read as a tar" in p and "truncated" in p for p in problems)
     with pytest.raises(ShardError, match="shard-000001.tar"):
         list(iter_shard(str(path)))
+
+
+def test_a_shard_cut_where_its_last_image_ends_in_zero_bytes_is_refused_also_without_its_manifest_entry(tmp_path):
+    """A raw (.npy) image with black bottom rows ends in zero bytes, like a tar's end-of-archive blocks: a copy cut
+    after such a member must not read as a shorter, complete shard."""
+    path = tmp_path / shard_name(0)
+    with ShardWriter(path, k=1, image_size=32, codec="raw") as writer:
+        for n in range(3):
+            sample = random_sample(f"anchor-{n:05d}", k=1, size=32, label=0, seed=n)
+            sample.anchor[16:], sample.positives[:, 16:] = 0, 0  # letterboxed: the last 16 rows black
+            writer.write(sample)
+    data = path.read_bytes()
+    members = [m for m in tarfile.open(path).getmembers() if m.name.startswith("anchor-00001.")]
+    cut = members[-1].offset_data + -(-members[-1].size // 512) * 512  # the block boundary after anchor-00001
+    assert data[cut - 1024:cut] == bytes(1024)  # ends as a tar does
+    path.write_bytes(data[:cut])
+    with pytest.raises(ShardError, match="shard-000000.tar: cannot be read as a tar \\(no end-of-archive marker"):
+        list(iter_shard(str(path)))
+
+
+def test_a_manifest_above_the_size_limit_is_refused_by_the_reader_and_never_written(shard_dir, monkeypatch):
+    before = {p.name: p.read_bytes() for p in shard_dir.iterdir()}
+    run = read_manifest(shard_dir).run
+    limit = len(before[MANIFEST]) - 1
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", limit)
+    with pytest.raises(ShardError, match=f"manifest.json is larger than {limit} bytes, the most a manifest may take, "
+                                         r"and was not read: regenerate the shards as fewer shards \(more --anchors"):
+        read_manifest(shard_dir)
+    monkeypatch.setattr(manifest_writer, "MAX_MANIFEST_BYTES", limit)
+    with pytest.raises(ShardError, match=rf"it would take \d+ bytes for 3 shards, more than the {limit} read_manifest "
+                                         r"reads: make fewer shards \(more --anchors-per-shard\)"):
+        write_manifest(shard_dir, run)
+    assert {p.name: p.read_bytes() for p in shard_dir.iterdir()} == before
 
 
 def test_manifest_that_disagrees_with_its_shards_is_reported(shard_dir):

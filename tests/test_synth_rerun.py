@@ -95,20 +95,30 @@ def test_a_rewrite_whose_manifest_finds_no_room_leaves_the_finished_folder_as_it
     assert files(out) == before and verify(out) == [] and read_manifest(out).scores("agreement") is None
 
 
+@pytest.mark.parametrize("stop", ["at the index's rename", "at the folder's sync after manifest.json"])
 def test_a_rewrite_stopped_after_its_manifest_reads_its_new_index_and_a_rerun_finishes_it(generator, tmp_path,
-                                                                                         monkeypatch):
-    """Killed after manifest.json was replaced, before the new index took the name index.parquet: readers and verify
-    read the index the manifest names by its checksum, and the next rerun renames it, keeping the manifest."""
+                                                                                         monkeypatch, stop):
+    """Stopped (Ctrl-C) after manifest.json was replaced, before the new index took the name index.parquet: readers
+    and verify read the index the manifest names by its checksum, and the next rerun renames it, keeping the
+    manifest."""
     out = tmp_path / "shards"
     run_synth(config(generator, out, **SMALL))
-    replace = manifest_writer.os.replace
+    replace, sync, old = manifest_writer.os.replace, atomic.fsync_dir, (out / MANIFEST).read_bytes()
 
-    def killed_at_the_rename(source, target):
+    def stopped_at_the_rename(source, target):
         if str(target).endswith(f"/{INDEX}"):
             raise KeyboardInterrupt
         return replace(source, target)
 
-    monkeypatch.setattr(manifest_writer.os, "replace", killed_at_the_rename)
+    def stopped_at_the_sync(directory):
+        if (out / MANIFEST).read_bytes() != old:
+            raise KeyboardInterrupt
+        return sync(directory)
+
+    if stop == "at the index's rename":
+        monkeypatch.setattr(manifest_writer.os, "replace", stopped_at_the_rename)
+    else:
+        monkeypatch.setattr(atomic, "fsync_dir", stopped_at_the_sync)
     with pytest.raises(KeyboardInterrupt):
         run_synth(config(generator, out, score_reference=True, **SMALL))
     monkeypatch.undo()
