@@ -67,7 +67,10 @@ def train_linear_probe(features: np.ndarray, labels: np.ndarray, config: ProbeCo
         raise ValueError("labels hold unknown entries (-1): the linear probe needs a labelled split")
     feats = features.astype(np.float64)
     mean = feats.mean(axis=0) if config.standardize else np.zeros(feats.shape[1])
-    std = feats.std(axis=0) + 1e-6 if config.standardize else np.ones(feats.shape[1])
+    std = feats.std(axis=0) if config.standardize else np.ones(feats.shape[1])
+    # a feature constant over the training set (a ReLU unit that never fires there) is left unscaled, as
+    # scikit-learn's StandardScaler does: dividing by 1e-6 would let its least movement on a test image decide
+    std = np.where(std < 1e-6, 1.0, std + 1e-6)
     gen = torch.Generator().manual_seed(config.seed)
     x = torch.as_tensor((feats - mean) / std, dtype=torch.float32)  # (N, D)
     y = torch.as_tensor(labels)  # (N,)

@@ -71,17 +71,21 @@ def _note_once(message: str) -> None:
 
 
 def _latest_weights(run_dir: str | Path, found: list[tuple[Path, dict]]) -> str | None:
-    """For a run whose weights are unknown (no backbone.safetensors): the weights of its highest-numbered result that
-    records them, or None. Results of new weights never replace a file (eval.write_result), so the highest number
-    holds the weights evaluated last, in any copy of the folder; file times would not (cp -r, rsync and git write
-    them anew, in their own order)."""
-    recorded = [(path, result["weights_sha256"]) for path, result in found if result.get("weights_sha256")]
-    if len({sha for _, sha in recorded}) > 1:
+    """For a run whose weights are unknown (no backbone.safetensors): the weights of its last written result that
+    records them (the highest `written`, eval.write_result; between results from before clsp recorded it, the
+    highest-numbered file), or None. Both hold in any copy of the folder; file times would not (cp -r, rsync and git
+    write them anew, in their own order). The file number alone would not either: a result whose inputs come back
+    (weights retrained to the same bytes) is rewritten in place, under its old number."""
+    recorded = [(written_order(result), i, path, result["weights_sha256"])
+                for i, (path, result) in enumerate(found) if result.get("weights_sha256")]
+    if not recorded:
+        return None
+    *_, path, sha = max(recorded)
+    if len({one[-1] for one in recorded}) > 1:
         print(f"warning: {run_dir} has no backbone.safetensors and its eval/ holds results of "
-              f"{len({sha for _, sha in recorded})} weights: using those of {recorded[-1][0].name} (weights "
-              f"{recorded[-1][1][:12]}), the last evaluated; the others were scored before it was trained again",
-              file=sys.stderr)
-    return recorded[-1][1] if recorded else None
+              f"{len({one[-1] for one in recorded})} weights: using those of {path.name} (weights {sha[:12]}), the "
+              f"last evaluated; the others were scored before it was trained again", file=sys.stderr)
+    return sha
 
 
 def run_sources(run_dir: str | Path) -> set[str]:

@@ -2,9 +2,10 @@
 
 A fixed set of anchors (the smallest hashed ids, as the audit picks them) gets K positives at every (w, steps) setting
 of a grid, sampled exactly as the synth job samples them (synth.job.sample_batch, noise keyed on (seed, anchor id, j)),
-so the point at the shards' own setting is the shards' positives. Every setting is audited in the audit's fixed feature
-space with one fitted reference (eval.audit.audit_arrays): class agreement with the anchor, mean distance to the anchor
-(hardness) and mean distance among the K (diversity), beside each anchor's nearest real neighbour (NNCLR's positive).
+so the point at the shards' own setting is the shards' positives (marked as such unless --eta, --seed or a larger
+--k than the shards' make it other positives). Every setting is audited in the audit's fixed feature space with one
+fitted reference (eval.audit.audit_arrays): class agreement with the anchor, mean distance to the anchor (hardness) and
+mean distance among the K (diversity), beside each anchor's nearest real neighbour (NNCLR's positive).
 sweep.png draws agreement against hardness, one labelled point per setting, so a team picks w by measurement.
 """
 
@@ -80,7 +81,8 @@ def _plan(config: SweepConfig) -> _Plan:
     if run is None:
         if config.model is not None and config.model != config.target:
             raise ValueError(f"{config.target} is a generator, not a shard dir: leave --model out (or pass shards)")
-        generator, spec, defaults, marked = config.target, config.source or card_source(config.target)[0], {}, None
+        generator, spec, defaults = config.target, config.source or card_source(config.target)[0], {}
+        own = marked = None
         sampling = {}
     else:
         generator = config.model
@@ -91,11 +93,16 @@ def _plan(config: SweepConfig) -> _Plan:
         sampler = run.get("sampler", {})
         spec = config.source or run.get("source", {}).get("spec")
         defaults = {"k": run.get("k"), "eta": sampler.get("eta"), "seed": run.get("seed")}
-        marked = (float(sampler["w"]), int(sampler["steps"]))
+        # the shards' positives only where eta and the seed (which also picks the anchors) are theirs: the first K of
+        # each anchor's candidates are its shard positives also for a K below the shards'
+        same = all(getattr(config, name) in (None, defaults[name]) for name in ("eta", "seed")) \
+            and (config.k is None or config.k <= defaults["k"])
+        own = (float(sampler["w"]), int(sampler["steps"]))  # swept in any case, beside the asked grid
+        marked = own if same else None
         sampling = {key: sampler[key] for key in ("noise", "share_anchor_noise") if key in sampler}  # as they were made
     if spec is None:
         raise ValueError(f"{generator} records no source: pass --source, the labelled data it was trained on")
-    settings = {(float(w), int(s)) for w in config.ws for s in config.steps} | ({marked} if marked else set())
+    settings = {(float(w), int(s)) for w in config.ws for s in config.steps} | ({own} if own else set())
     pick = lambda name, fallback: next(v for v in (getattr(config, name), defaults.get(name), fallback)  # noqa: E731
                                        if v is not None)
     return _Plan(generator, spec, int(pick("k", 4)), float(pick("eta", 0.1)), int(pick("seed", 0)), run,

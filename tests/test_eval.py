@@ -85,6 +85,18 @@ def test_linear_probe_learns_separable_data():
     assert shuffled["top1"] < 60.0  # permuted labels carry no signal: the probe cannot generalise
 
 
+def test_a_feature_constant_on_the_training_set_does_not_decide_test_predictions():
+    """A unit that never fires on the training images but fires weakly on some test images (a dead ReLU channel of
+    the bank): training never moves its weight from its random start, so it must not be scaled up on test images."""
+    x_train, y_train = clustered(60, 4, 10, 0.3, seed=4)
+    x_test, y_test = clustered(20, 4, 10, 0.3, seed=4)
+    fires = np.arange(len(y_test)) % 3 == 0  # a third of the test images
+    clean = linear_probe_accuracy(x_train, y_train, x_test, y_test, FAST_PROBE)["top1"]
+    with_unit = linear_probe_accuracy(np.c_[x_train, np.zeros(len(y_train), np.float32)], y_train,
+                                      np.c_[x_test, 0.05 * fires.astype(np.float32)], y_test, FAST_PROBE)["top1"]
+    assert clean > 95.0 and with_unit == clean
+
+
 def test_probe_config_rejects_bad_schedule():
     with pytest.raises(ValueError, match="milestones"):
         ProbeConfig(epochs=10, milestones=(12,))

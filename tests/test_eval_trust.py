@@ -477,6 +477,22 @@ def test_the_result_written_last_is_used_also_in_a_copy_that_rewrote_the_file_ti
     assert json.loads(target.read_text())["written"] == 4
 
 
+def test_without_its_backbone_a_run_uses_the_weights_evaluated_last_also_when_they_came_back(tmp_path, capsys):
+    """W1, W2, then W1 again (retrained to the same bytes): W1's result is rewritten in place under the lower file
+    number, so the highest number is not the weights evaluated last; `written` is."""
+    from clsp.eval import write_result
+    from clsp.eval.results import current_result
+
+    run = _result(tmp_path, "run", "digits", 0, 0.0, file="unused.json")
+    target = run / "eval" / "results.json"
+    for weights, score in (("1", 90.0), ("2", 50.0), ("1", 91.0)):
+        write_result(target, {"weights_sha256": weights * 64, "source": "digits", "knn_best": score}, {"knn_best"})
+    assert not (run / "backbone.safetensors").exists() and (run / "eval" / "results-2.json").is_file()
+    result, _ = current_result(run, "results.json", None)
+    assert result["results_file"] == "results.json" and result["knn_best"] == 91.0
+    assert "using those of results.json (weights 111111111111), the last evaluated" in capsys.readouterr().err
+
+
 def test_a_retrained_run_never_shows_the_scores_or_pictures_of_its_earlier_weights(trained, tmp_path):
     from clsp.eval.plots import plot_run
     from clsp.hashing import weights_sha256

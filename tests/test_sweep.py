@@ -67,6 +67,11 @@ def test_the_point_at_the_shards_setting_is_the_audit_of_those_shards(generator,
     assert at_shards["hardness"] == pytest.approx(audit["hardness"]["synthetic"])
     assert at_shards["diversity"] == pytest.approx(audit["diversity"]["synthetic"])
     assert result["nearest_real"]["hardness"] == pytest.approx(audit["hardness"]["nearest_real"])
+    # other positives at the shards' (w, steps) are not marked as theirs: another eta or seed, or more than their K
+    for options, marked in ((dict(eta=0.5), False), (dict(seed=3), False), (dict(k=3), False), (dict(k=1), True)):
+        result = sweep(SweepConfig(str(shards), str(tmp_path / "other"), model=str(generator), ws=(0.1,), steps=(2,),
+                                   anchors=5, pca_components=8, **options))
+        assert [(p["w"], p["steps"], p["shards_setting"]) for p in result["settings"]] == [(0.1, 2, marked)], options
 
 
 def test_cli_sweep_prints_the_table_and_writes_the_picture(generator, tmp_path):
