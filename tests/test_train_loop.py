@@ -168,6 +168,25 @@ def test_a_run_begun_with_kornias_augmentation_is_refused_rather_than_resumed_wi
         train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True)))
 
 
+def test_a_run_is_resumed_only_on_the_kind_of_device_and_precision_it_began_with(shards, tmp_path):
+    """--bf16 is on by default and takes effect on a GPU only, so the options alone do not say how a run computed: a
+    CPU run resumed on a GPU would switch to bf16 autocast and the GPU's random generator, a GPU run resumed on a CPU
+    to fp32, both silently. The record holds the device and precision the steps ran with (absent in older records,
+    which resume as before)."""
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))
+    record = read_json(out / "config.json")
+    assert record["config"]["bf16"] is True and record["compute"] == {"device": "cpu", "precision": "fp32"}
+    (out / "config.json").write_text(json.dumps({**record, "compute": {"device": "cuda", "precision": "bf16"}}))
+    with pytest.raises(UserError, match=r"compute.device: 'cuda' there, 'cpu' now; compute.precision: 'bf16' there, "
+                                        r"'fp32' now\): a run goes on on the kind of device it began on .* resume it "
+                                        r"on a machine like the first; bf16 autocast runs on a GPU only"):
+        train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True)))
+    del record["compute"]
+    (out / "config.json").write_text(json.dumps(record))
+    assert train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True))) == out
+
+
 def test_each_method_records_its_own_settings_and_older_records_still_resume(shards, tmp_path):
     out = tmp_path / "run"
     train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))
@@ -306,6 +325,21 @@ def test_a_sigterm_on_an_epochs_last_step_ends_that_epoch_first_and_on_the_runs_
     assert summary == {k: v for k, v in read_json(straight / "summary.json").items() if k not in launch}
     assert summary["final_loss"] is not None and summary["knn_top1_pct"] is not None
     assert_same_weights(straight, stopped)
+
+
+def test_a_run_stopped_after_its_last_checkpoint_and_before_its_summary_gets_the_summary_figures(shards, tmp_path):
+    """The resumed launch takes no step: the summary's final loss and kNN come from the log's last row (as it
+    holds them, to 6 significant digits)."""
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, knn_every=1, knn_source="digits")))
+    straight = read_json(out / "summary.json")
+    (out / "summary.json").unlink()  # where a kill between the backbone and the summary leaves the run
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, knn_every=1, knn_source="digits",
+                                resume=True)))
+    resumed = read_json(out / "summary.json")
+    assert resumed["finished"] and resumed["steps_per_rank_this_launch"] == [0]
+    for key in ("final_loss", "knn_top1_pct"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-5) and straight[key] is not None, key
 
 
 @pytest.mark.parametrize("fault", ["term-group", "int-group", "kill-loader", "kill"])

@@ -187,6 +187,9 @@ class RunLog:
                 if row.get("knn_top1") not in (None, ""):
                     row["knn_top1_pct"] = f"{float(row.pop('knn_top1')) * 100:.6g}"
             write_atomic(path, _csv_text(kept, header=True))
+            if kept:  # the summary's figures, for a run stopped after its last checkpoint and before its summary
+                self.last = {**kept[-1], **{key: float(kept[-1][key]) for key in ("loss", "knn_top1_pct")
+                                            if kept[-1].get(key) not in (None, "")}}
 
     def add(self, **row) -> None:
         self.last = {"knn_top1_pct": "", **row}

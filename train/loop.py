@@ -15,7 +15,7 @@ import numbers
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import get_type_hints
@@ -90,7 +90,12 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
                     hints={"data.stream_plan": "its loader processes split the batches as clsp <= 0.3.0 did, which no "
                                                "option brings back: finish it with that version",
                            "augment_draws": "its views were augmented by kornia's modules as clsp <= 0.3.0 did, which "
-                                            "no option brings back: finish it with that version"})
+                                            "no option brings back: finish it with that version",
+                           "compute.device": "a run goes on on the kind of device it began on (its augmentation draws "
+                                             "come from that device's generator, and its float sums differ): resume "
+                                             "it on a machine like the first",
+                           "compute.precision": "bf16 autocast runs on a GPU only: resume it on the kind of device it "
+                                                "began on, with the --bf16 setting it began with"})
 # embedded: 16 px digits (1,437 anchors, 11 steps an epoch) on 2 CPU cores, about 2.5 minutes a run (550 steps).
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
@@ -302,12 +307,15 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
         compile_encoders(method)  # lazily: the first step compiles
     cached = use_cache(cfg.cache, manifest.count, manifest.k, int(manifest.run["image_size"]), cfg.positives, world)
     record = _run_record(cfg, manifest, built, cached, world, per_process, spe)
+    record["compute"] = {"device": acc.device.type, "precision": "bf16" if acc.mixed_precision == "bf16" else "fp32"}
     stream, loader = open_input(cfg, manifest, draw, per_process, spe, acc, cached)
     monitor = KnnMonitor(cfg.knn_source, size) if cfg.knn_every and acc.is_main_process else None
     out = Path(cfg.out)  # everything above checked the input; nothing was written before this line
     if draw is not None:
         acc.print(draw.note)
-    claim = stack.enter_context(prepare_run_dir(out, record, TRAIN_RUN, cfg.resume, cfg.overwrite, acc))
+    # a run begun before the device was recorded: where it ran cannot be known, so it reads as run here and resumes
+    kind = replace(TRAIN_RUN, absent_means={**TRAIN_RUN.absent_means, "compute": record["compute"]})
+    claim = stack.enter_context(prepare_run_dir(out, record, kind, cfg.resume, cfg.overwrite, acc))
     if claim.resumed and (out / SUMMARY).exists():
         acc.print(f"{out} is already finished with these settings: nothing to do")
         return None
@@ -385,7 +393,9 @@ def _start(cfg: TrainConfig, acc: Accelerator, method: Method, checkpoint: Path 
     position = {"epoch": 0, "step": 0, "global_step": 0}
     if checkpoint is not None:
         position = load_checkpoint(checkpoint, acc.process_index, method, optimizer, scheduler)
-        acc.print(f"resuming {out} at epoch {position['epoch']} step {position['step']}")
+        total, step = spe * cfg.epochs, position["global_step"]
+        acc.print(f"resuming {out} after step {step} of {total}" + (": finishing it" if step >= total else
+                  f", in epoch {position['epoch'] + 1} of {cfg.epochs} (as log.csv counts them)"))
     run_log = RunLog(out / LOG, acc.is_main_process, keep_steps=position["global_step"])
     bar = tqdm(total=spe * cfg.epochs, initial=position["global_step"], disable=not acc.is_main_process,
                desc=f"{cfg.method}/{cfg.positives}", dynamic_ncols=True)
