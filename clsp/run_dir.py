@@ -134,7 +134,8 @@ def record_differences(old: dict, new: dict, operational: tuple[str, ...] = ()) 
 
 def difference_hints(kind: RunKind, differences: list[str]) -> list[str]:
     """The kind's hints for the keys that `differences` (record_differences) name: fixes that no option gives."""
-    return [kind.hints[key] for key in kind.hints if any(d.startswith(f"{key}:") for d in differences)]
+    named = (kind.hints[key] for key in kind.hints if any(d.startswith(f"{key}:") for d in differences))
+    return list(dict.fromkeys(named))  # each once: several keys may share a fix
 
 
 # --- claiming a folder ----------------------------------------------------------------------------------------------

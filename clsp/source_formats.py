@@ -77,6 +77,10 @@ class ParquetSource(Source):
         if self._image_col is None:
             raise UserError(f"{files[0]} has no image column (looked for {', '.join(self.IMAGE_COLUMNS)}); "
                             f"columns are {', '.join(schema.names)}")
+        other = next((f for f, pf in zip(files, self._files) if self._image_col not in pf.schema_arrow.names), None)
+        if other is not None:
+            raise UserError(f"{other} has no `{self._image_col}` column, which {files[0]} holds images in: the files "
+                            f"of a source must be parts of one table; pass only its files (a narrower glob or folder)")
         self._label_col = next((c for c in self.LABEL_COLUMNS if c in schema.names), None)
         if self._label_col:
             self._check_labels(files)

@@ -15,7 +15,9 @@ clsp/source_formats.py.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +224,7 @@ def open_source(spec: str, split: str = "train", image_size: int | None = None) 
         return DigitsSource(spec, split, image_size)
     if not path:
         raise UserError(f"unknown source {spec!r}: use {SPEC_HELP}")
+    path = path if "://" in path else os.path.expanduser(path)  # the shell leaves a ~ after `folder:` as it is
     if kind == "parquet":
         return ParquetSource(spec, split, image_size, path)
     if kind == "folder":
@@ -236,11 +239,18 @@ def refuse_out_inside(spec: str, out: str | Path) -> None:
     writes there (sample grids, report pictures, index.parquet) to that source as data: refused before anything is
     written."""
     kind, _, location = spec.partition(":")
-    if kind not in ("folder", "parquet") or "://" in location or any(c in location for c in "*?[") \
-            or location.endswith(".parquet"):  # one file or a glob: nothing written beside it is read
-        return
-    root, target = Path(location).expanduser().resolve(), Path(out).expanduser().resolve()
-    if target == root or root in target.parents:
+    glob = any(c in location for c in "*?[")
+    if kind not in ("folder", "parquet") or "://" in location or (location.endswith(".parquet") and not glob):
+        return  # one file: nothing written beside it is read
+    target = Path(out).expanduser().resolve()
+    if glob:  # it reads what matches it: the index files synth writes, say
+        pattern = Path(os.path.abspath(os.path.expanduser(location))).parts
+        inside = any(len(pattern) == len(written.parts) and all(map(fnmatch.fnmatchcase, written.parts, pattern))
+                     for written in (target / "index.parquet", target / "index-0123456789ab.parquet"))
+    else:
+        root = Path(location).expanduser().resolve()
+        inside = target == root or root in target.parents
+    if inside:
         raise UserError(f"--out {out} lies inside {location}, which the source {spec} reads: what this command writes "
                         f"would become part of the source; choose an --out outside {location}")
 

@@ -164,11 +164,13 @@ def _run(cfg: SynthConfig, state):
     # records them, and later resumes compare them)
     kind = replace(SYNTH_RUN, absent_means={**SYNTH_RUN.absent_means, "compute.forward_batch": compute["forward_batch"],
                                             **{f"generator.{key}": info[key] for key in GENERATOR_CONFIGS}})
+    if cfg.out.is_dir():  # before --overwrite deletes the finished run: this refusal would leave nothing of it
+        _refuse_foreign_shards(cfg.out)
     with prepare_run_dir(cfg.out, run, kind, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
         if claim.resumed and state.is_main_process:  # a killed run's temp files; the manifest is dealt with at the end
             remove_files(cfg.out, [p for p in SYNTH_RUN.owned(cfg.out) if _TEMP_NAME.match(p.name)])
             settle_index(cfg.out)  # and the index a killed manifest write left under its pending name
-        _refuse_foreign_shards(cfg.out)
+        _refuse_foreign_shards(cfg.out)  # again, under the claim: one may have come meanwhile
         num_shards = math.ceil(count / cfg.anchors_per_shard)
         todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
         mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
@@ -302,7 +304,11 @@ SYNTH_RUN = RunKind("synth", RUN_FILE, "clsp synth run", owned=lambda out: owned
                                   "codec": DEFAULT_CODEC,  # runs begun before the raw codec
                                   # runs begun before Pillow was recorded: which one made their shards cannot be
                                   # known, so they read as made with today's and resume as they did before
-                                  **{f"compute.{key}": value for key, value in image_library().items()}})
+                                  **{f"compute.{key}": value for key, value in image_library().items()}},
+                    hints={f"compute.{key}": "its shards' bytes depend on the device and software that run.json "
+                                             "records under compute, which no option changes: continue it where they "
+                                             "are the same (install the versions it names)"
+                           for key in ("device", "gpu", "machine", "torch", "diffusers", "pillow", "zlib", "zlib_ng")})
 
 
 def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int, state):

@@ -34,6 +34,10 @@ def load_job_generator(cfg: SynthConfig):
     if unet.config.in_channels != 3 or unet.config.out_channels != 3:
         raise UserError(f"{cfg.model} makes {unet.config.out_channels}-channel images; the anchors are RGB: "
                         f"use a generator trained on RGB images")
+    if unet.class_embedding is not None:
+        raise UserError(f"{cfg.model} is class-conditional (class_embed_type {unet.config.class_embed_type}, "
+                        f"num_class_embeds {unet.config.num_class_embeds}); the sampler interpolates an "
+                        f"unconditional generator's features, as the paper does: use an unconditional generator")
     info = {**info, "scheduler_sha256": config_sha256(scheduler.config),
             "unet_config_sha256": config_sha256(unet.config)}
     return unet.eval().requires_grad_(False), scheduler, info

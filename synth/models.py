@@ -202,9 +202,11 @@ def _require_online(model_id: str) -> None:
                         f"which is never loaded (unpickling can run code), and this machine is offline ({reason}). "
                         f"Fix: if you trust it, copy the repo out of the cache (`cp -rL {snapshot} DIR`), run `clsp "
                         f"diffusion convert DIR` (safetensors from its tensors) and pass --model DIR.")
-    raise UserError(f"generator {model_id!r} is not in the local Hugging Face cache and this machine is offline "
-                    f"({reason}). Fix: download the repo where there is network (e.g. `hf download {model_id} "
-                    "--local-dir DIR`), copy it here and pass --model DIR, or set HF_HOME to a cache that holds it.")
+    raise UserError(f"generator {model_id!r} is no local folder, and as a hub id it is not in the local Hugging Face "
+                    f"cache and this machine is offline ({reason}). Fix: for a folder, check its name (`ls "
+                    f"{Path(model_id).parent}`); for a hub repo, download it where there is network (e.g. `hf download "
+                    f"{model_id} --local-dir DIR`), copy it here and pass --model DIR, or set HF_HOME to a cache that "
+                    "holds it.")
 
 
 def _cached_snapshot_with_pickle_only(model_id: str) -> Path | None:

@@ -124,8 +124,11 @@ class CounterNoise(RowNoise):
         self._normal = counter_normal if compile_backend is None else compiled_counter_normal(compile_backend)
         self.rows = len(keys)
         self.keys = torch.tensor(keys, dtype=torch.int64)  # (B,)
-        groups, self.anchor_row = torch.unique(torch.tensor(anchor_keys, dtype=torch.int64), return_inverse=True)
-        self.group_keys = groups  # (A,)
+        group = {}  # anchor key -> its group, numbered in first-row order (not by key value, as torch.unique
+        for key in anchor_keys:  # would): batches of one layout then share anchor_row, which a CUDA graph holds fixed
+            group.setdefault(key, len(group))
+        self.group_keys = torch.tensor(list(group), dtype=torch.int64)  # (A,)
+        self.anchor_row = torch.tensor([group[key] for key in anchor_keys], dtype=torch.int64)  # (B,) row -> group
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _keys(self, device) -> tuple[torch.Tensor, torch.Tensor]:

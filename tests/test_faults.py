@@ -220,7 +220,10 @@ def test_an_out_inside_the_source_folder_is_refused_before_anything_is_written(g
     before = snapshot(source)
     for command in (["diffusion", "train", f"folder:{source}", "--out", str(source / "generator"), "--steps", "1"],
                     ["synth", "run", f"folder:{source}", "--model", str(generator), "--out", str(source / "shards")],
-                    ["synth", "run", f"parquet:{tmp_path}", "--model", str(generator), "--out", str(tmp_path / "s")]):
+                    ["synth", "run", f"parquet:{tmp_path}", "--model", str(generator), "--out", str(tmp_path / "s")],
+                    # a glob that the index synth writes would match
+                    ["synth", "run", f"parquet:{tmp_path}/*/*.parquet", "--model", str(generator), "--out",
+                     str(tmp_path / "s")]):
         result = runner.invoke(app, command)
         assert result.exit_code == 2, (command, result.output)
         assert "lies inside" in assert_one_error_line(result.output) and "choose an --out outside" in result.output

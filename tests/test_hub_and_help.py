@@ -48,10 +48,13 @@ def test_an_uncached_hub_id_offline_fails_at_once_saying_offline_and_the_fix(tmp
     result = runner.invoke(app, ["synth", "run", "digits", "--model", "google/ddpm-cifar10-32", "--out", str(out),
                                  "--limit", "2"])
     assert result.exit_code == 2, result.output
-    assert "error: generator 'google/ddpm-cifar10-32' is not in the local Hugging Face cache and this machine is " \
-           "offline" in result.output
+    assert "error: generator 'google/ddpm-cifar10-32' is no local folder, and as a hub id it is not in the local " \
+           "Hugging Face cache and this machine is offline" in result.output
     assert "--model DIR" in result.output and "HF_HOME" in result.output and "Traceback" not in result.output
     assert not out.exists()  # nothing written
+    mistyped = runner.invoke(app, ["synth", "run", "digits", "--model", "generators/digits-16", "--out", str(out)])
+    assert mistyped.exit_code == 2 and "'generators/digits-16' is no local folder" in mistyped.output
+    assert "for a folder, check its name (`ls generators`)" in mistyped.output and not out.exists()
 
 
 def test_a_cached_hub_id_loads_offline(unet, empty_cache, monkeypatch):

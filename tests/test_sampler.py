@@ -138,6 +138,18 @@ def test_shared_anchor_noise_is_one_draw_per_anchor(unet, scheduler, noise):
     assert not torch.allclose(out_shared, out_own)
 
 
+def test_anchor_noise_groups_are_numbered_in_row_order_so_one_layout_has_one_anchor_row():
+    """Batches of one layout (A anchors x K) map rows to the same anchor-noise groups whatever their anchor ids: a
+    CUDA graph captured for the first batch holds that map fixed (synth/cuda_graph.py)."""
+    for share, expected in ((True, [a for a in range(4) for _ in range(2)]), (False, list(range(8)))):
+        for batch in range(6):
+            noise = row_noise("counter", 0, [f"img{batch}-{a}" for a in range(4)], 2, share)
+            assert noise.anchor_row.tolist() == expected, (share, batch)
+            assert noise.group_keys[noise.anchor_row].tolist() == (  # each row still draws its own key's noise
+                [candidate_seed(0, f"img{batch}-{a}", "anchor") for a in range(4) for _ in range(2)] if share
+                else noise.keys.tolist())
+
+
 def test_shared_anchor_noise_misuse_is_refused(unet, scheduler):
     anchors = anchors_like(2)
     same_key = CounterNoise(seeds_for("a5", 2), [7, 7])  # two rows, one anchor-noise key

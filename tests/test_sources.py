@@ -4,6 +4,8 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -150,6 +152,24 @@ def test_a_null_parquet_label_reads_as_unknown(tmp_path):
     write_hf_parquet(tmp_path / "train.parquet", images, [1, None])
     assert [r.label for r in open_source(f"parquet:{tmp_path / 'train.parquet'}")] == [1, -1]
 
+
+
+def test_a_parquet_file_without_the_image_column_of_the_first_is_refused_naming_it(tmp_path):
+    write_hf_parquet(tmp_path / "a" / "train.parquet", [np.zeros((8, 8, 3), np.uint8)] * 2, [0, 1])
+    (tmp_path / "b").mkdir()
+    pq.write_table(pa.table({"label": [0, 1]}), tmp_path / "b" / "train.parquet")  # e.g. a folder of another table
+    with pytest.raises(UserError, match=r"b/train.parquet has no `img` column, which .*a/train.parquet holds images "
+                                        r"in: the files of a source must be parts of one table"):
+        open_source(f"parquet:{tmp_path}")
+
+
+def test_a_tilde_in_a_source_path_is_the_home_folder(tmp_path, monkeypatch):
+    """The shell expands ~ at the start of a word only: in `folder:~/images` it reaches clsp as it is."""
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / label / "0.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert [r.label for r in open_source("folder:~/images")] == [0, 1]
 
 
 @pytest.mark.parametrize("labels, kind", [(["cat", "dog"], "string"), ([0.0, 0.5], "double")])

@@ -174,11 +174,12 @@ def test_other_settings_are_refused_unless_overwrite(generator, tmp_path):
     foreign = out / "shard-000009.tar"  # a user's tar under a shard's name: --overwrite must not take it for ours
     with tarfile.open(foreign, "w") as tar:
         tar.add(__file__, arcname="mk.py")
-    kept = foreign.read_bytes()
+    kept, finished = foreign.read_bytes(), {p.name: p.read_bytes() for p in out.iterdir()}
     refused = runner.invoke(app, ["synth", *small, "--seed", "7", "--overwrite"])
     assert refused.exit_code == 2 and foreign.read_bytes() == kept
     assert "shard-000009.tar under shard names, but not shards clsp wrote: move them out" in refused.output
-    assert "nothing was sampled" in refused.output and not (out / "manifest.json").exists()
+    assert "nothing was sampled" in refused.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == finished  # refused before --overwrite deleted anything
     foreign.unlink()
     accepted = runner.invoke(app, ["synth", *small, "--seed", "7", "--overwrite"])
     assert accepted.exit_code == 0, accepted.output

@@ -190,15 +190,34 @@ def test_a_record_begun_before_pillow_was_recorded_resumes_and_another_pillow_is
     (out / "shard-000001.tar").unlink()
     run_synth(config(generator, out, **SMALL))
     assert shard_hashes(out) == reference and read_manifest(out).run["compute"] == compute
-    record["compute"]["pillow"] = "0.0"  # as if begun with another Pillow: its PNG members could differ
+    record["compute"].update(pillow="0.0", torch="0.0")  # as if begun with other software: other bytes
     (out / "run.json").write_text(json.dumps(record))
-    with pytest.raises(UserError, match=r"compute\.pillow: '0\.0' there"):
+    with pytest.raises(UserError, match=r"compute\.pillow: '0\.0' there, .*compute\.torch: '0\.0' there, .*\): its "
+                                        r"shards' bytes depend on the device and software that run\.json records "
+                                        r"under compute, which no option changes: continue it where they are the same "
+                                        r"\(install the versions it names\), another --out, or --overwrite") as refused:
         run_synth(config(generator, out, **SMALL))
+    assert str(refused.value).count("install the versions") == 1  # one fix named once, for both keys
 
 
 def test_a_model_that_is_neither_a_folder_nor_a_hub_id_is_refused_up_front(tmp_path):
     with pytest.raises(UserError, match="does not exist"):  # ".." is never part of a hub id (synth.models.HUB_ID)
         SynthConfig(source="digits", model="owner../name", out=tmp_path / "o", device="cpu")
+
+
+def test_a_class_conditional_generator_is_refused_before_anything_is_written(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from clsp.synth.models import save_generator
+    from clsp.synth.untrained_unets import tiny_unet
+
+    folder, out = tmp_path / "conditional", tmp_path / "shards"
+    save_generator(folder, tiny_unet(sample_size=8, block_out_channels=(8, 8), num_class_embeds=10),
+                   DDIMScheduler(num_train_timesteps=1000), {"model_id": "tiny-conditional"})
+    with pytest.raises(UserError, match=r"conditional is class-conditional \(class_embed_type None, num_class_embeds "
+                                        r"10\); the sampler interpolates an unconditional generator's features"):
+        run_synth(config(folder, out, **SMALL))
+    assert not out.exists()
 
 
 def edited_generator(generator, folder, file: str, **changes):
