@@ -175,6 +175,8 @@ class ParquetSource(Source):
             raise UserError(f"{self._paths[item[0]]}: the image of row {anchor_id} cannot be read ({error}): "
                             f"replace the file or leave it out of the source") from None
 
+    encoded = True
+
     def _content_digest(self, item) -> tuple[str, int, bytes]:
         return self._raw(item)
 
@@ -244,6 +246,8 @@ class FolderSource(Source):
         except (OSError, ValueError) as error:  # PIL: unidentified, truncated (an interrupted copy) or unsupported
             raise UserError(f"{file} cannot be read as an image ({error}): replace it or move it out of the "
                             f"source") from None
+
+    encoded = True
 
     def _content_digest(self, item) -> tuple[str, int, bytes]:
         anchor_id, file, label = item

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class Source:
         if image_size is not None and not 4 <= image_size <= 1024:
             raise UserError(f"image size {image_size} is out of range: use 4..1024 pixels")
         self.spec, self.split, self._size = spec, split, image_size
+        self._native = image_size is None  # every image must then crop to the first one's size
         self._fingerprint: str | None = None
 
     # --- to implement -------------------------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class Source:
 
     classes: list[str] = []
     splits = "train, test"  # what `data info` says about the splits (see splits_note)
+    encoded = False  # whether _content_digest gives each image's encoded file (PNG, JPEG...): its header says its size
 
     # --- shared -------------------------------------------------------------------------------------------------
     @property
@@ -179,11 +182,12 @@ class Source:
         for position in positions:
             record = self._load(items[position])
             if self._size is not None and record.image.shape != (self._size, self._size, 3):
-                raise UserError(
-                    f"{self.name}: image {record.anchor_id} is {record.image.shape[1]}x{record.image.shape[0]}, "
-                    f"the others {self._size}x{self._size}: pass --image-size to resize them all"
-                )
+                raise self._other_size(record.anchor_id, record.image.shape[1], record.image.shape[0])
             yield record
+
+    def _other_size(self, anchor_id: str, width: int, height: int) -> UserError:
+        return UserError(f"{self.name}: image {anchor_id} is {width}x{height}, the others {self._size}x{self._size}: "
+                         f"pass --image-size to resize them all")
 
     def fingerprint(self) -> str:
         """sha256 over (kind, split, image size, then id, label and content digest of every image, in order)."""
@@ -191,10 +195,22 @@ class Source:
             digest = hashlib.sha256(f"{self.kind}|{self.split}|{self.image_size}".encode())
             for item in self._items():
                 anchor_id, label, content = self._content_digest(item)
+                if self._native and self.encoded:  # here (a header read) rather than when sampling gets to it
+                    self._check_side(anchor_id, content)
                 digest.update(f"|{anchor_id}|{label}|".encode())
                 digest.update(hashlib.sha256(content).digest())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    def _check_side(self, anchor_id: str, encoded: bytes) -> None:
+        """An encoded image whose centre square (to_rgb_square) is not the source's native size: refused."""
+        try:
+            with Image.open(io.BytesIO(encoded)) as image:
+                width, height = image.size
+        except (OSError, ValueError):  # unreadable: its _load names it
+            return
+        if min(width, height) != self._size:
+            raise self._other_size(anchor_id, width, height)
 
     def describe(self) -> dict:
         labels = [r.label for r in self]

@@ -83,6 +83,25 @@ def test_image_folder_with_classes_and_resizing(tmp_path):
     assert images.shape == (8, 8, 8, 3) and labels.tolist() == [0] * 4 + [1] * 4
 
 
+@pytest.mark.parametrize("kind", ["folder", "parquet"])
+def test_one_image_of_another_size_is_refused_when_the_source_is_fingerprinted_before_any_sampling(tmp_path, kind):
+    """At the native size the first image sets the size; an odd one far down the id order was refused only when the
+    synth job reached it, hours of shards in. The fingerprint, which the job records before sampling, reads every
+    file: it now checks each one's size from its header (a 12x16 image crops to 12x12 and passes)."""
+    rng = np.random.default_rng(0)
+    images = [_png(rng, size=12)] * 5 + [png_bytes(np.zeros((16, 12, 3), np.uint8)), _png(rng, size=14)]
+    if kind == "folder":
+        (tmp_path / "a").mkdir()
+        for i, data in enumerate(images):
+            (tmp_path / "a" / f"{i}.png").write_bytes(data)
+    else:
+        pq.write_table(pa.table({"img": [{"bytes": d, "path": None} for d in images], "label": [0] * 7}),
+                       tmp_path / "train.parquet")
+    with pytest.raises(UserError, match=r"image \S+6 is 14x14, the others 12x12: pass --image-size to resize"):
+        open_source(f"{kind}:{tmp_path}").fingerprint()
+    assert len(open_source(f"{kind}:{tmp_path}", image_size=12).fingerprint()) == 64  # resized: any size
+
+
 def test_a_limited_load_spreads_over_every_class_of_a_class_sorted_folder(tmp_path):
     """A folder source lists its images class by class: `limit` images (the training loop's kNN monitor takes 5,000)
     spread over all of it, not the first classes only (CIFAR-10 as folders would have given class 0 alone)."""
