@@ -84,6 +84,11 @@ def test_paired_bootstrap_is_seeded_and_covers_the_mean():
     low, high = paired_bootstrap(diffs)
     assert low < 10.0 < high and (low, high) == paired_bootstrap(diffs)
     assert paired_bootstrap(np.full((4, 20), -100.0)) == pytest.approx((-100.0, -100.0))
+    # drawn in chunks of resamples (memory: CIFAR's 60,000 images), the interval is the one of all the draws at once
+    rng, scores = np.random.default_rng(0), np.random.default_rng(1).choice([-100.0, 0.0, 100.0], size=(3, 50))
+    seed_counts = rng.multinomial(3, np.full(3, 1 / 3), size=150)  # 150: not a whole number of chunks
+    means = ((seed_counts @ scores) * rng.multinomial(50, np.full(50, 1 / 50), size=150)).sum(axis=1) / 150
+    assert paired_bootstrap(scores, resamples=150) == tuple(np.quantile(means, [(1 - 0.95) / 2, (1 + 0.95) / 2]))
 
 
 def test_verdict_reads_the_interval():
