@@ -379,7 +379,7 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
         assert re.search(r"error: a loader process died: (DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: "
                          r"Killed|exited unexpectedly)|its connection was cut \(\w+: [^)]*\))\. "  # torch's three
                          # wordings: which part of it notices first is a race
-                         r".* holds a training run \(checkpoint at epoch 1 step 0\): rerun the same command with "
+                         r".* holds a training run \(checkpoint after step 6\): rerun the same command with "
                          r"--resume", message), message
         assert position == {"epoch": 1, "step": 0, "global_step": 6}
     train(make_config(**options(shards, out, resume=True, **streamed)))
@@ -415,7 +415,7 @@ def test_a_connection_cut_by_a_dying_loader_is_told_as_its_death(shards, tmp_pat
         return
     with pytest.raises(UserError, match=r"a loader process died: its connection was cut \(ConnectionResetError: "
                                         r"\[Errno 104\] Connection reset by peer\)\. .* holds a training run "
-                                        r"\(checkpoint at epoch 1 step 0\): rerun the same command with --resume"):
+                                        r"\(checkpoint after step 6\): rerun the same command with --resume"):
         train(config)
     assert epochs == [0] and read_json(out / "checkpoint" / "position.json")["epoch"] == 1
 

@@ -68,9 +68,9 @@ def describe_run(out: Path) -> str:
     if (out / SUMMARY).exists():
         return "a finished training run"
     found = find_checkpoint(out)
-    readable = found is not None and json_with("epoch", "step")(found / "position.json")
+    readable = found is not None and json_with("global_step")(found / "position.json")
     where = read_json(found / "position.json") if readable else None
-    return (f"a training run (checkpoint at epoch {where['epoch']} step {where['step']})" if where else
+    return (f"a training run (checkpoint after step {where['global_step']})" if where else
             "a training run (no checkpoint yet)")
 
 
