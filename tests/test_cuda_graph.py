@@ -82,7 +82,9 @@ def test_replays_give_the_eager_loops_positives_for_each_batch(fast):
     anchors, noise = anchors_and_noise("counter", True)
     on_device = anchors.to("cuda")  # float32 on the device already: the graph must still keep its own copy
     graphed = GraphedSampler(unet, scheduler, on_device, noise, config, fast=fast)
-    for seed, ids in ((0, IDS), (5, ["c0", "c1"])):  # the first batch again, then another
+    # the first batch again, then others; one of the last two has its anchor keys in descending order (the layout
+    # must not follow the keys' order)
+    for seed, ids in ((0, IDS), (5, ["c0", "c1"]), (6, ["d0", "d1"]), (7, ["d1", "d0"])):
         batch_anchors, batch_noise = anchors_and_noise("counter", True, seed, ids)
         expected = sample_positives(unet, scheduler, batch_anchors, batch_noise, config, fast=fast)
         assert torch.equal(graphed(batch_anchors, batch_noise), expected)
