@@ -13,7 +13,8 @@ STAMP  := $(VENV)/.installed
 SOURCE ?= digits
 RUN    ?= runs/digits
 # The embedded generator ships with the project (its card.json says how it was made and what it scores);
-# `make generator` retrains it from scratch into $(RUN)/generator, and `make synth MODEL=$(RUN)/generator` uses that one.
+# `make generator` retrains it from scratch into $(RUN)/generator, and
+# `make synth train eval MODEL=runs/digits/generator RUN=runs/digits-retrained` uses that one (in folders of its own).
 SHIPPED := generators/digits-16px
 MODEL  ?= $(SHIPPED)
 SHARDS ?= $(RUN)/shards
@@ -26,11 +27,13 @@ TRAIN_OUT ?= $(RUN)/train/$(METHOD)-$(POSITIVES)-seed0
 setup: $(STAMP)
 
 # torch is pinned to the build that installs offline on CPU machines; a GPU user installs the torch build
-# for their CUDA first and then `pip install -e .` (README).
+# for their CUDA first and then `pip install -e .` (README). Where pip's index offers only the default torch build
+# (with its CUDA packages), `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the small CPU one.
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[test]'
 	touch $(STAMP)
 
 # About 46 min on one CPU thread. Float sums depend on the CPU, the thread count and the versions, so the weights match

@@ -95,7 +95,7 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
                                              "come from that device's generator, and its float sums differ): resume "
                                              "it on a machine like the first",
                            "compute.precision": "bf16 autocast runs on a GPU only: resume it on the kind of device it "
-                                                "began on, with the --bf16 setting it began with"})
+                                                "began on, with the --precision it began with"})
 # embedded: 16 px digits (1,437 anchors, 11 steps an epoch) on 2 CPU cores, about 2.5 minutes a run (550 steps).
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
