@@ -41,6 +41,7 @@ OS_PROBLEMS = {  # errno -> (what happened, the fix)
     errno.EPERM: ("operation not permitted", "choose a path you may use, or change its permissions"),
     errno.ENOTDIR: ("a part of the path is a file, not a directory", "fix the path"),
     errno.EISDIR: ("a directory is where a file should be", "give a file"),
+    errno.EEXIST: ("a file is where a directory should be", "fix the path"),
     errno.ENAMETOOLONG: ("the path is too long", "use a shorter path"),
 }
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # writing stopped for lack of room

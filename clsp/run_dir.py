@@ -204,7 +204,7 @@ def prepare_run_dir(out: str | Path, record: dict, kind: RunKind, resume: bool, 
 
 
 def _claim(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool) -> RunDir:
-    _check_path(out)
+    check_out_path(out)
     _check_folder(out, record, kind, resume, overwrite)  # read only: a refusal changes nothing
     made = tuple(p for p in (out, *out.parents) if not p.exists())
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,9 @@ def _cut_writes(out: Path, kind: RunKind) -> list[Path]:
     return sorted(p for p in named if p in ours)
 
 
-def _check_path(out: Path) -> None:
+def check_out_path(out: str | Path) -> None:
+    """An --out that is a file, or lies under one, refused (UserError) before any work."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a directory (a new one, or one this command made)")
     for parent in out.parents:

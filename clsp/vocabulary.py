@@ -20,6 +20,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 POSITIVES = ("synthetic", "augment", "none")  # --positives, the third view: synthetic positive, third real view, none
 PRECISION_HELP = "auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs only) | fp32"
 DEVICE_HELP = "auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N"
+# the synth job may run one process per GPU, each taking its own: CUDA_VISIBLE_DEVICES picks them, not cuda:N
+SYNTH_DEVICE_HELP = "auto (a GPU when one is visible, else the CPU) | cpu | cuda (CUDA_VISIBLE_DEVICES picks the GPU)"
 FORWARD_BATCH_HELP = "images per forward pass per process (memory use; float sums round by it)"
 BATCH_SIZE_HELP = "examples per optimizer step over all processes"
 # --compile (synth, train and their benches) is for GPUs. On the CPU, torch 2.13's inductor lays convolutions out NHWC,

@@ -33,15 +33,18 @@ def _user_errors():
         raise UserError(str(error)) from None
 
 
-def _refuse_out_inside(out: Path, given=(), recorded=()) -> None:
-    """An --out inside a folder (or Parquet directory) that a source reads would add what the command writes there to
-    the data: a new class folder, pictures read as images, another fingerprint, so that the next evaluation scores
-    other data or refuses the run's own. Refused before any work, for every source the command is `given` and those
-    its runs and shards were made from (`recorded`). A recorded spec is checked only where it names an absolute path
+def _check_out(out: Path, given=(), recorded=()) -> None:
+    """An --out that is a file is refused before any work, and so is one inside a folder (or Parquet directory) that a
+    source reads: what the command writes there would be added to the data (a new class folder, pictures read as
+    images, another fingerprint), so that the next evaluation scores other data or refuses the run's own. Checked for
+    every source the command is `given` and those its runs and shards were made from (`recorded`). A recorded spec is checked only where it names an absolute path
     that exists: a relative one was relative to wherever that stage ran, not to here."""
     import os
 
+    from clsp.run_dir import check_out_path
     from clsp.sources import refuse_out_inside
+
+    check_out_path(out)  # a file there: refused now, not after the features and the probe were computed
 
     def checkable(spec: str) -> bool:
         location = spec.partition(":")[2]
@@ -129,7 +132,7 @@ def audit_command(shards: str = typer.Argument(..., help="shard directory (with 
 
     with _user_errors():
         config = AuditConfig(max_anchors=anchors, pca_components=components)
-        _refuse_out_inside(out, [source], [_shards_source(shards)])
+        _check_out(out, [source], [_shards_source(shards)])
         json_path, md_path = write_audit(audit_shards(shards, source, config), out)
     typer.echo(md_path.read_text())
     typer.echo(f"wrote {json_path} and {md_path}")
@@ -143,7 +146,7 @@ def plots_command(run: Path = typer.Argument(..., help="training run directory")
     from clsp.eval.results import run_sources
 
     with _user_errors():
-        _refuse_out_inside(out, recorded=run_sources(run))
+        _check_out(out, recorded=run_sources(run))
         written = plot_run(run, out)
     if not written:
         raise UserError(f"{run} has neither log.csv nor an evaluation of its current weights: train it and run "
@@ -160,7 +163,7 @@ def report_command(runs: list[Path] = typer.Argument(..., help="run directories 
     from clsp.eval.results import run_sources
 
     with _user_errors():
-        _refuse_out_inside(out, recorded=[spec for run in runs for spec in run_sources(run)])
+        _check_out(out, recorded=[spec for run in runs for spec in run_sources(run)])
         summary = report(runs, out)
     typer.echo("\n".join(summary["verdicts"]))
     typer.echo(f"wrote {summary['report']} and {summary['csv']}")
@@ -186,7 +189,7 @@ def all_command(run: Path = typer.Argument(..., help="training run directory"),
         eval_config = _eval_config(source, preset, probe_epochs, forward_batch, device, test_source=test_source,
                                    transfer=transfer)
         # evaluate_all refuses an --out inside the sources it scores on; the run's own and the shards' also matter
-        _refuse_out_inside(out, recorded=[*run_sources(run), _shards_source(shards)])
+        _check_out(out, recorded=[*run_sources(run), _shards_source(shards)])
         config = AllConfig(str(run), shards, str(out), eval_config, audit_anchors)
         summary = evaluate_all(config)
     _echo_results(summary["results"])
@@ -245,7 +248,7 @@ def study_command(shards: str = typer.Argument(..., help="shard directory to tra
             seed_values = tuple(int(s) for s in split(seeds))
         except ValueError:
             raise UserError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3,4") from None
-        _refuse_out_inside(out, [source], [_shards_source(shards)])  # the study's runs, reports and pictures go there
+        _check_out(out, [source], [_shards_source(shards)])  # the study's runs, reports and pictures go there
         config = StudyConfig(shards, source, str(out), split(methods), split(positives), seed_values, folds,
                              "embedded" if preset == "embedded" else None,
                              train_options=_key_values(train_option or []), jobs=jobs,
@@ -276,7 +279,10 @@ def sweep_command(target: str = typer.Argument(..., help="shard directory (then 
     """Class agreement against hardness of the positives at each (w, steps): pick w by measurement."""
     from clsp.eval.sweep import SweepConfig, numbers, run_sweep
 
+    from clsp.run_dir import check_out_path
+
     with _user_errors():
+        check_out_path(out)
         config = SweepConfig(target, str(out), model, source, numbers(w, float, "--w"), numbers(steps, int, "--steps"),
                              anchors, k, eta, seed, components, forward_batch, device)
         written = run_sweep(config)

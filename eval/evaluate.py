@@ -50,8 +50,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not (self.knn or self.linear):
             raise ValueError("nothing to evaluate: enable knn, linear or both")
-        if self.batch_size <= 0 or self.temperature <= 0:
-            raise ValueError("batch_size and temperature must be > 0")
+        if self.batch_size <= 0:
+            raise ValueError(f"--forward-batch {self.batch_size}: use 1 or more rows (e.g. 256)")
+        if self.temperature <= 0:
+            raise ValueError(f"the kNN temperature {self.temperature} must be > 0")
         # the one device check, before anything is read (cached features would hide it); "auto" becomes what it means
         object.__setattr__(self, "device", str(resolve_device(self.device)))
 

@@ -50,7 +50,7 @@ class QualityConfig:
         if self.samples < max(2, self.neighbours + 1):
             problems.append(f"--samples {self.samples}: use at least {max(2, self.neighbours + 1)} (e.g. 1000)")
         if self.neighbours < 1 or self.pca_components < 1 or self.batch_size < 1 or self.seed < 0:
-            problems.append("--neighbours, --components and --batch-size must be >= 1 and --seed >= 0")
+            problems.append("--neighbours, --components and --forward-batch must be >= 1 and --seed >= 0")
         if self.inception_weights is not None and not Path(self.inception_weights).is_file():
             problems.append(f"--inception-weights {self.inception_weights} is not a file: give the path of "
                             "torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or leave the option out")

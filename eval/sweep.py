@@ -48,7 +48,7 @@ class SweepConfig:
         if not self.ws or not self.steps:
             problems.append("give at least one --w and one --steps value")
         if self.anchors < 1 or (self.k is not None and self.k < 1) or self.batch_size < 1 or self.pca_components < 1:
-            problems.append("--anchors, --k, --batch-size and --components must be >= 1")
+            problems.append("--anchors, --k, --forward-batch and --components must be >= 1")
         if self.seed is not None and self.seed < 0:
             problems.append(f"--seed {self.seed}: use a seed >= 0")
         if problems:

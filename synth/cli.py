@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from clsp.presets import source_defaults, source_fields, source_literal
-from clsp.vocabulary import DEVICE_HELP, FORWARD_BATCH_HELP, PRECISION_HELP, bf16_for
+from clsp.vocabulary import FORWARD_BATCH_HELP, SYNTH_DEVICE_HELP, PRECISION_HELP, bf16_for
 
 # --help shows each unset option's default from SynthConfig and SamplerConfig (read without importing torch)
 SAMPLER_FIELDS = source_fields("clsp.synth.sampler", "SamplerConfig")  # [(name, "float", default)]: one option each
@@ -39,7 +39,7 @@ def run(
         None, help=FORWARD_BATCH_HELP + "; a row is one candidate of one anchor (default: 256 on the CPU, 2,048 on a "
         "GPU, halved until it fits; a rerun keeps the recorded one)"),
     limit: Optional[int] = typer.Option(None, help="only the first N anchors"),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (default: auto)"),
+    device: Optional[str] = typer.Option(None, help=SYNTH_DEVICE_HELP + " (default: auto)"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " (default: auto)"),
     compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the UNet blocks (GPU runs only)"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete shards made with other settings"),

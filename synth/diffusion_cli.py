@@ -139,7 +139,10 @@ def eval_command(
 ) -> None:
     """Offline quality of a generator: Frechet distance, precision/recall and confident samples (+ FID if asked)."""
     from clsp.eval.quality import QualityConfig, run_quality
+    from clsp.run_dir import check_out_path
 
+    if out is not None:
+        check_out_path(out)
     try:
         config = QualityConfig(generator, source, split, None if out is None else str(out), samples, steps, eta,
                                seed, neighbours, components, forward_batch, device,

@@ -197,7 +197,12 @@ def bad_command_lines(tmp_path: Path, generator: Path, shards: Path) -> list[lis
     synth = ["synth", "run", "digits", "--model", str(generator), "--limit", "1", "--image-size", "8"]
     lines = [synth + ["--out", str(a_file)], ["train", "run", str(shards), "--out", str(a_file / "run"), *TRAIN],
              ["data", "info", f"folder:{tmp_path / 'images'}"], ["data", "info", f"parquet:{tmp_path}/train-0.parquet"],
-             synth + ["--out", out, "--device", "tpu"], synth + ["--out", out, "--device", "cuda:99"]]
+             synth + ["--out", out, "--device", "tpu"], synth + ["--out", out, "--device", "cuda:99"],
+             # an --out that is a file: refused before any work (eval all computed features and the probe first)
+             ["eval", "audit", str(shards), "--source", "digits", "--out", str(a_file)],
+             ["eval", "sweep", str(generator), "--source", "digits", "--out", str(a_file)],
+             ["diffusion", "eval", str(generator), "--source", "digits", "--out", str(a_file)],
+             ["eval", "all", str(tmp_path / "run"), "--shards", str(shards), "--out", str(a_file)]]
     if importlib.util.find_spec("s3fs") is None:  # the message names the package to install
         lines.append(["train", "run", "s3://bucket/shards", "--out", out, *TRAIN])
     return lines
@@ -209,6 +214,16 @@ def test_bad_command_lines_end_as_one_error_line_with_exit_2_and_nothing_written
         assert result.exit_code == 2, (command, result.output, result.exception)
         assert_one_error_line(result.output)
         assert not (tmp_path / "out").exists() and (tmp_path / "a-file").read_text() == "x", command
+
+
+def test_a_bad_forward_batch_is_named_by_the_option_the_command_has(generator, tmp_path):
+    out = ["--out", str(tmp_path / "out")]
+    for command in (["eval", "sweep", str(generator), "--source", "digits", *out],
+                    ["diffusion", "eval", str(generator), "--source", "digits", *out],
+                    ["eval", "knn", str(tmp_path / "run")]):  # refused before the run is looked at
+        result = runner.invoke(app, [*command, "--forward-batch", "0"])
+        assert result.exit_code == 2 and "--forward-batch" in assert_one_error_line(result.output), result.output
+        assert "--batch-size" not in result.output and "temperature" not in result.output, result.output
 
 
 def test_an_out_inside_the_source_folder_is_refused_before_anything_is_written(generator, tmp_path):

@@ -140,6 +140,8 @@ def test_help_shows_every_default_in_plain_text():
         assert "--forward-batch INT images per forward pass per process" in stage and "--batch-size" not in stage
         assert "--device TEXT auto (a GPU when one is visible, else the CPU)" in stage
     synth = _help("synth", "run")
+    assert "cuda:N" not in synth and "cuda (CUDA_VISIBLE_DEVICES picks the GPU)" in synth  # it refuses cuda:N
+    assert "| cuda | cuda:N" in _help("eval", "all")
     for note in ("positives per anchor [default: 8; --preset embedded: 4]", "[default: 0.1; --preset embedded: 0.2]",
                  "DDIM steps [default: 100; --preset embedded: 32]",
                  "[default: counter; --preset embedded: cpu-generator]"):
