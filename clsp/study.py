@@ -232,6 +232,8 @@ def note_thread_changes(runs: list, threads: int, out: Path) -> None:
 
 
 _STOPPING = None  # in a pool process: the study's stop flag (a multiprocessing Event), set when it is being stopped
+_TRAINING = False  # in a pool process: whether it holds a run now (else it waits for one on the pool's queue)
+_IN_TRAINING = None  # in a pool process: the study's count of its processes that hold a run (a multiprocessing Value)
 
 
 def _train_on_threads(run, threads: int, log_file: str) -> str | None:
@@ -245,8 +247,11 @@ def _train_on_threads(run, threads: int, log_file: str) -> str | None:
 
     from clsp.train.loop import train
 
+    global _TRAINING
     if _STOPPING is not None and _STOPPING.is_set():  # handed over in advance while the study was being stopped
         return None
+    _TRAINING = True
+    _count_in_training(+1)
     with open(log_file, "a") as log:
         os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike
         sys.stderr = log
@@ -258,6 +263,15 @@ def _train_on_threads(run, threads: int, log_file: str) -> str | None:
                 raise
             # as itself it would break the pool: a pickling error in place of the run's, or a study hung on its pool
             raise _stand_in(error, Path(run.out).name) from error  # the pool's traceback text shows both
+        finally:
+            _TRAINING = False
+            _count_in_training(-1)
+
+
+def _count_in_training(change: int) -> None:
+    if _IN_TRAINING is not None:
+        with _IN_TRAINING.get_lock():
+            _IN_TRAINING.value += change
 
 
 def _survives_pickling(error: Exception) -> bool:
@@ -300,16 +314,24 @@ def _stand_in(error: Exception, run: str) -> RunFailed:
     return (RunFailedAsUserError if isinstance(error, UserError) else RunFailed)(run, kind, str(error), trace)
 
 
-def _pool_process_setup(parent: int, stopping) -> None:
+def _pool_process_setup(parent: int, stopping, in_training) -> None:
     """The pool processes' initializer. Ctrl-C is the study's to handle: it stops its runs with SIGTERM, which training
     answers with a checkpoint at the end of its step; a run the pool handed over in advance sees `stopping` set and
     does not start. And the process ends when the study is gone (_exit_with_parent)."""
     import signal
 
-    global _STOPPING
+    global _STOPPING, _IN_TRAINING
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _STOPPING = stopping
+    signal.signal(signal.SIGTERM, _stop_only_a_run)
+    _STOPPING, _IN_TRAINING = stopping, in_training
     _exit_with_parent(parent)
+
+
+def _stop_only_a_run(signum, frame) -> None:
+    """A pool process's SIGTERM outside training's own handler (StopFlag): it stops a run still setting up, and is
+    ignored by a process waiting for work (the study ends those once no run is in training: _run_in_pool)."""
+    if _TRAINING:
+        raise Stopped
 
 
 def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
@@ -362,23 +384,45 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
     others = set(multiprocessing.active_children())  # started before the pool: not ours to stop
     context = multiprocessing.get_context("spawn")
-    stopping = context.Event()
+    stopping, in_training = context.Event(), context.Value("i", 0)
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_pool_process_setup,
-                               initargs=(os.getpid(), stopping))
+                               initargs=(os.getpid(), stopping, in_training))
+
+    def terminate_pool() -> None:
+        """Stop the runs in training (SIGTERM: each checkpoints after its step), then end the pool's processes. Not
+        through the pool: one waiting for work holds its queue's lock, and the pool's own shutdown, interrupted by the
+        signal that got us here, may have lost its manager thread; a second Ctrl-C ends them at once."""
+        workers = set(multiprocessing.active_children()) - others  # the pool's processes
+        for worker in workers:
+            worker.terminate()
+        try:
+            while in_training.value > 0 and any(worker.is_alive() for worker in workers):
+                time.sleep(0.1)
+        finally:
+            for worker in workers:
+                worker.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                worker.join()
+
     try:
         futures = [pool.submit(_train_on_threads, run, threads, str(log_dir / f"{Path(run.out).name}.log"))
                    for run in runs]
         for done, future in enumerate(as_completed(futures), 1):
             print(f"{future.result()}: trained ({done}/{len(runs)})", flush=True)
-    except Exception:  # a failed run: the others already training finish, and no other starts (rerun to go on)
+    except Exception as failure:  # a failed run: the others already training finish, no other starts (rerun to go on)
         stopping.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
+        first_line = (str(failure).splitlines() or [type(failure).__name__])[0]
+        print(f"study: a run failed ({first_line}); the runs in training finish first, and no other starts (Ctrl-C "
+              f"stops them too)", file=sys.stderr, flush=True)
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:  # Ctrl-C or SIGTERM while they finish: stop them too, then report the failure
+            terminate_pool()
+        raise failure
     except BaseException as error:  # Ctrl-C or SIGTERM: stop the runs in training as well, and start no other
         stopping.set()
-        for worker in set(multiprocessing.active_children()) - others:  # the pool's processes
-            worker.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        terminate_pool()
         if isinstance(error, Stopped):  # as with --jobs 1: one error line, exit status 2
             raise UserError(f"the study was stopped by SIGTERM, and the runs it was training with it (each goes on "
                             f"from its last checkpoint): {STUDY_AGAIN}") from None

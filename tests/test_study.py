@@ -317,6 +317,53 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
     assert sorted(p.name for p in (out / "runs").iterdir()) == [run.name for run in first]  # no third run began
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_a_stop_while_a_parallel_study_waits_for_its_runs_after_one_failed_ends_them_and_names_the_failure(
+        tiny_world, tmp_path, stop):
+    """One run fails at once (its folder is a file), the other trains on: the study says so and waits for it. A stop
+    then was taken inside that wait and never reached the run, whose pool process then waited forever on the queue
+    lock of the idle one the stop had killed, and the study on it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root, shards, source = tiny_world
+    long = {**dict(TINY_TRAIN), "epochs": 100000}  # trains until stopped
+    options = [arg for key, value in long.items() for arg in ("--train-option", f"{key}={json.dumps(value)}")]
+    out = tmp_path / "study"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "simclr-synthetic-seed0").write_text("not a folder")
+    study = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "clsp", "eval", "study", str(shards),
+                              "--source", source, "--out", str(out), "--positives", "none,synthetic", "--seeds", "0",
+                              "--folds", "2", "--preset", "paper", "--jobs", "2", *options],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=as_a_terminals_job)
+    training = out / "runs" / "simclr-none-seed0"
+    try:
+        _wait_for(lambda: (lock_held(training) and (training / "checkpoint" / "position.json").is_file())
+                  or study.poll() is not None, "the other run to train")
+        assert study.poll() is None, study.communicate()
+        if stop == "Ctrl-C":
+            os.killpg(study.pid, signal.SIGINT)
+        else:
+            study.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = study.communicate(timeout=120)  # a guard against the hang, not a speed limit
+        except subprocess.TimeoutExpired:
+            os.killpg(study.pid, signal.SIGABRT)  # every thread's stack, then fail
+            _, stderr = study.communicate(timeout=60)
+            pytest.fail(f"the study did not end within 120 s of {stop}:\n{stderr[-8000:]}")
+    finally:
+        if study.poll() is None:
+            os.killpg(study.pid, signal.SIGKILL)
+    assert study.returncode == 2 and "Traceback" not in stderr, stderr
+    assert "study: a run failed (--out " in stderr and "the runs in training finish first" in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: --out {out / 'runs' / 'simclr-synthetic-seed0'} is a "
+                                                      f"file"), stderr
+    _wait_for(lambda: not lock_held(training), "the training process to end")
+
+
 def test_a_second_study_on_the_same_out_is_refused_and_a_sigterm_names_the_study_command(tiny_world, tmp_path):
     """Two studies on one --out would each take runs the other had not begun (both then fail "in use"): the second is
     refused before it trains. A SIGTERM while the study trains a run in its own process says to rerun the study,
