@@ -163,9 +163,16 @@ def threads_beside_workers(workers: int) -> int | None:
     step then takes 10-20x as long). Siblings: LOCAL_WORLD_SIZE, which torchrun (and so `accelerate launch`) sets per
     machine; the world size would count other machines' processes too. Returns the count set, or None when the user
     chose one (OMP_NUM_THREADS, or torch.set_num_threads)."""
+    threads = threads_for_workers(workers)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def threads_for_workers(workers: int) -> int | None:
+    """The thread count threads_beside_workers would set for `workers` loader processes (None: it would leave the
+    user's)."""
     if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _TORCH_DEFAULT_THREADS:
         return None
     processes_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    threads = max(1, available_cores() // processes_here - workers)
-    torch.set_num_threads(threads)
-    return threads
+    return max(1, available_cores() // processes_here - workers)

@@ -135,7 +135,8 @@ def study(cfg: StudyConfig) -> dict:
     try:
         pending = [run for run in runs if (load_kfold(run.out) or {}).get("scoring") != scoring]
         to_train = [run for run in pending if not _finished(run)]
-        note_thread_changes(to_train, threads_per_run(cfg.jobs), Path(cfg.out))
+        note_thread_changes(to_train, {Path(run.out).name: threads_per_run(cfg.jobs, run, manifest)
+                                       for run in to_train}, Path(cfg.out))
         if cfg.jobs > 1 and to_train:  # also a single run: in the pool it trains on the threads --jobs gives every run
             train_in_parallel(to_train, cfg.jobs, Path(cfg.out) / "train-logs")
         for run in runs:
@@ -192,12 +193,22 @@ def _train_here(run) -> None:
 THREADS_RECORD = "train-threads.json"
 
 
-def threads_per_run(jobs: int) -> int:
-    """The torch threads the study gives each run: under --jobs N > 1 every run trains in a pool process
-    (pool_threads); under --jobs 1 in the study's own process, on its count (OMP_NUM_THREADS, or torch's default)."""
+def threads_per_run(jobs: int, run, manifest) -> int:
+    """The torch threads `run` (a TrainConfig) trains on: under --jobs N > 1 in a pool process (pool_threads); under
+    --jobs 1 in the study's own process, on its count (OMP_NUM_THREADS, or torch's default), except that a run
+    streaming through loader processes on the CPU leaves them their cores when the count is torch's default (as
+    train.shard_input does: threads_beside_workers)."""
     import torch
 
-    return pool_threads(jobs) if jobs > 1 else torch.get_num_threads()
+    from clsp.accelerator import threads_for_workers
+    from clsp.train.cache import use_cache
+
+    if jobs > 1:
+        return pool_threads(jobs)
+    streamed = not use_cache(run.cache, manifest.count, manifest.k, int(manifest.run["image_size"]), run.positives, 1)
+    if streamed and run.workers and not torch.cuda.is_available():
+        return threads_for_workers(run.workers) or torch.get_num_threads()
+    return torch.get_num_threads()
 
 
 def pool_threads(jobs: int) -> int:
@@ -206,12 +217,12 @@ def pool_threads(jobs: int) -> int:
     return max(1, available_cores() // jobs)
 
 
-def note_thread_changes(runs: list, threads: int, out: Path) -> None:
-    """Record in `out` the thread count each of `runs` (TrainConfigs to train) that begins from its first step is
-    given, and say so when one goes on from its checkpoint on another count (another --jobs, other cores): a CPU run's
-    weights depend on its thread count, so that run will not end byte-identical to an uninterrupted run on either
-    count. Said, not refused: it is still a sound run of its config, and refusing would strand hours of training for
-    want of the same cores."""
+def note_thread_changes(runs: list, threads: dict[str, int], out: Path) -> None:
+    """Record in `out` the thread count (`threads`: run folder name -> count) each of `runs` (TrainConfigs to train)
+    that begins from its first step trains on, and say so when one goes on from its checkpoint on another count
+    (another --jobs, other cores): a CPU run's weights depend on its thread count, so that run will not end
+    byte-identical to an uninterrupted run on either count. Said, not refused: it is still a sound run of its config,
+    and refusing would strand hours of training for want of the same cores."""
     from clsp.file_io import read_json, write_json
     from clsp.train.checkpoint import find_checkpoint
 
@@ -220,11 +231,12 @@ def note_thread_changes(runs: list, threads: int, out: Path) -> None:
     before = dict(began)
     for run in runs:
         name = Path(run.out).name
+        now = threads[name]
         if find_checkpoint(Path(run.out)) is None:  # begins from its first step (again)
-            began[name] = threads
-        elif began.get(name, threads) != threads:  # a run begun before the study kept this record is not compared
+            began[name] = now
+        elif began.get(name, now) != now:  # a run begun before the study kept this record is not compared
             print(f"study: {name} began training on {began[name]} thread(s) and goes on from its checkpoint on "
-                  f"{threads}: a CPU run's weights depend on its thread count, so they will not be byte-identical to "
+                  f"{now}: a CPU run's weights depend on its thread count, so they will not be byte-identical to "
                   f"an uninterrupted run's on either count (to keep them, go on with {began[name]} thread(s) per run: "
                   f"the --jobs and cores it began with)")
     if began != before:

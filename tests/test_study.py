@@ -502,6 +502,36 @@ def test_a_parallel_runs_error_that_does_not_pickle_ends_the_study_with_that_err
     assert f'in fail\n    raise {raise_it}' in stderr  # the traceback text from the pool process, to the fault's line
 
 
+def test_the_thread_count_recorded_is_the_one_a_streamed_run_trains_on(tiny_world, tmp_path, monkeypatch):
+    """A run streaming through loader processes on the CPU leaves them their cores when the thread count is torch's
+    default (train.shard_input: threads_beside_workers): the study recorded the default instead, so a resume on
+    another count went unnoticed and a resume on the same one was named."""
+    import torch
+
+    from clsp import accelerator
+    from clsp.study import StudyConfig, study
+
+    root, shards, source = tiny_world
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    default = max(2, accelerator.available_cores())  # what torch chooses where nothing set it (the tests set 1)
+    monkeypatch.setattr(accelerator, "_TORCH_DEFAULT_THREADS", default)
+    torch.set_num_threads(default)  # as a process the user left alone starts
+    seen = []
+    monkeypatch.setattr(accelerator, "threads_beside_workers",  # what training sets, seen as it sets it
+                        lambda workers, set_them=accelerator.threads_beside_workers: seen.append(set_them(workers)))
+    monkeypatch.setattr("clsp.train.shard_input.threads_beside_workers", accelerator.threads_beside_workers)
+    options = dict(TINY_TRAIN, workers=1, cache=False)
+    config = StudyConfig(str(shards), source, str(tmp_path / "study"), positives=("none",), seeds=(0,), folds=2,
+                         train_preset=None, train_options=tuple(options.items()))
+    try:
+        study(config)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1 and seen[0] == default - 1  # training gave one core to its loader process
+    assert json.loads((tmp_path / "study" / "train-threads.json").read_text()) == {"simclr-none-seed0": seen[0]}
+
+
 def test_a_run_going_on_on_another_thread_count_is_named_and_not_refused(tiny_world, tmp_path, capsys):
     """A CPU run's weights depend on its thread count, which the study sets from --jobs and the cores: one begun on
     one count and resumed on another ends unlike an uninterrupted run on either. The study records the count each run
