@@ -264,20 +264,20 @@ def _train_on_threads(run, threads: int, log_file: str) -> str | None:
         return None
     _TRAINING = True
     _count_in_training(+1)
-    with open(log_file, "a") as log:
-        os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike
-        sys.stderr = log
-        torch.set_num_threads(threads)
-        try:
+    try:
+        with open(log_file, "a") as log:
+            os.dup2(log.fileno(), 2)  # this process's stderr, Python's and the libraries' alike
+            sys.stderr = log
+            torch.set_num_threads(threads)
             return Path(train(run)).name
-        except Exception as error:
-            if _survives_pickling(error):
-                raise
-            # as itself it would break the pool: a pickling error in place of the run's, or a study hung on its pool
-            raise _stand_in(error, Path(run.out).name) from error  # the pool's traceback text shows both
-        finally:
-            _TRAINING = False
-            _count_in_training(-1)
+    except Exception as error:
+        if _survives_pickling(error):
+            raise
+        # as itself it would break the pool: a pickling error in place of the run's, or a study hung on its pool
+        raise _stand_in(error, Path(run.out).name) from error  # the pool's traceback text shows both
+    finally:  # also when the log cannot be opened: the study waits for no run that is not training
+        _TRAINING = False
+        _count_in_training(-1)
 
 
 def _count_in_training(change: int) -> None:
@@ -341,7 +341,7 @@ def _pool_process_setup(parent: int, stopping, in_training) -> None:
 
 def _stop_only_a_run(signum, frame) -> None:
     """A pool process's SIGTERM outside training's own handler (StopFlag): it stops a run still setting up, and is
-    ignored by a process waiting for work (the study ends those once no run is in training: _run_in_pool)."""
+    ignored by a process waiting for work (the study ends those once no run is in training: train_in_parallel)."""
     if _TRAINING:
         raise Stopped
 
