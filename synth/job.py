@@ -144,12 +144,12 @@ def run_synth(cfg: SynthConfig):
     state = PartialState(cpu=resolve_device(cfg.device).type != "cuda")  # cpu: torchrun on a CPU forms a gloo group
     threads = torch.get_num_threads()
     try:
-        return _run(_continue_as_recorded(cfg, state), state)
+        return _run(*_continue_as_recorded(cfg, state), state)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: SynthConfig, state):
+def _run(cfg: SynthConfig, continued: str | None, state):
     unet, scheduler, info = load_job_generator(cfg)
     source = open_matching_source(cfg, sample_size(unet))
     count = len(source) if cfg.limit is None else min(cfg.limit, len(source))
@@ -167,6 +167,8 @@ def _run(cfg: SynthConfig, state):
     if cfg.out.is_dir():  # before --overwrite deletes the finished run: this refusal would leave nothing of it
         _refuse_foreign_shards(cfg.out)
     with prepare_run_dir(cfg.out, run, kind, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
+        if continued and state.is_main_process:  # only now: the record may have refused this run
+            tqdm.write(continued, file=sys.stderr)
         if claim.resumed and state.is_main_process:  # a killed run's temp files; the manifest is dealt with at the end
             remove_files(cfg.out, [p for p in SYNTH_RUN.owned(cfg.out) if _TEMP_NAME.match(p.name)])
             settle_index(cfg.out)  # and the index a killed manifest write left under its pending name
@@ -245,10 +247,11 @@ def forward_rows(cfg: SynthConfig, device: torch.device) -> int | None:
     return cfg.batch_size or (None if device.type == "cuda" else CPU_BATCH_ROWS)
 
 
-def _continue_as_recorded(cfg: SynthConfig, state) -> SynthConfig:
+def _continue_as_recorded(cfg: SynthConfig, state) -> tuple[SynthConfig, str | None]:
     """Continue a folder with what its shard bytes depend on that the command line may leave out, so that its shards
     match: on the CPU the thread count it was begun with (torchrun sets 1 per process), and the forward batch when
-    --forward-batch is not given. A note says so; a --forward-batch given otherwise is refused by the record."""
+    --forward-batch is not given. Returns the config and a note saying so, if anything was taken over; a
+    --forward-batch given otherwise is refused by the record."""
     record = None if cfg.overwrite else read_record(cfg.out, SYNTH_RUN)
     compute = (record or {}).get("compute") or {}
     notes = []
@@ -260,10 +263,8 @@ def _continue_as_recorded(cfg: SynthConfig, state) -> SynthConfig:
     if cfg.batch_size is None and isinstance(rows, int) and rows >= 1 and rows != forward_rows(cfg, state.device):
         notes.append(f"--forward-batch {rows}")
         cfg = replace(cfg, batch_size=rows)
-    if notes and state.is_main_process:
-        tqdm.write(f"note: {cfg.out} was begun with {' and '.join(notes)}: continuing so, so that its shards match",
-                   file=sys.stderr)
-    return cfg
+    note = f"note: {cfg.out} was begun with {' and '.join(notes)}: continuing so, so that its shards match"
+    return cfg, note if notes else None
 
 
 def _refuse_foreign_shards(out: Path) -> None:

@@ -104,6 +104,10 @@ def test_a_rerun_continues_with_the_recorded_forward_batch_and_refuses_another(g
     with pytest.raises(UserError, match=rf"compute.forward_batch: {K} there, {2 * K} now"):
         run_synth(config(generator, out, batch_size=2 * K))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written or removed
+    capsys.readouterr()
+    with pytest.raises(UserError, match="seed"):  # refused for another reason: it says nothing of continuing
+        run_synth(config(generator, out, seed=7))
+    assert "continuing so" not in capsys.readouterr().err
 
     record = json.loads((out / "run.json").read_text())  # a folder begun before the forward batch was recorded
     del record["compute"]["forward_batch"]
