@@ -12,7 +12,6 @@ shards' source; `--transfer` scores other data on purpose), and every input is c
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -274,7 +273,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict
 
 def score_run(inputs: EvalInputs, config: EvalConfig) -> dict:
     """kNN and/or linear probe on prepared inputs; writes <run>/eval/ files (and the feature cache) only now."""
-    from clsp.eval.features import extract_features
+    from clsp.eval.features import extract_features, npy_bytes
 
     (train_images, train_labels, train_fp), (test_images, test_labels, test_fp) = inputs.train, inputs.test
     backbone, (mean, std), cache = inputs.backbone, inputs.normalize, inputs.run_dir / "features"
@@ -292,17 +291,14 @@ def score_run(inputs: EvalInputs, config: EvalConfig) -> dict:
     if config.knn:
         accs = knn_accuracy(train_feats, train_labels, test_feats, test_labels, config.ks, config.temperature)
         k, top1 = best_k(accs)
+        if 20 in config.ks and len(train_labels) < 20:  # knn_k20 would be k = len(train_labels)'s score
+            print(f"warning: the kNN bank holds {len(train_labels)} images, fewer than k = 20: knn_k20 is left out "
+                  f"(n/a), and k above {len(train_labels)} is scored as k = {len(train_labels)}", file=sys.stderr)
         result.update(knn={str(key): v for key, v in accs.items()}, knn_best=top1, knn_best_k=k,
-                      knn_k20=accs.get(min(20, len(train_labels))))
+                      knn_k20=accs.get(20))  # None when the bank holds < 20 images: k = 20 was never computed
     out = inputs.run_dir / "eval"
-    feats_path, labels_path = write_new_set({out / "test_features.npy": _npy_bytes(test_feats),  # the t-SNE's
-                                             out / "test_labels.npy": _npy_bytes(test_labels.astype(np.int64))})
+    feats_path, labels_path = write_new_set({out / "test_features.npy": npy_bytes(test_feats),  # the t-SNE's
+                                             out / "test_labels.npy": npy_bytes(test_labels.astype(np.int64))})
     result.update(test_features=feats_path.name, test_labels=labels_path.name)
     result["results_file"] = write_result(out / config.results_name, result, OUTPUTS).name
     return result
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()

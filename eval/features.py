@@ -7,6 +7,8 @@ hand (e.g. training went on after the features were cached) is recomputed and re
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,9 +48,11 @@ def _embed(backbone: nn.Module, images: np.ndarray, mean, std, batch_size: int, 
     return features
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle: given a path, np.save would append another ".npy"
-        np.save(handle, array, allow_pickle=False)
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The array as a .npy file's bytes (no pickle), to write atomically and to hash."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def extract_features(
@@ -84,13 +88,21 @@ def extract_features(
     }
     cache_dir = Path(cache_dir)
     npy, sidecar = cache_dir / f"{source_fingerprint}.npy", cache_dir / f"{source_fingerprint}.json"
-    if npy.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == key:
-        cached = np.load(npy, allow_pickle=False)
+    try:  # one read of each: the array's bytes are used only if they are those its key was written with
+        recorded, blob = json.loads(sidecar.read_text()), npy.read_bytes()
+    except (OSError, ValueError):
+        recorded, blob = None, b""
+    if (isinstance(recorded, dict) and recorded.get("npy_sha256") == hashlib.sha256(blob).hexdigest()
+            and {k: v for k, v in recorded.items() if k != "npy_sha256"} == key):
+        cached = np.load(io.BytesIO(blob), allow_pickle=False)
         if cached.shape[0] == images.shape[0]:
             return cached
     feats = _embed(backbone, images, mean, std, batch_size, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
     sidecar.unlink(missing_ok=True)  # first: a kill between the two writes must not leave the old key on the new array
-    write_atomic(npy, lambda temp: _save_npy(temp, feats))
-    write_atomic(sidecar, json.dumps(key, indent=2) + "\n")  # after the array: a half-written pair never matches
+    blob = npy_bytes(feats)
+    write_atomic(npy, blob)
+    write_atomic(sidecar, json.dumps({**key, "npy_sha256": hashlib.sha256(blob).hexdigest()}, indent=2) + "\n")
+    # the key after the array, and naming its bytes: neither a half-written pair nor two evaluations' writes
+    # interleaved (each array, then each key) ever match
     return feats

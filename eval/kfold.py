@@ -77,10 +77,10 @@ def kfold_accuracy(features: np.ndarray, labels: np.ndarray, ids: Sequence[str],
     correct = {k: pred == labels for k, pred in knn_pred.items()}
     knn = {k: float(c.mean() * 100.0) for k, c in correct.items()}
     k_best, top1 = best_k(knn)
-    k20 = min(20, ks[-1])
-    return {"knn": knn, "knn_best": top1, "knn_best_k": k_best, "knn_k20": knn[k20],
+    return {"knn": knn, "knn_best": top1, "knn_best_k": k_best, "knn_k20": knn.get(20),  # None: banks < 20 images
             "linear_top1": float((linear_pred == labels).mean() * 100.0),
-            "correct": {"knn_best": correct[k_best], "knn_k20": correct[k20], "linear_top1": linear_pred == labels},
+            "correct": {"knn_best": correct[k_best], "linear_top1": linear_pred == labels,
+                        **({"knn_k20": correct[20]} if 20 in correct else {})},
             "fold_sizes": [int(s) for s in sizes]}
 
 
@@ -139,7 +139,8 @@ def evaluate_run_kfold(run_dir: str | Path, data: LabelledSet, bank, config, fol
     scores = kfold_accuracy(features, data.labels, data.ids, folds, config.probe, config.ks, config.temperature,
                             config.device)
     per_image = scores.pop("correct")  # metric -> (N,) bool
-    correct = {name: "".join("1" if c else "0" for c in per_image[name]) for name in CORRECT_METRICS}
+    correct = {name: "".join("1" if c else "0" for c in per_image[name])
+               for name in CORRECT_METRICS if name in per_image}  # knn_k20 is absent where the banks hold < 20
     result = {**run.identity, "run": run.run_dir.name, "source": data.spec, "source_check": check,
               "train_fingerprint": data.fingerprint, "test_fingerprint": data.fingerprint,
               "weights_sha256": weights_sha256(run.backbone), "scoring": scoring_key(data, folds, config),

@@ -191,9 +191,9 @@ def common_setup(rows: list[dict]) -> None:
     from clsp.run_dir import record_differences
 
     seen: dict[tuple, tuple[dict, dict]] = {}
-    for row in rows:
+    for row, label in zip(rows, data_labels(rows)):
         setup = row.get("training_setup") or {}
-        where = (source_label(row), row.get("method"))
+        where = (label, row.get("method"))
         checks = [(where, {part: value for part, value in setup.items() if part != "positives"})]
         if "positives" in setup:  # the shards matter where their positives are used
             checks.append(((*where, row.get("lam")), {"positives": setup["positives"]}))
@@ -260,6 +260,20 @@ def source_label(row: dict) -> str:
     return label + (f" ({train_fp[:8]})" if train_fp == test_fp else f" ({train_fp[:8]}/{test_fp[:8]})")
 
 
+def data_labels(rows: list[dict]) -> list[str]:
+    """Each row's source label, one per data: rows with the same train and test fingerprints read the same images
+    whatever their specs' spelling (folder:data, folder:./data, an absolute path; digits, digits:), so they share
+    one label (the first of their labels in sort order); rows without fingerprints keep their own."""
+    def data(row: dict) -> tuple | str:
+        fingerprints = row.get("train_fingerprint"), row.get("test_fingerprint")
+        return fingerprints if all(fingerprints) else source_label(row)
+
+    names: dict = {}
+    for row in rows:
+        names[data(row)] = min(names.get(data(row), source_label(row)), source_label(row))
+    return [names[data(row)] for row in rows]
+
+
 MODE_ORDER = ("none", "augment", "synthetic")  # the baseline, its control, CLSP
 
 
@@ -275,8 +289,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
     Refuses a seed twice in a group (the same run given twice, or a rerun): the spread would be no spread over seeds."""
     groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((source_label(row), row.get("method"), row.get("positives"), row.get("lam")), []).append(row)
+    for row, label in zip(rows, data_labels(rows)):
+        groups.setdefault((label, row.get("method"), row.get("positives"), row.get("lam")), []).append(row)
     out = []
     for (source, method, positives, lam), members in sorted(groups.items(), key=lambda kv: _group_order(*kv[0])):
         seen: dict[object, str] = {}

@@ -5,6 +5,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from clsp.eval import latest, write_new, write_new_set
 from clsp.eval.features import extract_features
 from clsp.eval.knn import knn_accuracy, knn_predict
 from clsp.eval.linear import BackboneChangedError, ProbeConfig, linear_probe_accuracy, probe_backbone
+from clsp.eval.evaluate import EvalConfig, EvalInputs, score_run
+from clsp.eval.paired import paired_differences
 from clsp.eval.report import report, verdicts
 from clsp.eval.results import METRICS, aggregate, mean_std
 from clsp.file_io import write_atomic
@@ -188,6 +191,59 @@ def test_a_kill_between_the_feature_cache_files_never_pairs_an_array_with_anothe
     np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-6)
 
 
+def test_the_feature_cache_never_gives_one_weights_the_array_of_others(tmp_path, monkeypatch):
+    """Two evaluations of one run folder whose weights differ (retrained in place meanwhile) fill one cache pair:
+    E1 array, E2 array, E2 key, E1 key (each write atomic) left E2's array under E1's key."""
+    import clsp.eval.features as features
+
+    torch.manual_seed(0)
+    b1, _ = build_backbone("resnet18", width=2, small_stem=True)
+    torch.manual_seed(1)
+    b2, _ = build_backbone("resnet18", width=2, small_stem=True)
+    images, _ = tiny_images(10, 2)
+    norm = ((0.5,) * 3, (0.25,) * 3)
+    order = [("E1", ".npy"), ("E2", ".npy"), ("E2", ".json"), ("E1", ".json")]
+    cond, real = threading.Condition(), features.write_atomic
+
+    def in_order(path, data, *args, **kwargs):
+        me = (threading.current_thread().name, Path(path).suffix)
+        with cond:
+            assert cond.wait_for(lambda: order and order[0] == me, timeout=60)
+            try:
+                return real(path, data, *args, **kwargs)
+            finally:
+                order.pop(0)
+                cond.notify_all()
+
+    got = {}
+    monkeypatch.setattr(features, "write_atomic", in_order)
+    threads = [threading.Thread(name=name, target=lambda n=name, b=b: got.__setitem__(
+            n, features.extract_features(b, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="fp")))
+            for name, b in (("E1", b1), ("E2", b2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monkeypatch.undo()
+    again = features.extract_features(b1, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="fp")
+    assert not np.allclose(got["E1"], got["E2"])
+    np.testing.assert_allclose(again, got["E1"], rtol=1e-5, atol=1e-6)  # E1's weights, E1's features
+
+
+def test_knn_k20_is_not_another_ks_score_when_the_bank_holds_fewer_than_20_images(tmp_path, capsys):
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", width=2, small_stem=True)
+    backbone.eval()
+    (train, train_labels), (test, test_labels) = tiny_images(12, 1), tiny_images(6, 2)
+    norm = ((0.5,) * 3, (0.25,) * 3)
+    inputs = EvalInputs(tmp_path, backbone, norm, (train, train_labels, "a" * 64), (test, test_labels, "b" * 64),
+                        {"weights_sha256": "w"})
+    result = score_run(inputs, EvalConfig(linear=False, device="cpu"))
+    assert set(result["knn"]) == {"5", "10", "12"}  # k = 20 was never computed...
+    assert result["knn_k20"] is None  # ...so it is not reported as k = 20 (it was k = 12's score)
+    assert "fewer than k = 20: knn_k20 is left out" in capsys.readouterr().err
+
+
 def test_a_backbone_with_non_finite_weights_is_refused_not_scored(tmp_path):
     """NaN features would be scored without a word (kNN ranks NaN first: 23 % instead of 77 % with one NaN row), so
     the features are refused, naming the fix, and nothing is cached."""
@@ -343,6 +399,20 @@ def test_the_augment_control_is_compared_only_at_the_same_lam():
     found = {(c["mode"], c["lam"], c["against"]) for c in paired_differences(groups, METRICS)}
     assert found == {("synthetic", 0.2, "none"), ("synthetic", 1.0, "none"), ("synthetic", 1.0, "augment"),
                      ("augment", 1.0, "none")}
+
+
+def test_spellings_of_one_source_are_one_group_and_compared():
+    rows = [{"source": spec, "test_source": spec, "method": "simclr", "positives": pos, "lam": lam, "seed": s,
+             "train_fingerprint": "a" * 64, "test_fingerprint": "b" * 64, "knn_best": v + s, "knn_k20": v + s,
+             "linear_top1": v + s}
+            for spec, pos, lam, v in (("folder:images", "none", None, 50.0),
+                                      ("folder:./images", "synthetic", 1.0, 60.0))
+            for s in (0, 1)]
+    groups = aggregate(rows)
+    assert len({g["source"] for g in groups}) == 1  # the same images: one table, not one per spelling
+    assert [(c["mode"], c["against"]) for c in paired_differences(groups, METRICS)] == [("synthetic", "none")]
+    other = [{**row, "train_fingerprint": "c" * 64} for row in rows if row["positives"] == "none"]
+    assert len({g["source"] for g in aggregate(rows[2:] + other)}) == 2  # other images: never one group
 
 
 # --- end to end: a tiny trained run, evaluated through the CLI (the study: tests/test_study.py) ------------------

@@ -67,6 +67,9 @@ def test_kfold_accuracy_scores_every_image_and_ignores_input_order():
     for ks in ((5, 10), (5, 50)):  # knn_k20 would be k = 10's score, or a KeyError
         with pytest.raises(ValueError, match="must include 20"):
             kfold_accuracy(features, labels, ids, folds=5, probe=FAST_PROBE, ks=ks)
+    few = kfold_accuracy(features[:15], labels[:15] % 2, ids[:15], folds=5, probe=FAST_PROBE)  # banks of <= 12
+    assert max(few["knn"]) < 20 and few["knn_k20"] is None  # not the score of the largest k there is
+    assert "knn_k20" not in few["correct"]  # nor its images' correctness, for the paired bootstrap
 
 
 def test_paired_interval_matches_a_hand_computed_student_t():
