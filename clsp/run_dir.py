@@ -42,6 +42,10 @@ LOCK_FILE = ".clsp-lock"
 _HELD: WeakSet[IO] = WeakSet()  # this process's lock handles (lock_folder)
 
 
+class NoLocks(UserError):
+    """The file system of --out cannot lock files (flock: ENOLCK, EOPNOTSUPP)."""
+
+
 def _drop_inherited_locks() -> None:
     """In a forked child: close the copies of the parent's lock handles. An flock belongs to the open file, which a
     fork shares, so a DataLoader worker that outlives a kill -9 of its parent (it notices within seconds) would keep
@@ -169,12 +173,16 @@ class RunDir:
             return
         if {p.name for p in self.out.iterdir()} <= {self.kind.record_file, LOCK_FILE}:
             (self.out / self.kind.record_file).unlink(missing_ok=True)
-            (self.out / LOCK_FILE).unlink(missing_ok=True)
-            for folder in self.made:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            (self.out / LOCK_FILE).unlink(missing_ok=True)  # safe: lock_folder checks it locked the file on disk
+            remove_made(self.made)
+
+
+def remove_made(made: tuple[Path, ...]) -> None:
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def prepare_run_dir(out: str | Path, record: dict, kind: RunKind, resume: bool, overwrite: bool,
@@ -208,7 +216,14 @@ def _claim(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool
     _check_folder(out, record, kind, resume, overwrite)  # read only: a refusal changes nothing
     made = tuple(p for p in (out, *out.parents) if not p.exists())
     out.mkdir(parents=True, exist_ok=True)
-    run = RunDir(out, kind, resumed=False, lock=lock_folder(out, kind.name), made=made)
+    try:
+        lock = lock_folder(out, kind.name)
+    except NoLocks:  # nobody can hold a lock here: what this claim made goes again
+        if made:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+        remove_made(made)
+        raise
+    run = RunDir(out, kind, resumed=False, lock=lock, made=made)
     try:
         old = _check_folder(out, record, kind, resume, overwrite)  # again under the lock: another run may have ended
         if old is not None and overwrite:  # the record last: killed midway, the folder is still a run of ours
@@ -291,7 +306,12 @@ def _is_lock(path: Path) -> bool:
 def lock_folder(out: Path, kind: str) -> IO:
     """Exclusive lock on the folder (flock on OUT/.clsp-lock, naming this process and `kind`), or UserError naming who
     holds it. Held until the returned handle is closed, or its process ends."""
-    handle = open(out / LOCK_FILE, "a+")
+    path = out / LOCK_FILE
+    try:
+        handle = open(path, "a+")
+    except FileNotFoundError:  # a fresh run that failed removed the folder it made as this claim began
+        raise UserError(f"--out {out} was removed by a run that failed as this one started: run the command again") \
+            from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -304,6 +324,19 @@ def lock_folder(out: Path, kind: str) -> IO:
         raise UserError(f"--out {out} is in use by another run (pid {holder.get('pid', '?')} on "
                         f"{holder.get('host', '?')} since {holder.get('started', '?')}: {holder.get('command', '?')}):"
                         f" wait for it to finish or stop it, or choose another --out") from None
+    except OSError as error:  # ENOLCK, EOPNOTSUPP: a file system without working locks (some NFS mounts)
+        handle.close()
+        raise NoLocks(f"--out {out} is on a file system that cannot lock files ({error.strerror}); clsp locks its "
+                      f"output folder so that two runs never share it: choose an --out on a local disk, or one whose "
+                      f"file system supports locks (NFS: a running lock manager, or mount with local_lock=flock)") \
+            from None
+    try:
+        same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        same = False
+    if not same:  # a fresh run that failed removed this lock file after it was opened here: this lock guards nothing
+        handle.close()
+        raise UserError(f"--out {out} was released by a run that failed as this one started: run the command again")
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps({"clsp_lock": kind, "pid": os.getpid(), "host": socket.gethostname(),

@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clsp.shards.manifest_checks import INDEX, MANIFEST, document_problems, index_problems, score_column
+from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, document_problems, index_problems, \
+    score_column
 from clsp.shards.parquet_pages import WHOLE_TEXT_ENCODINGS, column_pages
 from clsp.shards.reader import RawSample, ShardError, check_location, iter_shard, join_location, open_location
 from clsp.shards.codecs import CODECS, DEFAULT_CODEC, SchemaError, codec_of
@@ -316,12 +317,27 @@ def pending_index(sha256: str) -> str:
 PENDING_INDEX = re.compile(r"index-[0-9a-f]{12}\.parquet")  # the names pending_index gives (fullmatch)
 
 
-def _pending_index(location: str, sha256: str) -> bytes | None:
+def _most_index_bytes(count: int, k: int) -> int:
+    """The largest index.parquet that `count` anchors can make (`_value_bound` of every column the schema allows)."""
+    columns = [*INDEX_SCHEMA.names, *map(score_column, SCORES)]
+    return sum(_value_bound(column, count, k)[1] for column in columns)
+
+
+def _read_index(handle, count: int, k: int, where: str) -> bytes:
+    most = _most_index_bytes(count, k)
+    data = handle.read(most + 1)
+    if len(data) > most:
+        raise ManifestError.of(where, [f"{INDEX} is larger than the {most} bytes {count} anchors can take, so it was "
+                                       f"not read"])
+    return data
+
+
+def _pending_index(location: str, sha256: str, count: int, k: int) -> bytes | None:
     """The bytes of the index that manifest.json names by `sha256` under its pending name, when a write_manifest was
     stopped after it replaced manifest.json and before it renamed that index to index.parquet; else None."""
     try:
         with open_location(join_location(location, pending_index(sha256))) as handle:
-            data = handle.read()
+            data = handle.read(_most_index_bytes(count, k) + 1)
     except OSError:
         return None
     return data if hashlib.sha256(data).hexdigest() == sha256 else None
@@ -358,15 +374,16 @@ def read_manifest(location: str | Path) -> Manifest:
     problems = document_problems(manifest)
     if problems:
         raise ManifestError.of(where, problems)
+    count, k = manifest["count"], manifest["run"]["k"]
     try:
         with open_location(index_where) as handle:
-            data = handle.read()
-    except OSError as error:
-        data = _pending_index(location, manifest["index"]["sha256"])  # a first write cut short before its rename
+            data = _read_index(handle, count, k, index_where)
+    except OSError as error:  # a first write cut short before its rename
+        data = _pending_index(location, manifest["index"]["sha256"], count, k)
         if data is None:
             raise ShardError(f"{index_where} cannot be read ({error}): {FIX}") from None
     if hashlib.sha256(data).hexdigest() != manifest["index"]["sha256"]:
-        data = _pending_index(location, manifest["index"]["sha256"])  # a rewrite cut short before its rename
+        data = _pending_index(location, manifest["index"]["sha256"], count, k)  # a rewrite cut short before its rename
         if data is None:
             raise ShardError(f"{index_where} does not match the checksum in {MANIFEST}: the index was changed")
     try:

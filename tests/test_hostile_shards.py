@@ -534,3 +534,19 @@ def test_the_synth_job_records_the_class_count_that_bounds_the_labels(tmp_path):
     run = run_metadata(SynthConfig(source="digits", model="google/ddpm-cifar10-32", out=tmp_path), source, len(source),
                        {"model_id": "none", "weights_sha256": "0" * 64})
     assert run["source"]["num_classes"] == 10
+
+
+def test_an_index_larger_than_its_count_can_make_is_refused_unread(tmp_path):
+    """An index padded with 24 MiB of metadata (its checksum in manifest.json to match) was read whole and accepted:
+    the bytes read are bounded by what the manifest's count of anchors can take."""
+    d = build_shard_dir(tmp_path / "shards")  # 11 anchors, k 2
+    table = pq.read_table(d / INDEX)
+    pq.write_table(table.replace_schema_metadata({b"pad": b"x" * (24 << 20)}), d / INDEX, compression="none")
+    data = (d / INDEX).read_bytes()
+    document = json.loads((d / MANIFEST).read_text())
+    document["index"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (d / MANIFEST).write_text(json.dumps(document))
+    with pytest.raises(ShardError, match="larger than"):
+        read_manifest(d)
+    build_shard_dir(tmp_path / "fine", counts=(400, 400), k=8)  # a real index of many anchors still reads
+    assert read_manifest(tmp_path / "fine").count == 800

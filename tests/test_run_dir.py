@@ -3,6 +3,8 @@ names its holder and dies with it, identity vs operational fields on resume, --o
 a failed fresh run leaving nothing, and atomic writes that leave nothing half-written."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import resource
@@ -171,3 +173,39 @@ def test_write_atomic_that_runs_out_of_room_keeps_the_old_file_and_no_temp(tmp_p
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_a_claim_whose_lock_file_a_failing_fresh_run_removed_is_refused(tmp_path, monkeypatch, made):
+    """A claim that opened .clsp-lock just before a failing fresh run removed it locked a file without a name: it ran
+    beside any later claim, which made a new lock file (or it crashed on the folder the failed run had removed)."""
+    out = tmp_path / "new" / "run"
+    if not made:
+        out.mkdir(parents=True)
+    first = claim(out)
+    real = fcntl.flock
+
+    def flock(handle, op):  # the second claim has opened .clsp-lock; the first run fails and leaves before it locks
+        if handle is not first.lock and op & fcntl.LOCK_EX:
+            monkeypatch.setattr(fcntl, "flock", real)
+            first.__exit__(ValueError, ValueError("a late check failed"), None)
+        return real(handle, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with pytest.raises(UserError, match="run the command again"):
+        claim(out, resume=True)
+    with claim(out, resume=True):  # a claim now holds the lock file every later claim opens
+        with pytest.raises(UserError, match="in use by another run"):
+            claim(out, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_without_locks_is_refused_in_words_and_leaves_nothing(tmp_path, monkeypatch, code):
+    """flock's ENOLCK or EOPNOTSUPP (some NFS mounts) was a traceback that left the folders the claim made."""
+    def flock(handle, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with pytest.raises(UserError, match="cannot lock files.*local disk"):
+        claim(tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
