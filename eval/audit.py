@@ -16,6 +16,7 @@ sample, 96.5 % as unseen, matching its 96.9 % on held-out images), so its agreem
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 from dataclasses import asdict, dataclass
@@ -276,6 +277,20 @@ def load_shard_sample(shards_dir: str, max_anchors: int, seed: int = 0):
     return anchors, positives, labels, [s.key for s in chosen], manifest.run
 
 
+def anchor_rows(ids: list[str], anchors: np.ndarray, real_ids: list[str], real_images: np.ndarray) -> np.ndarray:
+    """(N,) each anchor's row in the real set (N anchors (N, H, W, 3), M real images (M, H, W, 3)): by its id, else by
+    its pixels; -1 where it is not there. Pixels too, because the audit reads the train split and ids under --split
+    all name the split (cifar10-all-00003 is cifar10-train-00003; a folder's train/ images gain a `train-` prefix):
+    an anchor not found would be judged by a classifier fitted on it."""
+    by_id = {anchor_id: i for i, anchor_id in enumerate(real_ids)}
+    rows = np.array([by_id.get(anchor_id, -1) for anchor_id in ids], dtype=np.int64)
+    if (rows < 0).any():
+        by_pixels = {hashlib.sha256(image.tobytes()).digest(): i for i, image in enumerate(real_images)}
+        for i in np.flatnonzero(rows < 0):
+            rows[i] = by_pixels.get(hashlib.sha256(anchors[i].tobytes()).digest(), -1)
+    return rows
+
+
 def audit_shards(shards_dir: str, source_spec: str, config: AuditConfig = AuditConfig()) -> dict:
     """Audit a sample of a shard directory against its real source (train split fits, test split checks)."""
     from clsp.errors import UserError
@@ -284,8 +299,7 @@ def audit_shards(shards_dir: str, source_spec: str, config: AuditConfig = AuditC
     anchors, positives, labels, ids, run = load_shard_sample(shards_dir, config.max_anchors, config.seed)
     size = int(anchors.shape[1])
     real_images, real_labels, real_ids = load_arrays(open_source(source_spec, "train", image_size=size))
-    row = {anchor_id: i for i, anchor_id in enumerate(real_ids)}
-    index = np.array([row.get(anchor_id, -1) for anchor_id in ids])
+    index = anchor_rows(ids, anchors, real_ids, real_images)
     try:
         held_images, held_labels, _ = load_arrays(open_source(source_spec, "test", image_size=size))
     except UserError:  # a source without a test split is audited without the held-out check

@@ -84,3 +84,19 @@ def test_real_images_are_scored_by_a_classifier_that_did_not_see_them():
     for column in ("synthetic", "nearest_real", "anchor_itself"):
         assert agreement[column] < 60, (column, agreement)
     assert agreement["synthetic"] == agreement["anchor_itself"]  # the same pixels, by the same (anchor's) classifier
+
+
+def test_anchors_of_shards_made_under_split_all_are_found_in_the_train_split(tmp_path):
+    """Ids under --split all name the split (cifar10-all-00003 is cifar10-train-00003), so the audit found none of
+    such shards' anchors in the train split it reads, and judged their positives by a classifier fitted on them."""
+    from clsp.eval.audit import anchor_rows
+    from clsp.sources import load_arrays, open_source
+    from test_sources import fake_cifar10
+
+    fake_cifar10(tmp_path)
+    spec = f"cifar10:{tmp_path}"
+    anchors, _, ids = load_arrays(open_source(spec, "all"))  # 10 train images, then 3 test images
+    real_images, _, real_ids = load_arrays(open_source(spec, "train"))
+    assert not set(ids) & set(real_ids)  # no id in common: found by pixels
+    assert anchor_rows(ids, anchors, real_ids, real_images).tolist() == [*range(10), -1, -1, -1]
+    assert anchor_rows(real_ids[::-1], real_images[::-1], real_ids, real_images).tolist() == list(range(10))[::-1]

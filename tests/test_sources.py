@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -221,13 +222,19 @@ def _cifar_batch(path, n, rng, label_key=b"labels", payload=None) -> None:
     path.write_bytes(pickle.dumps(batch))
 
 
-def test_cifar10_folder_reads_like_torchvision(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "cifar-10-batches-py"
+def fake_cifar10(parent: Path, seed: int = 0) -> Path:
+    """torchvision's CIFAR-10 folder layout under `parent`: five train batches of 2 images, a test batch of 3."""
+    rng = np.random.default_rng(seed)
+    root = parent / "cifar-10-batches-py"
     root.mkdir()
     for i in range(1, 6):
         _cifar_batch(root / f"data_batch_{i}", 2, rng)
     _cifar_batch(root / "test_batch", 3, rng)
+    return root
+
+
+def test_cifar10_folder_reads_like_torchvision(tmp_path):
+    root = fake_cifar10(tmp_path)
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane", b"automobile"]}))
     train = open_source(f"cifar10:{tmp_path}")
     assert len(train) == 10 and train.classes == ["airplane", "automobile"]
