@@ -81,6 +81,14 @@ def test_moco_byol_nnclr_and_clsp_values():
     assert nnclr_loss(q, p, 0.1, first_label=4).item() == pytest.approx(
         F.cross_entropy(logits, torch.arange(4, 8)).item(), rel=1e-5
     )
+    ids = torch.tensor([0, 1, 2, 1])  # rows 1 and 3: one anchor twice (its other row is no negative)
+    p_ids = torch.tensor([5, 1, 6, 7, 0, 1, 2, 1])  # gathered: rows 4..7 ours, row 1 another rank's copy of anchor 1
+    by_hand = torch.stack([
+        F.cross_entropy(logits[i, keep][None], torch.tensor([keep.index(4 + i)]))
+        for i, keep in enumerate([list(range(8)), [0, 2, 3, 4, 5, 6], list(range(8)), [0, 2, 3, 4, 6, 7]])]).mean()
+    assert nnclr_loss(q, p, 0.1, 4, ids, p_ids).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert nnclr_loss(q, p, 0.1, 4, torch.arange(4, 8), torch.arange(8)).item() == pytest.approx(  # no twins: as before
+        F.cross_entropy(logits, torch.arange(4, 8)).item(), rel=1e-5)
 
 
 def test_feature_queue_wraps_around_and_round_trips_state():

@@ -48,14 +48,21 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
 
 
-def nnclr_loss(nn: torch.Tensor, p: torch.Tensor, temperature: float, first_label: int = 0) -> torch.Tensor:
+def nnclr_loss(nn: torch.Tensor, p: torch.Tensor, temperature: float, first_label: int = 0,
+               ids: torch.Tensor | None = None, p_ids: torch.Tensor | None = None) -> torch.Tensor:
     """NNCLR: nearest neighbour nn_i (B, d) must pick its own prediction among p (N, d), N >= B.
 
-    The positive of row i is p[first_label + i] (first_label = rank * B when p was gathered from all ranks).
+    The positive of row i is p[first_label + i] (first_label = rank * B when p was gathered from all ranks). With
+    ids (B,) and p_ids (N,), the other rows of p made from row i's anchor are no negatives: they leave its softmax
+    (an anchor twice in a batch, as when --skip-corrupt leaves an epoch fewer anchors than it draws), as in info_nce.
     """
     nn, p = F.normalize(nn.float(), dim=1), F.normalize(p.float(), dim=1)
     logits = nn @ p.T / temperature  # (B, N)
     labels = first_label + torch.arange(len(nn), device=nn.device)  # (B,)
+    if ids is not None:
+        twins = ids[:, None] == p_ids[None, :]  # (B, N)
+        twins[torch.arange(len(nn), device=nn.device), labels] = False  # its own prediction stays
+        logits = logits.masked_fill(twins, float("-inf"))
     return F.cross_entropy(logits, labels)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clsp.train.distributed import FeatureQueue, gather_with_grad, world_info
+from clsp.train.distributed import FeatureQueue, concat_all_gather, gather_with_grad, world_info
 from clsp.train.losses import nnclr_loss
 from clsp.train.methods import InfoNCEConfig, Method, PredictorConfig, QueueConfig, register
 
@@ -45,8 +45,9 @@ class NNCLR(Method):
         rank, _ = world_info()
         first = rank * len(v1)  # our rows in the gathered predictions
         p1_all, p2_all = gather_with_grad(p1), gather_with_grad(p2)  # (world * B, p)
+        ids_all = concat_all_gather(ids)  # (world * B,)
         t = self.cfg.temperature
-        loss = (nnclr_loss(nn1, p2_all, t, first) + nnclr_loss(nn2, p1_all, t, first)) / 2
+        loss = (nnclr_loss(nn1, p2_all, t, first, ids, ids_all) + nnclr_loss(nn2, p1_all, t, first, ids, ids_all)) / 2
         if self.training:
             self.support.enqueue(z1n)
         return loss, z1
