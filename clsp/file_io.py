@@ -41,7 +41,8 @@ def refused_if_not_ours(path: Path, fix: str):
 
     try:
         yield
-    except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError,
+            FileNotFoundError) as error:  # FileNotFoundError: a checkpoint that lost a file
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise UserError(f"{path} cannot be loaded ({reason}): it was not written by clsp or is damaged; "
                         f"{fix}") from None

@@ -9,8 +9,9 @@ resume, overwrite)`:
     worker) closes its inherited copy at once, so a lock never outlives its own process in a child;
   - compares the record with the folder's: identity fields must match to go on (operational fields may differ), and
     an existing run goes on only with `resume` (synth always resumes);
-  - with `overwrite`, deletes only the files the stage recognises as its own (name pattern AND content); either way
-    removes the temp files (.NAME.tmp-PID) of its own that a killed writer left;
+  - with `overwrite`, deletes only the files the stage recognises as its own (name pattern AND content), in the
+    order `kind.owned` gives (markers such as "finished" first) and never the record, which the new one replaces;
+    either way removes the temp files (.NAME.tmp-PID) of its own that a killed writer left;
   - writes the record atomically, and returns a RunDir that holds the lock until it is left (`with`).
 Validate everything before calling it: a refused command must leave nothing behind. A fresh folder whose run fails
 while it holds nothing but the record is removed again on the way out of the `with`.
@@ -226,9 +227,9 @@ def _claim(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool
     run = RunDir(out, kind, resumed=False, lock=lock, made=made)
     try:
         old = _check_folder(out, record, kind, resume, overwrite)  # again under the lock: another run may have ended
-        if old is not None and overwrite:  # the record last: killed midway, the folder is still a run of ours
-            record_file = out / kind.record_file
-            remove_files(out, [p for p in kind.owned(out) if p != record_file] + [record_file])
+        if old is not None and overwrite:  # the record stays until the new one replaces it (atomically, below):
+            record_file = out / kind.record_file  # killed anywhere between, the folder is still a run of ours, also
+            remove_files(out, [p for p in kind.owned(out) if p != record_file])  # beside files not ours (eval/)
         remove_files(out, _cut_writes(out, kind))
         run.resumed = old is not None and not overwrite
         write_json(out / kind.record_file, record)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import clsp.run_dir
 from clsp.errors import UserError
 from clsp.file_checks import owned_files, starts_with
 from clsp.file_io import write_atomic
@@ -91,7 +92,7 @@ def test_overwrite_deletes_only_the_files_recognised_as_ours(tmp_path):
 def test_a_claim_or_an_overwrite_killed_midway_leaves_a_folder_the_next_command_takes(tmp_path, monkeypatch):
     """kill -9 while a fresh claim writes its record leaves the lock and the record's temp file; kill -9 during
     --overwrite's deletions leaves some of the old files. Neither may turn the folder into one every later command
-    refuses as "not made by clsp": the record's temp file is not a stranger's, and the record is deleted last."""
+    refuses as "not made by clsp": the record's temp file is not a stranger's, and the record is never deleted."""
     from clsp.file_checks import json_with
 
     (tmp_path / "cut").mkdir()
@@ -209,3 +210,23 @@ def test_a_file_system_without_locks_is_refused_in_words_and_leaves_nothing(tmp_
     with pytest.raises(UserError, match="cannot lock files.*local disk"):
         claim(tmp_path / "new" / "run")
     assert not (tmp_path / "new").exists()
+
+
+def test_an_overwrite_killed_before_its_new_record_leaves_a_folder_it_can_replace(tmp_path, monkeypatch):
+    """kill -9 after --overwrite's deletions, before the new record, in a folder that also holds files not ours
+    (`clsp eval`'s eval/ and features/, the user's notes): the same command again replaces the run."""
+    out = tmp_path / "run"
+    with claim(out):
+        (out / "result.txt").write_text("demo: 0.9")
+    (out / "notes.txt").write_text("the user's own notes")
+
+    def killed(path, data):
+        raise SystemExit("kill -9")
+
+    monkeypatch.setattr(clsp.run_dir, "write_json", killed)
+    with pytest.raises(SystemExit):
+        claim(out, {**RECORD, "lr": 0.5}, overwrite=True)
+    monkeypatch.undo()
+    with claim(out, {**RECORD, "lr": 0.5}, overwrite=True):  # was refused: "not made by clsp"
+        pass
+    assert sorted(snapshot(out)) == [LOCK_FILE, "demo.json", "notes.txt"] and read_record(out, DEMO)["lr"] == 0.5

@@ -610,3 +610,42 @@ def test_compile_keeps_the_checkpoint_names_and_the_numbers_and_a_cpu_run_refuse
     assert view_layout(torch.device("cuda")) == torch.channels_last  # NHWC views for cuDNN; the CPU keeps NCHW
     views = torch.zeros(2, 3, 4, 4)
     assert to_view_layout(views) is views
+
+
+def test_an_overwrite_killed_midway_never_leaves_a_finished_run_without_its_backbone(shards, tmp_path, monkeypatch):
+    """--overwrite deleted backbone.safetensors before summary.json: killed between, the folder read as finished, and
+    the old command (--resume) said "nothing to do" and left it without a backbone."""
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=1)))
+    real_unlink = Path.unlink
+    for n in range(1, 100):  # a kill before the n-th deletion, until an overwrite deletes all it deletes
+        deleted = []
+
+        def killed_before(path, missing_ok=False):
+            if len(deleted) + 1 == n:
+                raise SystemExit("kill -9")
+            deleted.append(path.name)
+            real_unlink(path, missing_ok=missing_ok)
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "unlink", killed_before)
+            try:
+                train(make_config(**options(shards, out, epochs=1, lr=0.02, overwrite=True)))
+                break
+            except SystemExit:
+                pass
+        assert not (out / "summary.json").exists() or (out / "backbone.safetensors").exists(), deleted
+        train(make_config(**options(shards, out, epochs=1, resume=True)))  # the old command again: finishes it
+        assert (out / "summary.json").exists() and (out / "backbone.safetensors").exists(), deleted
+    assert n > 8  # every deletion was cut once
+
+
+def test_a_checkpoint_that_lost_its_weights_is_refused_in_words(shards, tmp_path):
+    """position.json vouches for a complete checkpoint: without model.safetensors beside it, a resume was a
+    FileNotFoundError traceback."""
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=2)))
+    for name in ("summary.json", "backbone.safetensors", "checkpoint/model.safetensors"):
+        (out / name).unlink()
+    with pytest.raises(UserError, match=r"model.safetensors cannot be loaded \(.*No such file"):
+        train(make_config(**options(shards, out, epochs=2, resume=True)))

@@ -60,8 +60,10 @@ _OWNED = {
 
 
 def run_files(out: Path) -> list[Path]:
-    """The files of a training run in `out` (clsp.file_checks.owned_files)."""
-    return owned_files(out, _OWNED)
+    """The files of a training run in `out` (clsp.file_checks.owned_files), the markers "finished" and "a complete
+    checkpoint" first: --overwrite deletes in this order, so a kill midway never leaves a run that reads as finished
+    without its backbone, or a checkpoint that reads as complete without its weights."""
+    return sorted(owned_files(out, _OWNED), key=lambda path: path.name not in (SUMMARY, "position.json"))
 
 
 def describe_run(out: Path) -> str:
