@@ -387,37 +387,47 @@ def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_w
     assert not any(path.exists() for path in cut)
 
 
-@pytest.mark.parametrize("raised_by", ["the-fetch", "a-loader"])
+@pytest.mark.parametrize("raised_by", ["the-fetch", "a-loader", "the-step"])
 def test_a_connection_cut_by_a_dying_loader_is_told_as_its_death(shards, tmp_path, monkeypatch, raised_by):
     """A loader process killed after queuing a batch, before the training process took over the batch's shared memory:
     the handover's connection is reset (seen on a loaded machine, a third wording beside torch's two). It ends the run
-    with the same one error line as a loader's death; a ConnectionError a loader raised itself (reading shards over a
-    network) is the loader's error, passed on as it is."""
-    import clsp.train.loop as loop
+    with the same one error line as a loader's death. A ConnectionError a loader raised itself (reading shards over a
+    network) is the loader's error, and one the training process raised outside the fetch (a user's hook posting
+    metrics, a tracker) is its own: both are passed on as they are."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-    epochs = []
+    fetch, steps, epochs = _MultiProcessingDataLoaderIter._next_data, [], []
+    message = {"the-fetch": "[Errno 104] Connection reset by peer", "the-step": "metrics server refused the connection",
+               "a-loader": "Caught ConnectionResetError in DataLoader worker process 0.\nOriginal Traceback ..."}
 
-    def cut_in_the_second_epoch(run, epoch, stop_flag):
-        if epoch == 1:
-            message = "[Errno 104] Connection reset by peer" if raised_by == "the-fetch" else \
-                "Caught ConnectionResetError in DataLoader worker process 0.\nOriginal Traceback ..."
-            raise ConnectionResetError(message)
-        epochs.append(epoch)
-        run_epoch(run, epoch, stop_flag)
+    def next_data(self):  # the batch handover: the first of the second epoch (3 epochs x 6 steps)
+        epochs.extend([self] * (self not in epochs))
+        if raised_by != "the-step" and len(epochs) == 2:
+            raise ConnectionResetError(message[raised_by])
+        return fetch(self)
 
-    run_epoch = loop.run_epoch
-    monkeypatch.setattr(loop, "run_epoch", cut_in_the_second_epoch)
+    def users_hook(optimizer, args, kwargs):  # after each optimizer step
+        steps.append(len(steps))
+        if raised_by == "the-step" and len(steps) == 7:
+            raise ConnectionRefusedError(111, message[raised_by])
+
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "_next_data", next_data)
+    hook = register_optimizer_step_post_hook(users_hook)
     out = tmp_path / "run"
     config = make_config(**options(shards, out, workers=2, shuffle_buffer=5, cache=False))
-    if raised_by == "a-loader":
-        with pytest.raises(ConnectionResetError, match="in DataLoader worker process 0"):
+    try:
+        if raised_by != "the-fetch":
+            with pytest.raises(ConnectionError, match=re.escape(message[raised_by])):
+                train(config)
+            return
+        with pytest.raises(UserError, match=r"a loader process died: its connection was cut \(ConnectionResetError: "
+                                            r"\[Errno 104\] Connection reset by peer\)\. .* holds a training run "
+                                            r"\(checkpoint after step 6\): rerun the same command with --resume"):
             train(config)
-        return
-    with pytest.raises(UserError, match=r"a loader process died: its connection was cut \(ConnectionResetError: "
-                                        r"\[Errno 104\] Connection reset by peer\)\. .* holds a training run "
-                                        r"\(checkpoint after step 6\): rerun the same command with --resume"):
-        train(config)
-    assert epochs == [0] and read_json(out / "checkpoint" / "position.json")["epoch"] == 1
+    finally:
+        hook.remove()
+    assert len(steps) == 6 and read_json(out / "checkpoint" / "position.json")["epoch"] == 1
 
 
 class _SlowCount(torch.utils.data.IterableDataset):

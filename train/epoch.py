@@ -73,7 +73,7 @@ def run_epoch(run: Launch, epoch: int, stop_flag: StopFlag) -> None:
     run.tick = time.perf_counter()
     stop, by = False, ""
     run.batches = iter(run.loader)
-    for step, batch in enumerate(run.batches, start=run.stream.start_step):
+    for step, batch in enumerate(fetched(run.batches), start=run.stream.start_step):
         _check_batch(run, batch)
         stop = _step(run, epoch, step, batch, stop_flag)
         by = (stop_flag.by or "a stop signal to another process") if stop else ""
@@ -88,6 +88,20 @@ def run_epoch(run: Launch, epoch: int, stop_flag: StopFlag) -> None:
     if stop:  # on the run's last step nothing is left to resume: the launch finishes the run (a few files)
         run.bar.close()  # so that the note starts its own line
         acc.print(f"{by} came during the run's last step: {run.out} is finished")
+
+
+def fetched(batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches`, marking a ConnectionError raised while one is fetched (`error.in_fetch = True`): only such a cut
+    can be a loader process's death (train.loop), not one raised by the step, a tracker or a user's hook."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except ConnectionError as error:
+            error.in_fetch = True
+            raise
+        yield batch
 
 
 def _checkpoint(run: Launch, position: dict, stopped_by: str = "") -> None:

@@ -281,10 +281,12 @@ def _train(cfg: TrainConfig, stack: ExitStack, stop_flag: StopFlag | None) -> Pa
 
 def _loader_died(error: Exception, run: Launch) -> bool:
     """Whether `error` is how torch tells the training process that a loader process died. A ConnectionError counts
-    only where loader processes stream the input, and not when a loader raised it itself (reading shards over a
-    network, say): the DataLoader passes those on as "Caught ConnectionResetError in DataLoader worker process N"."""
+    only where loader processes stream the input and it was raised fetching a batch (train.epoch.fetched), and not
+    when a loader raised it itself (reading shards over a network, say): the DataLoader passes those on as "Caught
+    ConnectionResetError in DataLoader worker process N"."""
     if isinstance(error, ConnectionError):
-        return getattr(run.loader, "num_workers", 0) > 0 and "in DataLoader worker process" not in str(error)
+        return (getattr(error, "in_fetch", False) and getattr(run.loader, "num_workers", 0) > 0
+                and "in DataLoader worker process" not in str(error))
     return str(error).startswith(LOADER_DIED)
 
 
