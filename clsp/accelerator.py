@@ -1,6 +1,6 @@
 """Process helpers every stage shares: the device a run asks for, one Accelerator per run (also when a process runs
-several), an int from the main process on every process, flags OR-ed over processes, SIGTERM and Ctrl-C as a flag, and loader
-processes that leave stopping to their parent."""
+several), an int from the main process on every process, flags OR-ed over processes, SIGTERM and Ctrl-C as a flag, and
+loader processes that leave stopping to their parent."""
 from __future__ import annotations
 
 import os

@@ -117,7 +117,8 @@ def device_name(device) -> str:
     if on_cuda(device):
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' * (threads != 1)} of {os.cpu_count()}"
+    return (f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' * (threads != 1)} "
+            f"of {os.cpu_count()}")
 
 
 def peak_bf16_flops(device) -> float | None:
@@ -143,8 +144,8 @@ def provenance(device) -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    command = "python -m " + (sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None)
-                              else Path(sys.argv[0]).name)
+    command = "python -m " + (sys.modules["__main__"].__spec__.name
+                              if getattr(sys.modules["__main__"], "__spec__", None) else Path(sys.argv[0]).name)
     if on_cuda(device):  # the libraries the GPU's kernels come from
         import torch
 

@@ -203,7 +203,8 @@ def main(readme: Path = typer.Argument(Path("README.md"), help="the markdown fil
     if fresh == text:
         typer.echo(f"{readme}: every bench table matches its results files")
     elif check:
-        typer.echo(f"{readme}: a bench table differs from its results files. Fix: python -m clsp.bench_report", err=True)
+        typer.echo(f"{readme}: a bench table differs from its results files. Fix: python -m clsp.bench_report",
+                   err=True)
         raise typer.Exit(1)
     else:
         write_atomic(readme, fresh)

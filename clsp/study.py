@@ -102,7 +102,8 @@ def check_trained_as_planned(runs: list, manifest) -> None:
                     "augment_draws": old.get("augment_draws")}  # None: kornia's modules (clsp <= 0.3.0)
         differences = record_differences(recorded, planned, TRAIN_RUN.operational)
         if differences:
-            fix = "; ".join(difference_hints(TRAIN_RUN, differences)) or "rerun with the options the study was begun with"
+            fix = ("; ".join(difference_hints(TRAIN_RUN, differences))
+                   or "rerun with the options the study was begun with")
             raise UserError(f"{run.out} was trained otherwise than this study would train it ({'; '.join(differences)})"
                             f": its scores are not this study's; {fix}, or pass another --out")
 

@@ -37,8 +37,9 @@ def _check_out(out: Path, given=(), recorded=()) -> None:
     """An --out that is a file is refused before any work, and so is one inside a folder (or Parquet directory) that a
     source reads: what the command writes there would be added to the data (a new class folder, pictures read as
     images, another fingerprint), so that the next evaluation scores other data or refuses the run's own. Checked for
-    every source the command is `given` and those its runs and shards were made from (`recorded`). A recorded spec is checked only where it names an absolute path
-    that exists: a relative one was relative to wherever that stage ran, not to here."""
+    every source the command is `given` and those its runs and shards were made from (`recorded`). A recorded spec is
+    checked only where it names an absolute path that exists: a relative one was relative to wherever that stage ran,
+    not to here."""
     import os
 
     from clsp.run_dir import check_out_path
@@ -274,7 +275,8 @@ def sweep_command(target: str = typer.Argument(..., help="shard directory (then 
                   seed: Optional[int] = typer.Option(None, help="anchor sample and noise; default: the shards', "
                                                      "else 0"),
                   components: int = typer.Option(32, help="PCA components of the fixed pixel feature space"),
-                  forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP + "; a row is one candidate of one anchor"),
+                  forward_batch: int = typer.Option(256, help=FORWARD_BATCH_HELP + "; a row is one candidate of "
+                                                    "one anchor"),
                   device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Class agreement against hardness of the positives at each (w, steps): pick w by measurement."""
     from clsp.eval.sweep import SweepConfig, numbers, run_sweep

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clsp.knn import KNN_KS, KNN_TEMPERATURE, check_labels, knn_predict  # noqa: F401  (KNN_*: eval imports them from here)
+# (KNN_*: eval imports them from here)
+from clsp.knn import KNN_KS, KNN_TEMPERATURE, check_labels, knn_predict  # noqa: F401
 
 
 def knn_accuracy(

@@ -12,7 +12,8 @@ app = typer.Typer(help="Inspect and check shard directories (the contract betwee
 @app.command("verify")
 def verify_command(directory: Path = typer.Argument(..., help="Shard directory (holds manifest.json).")) -> None:
     """Check every shard opens, every anchor appears exactly once with K positives, and checksums match."""
-    from clsp.shards.manifest import read_manifest  # imported here: the reader imports torch (webdataset); --help stays fast
+    # imported here: the reader imports torch (webdataset); --help stays fast
+    from clsp.shards.manifest import read_manifest
     from clsp.shards.verify import verify
 
     problems = verify(directory)
@@ -28,7 +29,8 @@ def verify_command(directory: Path = typer.Argument(..., help="Shard directory (
 
 @app.command("info")
 def info_command(location: str = typer.Argument(..., help="Shard directory or URL."),
-                 as_json: bool = typer.Option(False, "--json", help="Print the whole manifest run metadata as JSON.")) -> None:
+                 as_json: bool = typer.Option(False, "--json",
+                                              help="Print the whole manifest run metadata as JSON.")) -> None:
     """Show what made a shard directory: source, generator, sampler settings, K, seed."""
     from clsp.shards.manifest import read_manifest
 

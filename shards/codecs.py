@@ -87,8 +87,8 @@ def decode_png(data: bytes, what: str = "image", size: int | None = None) -> np.
         raise SchemaError(f"{what} is a broken PNG ({error})") from None
     # What PIL decoded, checked too: the header check reads chunks as this module parses them, PIL may read otherwise.
     if mode != "RGB" or pixels.dtype != np.uint8 or pixels.shape != (height, width, 3):
-        raise SchemaError(f"{what} decodes to PIL mode {mode} ({pixels.dtype}, shape {pixels.shape}); the schema stores "
-                          f"{height}x{width} 8-bit RGB, shape ({height}, {width}, 3): regenerate the shard")
+        raise SchemaError(f"{what} decodes to PIL mode {mode} ({pixels.dtype}, shape {pixels.shape}); the schema "
+                          f"stores {height}x{width} 8-bit RGB, shape ({height}, {width}, 3): regenerate the shard")
     return pixels
 
 

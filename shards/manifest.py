@@ -8,8 +8,9 @@ settings, K, seed, image size, anchors per shard and package version, and from s
 until manifest.json names it; `read_manifest` reads it there when index.parquet is not the one manifest.json names.
 
 `read_manifest` is the one check of a manifest (field types, required fields, bounds, index columns and rows) that every
-reader goes through, and `write_manifest` (shards.manifest_writer) refuses to write what it would refuse. `Manifest.contract()` then holds what
-the manifest promises about each sample, which `verify` and the training stream check in the same way.
+reader goes through, and `write_manifest` (shards.manifest_writer) refuses to write what it would refuse.
+`Manifest.contract()` then holds what the manifest promises about each sample, which `verify` and the training stream
+check in the same way.
 
 Schema version 2 adds per-positive scores to the index (list<float32> columns of K values per anchor, in 0..1):
 `positive_distance` (always written: `shards.schema.positive_distances` of the decoded images) and `positive_agreement`

@@ -233,7 +233,8 @@ def _measure(cfg: BenchConfig) -> dict:
         model = weights_bf16 if name == "bf16-weights" else unet
         backend = "inductor" if cfg.compile else None  # compiled noise beside the compiled UNet, as the job does
         return lambda: fn(model, scheduler, anchors, row_noise(config.noise, cfg.seed, anchor_ids, cfg.k,
-                                                              config.share_anchor_noise, backend), config, fast=cfg.fast)
+                                                              config.share_anchor_noise, backend),
+                          config, fast=cfg.fast)
 
     def graphed(config: SamplerConfig):
         noise = row_noise(config.noise, cfg.seed, anchor_ids, cfg.k, config.share_anchor_noise,
@@ -437,7 +438,8 @@ def format_table(r: dict) -> str:
 
 def main(model: str = typer.Option("small", help=f"one of {', '.join(MODELS)}"),
          steps: int = typer.Option(None, help="DDIM steps (default: 10 on the CPU, 100 on CUDA)"),
-         batch: int = typer.Option(None, help="rows per call, a multiple of --k (default: 16 on the CPU, 1024 on CUDA)"),
+         batch: int = typer.Option(None, help="rows per call, a multiple of --k "
+                                              "(default: 16 on the CPU, 1024 on CUDA)"),
          k: int = typer.Option(4, help="candidates per anchor"), w: float = typer.Option(0.1),
          eta: float = typer.Option(0.1), device: str = DEVICE,
          compile: bool = typer.Option(False, help="torch.compile the UNet blocks"),

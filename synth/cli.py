@@ -14,7 +14,8 @@ from clsp.vocabulary import FORWARD_BATCH_HELP, SYNTH_DEVICE_HELP, PRECISION_HEL
 # --help shows each unset option's default from SynthConfig and SamplerConfig (read without importing torch)
 SAMPLER_FIELDS = source_fields("clsp.synth.sampler", "SamplerConfig")  # [(name, "float", default)]: one option each
 SAMPLER_HELP = source_literal("clsp.synth.sampler", "SAMPLER_HELP")
-_DEFAULTS = {**source_defaults("clsp.synth.job", "SynthConfig"), **source_defaults("clsp.synth.sampler", "SamplerConfig")}
+_DEFAULTS = {**source_defaults("clsp.synth.job", "SynthConfig"),
+             **source_defaults("clsp.synth.sampler", "SamplerConfig")}
 HELP_DEFAULTS = {"run": (_DEFAULTS, source_defaults("clsp.synth.job", "PRESETS"))}
 app = typer.Typer(help="Generate synthetic positives into shards.", no_args_is_help=True)
 

@@ -54,4 +54,5 @@ def _check_fits_config(folder: Path, state: dict) -> None:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise UserError(f"{folder / PICKLE_NAME} was not converted: its tensors do not fit config.json "
-                        f"({str(error).splitlines()[0]} ...). Fix: pair it with the config it was saved with.") from None
+                        f"({str(error).splitlines()[0]} ...). "
+                        "Fix: pair it with the config it was saved with.") from None

@@ -69,7 +69,8 @@ class DiffusionTrainConfig:
     steps: int = 800_000
     grad_clip: float = 1.0
     snr_gamma: float = 0.0  # 0: the plain DDPM loss; > 0: Min-SNR weighting
-    skip_dropout: float = 0.0  # P(a row's below-full-resolution skips are replaced): > 0 makes the bottleneck carry shape
+    # P(a row's below-full-resolution skips are replaced): > 0 makes the bottleneck carry shape
+    skip_dropout: float = 0.0
     skip_fill: str = "zero"  # what replaces them: zero | shuffle (another image's skips: synth.unet_split.SkipDropout)
     ema_decay: float = 0.9999
     hflip: bool = True

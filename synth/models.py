@@ -143,9 +143,10 @@ def weights_folder(path: Path) -> Path:
 
 def _refuse_pickle_only(folder: Path, spec: str) -> None:
     if (folder / PICKLE_NAME).is_file() and not (folder / WEIGHTS_NAME).is_file():
-        raise UserError(f"generator {spec!r} has no file named {WEIGHTS_NAME}, only the pickled {PICKLE_NAME}, which is "
-                        f"never loaded (unpickling can run code). Fix: if you trust it, `clsp diffusion convert {spec}` "
-                        "writes safetensors from its tensors (torch.load weights_only=True), then run this again.")
+        raise UserError(f"generator {spec!r} has no file named {WEIGHTS_NAME}, only the pickled {PICKLE_NAME}, "
+                        "which is never loaded (unpickling can run code). Fix: if you trust it, "
+                        f"`clsp diffusion convert {spec}` writes safetensors from its tensors "
+                        "(torch.load weights_only=True), then run this again.")
 
 
 def _load_hub(model_id: str):
@@ -198,8 +199,9 @@ def _require_online(model_id: str) -> None:
             reason = f"{endpoint} cannot be reached: {getattr(error, 'reason', error)}"
     snapshot = _cached_snapshot_with_pickle_only(model_id)
     if snapshot is not None:
-        raise UserError(f"generator {model_id!r} is in the local Hugging Face cache with only the pickled {PICKLE_NAME}, "
-                        f"which is never loaded (unpickling can run code), and this machine is offline ({reason}). "
+        raise UserError(f"generator {model_id!r} is in the local Hugging Face cache with only the pickled "
+                        f"{PICKLE_NAME}, which is never loaded (unpickling can run code), and this machine is offline "
+                        f"({reason}). "
                         f"Fix: if you trust it, copy the repo out of the cache (`cp -rL {snapshot} DIR`), run `clsp "
                         f"diffusion convert DIR` (safetensors from its tensors) and pass --model DIR.")
     raise UserError(f"generator {model_id!r} is no local folder, and as a hub id it is not in the local Hugging Face "

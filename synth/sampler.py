@@ -35,7 +35,8 @@ SAMPLER_HELP = {
     "w": "weight of the sample's own bottleneck, 0..1 (1 = plain DDIM, 0 = all anchor)",
     "steps": "DDIM steps",
     "eta": "DDIM eta, 0..1 (0 deterministic, 1 DDPM-like)",
-    "share_anchor_noise": "the K candidates of an anchor share its noised copy (one anchor-noise draw per anchor a step)",
+    "share_anchor_noise": "the K candidates of an anchor share its noised copy "
+                          "(one anchor-noise draw per anchor a step)",
     "noise": "generator of noise: counter (Philox on the device) or cpu-generator (per-row CPU generators, the "
              "generator of shards made before 0.2); a different generator gives different bytes from the same seed",
 }
@@ -88,7 +89,8 @@ def mixed_eps(unet: UNet2DModel, x: torch.Tensor, a_t: torch.Tensor, t: int, w: 
     """Split-UNet noise prediction: encoder on [x; a_t] in one call, decoder once on the mixed bottleneck.
 
     x (B, C, H, W); a_t (A, C, H, W) noised anchors, A <= B (A < B when candidates share their anchor's noise, so the
-    anchor's encoder pass runs once per anchor, not once per candidate); anchor_row (B,) long: row i uses a_t[anchor_row[i]].
+    anchor's encoder pass runs once per anchor, not once per candidate); anchor_row (B,) long: row i uses
+    a_t[anchor_row[i]].
     """
     b = x.shape[0]
     temb = embed_time(unet, t, b + a_t.shape[0])  # (B + A, D)

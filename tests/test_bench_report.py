@@ -32,7 +32,8 @@ def results(tmp_path_factory) -> Path:
     """A folder with one tiny run of each bench, as the benches write them."""
     folder = tmp_path_factory.mktemp("results")
     sampler = sampler_bench.run_bench(sampler_bench.BenchConfig(steps=1, batch=8, k=4, repeats=1))
-    trainer = trainer_bench.bench(trainer_bench.BenchConfig(width=4, size=8, batch=4, steps=1, anchors=8, k=2, repeats=1))
+    trainer = trainer_bench.bench(trainer_bench.BenchConfig(width=4, size=8, batch=4, steps=1, anchors=8, k=2,
+                                                            repeats=1))
     for name, figures in (("sampler.json", sampler), ("trainer.json", trainer)):
         (folder / name).write_text(json.dumps(figures))
     return folder

@@ -119,7 +119,8 @@ def test_a_kill_right_after_a_checkpoint_keeps_its_grid_and_rows_and_resume_clea
     assert [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]] == [2]
     (out / "samples").mkdir(exist_ok=True)
     dead = dead_pid()
-    cut = [out / f".log.csv.tmp-{dead}", out / f".card.json.tmp-{dead}", out / "samples" / f".step-000004.png.tmp-{dead}"]
+    cut = [out / f".log.csv.tmp-{dead}", out / f".card.json.tmp-{dead}",
+           out / "samples" / f".step-000004.png.tmp-{dead}"]
     for path in cut:
         path.write_bytes(b"half")
     (out / f".notes.txt.tmp-{dead}").write_text("the user's")

@@ -237,7 +237,8 @@ def test_eval_all_refuses_shards_of_the_same_source_that_the_run_did_not_train_o
     (run / "config.json").write_text(json.dumps(record))
     result = _cli("eval", "all", run, "--shards", shards, "--out", tmp_path / "report", "--probe-epochs", "2")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert f"{shards} are not the shards {run} trained on" in result.output and "--shards the directory" in result.output
+    assert (f"{shards} are not the shards {run} trained on" in result.output
+            and "--shards the directory" in result.output)
     assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "config.json", "summary.json"]
     assert not (tmp_path / "report").exists()
 

@@ -80,7 +80,8 @@ def test_a_refused_train_command_writes_nothing_and_the_corrected_one_runs(shard
 def test_a_second_synth_on_the_same_folder_is_refused_naming_the_first(generator, reference, tmp_path):
     out, log = tmp_path / "shared", tmp_path / "first.log"
     with open(log, "w") as stderr:
-        first = subprocess.Popen([sys.executable, "-m", "clsp.synth.cli", *cli_options(generator, out), "--forward-batch", "2"],
+        first = subprocess.Popen([sys.executable, "-m", "clsp.synth.cli", *cli_options(generator, out),
+                                  "--forward-batch", "2"],
                                  env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         while not (out / "run.json").exists():  # the folder is claimed before its record is written

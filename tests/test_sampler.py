@@ -131,7 +131,8 @@ def test_shared_anchor_noise_is_one_draw_per_anchor(unet, scheduler, noise):
         by_hand = CounterNoise(keys, group_keys)
     else:
         per_anchor = [torch.Generator().manual_seed(candidate_seed(0, a, "anchor")) for a in ("a3", "a4")]
-        by_hand = GeneratorNoise([torch.Generator().manual_seed(k) for k in keys], [g for g in per_anchor for _ in range(3)])
+        by_hand = GeneratorNoise([torch.Generator().manual_seed(k) for k in keys],
+                                 [g for g in per_anchor for _ in range(3)])
     torch.testing.assert_close(out_shared, sample_positives(unet, scheduler, anchors, by_hand, shared), atol=0, rtol=0)
     out_own = sample_positives(unet, scheduler, anchors, row_noise(noise, 0, ["a3", "a4"], 3, False),
                                SamplerConfig(steps=2, noise=noise))

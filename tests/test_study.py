@@ -219,7 +219,8 @@ def test_a_streamed_run_with_other_loader_processes_is_refused_before_training(t
     with open(record_file, "w") as f:
         json.dump(record, f)
     with pytest.raises(UserError, match=r"simclr-none-seed0 was trained otherwise .*augment_draws: None there, 2 now\)"
-                                        r".*augmented by kornia's modules as clsp <= 0.3.0 did, .*, or pass another --out"):
+                                        r".*augmented by kornia's modules as clsp <= 0.3.0 did, .*, "
+                                        r"or pass another --out"):
         check_trained_as_planned(plan(config), read_manifest(shards))
 
 

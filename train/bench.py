@@ -61,7 +61,8 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
-            raise ValueError(f"device {self.device!r} is not available: use cpu{' or cuda' * torch.cuda.is_available()}")
+            raise ValueError(f"device {self.device!r} is not available: "
+                             f"use cpu{' or cuda' * torch.cuda.is_available()}")
         if min(self.width, self.size, self.batch, self.steps, self.anchors, self.k, self.repeats) < 1 \
                 or self.workers < 0:
             raise ValueError("width, size, batch, steps, anchors, k and repeats must be >= 1, workers >= 0")
@@ -254,8 +255,8 @@ def main(device: str = DEVICE, width: int = typer.Option(64),
              f"train+augment    {t['augmented_anchors_per_s']:9.1f} anchors/s  (3 views augmented on the device "
              f"first: {t['augment_share_of_step']:.1%} of a step; {t['augment_launches_per_view']:,} "
              f"{t['launches_counted']} a view)",
-             f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of {result['config']['k']} "
-             f"positives, 3 augmented views; png shards, {mib['png']:.1f} MiB)",
+             f"loader+augment   {i['loader_anchors_per_s']:9.1f} anchors/s  (decode anchor + 1 of "
+             f"{result['config']['k']} positives, 3 augmented views; png shards, {mib['png']:.1f} MiB)",
              f"  raw codec      {i['loader_raw_anchors_per_s']:9.1f} anchors/s  (the same from .npy members, "
              f"{mib['raw']:.1f} MiB; raw/png = {result['raw_over_png']:.2f})",
              f"stream only      {i['stream_anchors_per_s']:9.1f} anchors/s  (png: read + decode, no augment); raw "
@@ -268,7 +269,8 @@ def main(device: str = DEVICE, width: int = typer.Option(64),
              f"cached {result['cached_over_train']:.2f} (above 1: the model limits training)",
              f"batch augment / PIL = {result['batch_augment_over_pil']:.2f}"]
     if t.get("fraction_of_peak") is not None:
-        lines.append(f"{result['device']}: {t['fraction_of_peak']:.1%} of {t['peak_bf16_tflop_s']:.0f} TFLOP/s bf16 peak")
+        lines.append(f"{result['device']}: {t['fraction_of_peak']:.1%} of {t['peak_bf16_tflop_s']:.0f} "
+                     "TFLOP/s bf16 peak")
     typer.echo("\n".join(lines))
     write_results(result, out)
 

@@ -29,7 +29,8 @@ from clsp.errors import UserError
 from clsp.file_checks import IS_TORCH_SAVE, contains, is_safetensors, is_temp_of, json_with, owned_files, starts_with
 from clsp.file_io import partial_removed, read_json, refused_if_not_ours, write_atomic, write_json
 
-CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY = "checkpoint", "backbone.safetensors", "config.json", "log.csv", "summary.json"
+CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY = ("checkpoint", "backbone.safetensors", "config.json", "log.csv",
+                                              "summary.json")
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_clsp", "images_per_s", "knn_top1_pct")
 _LOG_COLUMNS_V1 = (*LOG_COLUMNS[:-1], "knn_top1")  # logs before the monitor was in percent (a fraction): still ours
 _TEMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"

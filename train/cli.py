@@ -1,6 +1,7 @@
 """`clsp train run SHARDS --out DIR ...`: options -> TrainConfig -> train.loop.train.
 
-Several processes: `torchrun --nproc_per_node N -m clsp.train.cli run ...` or `accelerate launch -m clsp.train.cli run ...`.
+Several processes: `torchrun --nproc_per_node N -m clsp.train.cli run ...` or
+`accelerate launch -m clsp.train.cli run ...`.
 """
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ def main() -> None:
 
 @app.command("run")
 def run_command(
-    shards: str = typer.Argument(..., help="Shard directory or fsspec URL (file://, https://, s3://) with manifest.json."),
-    out: str = typer.Option(..., "--out", help="Run directory: checkpoint/, log.csv, backbone.safetensors, config.json."),
-    preset: Optional[str] = typer.Option(None, help=f"Defaults for a known setting: {' | '.join(PRESETS)} (paper-cifar10: the "
-                                         "paper's SimCLR CIFAR-10 schedule); options given here override it."),
+    shards: str = typer.Argument(
+        ..., help="Shard directory or fsspec URL (file://, https://, s3://) with manifest.json."),
+    out: str = typer.Option(
+        ..., "--out", help="Run directory: checkpoint/, log.csv, backbone.safetensors, config.json."),
+    preset: Optional[str] = typer.Option(None, help=f"Defaults for a known setting: {' | '.join(PRESETS)} "
+                                         "(paper-cifar10: the paper's SimCLR CIFAR-10 schedule); options given here "
+                                         "override it."),
     method: Optional[str] = typer.Option(None, help="simclr | moco | byol | nnclr."),
     positives: Optional[str] = typer.Option(None, help="synthetic (CLSP) | augment (third real view) | none."),
     lam: Optional[float] = typer.Option(None, help="Weight of the CLSP term (default: the method's)."),
@@ -65,7 +69,8 @@ def run_command(
     log_with: Optional[str] = typer.Option(
         None, help="Also log the scalars of log.csv to an Accelerate tracker: tensorboard (files in OUT/tracker/; "
         "pip install 'clsp-positives[tensorboard]'), wandb, mlflow, ... (default: log.csv only)."),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable shards (counted in summary.json)."),
+    skip_corrupt: bool = typer.Option(
+        False, "--skip-corrupt", help="Skip unreadable shards (counted in summary.json)."),
     expect_k: Optional[int] = typer.Option(None, help="Refuse shards that do not hold this many positives per anchor."),
     positive_filter: Optional[str] = typer.Option(
         None, help="Draw only synthetic positives whose score passes METRIC OP NUMBER, e.g. distance>=0.05 or "

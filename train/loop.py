@@ -1,9 +1,10 @@
-"""The training loop: stream shards -> augment on the device -> method forward -> backward -> schedule -> log -> checkpoint.
+"""The training loop: stream shards -> augment on the device -> method forward -> backward -> schedule -> log ->
+checkpoint.
 
 It knows nothing about methods beyond `Method.forward(views, ids, third) -> dict(loss, loss_base, loss_clsp)`,
-`Method.after_step(progress)` and `Method.backbone`. One process on the CPU, or many under `torchrun`/`accelerate launch`
-(DDP, bf16 autocast on GPUs). `batch_size` is global: each of N processes takes batch_size / N anchors a step, and every
-process takes `steps_per_epoch` equal batches.
+`Method.after_step(progress)` and `Method.backbone`. One process on the CPU, or many under
+`torchrun`/`accelerate launch` (DDP, bf16 autocast on GPUs). `batch_size` is global: each of N processes takes
+batch_size / N anchors a step, and every process takes `steps_per_epoch` equal batches.
 
 Here: the config, the presets, the run record and a launch's setup and finish; train.epoch runs the epochs,
 train.shard_input reads the shards.
@@ -101,8 +102,8 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
 # much as for a synthetic one (measured: base loss stuck at ln(2B-1) for 250 steps); at 0.2 the base loss escapes.
 # paper-cifar10: the SimCLR CIFAR-10 setting of the paper (docs: method.md): ResNet-18 (the CIFAR stem follows from the
-# 32 px images), projector 4096 -> 256, tau 0.2, lam 1.0, SGD lr 0.5 momentum 0.9 wd 1e-4, 10 warm-up epochs then cosine,
-# 1000 epochs, batch 1024 (global: split over the processes).
+# 32 px images), projector 4096 -> 256, tau 0.2, lam 1.0, SGD lr 0.5 momentum 0.9 wd 1e-4, 10 warm-up epochs then
+# cosine, 1000 epochs, batch 1024 (global: split over the processes).
 # Literal values only: `clsp train run --help` reads this dict without importing this module (clsp.presets).
 PRESETS = {
     "embedded": dict(backbone="resnet18", width=16, epochs=50, batch_size=128, lr=0.3, warmup_epochs=5.0,
@@ -274,7 +275,8 @@ def _train(cfg: TrainConfig, stack: ExitStack, stop_flag: StopFlag | None) -> Pa
                 died = f"its connection was cut ({type(error).__name__}: {died})"
             raise UserError(f"a loader process died: {died}. The out-of-memory killer is the usual "
                             f"cause. {run.out} holds {describe_run(run.out)}: rerun the same command with --resume to "
-                            f"go on from there (fewer --workers or a smaller --shuffle-buffer use less memory)") from None
+                            f"go on from there "
+                            f"(fewer --workers or a smaller --shuffle-buffer use less memory)") from None
         _finish(run)
     return Path(cfg.out)
 

@@ -4,8 +4,8 @@
     view = reference(Image.fromarray(image))   # (3, size, size) normalised float
 
 It follows torchvision's documented semantics (RandomResizedCrop's ten-try area/log-ratio draw with a centre-crop
-fallback, a jitter order drawn per image, PIL's enhancers, hue as a shift of the HSV hue byte, solarize at 128), so it is
-the reference the batched pipeline (`train.augment.BatchAugment`) is checked against and the per-image speed
+fallback, a jitter order drawn per image, PIL's enhancers, hue as a shift of the HSV hue byte, solarize at 128), so it
+is the reference the batched pipeline (`train.augment.BatchAugment`) is checked against and the per-image speed
 `train.bench` compares it with. It is written on PIL and numpy so the CPU install needs no torchvision.
 """
 from __future__ import annotations

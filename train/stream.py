@@ -9,8 +9,8 @@ Order of the stream for one epoch:
      it, and each shard read to its end against its manifest entry (its sha256 hashed as it streams). A shard that fails
      either stops training with one error naming it (and the sample), or with skip_corrupt is skipped and counted, its
      still-buffered samples dropped;
-  3. each anchor visit draws ONE of its K positives uniformly, from a generator keyed on (seed, epoch, anchor id, pass), and
-     decodes only the anchor and that positive. A `PositiveDraw` (--positive-filter, --positive-weighting, from the
+  3. each anchor visit draws ONE of its K positives uniformly, from a generator keyed on (seed, epoch, anchor id, pass),
+     and decodes only the anchor and that positive. A `PositiveDraw` (--positive-filter, --positive-weighting, from the
      scores in the manifest's index) narrows the draw to the positives that pass the filter and/or weights it by each
      positive's distance to the anchor, from the same keyed generator.
 Every rank yields exactly `steps_per_epoch` batches per epoch, so ranks with uneven shards never hang DDP. The dataset
@@ -209,14 +209,15 @@ class StreamConfig:
         if self.positives not in POSITIVES:
             raise UserError(f"positives={self.positives!r} is not one of {', '.join(POSITIVES)}")
         if self.positives == "synthetic" and self.k < 1:
-            raise UserError("positives=synthetic needs shards with K >= 1 positives per anchor; use --positives augment")
+            raise UserError("positives=synthetic needs shards with K >= 1 positives per anchor; "
+                            "use --positives augment")
         if self.batch_size < 1 or self.steps_per_epoch < 1 or self.shuffle_buffer < 1:
             raise UserError("batch_size, steps_per_epoch and shuffle_buffer must be >= 1")
         if not 0 <= self.rank < self.world_size:
             raise UserError(f"rank {self.rank} is outside world size {self.world_size}")
         if len(self.urls) < self.world_size:  # a rank without a shard could only repeat another rank's batches
-            raise UserError(f"{len(self.urls)} shard(s) cannot be streamed by {self.world_size} processes: each process "
-                            "reads shards of its own. Train from memory (--cache), or with at most "
+            raise UserError(f"{len(self.urls)} shard(s) cannot be streamed by {self.world_size} processes: each "
+                            "process reads shards of its own. Train from memory (--cache), or with at most "
                             f"{len(self.urls)} processes")
 
 
@@ -237,8 +238,9 @@ def skippable_shard(url: str, exc: Exception, skip_corrupt: bool) -> str:
 
 
 class ShardStream(IterableDataset):
-    """Yields dicts: anchor (B, H, W, 3) uint8, positive (B, H, W, 3) uint8 or absent, ids (B,) int64, labels (B,) int64,
-    skipped (list of shard names found unreadable since the previous batch), error (str, only on a fatal read error)."""
+    """Yields dicts: anchor (B, H, W, 3) uint8, positive (B, H, W, 3) uint8 or absent, ids (B,) int64,
+    labels (B,) int64, skipped (list of shard names found unreadable since the previous batch), error (str, only on a
+    fatal read error)."""
 
     def __init__(self, cfg: StreamConfig, id_index: Mapping[str, int], contract: Contract | None = None,
                  draw: PositiveDraw | None = None):

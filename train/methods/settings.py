@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields
 
 from clsp.vocabulary import POSITIVES
 
-# setting -> (is the value valid, what is asked of it): `MethodConfig.check` applies the rule of every field a config has
+# setting -> (is the value valid, what is asked of it):
+# `MethodConfig.check` applies the rule of every field a config has
 RULES = {
     "lam": (lambda v: v >= 0, "lam (CLSP weight) must be >= 0"),
     "proj_hidden": (lambda v: v >= 1, "proj_hidden must be a positive layer width"),
