@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# (KNN_*: eval imports them from here)
+# KNN_* are imported from here by the rest of eval
 from clsp.knn import KNN_KS, KNN_TEMPERATURE, check_labels, knn_predict  # noqa: F401
 
 
