@@ -70,6 +70,22 @@ def _source_split(config: QualityConfig) -> tuple[str, str]:
     return spec, config.split or card_split or "train"
 
 
+def _check_card_source(config: QualityConfig, described: dict) -> None:
+    """The card's source, taken by default, must still hold the images the generator was trained on (its fingerprint
+    covers ids, labels, pixels and size): a relative folder:DIR read elsewhere, or a folder changed since, would be
+    scored without a word, and the numbers recorded in the card."""
+    from clsp.synth.models import CARD_NAME
+
+    card_file = Path(config.generator).expanduser() / CARD_NAME
+    made = (json.loads(card_file.read_text()).get("source") or {}) if card_file.is_file() else {}
+    if config.source is not None or not isinstance(made, dict) or not made.get("fingerprint") \
+            or described["split"] != made.get("split", "train") or described["fingerprint"] == made["fingerprint"]:
+        return
+    raise ValueError(f"{described['spec']}[{described['split']}] does not hold the images {config.generator} was "
+                     f"trained on (fingerprint {made['fingerprint'][:12]} in its card, {described['fingerprint'][:12]} "
+                     f"now): run from where its relative path points, put back the images, or pass --source")
+
+
 def _real_sets(spec: str, split: str, size: int):
     """(images, labels, held-out images or None, held-out labels or None, source description)."""
     from clsp.errors import UserError
@@ -78,7 +94,10 @@ def _real_sets(spec: str, split: str, size: int):
     source = open_source(spec, split, image_size=size)
     images, labels, _ = load_arrays(source)
     held, held_labels = None, None
-    if split != "test":
+    if split == "all":  # the test images are in the real set: no held-out scale
+        print(f"note: {spec}[all] holds the test split, so no held-out scale is scored (pass --split train for one)",
+              file=sys.stderr)
+    elif split != "test":
         try:  # a source without a test split is scored without the held-out scale
             held, held_labels, _ = load_arrays(open_source(spec, "test", image_size=size))
         except UserError:
@@ -126,6 +145,7 @@ def evaluate_generator(config: QualityConfig) -> dict:
     synth_cfg = synth_config(config.generator, spec, config.out or config.generator, 1, sampler, config.seed)
     unet, scheduler, info, device = open_generator(synth_cfg, config.device)
     real, labels, held, held_labels, described = _real_sets(spec, split, image_size(info))
+    _check_card_source(config, described)
     reference = fit_reference(real, labels, AuditConfig(pca_components=config.pca_components, seed=config.seed))
     count = _row_count(config, len(real), held)
     fake = plain_samples(synth_cfg, count, image_size(info), unet, scheduler, device, config.batch_size)
@@ -203,7 +223,7 @@ def write_quality(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
 def record_in_card(generator_dir: str | Path, result: dict, json_path: Path) -> bool:
     """Add the headline numbers to a saved generator's card.json and README.md; False when it has no card."""
     from clsp.file_io import write_atomic
-    from clsp.synth.models import CARD_NAME, card_readme
+    from clsp.synth.models import CARD_NAME, card_readme, write_readme
 
     card_file = Path(generator_dir).expanduser() / CARD_NAME
     if not card_file.is_file():
@@ -221,7 +241,7 @@ def record_in_card(generator_dir: str | Path, result: dict, json_path: Path) -> 
                        "heldout_real": pick(result["heldout_real"]),
                        "fid": None if result["fid"] is None else result["fid"]["value"]}
     write_atomic(card_file, json.dumps(card, indent=2, sort_keys=True, default=str))
-    write_atomic(card_file.with_name("README.md"), card_readme(card) + "\n## Quality\n\n" + quality_markdown(result))
+    write_readme(card_file.with_name("README.md"), card_readme(card) + "\n## Quality\n\n" + quality_markdown(result))
     return True
 
 

@@ -111,7 +111,7 @@ def _plan(config: SweepConfig) -> _Plan:
 
 def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
     """(anchor images (A, H, W, 3), labels (A,), ids, row of each in the real set or -1): smallest hashed ids."""
-    from clsp.eval.audit import load_shard_sample, sample_key
+    from clsp.eval.audit import anchor_rows, load_shard_sample, sample_key
 
     if plan.shards_run is not None:  # the shards' anchors, chosen as the audit chooses them
         images, _, labels, ids, _ = load_shard_sample(config.target, config.anchors, plan.seed)
@@ -119,8 +119,7 @@ def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
         chosen = sorted(range(len(real_ids)), key=lambda i: (sample_key(plan.seed, real_ids[i]), real_ids[i]))
         chosen = sorted(chosen[: config.anchors], key=lambda i: real_ids[i])  # id order, as load_shard_sample
         images, labels, ids = real[chosen], real_labels[chosen], [real_ids[i] for i in chosen]
-    row = {anchor_id: i for i, anchor_id in enumerate(real_ids)}
-    return images, labels, ids, np.array([row.get(anchor_id, -1) for anchor_id in ids])
+    return images, labels, ids, anchor_rows(ids, images, real_ids, real)  # by id, else by pixels (--split all)
 
 
 def _open_generator(config: SweepConfig, plan: _Plan):

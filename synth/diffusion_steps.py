@@ -91,20 +91,35 @@ def train_step(cfg: DiffusionTrainConfig, step: int, models: Models, batch: tupl
 class _Progress:
     """The losses since the last log row, the rows log.csv has yet to get, and `state` (loss, wall_time_s)."""
 
-    def __init__(self, state: dict):
+    def __init__(self, state: dict, device: torch.device):
         self.state = state
-        self.t0, self.window, self.rows, self.tick = time.perf_counter(), [], [], time.perf_counter()
+        window = state.pop("window", None)  # resumed after a stop: (steps since the last row,) losses (see `held`)
+        self.window = [] if window is None else list(window.to(device))
+        self.timed = 0  # steps of the window taken since `tick` (a resumed window's were timed by the run before)
+        self.t0, self.rows, self.tick = time.perf_counter(), [], time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window.append(loss.detach())
+        self.timed += 1
+
+    def held(self, accelerator: Accelerator) -> torch.Tensor:
+        """(steps since the last row,) each one's loss, its mean over the processes (every process calls this): what
+        a checkpoint keeps, so that a run stopped between rows and resumed logs the rows an uninterrupted one does."""
+        if not self.window:
+            return torch.zeros(0)
+        return accelerator.reduce(torch.stack(self.window), "mean").cpu()
 
     def log_row(self, cfg: DiffusionTrainConfig, step: int, accelerator: Accelerator) -> float:
         """A row for log.csv from the window (its mean over the processes), which it empties; returns that mean."""
         mean = accelerator.reduce(torch.stack(self.window).mean(), "mean").item()
         now = time.perf_counter()
         self.rows.append({"step": step + 1, "loss": f"{mean:.5f}", "lr": f"{lr_at(cfg, step):.3g}",
-                          "images_per_s": f"{len(self.window) * cfg.batch_size / (now - self.tick):.1f}"})
-        self.state["loss"], self.window, self.tick = mean, [], now
+                          "images_per_s": f"{self.timed * cfg.batch_size / (now - self.tick):.1f}"})
+        self.state["loss"], self.window, self.timed, self.tick = mean, [], 0, now
         return mean
 
-    def checkpoint(self, cfg: DiffusionTrainConfig, done: int, models: Models, grid: bool, rng: dict) -> None:
+    def checkpoint(self, cfg: DiffusionTrainConfig, done: int, models: Models, grid: bool, rng: dict,
+                   window: torch.Tensor) -> None:
         """(Main process) a sample grid when `grid`, the rows to log.csv, then the checkpoint after `done` steps with
         `rng` (rng_states). In this order a kill never leaves a checkpoint without its grid and rows; one before the
         checkpoint is harmless: the resume goes on from the one before, drops the log's rows past it and draws the
@@ -117,7 +132,8 @@ class _Progress:
         append_log(cfg.out, self.rows)
         self.rows = []
         save_checkpoint(cfg.out, done, models.raw, models.ema, models.optimizer,
-                        {"loss": self.state["loss"], "wall_time_s": self.state["wall_time_s"], "rng": rng},
+                        {"loss": self.state["loss"], "wall_time_s": self.state["wall_time_s"], "rng": rng,
+                         "window": window},  # the losses since the last row: a resume goes on with them
                         cfg.keep_checkpoints)
 
 
@@ -134,23 +150,24 @@ def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, model
     world, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(total=cfg.steps, initial=start, disable=not accelerator.is_main_process, desc="diffusion train")
     stack.callback(bar.close)  # also on an error: its message then starts on a line of its own
-    progress = _Progress(state)
+    progress = _Progress(state, accelerator.device)
     local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     models.unet.train()
     with StopFlag() as stop_flag:
         for step in range(start, cfg.steps):
             loss = train_step(cfg, step, models, draw_batch(cfg, step, images, local, accelerator.device), accelerator)
-            progress.window.append(loss.detach())
+            progress.add(loss)
             done = step + 1
             scheduled = done % cfg.checkpoint_every == 0 or done == cfg.steps
             stop = any_process(accelerator, stop_flag.raised)[0]  # every process stops after the same step
-            if done % LOG_EVERY == 0 or scheduled or stop:
+            if done % LOG_EVERY == 0 or scheduled:  # not on a stop: its window goes into the checkpoint
                 bar.set_postfix(loss=f"{progress.log_row(cfg, step, accelerator):.4f}")
             bar.update(1)
             if scheduled or stop:
                 rng = rng_states(accelerator)  # what dropout draws from next: a resume goes on from the same state
+                window = progress.held(accelerator)  # empty but after a stop between rows
                 if accelerator.is_main_process:
-                    progress.checkpoint(cfg, done, models, grid=scheduled, rng=rng)
+                    progress.checkpoint(cfg, done, models, grid=scheduled, rng=rng, window=window)
                 accelerator.wait_for_everyone()
             if stop:
                 raise UserError(f"stopped by {stop_flag.by or 'a stop signal to another process'} after step {done}; "

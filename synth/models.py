@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.errors import UserError
-from clsp.file_checks import small_json
+from clsp.file_checks import small_json, starts_with
 from clsp.file_io import write_atomic
 from clsp.hashing import weights_sha256
 
@@ -255,7 +256,7 @@ def save_generator(out_dir: str | os.PathLike, unet: UNet2DModel, scheduler, car
     full_card = {**card, **info, "unet_config": dict(unet.config), "scheduler_class": type(scheduler).__name__,
                  "versions": versions}
     write_atomic(out / CARD_NAME, json.dumps(full_card, indent=2, sort_keys=True, default=str))
-    write_atomic(out / "README.md", card_readme(full_card))
+    write_readme(out / "README.md", card_readme(full_card))
     index = {"_class_name": "DDIMPipeline", "_diffusers_version": versions["diffusers"],
              "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]}
     write_atomic(out / INDEX_NAME, json.dumps(index, indent=2))
@@ -265,6 +266,15 @@ def save_generator(out_dir: str | os.PathLike, unet: UNet2DModel, scheduler, car
 def _version(package: str) -> str:
     from importlib.metadata import version
     return version(package)
+
+
+def write_readme(path: Path, text: str) -> bool:
+    """Write a generator's README.md unless one that is not ours (the user's own notes) is there: False then."""
+    if path.exists() and not starts_with(b"# Generator ")(path):
+        print(f"note: {path} was not written by clsp: left as it is (the card is in {CARD_NAME})", file=sys.stderr)
+        return False
+    write_atomic(path, text)
+    return True
 
 
 def card_readme(card: dict) -> str:

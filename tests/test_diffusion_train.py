@@ -247,3 +247,39 @@ def test_resume_is_refused_on_changed_data_or_another_precision_but_old_records_
     record_file.write_text(json.dumps({**now, "resolved_mixed_precision": other}))
     with pytest.raises(UserError, match=f"resolved_mixed_precision: '{other}' there"):
         train_diffusion(dataclasses.replace(cfg, resume=True))
+
+
+STOPPABLE = {**TINY, "attention_levels": (1,), "hflip": False, "sample_steps": 2}  # 4 steps, checkpoints after 2 and 4
+
+
+def test_a_stopped_and_resumed_run_has_the_uninterrupted_runs_card_and_log(tmp_path):
+    """A stop after a step that is no checkpoint step wrote a log row over the steps since the last one, and the
+    resume began a new, shorter window: card.json's final_loss and log.csv differed from an uninterrupted run's."""
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    straight = train_diffusion(DiffusionTrainConfig(out=tmp_path / "straight", **STOPPABLE))
+    out = tmp_path / "stopped"
+    count = [0]
+
+    def terminate_after_step_3(optimizer, args, kwargs):
+        count[0] += 1
+        if count[0] == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    hook = register_optimizer_step_post_hook(terminate_after_step_3)
+    try:
+        try:
+            train_diffusion(DiffusionTrainConfig(out=out, **STOPPABLE))
+            raise AssertionError("not stopped")
+        except UserError as stopped:
+            assert "after step 3" in str(stopped)
+    finally:
+        hook.remove()
+    train_diffusion(DiffusionTrainConfig(out=out, resume=True, **STOPPABLE))
+    cards = [json.loads((run / "card.json").read_text()) for run in (out, straight)]
+    assert cards[0]["weights_sha256"] == cards[1]["weights_sha256"]  # the weights matched already
+    assert cards[0]["final_loss"] == cards[1]["final_loss"]
+    logs = [[line.split(",")[:2] for line in (run / "log.csv").read_text().splitlines()] for run in (out, straight)]
+    assert logs[0] == logs[1]

@@ -9,12 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from diffusers import DDIMScheduler
+from PIL import Image
 from typer.testing import CliRunner
 
 from clsp.cli import app
 from clsp.eval.feature_metrics import frechet_distance, precision_recall
 from clsp.eval.fid import inception_fid
-from clsp.eval.quality import QualityConfig, evaluate_generator
+from clsp.errors import UserError
+from clsp.eval.quality import QualityConfig, evaluate_generator, run_quality
+from clsp.sources import load_arrays, open_source
+from clsp.synth.diffusion_train import DiffusionTrainConfig, train_diffusion
 from clsp.synth.models import save_generator
 from clsp.synth.untrained_unets import tiny_unet
 from conftest import Planted
@@ -167,3 +171,68 @@ def test_real_fid_never_unpickles_code_in_the_inception_weights(tmp_path):
     with pytest.raises(ValueError, match="not a plain state dict"):
         inception_fid(images, images, str(weights), torch.device("cpu"), 4)
     assert not marker.exists()
+
+
+TINY_TRAINING = dict(source="digits", split="test", image_size=8, channels=(8, 8), layers_per_block=1,
+                     attention_levels=(), norm_groups=4, dropout=0.0, batch_size=4, lr=1e-3, warmup_steps=1, steps=1,
+                     ema_decay=0.9, checkpoint_every=1, sample_steps=2, grid_size=1)
+MINE = "My notes on this generator: do not lose them\n"
+
+
+@pytest.fixture
+def trained(tmp_path):
+    out = tmp_path / "gen"
+    train_diffusion(DiffusionTrainConfig(out=out, **TINY_TRAINING))
+    (out / "README.md").write_text(MINE)
+    return out
+
+
+def test_eval_keeps_a_readme_the_user_wrote(trained):
+    """README.md in a generator folder that is not ours (--overwrite keeps it) was replaced by `clsp diffusion eval`,
+    and by the run that --overwrite starts."""
+    run_quality(QualityConfig(str(trained), samples=8, steps=2, pca_components=4))
+    assert (trained / "README.md").read_text() == MINE
+
+
+def test_overwrite_keeps_a_readme_the_user_wrote(trained):
+    try:
+        train_diffusion(DiffusionTrainConfig(out=trained, overwrite=True, **{**TINY_TRAINING, "seed": 1}))
+    except UserError:
+        pass  # refusing is fine too
+    assert (trained / "README.md").read_text() == MINE
+
+
+def _folder(root: Path, rows) -> None:
+    images, labels, _ = load_arrays(open_source("digits", "all", image_size=8))
+    for i in rows:
+        folder = root / "data" / str(int(labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{i}.png")
+
+
+def test_eval_refuses_a_card_source_that_no_longer_holds_the_training_images(tmp_path, monkeypatch):
+    """The card's source spec names other images here (a relative folder read from elsewhere): they were scored,
+    and the numbers recorded in the card as the generator's."""
+    _folder(tmp_path / "a", range(0, 120))
+    _folder(tmp_path / "b", range(600, 720))
+    monkeypatch.chdir(tmp_path / "a")
+    options = {**TINY_TRAINING, "source": "folder:data", "split": "train"}
+    gen = train_diffusion(DiffusionTrainConfig(out=tmp_path / "gen", **options))
+    card_before = (gen / "card.json").read_text()
+    monkeypatch.chdir(tmp_path / "b")  # the same spec, folder:data, names other images here
+    with pytest.raises(Exception, match="does not hold the images .* was trained on .*pass --source"):
+        run_quality(QualityConfig(str(gen), samples=8, steps=2, pca_components=4))
+    assert (gen / "card.json").read_text() == card_before
+
+
+def test_a_generator_trained_on_split_all_gets_no_held_out_scale(tmp_path, capsys):
+    """The card's split "all" holds the test split: the "held-out" scale was scored on test images that were also in
+    the real set the reference classifier and PCA are fitted on."""
+    gen = tmp_path / "gen"
+    save_generator(gen, tiny_unet(sample_size=8, block_out_channels=(8, 8)),
+                   DDIMScheduler(num_train_timesteps=1000, clip_sample=True),
+                   {"model_id": "tiny", "source": {"spec": "digits", "split": "all"}})
+    result = evaluate_generator(QualityConfig(str(gen), samples=8, steps=2, pca_components=8))
+    assert result["source"]["split"] == "all"
+    assert result["heldout_real"] is None and result["reference_heldout_accuracy_pct"] is None
+    assert "no held-out scale is scored (pass --split train for one)" in capsys.readouterr().err

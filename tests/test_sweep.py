@@ -180,3 +180,49 @@ def test_shards_are_swept_only_against_the_data_they_were_made_from(generator, t
     changed = _sweep_cli(shards, tmp_path / "sweep-2", "--model", str(generator))
     assert changed.exit_code == 2 and f"folder:{folder} has changed since {shards} were made" in changed.output
     assert not (tmp_path / "sweep-2").exists()
+
+
+def test_sweep_finds_split_all_anchors_in_the_train_split_as_the_audit_does(tmp_path, monkeypatch):
+    """Shards made with --split all from a folder source: their ids (train-CLASS-NAME) are not the train split's
+    (CLASS-NAME), so the sweep found none and judged them by a classifier fitted on them; the audit finds them by
+    their pixels (eval.audit.anchor_rows), and the sweep now does too."""
+    import numpy as np
+    from PIL import Image
+
+    import clsp.eval.audit as audit_module
+    from clsp.eval.audit import anchor_rows, load_shard_sample
+    from clsp.sources import load_arrays, open_source
+
+    images, labels, _ = load_arrays(open_source("digits", "all", image_size=8))
+    data = tmp_path / "data"
+    for split, rows in (("train", range(0, 150)), ("test", range(150, 200))):
+        for i in rows:
+            folder = data / split / str(int(labels[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(folder / f"{i}.png")
+    gen = tmp_path / "gen"
+    save_generator(gen, tiny_unet(sample_size=8, block_out_channels=(8, 8)),
+                   DDIMScheduler(num_train_timesteps=1000, clip_sample=True), {"model_id": "tiny"})
+    shards = tmp_path / "shards"
+    run_synth(SynthConfig(source=f"folder:{data}", split="all", model=str(gen), out=shards, image_size=8, k=2,
+                          device="cpu", sampler=SamplerConfig(w=0.1, steps=2), anchors_per_shard=100, limit=200))
+    anchors, _, _, ids, _ = load_shard_sample(str(shards), 30, 0)
+    real, _, real_ids = load_arrays(open_source(f"folder:{data}", "train", image_size=8))
+    expected = int((anchor_rows(ids, anchors, real_ids, real) >= 0).sum())
+    assert expected > 0  # some anchors are train images
+
+    seen = []
+    real_audit_arrays = audit_module.audit_arrays
+
+    def spy(anchors, positives, labels, real_images, real_labels, index=None, *args, **kwargs):
+        seen.append(np.asarray(index))
+        return real_audit_arrays(anchors, positives, labels, real_images, real_labels, index, *args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "audit_arrays", spy)
+    result = sweep(SweepConfig(str(shards), str(tmp_path / "sweep"), model=str(gen), ws=(0.1,), steps=(2,),
+                               anchors=30, pca_components=8))
+    assert int((seen[0] >= 0).sum()) == expected, "sweep judged train-split anchors as unseen images"
+    monkeypatch.undo()
+    audit = audit_shards(str(shards), f"folder:{data}", AuditConfig(max_anchors=30, pca_components=8))
+    assert result["settings"][0]["shards_setting"]
+    assert result["settings"][0]["agreement_pct"] == pytest.approx(audit["agreement_pct"]["synthetic"])
