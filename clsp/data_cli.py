@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from clsp.errors import UserError
 from clsp.sources import SPEC_HELP, SPLIT_HELP
 
 app = typer.Typer(help=f"Inspect data sources ({SPEC_HELP}).", no_args_is_help=True)
@@ -33,9 +34,9 @@ def sheet_command(source: str = typer.Argument(..., help=SPEC_HELP),
     from clsp.shards.sheet import check_sheet_out, image_grid, save_sheet  # here: shards.sheet imports torch
 
     try:
-        check_sheet_out(out, overwrite)  # a usage error (exit 2) before the source is read
+        check_sheet_out(out, overwrite)  # refused (one error line, exit 2) before the source is read
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--out") from None
+        raise UserError(f"--out: {error}") from None
     refuse_out_inside(source, out)  # a sheet inside a class folder would be read as one of its images
 
     opened = open_source(source, split, image_size)

@@ -133,8 +133,14 @@ def record_differences(old: dict, new: dict, operational: tuple[str, ...] = ()) 
     """'key: OLD there, NEW now' for every dotted leaf that differs, skipping operational keys (and their children)."""
     a, b = _leaves(old), _leaves(new)
     skip = lambda key: any(key == o or key.startswith(o + ".") for o in operational)  # noqa: E731
-    return [f"{key}: {a.get(key, _ABSENT)!r} there, {b.get(key, _ABSENT)!r} now" for key in sorted(set(a) | set(b))
-            if not skip(key) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+    return [f"{key}: {' there, '.join(_shown(a.get(key, _ABSENT), b.get(key, _ABSENT)))} now"
+            for key in sorted(set(a) | set(b)) if not skip(key) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+
+
+def _shown(old, new) -> tuple[str, str]:
+    """repr of two differing values, floats to 12 digits where that still tells them apart (0.1 * 3 reads 0.3)."""
+    short = tuple(repr(round(v, 12)) if isinstance(v, float) else repr(v) for v in (old, new))
+    return short if short[0] != short[1] else (repr(old), repr(new))
 
 
 def difference_hints(kind: RunKind, differences: list[str]) -> list[str]:

@@ -27,6 +27,16 @@ def card_source(generator: str) -> tuple[str | None, str | None]:
     return source.get("spec"), source.get("split")
 
 
+def no_source(generator: str) -> ValueError:
+    """The error for a generator without a recorded source: a local one without a card, or a mistyped folder (which
+    names no source because it is no folder at all), or a hub id."""
+    fix = "pass --source, the labelled data it was trained on (e.g. --source cifar10:DIR)"
+    if Path(generator).expanduser().is_dir():
+        return ValueError(f"{generator} records no source (no card.json with a source): {fix}")
+    return ValueError(f"{generator} is no local folder (check its name: `ls {Path(generator).parent}`); for a hub "
+                      f"generator, {fix}")
+
+
 def synth_config(generator: str, source: str, out: str | Path, k: int, sampler, seed: int):
     """The synth job's config for sampling outside the job (sample_batch reads k, seed, sampler and bf16)."""
     from clsp.synth.job import SynthConfig

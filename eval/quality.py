@@ -25,8 +25,8 @@ import numpy as np
 from clsp.accelerator import resolve_device
 from clsp.eval.feature_metrics import CONFIDENCE, set_metrics
 from clsp.eval.fid import fid_metric_class, inception_fid
-from clsp.eval.generator_samples import (card_source, image_size, open_generator, plain_samples, sampler_config,
-                                         synth_config)
+from clsp.eval.generator_samples import (card_source, image_size, no_source, open_generator, plain_samples,
+                                         sampler_config, synth_config)
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,7 @@ def _source_split(config: QualityConfig) -> tuple[str, str]:
     card_spec, card_split = card_source(config.generator)
     spec = config.source or card_spec
     if spec is None:
-        raise ValueError(f"{config.generator} records no source (no card.json with a source): pass --source, the "
-                         "labelled data the generator was trained on (e.g. --source cifar10:DIR)")
+        raise no_source(config.generator)
     return spec, config.split or card_split or "train"
 
 

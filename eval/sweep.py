@@ -74,7 +74,7 @@ class _Plan:
 
 def _plan(config: SweepConfig) -> _Plan:
     """Which generator, source, K, eta, seed and settings: from the options, else the shards, else the defaults."""
-    from clsp.eval.generator_samples import card_source
+    from clsp.eval.generator_samples import card_source, no_source
     from clsp.shards.manifest import MANIFEST, read_manifest
 
     run = read_manifest(config.target).run if (Path(config.target) / MANIFEST).is_file() else None
@@ -101,7 +101,7 @@ def _plan(config: SweepConfig) -> _Plan:
         marked = own if same else None
         sampling = {key: sampler[key] for key in ("noise", "share_anchor_noise") if key in sampler}  # as they were made
     if spec is None:
-        raise ValueError(f"{generator} records no source: pass --source, the labelled data it was trained on")
+        raise no_source(generator)
     settings = {(float(w), int(s)) for w in config.ws for s in config.steps} | ({own} if own else set())
     pick = lambda name, fallback: next(v for v in (getattr(config, name), defaults.get(name), fallback)  # noqa: E731
                                        if v is not None)

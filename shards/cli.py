@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from clsp.errors import UserError
+
 app = typer.Typer(help="Inspect and check shard directories (the contract between teams).", no_args_is_help=True)
 
 
@@ -65,7 +67,7 @@ def sheet_command(directory: str = typer.Argument(..., help="Shard directory or 
     from clsp.shards.sheet import check_sheet_out, contact_sheet
 
     try:
-        check_sheet_out(out, overwrite)  # a usage error (exit 2) before any shard is read
+        check_sheet_out(out, overwrite)  # refused (one error line, exit 2) before any shard is read
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--out") from None
+        raise UserError(f"--out: {error}") from None
     typer.echo(contact_sheet(directory, out, anchors, overwrite))

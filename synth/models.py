@@ -182,6 +182,9 @@ def _load_hub_files(model_id: str, local_files_only: bool):
         return unet, as_ddim(_from_pretrained(model_id, scheduler_loader)), model_id
 
 
+_GIVE_DIR = "give DIR as the generator (synth: --model DIR; diffusion eval, sweep: GENERATOR)"
+
+
 def _require_online(model_id: str) -> None:
     """UserError at once when the hub cannot be reached: HF_HUB_OFFLINE is set, or one short request fails."""
     from urllib.error import HTTPError
@@ -202,14 +205,13 @@ def _require_online(model_id: str) -> None:
     if snapshot is not None:
         raise UserError(f"generator {model_id!r} is in the local Hugging Face cache with only the pickled "
                         f"{PICKLE_NAME}, which is never loaded (unpickling can run code), and this machine is offline "
-                        f"({reason}). "
-                        f"Fix: if you trust it, copy the repo out of the cache (`cp -rL {snapshot} DIR`), run `clsp "
-                        f"diffusion convert DIR` (safetensors from its tensors) and pass --model DIR.")
+                        f"({reason}). Fix: if you trust it, copy the repo out of the cache (`cp -rL {snapshot} DIR`), "
+                        f"run `clsp diffusion convert DIR` (safetensors from its tensors) and {_GIVE_DIR}.")
     raise UserError(f"generator {model_id!r} is no local folder, and as a hub id it is not in the local Hugging Face "
                     f"cache and this machine is offline ({reason}). Fix: for a folder, check its name (`ls "
                     f"{Path(model_id).parent}`); for a hub repo, download it where there is network (e.g. `hf download "
-                    f"{model_id} --local-dir DIR`), copy it here and pass --model DIR, or set HF_HOME to a cache that "
-                    "holds it.")
+                    f"{model_id} --local-dir DIR`), copy it here and {_GIVE_DIR}, or set HF_HOME to a cache that holds "
+                    "it.")
 
 
 def _cached_snapshot_with_pickle_only(model_id: str) -> Path | None:

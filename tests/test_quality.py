@@ -236,3 +236,21 @@ def test_a_generator_trained_on_split_all_gets_no_held_out_scale(tmp_path, capsy
     assert result["source"]["split"] == "all"
     assert result["heldout_real"] is None and result["reference_heldout_accuracy_pct"] is None
     assert "no held-out scale is scored (pass --split train for one)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["quality", "sweep"])
+def test_a_mistyped_generator_is_named_as_no_folder_rather_than_asked_for_a_source(tmp_path, command):
+    """`clsp diffusion eval generators/digits-16` (a typo) said it "records no source: pass --source"."""
+    from clsp.eval.sweep import SweepConfig, sweep
+
+    def run(generator: Path):
+        if command == "quality":
+            return evaluate_generator(QualityConfig(str(generator), samples=8, steps=2, out=str(tmp_path / "q")))
+        return sweep(SweepConfig(str(generator), str(tmp_path / "s"), ws=(0.1,), steps=(2,), anchors=4))
+
+    with pytest.raises(ValueError, match=r"gen-typo is no local folder \(check its name: `ls .*`\); for a hub "
+                                         r"generator, pass --source"):
+        run(tmp_path / "gen-typo")
+    (tmp_path / "gen").mkdir()
+    with pytest.raises(ValueError, match=r"gen records no source \(no card.json with a source\): pass --source"):
+        run(tmp_path / "gen")

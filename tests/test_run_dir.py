@@ -230,3 +230,10 @@ def test_an_overwrite_killed_before_its_new_record_leaves_a_folder_it_can_replac
     with claim(out, {**RECORD, "lr": 0.5}, overwrite=True):  # was refused: "not made by clsp"
         pass
     assert sorted(snapshot(out)) == [LOCK_FILE, "demo.json", "notes.txt"] and read_record(out, DEMO)["lr"] == 0.5
+
+
+def test_a_difference_reads_floats_as_written_but_tells_close_ones_apart():
+    from clsp.run_dir import record_differences
+
+    assert record_differences({"warmup": 5.0, "w": 0.1}, {"warmup": 0.1 * 3, "w": 0.1 + 1e-15}) == [
+        "w: 0.1 there, 0.100000000000001 now", "warmup: 5.0 there, 0.3 now"]  # 0.1 * 3 is 0.30000000000000004

@@ -221,6 +221,12 @@ def test_a_sheet_out_without_an_image_extension_is_refused_before_any_shard_is_r
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "--out" in result.output and ".png, .jpg, .jpeg, .webp" in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "s.png").write_bytes(b"the user's picture")
+    for command in (["shards", "sheet", str(tmp_path / "no-such-dir")], ["data", "sheet", "digits"]):
+        result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "s.png")])
+        assert result.exit_code == 2 and result.output.startswith("error: --out: "), result.output  # not typer's
+        assert "exists: pass --overwrite" in result.output and len(result.output.splitlines()) == 1  # usage text
+    assert (tmp_path / "s.png").read_bytes() == b"the user's picture"
 
 
 def test_a_sheet_replaces_an_existing_out_only_when_asked_and_whole(shard_dir, tmp_path, monkeypatch):
