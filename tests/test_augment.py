@@ -23,9 +23,12 @@ def test_uint8_and_float_inputs_give_normalised_batches(recipe):
     out = augment(images)
     assert out.shape == (16, 3, 8, 8) and out.dtype == torch.float32
     assert out.min() >= -1.0 - 1e-5 and out.max() <= 1.0 + 1e-5  # [0, 1] mapped to [-1, 1]
-    as_float = images.permute(0, 3, 1, 2).float() / 255
-    assert augment(as_float).shape == (16, 3, 8, 8)
     assert not out.requires_grad
+    torch.manual_seed(1)
+    from_bytes = augment(images)
+    torch.manual_seed(1)
+    from_floats = augment(images.permute(0, 3, 1, 2).float() / 255)  # (B, 3, H, W) in [0, 1]: the same batch
+    torch.testing.assert_close(from_floats, from_bytes, rtol=0, atol=1e-5)
 
 
 def test_each_sample_gets_its_own_augmentation():

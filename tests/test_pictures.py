@@ -60,39 +60,60 @@ def test_a_run_with_a_log_begun_in_fractions_is_still_recognised_as_ours(tmp_pat
     assert [p.name for p in run_files(tmp_path)] == ["log.csv"]  # --overwrite deletes it, never the user's file
 
 
-def test_tsne_legend_names_the_classes(tmp_path):
+def test_tsne_legend_names_the_classes(tmp_path, monkeypatch):
+    import matplotlib.axes
+
     from clsp.eval.plots import plot_tsne
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 10)
     features = rng.normal(size=(30, 4)) + labels[:, None] * 3.0
+    legends, legend = [], matplotlib.axes.Axes.legend
+
+    def spy(self, *args, handles=(), **kwargs):  # what each legend says
+        legends.append([handle.get_label() for handle in handles])
+        return legend(self, *args, handles=handles, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", spy)
     named = Image.open(plot_tsne(features, labels, tmp_path / "named.png", class_names=["airplane", "cat", "truck"]))
     plain = Image.open(plot_tsne(features, labels, tmp_path / "plain.png"))
     assert named.size == plain.size
-    assert not np.array_equal(np.asarray(named), np.asarray(plain))  # only the legend's text differs
+    assert legends == [["airplane", "cat", "truck"], ["0", "1", "2"]]  # each label's own name, else its number
 
 
 def test_sheets_carry_captions_and_a_title(tmp_path):
     from conftest import build_shard_dir
     from clsp.shards.sheet import contact_sheet, image_grid
 
-    tiles = [[np.zeros((8, 8, 3), np.uint8)] * 3] * 2
+    tiles = [[np.full((8, 8, 3), 255, np.uint8)] * 3] * 2  # white tiles: any dark pixel is text
     plain = image_grid(tiles, min_side=48)
     captioned = image_grid(tiles, min_side=48, captions=[["a", "b", "c"]] * 2, title="line one\nline two")
     assert captioned.size[0] == plain.size[0] and captioned.size[1] == plain.size[1] + 2 * 14 + 2 * 15 + 4
     assert np.asarray(captioned)[:30].min() < 128  # the title's text is drawn (dark pixels above the grid)
+    assert np.asarray(plain).min() >= 128  # no text without captions or title...
+    top = 2 * 15 + 4  # under the title: the first row of tiles (48 px), then its captions' strip (14 px)
+    assert np.asarray(captioned)[top + 48: top + 48 + 14].min() < 128  # ...and the captions are drawn
     shards = build_shard_dir(tmp_path / "shards", counts=(3,), k=2)
     sheet = Image.open(contact_sheet(str(shards), tmp_path / "sheet.png", anchors=3))
     assert sheet.size[1] > 3 * 64 + 5 * 15  # three captioned rows of 64 px tiles under a five-line title
 
 
-def test_data_sheet_names_each_image_class(tmp_path):
+def test_data_sheet_names_each_image_class(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from clsp.cli import app
 
+    import clsp.shards.sheet as sheet
+    from clsp.sources import open_source
+
+    seen, image_grid = {}, sheet.image_grid
+    monkeypatch.setattr(sheet, "image_grid",
+                        lambda rows, **options: seen.update(options) or image_grid(rows, **options))
     out = tmp_path / "data.png"
     result = CliRunner().invoke(app, ["data", "sheet", "digits", "--out", str(out), "--rows", "2", "--columns", "5"])
     assert result.exit_code == 0, result.output
+    source = open_source("digits")
+    names = [source.classes[record.label] if source.classes else str(record.label) for record in source.records(0, 10)]
+    assert seen["captions"] == [names[:5], names[5:]]  # each image captioned with its own class
     image = Image.open(out)
     assert image.size[1] == 15 + 4 + 2 * (48 + 14 + 2)  # a title line, then two rows of tiles with their captions

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from clsp.cli import app
 from clsp.eval.feature_metrics import frechet_distance, precision_recall
 from clsp.eval.fid import inception_fid
-from clsp.errors import UserError
 from clsp.eval.quality import QualityConfig, evaluate_generator, run_quality
 from clsp.sources import load_arrays, open_source
 from clsp.synth.diffusion_train import DiffusionTrainConfig, train_diffusion
@@ -195,11 +194,9 @@ def test_eval_keeps_a_readme_the_user_wrote(trained):
 
 
 def test_overwrite_keeps_a_readme_the_user_wrote(trained):
-    try:
-        train_diffusion(DiffusionTrainConfig(out=trained, overwrite=True, **{**TINY_TRAINING, "seed": 1}))
-    except UserError:
-        pass  # refusing is fine too
-    assert (trained / "README.md").read_text() == MINE
+    train_diffusion(DiffusionTrainConfig(out=trained, overwrite=True, **{**TINY_TRAINING, "seed": 1}))
+    assert json.loads((trained / "card.json").read_text())["seed"] == 1  # replaced by the new run...
+    assert (trained / "README.md").read_text() == MINE  # ...but for the user's README.md
 
 
 def _folder(root: Path, rows) -> None:
@@ -220,7 +217,7 @@ def test_eval_refuses_a_card_source_that_no_longer_holds_the_training_images(tmp
     gen = train_diffusion(DiffusionTrainConfig(out=tmp_path / "gen", **options))
     card_before = (gen / "card.json").read_text()
     monkeypatch.chdir(tmp_path / "b")  # the same spec, folder:data, names other images here
-    with pytest.raises(Exception, match="does not hold the images .* was trained on .*pass --source"):
+    with pytest.raises(ValueError, match="does not hold the images .* was trained on .*pass --source"):
         run_quality(QualityConfig(str(gen), samples=8, steps=2, pca_components=4))
     assert (gen / "card.json").read_text() == card_before
 

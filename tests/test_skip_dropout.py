@@ -45,7 +45,11 @@ def test_the_loss_trains_through_the_wrapper_and_reaches_the_unet_weights(batch)
     wrapped = SkipDropout(unet, "shuffle").train()
     scheduler = build_scheduler(DiffusionTrainConfig(out="unused"))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    loss = diffusion_loss(wrapped, scheduler, x.clamp(-1, 1), noise, t, skip_keep=torch.tensor([False, True, False]))
+    keep = torch.tensor([False, True, False])
+    loss = diffusion_loss(wrapped, scheduler, x.clamp(-1, 1), noise, t, skip_keep=keep)
+    by_hand = (wrapped(scheduler.add_noise(x.clamp(-1, 1), noise, t), t, keep) - noise).pow(2).mean()
+    torch.testing.assert_close(loss, by_hand)  # the rows' keep flags reach the wrapper...
+    assert not torch.isclose(loss, diffusion_loss(unet, scheduler, x.clamp(-1, 1), noise, t))  # ...and drop skips
     loss.backward()
     assert all(p.grad is not None for p in unet.down_blocks.parameters() if p.requires_grad)
 

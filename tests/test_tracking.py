@@ -43,8 +43,14 @@ def test_tensorboard_gets_the_same_scalars_as_log_csv(tmp_path):
     assert not (out / "tracker").exists()
 
 
-def test_an_unknown_or_missing_tracker_is_refused_before_anything_is_written(tmp_path):
+def test_an_unknown_or_missing_tracker_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import accelerate.utils
+
     shards = build_shard_dir(tmp_path / "shards", counts=(6,), k=1)
     with pytest.raises(UserError, match="not a tracker Accelerate supports: use one of .*tensorboard"):
         train(make_config(**TINY, shards=str(shards), out=str(tmp_path / "a"), log_with="tensorbored"))
     assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)  # as without its package
+    with pytest.raises(UserError, match=r"--log-with tensorboard needs its package.*clsp-positives\[tensorboard\]"):
+        train(make_config(**TINY, shards=str(shards), out=str(tmp_path / "b"), log_with="tensorboard"))
+    assert not (tmp_path / "b").exists()
