@@ -203,7 +203,8 @@ class Manifest:
 MAX_MANIFEST_BYTES = 16 << 20  # manifest.json: about 170 bytes a shard, so some 100,000 shards
 
 
-def _read(location: str) -> bytes:
+def read_manifest_bytes(location: str) -> bytes:
+    """manifest.json's bytes: a regular file (open_location) of at most MAX_MANIFEST_BYTES, else OSError or ShardError."""
     with open_location(location) as handle:
         data = handle.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
@@ -324,9 +325,22 @@ def _most_index_bytes(count: int, k: int) -> int:
     return sum(_value_bound(column, count, k)[1] for column in columns)
 
 
+def _read_at_most(handle, most: int) -> bytes:
+    """Up to `most` + 1 bytes of `handle`, read in chunks: one read(most + 1) would first allocate `most` bytes, which a
+    manifest's forged count can make any size."""
+    chunks, held = [], 0
+    while held <= most:
+        chunk = handle.read(min(1 << 24, most + 1 - held))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        held += len(chunk)
+    return b"".join(chunks)
+
+
 def _read_index(handle, count: int, k: int, where: str) -> bytes:
     most = _most_index_bytes(count, k)
-    data = handle.read(most + 1)
+    data = _read_at_most(handle, most)
     if len(data) > most:
         raise ManifestError.of(where, [f"{INDEX} is larger than the {most} bytes {count} anchors can take, so it was "
                                        f"not read"])
@@ -338,7 +352,7 @@ def _pending_index(location: str, sha256: str, count: int, k: int) -> bytes | No
     stopped after it replaced manifest.json and before it renamed that index to index.parquet; else None."""
     try:
         with open_location(join_location(location, pending_index(sha256))) as handle:
-            data = handle.read(_most_index_bytes(count, k) + 1)
+            data = _read_at_most(handle, _most_index_bytes(count, k))
     except OSError:
         return None
     return data if hashlib.sha256(data).hexdigest() == sha256 else None
@@ -350,7 +364,7 @@ def read_manifest(location: str | Path) -> Manifest:
     location = check_location(str(location)).rstrip("/")
     where, index_where = join_location(location, MANIFEST), join_location(location, INDEX)
     try:
-        manifest = parse_json(_read(where), where)
+        manifest = parse_json(read_manifest_bytes(where), where)
     except FileNotFoundError:
         if "://" not in location and not Path(location).is_dir():
             raise ShardError(f"{location} does not exist: name the folder `clsp synth run` wrote (its --out)") from None
@@ -368,7 +382,10 @@ def read_manifest(location: str | Path) -> Manifest:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{where} is not a clsp shard manifest")
     version = manifest.get("schema_version")
-    if type(version) is not int or version not in READ_VERSIONS:
+    if type(version) is not int:
+        raise ShardError(f"{where}: schema_version is {version!r}, not an integer: the manifest was not written by "
+                         f"clsp or was changed; regenerate the shards")
+    if version not in READ_VERSIONS:
         raise ShardError(f"{location} was written with shard schema version {version}; this clsp reads version "
                          f"{' or '.join(map(str, READ_VERSIONS))}: use a matching clsp release or regenerate the "
                          f"shards")

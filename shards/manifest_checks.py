@@ -4,6 +4,7 @@ naming what is wrong."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,6 +26,8 @@ def looks_like_index(path) -> bool:
     Parquet file of the same name. Reads the footer only."""
     import pyarrow.parquet as pq
 
+    if not Path(path).is_file():  # a FIFO's read would wait forever, a device's go on forever
+        return False
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError):

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from clsp.shards.atomic import fsync_dir, write_atomic
 from clsp.shards.manifest import DISTANCE_RECORD, FORMAT, MAX_MANIFEST_BYTES, PENDING_INDEX, Manifest, ManifestError, \
-    pending_index
+    pending_index, read_manifest_bytes
 from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, SCORE_TYPE, document_problems, index_problems, \
     looks_like_index, run_problems, score_column
 from clsp.shards.reader import RawSample, ShardError, iter_shard, open_location
@@ -161,9 +161,9 @@ def pending_indexes(directory: Path) -> tuple[Path | None, list[Path]]:
 
 def _recorded_index(directory: Path) -> str | None:
     """The index checksum that `directory`'s manifest.json records, if it can be read."""
-    try:
-        return json.loads((directory / MANIFEST).read_bytes())["index"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+    try:  # read as every reader reads it: a regular file of at most MAX_MANIFEST_BYTES
+        return json.loads(read_manifest_bytes(str(directory / MANIFEST)))["index"]["sha256"]
+    except (OSError, ShardError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -550,3 +550,41 @@ def test_an_index_larger_than_its_count_can_make_is_refused_unread(tmp_path):
         read_manifest(d)
     build_shard_dir(tmp_path / "fine", counts=(400, 400), k=8)  # a real index of many anchors still reads
     assert read_manifest(tmp_path / "fine").count == 800
+
+
+@pytest.mark.parametrize("count", [10**12, 10**18])
+def test_a_forged_count_is_refused_in_words_not_by_an_allocation(tmp_path, count):
+    """The index was read with one read(most + 1), `most` from the manifest's count: MemoryError, or OverflowError."""
+    d = build_shard_dir(tmp_path / "shards")
+    document = json.loads((d / MANIFEST).read_text())
+    document["count"] = count
+    (d / MANIFEST).write_text(json.dumps(document))
+    with pytest.raises(ShardError, match=f"manifest.json counts {count} anchors, index.parquet has 11"):
+        read_manifest(d)
+
+
+@pytest.mark.parametrize("planted", ["zero-manifest", "fifo-manifest", "fifo-pending-index"])
+def test_verify_reads_no_device_or_fifo_a_stranger_planted(tmp_path, planted):
+    """verify read manifest.json whole (a link to /dev/zero: killed for memory; a FIFO: it waited forever), and
+    looked inside files under a pending index's name (a FIFO: forever); every other reader refused them already."""
+    d = build_shard_dir(tmp_path / "shards")
+    if planted == "fifo-pending-index":
+        os.mkfifo(d / "index-abcdef012345.parquet")
+        assert verify(d) == []  # not ours: left alone
+        return
+    (d / MANIFEST).unlink()
+    if planted == "zero-manifest":
+        os.symlink("/dev/zero", d / MANIFEST)
+    else:
+        os.mkfifo(d / MANIFEST)
+    assert verify(d) == [f"manifest: {d / MANIFEST} cannot be read ({d / MANIFEST} is not a regular file (a device, "
+                         f"a FIFO or a directory, or a link to one))"]
+
+
+def test_a_schema_version_given_as_text_is_named_as_such(tmp_path):
+    d = build_shard_dir(tmp_path / "shards")
+    document = json.loads((d / MANIFEST).read_text())
+    document["schema_version"] = str(document["schema_version"])
+    (d / MANIFEST).write_text(json.dumps(document))
+    with pytest.raises(ShardError, match="schema_version is '[0-9]+', not an integer"):  # was: "written with
+        read_manifest(d)  # schema version 2; this clsp reads version 1 or 2 or 3"
