@@ -204,7 +204,8 @@ MAX_MANIFEST_BYTES = 16 << 20  # manifest.json: about 170 bytes a shard, so some
 
 
 def read_manifest_bytes(location: str) -> bytes:
-    """manifest.json's bytes: a regular file (open_location) of at most MAX_MANIFEST_BYTES, else OSError or ShardError."""
+    """manifest.json's bytes: a regular file (open_location) of at most MAX_MANIFEST_BYTES; else OSError or
+    ShardError."""
     with open_location(location) as handle:
         data = handle.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
