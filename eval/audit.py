@@ -258,11 +258,11 @@ def sample_key(seed: int, anchor_id: str) -> int:
 def load_shard_sample(shards_dir: str, max_anchors: int, seed: int = 0):
     """(anchors (N,H,W,3), positives (N,K,H,W,3), labels (N,), ids, manifest run dict) for a hashed-id sample."""
     from clsp.shards.manifest import read_manifest
-    from clsp.shards.reader import iter_samples
 
     manifest = read_manifest(shards_dir)
     heap: list[tuple[int, str, object]] = []  # max-heap (negated keys) of the max_anchors smallest hashed ids
-    for sample in iter_samples(manifest.shard_locations()):
+    for sample in manifest.samples():  # each checked against the manifest, as training reads them: a sample or shard
+        # it does not vouch for (changed pixels, an extra anchor or positive, another image size) is refused
         item = (-sample_key(seed, sample.key), sample.key, sample)
         if len(heap) < max_anchors:
             heapq.heappush(heap, item)

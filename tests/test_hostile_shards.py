@@ -1,5 +1,5 @@
-"""Hostile and malformed shard directories: `clsp shards verify` and `clsp train run` give the same verdict, each as
-clear lines (never a traceback), and nothing read from a shard is ever run.
+"""Hostile and malformed shard directories: `clsp shards verify`, `clsp train run` and `clsp eval audit` give the same
+verdict, each as clear lines (never a traceback), and nothing read from a shard is ever run.
 
 The directories are forged the way a careless or hostile tool would: shards changed by hand, then manifest.json and
 index.parquet rewritten to agree with them, with none of the writer's checks.
@@ -320,9 +320,17 @@ def error_lines(output: str) -> list[str]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_verify_and_train_refuse_each_malformed_directory_naming_the_problem(case, fresh, tmp_path):
+def test_verify_train_and_audit_refuse_each_malformed_directory_naming_the_problem(case, fresh, tmp_path):
+    """The audit is how a team receiving shards decides whether to trust them: it read samples unchecked, and scored
+    positives that verify and training refuse (changed pixels, extra anchors or positives, another image size)."""
     damage, words = CASES[case]
     damage(fresh)
+    audited = runner.invoke(app, ["eval", "audit", str(fresh), "--source", "digits", "--out", str(tmp_path / "audit"),
+                                  "--anchors", "16", "--components", "4"])
+    assert audited.exit_code == 2 and "Traceback" not in audited.output, audited.output
+    (line,) = error_lines(audited.output)
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "audit").exists()
     checked = runner.invoke(app, ["shards", "verify", str(fresh)])
     assert checked.exit_code == 1 and isinstance(checked.exception, (SystemExit, type(None))), checked.output  # no bug
     failures = [line for line in checked.output.splitlines() if line.startswith("FAIL ")]
