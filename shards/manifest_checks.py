@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clsp.shards.codecs import CODECS, DEFAULT_CODEC, MAX_IMAGE_SIDE
-from clsp.shards.schema import CODEC_VERSIONS, ID_PATTERN, MAX_K, SCORES
+from clsp.shards.schema import CODEC_VERSIONS, ID_PATTERN, MAX_K, NOISE_KINDS, SCORES
 from clsp.shards.writer import SHARD_PATTERN
 
 MANIFEST, INDEX = "manifest.json", "index.parquet"
@@ -50,6 +50,11 @@ RUN_SPEC = [("source", dict), ("generator", dict), ("sampler", dict), ("k", int,
 SOURCE_SPEC = [("num_classes", int, 1, None)]  # optional: written when the source names its classes
 
 
+NUMBER = (int, float)  # a JSON number (not a bool)
+SAMPLER_SPEC = [("w", NUMBER, 0, 1), ("steps", int, 1, None), ("eta", NUMBER, 0, 1)]  # what every clsp wrote
+SAMPLER_OPTIONAL = [("noise", str), ("share_anchor_noise", bool)]  # absent in manifests older than each
+
+
 SHARD_SPEC = [("name", str), ("sha256", str), ("count", int, 0, None), ("bytes", int, 0, None)]
 
 
@@ -59,7 +64,8 @@ INDEX_SPEC = [("name", str), ("sha256", str)]
 RUN_FIELDS = tuple(field[0] for field in RUN_SPEC)
 
 
-_KINDS = {int: "an integer", str: "text", dict: "an object", list: "a list"}
+_KINDS = {int: "an integer", str: "text", dict: "an object", list: "a list", NUMBER: "a number",
+          bool: "true or false"}
 
 
 def score_column(metric: str) -> str:
@@ -81,7 +87,7 @@ def _check_fields(record: dict, spec: list[tuple], where: str, problems: list[st
         value = record.get(key)
         if key not in record:
             problems.append(f"{where}{key} is missing")
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        elif not isinstance(value, kind) or (kind in (int, NUMBER) and isinstance(value, bool)):
             problems.append(f"{where}{key} is {_show(value)}, expected {_KINDS[kind]}")
         elif bounds and not (value >= bounds[0] and (bounds[1] is None or value <= bounds[1])):
             limit = f"{bounds[0]}..{bounds[1]}" if bounds[1] is not None else f"at least {bounds[0]}"
@@ -121,6 +127,13 @@ def run_problems(run: dict, version) -> list[str]:
     problems: list[str] = []
     if _check_fields(run, RUN_SPEC, "run.", problems) and "num_classes" in run["source"]:
         _check_fields(run["source"], SOURCE_SPEC, "run.source.", problems)
+    sampler = run.get("sampler")
+    if isinstance(sampler, dict):  # what made the positives: a reader (the sweep) samples the same way
+        _check_fields(sampler, SAMPLER_SPEC, "run.sampler.", problems)
+        _check_fields(sampler, [field for field in SAMPLER_OPTIONAL if field[0] in sampler], "run.sampler.", problems)
+        if isinstance(sampler.get("noise"), str) and sampler["noise"] not in NOISE_KINDS:
+            problems.append(f"run.sampler.noise is {_show(sampler['noise'])}: a generator of noise this clsp knows is "
+                            f"{' or '.join(map(repr, NOISE_KINDS))}")
     if "codec" in run:
         problems += _codec_problems(run["codec"], version)
     return problems

@@ -47,6 +47,7 @@ MAX_K = 1000  # positives pos0..pos999: the member name allows three digits
 # The manifest's run.sampler.noise names the generator of noise (clsp.synth.noise); shards made before it was recorded
 # were made with this one, and their manifests read as naming it.
 LEGACY_NOISE = "cpu-generator"
+NOISE_KINDS = ("counter", LEGACY_NOISE)  # every generator of noise a manifest may name
 
 
 def schema_version(codec: str) -> int:

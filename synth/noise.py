@@ -22,9 +22,8 @@ import math
 import torch
 
 from clsp.hashing import keyed_seed
-from clsp.shards.schema import LEGACY_NOISE  # what a manifest without sampler.noise was made with
-
-NOISE_KINDS = ("counter", LEGACY_NOISE)
+from clsp.shards.schema import LEGACY_NOISE, NOISE_KINDS  # LEGACY_NOISE: what a manifest without sampler.noise
+# was made with
 START, ANCHOR, VARIANCE = 0, 1, 2  # the draws: x_T once; per step, the anchor's noised copy and DDIM's variance noise
 _TAG = 0x434C5350  # "CLSP": the fourth counter word, separating this use of a key from any other
 _M32 = 0xFFFFFFFF

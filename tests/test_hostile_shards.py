@@ -291,6 +291,15 @@ CASES = {  # name -> (damage, words that both verdicts must name)
     "60 KiB of nested [ in meta.json": (nested_meta, ["anchor-00004", "meta.json"]),
     "run.k is text": (lambda d: edited_manifest(d, lambda doc: doc["run"].update(k="two")), ["run.k", "'two'"]),
     "no run": (lambda d: edited_manifest(d, lambda doc: doc.pop("run")), ["run is missing"]),
+    # what made the positives: the sweep samples as they say (it met a KeyError, or a hint to fix its own options)
+    "an empty sampler": (lambda d: edited_manifest(d, lambda doc: doc["run"].update(sampler={})),
+                         ["run.sampler.w is missing"]),
+    "sampler w is text": (lambda d: edited_manifest(d, lambda doc: doc["run"]["sampler"].update(
+        w="banana", steps=-5)), ["run.sampler.w is 'banana', expected a number"]),
+    "sampler steps -5": (lambda d: edited_manifest(d, lambda doc: doc["run"]["sampler"].update(steps=-5)),
+                         ["run.sampler.steps is -5, expected at least 1"]),
+    "an unknown noise": (lambda d: edited_manifest(d, lambda doc: doc["run"]["sampler"].update(noise="dice")),
+                         ["run.sampler.noise is 'dice'"]),
     "shard entry without sha256": (lambda d: edited_manifest(d, lambda doc: doc["shards"][1].pop("sha256")),
                                    ["shards[1].sha256"]),
     "index is text": (lambda d: edited_manifest(d, lambda doc: doc.update(index="x")), ["index is 'x'"]),
