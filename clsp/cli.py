@@ -25,7 +25,7 @@ from typer.core import TyperArgument, TyperGroup
 from typer.main import get_group
 
 from clsp import __version__
-from clsp.errors import UserError, os_problem
+from clsp.errors import UserError, os_problem, printable
 from clsp.presets import default_note
 
 STAGES = [  # (name, module holding `app`)
@@ -58,7 +58,7 @@ class _Group(TyperGroup):
             message = user_message(error)
             if message is None:
                 raise
-            typer.echo(f"error: {message}", err=True)
+            typer.echo(f"error: {printable(message)}", err=True)  # one line, whatever a file put in it
             raise typer.Exit(2) from None
 
 

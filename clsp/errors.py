@@ -64,3 +64,12 @@ def os_problem(error: BaseException, doing: str = "") -> str | None:
     paths = (error.filename, error.filename2) if isinstance(error, OSError) else ()
     where = " and ".join(str(p) for p in paths if p is not None)
     return f"{what}{f' ({where})' if where else ''}{f' {doing}' if doing else ''}: {fix}"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` as it may reach a terminal: control characters (escape sequences, a newline or carriage return that
+    would forge a line of its own), which a stranger's shard or manifest may carry into a message, shown escaped."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from clsp.errors import UserError
+from clsp.errors import UserError, printable
 
 app = typer.Typer(help="Inspect and check shard directories (the contract between teams).", no_args_is_help=True)
 
@@ -21,12 +21,12 @@ def verify_command(directory: Path = typer.Argument(..., help="Shard directory (
     problems = verify(directory)
     if problems:
         for problem in problems:
-            typer.echo(f"FAIL {problem}", err=True)
+            typer.echo(f"FAIL {printable(problem)}", err=True)  # names a stranger's files hold, escaped
         typer.echo(f"{directory}: {len(problems)} problem(s)", err=True)
         raise typer.Exit(1)
     manifest = read_manifest(str(directory))
     typer.echo(f"{directory}: OK ({manifest.count} anchors x {manifest.k} positives in {len(manifest.shards)} shards)")
-    typer.echo(f"made with   {_compute(manifest.run)}")
+    typer.echo(printable(f"made with   {_compute(manifest.run)}"))
 
 
 @app.command("info")
@@ -42,12 +42,13 @@ def info_command(location: str = typer.Argument(..., help="Shard directory or UR
                               indent=2, sort_keys=True))
         return
     run = manifest.run
-    typer.echo(f"anchors     {manifest.count} in {len(manifest.shards)} shards, K = {manifest.k}, "
-               f"{run.get('image_size')} px, {manifest.codec} images (schema {manifest.schema_version})")
-    for key in ("source", "generator", "sampler"):
-        typer.echo(f"{key:<11} " + ", ".join(f"{k}={v}" for k, v in sorted(run.get(key, {}).items())))
-    typer.echo(f"made with   {_compute(run)}")
-    typer.echo(f"seed        {run.get('seed')}   clsp {run.get('package_version')}")
+    lines = [f"anchors     {manifest.count} in {len(manifest.shards)} shards, K = {manifest.k}, "
+             f"{run.get('image_size')} px, {manifest.codec} images (schema {manifest.schema_version})",
+             *(f"{key:<11} " + ", ".join(f"{k}={v}" for k, v in sorted(run.get(key, {}).items()))
+               for key in ("source", "generator", "sampler")),
+             f"made with   {_compute(run)}", f"seed        {run.get('seed')}   clsp {run.get('package_version')}"]
+    for line in lines:  # the sender's text, escaped: a value may hold a terminal's escape sequences or a newline
+        typer.echo(printable(line))
 
 
 def _compute(run: dict) -> str:

@@ -605,3 +605,20 @@ def test_a_schema_version_given_as_text_is_named_as_such(tmp_path):
     (d / MANIFEST).write_text(json.dumps(document))
     with pytest.raises(ShardError, match="schema_version is '[0-9]+', not an integer"):  # was: "written with
         read_manifest(d)  # schema version 2; this clsp reads version 1 or 2 or 3"
+
+
+def test_a_strangers_text_reaches_the_terminal_escaped(fresh):
+    """A model_id with a terminal's escape sequences and a newline cleared the screen and forged a line of its own
+    ("shards: OK (trusted)") in `clsp shards info`; a member name did the same in verify's FAIL lines."""
+    forged = "\x1b[2J\x1b[1;32mOK\x1b[0m\nshards: OK (trusted)"
+    edited_manifest(fresh, lambda doc: doc["run"]["generator"].update(model_id=forged))
+    shown = runner.invoke(app, ["shards", "info", str(fresh)])
+    assert shown.exit_code == 0 and "\x1b" not in shown.output, shown.output
+    assert "model_id=\\x1b[2J\\x1b[1;32mOK\\x1b[0m\\nshards: OK (trusted)" in shown.output
+    assert not any(line.startswith("shards: OK") for line in shown.output.splitlines())
+    members = tar_members(fresh / shard_name(0))
+    last = members[-1][0].split(".")[0]  # a member of the shard's last sample, outside the schema
+    write_raw_shard(fresh / shard_name(0), members + [(f"{last}.x\x1b[31mRED\nFAIL nothing", b"x")])
+    checked = runner.invoke(app, ["shards", "verify", str(fresh)])
+    assert checked.exit_code == 1 and "\x1b" not in checked.output and "\\x1b[31mRED\\nFAIL nothing" in checked.output
+    assert not any(line == "FAIL nothing" or line.startswith("FAIL nothing") for line in checked.output.splitlines())
