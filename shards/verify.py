@@ -3,27 +3,38 @@ appears exactly once with K positives, and every image decodes.
 
 The manifest goes through `read_manifest` and each sample through `Contract.problems`, the checks the training stream
 makes, so verify and training agree on every directory; verify adds only what training does lazily (decoding every
-positive, not just the drawn one) and what is beside the run (stray files). Returns every problem found (not just the
+positive, not just the drawn one, and recomputing each positive's distance to its anchor, which the index records and
+--positive-filter reads) and what is beside the run (stray files). Returns every problem found (not just the
 first), each naming the shard or sample and what to do.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from clsp.shards.manifest import INDEX, MANIFEST, Contract, ManifestError, read_manifest
+from clsp.shards.manifest_checks import score_column
 from clsp.shards.manifest_writer import pending_indexes
 from clsp.shards.reader import RawSample, ShardError, iter_shard
-from clsp.shards.schema import SchemaError
+from clsp.shards.schema import SchemaError, positive_distances
 from clsp.shards.writer import SHARD_PATTERN, temp_files
 
 
-def _sample_problems(sample: RawSample, contract: Contract) -> list[str]:
+def _sample_problems(sample: RawSample, contract: Contract, distances: list | None) -> list[str]:
+    """`distances`: the index's positive_distance column (a list of K floats, or None, per row), or None without it."""
     problems = contract.problems(sample)
     if not problems:  # headers are sound: decode every image, as training will over the epochs
         try:
-            sample.anchor(), [sample.positive(j) for j in range(contract.k)]
+            anchor, positives = sample.anchor(), np.stack([sample.positive(j) for j in range(contract.k)])
         except SchemaError as error:
-            problems.append(str(error))
+            return problems + [str(error)]
+        recorded = None if distances is None else distances[contract.rows[sample.key]]
+        if recorded is not None and not np.array_equal(np.float32(recorded), positive_distances(anchor, positives)):
+            problems.append(f"{sample.shard}: sample {sample.key}: its {score_column('distance')} in {INDEX} is not "
+                            f"the distance of its images (shards.schema.positive_distances): the index was changed; "
+                            f"regenerate the shards, or rerun the synth command that made them with --score-reference "
+                            f"(it rewrites the index from the images)")
     return problems
 
 
@@ -43,7 +54,8 @@ def verify(directory: str | Path) -> list[str]:
     problems += [f"{p.name}: an index whose {MANIFEST} was never written (a manifest write was interrupted): rerun "
                  f"the synth job, which removes it, or delete it" for p in pending_indexes(directory)[1]]
     try:
-        contract = read_manifest(str(directory)).contract()
+        manifest = read_manifest(str(directory))
+        contract = manifest.contract()
     except ManifestError as error:
         return problems + [f"manifest: {problem}" for problem in error.problems]
     except ShardError as error:
@@ -52,12 +64,14 @@ def verify(directory: str | Path) -> list[str]:
     problems += [f"{name}: listed in {MANIFEST} but missing" for name in contract.entries if name not in on_disk]
     problems += [f"{name}: on disk but not in {MANIFEST} (from another run?)" for name in on_disk
                  if name not in contract.entries]
+    column = score_column("distance")
+    distances = manifest.index.column(column).to_pylist() if column in manifest.index.column_names else None
     seen: set[str] = set()
     for name in [name for name in on_disk if name in contract.entries]:
         try:
             for sample in iter_shard(str(directory / name), contract.entries[name]):
                 seen.add(sample.key)
-                problems += _sample_problems(sample, contract)
+                problems += _sample_problems(sample, contract, distances)
         except ShardError as error:
             problems.append(str(error))
     absent = sorted(set(contract.rows) - seen)

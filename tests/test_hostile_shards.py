@@ -622,3 +622,21 @@ def test_a_strangers_text_reaches_the_terminal_escaped(fresh):
     checked = runner.invoke(app, ["shards", "verify", str(fresh)])
     assert checked.exit_code == 1 and "\x1b" not in checked.output and "\\x1b[31mRED\\nFAIL nothing" in checked.output
     assert not any(line == "FAIL nothing" or line.startswith("FAIL nothing") for line in checked.output.splitlines())
+
+
+def test_verify_recomputes_each_positives_distance_that_the_index_records(fresh):
+    """An index rewritten with other distances (its checksum in manifest.json to match) passed verify, and
+    --positive-filter then drew by the forged numbers."""
+    table = pq.read_table(fresh / INDEX)
+    distances = table.column("positive_distance").to_pylist()
+    distances[3] = [0.9] * len(distances[3])
+    forged = table.set_column(table.column_names.index("positive_distance"), "positive_distance",
+                              pa.array(distances, table.schema.field("positive_distance").type))
+    buffer = io.BytesIO()
+    pq.write_table(forged, buffer)
+    replace_index(fresh, buffer.getvalue())
+    anchor = table.column("anchor_id")[3].as_py()
+    assert [p for p in verify(fresh) if "distance" in p] == [
+        f"{table.column('shard')[3].as_py()}: sample {anchor}: its positive_distance in {INDEX} is not the distance "
+        f"of its images (shards.schema.positive_distances): the index was changed; regenerate the shards, or rerun "
+        f"the synth command that made them with --score-reference (it rewrites the index from the images)"]
