@@ -249,8 +249,11 @@ def _page_problems(data: bytes, parquet: pq.ParquetFile, count: int, k: int) -> 
     for column, (values, size) in declared.items():
         most_values, most_bytes = _value_bound(column, count, k)
         if values > most_values or size > most_bytes:
-            problems.append(f"{INDEX} column {column} holds {values} values of {size} bytes decoded; {count} anchors "
-                            f"take at most {most_values} values of {most_bytes} bytes, so it was not read")
+            per_anchor = values // count if count and values % count == 0 and column != "anchor_id" else 0
+            k_hint = f" ({per_anchor} per anchor, where {MANIFEST} says K = {k}: run.k is not the shards' K)" \
+                if column in map(score_column, SCORES) and per_anchor > k else ""
+            problems.append(f"{INDEX} column {column} holds {values} values of {size} bytes decoded{k_hint}; {count} "
+                            f"anchors take at most {most_values} values of {most_bytes} bytes, so it was not read")
     return problems
 
 

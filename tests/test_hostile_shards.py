@@ -640,3 +640,11 @@ def test_verify_recomputes_each_positives_distance_that_the_index_records(fresh)
         f"{table.column('shard')[3].as_py()}: sample {anchor}: its positive_distance in {INDEX} is not the distance "
         f"of its images (shards.schema.positive_distances): the index was changed; regenerate the shards, or rerun "
         f"the synth command that made them with --score-reference (it rewrites the index from the images)"]
+
+
+def test_a_lowered_k_is_named_as_such(fresh):
+    """run.k 1 for shards of K = 2: the refusal counted values and bytes and never said K."""
+    edited_manifest(fresh, lambda doc: doc["run"].update(k=1))
+    with pytest.raises(ShardError, match=r"column positive_distance holds 22 values of \d+ bytes decoded \(2 per "
+                                         r"anchor, where manifest.json says K = 1: run.k is not the shards' K\)"):
+        read_manifest(fresh)
