@@ -65,10 +65,15 @@ def sheet_command(directory: str = typer.Argument(..., help="Shard directory or 
                   anchors: int = typer.Option(8, min=1, help="How many anchors (rows)."),
                   overwrite: bool = typer.Option(False, help="Replace an existing --out file.")) -> None:
     """Contact sheet: anchors in the first column, their positives to the right."""
+    from clsp.shards.manifest import read_manifest
     from clsp.shards.sheet import check_sheet_out, contact_sheet
+    from clsp.sources import refuse_out_inside
 
     try:
         check_sheet_out(out, overwrite)  # refused (one error line, exit 2) before any shard is read
     except ValueError as error:
         raise UserError(f"--out: {error}") from None
+    spec = read_manifest(directory).run["source"].get("spec")
+    if isinstance(spec, str):  # a sheet inside the folder the shards were made from would be read as an image of it
+        refuse_out_inside(spec, out)
     typer.echo(contact_sheet(directory, out, anchors, overwrite))

@@ -260,3 +260,21 @@ def test_a_sheet_replaces_an_existing_out_only_when_asked_and_whole(shard_dir, t
     with pytest.raises(OSError):
         contact_sheet(str(shard_dir), out, overwrite=True)
     assert out.read_bytes() == earlier and list(out.parent.iterdir()) == [out]  # no half sheet, no temp file
+
+
+def test_a_sheet_is_never_written_into_the_folder_the_shards_were_made_from(shard_dir, tmp_path):
+    """`clsp shards sheet` was the one writer without the check: its picture became an image of the source (of another
+    size, so that every later read of the source was refused)."""
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+
+    source = tmp_path / "data"
+    (source / "train" / "cat").mkdir(parents=True)
+    manifest = json.loads((shard_dir / MANIFEST).read_text())
+    manifest["run"]["source"]["spec"] = f"folder:{source}"
+    (shard_dir / MANIFEST).write_text(json.dumps(manifest))
+    out = source / "train" / "cat" / "sheet.png"
+    result = CliRunner().invoke(app, ["shards", "sheet", str(shard_dir), "--out", str(out)])
+    assert result.exit_code == 2 and f"lies inside {source}, which the source folder:{source} reads" in result.output
+    assert not out.exists()
