@@ -122,6 +122,10 @@ def load_results(run_dir: str | Path) -> dict:
         if knn is None or linear is None:
             if stale is not None:
                 raise _stale(run_dir, stale)
+            if (run_dir / "eval" / "kfold.json").is_file():  # a study's run: scored on folds, not a test split
+                raise UserError(f"{run_dir} holds k-fold scores of `clsp eval study` (eval/kfold.json), which a report "
+                                f"of test-split scores does not mix in: read the study's own report (its --out), or "
+                                f"run `clsp eval all {run_dir} ...` to score it on the test split too")
             raise UserError(f"{run_dir} has no eval/results.json (nor knn.json and linear.json): run "
                             f"`clsp eval all {run_dir} ...` (or study) first")
         differ = [key for key in SAME_INPUTS if knn.get(key) != linear.get(key)]

@@ -133,6 +133,12 @@ def test_tiny_study_trains_scores_all_images_reports_paired_differences_and_resu
     assert "| synthetic − none | linear_top1 | 0, 1 |" in text
     assert len((root / "study" / "results.csv").read_text().splitlines()) == 5  # header + one row per run
     assert (root / "study" / "summary.png").stat().st_size > 1000
+    from clsp.errors import UserError
+    from clsp.eval.results import load_results  # `clsp eval report` of the study's runs: pointed to the study's report
+
+    with pytest.raises(UserError, match=r"holds k-fold scores of `clsp eval study` \(eval/kfold.json\), which a report "
+                                        r"of test-split scores does not mix in: read the study's own report"):
+        load_results(runs / "simclr-none-seed0")
 
     capsys.readouterr()
     again = study(config)  # everything exists: nothing is trained or scored again
