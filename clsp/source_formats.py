@@ -294,6 +294,8 @@ class CifarSource(Source):
         if missing:
             raise UserError(f"{root} lacks {', '.join(missing)}: point to the folder torchvision's {kind.upper()} "
                             f"download makes ({folder})")
+        self.splits = ", ".join(part for part, names in (("train", train), ("test", test))
+                                if all((root / name).is_file() for name in names))  # what `data info` says is there
         images, labels = [], []
         self._prefix = f"{kind}-{split}"
         for name in files:

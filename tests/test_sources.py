@@ -242,6 +242,9 @@ def test_cifar10_folder_reads_like_torchvision(tmp_path):
     assert record.anchor_id == "cifar10-test-00000" and record.image.shape == (32, 32, 3)
     raw = pickle.loads((root / "test_batch").read_bytes())[b"data"][0]
     assert np.array_equal(record.image, raw.reshape(3, 32, 32).transpose(1, 2, 0))
+    assert train.describe()["splits"] == "train, test"
+    (root / "test_batch").unlink()  # `data info` said "train, test" without it; --split test then failed
+    assert open_source(f"cifar10:{tmp_path}").describe()["splits"] == "train"
 
 
 def test_cifar_batch_with_code_in_it_is_refused_and_not_run(tmp_path):
