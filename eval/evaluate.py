@@ -224,7 +224,14 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
     from clsp.sources import open_source
 
     run = open_run(run_dir, config.source)
-    bank = open_source(run.spec, config.train_split, image_size=run.image_size)
+    try:
+        bank = open_source(run.spec, config.train_split, image_size=run.image_size)
+    except UserError as error:
+        if config.source is not None:
+            raise
+        raise UserError(f"{error} (the source {run.spec} is the one {run.run_dir}/config.json records: a relative path "
+                        f"there is relative to where the run was made; pass --source with its path from here)") \
+            from None
     check = check_trained_on(run.run_dir, run.record, bank, config.transfer)
     test = _open_test(config.test_source or run.spec, config.test_split, run.image_size,
                       explicit=config.test_source is not None)

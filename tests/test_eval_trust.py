@@ -119,6 +119,20 @@ def test_eval_defaults_to_the_recorded_source_and_refuses_another(trained, tmp_p
     assert json.loads((run / "eval" / "knn-2.json").read_text())["source_check"] == "transfer"
 
 
+def test_a_recorded_source_that_cannot_be_opened_from_here_says_where_it_came_from(trained, tmp_path):
+    """A run recorded folder:data (a relative path): evaluated from another directory, the error named a folder that
+    does not exist and not that it came from the run's record, nor the fix."""
+    _, _, _, run = trained
+    run = _copy_run(run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["source"]["spec"] = "folder:no-such-data"
+    (run / "config.json").write_text(json.dumps(config))
+    refused = _cli("eval", "knn", run)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+    assert f"the source folder:no-such-data is the one {run}/config.json records" in refused.output
+    assert "pass --source with its path from here" in refused.output
+
+
 def test_a_test_source_without_class_names_is_matched_to_the_banks_names_only_where_that_can_hold(trained, tmp_path):
     """Bare labels beside a bank that names its classes: refused when the names are numbers read in name order (label
     2 is class '10'), said in a warning when they are words (CIFAR's names in name order are its numbering), silent
