@@ -9,9 +9,12 @@ PY     := $(VENV)/bin/python
 CLSP   := $(VENV)/bin/clsp
 STAMP  := $(VENV)/.installed
 
-# The embedded default run. Override on the command line, e.g. `make synth SOURCE=cifar10:/data/cifar MODEL=google/ddpm-cifar10-32`.
+# The embedded default run. Override on the command line, e.g.
+# `make synth SOURCE=cifar10:/data/cifar MODEL=google/ddpm-cifar10-32`: another source gets runs/ of its own
+# (runs/cifar10) and the stages' own defaults (the paper's settings) instead of the embedded preset.
 SOURCE ?= digits
-RUN    ?= runs/digits
+RUN    ?= runs/$(firstword $(subst :, ,$(SOURCE)))
+PRESET ?= $(if $(filter digits,$(SOURCE)),--preset embedded,)
 # The embedded generator ships with the project (its card.json says how it was made and what it scores);
 # `make generator` retrains it from scratch into $(RUN)/generator, and
 # `make synth train eval MODEL=runs/digits/generator RUN=runs/digits-retrained` uses that one (in folders of its own).
@@ -46,11 +49,11 @@ generator: setup
 	$(RUN)/generator $(SHIPPED)
 
 synth: setup
-	$(CLSP) synth run $(SOURCE) --model $(MODEL) --out $(SHARDS) --preset embedded
+	$(CLSP) synth run $(SOURCE) --model $(MODEL) --out $(SHARDS) $(PRESET)
 	$(CLSP) shards verify $(SHARDS)
 
 train: setup
-	$(CLSP) train run $(SHARDS) --out $(TRAIN_OUT) --method $(METHOD) --positives $(POSITIVES) --preset embedded --resume
+	$(CLSP) train run $(SHARDS) --out $(TRAIN_OUT) --method $(METHOD) --positives $(POSITIVES) $(PRESET) --resume
 
 eval: setup
 	$(CLSP) eval all $(TRAIN_OUT) --shards $(SHARDS) --source $(SOURCE) --out $(RUN)/report
@@ -64,7 +67,7 @@ sweep: setup
 	$(CLSP) eval sweep $(MODEL) --source $(SOURCE) --out $(RUN)/sweep --anchors 64 --steps 16,50
 
 study: setup
-	$(CLSP) synth run $(SOURCE) --model $(MODEL) --out $(SHARDS) --preset embedded
+	$(CLSP) synth run $(SOURCE) --model $(MODEL) --out $(SHARDS) $(PRESET)
 	$(CLSP) eval study $(SHARDS) --source $(SOURCE) --out $(RUN)/study --methods $(STUDY_METHODS) --jobs $(STUDY_JOBS)
 
 test: setup
