@@ -126,8 +126,11 @@ def test_a_one_split_knn_source_is_refused_with_a_fix_training_has(shards, tmp_p
     one_split = tmp_path / "labelled.parquet"
     write_hf_parquet(one_split, [np.full((8, 8, 3), 40 * i, np.uint8) for i in range(4)], [0, 1, 0, 1])
     out = tmp_path / "run"
-    with pytest.raises(UserError, match=r"--knn-source parquet:.* is one split .*drop --knn-every .*clsp eval knn"):
+    with pytest.raises(UserError, match=r"--knn-source parquet:.* is one split .*drop --knn-every and --knn-source "
+                                        r".*clsp eval knn"):
         train(make_config(**options(shards, out, knn_every=1, knn_source=f"parquet:{one_split}")))
+    with pytest.raises(UserError, match=r"--knn-source is used only with --knn-every N"):  # it ran without a monitor
+        train(make_config(**options(shards, out, knn_source="digits")))
     assert not out.exists()
 
 

@@ -23,8 +23,8 @@ class KnnMonitor:
         except OneSplitError:  # its own message points to eval's --test-source, which training does not have
             raise UserError(f"--knn-source {spec} is one split (no file or folder named for train and test), and the "
                             f"monitor scores its test split against its train split: give a source with both, or "
-                            f"drop --knn-every and score the finished run with `clsp eval knn RUN --test-source ...`"
-                            ) from None
+                            f"drop --knn-every and --knn-source and score the finished run with `clsp eval knn RUN "
+                            f"--test-source ...`") from None
         self.query = load_arrays(test, limit)[:2]
         self.transform = EvalTransform(size, DEFAULT_MEAN, DEFAULT_STD)
 

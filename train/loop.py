@@ -182,6 +182,8 @@ class TrainConfig:
              f"fit 32 bits)")
         need(self.image_size is None or self.image_size >= 8, "--image-size must be >= 8 pixels")
         need(self.knn_every == 0 or bool(self.knn_source), "--knn-every needs --knn-source (a labelled source spec)")
+        need(self.knn_every > 0 or not self.knn_source, "--knn-source is used only with --knn-every N (epochs between "
+             "kNN monitor runs): pass both, or neither")
         need(not (self.resume and self.overwrite), "pass --resume or --overwrite, not both")
         need(self.positive_weighting in (None, *WEIGHTINGS), f"--positive-weighting must be one of "
              f"{', '.join(WEIGHTINGS)}, got {self.positive_weighting!r}")
