@@ -73,7 +73,8 @@ def sheet_command(directory: str = typer.Argument(..., help="Shard directory or 
         check_sheet_out(out, overwrite)  # refused (one error line, exit 2) before any shard is read
     except ValueError as error:
         raise UserError(f"--out: {error}") from None
-    spec = read_manifest(directory).run["source"].get("spec")
+    manifest = read_manifest(directory)
+    spec = manifest.run["source"].get("spec")
     if isinstance(spec, str):  # a sheet inside the folder the shards were made from would be read as an image of it
         refuse_out_inside(spec, out)
-    typer.echo(contact_sheet(directory, out, anchors, overwrite))
+    typer.echo(contact_sheet(directory, out, anchors, overwrite, manifest))

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from clsp.shards.atomic import write_atomic
-from clsp.shards.manifest import read_manifest
+from clsp.shards.manifest import Manifest, read_manifest
 
 SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --out extension -> PIL format
 
@@ -70,17 +70,18 @@ def save_sheet(image: Image.Image, out: str | Path, overwrite: bool = False) -> 
     return write_atomic(out, lambda temp: image.save(temp, format=image_format))
 
 
-def contact_sheet(directory: str, out: str | Path, anchors: int = 8, overwrite: bool = False) -> Path:
+def contact_sheet(directory: str, out: str | Path, anchors: int = 8, overwrite: bool = False,
+                  manifest: Manifest | None = None) -> Path:
     """Write `sheet_image` to `out` (its format by the extension, see SHEET_FORMATS); an existing `out` is replaced
-    only with `overwrite`."""
+    only with `overwrite`. `manifest`: the directory's, when the caller has read it already."""
     check_sheet_out(out, overwrite)  # a bad --out is refused before any shard is read
-    return save_sheet(sheet_image(directory, anchors), out, overwrite)
+    return save_sheet(sheet_image(directory, anchors, manifest), out, overwrite)
 
 
-def sheet_image(directory: str, anchors: int = 8) -> Image.Image:
+def sheet_image(directory: str, anchors: int = 8, manifest: Manifest | None = None) -> Image.Image:
     """The first `anchors` anchors of a shard directory and all their positives, each anchor captioned with its label
     and id, under a title with the generator and the sampler settings the manifest records."""
-    manifest = read_manifest(directory)
+    manifest = manifest or read_manifest(directory)
     rows, captions = [], []
     for sample in manifest.samples():  # each checked: a malformed sample stops with its name
         rows.append([sample.anchor()] + [sample.positive(j) for j in range(sample.k)])
