@@ -21,9 +21,11 @@ def write_new(path: str | Path, content: str | bytes) -> Path:
     return write_new_set({path: content})[0]
 
 
-def write_new_set(files: dict[str | Path, str | bytes]) -> list[Path]:
+def write_new_set(files: dict[str | Path, str | bytes], named: bool = False) -> list[Path]:
     """Write files that belong together (sweep.json, .csv, .md, .png) under one number, never replacing a different
-    earlier result; returns the paths written, in order.
+    earlier result; returns the paths written, in order. `named`: the set is read only through a result that names
+    its files (not as the newest of its series), so any earlier number whose files all hold these bytes is used as it
+    is: A, B, A again writes no third copy of A's files.
 
     The set's newest number n is the highest of any of its files (1: the bare names, then `stem-2.ext`, ...). If every
     file of the set at n holds these bytes, nothing is written; if those there do and some are missing (a write a kill
@@ -39,6 +41,11 @@ def write_new_set(files: dict[str | Path, str | bytes]) -> list[Path]:
     while True:  # again only when another process claimed the number first
         found = {path: latest(path) for path in data}
         newest = max((_number(path, found[path]) for path in data if found[path] is not None), default=0)
+        same = [n for n in range(1, newest + 1) if named and all(_numbered(path, n).is_file() and
+                                                                  _numbered(path, n).read_bytes() == content
+                                                                  for path, content in data.items())]
+        if same:
+            return [_numbered(path, same[-1]) for path in data]
         at = {path: _numbered(path, max(newest, 1)) for path in data}
         if newest and all(not at[path].exists() or at[path].read_bytes() == content for path, content in data.items()):
             missing, moved = [path for path in data if not at[path].exists()], False

@@ -305,7 +305,8 @@ def score_run(inputs: EvalInputs, config: EvalConfig) -> dict:
                       knn_k20=accs.get(20))  # None when the bank holds < 20 images: k = 20 was never computed
     out = inputs.run_dir / "eval"
     feats_path, labels_path = write_new_set({out / "test_features.npy": npy_bytes(test_feats),  # the t-SNE's
-                                             out / "test_labels.npy": npy_bytes(test_labels.astype(np.int64))})
+                                             out / "test_labels.npy": npy_bytes(test_labels.astype(np.int64))},
+                                            named=True)  # the result names them: an earlier equal pair serves
     result.update(test_features=feats_path.name, test_labels=labels_path.name)
     result["results_file"] = write_result(out / config.results_name, result, OUTPUTS).name
     return result

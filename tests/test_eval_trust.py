@@ -568,6 +568,8 @@ def test_the_tsne_legend_names_the_classes_of_the_evaluation_it_shows(trained, t
         plots.plot_run(run, tmp_path / "pictures")
     assert shown == [(12, ["c0", "c1", "c2"]), (6, None), (12, ["c0", "c1", "c2"])]  # numbers where it has no names
     assert sorted(p.name for p in (run / "eval").glob("knn*.json")) == ["knn-2.json", "knn.json"]  # A, B, A again
+    assert sorted(p.name for p in (run / "eval").glob("test_*.npy")) == [  # A's pair serves A again: no third copy
+        "test_features-2.npy", "test_features.npy", "test_labels-2.npy", "test_labels.npy"]
 
 
 def test_a_run_on_shards_of_the_all_split_is_told_a_fix_that_works(trained, tmp_path):
