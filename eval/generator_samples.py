@@ -17,13 +17,18 @@ def sampler_config(w: float, steps: int, eta: float, **options):
     return SamplerConfig(w=float(w), steps=int(steps), eta=float(eta), **options)
 
 
-def card_source(generator: str) -> tuple[str | None, str | None]:
-    """(source spec, split) recorded in a generator dir's card.json, or (None, None)."""
+def card_source_record(generator: str) -> dict:
+    """The source record (spec, split, fingerprint, ...) of a generator dir's card.json, or {}."""
     from clsp.synth.models import CARD_NAME
 
     card_file = Path(generator).expanduser() / CARD_NAME
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
-    source = card.get("source") if isinstance(card.get("source"), dict) else {}
+    return card.get("source") if isinstance(card.get("source"), dict) else {}
+
+
+def card_source(generator: str) -> tuple[str | None, str | None]:
+    """(source spec, split) recorded in a generator dir's card.json, or (None, None)."""
+    source = card_source_record(generator)
     return source.get("spec"), source.get("split")
 
 

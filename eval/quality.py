@@ -25,8 +25,8 @@ import numpy as np
 from clsp.accelerator import resolve_device
 from clsp.eval.feature_metrics import CONFIDENCE, set_metrics
 from clsp.eval.fid import fid_metric_class, inception_fid
-from clsp.eval.generator_samples import (card_source, image_size, no_source, open_generator, plain_samples,
-                                         sampler_config, synth_config)
+from clsp.eval.generator_samples import (card_source, card_source_record, image_size, no_source, open_generator,
+                                         plain_samples, sampler_config, synth_config)
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,8 @@ def _check_card_source(config: QualityConfig, described: dict) -> None:
     """The card's source, taken by default, must still hold the images the generator was trained on (its fingerprint
     covers ids, labels, pixels and size): a relative folder:DIR read elsewhere, or a folder changed since, would be
     scored without a word, and the numbers recorded in the card."""
-    from clsp.synth.models import CARD_NAME
-
-    card_file = Path(config.generator).expanduser() / CARD_NAME
-    made = (json.loads(card_file.read_text()).get("source") or {}) if card_file.is_file() else {}
-    if config.source is not None or not isinstance(made, dict) or not made.get("fingerprint") \
+    made = card_source_record(config.generator)
+    if config.source is not None or not made.get("fingerprint") \
             or described["split"] != made.get("split", "train") or described["fingerprint"] == made["fingerprint"]:
         return
     raise ValueError(f"{described['spec']}[{described['split']}] does not hold the images {config.generator} was "
