@@ -1,11 +1,12 @@
 """The w / steps trade-off, measured: `clsp eval sweep SHARDS_OR_GENERATOR`.
 
 A fixed set of anchors (the smallest hashed ids, as the audit picks them) gets K positives at every (w, steps) setting
-of a grid, sampled exactly as the synth job samples them (synth.job.sample_batch, noise keyed on (seed, anchor id, j)),
-so the point at the shards' own setting is the shards' positives (marked as such unless --eta, --seed or a larger
---k than the shards' make it other positives). Every setting is audited in the audit's fixed feature space with one
-fitted reference (eval.audit.audit_arrays): class agreement with the anchor, mean distance to the anchor (hardness) and
-mean distance among the K (diversity), beside each anchor's nearest real neighbour (NNCLR's positive).
+of a grid, sampled exactly as the synth job samples them (synth.job.sample_batch, noise keyed on (seed, anchor id,
+j)), and at the shards' own setting the shards' positives are read as written (marked as such unless --eta, --seed or
+a larger --k than the shards' make it other positives; sampled again, another forward batch could move a pixel). Every
+setting is audited in the audit's fixed feature space with one fitted reference (eval.audit.audit_arrays): class
+agreement with the anchor, mean distance to the anchor (hardness) and mean distance among the K (diversity), beside
+each anchor's nearest real neighbour (NNCLR's positive).
 sweep.png draws agreement against hardness, one labelled point per setting, so a team picks w by measurement.
 """
 
@@ -113,13 +114,14 @@ def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
     """(anchor images (A, H, W, 3), labels (A,), ids, row of each in the real set or -1): smallest hashed ids."""
     from clsp.eval.audit import anchor_rows, load_shard_sample, sample_key
 
+    positives = None  # the shards' own positives (A, K', H, W, 3): the point at their setting reads them
     if plan.shards_run is not None:  # the shards' anchors, chosen as the audit chooses them
-        images, _, labels, ids, _ = load_shard_sample(config.target, config.anchors, plan.seed)
+        images, positives, labels, ids, _ = load_shard_sample(config.target, config.anchors, plan.seed)
     else:
         chosen = sorted(range(len(real_ids)), key=lambda i: (sample_key(plan.seed, real_ids[i]), real_ids[i]))
         chosen = sorted(chosen[: config.anchors], key=lambda i: real_ids[i])  # id order, as load_shard_sample
         images, labels, ids = real[chosen], real_labels[chosen], [real_ids[i] for i in chosen]
-    return images, labels, ids, anchor_rows(ids, images, real_ids, real)  # by id, else by pixels (--split all)
+    return images, labels, ids, anchor_rows(ids, images, real_ids, real), positives  # rows by id, else by pixels
 
 
 def _open_generator(config: SweepConfig, plan: _Plan):
@@ -196,7 +198,7 @@ def sweep(config: SweepConfig) -> dict:
     source = open_source(plan.spec, "train", image_size=size)
     _check_source_made_the_shards(config, plan, source)
     real, real_labels, real_ids = load_arrays(source)
-    anchors, labels, ids, index = _anchors(config, plan, real, real_labels, real_ids)
+    anchors, labels, ids, index, own_positives = _anchors(config, plan, real, real_labels, real_ids)
     if anchors.shape[1:] != real.shape[1:]:
         raise ValueError(f"the shards' images are {anchors.shape[1]} px, the generator's {size} px: sweep the "
                          "generator that made them")
@@ -209,7 +211,7 @@ def sweep(config: SweepConfig) -> dict:
         return audit_arrays(anchors, positives, labels, real, real_labels, index, config=audit_config,
                             reference=reference)
 
-    points, last = _measure(config, plan, (ids, anchors, labels), (unet, scheduler, device), audit)
+    points, last = _measure(config, plan, (ids, anchors, labels), (unet, scheduler, device), audit, own_positives)
     return {
         "generator": info,
         "shards": config.target if plan.shards_run is not None else None,
@@ -227,7 +229,7 @@ def sweep(config: SweepConfig) -> dict:
     }
 
 
-def _measure(config: SweepConfig, plan: _Plan, anchors, model, audit) -> tuple[list[dict], dict]:
+def _measure(config: SweepConfig, plan: _Plan, anchors, model, audit, own_positives=None) -> tuple[list[dict], dict]:
     """Sample K positives per anchor at each setting and audit them -> (one point per setting, the last audit)."""
     from tqdm.auto import tqdm
 
@@ -241,7 +243,13 @@ def _measure(config: SweepConfig, plan: _Plan, anchors, model, audit) -> tuple[l
             bar.set_postfix(w=w, steps=steps)
             sampler = sampler_config(w, steps, plan.eta, **plan.sampling)
             cfg = synth_config(plan.generator, plan.spec, config.out, plan.k, sampler, plan.seed)
-            last = audit(sample_records(cfg, records, *model, config.batch_size, bar))
+            if (w, steps) == plan.marked and own_positives is not None:
+                # the shards' own positives, as written: sampled again here, with another forward batch (and, on
+                # the CPU, thread count) than the job's, a pixel may move by one level (README: --forward-batch)
+                last = audit(own_positives[:, :plan.k])
+                bar.update(len(records) * plan.k)
+            else:
+                last = audit(sample_records(cfg, records, *model, config.batch_size, bar))
             points.append({"w": w, "steps": steps, **{key: last[key]["synthetic"] for key in METRICS},
                            "shards_setting": (w, steps) == plan.marked})
     return points, last
