@@ -11,10 +11,15 @@ STAMP  := $(VENV)/.installed
 
 # The embedded default run. Override on the command line, e.g.
 # `make synth SOURCE=cifar10:/data/cifar MODEL=google/ddpm-cifar10-32`: another source gets runs/ of its own
-# (runs/cifar10) and the stages' own defaults (the paper's settings) instead of the embedded preset.
+# (runs/cifar10) and the paper's settings (below) instead of the embedded preset.
 SOURCE ?= digits
 RUN    ?= runs/$(firstword $(subst :, ,$(SOURCE)))
 PRESET ?= $(if $(filter digits,$(SOURCE)),--preset embedded,)
+# Another source trains and scores with the paper's settings: SimCLR's CIFAR-10 schedule (--preset paper-cifar10: 1000
+# epochs, batch 1024; other methods take their own defaults) and the authors' 100-epoch probe (--preset paper).
+PAPER_TRAIN = $(if $(filter simclr,$(METHOD)),--preset paper-cifar10,)
+TRAIN_PRESET ?= $(if $(filter digits,$(SOURCE)),--preset embedded,$(PAPER_TRAIN))
+EVAL_PRESET ?= $(if $(filter digits,$(SOURCE)),,--preset paper)
 # The embedded generator ships with the project (its card.json says how it was made and what it scores);
 # `make generator` retrains it from scratch into $(RUN)/generator, and
 # `make synth train eval MODEL=runs/digits/generator RUN=runs/digits-retrained` uses that one (in folders of its own).
@@ -53,10 +58,10 @@ synth: setup
 	$(CLSP) shards verify $(SHARDS)
 
 train: setup
-	$(CLSP) train run $(SHARDS) --out $(TRAIN_OUT) --method $(METHOD) --positives $(POSITIVES) $(PRESET) --resume
+	$(CLSP) train run $(SHARDS) --out $(TRAIN_OUT) --method $(METHOD) --positives $(POSITIVES) $(TRAIN_PRESET) --resume
 
 eval: setup
-	$(CLSP) eval all $(TRAIN_OUT) --shards $(SHARDS) --source $(SOURCE) --out $(RUN)/report
+	$(CLSP) eval all $(TRAIN_OUT) --shards $(SHARDS) --source $(SOURCE) --out $(RUN)/report $(EVAL_PRESET)
 
 # SimCLR x positives none/augment/synthetic x seeds 0-4, each scored by 5-fold over every labelled image (about 60 min
 # on 2 CPU cores once the shards exist); `make study STUDY_METHODS=simclr,moco` adds MoCo v2+ (twice the time).

@@ -1,6 +1,8 @@
 """The decoded in-memory input (train.cache): the same batches' contract as the stream, from images decoded once."""
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,26 @@ def test_auto_caches_what_fits_and_the_record_says_so(tmp_path):
     with pytest.raises(UserError, match="config.cache"):  # a streamed run is not resumed in another order
         train(make_config(**tiny, out=str(tmp_path / "streamed"), resume=True))
     train(make_config(**tiny, out=str(tmp_path / "streamed"), resume=True, cache=False))
+
+
+def test_an_anchor_visited_again_in_an_epoch_draws_its_positive_again(tmp_path):
+    """The method draws one of the K positives each time the anchor is visited: a shard skipped (--skip-corrupt)
+    makes an epoch go round the readable anchors again, and the second visit draws anew, as the stream does."""
+    shards = build_shard_dir(tmp_path / "shards", counts=(40, 40, 40), k=8, size=8)
+    manifest = read_manifest(str(shards))
+    broken = shards / "shard-000001.tar"  # changed after the manifest: skipped with skip_corrupt
+    data = bytearray(broken.read_bytes())
+    data[600] ^= 0xFF
+    broken.write_bytes(bytes(data))
+    cfg = StreamConfig(tuple(manifest.shard_locations()), 8, 15, 8, 0, "synthetic", 0, 1, 256, True)
+    stream = CachedStream(cfg, manifest.contract(), progress=False)
+    stream.set_position(0)
+    picks = defaultdict(list)
+    for batch in stream:
+        for anchor_id, positive in zip(batch["ids"].tolist(), batch["positive"]):
+            picks[anchor_id].append(positive.numpy().tobytes())
+    assert stream.skipped == ["shard-000001.tar"]
+    repeated = [v for v in picks.values() if len(v) > 1]
+    assert len(repeated) == 40  # 120 visits over the 80 readable anchors
+    redrawn = sum(len(set(v)) > 1 for v in repeated)
+    assert redrawn >= 25  # a uniform redraw differs 7/8 of the time (~35 of 40); drawn once per epoch: 0

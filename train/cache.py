@@ -119,8 +119,9 @@ class CachedStream(IterableDataset):
                      "labels": torch.from_numpy(self.labels[at]),
                      "skipped": self.skipped if step == self.start_step else []}
             if cfg.positives == "synthetic":
-                pick = [positive_index(cfg.seed, self.epoch, self.keys[i], cfg.k, 0,
+                visit = np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) // len(self.rows)  # (B,) lap
+                pick = [positive_index(cfg.seed, self.epoch, self.keys[i], cfg.k, int(v),
                                        *(self.draw.row(int(self.rows[i])) if self.draw is not None else ()))
-                        for i in at]  # (B,) which positive each visit uses, as the stream draws it
+                        for i, v in zip(at, visit)]  # (B,) which positive each visit uses, as the stream draws it
                 batch["positive"] = torch.from_numpy(self.images[at, 1 + np.asarray(pick)])
             yield batch
