@@ -63,8 +63,9 @@ train: setup
 eval: setup
 	$(CLSP) eval all $(TRAIN_OUT) --shards $(SHARDS) --source $(SOURCE) --out $(RUN)/report $(EVAL_PRESET)
 
-# SimCLR x positives none/augment/synthetic x seeds 0-4, each scored by 5-fold over every labelled image (about 60 min
-# on 2 CPU cores once the shards exist); `make study STUDY_METHODS=simclr,moco` adds MoCo v2+ (twice the time).
+# SimCLR x positives none/augment/synthetic x seeds 0-4, each scored by 5-fold over every labelled image (about 40 min
+# on 2 CPU cores once the shards exist, README "Measured"); `make study STUDY_METHODS=simclr,moco` adds MoCo v2+
+# (twice the time).
 STUDY_METHODS ?= simclr
 STUDY_JOBS ?= 2
 # Class agreement against hardness of the positives for w in {0, 0.05, 0.1, 0.2, 0.5, 1} x 16 and 50 DDIM steps.

@@ -1,6 +1,6 @@
 """The CLSP sampler: DDIM sampling whose UNet bottleneck is pulled towards a noised copy of the anchor.
 
-Per DDIM timestep t (method.md):
+Per DDIM timestep t (the paper's feature interpolation):
     a_t     = sqrt(abar_t) * anchor + sqrt(1 - abar_t) * n       n ~ N(0, I), fresh every step
     h,  s   = E(x_t, t);   h_a, _ = E(a_t, t)                      one encoder call on the (2B) concatenated batch
     eps     = D(w * h + (1 - w) * h_a, s, t)                       decoder once, on the sample's skips

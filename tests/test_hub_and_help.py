@@ -209,7 +209,7 @@ def test_a_short_run_gets_a_short_warm_up_and_the_paper_preset_has_the_paper_set
     method = paper.method_config()
     assert (method.temperature, method.lam, method.proj_hidden, method.proj_dim) == (0.2, 1.0, 4096, 256)
     with pytest.raises(UserError, match="paper's simclr setting .*for --method moco leave --preset out"):
-        make_config("paper-cifar10", method="moco", **where)  # gave MoCo SimCLR's lam 1.0 (method.md: 0.5)
+        make_config("paper-cifar10", method="moco", **where)  # gave MoCo SimCLR's lam 1.0 (the paper: 0.5)
     assert make_config(method="moco", **where).method_config().lam == 0.5
     import numpy as np  # a Path and numpy's scalars are other spellings of an option's type: kept, as builtins
 

@@ -101,7 +101,7 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
 # much as for a synthetic one (measured: base loss stuck at ln(2B-1) for 250 steps); at 0.2 the base loss escapes.
-# paper-cifar10: the SimCLR CIFAR-10 setting of the paper (docs: method.md): ResNet-18 (the CIFAR stem follows from the
+# paper-cifar10: the SimCLR CIFAR-10 setting of the paper: ResNet-18 (the CIFAR stem follows from the
 # 32 px images), projector 4096 -> 256, tau 0.2, lam 1.0, SGD lr 0.5 momentum 0.9 wd 1e-4, 10 warm-up epochs then
 # cosine, 1000 epochs, batch 1024 (global: split over the processes).
 # Literal values only: `clsp train run --help` reads this dict without importing this module (clsp.presets).

@@ -19,7 +19,7 @@ from clsp.train.methods import InfoNCEConfig, MomentumConfig, MomentumMethod, Qu
 
 @dataclass(frozen=True)
 class MoCoConfig(InfoNCEConfig, QueueConfig, MomentumConfig):
-    # method.md: queue 32768 (negatives: keys of past batches), momentum 0.99 -> 0.999 (cosine), tau 0.2, lam 0.5
+    # the paper: queue 32768 (negatives: keys of past batches), momentum 0.99 -> 0.999 (cosine), tau 0.2, lam 0.5
     # (CIFAR-10; 0.2 CIFAR-100)
     lam: float = 0.5
     queue_size: int = 32768

@@ -10,7 +10,7 @@ from clsp.train.methods import InfoNCEConfig, Method, register
 
 @register("simclr")
 class SimCLR(Method):
-    # method.md: tau 0.2, lam 1.0, projector Linear(d, 4096) - ReLU - Linear(4096, 256): InfoNCEConfig's defaults
+    # the paper: tau 0.2, lam 1.0, projector Linear(d, 4096) - ReLU - Linear(4096, 256): InfoNCEConfig's defaults
     config = InfoNCEConfig
 
     def base_loss(self, v1, v2, ids):
