@@ -248,6 +248,7 @@ class FolderSource(Source):
                             f"source") from None
 
     encoded = True
+    parallel_loads = True  # one file each
 
     def _content_digest(self, item) -> tuple[str, int, bytes]:
         anchor_id, file, label = item

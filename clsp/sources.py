@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -180,10 +181,32 @@ class Source:
         """Records at these positions of the id order."""
         items = self._items()
         for position in positions:
-            record = self._load(items[position])
-            if self._size is not None and record.image.shape != (self._size, self._size, 3):
-                raise self._other_size(record.anchor_id, record.image.shape[1], record.image.shape[0])
-            yield record
+            yield self._sized(self._load(items[position]))
+
+    def _sized(self, record: Record) -> Record:
+        if self._size is not None and record.image.shape != (self._size, self._size, 3):
+            raise self._other_size(record.anchor_id, record.image.shape[1], record.image.shape[0])
+        return record
+
+    parallel_loads = False  # whether _load may run in several threads at once (it keeps no state between calls)
+
+    def check_readable(self, positions, threads: int = 1, progress=None) -> None:
+        """Decode the images at these positions and drop them: raises the UserError that names the first unreadable
+        (damaged, truncated) or odd-sized one. Threads where `parallel_loads` (PIL decodes without the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        items = self._items()
+
+        def check(position: int) -> None:
+            self._sized(self._load(items[position]))
+
+        pool = ThreadPoolExecutor(threads if self.parallel_loads else 1)
+        try:
+            for _ in pool.map(check, positions):  # in order: the first bad image in id order is the one named
+                if progress is not None:
+                    progress.update()
+        finally:  # on the first bad image, the checks not begun are dropped rather than waited for
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _other_size(self, anchor_id: str, width: int, height: int) -> UserError:
         return UserError(f"{self.name}: image {anchor_id} is {width}x{height}, the others {self._size}x{self._size}: "
@@ -213,7 +236,10 @@ class Source:
             raise self._other_size(anchor_id, width, height)
 
     def describe(self) -> dict:
-        labels = [r.label for r in self]
+        from tqdm.auto import tqdm
+
+        labels = [r.label for r in tqdm(self, total=len(self), desc=f"reading {self.name}", unit="img", leave=False,
+                                        file=sys.stderr)]
         return {
             "source": self.spec,
             "split": self.split,
@@ -275,11 +301,20 @@ def load_arrays(source: Source, limit: int | None = None) -> tuple[np.ndarray, n
     """The whole source in memory: images (N, H, W, 3) uint8, labels (N,), ids. With `limit`, at most that many,
     evenly spaced over the id order: a folder source lists its images class by class, and its first `limit` images
     would be its first classes only."""
+    from tqdm.auto import tqdm
+
     if limit is None or limit >= len(source):
-        records = list(source)
+        positions = np.arange(len(source))
     else:
-        records = list(source.records_at(np.unique(np.linspace(0, len(source) - 1, max(limit, 1)).round().astype(int))))
-    if not records:
+        positions = np.unique(np.linspace(0, len(source) - 1, max(limit, 1)).round().astype(int))
+    if not len(positions):
         raise UserError(f"{source.name} holds no images")
-    images = np.stack([r.image for r in records])
-    return images, np.array([r.label for r in records], dtype=np.int64), [r.anchor_id for r in records]
+    size = source.image_size
+    images = np.empty((len(positions), size, size, 3), dtype=np.uint8)  # filled in place: no second copy
+    labels, ids = np.empty(len(positions), dtype=np.int64), []
+    records = source.records_at(positions)
+    for i, record in enumerate(tqdm(records, total=len(positions), desc=f"reading {source.name}", unit="img",
+                                    leave=False, file=sys.stderr)):
+        images[i], labels[i] = record.image, record.label
+        ids.append(record.anchor_id)
+    return images, labels, ids

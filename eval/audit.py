@@ -116,10 +116,13 @@ def fit_reference(real_images: np.ndarray, real_labels: np.ndarray, config: Audi
 
     rng = np.random.default_rng(config.seed)
     fit_rows = rng.permutation(real_images.shape[0])[: config.max_fit]
-    real_x = _flat(real_images)  # (M, P)
-    pca = PCA(n_components=min(config.pca_components, len(fit_rows), real_x.shape[1]), random_state=config.seed)
-    pca.fit(real_x[fit_rows])
-    real_z = pca.transform(real_x)  # (M, c)
+    fit_x = _flat(real_images[fit_rows])  # (min(M, max_fit), P): never all M images as floats
+    pca = PCA(n_components=min(config.pca_components, len(fit_rows), fit_x.shape[1]), random_state=config.seed)
+    pca.fit(fit_x)
+    del fit_x
+    chunk = max(1, 2**22 // real_images[0].size)  # rows whose floats take 16 MiB
+    real_z = np.concatenate([pca.transform(_flat(real_images[i:i + chunk]))  # (M, c), a chunk's floats at a time
+                             for i in range(0, len(real_images), chunk)])
     labelled = real_labels[fit_rows] >= 0
     if len(np.unique(real_labels[fit_rows][labelled])) < 2:
         raise ValueError("the real data needs labels of at least 2 classes for the reference classifier")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clsp.accelerator import resolve_device
+from clsp.accelerator import available_cores, resolve_device
 from clsp.errors import UserError
 from clsp.file_checks import json_with, owned_files
 from clsp.file_io import partial_removed
@@ -166,6 +166,7 @@ def _run(cfg: SynthConfig, continued: str | None, state):
                                             **{f"generator.{key}": info[key] for key in GENERATOR_CONFIGS}})
     if cfg.out.is_dir():  # before --overwrite deletes the finished run: this refusal would leave nothing of it
         _refuse_foreign_shards(cfg.out)
+    _check_anchors_decode(cfg, source, count, state)
     with prepare_run_dir(cfg.out, run, kind, resume=True, overwrite=cfg.overwrite, procs=state) as claim:
         if continued and state.is_main_process:  # only now: the record may have refused this run
             tqdm.write(continued, file=sys.stderr)
@@ -196,6 +197,20 @@ def _run(cfg: SynthConfig, continued: str | None, state):
             manifest = write_manifest(cfg.out, run, agreement, complete=True)  # refuses a missing shard
     tqdm.write(f"{cfg.out}: {num_shards} shards, {count} anchors x {cfg.k} positives; {done}", file=sys.stderr)
     return manifest
+
+
+def _check_anchors_decode(cfg: SynthConfig, source, count: int, state) -> None:
+    """Decode every anchor of the shards still to make before anything is written: a damaged image met while sampling
+    would stop the job after the shards before it, and replacing or removing it changes the source's fingerprint, so
+    those shards could then only be deleted (--overwrite), not continued. Every process checks them all (the same
+    verdict everywhere, so none waits for a failed one), on its share of the cores."""
+    per = cfg.anchors_per_shard
+    todo = [i for i in range(math.ceil(count / per)) if not (cfg.out / shard_name(i)).exists()]
+    positions = [p for i in todo for p in range(i * per, min((i + 1) * per, count))]
+    threads = max(1, min(16, available_cores() // state.num_processes))
+    with tqdm(total=len(positions), desc="checking anchors", unit="img", leave=False, dynamic_ncols=True,
+              disable=not state.is_main_process or not positions, file=sys.stderr) as bar:
+        source.check_readable(positions, threads, bar)
 
 
 def _current_manifest(out: Path, run: dict) -> Manifest | None:

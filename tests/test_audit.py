@@ -100,3 +100,23 @@ def test_anchors_of_shards_made_under_split_all_are_found_in_the_train_split(tmp
     assert not set(ids) & set(real_ids)  # no id in common: found by pixels
     assert anchor_rows(ids, anchors, real_ids, real_images).tolist() == [*range(10), -1, -1, -1]
     assert anchor_rows(real_ids[::-1], real_images[::-1], real_ids, real_images).tolist() == list(range(10))[::-1]
+
+
+def test_the_reference_never_holds_every_real_image_as_floats():
+    """It fits on at most max_fit images and projects the rest in chunks: a float copy of a large train split (4x its
+    bytes) is gigabytes."""
+    import tracemalloc
+
+    from clsp.eval.audit import fit_reference
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40000, 12, 12, 3), dtype=np.uint8)  # 17 MB
+    labels = np.arange(len(images)) % 4
+    tracemalloc.start()
+    try:
+        reference = fit_reference(images, labels, AuditConfig(max_fit=200), folds=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reference.real_z.shape[0] == len(images)
+    assert peak < 4 * images.nbytes, f"peak {peak / 2**20:.1f} MiB for {images.nbytes / 2**20:.1f} MiB of images"

@@ -41,7 +41,7 @@ def test_the_clsp_script_and_python_m_clsp_run():
 def test_data_info_and_sheet_on_the_embedded_source(tmp_path):
     result = runner.invoke(app, ["data", "info", "digits", "--split", "test"])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["count"] == 360 and info["classes"] == 10 and len(info["fingerprint"]) == 64
     result = runner.invoke(app, ["data", "sheet", "digits", "--out", str(tmp_path / "d.png"), "--rows", "2"])
     assert result.exit_code == 0 and (tmp_path / "d.png").stat().st_size > 0

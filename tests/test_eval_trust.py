@@ -49,7 +49,7 @@ def test_a_parquet_file_that_names_no_split_is_one_split_and_refuses_test(tmp_pa
     _parquet(tmp_path / "one.parquet", 6, seed=0)
     info = _cli("data", "info", f"parquet:{tmp_path / 'one.parquet'}")
     assert info.exit_code == 0, info.output
-    assert json.loads(info.output)["count"] == 6 and "one split" in json.loads(info.output)["splits"]
+    assert json.loads(info.stdout)["count"] == 6 and "one split" in json.loads(info.stdout)["splits"]
     refused = _cli("data", "info", f"parquet:{tmp_path / 'one.parquet'}", "--split", "test")
     assert refused.exit_code == 2 and "error:" in refused.output and "names no split" in refused.output
     assert "--test-source" in refused.output and "Traceback" not in refused.output

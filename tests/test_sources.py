@@ -297,3 +297,41 @@ def test_bad_split_and_size_are_refused():
         open_source("digits", split="val")
     with pytest.raises(UserError, match="out of range"):
         open_source("digits", image_size=2)
+
+
+def test_check_readable_names_the_first_bad_image_in_id_order_with_threads(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "c").mkdir()
+    for i in range(40):
+        (tmp_path / "c" / f"{i:02d}.png").write_bytes(_png(rng, size=8))
+    for bad in ("07", "30"):
+        (tmp_path / "c" / f"{bad}.png").write_bytes(b"not an image")
+    source = open_source(f"folder:{tmp_path}", "train", 8)
+    source.check_readable(range(7), threads=4)  # the good ones pass
+    for threads in (1, 4):
+        with pytest.raises(UserError, match=r"07\.png cannot be read"):
+            source.check_readable(range(40), threads=threads)
+
+
+def test_load_arrays_fills_one_array_and_shows_its_progress(tmp_path, capsys):
+    """One copy of the images at the peak (a list of records then np.stack held two), and a bar on stderr: a large
+    folder takes minutes to decode."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "c").mkdir()
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "c" / f"{i}.png")
+    source = open_source(f"folder:{tmp_path}", "train", 32)
+    source.image_size
+    tracemalloc.start()
+    try:
+        images, labels, ids = load_arrays(source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert images.shape == (300, 32, 32, 3) and len(ids) == 300 and (labels == 0).all()
+    assert peak < 1.5 * images.nbytes, f"peak {peak / 2**20:.2f} MiB for {images.nbytes / 2**20:.2f} MiB of images"
+    assert "reading folder:" in capsys.readouterr().err
+    source.describe()
+    assert "reading folder:" in capsys.readouterr().err

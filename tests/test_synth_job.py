@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from clsp.cli import app
@@ -255,3 +256,20 @@ def test_resize_makes_the_anchors_the_generators_size(generator, tmp_path):
 def test_preset_then_explicit_options(generator, tmp_path):
     cfg = config_from_options("embedded", model=str(generator), out=tmp_path, steps=3, k=None)
     assert (cfg.source, cfg.k, cfg.sampler.steps, cfg.sampler.w) == ("digits", 4, 3, 0.2)  # the preset's w, given steps
+
+
+def test_a_damaged_image_is_found_before_the_folder_is_claimed(generator, tmp_path):
+    """Found mid-run, a damaged image would stop the job after the shards before it, and mending it changes the
+    source's fingerprint: those shards could only be deleted. The job decodes the anchors first, with threads."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            image = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+            image.save(tmp_path / "data" / name / f"{i}.png")
+    last = tmp_path / "data" / "b" / "3.png"  # the last anchor in id order: an interrupted copy
+    last.write_bytes(last.read_bytes()[:60])
+    out = tmp_path / "shards"
+    with pytest.raises(UserError, match=r"3\.png cannot be read as an image"):
+        run_synth(config(generator, out, source=f"folder:{tmp_path / 'data'}", anchors_per_shard=2, limit=None))
+    assert not out.exists()  # no shard, no run record: mending the file and rerunning starts cleanly
