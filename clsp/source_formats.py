@@ -1,6 +1,6 @@
-"""The per-format sources behind `open_source` (clsp/sources.py): the embedded digits, HF-layout Parquet, image folders
-and torchvision's CIFAR folders. Each fills the `Source` base's `_items()` and `_load(item)`; Parquet and folders
-find their splits by the one rule of `pick_split`.
+"""The per-format sources behind `open_source` (clsp/sources.py): the embedded digits, HF-layout Parquet, image folders,
+torchvision's CIFAR folders and STL-10's binary folder. Each fills the `Source` base's `_items()` and `_load(item)`;
+Parquet and folders find their splits by the one rule of `pick_split`.
 """
 from __future__ import annotations
 
@@ -336,3 +336,121 @@ class CifarSource(Source):
             image = to_rgb_square(Image.fromarray(image), self._size)
         return Record(f"{self._prefix}-{i:05d}", image, int(self._labels[i]))
 
+
+class Stl10Source(Source):
+    """STL-10 in its official binary form: the `stl10_binary` folder that stl10_binary.tar.gz (and torchvision's
+    STL10(DIR, download=True)) makes, given as that folder or its parent. Read through read-only memory maps, so
+    opening it reads no pixels (unlabeled_X.bin is 2.7 GB).
+
+    Each X file holds uint8 images of 3x96x96, each channel stored column-major; each y file one label 1..10 per image
+    of its X file (read as 0..9); class_names.txt one name a line. Splits: train = the 5,000 labelled train images,
+    then the 100,000 of unlabeled_X.bin (label -1; absent file: none), the usual self-supervised pre-training set;
+    test = the 8,000 test images; all = train, then test. Ids name the part and the row, the same under every split:
+    stl10-train-00000, stl10-unlabeled-000000, stl10-test-00000. fold_indices.txt is not read.
+    """
+
+    kind = "stl10"
+    FOLDER = "stl10_binary"
+    SIDE = 96
+    IMAGE_BYTES = 3 * SIDE * SIDE  # 27,648
+    # part: (X file, y file or None, id digits)
+    PARTS = {"train": ("train_X.bin", "train_y.bin", 5), "unlabeled": ("unlabeled_X.bin", None, 6),
+             "test": ("test_X.bin", "test_y.bin", 5)}
+
+    def __init__(self, spec: str, split: str, image_size: int | None, path: str):
+        super().__init__(spec, split, self.SIDE if image_size is None else image_size)
+        root = Path(path)
+        root = root / self.FOLDER if (root / self.FOLDER).is_dir() else root
+        self._root = root
+        wanted = {"train": ["train"], "test": ["test"], "all": ["train", "test"]}[split]
+        needed = [name for part in wanted for name in self.PARTS[part][:2]]
+        missing = [name for name in needed if not (root / name).is_file()]
+        if missing:
+            raise UserError(f"{root} lacks {', '.join(missing)}: point to the {self.FOLDER} folder (or its parent) "
+                            f"that the official stl10_binary.tar.gz or torchvision.datasets.STL10(DIR, download=True) "
+                            f"makes")
+        unlabelled = (root / self.PARTS["unlabeled"][0]).is_file()
+        parts = [p for part in wanted for p in ((part, "unlabeled") if part == "train" and unlabelled else (part,))]
+        self.splits = self._splits_note(unlabelled)
+        self._parts: list[tuple[str, np.ndarray, np.ndarray | None]] = []  # (part, (n, 3, 96, 96) memmap, labels)
+        for part in parts:
+            x_name, y_name, _ = self.PARTS[part]
+            pixels = self._pixels(root / x_name)
+            self._parts.append((part, pixels, None if y_name is None else self._labels_of(root / y_name, len(pixels))))
+        self._starts = np.cumsum([0] + [len(pixels) for _, pixels, _ in self._parts])  # part i: [starts[i], [i+1])
+        self.classes = self._class_names(root / "class_names.txt")
+
+    @classmethod
+    def _damaged(cls, file: Path, why: str) -> UserError:
+        return UserError(f"{file} is not a file of STL-10's binary version ({why}): it is damaged or another file; "
+                         f"download the binary version again (the official stl10_binary.tar.gz, or "
+                         f"torchvision.datasets.STL10(DIR, download=True), makes the {cls.FOLDER} folder)")
+
+    def _pixels(self, file: Path) -> np.ndarray:
+        size = file.stat().st_size
+        if size == 0 or size % self.IMAGE_BYTES:
+            raise self._damaged(file, f"{size:,} bytes, not a positive multiple of {self.IMAGE_BYTES:,}, the bytes of "
+                                      f"one 3x{self.SIDE}x{self.SIDE} image")
+        return np.memmap(file, dtype=np.uint8, mode="r").reshape(-1, 3, self.SIDE, self.SIDE)
+
+    def _labels_of(self, file: Path, count: int) -> np.ndarray:
+        labels = np.fromfile(file, dtype=np.uint8)
+        x_name = file.name.replace("_y", "_X")
+        if len(labels) != count:
+            raise self._damaged(file, f"{len(labels):,} labels for the {count:,} images of {x_name}")
+        bad = np.flatnonzero((labels < 1) | (labels > 10))
+        if bad.size:
+            raise self._damaged(file, f"label {labels[bad[0]]} at row {bad[0]}, where labels are 1..10")
+        return labels.astype(np.int64) - 1
+
+    def _class_names(self, file: Path) -> list[str]:
+        if not file.is_file():
+            return []
+        names = [line.strip() for line in file.read_text(errors="replace").splitlines() if line.strip()]
+        if len(names) != 10:
+            raise self._damaged(file, f"{len(names)} class names, not 10")
+        return names
+
+    def _splits_note(self, unlabelled: bool) -> str:
+        """What `data info` says: the parts present and how many images each holds (from the file sizes)."""
+        def count(name: str) -> str:
+            file = self._root / name
+            return f"{file.stat().st_size // self.IMAGE_BYTES:,}" if file.is_file() else "?"
+
+        notes = []
+        if (self._root / "train_X.bin").is_file():
+            extra = (f", then {count('unlabeled_X.bin')} unlabelled from unlabeled_X.bin" if unlabelled else
+                     "; no unlabeled_X.bin, so no unlabelled images")
+            notes.append(f"train ({count('train_X.bin')} labelled{extra})")
+        if (self._root / "test_X.bin").is_file():
+            notes.append(f"test ({count('test_X.bin')} labelled)")
+        return ", ".join(notes)
+
+    def _items(self) -> range:
+        return range(int(self._starts[-1]))
+
+    def _locate(self, i: int) -> tuple[str, np.ndarray, np.ndarray | None, int]:
+        index = int(np.searchsorted(self._starts, i, side="right")) - 1
+        part, pixels, labels = self._parts[index]
+        return part, pixels, labels, int(i - self._starts[index])
+
+    def _raw(self, i: int) -> tuple[str, int, np.ndarray]:
+        """(id, label, the image's (3, 96, 96) bytes as stored: channel, column, row)."""
+        part, pixels, labels, row = self._locate(i)
+        label = -1 if labels is None else int(labels[row])
+        return f"stl10-{part}-{row:0{self.PARTS[part][2]}d}", label, pixels[row]
+
+    def _load(self, i: int) -> Record:
+        anchor_id, label, stored = self._raw(i)
+        image = np.ascontiguousarray(stored.transpose(2, 1, 0))  # (row, column, channel)
+        if self._size != self.SIDE:
+            image = to_rgb_square(Image.fromarray(image), self._size)
+        return Record(anchor_id, image, label)
+
+    def _content_digest(self, i: int) -> tuple[str, int, bytes]:
+        anchor_id, label, stored = self._raw(i)
+        return anchor_id, label, stored.tobytes()
+
+    def labels(self) -> np.ndarray:
+        return np.concatenate([np.full(len(pixels), -1, np.int64) if labels is None else labels
+                               for _, pixels, labels in self._parts])

@@ -1,4 +1,4 @@
-"""Where anchor images come from: one interface over the embedded digits, Parquet, image folders and CIFAR.
+"""Where anchor images come from: one interface over the embedded digits, Parquet, image folders, CIFAR and STL-10.
 
 Every source yields `Record(anchor_id, image (H, W, 3) uint8, label or -1)` in a fixed order, with ids that are stable
 across runs and machines (derived from file names and row positions, never from paths of this machine) and contain no
@@ -39,6 +39,10 @@ _SPLIT_NAME = re.compile(r"(train|test|validation|val)(?![a-z])")  # "train-0000
 
 class OneSplitError(UserError):
     """`--split test` asked of a location whose names say no split: it is one split, read as train."""
+
+
+class NoLabelsError(UserError):
+    """`load_arrays(..., labelled=True)` on a source none of whose images has a label."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ class Source:
         record = self._load(item)
         return record.anchor_id, record.label, record.image.tobytes()
 
+    def labels(self) -> np.ndarray | None:
+        """Labels (N,) int64 in id order (-1: none) when known without reading the images; None: read them to see."""
+        return None
+
     classes: list[str] = []
     splits = "train, test"  # what `data info` says about the splits (see splits_note)
     encoded = False  # whether _content_digest gives each image's encoded file (PNG, JPEG...): its header says its size
@@ -238,8 +246,10 @@ class Source:
     def describe(self) -> dict:
         from tqdm.auto import tqdm
 
-        labels = [r.label for r in tqdm(self, total=len(self), desc=f"reading {self.name}", unit="img", leave=False,
-                                        file=sys.stderr)]
+        known = self.labels()
+        labels = known.tolist() if known is not None else [
+            r.label for r in tqdm(self, total=len(self), desc=f"reading {self.name}", unit="img", leave=False,
+                                  file=sys.stderr)]
         return {
             "source": self.spec,
             "split": self.split,
@@ -252,14 +262,15 @@ class Source:
         }
 
 
-SPEC_HELP = "digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"
+SPEC_HELP = "digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR | stl10:DIR"
 SPLIT_HELP = ("train | test | all. Test reads folders and files named test, val or validation; a file, glob or folder "
               "whose names say no split is one split (train), and test on it is refused")
 
 
 def open_source(spec: str, split: str = "train", image_size: int | None = None) -> Source:
     """Open a source by spec (see SPEC_HELP). Raises UserError naming the problem for anything it cannot read."""
-    from clsp.source_formats import CifarSource, DigitsSource, FolderSource, ParquetSource  # here: they import sources
+    from clsp.source_formats import (  # here: they import sources
+        CifarSource, DigitsSource, FolderSource, ParquetSource, Stl10Source)
 
     kind, _, path = spec.partition(":")
     if kind == "digits" and not path:
@@ -273,6 +284,8 @@ def open_source(spec: str, split: str = "train", image_size: int | None = None) 
         return FolderSource(spec, split, image_size, path)
     if kind in CifarSource.LAYOUT:
         return CifarSource(spec, split, image_size, path, kind)
+    if kind == "stl10":
+        return Stl10Source(spec, split, image_size, path)
     raise UserError(f"unknown source kind {kind!r} in {spec!r}: use {SPEC_HELP}")
 
 
@@ -297,24 +310,33 @@ def refuse_out_inside(spec: str, out: str | Path) -> None:
                         f"would become part of the source; choose an --out outside {location}")
 
 
-def load_arrays(source: Source, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_arrays(source: Source, limit: int | None = None,
+                labelled: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The whole source in memory: images (N, H, W, 3) uint8, labels (N,), ids. With `limit`, at most that many,
     evenly spaced over the id order: a folder source lists its images class by class, and its first `limit` images
-    would be its first classes only."""
+    would be its first classes only. With `labelled`, only the images that have a label (then `limit` spaces them
+    over the labelled ones where the source knows its labels without reading images: Source.labels): an unlabelled
+    image is read past, never kept (STL-10's 100,000), and NoLabelsError when none has a label."""
     from tqdm.auto import tqdm
 
-    if limit is None or limit >= len(source):
-        positions = np.arange(len(source))
-    else:
-        positions = np.unique(np.linspace(0, len(source) - 1, max(limit, 1)).round().astype(int))
-    if not len(positions):
+    known = source.labels() if labelled else None
+    positions = np.arange(len(source)) if known is None else np.flatnonzero(known >= 0)
+    if limit is not None and limit < len(positions):
+        positions = positions[np.unique(np.linspace(0, len(positions) - 1, max(limit, 1)).round().astype(int))]
+    if not len(positions) and not (labelled and len(source)):
         raise UserError(f"{source.name} holds no images")
     size = source.image_size
     images = np.empty((len(positions), size, size, 3), dtype=np.uint8)  # filled in place: no second copy
     labels, ids = np.empty(len(positions), dtype=np.int64), []
     records = source.records_at(positions)
-    for i, record in enumerate(tqdm(records, total=len(positions), desc=f"reading {source.name}", unit="img",
-                                    leave=False, file=sys.stderr)):
-        images[i], labels[i] = record.image, record.label
-        ids.append(record.anchor_id)
+    for record in tqdm(records, total=len(positions), desc=f"reading {source.name}", unit="img", leave=False,
+                       file=sys.stderr):
+        if record.label >= 0 or not labelled:
+            images[len(ids)], labels[len(ids)] = record.image, record.label
+            ids.append(record.anchor_id)
+    if not ids:
+        raise NoLabelsError(f"{source.name} has no labelled image (all {len(source)} are unlabelled)")
+    if len(ids) < len(positions):  # unlabelled images left out of a source that knows its labels only by reading
+        images.resize((len(ids), size, size, 3), refcheck=False)  # in place: `images` is the only reference
+        labels = labels[:len(ids)]
     return images, labels, ids

@@ -145,13 +145,36 @@ def _open_test(spec: str, split: str, size: int, explicit: bool):
         return open_source(spec, "all", image_size=size)
 
 
-def _labelled(source) -> tuple[np.ndarray, np.ndarray, str]:
-    """(images (N, H, W, 3) uint8, labels (N,), fingerprint) of a source whose images all have labels."""
+def _labelled_bank(source) -> tuple[tuple[np.ndarray, np.ndarray, str], int]:
+    """((images (N, H, W, 3) uint8, labels (N,), fingerprint), unlabelled left out) of the kNN bank / probe train set:
+    its labelled images only (STL-10's train split: 5,000 labelled, 100,000 unlabelled read past, never kept)."""
+    from clsp.sources import NoLabelsError, load_arrays
+
+    try:
+        images, labels, _ = load_arrays(source, labelled=True)
+    except NoLabelsError:
+        raise UserError(f"{source.name} has no labelled image, and the kNN bank and the linear probe are fitted on "
+                        f"labelled ones: pass --source a labelled source of the images the run trained on (--transfer "
+                        f"for other data), and --test-source for its test images when it has no test split") from None
+    left_out = len(source) - len(labels)
+    if left_out:
+        print(f"kNN bank and linear probe: the {len(labels):,} labelled images of {source.name} ({left_out:,} "
+              f"unlabelled left out)", file=sys.stderr)
+    return (images, labels, source.fingerprint()), left_out
+
+
+def _labelled_test(source) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images (N, H, W, 3) uint8, labels (N,), fingerprint) of a test set whose images all have labels: the accuracy
+    is over every test image, so an unlabelled one is refused (before any image is read where the source knows its
+    labels without reading them)."""
     from clsp.sources import load_arrays
 
-    images, labels, _ = load_arrays(source)
+    known = source.labels()
+    images, labels = (None, known) if known is not None and (known < 0).any() else load_arrays(source)[:2]
     if (labels < 0).any():
-        raise UserError(f"{source.name} has unlabelled images: kNN and the linear probe need a labelled source")
+        raise UserError(f"{source.name} has {int((labels < 0).sum()):,} unlabelled images of {len(labels):,}, and the "
+                        f"test accuracy is over every test image: pass --test-source a test set whose images all have "
+                        f"labels")
     return images, labels, source.fingerprint()
 
 
@@ -236,7 +259,7 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
     test = _open_test(config.test_source or run.spec, config.test_split, run.image_size,
                       explicit=config.test_source is not None)
     _check_classes(bank, test)
-    train, held_out = _labelled(bank), _labelled(test)
+    (train, left_out), held_out = _labelled_bank(bank), _labelled_test(test)
     shared = _check_disjoint(bank, test, train[0], held_out[0])
     settings = asdict(replace(config, source=run.spec, test_source=test.spec))  # the sources as resolved
     computed_with = {"device": settings.pop("device"), "forward_batch": settings.pop("batch_size")}
@@ -245,6 +268,8 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
                   source_check=check, weights_sha256=weights_sha256(run.backbone), train_fingerprint=train[2],
                   test_fingerprint=held_out[2], test_images_in_train=shared, eval_config=settings,
                   computed_with=computed_with, class_names=list(test.classes or bank.classes))
+    if left_out:  # recorded only then: a result of a fully labelled bank reads as before
+        result["bank_unlabelled_left_out"] = left_out
     return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result)
 
 

@@ -12,6 +12,7 @@ the probe and the kNN bank may read.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,14 +97,18 @@ class LabelledSet:
 
 
 def load_labelled(spec: str, image_size: int) -> LabelledSet:
-    """The `all` split of `spec` at `image_size`; a UserError when an image has no label."""
-    from clsp.sources import load_arrays, open_source
+    """The labelled images of the `all` split of `spec` at `image_size` (STL-10's unlabelled ones are read past, never
+    kept); a UserError when no image has a label."""
+    from clsp.sources import NoLabelsError, load_arrays, open_source
 
     source = open_source(spec, "all", image_size=image_size)
-    images, labels, ids = load_arrays(source)
-    if (labels < 0).any():
-        raise UserError(f"{source.name} has {int((labels < 0).sum())} unlabelled images: k-fold scoring needs a "
-                        f"labelled source; pass --source a labelled one")
+    try:
+        images, labels, ids = load_arrays(source, labelled=True)
+    except NoLabelsError as error:
+        raise UserError(f"{error}: k-fold scoring needs labelled images; pass --source a labelled one") from None
+    if len(ids) < len(source):
+        print(f"k-fold scoring: the {len(ids):,} labelled images of {source.name} ({len(source) - len(ids):,} "
+              f"unlabelled left out)", file=sys.stderr)
     return LabelledSet(spec, images, labels, tuple(ids), source.fingerprint())
 
 

@@ -18,8 +18,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 DEFAULT_WS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 DEFAULT_STEPS = (20, 100)
 METRICS = ("agreement_pct", "hardness", "diversity")  # the audit's numbers kept per setting

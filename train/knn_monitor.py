@@ -12,12 +12,17 @@ from clsp.train.backbones import embed
 
 class KnnMonitor:
     """Weighted kNN top-1 in percent (k 20, cosine, T 0.07; as eval reports it) of the backbone on a labelled source:
-    train split -> test split, at most `limit` images of each, spread over the split (sources.load_arrays)."""
+    train split -> test split, at most `limit` images of each, spread over the split (sources.load_arrays; the bank
+    holds labelled images only: STL-10's train split has 100,000 unlabelled ones)."""
 
     def __init__(self, spec: str, size: int, limit: int = 5000):
-        from clsp.sources import OneSplitError, load_arrays, open_source
+        from clsp.sources import NoLabelsError, OneSplitError, load_arrays, open_source
 
-        self.bank = load_arrays(open_source(spec, "train", image_size=size), limit)[:2]
+        try:
+            self.bank = load_arrays(open_source(spec, "train", image_size=size), limit, labelled=True)[:2]
+        except NoLabelsError as error:
+            raise UserError(f"--knn-source: {error}, and the monitor's kNN bank needs labels: give a labelled "
+                            f"source") from None
         try:
             test = open_source(spec, "test", image_size=size)
         except OneSplitError:  # its own message points to eval's --test-source, which training does not have
