@@ -170,7 +170,10 @@ def _labelled_test(source) -> tuple[np.ndarray, np.ndarray, str]:
     from clsp.sources import load_arrays
 
     known = source.labels()
-    images, labels = (None, known) if known is not None and (known < 0).any() else load_arrays(source)[:2]
+    if known is not None and (known < 0).any():
+        images, labels = None, known  # refused below, before any image is read
+    else:
+        images, labels, _ = load_arrays(source)
     if (labels < 0).any():
         raise UserError(f"{source.name} has {int((labels < 0).sum()):,} unlabelled images of {len(labels):,}, and the "
                         f"test accuracy is over every test image: pass --test-source a test set whose images all have "

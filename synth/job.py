@@ -175,7 +175,7 @@ def _run(cfg: SynthConfig, continued: str | None, state):
             settle_index(cfg.out)  # and the index a killed manifest write left under its pending name
         _refuse_foreign_shards(cfg.out)  # again, under the claim: one may have come meanwhile
         num_shards = math.ceil(count / cfg.anchors_per_shard)
-        todo = [i for i in range(num_shards) if not (cfg.out / shard_name(i)).exists()]
+        todo = _shards_to_make(cfg, count)
         mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
         state.wait_for_everyone()  # all ranks listed the dir before any new shard appears
         _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, mine)
@@ -199,14 +199,18 @@ def _run(cfg: SynthConfig, continued: str | None, state):
     return manifest
 
 
+def _shards_to_make(cfg: SynthConfig, count: int) -> list[int]:
+    """Numbers of the run's shards not yet under their final name in cfg.out."""
+    return [i for i in range(math.ceil(count / cfg.anchors_per_shard)) if not (cfg.out / shard_name(i)).exists()]
+
+
 def _check_anchors_decode(cfg: SynthConfig, source, count: int, state) -> None:
     """Decode every anchor of the shards still to make before anything is written: a damaged image met while sampling
     would stop the job after the shards before it, and replacing or removing it changes the source's fingerprint, so
     those shards could then only be deleted (--overwrite), not continued. Every process checks them all (the same
     verdict everywhere, so none waits for a failed one), on its share of the cores."""
     per = cfg.anchors_per_shard
-    todo = [i for i in range(math.ceil(count / per)) if not (cfg.out / shard_name(i)).exists()]
-    positions = [p for i in todo for p in range(i * per, min((i + 1) * per, count))]
+    positions = [p for i in _shards_to_make(cfg, count) for p in range(i * per, min((i + 1) * per, count))]
     threads = max(1, min(16, available_cores() // state.num_processes))
     with tqdm(total=len(positions), desc="checking anchors", unit="img", leave=False, dynamic_ncols=True,
               disable=not state.is_main_process or not positions, file=sys.stderr) as bar:
