@@ -185,6 +185,11 @@ def _subfolders(directory: Path) -> list[Path]:
     return sorted(d for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _has_image(directory: Path) -> bool:
+    """Whether DIRECTORY (missing is fine) has an image anywhere below it; stops at the first."""
+    return directory.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in directory.rglob("*"))
+
+
 def _holds_images(directory: Path) -> bool:
     return any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() for f in directory.iterdir())
 
@@ -219,6 +224,12 @@ class FolderSource(Source):
         if not self.classes:
             raise UserError(f"{root} has no class sub-folders: expected DIR/CLASS/IMAGE.png or "
                             f"DIR/SPLIT/CLASS/IMAGE.png")
+        # a class folder without images in any split (a stray or half-copied folder) would still take a label and a
+        # probe output, and torchvision's ImageFolder refuses it too
+        empty = [c for c in self.classes if not any(_has_image(t / c) for ts in parts.values() for t in ts)]
+        if empty:
+            raise UserError(f"class folder(s) {', '.join(empty)} under {root} hold no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}) in any split: add images or move the folder(s) out")
         self._files: list[tuple[str, Path, int]] = []
         seen: dict[str, Path] = {}
         for top in tops:  # several only for split "all": ids then start with the split folder's name

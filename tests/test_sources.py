@@ -167,6 +167,20 @@ def test_unreadable_images_and_empty_or_flat_sources_are_one_error_naming_them(t
         open_source(f"parquet:{tmp_path / 'none.parquet'}").image_size
 
 
+def test_a_class_folder_without_images_in_any_split_is_refused_by_name(tmp_path):
+    image = _png(np.random.default_rng(0), size=8)
+    for split, name in (("train", "cat"), ("test", "cat"), ("test", "dog")):
+        (tmp_path / split / name).mkdir(parents=True)
+        (tmp_path / split / name / "x.png").write_bytes(image)
+    (tmp_path / "train" / "dog").mkdir()  # dog lacks train images but has test ones: a class, label 1 in both splits
+    assert open_source(f"folder:{tmp_path}", split="train").classes == ["cat", "dog"]
+    (tmp_path / "train" / "bird" / "sub").mkdir(parents=True)  # nothing in any split, only a sub-folder
+    (tmp_path / "train" / "bird" / "sub" / "notes.txt").write_text("not an image")
+    for split in ("train", "test"):
+        with pytest.raises(UserError, match=r"class folder\(s\) bird under .* hold no images .*move the folder"):
+            open_source(f"folder:{tmp_path}", split=split)
+
+
 def test_a_null_parquet_label_reads_as_unknown(tmp_path):
     images = [np.zeros((8, 8, 3), np.uint8)] * 2
     write_hf_parquet(tmp_path / "train.parquet", images, [1, None])
