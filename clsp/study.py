@@ -189,8 +189,10 @@ def _train_here(run) -> None:
                         f"it (it is scored when the study goes on): {STUDY_AGAIN}")
 
 
-# in --out: the thread count each run was given when it last began from its first step (train records none); read
-# only for a run that has a checkpoint, which it began on that count
+# in --out: the thread count each run was given when it last began from its first step; read only for a run that has
+# a checkpoint, which it began on that count. Train's record (compute.threads) holds the count a run last went on with,
+# read when the run starts; this file lets the study say a change before any run trains, and serves runs begun before
+# train recorded the count
 THREADS_RECORD = "train-threads.json"
 
 

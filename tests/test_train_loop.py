@@ -179,7 +179,8 @@ def test_a_run_is_resumed_only_on_the_kind_of_device_and_precision_it_began_with
     out = tmp_path / "run"
     train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))
     record = read_json(out / "config.json")
-    assert record["config"]["bf16"] is True and record["compute"] == {"device": "cpu", "precision": "fp32"}
+    assert record["config"]["bf16"] is True
+    assert record["compute"] == {"device": "cpu", "precision": "fp32", "threads": torch.get_num_threads()}
     (out / "config.json").write_text(json.dumps({**record, "compute": {"device": "cuda", "precision": "bf16"}}))
     with pytest.raises(UserError, match=r"compute.device: 'cuda' there, 'cpu' now; compute.precision: 'bf16' there, "
                                         r"'fp32' now\): a run goes on on the kind of device it began on .* resume it "
@@ -188,6 +189,27 @@ def test_a_run_is_resumed_only_on_the_kind_of_device_and_precision_it_began_with
     del record["compute"]
     (out / "config.json").write_text(json.dumps(record))
     assert train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True))) == out
+
+
+def test_a_cpu_run_resumed_on_another_thread_count_says_so_and_goes_on(shards, tmp_path, capsys):
+    """A CPU run's weights depend on its thread count: the record holds it, and a resume on another count is said (not
+    refused: it is still a sound run of its config); a record from before the count was kept resumes without a word."""
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=2, warmup_epochs=0.0)))
+    record = read_json(out / "config.json")
+    threads = torch.get_num_threads()
+    assert record["compute"]["threads"] == threads
+    (out / "summary.json").unlink()  # as if stopped before its end, so that the resume trains
+    for began, said in ((threads + 3, True), (None, False), (threads, False)):
+        compute = {"device": "cpu", "precision": "fp32", **({} if began is None else {"threads": began})}
+        (out / "config.json").write_text(json.dumps({**record, "compute": compute}))
+        capsys.readouterr()
+        train(make_config(**options(shards, out, epochs=2, warmup_epochs=0.0, resume=True)))
+        shown = capsys.readouterr().out
+        assert (f"trained on {threads + 3} CPU thread(s) per process and goes on on {threads}" in shown) == said
+        assert ("OMP_NUM_THREADS" in shown) == said
+        assert read_json(out / "config.json")["compute"]["threads"] == threads  # the count it goes on with
+        (out / "summary.json").unlink()
 
 
 def test_each_method_records_its_own_settings_and_older_records_still_resume(shards, tmp_path):

@@ -31,7 +31,7 @@ from clsp.accelerator import StopFlag, fresh_accelerator, stop_loader_processes
 from clsp.errors import UserError
 from clsp.file_io import write_json
 from clsp.presets import preset_values
-from clsp.run_dir import RunKind, prepare_run_dir
+from clsp.run_dir import RunKind, prepare_run_dir, read_record
 from clsp.schedules import warmup_cosine
 from clsp.shards.manifest import Manifest
 from clsp.train.augment import AUGMENT_DRAWS, DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
@@ -85,7 +85,7 @@ def stream_plan(cfg: TrainConfig, manifest: Manifest, world: int) -> int | None:
 
 
 TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe=describe_run,
-                    operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version"),
+                    operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version", "compute.threads"),
                     legacy_keys=("config", "backbone", "normalize", "data"), absent_means={"method_state": 1},
                     upgrade=_upgrade_record,
                     hints={"data.stream_plan": "its loader processes split the batches as clsp <= 0.3.0 did, which no "
@@ -314,17 +314,25 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
     cached = use_cache(cfg.cache, manifest.count, manifest.k, int(manifest.run["image_size"]), cfg.positives, world)
     record = _run_record(cfg, manifest, built, cached, world, per_process, spe)
     record["compute"] = {"device": acc.device.type, "precision": "bf16" if acc.mixed_precision == "bf16" else "fp32"}
-    stream, loader = open_input(cfg, manifest, draw, per_process, spe, acc, cached)
+    stream, loader = open_input(cfg, manifest, draw, per_process, spe, acc, cached)  # may set the CPU's threads
+    if acc.device.type == "cpu":  # float sums round by the thread count: recorded, and a resume on another one said
+        record["compute"]["threads"] = torch.get_num_threads()
     monitor = KnnMonitor(cfg.knn_source, size) if cfg.knn_every and acc.is_main_process else None
     out = Path(cfg.out)  # everything above checked the input; nothing was written before this line
     if draw is not None:
         acc.print(draw.note)
     # a run begun before the device was recorded: where it ran cannot be known, so it reads as run here and resumes
     kind = replace(TRAIN_RUN, absent_means={**TRAIN_RUN.absent_means, "compute": record["compute"]})
+    before = (read_record(out, kind) or {}).get("compute", {}) if cfg.resume else {}  # the claim rewrites the record
     claim = stack.enter_context(prepare_run_dir(out, record, kind, cfg.resume, cfg.overwrite, acc))
     if claim.resumed and (out / SUMMARY).exists():
         acc.print(f"{out} is already finished with these settings: nothing to do")
         return None
+    if claim.resumed and before.get("threads", record["compute"].get("threads")) != record["compute"].get("threads"):
+        acc.print(f"note: {out} trained on {before['threads']} CPU thread(s) per process and goes on on "
+                  f"{record['compute']['threads']}: a CPU run's weights depend on its thread count, so from here on "
+                  f"they differ from an uninterrupted run's on either count (to keep them, set OMP_NUM_THREADS="
+                  f"{before['threads']})")
     checkpoint = find_checkpoint(out) if claim.resumed else None
     if cfg.log_with:  # e.g. tensorboard: OUT/tracker/events.out.tfevents.*; the config is in config.json
         acc.init_trackers(TRACKER_DIR)
