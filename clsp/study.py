@@ -76,10 +76,11 @@ def plan(cfg: StudyConfig) -> list:
 def check_trained_as_planned(runs: list, manifest) -> None:
     """Refuse a run folder whose config.json records another training than `runs` (TrainConfigs) plan for it, e.g. other
     --train-option values: by train's own comparison (record_differences, train's operational keys) of the options,
-    the shards (source, generator, bytes), a streamed run's loader processes and the augmentation's draws, so a study
-    never reports a run trained otherwise as one of its own, nor trains for hours before train refuses to resume one."""
+    the shards (source, generator, bytes), a streamed run's loader processes and the augmentation (recipe, draws), so
+    a study never reports a run trained otherwise as one of its own, nor trains for hours before train refuses to
+    resume one."""
     from clsp.run_dir import difference_hints, read_record, record_differences
-    from clsp.train.augment import AUGMENT_DRAWS
+    from clsp.train.augment import AUGMENT_DRAWS, recipe_for
     from clsp.train.cache import use_cache
     from clsp.train.loop import TRAIN_RUN, TrainConfig, recorded_generator, shards_sha256, stream_plan, stream_workers
 
@@ -96,9 +97,10 @@ def check_trained_as_planned(runs: list, manifest) -> None:
         # data.stream_workers and data.stream_plan; None: from memory, or split as clsp 0.3.0 split them)
         data = {**made_from, "stream_workers": None if cached else stream_workers(run.workers),
                 "stream_plan": None if cached else stream_plan(run, manifest, 1)}
-        planned = {"config": {**asdict(run), "cache": cached}, "data": data, "augment_draws": AUGMENT_DRAWS}
+        planned = {"config": {**asdict(run), "cache": cached}, "data": data, "augment": recipe_for(run.method),
+                   "augment_draws": AUGMENT_DRAWS}
         recorded = {"config": {**unset, "cache": False, **old.get("config", {})},
-                    "data": {key: old.get("data", {}).get(key) for key in data},
+                    "data": {key: old.get("data", {}).get(key) for key in data}, "augment": old.get("augment"),
                     "augment_draws": old.get("augment_draws")}  # None: kornia's modules (clsp <= 0.3.0)
         differences = record_differences(recorded, planned, TRAIN_RUN.operational)
         if differences:

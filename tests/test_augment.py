@@ -73,16 +73,16 @@ def test_eval_transform_keeps_images_on_their_device():
     assert out.device.type == "meta" and out.shape == (4, 3, 16, 16)
 
 
-@pytest.mark.parametrize("recipe", ["simclr", "moco"])
-def test_batch_and_pil_pipelines_agree_in_distribution(recipe):
+@pytest.mark.parametrize("recipe,view", [("simclr", 0), ("moco", 0), ("byol", 0), ("byol", 1)])
+def test_batch_and_pil_pipelines_agree_in_distribution(recipe, view):
     # the same image augmented 256 times by each pipeline: per-channel mean and spread must be close
     g = np.random.default_rng(0)
     image = np.zeros((16, 16, 3), dtype=np.uint8)
     image[4:12, 6:10] = (230, 180, 40)  # a coloured bar on black, like a digit stroke
     image += g.integers(0, 20, image.shape, dtype=np.uint8)
     torch.manual_seed(0)
-    batch = BatchAugment(recipe, size=16)(torch.from_numpy(image)[None].expand(256, -1, -1, -1))
-    reference = pil_reference(recipe, 16)
+    batch = BatchAugment(recipe, size=16)(torch.from_numpy(image)[None].expand(256, -1, -1, -1), view=view)
+    reference = pil_reference(recipe, 16, view=view)
     pil = torch.stack([reference(Image.fromarray(image)) for _ in range(256)])  # (256, 3, 16, 16)
     assert pil.shape == batch.shape
     assert torch.allclose(batch.mean(dim=(0, 2, 3)), pil.mean(dim=(0, 2, 3)), atol=0.08)
@@ -136,7 +136,7 @@ def test_jitter_applies_its_steps_in_the_order_given_to_the_samples_drawn_for_it
     assert not torch.allclose(outputs[0][:2], outputs[1][:2])  # the two orders differ on the same images
 
 
-@pytest.mark.parametrize("recipe", ["simclr", "moco"])
+@pytest.mark.parametrize("recipe", ["simclr", "moco", "byol"])
 def test_augmentation_never_waits_for_the_device(recipe):
     # On a GPU a host read (kornia's modules made several per call) makes the host wait for the device at every
     # augmented view; the meta device stands in for it (tests/conftest.host_traffic).
@@ -144,11 +144,11 @@ def test_augmentation_never_waits_for_the_device(recipe):
     images = digit_like_batch(8, size=12).to("meta")
     with host_traffic() as seen:
         out = augment(images)
-        augment(to_unit_float(images))
+        augment(to_unit_float(images), view=1)
     assert seen == [] and out.shape == (8, 3, 16, 16)
 
 
-@pytest.mark.parametrize("recipe", ["simclr", "moco"])
+@pytest.mark.parametrize("recipe", ["simclr", "moco", "byol"])
 def test_compiled_stages_give_the_eager_views_and_compile_once_per_colour_step_not_per_order(recipe):
     """What `--compile` does to the augmentation on a GPU (inductor there); aot_eager traces the stages the same way
     on the CPU (dynamo, fullgraph: a graph break fails) and runs the traced graphs with eager kernels."""
@@ -162,9 +162,52 @@ def test_compiled_stages_give_the_eager_views_and_compile_once_per_colour_step_n
         torch.manual_seed(call)
         orders.add(tuple(torch.randperm(4).tolist()))  # the order forward draws after this seed (host generator)
         torch.manual_seed(call)
-        want = eager(images)
+        want = eager(images, view=call % 2)  # the two views alternate, as in a step
         torch.manual_seed(call)
-        torch.testing.assert_close(compiled(images), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(compiled(images, view=call % 2), want, rtol=0, atol=1e-6)
         graphs.append(counters["stats"]["unique_graphs"] - before)
     assert len(orders) >= 8
-    assert graphs[0] == graphs[-1] == 6  # crop, four colour steps (every batch uses all four), the last steps
+    # crop, four colour steps (every batch uses all four), the last steps; BYOL's last steps twice, as its two views
+    # solarize with other probabilities (0 and 0.2)
+    assert graphs[0] == 6 and graphs[-1] == 6 + (recipe == "byol")
+
+
+def solarized_share(augment: BatchAugment, view: int) -> float:
+    """Share of views of a white image that come out solarized: white stays >= 0.6 under the jitter and grayscale
+    keeps it, so only solarization sends every pixel below the normalised 0."""
+    white = torch.full((4000, 8, 8, 3), 255, dtype=torch.uint8)
+    return (augment(white, view=view) < 0).flatten(1).all(dim=1).float().mean().item()
+
+
+@pytest.mark.parametrize("method,recipe,solarized", [("simclr", "simclr", (0.0, 0.0)), ("moco", "moco", (0.2, 0.2)),
+                                                     ("byol", "byol", (0.0, 0.2)), ("nnclr", "byol", (0.0, 0.2))])
+def test_each_method_trains_on_its_papers_recipe_and_byols_views_are_asymmetric(method, recipe, solarized):
+    """BYOL's views differ: solarize p 0 on the first, 0.2 on the second (blur is off at 32 px), jitter (0.4, 0.4, 0.2,
+    0.1) as MoCo's; NNCLR trains on BYOL's augmentation."""
+    from clsp.train.augment import JITTER
+    from clsp.train.loop import _build_method, make_config
+
+    _, built = _build_method(make_config(shards="unused", out="unused", method=method, positives="none"), 16)
+    assert built["augment"] == recipe and JITTER[recipe] == {"simclr": (0.4, 0.4, 0.4, 0.1)}.get(recipe,
+                                                                                               (0.4, 0.4, 0.2, 0.1))
+    torch.manual_seed(0)
+    augment = BatchAugment(recipe, size=8)
+    for view, p in enumerate(solarized):
+        assert solarized_share(augment, view) == pytest.approx(p, abs=0.03)
+
+
+def test_a_step_augments_the_second_view_and_the_third_as_the_second():
+    """The third view (synthetic or a third real one) is paired with view 1 by the CLSP term as view 2 is by the base
+    loss, so it takes view 2's augmentation (they differ for BYOL and NNCLR only)."""
+    from types import SimpleNamespace
+
+    from clsp.train.epoch import _losses
+
+    for positives, want in (("synthetic", [0, 1, 1]), ("augment", [0, 1, 1]), ("none", [0, 1])):
+        seen = []
+        run = SimpleNamespace(acc=SimpleNamespace(device=torch.device("cpu")), cfg=SimpleNamespace(positives=positives),
+                              augment=lambda images, view=0: seen.append(view) or images.permute(0, 3, 1, 2).float(),
+                              model=lambda views, ids, third: None)
+        images = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
+        _losses(run, {"anchor": images, "positive": images, "ids": torch.arange(2)})
+        assert seen == want

@@ -228,6 +228,11 @@ def test_a_streamed_run_with_other_loader_processes_is_refused_before_training(t
                                         r".*augmented by kornia's modules as clsp <= 0.3.0 did, .*, "
                                         r"or pass another --out"):
         check_trained_as_planned(plan(config), read_manifest(shards))
+    with open(record_file, "w") as f:  # views of another recipe (BYOL's and NNCLR's were SimCLR's once)
+        json.dump({**record, "augment_draws": 2, "augment": "moco"}, f)
+    with pytest.raises(UserError, match=r"simclr-none-seed0 was trained otherwise .*\(augment: 'moco' there, 'simclr' "
+                                        r"now\)"):
+        check_trained_as_planned(plan(config), read_manifest(shards))
 
 
 def test_parallel_jobs_train_the_same_runs_as_training_them_one_by_one(tiny_world, capsys):

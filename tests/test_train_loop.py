@@ -171,6 +171,18 @@ def test_a_run_begun_with_kornias_augmentation_is_refused_rather_than_resumed_wi
         train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True)))
 
 
+def test_a_byol_run_begun_on_simclrs_augmentation_is_refused_rather_than_resumed_on_byols(shards, tmp_path):
+    """BYOL and NNCLR trained on SimCLR's recipe before they took BYOL's: the record's augment says which."""
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, method="byol", epochs=1, warmup_epochs=0.0)))
+    record = read_json(out / "config.json")
+    assert record["augment"] == "byol"
+    (out / "config.json").write_text(json.dumps({**record, "augment": "simclr"}))
+    with pytest.raises(UserError, match=r"augment: 'simclr' there, 'byol' now\): BYOL and NNCLR runs begun before "
+                                        r"they trained on BYOL's recipe were augmented with SimCLR's"):
+        train(make_config(**options(shards, out, method="byol", epochs=1, warmup_epochs=0.0, resume=True)))
+
+
 def test_a_run_is_resumed_only_on_the_kind_of_device_and_precision_it_began_with(shards, tmp_path):
     """--bf16 is on by default and takes effect on a GPU only, so the options alone do not say how a run computed: a
     CPU run resumed on a GPU would switch to bf16 autocast and the GPU's random generator, a GPU run resumed on a CPU

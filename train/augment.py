@@ -1,7 +1,11 @@
-"""Batched GPU/CPU augmentation of the SimCLR and MoCo v2+ recipes; `train.pil_augment` is the per-image form.
+"""Batched GPU/CPU augmentation of the SimCLR, MoCo v2+ and BYOL recipes (NNCLR trains on BYOL's);
+`train.pil_augment` is the per-image form.
 
     augment = BatchAugment("simclr", size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
-    v1, v2 = augment(images), augment(images)   # images: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1]
+    v1, v2 = augment(images), augment(images, view=1)  # images: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1]
+
+The two views of a recipe differ only in BYOL's: solarize never on the first, p 0.2 on the second (the BYOL paper's
+asymmetric views; its blur is left out at 32 px, as for the other recipes).
 
 Every sample gets its own crop, flip, jitter factors, grayscale and solarize draws: one draw of PARAMS uniforms per
 sample from the torch RNG of the images' device, and the batch's jitter order from torch's CPU RNG (seed both with
@@ -26,12 +30,22 @@ from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with
                             adjust_saturation_with_gray_subtraction)
 from torch import nn
 
-RECIPES = ("simclr", "moco")
+RECIPES = ("simclr", "moco", "byol")
 CROP_SCALE, CROP_RATIO, CROP_TRIES = (0.08, 1.0), (3 / 4, 4 / 3), 10  # torchvision's RandomResizedCrop
-JITTER = {"simclr": (0.4, 0.4, 0.4, 0.1), "moco": (0.4, 0.4, 0.2, 0.1)}  # brightness, contrast, saturation, hue
-JITTER_P, GRAYSCALE_P, SOLARIZE_P = 0.8, 0.2, 0.2  # solarize: MoCo recipe only
+JITTER = {"simclr": (0.4, 0.4, 0.4, 0.1), "moco": (0.4, 0.4, 0.2, 0.1),  # brightness, contrast, saturation, hue
+          "byol": (0.4, 0.4, 0.2, 0.1)}
+JITTER_P, GRAYSCALE_P, SOLARIZE_P = 0.8, 0.2, 0.2
+# solarize probability of (view 1, view 2): BYOL's views are asymmetric (NNCLR uses BYOL's); blur is off at 32 px.
+# A probability of 0 makes no draw (the PIL form's generator keeps its sequence), so SimCLR's views are as before
+SOLARIZE = {"simclr": (0.0, 0.0), "moco": (SOLARIZE_P, SOLARIZE_P), "byol": (0.0, SOLARIZE_P)}
 DEFAULT_MEAN = (0.5, 0.5, 0.5)  # maps [0, 1] to [-1, 1]; pass dataset statistics where known
 DEFAULT_STD = (0.5, 0.5, 0.5)
+
+
+def recipe_for(method: str) -> str:
+    """The recipe a method trains on: its paper's (NNCLR's is BYOL's); SimCLR's for a method without one."""
+    return {"nnclr": "byol"}.get(method, method if method in RECIPES else "simclr")
+
 
 # The columns of a sample's uniforms, in draw order: changing them changes every augmentation of a seed.
 _COLUMNS = {"area": CROP_TRIES, "log_ratio": CROP_TRIES, "top": 1, "left": 1, "flip": 1, "jitter": 1, "factors": 4,
@@ -107,14 +121,14 @@ def colour_jitter(x: torch.Tensor, u: dict[str, torch.Tensor], strengths: Sequen
     return x.clamp(0.0, 1.0)  # the hue step's HSV round trip may leave [0, 1] by a rounding error
 
 
-def grey_solarize_normalise(x: torch.Tensor, u: dict[str, torch.Tensor], solarize: bool, mean: torch.Tensor,
+def grey_solarize_normalise(x: torch.Tensor, u: dict[str, torch.Tensor], solarize: float, mean: torch.Tensor,
                             std: torch.Tensor) -> torch.Tensor:
-    """The last steps: grayscale (p GRAYSCALE_P), MoCo's solarize at 0.5 (p SOLARIZE_P, like torchvision's
-    RandomSolarize(128)) where `solarize`, then (x - mean) / std: (B, 3, H, W) -> the same; mean, std (1, 3, 1, 1)."""
+    """The last steps: grayscale (p GRAYSCALE_P), solarize at 0.5 with probability `solarize` (a view's SOLARIZE, like
+    torchvision's RandomSolarize(128)), then (x - mean) / std: (B, 3, H, W) -> the same; mean, std (1, 3, 1, 1)."""
     grey = u["grayscale"][:, :, None, None] < GRAYSCALE_P  # (B, 1, 1, 1)
     x = torch.where(grey, rgb_to_grayscale(x).expand_as(x), x)
-    if solarize:
-        x = torch.where((u["solarize"][:, :, None, None] < SOLARIZE_P) & (x >= 0.5), 1.0 - x, x)
+    if solarize:  # its probability
+        x = torch.where((u["solarize"][:, :, None, None] < solarize) & (x >= 0.5), 1.0 - x, x)
     return normalise(x, mean, std)
 
 
@@ -169,7 +183,8 @@ class BatchAugment(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, view: int = 0) -> torch.Tensor:
+        """view: 0 or 1, which of the recipe's two views (they differ in BYOL's solarize only)."""
         x = to_unit_float(images)  # (B, 3, H, W) in [0, 1]
         if self.normalize.mean.device != x.device:  # follow the images
             self.to(x.device)
@@ -177,7 +192,7 @@ class BatchAugment(nn.Module):
         u = dict(zip(_COLUMNS, draws.split(list(_COLUMNS.values()), dim=1)))
         order = torch.randperm(len(_COLOUR_STEPS)).tolist()  # the batch's jitter order, drawn on the host
         x = colour_jitter(self._crop(x, u, self.size), u, JITTER[self.recipe], order, self._step)  # (B, 3, size, size)
-        return self._finish(x, u, self.recipe == "moco", self.normalize.mean, self.normalize.std)
+        return self._finish(x, u, SOLARIZE[self.recipe][view], self.normalize.mean, self.normalize.std)
 
 
 class EvalTransform(nn.Module):

@@ -158,15 +158,16 @@ def _losses(run: Launch, batch: dict) -> dict:
     device = run.acc.device
     anchor = batch["anchor"].to(device, non_blocking=True)  # (B, H, W, 3) uint8
 
-    def view(images: torch.Tensor) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, S, S), NHWC on a GPU (train.speed)
-        return to_view_layout(run.augment(images))
+    def view(images: torch.Tensor, which: int) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, S, S), NHWC on a GPU
+        return to_view_layout(run.augment(images, view=which))
 
-    views = [view(anchor), view(anchor)]  # independent strong augmentations
-    third = None  # the synthetic positive, or a third real view, with the same augmentation
+    views = [view(anchor, 0), view(anchor, 1)]  # independent strong augmentations
+    # the synthetic positive, or a third real view, augmented as view 2: it is paired with view 1 (z1), as view 2 is
+    third = None
     if run.cfg.positives == "synthetic":
-        third = view(batch["positive"].to(device, non_blocking=True))
+        third = view(batch["positive"].to(device, non_blocking=True), 1)
     elif run.cfg.positives == "augment":
-        third = view(anchor)
+        third = view(anchor, 1)
     return run.model(views, batch["ids"].to(device), third)
 
 

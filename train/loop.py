@@ -34,7 +34,7 @@ from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir, read_record
 from clsp.schedules import warmup_cosine
 from clsp.shards.manifest import Manifest
-from clsp.train.augment import AUGMENT_DRAWS, DEFAULT_MEAN, DEFAULT_STD, RECIPES, BatchAugment
+from clsp.train.augment import AUGMENT_DRAWS, DEFAULT_MEAN, DEFAULT_STD, BatchAugment, recipe_for
 from clsp.train.backbones import RESNET_LAYOUTS, build_backbone, wants_small_stem
 from clsp.train.cache import use_cache
 from clsp.train.checkpoint import (CONFIG, LOG, SUMMARY, TRACKER_DIR, RunLog, describe_run, find_checkpoint,
@@ -90,6 +90,9 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
                     upgrade=_upgrade_record,
                     hints={"data.stream_plan": "its loader processes split the batches as clsp <= 0.3.0 did, which no "
                                                "option brings back: finish it with that version",
+                           "augment": "BYOL and NNCLR runs begun before they trained on BYOL's recipe were "
+                                      "augmented with SimCLR's, which no option brings back: finish it with the clsp "
+                                      "that began it",
                            "augment_draws": "its views were augmented by kornia's modules as clsp <= 0.3.0 did, which "
                                             "no option brings back: finish it with that version",
                            "compute.device": "a run goes on on the kind of device it began on (its augmentation draws "
@@ -386,8 +389,8 @@ def _build_method(cfg: TrainConfig, size: int) -> tuple[Method, dict]:
     small_stem = wants_small_stem(size)
     backbone, feat_dim = build_backbone(cfg.backbone, cfg.width, small_stem=small_stem)
     method = build_method(cfg.method, backbone, feat_dim, cfg.method_config())
-    recipe = cfg.method if cfg.method in RECIPES else "simclr"
-    return method, {"method": asdict(method.cfg), "method_state": method.state_layout, "augment": recipe,
+    return method, {"method": asdict(method.cfg), "method_state": method.state_layout,
+                    "augment": recipe_for(cfg.method),
                     "augment_draws": AUGMENT_DRAWS, "image_size": size,
                     "backbone": {"name": cfg.backbone, "width": cfg.width, "small_stem": small_stem,
                                  "feat_dim": feat_dim}}

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from clsp.train.augment import (CROP_RATIO, CROP_SCALE, CROP_TRIES, DEFAULT_MEAN, DEFAULT_STD, GRAYSCALE_P, JITTER,
-                                JITTER_P, RECIPES, SOLARIZE_P)
+                                JITTER_P, RECIPES, SOLARIZE)
 
 
 def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -63,9 +63,9 @@ def jitter(image: Image.Image, strengths: tuple[float, float, float, float], rng
 
 
 def pil_reference(recipe: str, size: int, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
-                  seed: int = 0) -> Callable[[Image.Image], torch.Tensor]:
-    """The recipe as a per-image transform: RGB PIL image -> normalised float (3, size, size); draws from its own
-    numpy generator seeded with `seed`."""
+                  seed: int = 0, view: int = 0) -> Callable[[Image.Image], torch.Tensor]:
+    """The recipe's `view` (0 or 1: they differ in BYOL's solarize only) as a per-image transform: RGB PIL image ->
+    normalised float (3, size, size); draws from its own numpy generator seeded with `seed`."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {RECIPES}")
     rng = np.random.default_rng(seed)
@@ -80,7 +80,7 @@ def pil_reference(recipe: str, size: int, mean: Sequence[float] = DEFAULT_MEAN, 
             image = jitter(image, JITTER[recipe], rng)
         if rng.random() < GRAYSCALE_P:
             image = image.convert("L").convert("RGB")
-        if recipe == "moco" and rng.random() < SOLARIZE_P:
+        if SOLARIZE[recipe][view] and rng.random() < SOLARIZE[recipe][view]:
             image = ImageOps.solarize(image, threshold=128)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, size, size)
         return (pixels - mean_) / std_
