@@ -1,14 +1,14 @@
 """The synth job: a data source -> shards of (anchor, K synthetic positives) + a manifest, on one CPU, one GPU or many
 processes under `accelerate launch` / `torchrun`.
 
-Work is divided by shard, never by rank: shard i holds anchors [i * aps, (i + 1) * aps) in id order and is made by
-rank i % world_size, so every world size writes the same files. Every random draw is keyed on (seed, anchor id,
-candidate) (synth/noise.py: counter-based Philox noise by default, one CPU torch.Generator per row with --noise
-cpu-generator), so the draws depend on neither batch size nor world size. The UNet's float sums do depend on how many
-rows a forward pass holds (on the CPU too: the convolutions block the batch differently), which can move a pixel by one
-level: run.json records the forward batch, and a rerun continues with it. A shard appears under its final name only
-when complete (ShardWriter), so a killed job is resumed by running the same command again; the manifest is written
-last.
+Work is divided by shard, never by rank: shard i holds anchors [i * aps, (i + 1) * aps) in id order; the shards still
+to make are dealt out to the ranks in turn (my_shards), and every world size writes the same files. Every random draw
+is keyed on (seed, anchor id, candidate) (synth/noise.py: counter-based Philox noise by default, one CPU
+torch.Generator per row with --noise cpu-generator), so the draws depend on neither batch size nor world size. The
+UNet's float sums do depend on how many rows a forward pass holds (on the CPU too: the convolutions block the batch
+differently), which can move a pixel by one level: run.json records the forward batch, and a rerun continues with it. A
+shard appears under its final name only when complete (ShardWriter), so a killed job is resumed by running the same
+command again; the manifest is written last.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,11 @@ from clsp.vocabulary import CPU_COMPILE_REFUSED
 RUN_FILE = SYNTH_RECORD  # run.json: the intended run, written before any shard (a rerun is compared with it)
 CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --forward-batch is not given
 GPU_BATCH_ROWS = 2048  # first try on a GPU; halved on out-of-memory until it fits
+# How long a process may wait in a collective. The processes meet when their shards are made (the manifest needs them
+# all), so one with a shard fewer waits as long as the busiest one's last shard takes: 1,000 anchors x K at 96 px can
+# outlast the backend's default (NCCL: 10 minutes), which aborted the waiting processes, and a rerun then aborted
+# again. A process that fails still ends the job at once (its launcher stops the rest); this bounds a stuck one.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,8 @@ def run_synth(cfg: SynthConfig):
     process, None on the others. Run under torchrun/accelerate for several processes; works as a single process."""
     from accelerate import PartialState  # imported here: `import synth.job` stays cheap
 
-    state = PartialState(cpu=resolve_device(cfg.device).type != "cuda")  # cpu: torchrun on a CPU forms a gloo group
+    state = PartialState(cpu=resolve_device(cfg.device).type != "cuda",  # cpu: torchrun on a CPU forms a gloo group
+                         timeout=PROCESS_GROUP_TIMEOUT)
     threads = torch.get_num_threads()
     try:
         return _run(*_continue_as_recorded(cfg, state), state)
@@ -176,7 +183,7 @@ def _run(cfg: SynthConfig, continued: str | None, state):
         _refuse_foreign_shards(cfg.out)  # again, under the claim: one may have come meanwhile
         num_shards = math.ceil(count / cfg.anchors_per_shard)
         todo = _shards_to_make(cfg, count)
-        mine = [i for i in todo if i % state.num_processes == state.process_index]  # any world size: the same shards
+        mine = my_shards(todo, state.process_index, state.num_processes)
         state.wait_for_everyone()  # all ranks listed the dir before any new shard appears
         _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, mine)
         state.wait_for_everyone()
@@ -197,6 +204,13 @@ def _run(cfg: SynthConfig, continued: str | None, state):
             manifest = write_manifest(cfg.out, run, agreement, complete=True)  # refuses a missing shard
     tqdm.write(f"{cfg.out}: {num_shards} shards, {count} anchors x {cfg.k} positives; {done}", file=sys.stderr)
     return manifest
+
+
+def my_shards(todo: list[int], rank: int, world: int) -> list[int]:
+    """The shards of `todo` (ascending) that process `rank` of `world` makes: every world-th from its rank's place, so
+    a rerun's remaining shards are dealt out evenly too (by shard number, a rerun after a crash could leave them all to
+    one process). Which process makes a shard never changes its bytes."""
+    return todo[rank::world]
 
 
 def _shards_to_make(cfg: SynthConfig, count: int) -> list[int]:

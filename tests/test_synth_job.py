@@ -136,9 +136,45 @@ def test_two_processes_under_torchrun_write_the_same_bytes(generator, reference,
     env = {**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[:3000] + "\n[...]\n" + result.stderr[-3000:]
-    assert "[rank 1] wrote shard-000001.tar" in result.stderr  # shard i goes to rank i % 2
+    assert "[rank 1] wrote shard-000001.tar" in result.stderr  # the shards to make are dealt out in turn
     assert shard_hashes(out) == shard_hashes(reference)
     assert read_manifest(out).index.to_pylist() == read_manifest(reference).index.to_pylist()
+
+
+def test_a_reruns_remaining_shards_are_dealt_out_evenly():
+    from clsp.synth.job import my_shards
+
+    todo = [1, 3, 5, 7, 8, 9]  # left by a crash: by shard number, 1, 3, 5, 7 and 9 would all go to process 1 of 2
+    for world in (1, 2, 3, 4, 7):
+        dealt = [my_shards(todo, rank, world) for rank in range(world)]
+        assert sorted(sum(dealt, [])) == todo  # every shard once
+        assert max(map(len, dealt)) - min(map(len, dealt)) <= 1
+
+
+# The backend's default timeout for a collective (NCCL's is 10 minutes), scaled down to 0.5 s
+SHORT_DEFAULT_TIMEOUT = """import sys
+from datetime import timedelta
+import torch.distributed.distributed_c10d as c10d
+c10d.default_pg_timeout = timedelta(seconds=0.5)
+from clsp.cli import app
+app(sys.argv[1:], prog_name="clsp")
+"""
+
+
+def test_processes_that_finish_first_outwait_a_last_shard_longer_than_the_default_timeout(generator, tmp_path):
+    """The processes meet when all shards are made (the manifest needs them), so one with a shard fewer waits for the
+    busiest one's last shard; a shard that outlasted the backend's default timeout aborted the job, rerun or not."""
+    wrapper = tmp_path / "short_default_timeout.py"
+    wrapper.write_text(SHORT_DEFAULT_TIMEOUT)
+    out = tmp_path / "shards"
+    # 3 shards over 2 processes: process 0 makes shards 0 and 2, so process 1 waits while shard 2 is sampled (~1 s)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+               "synth", "run", "digits", "--model", str(generator), "--out", str(out), "--image-size", str(SIZE),
+               "--k", "2", "--steps", "100", "--anchors-per-shard", "50", "--limit", "150", "--device", "cpu"]
+    env = {**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Timed out" not in result.stderr, result.stderr[-3000:]
+    assert read_manifest(out).count == 150
 
 
 def test_a_job_killed_part_way_resumes_to_the_same_shards(generator, reference, tmp_path):
