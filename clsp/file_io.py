@@ -7,6 +7,7 @@ or damaged) into a clear error.
 """
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
@@ -46,6 +47,17 @@ def refused_if_not_ours(path: Path, fix: str):
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise UserError(f"{path} cannot be loaded ({reason}): it was not written by clsp or is damaged; "
                         f"{fix}") from None
+
+
+def torch_save(obj, path: str | Path) -> None:
+    """torch.save(obj, path), with the bytes written by Python: torch's own file writer reports a full disk or a
+    file-size limit as a RuntimeError without an errno ("unexpected pos ..."), which partial_removed cannot word."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
 
 
 def write_json(path: str | Path, data: dict) -> Path:

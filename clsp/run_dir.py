@@ -279,10 +279,11 @@ def _check_folder(out: Path, record: dict, kind: RunKind, resume: bool, overwrit
         return old
     differences = record_differences(old, record, kind.operational)
     if differences:
-        hints = difference_hints(kind, differences)
+        hinted = [d for d in differences if any(d.startswith(f"{key}:") for key in kind.hints)]
+        fixes = ([] if len(hinted) == len(differences) else ["pass the same options to continue it"])
         raise UserError(f"--out {out} holds a {kind.name} run made with another config ({'; '.join(differences)}): "
-                        f"{'; '.join(hints) or 'pass the same options to continue it'}, another --out, or "
-                        f"--overwrite to replace it")
+                        f"{'; '.join(fixes + difference_hints(kind, differences))}, another --out, or --overwrite to "
+                        f"replace it")
     if not resume:
         raise UserError(f"--out {out} already holds {kind.describe(out)} with these settings: pass --resume to "
                         f"continue it (a finished run is left as it is), or --overwrite to start again")

@@ -32,6 +32,10 @@ BATCH_SIZE_HELP = "examples per optimizer step over all processes"
 CPU_COMPILE_REFUSED = ("--compile is for GPU runs and this one runs on the CPU: torch's compiled CPU code for "
                        "convolutions with normalisation layers can corrupt memory (pytorch/pytorch#181618), and a CPU "
                        "run gains little from it. Fix: leave --compile out on the CPU.")
+# A run folder's hint when its source's fingerprint differs. The fingerprint covers the split and image size too, so
+# other options change it as well; with the same options, the images changed
+SOURCE_CHANGED = ("if the options are the same, the source now reads other images than the run began with (changed "
+                  "since, or another source): put back the images it began with")
 
 
 def bf16_for(precision: str | None, cuda: bool) -> bool | None:

@@ -16,9 +16,10 @@ import torch
 
 from clsp.accelerator import broadcast_int
 from clsp.file_checks import IS_PNG, IS_TORCH_SAVE, is_safetensors, is_temp_of, json_with, owned_files, starts_with
-from clsp.file_io import partial_removed, read_json, refused_if_not_ours, write_atomic
+from clsp.file_io import partial_removed, read_json, refused_if_not_ours, torch_save, write_atomic
 from clsp.run_dir import RunDir, RunKind
 from clsp.synth.models import CARD_NAME, INDEX_NAME  # INDEX_NAME is written last: a finished generator
+from clsp.vocabulary import SOURCE_CHANGED
 
 if TYPE_CHECKING:
     from clsp.synth.diffusion_train import DiffusionTrainConfig
@@ -61,7 +62,10 @@ _OWNED = {
 }
 GENERATOR_RUN = RunKind("generator", CONFIG_NAME, "clsp diffusion train", owned=lambda out: owned_files(out, _OWNED),
                         describe=describe_run, legacy_keys=("channels", "train_timesteps", "ema_decay"),
-                        operational=("keep_checkpoints",))  # disk retention only: the weights do not depend on it
+                        # disk retention only: the weights do not depend on it; the source as spelt (the same images
+                        # at another path: source_fingerprint pins them)
+                        operational=("keep_checkpoints", "source"),
+                        hints={"source_fingerprint": SOURCE_CHANGED})
 
 
 def resume_step(cfg: DiffusionTrainConfig, claim: RunDir, procs) -> int:
@@ -90,7 +94,7 @@ def save_checkpoint(out: Path, step: int, unet, ema, optimizer, extra: dict, kee
         save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
                   tmp / "ema_unet.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, **extra}, tmp / "state.pt")
+        torch_save({"optimizer": optimizer.state_dict(), "step": step, **extra}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for _, old in checkpoint_dirs(out)[:-keep]:

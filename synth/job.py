@@ -44,7 +44,7 @@ from clsp.synth.job_setup import GENERATOR_CONFIGS, compute_record, image_librar
     open_matching_source, prepare_unet, reference_scorer, run_metadata, sample_size
 from clsp.synth.models import HUB_ID
 from clsp.synth.sampler import SamplerConfig, sample_positives
-from clsp.vocabulary import CPU_COMPILE_REFUSED
+from clsp.vocabulary import CPU_COMPILE_REFUSED, SOURCE_CHANGED
 
 RUN_FILE = SYNTH_RECORD  # run.json: the intended run, written before any shard (a rerun is compared with it)
 CPU_BATCH_ROWS = 256  # rows (anchors x K) per forward on the CPU when --forward-batch is not given
@@ -342,7 +342,8 @@ SYNTH_RUN = RunKind("synth", RUN_FILE, "clsp synth run", owned=lambda out: owned
                     hints={f"compute.{key}": "its shards' bytes depend on the device and software that run.json "
                                              "records under compute, which no option changes: continue it where they "
                                              "are the same (install the versions it names)"
-                           for key in ("device", "gpu", "machine", "torch", "diffusers", "pillow", "zlib", "zlib_ng")})
+                           for key in ("device", "gpu", "machine", "torch", "diffusers", "pillow", "zlib", "zlib_ng")}
+                    | {"source.count": SOURCE_CHANGED, "source.fingerprint": SOURCE_CHANGED})
 
 
 def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int, state):

@@ -229,10 +229,13 @@ def test_resume_is_refused_on_changed_data_or_another_precision_but_old_records_
     assert record["mixed_precision"] == "auto"
     assert record["resolved_mixed_precision"] == ("bf16" if torch.cuda.is_available() else "no")  # auto: fp32 on a CPU
     shutil.rmtree(out / "checkpoints" / "step-000002")
+    train_diffusion(dataclasses.replace(cfg, source=f"{spec}/.", resume=True))  # the same images spelt otherwise
+    shutil.rmtree(out / "checkpoints" / "step-000002")
 
     _image_folder(tmp_path / "data", shade=1)  # same spec, other pixels
     with pytest.raises(UserError, match=r"another config \(source_fingerprint: '[0-9a-f]{64}' there, '[0-9a-f]{64}' "
-                                        r"now\)"):
+                                        r"now\): if the options are the same, the source now reads other images "
+                                        r"than the run began with .*put back the images it began with"):
         train_diffusion(dataclasses.replace(cfg, resume=True))
     # a record from before fingerprints were recorded says nothing about its data: it resumes as it used to, and the
     # record written back holds what this resume ran with

@@ -35,6 +35,9 @@ from clsp.train.loop import make_config, train
 runner = CliRunner()
 TRAIN = ["--width", "4", "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "0", "--proj-hidden", "16",
          "--proj-dim", "8", "--workers", "0"]
+TINY_DDPM_OPTIONS = ["--split", "test", "--image-size", "8", "--channels", "8,8", "--layers-per-block", "1",
+                     "--attention-levels", "none", "--norm-groups", "4", "--batch-size", "8", "--warmup-steps", "1",
+                     "--steps", "4", "--checkpoint-every", "2", "--sample-steps", "2", "--grid-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +117,31 @@ def test_no_room_ends_as_a_named_error_with_nothing_half_written_and_a_rerun_com
     run_synth(config(generator, out))
     assert shard_hashes(out) == shard_hashes(reference)
 
-    run = tmp_path / "train"
-    full = subprocess.run([sys.executable, "-m", "clsp", "train", "run", str(shards), "--out", str(run), *TRAIN],
-                          env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=file_size_limit(64 << 10))  # config.json fits, model.safetensors does not
-    assert full.returncode == 2
-    assert "while writing a checkpoint" in assert_one_error_line(full.stderr) and "--resume" in full.stderr
-    assert sorted(p.name for p in run.iterdir()) == [".clsp-lock", "config.json", "log.csv"]  # no .checkpoint.tmp
-    resumed = runner.invoke(app, ["train", "run", str(shards), "--out", str(run), *TRAIN, "--resume"])
+    # config.json and log.csv fit both limits; 8 KiB stops the checkpoint's first file, rng-rank0.pt (torch.save, ~17
+    # KB, whose own writer words no room without an errno), 64 KiB its model.safetensors
+    for limit in (8 << 10, 64 << 10):
+        run = tmp_path / f"train-{limit}"
+        full = subprocess.run([sys.executable, "-m", "clsp", "train", "run", str(shards), "--out", str(run), *TRAIN],
+                              env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              preexec_fn=file_size_limit(limit))
+        assert full.returncode == 2, full.stderr[-3000:]
+        line = assert_one_error_line(full.stderr)
+        assert "file-size limit" in line and "while writing a checkpoint" in line and "--resume" in line
+        assert sorted(p.name for p in run.iterdir()) == [".clsp-lock", "config.json", "log.csv"]  # no .checkpoint.tmp
+        resumed = runner.invoke(app, ["train", "run", str(shards), "--out", str(run), *TRAIN, "--resume"])
+        assert resumed.exit_code == 0, resumed.output
+        assert json.loads((run / "summary.json").read_text())["finished"] is True
+
+    generator_out = tmp_path / "generator"  # 120 KiB: the UNet's safetensors (~82 KB) fit, state.pt (~228 KB) not
+    ddpm = ["diffusion", "train", "digits", "--out", str(generator_out), *TINY_DDPM_OPTIONS]
+    full = subprocess.run([sys.executable, "-m", "clsp", *ddpm], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, preexec_fn=file_size_limit(120 << 10))
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "file-size limit" in assert_one_error_line(full.stderr)
+    assert list((generator_out / "checkpoints").iterdir()) == []  # the half-written step folder was removed
+    resumed = runner.invoke(app, [*ddpm, "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads((run / "summary.json").read_text())["finished"] is True
+    assert (generator_out / "model_index.json").is_file()
 
 
 TINY_DDPM = dict(source="digits", split="test", image_size=8, channels=(8, 8), layers_per_block=1,

@@ -278,3 +278,44 @@ def test_a_hub_id_and_a_local_copy_of_the_same_generator_record_the_same_digests
     local = load_job_generator(config(generator, tmp_path / "o"))[2]
     keys = ("weights_sha256", "scheduler_sha256", "unet_config_sha256")
     assert {key: hub[key] for key in keys} == {key: local[key] for key in keys} and hub["model_id"] != local["model_id"]
+
+
+def test_a_rerun_with_the_folder_spelt_otherwise_keeps_its_runs_and_one_on_changed_images_names_them(generator,
+                                                                                                    tmp_path):
+    """The same images spelt otherwise (`folder:DIR/.`, another working directory) rewrite the manifest's source spec
+    and no shard byte: a training run on the shards must still resume, not be refused as made with another config
+    (the fingerprint and the shards' digests pin the data). Changed images are refused naming them, not the options
+    (the same ones were passed) with --overwrite, which would delete the shards, as the fix."""
+    import numpy as np
+    from PIL import Image
+
+    from clsp.train.loop import make_config, train
+    from conftest import snapshot
+
+    data, shards, run = tmp_path / "data", tmp_path / "shards", tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / label / f"{i}.png")
+    run_synth(config(generator, shards, source=f"folder:{data}", limit=None))
+    options = dict(shards=str(shards), out=str(run), width=4, epochs=1, batch_size=4, warmup_epochs=0.0,
+                   proj_hidden=16, proj_dim=8, workers=0)
+    assert train(make_config(**options)) == run
+    before = snapshot(shards)
+    run_synth(config(generator, shards, source=f"folder:{data}/.", limit=None))
+    assert read_manifest(shards).run["source"]["spec"] == f"folder:{data}/."
+    assert {k: v for k, v in snapshot(shards).items() if k.startswith("shard-")} == \
+        {k: v for k, v in before.items() if k.startswith("shard-")}  # not one shard byte changed
+    assert train(make_config(**options, resume=True)) == run  # found finished, not refused
+
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / "a" / "6.png")  # a stray image
+    kept = snapshot(shards)
+    with pytest.raises(UserError, match=r"source.fingerprint: [^;]*\): if the options are the same, the source now "
+                                        r"reads other images than the run began with .*put back the images") as refused:
+        run_synth(config(generator, shards, source=f"folder:{data}", limit=None))
+    assert "pass the same options" not in str(refused.value)  # they were the same
+    with pytest.raises(UserError, match=r"\(k: 2 there, 3 now; .*source.fingerprint: .*\): pass the same options to "
+                                        r"continue it; if the options are the same, the source"):  # both fixes
+        run_synth(config(generator, shards, source=f"folder:{data}", limit=None, k=3))
+    assert snapshot(shards) == kept

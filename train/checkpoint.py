@@ -27,7 +27,7 @@ from torch import nn
 
 from clsp.errors import UserError
 from clsp.file_checks import IS_TORCH_SAVE, contains, is_safetensors, is_temp_of, json_with, owned_files, starts_with
-from clsp.file_io import partial_removed, read_json, refused_if_not_ours, write_atomic, write_json
+from clsp.file_io import partial_removed, read_json, refused_if_not_ours, torch_save, write_atomic, write_json
 
 CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY = ("checkpoint", "backbone.safetensors", "config.json", "log.csv",
                                               "summary.json")
@@ -118,11 +118,11 @@ def save_checkpoint(out: Path, procs: Processes, model: nn.Module, optimizer, sc
     procs.wait_for_everyone()
     with partial_removed(temp, f"while writing a checkpoint in {out}", " with --resume (the last complete checkpoint "
                          "is kept)"):
-        torch.save(rng_state(), temp / f"rng-rank{procs.process_index}.pt")
+        torch_save(rng_state(), temp / f"rng-rank{procs.process_index}.pt")
         if procs.is_main_process:
             save_model(model, str(temp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), temp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), temp / "scheduler.pt")
+            torch_save(optimizer.state_dict(), temp / "optimizer.pt")
+            torch_save(scheduler.state_dict(), temp / "scheduler.pt")
             write_json(temp / "position.json", position)
             save_backbone(out, backbone)
     procs.wait_for_everyone()

@@ -15,7 +15,7 @@ import torch
 
 from clsp.accelerator import StopFlag, any_process
 from clsp.errors import StoppedBySignal, UserError
-from clsp.train.checkpoint import RunLog, save_checkpoint
+from clsp.train.checkpoint import RunLog, find_checkpoint, save_checkpoint
 from clsp.train.speed import to_view_layout
 
 if TYPE_CHECKING:
@@ -145,9 +145,11 @@ def _step(run: Launch, epoch: int, step: int, batch: dict, stop_flag: StopFlag) 
     diverged, stop = any_process(acc, not math.isfinite(values["loss"]), raised)
     if diverged:
         run.run_log.flush()
+        kept = (f"the last good checkpoint in {run.out} is kept" if find_checkpoint(run.out) is not None
+                else "no checkpoint had been saved yet")
         raise UserError(f"loss became non-finite at step {gstep + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
-                        f"training stopped and the last good checkpoint in {run.out} is kept. Lower --lr or "
-                        "raise --warmup-epochs, then start again with --overwrite")
+                        f"training stopped and {kept}. Lower --lr or raise --warmup-epochs, then start again with "
+                        "--overwrite")
     run.steps_here += 1
     _log_step(run, epoch, gstep, lr, values, len(batch["anchor"]))
     return stop

@@ -85,7 +85,10 @@ def stream_plan(cfg: TrainConfig, manifest: Manifest, world: int) -> int | None:
 
 
 TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe=describe_run,
-                    operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version", "compute.threads"),
+                    # data.source.spec: the same images spelt otherwise (a rerun of synth from another folder
+                    # rewrites it); the source's fingerprint and data.shards_sha256 pin the data
+                    operational=(*(f"config.{name}" for name in OPERATIONAL), "package_version", "compute.threads",
+                                 "data.source.spec"),
                     legacy_keys=("config", "backbone", "normalize", "data"), absent_means={"method_state": 1},
                     upgrade=_upgrade_record,
                     hints={"data.stream_plan": "its loader processes split the batches as clsp <= 0.3.0 did, which no "
