@@ -343,7 +343,8 @@ SYNTH_RUN = RunKind("synth", RUN_FILE, "clsp synth run", owned=lambda out: owned
                                              "records under compute, which no option changes: continue it where they "
                                              "are the same (install the versions it names)"
                            for key in ("device", "gpu", "machine", "torch", "diffusers", "pillow", "zlib", "zlib_ng")}
-                    | {"source.count": SOURCE_CHANGED, "source.fingerprint": SOURCE_CHANGED})
+                    # not source.count: --limit, recorded only there, changes it too (the options are the fix)
+                    | {"source.fingerprint": SOURCE_CHANGED})
 
 
 def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int, state):

@@ -309,7 +309,7 @@ def test_a_rerun_with_the_folder_spelt_otherwise_keeps_its_runs_and_one_on_chang
         {k: v for k, v in before.items() if k.startswith("shard-")}  # not one shard byte changed
     assert train(make_config(**options, resume=True)) == run  # found finished, not refused
 
-    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / "a" / "6.png")  # a stray image
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / "a" / "5.png")  # an image changed
     kept = snapshot(shards)
     with pytest.raises(UserError, match=r"source.fingerprint: [^;]*\): if the options are the same, the source now "
                                         r"reads other images than the run began with .*put back the images") as refused:
@@ -319,3 +319,15 @@ def test_a_rerun_with_the_folder_spelt_otherwise_keeps_its_runs_and_one_on_chang
                                         r"continue it; if the options are the same, the source"):  # both fixes
         run_synth(config(generator, shards, source=f"folder:{data}", limit=None, k=3))
     assert snapshot(shards) == kept
+
+
+def test_a_rerun_with_another_limit_names_the_options_as_the_fix(generator, tmp_path):
+    """--limit is recorded only as source.count: a rerun with another --limit is refused with "pass the same options"
+    as a fix, not only with the changed-images hint."""
+    out = tmp_path / "shards"
+    run_synth(config(generator, out, limit=6))
+    with pytest.raises(UserError) as refused:
+        run_synth(config(generator, out, limit=3))
+    print(refused.value)
+    assert "source.count: 6 there, 3 now" in str(refused.value)
+    assert "pass the same options to continue it" in str(refused.value)

@@ -697,3 +697,20 @@ def test_a_checkpoint_that_lost_its_weights_is_refused_in_words(shards, tmp_path
         (out / name).unlink()
     with pytest.raises(UserError, match=r"model.safetensors cannot be loaded \(.*No such file"):
         train(make_config(**options(shards, out, epochs=2, resume=True)))
+
+
+def test_a_resume_without_a_checkpoint_on_another_thread_count_says_nothing(shards, tmp_path, capsys):
+    """A run stopped before its first checkpoint begins again from its first step: on the new count it is an
+    uninterrupted run, so no note that its weights will differ from one."""
+    import shutil
+
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))
+    record = read_json(out / "config.json")
+    shutil.rmtree(out / "checkpoint")
+    (out / "summary.json").unlink()
+    (out / "config.json").write_text(json.dumps({**record, "compute": {**record["compute"],
+                                                                       "threads": torch.get_num_threads() + 3}}))
+    capsys.readouterr()
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True)))
+    assert "OMP_NUM_THREADS" not in capsys.readouterr().out
