@@ -143,10 +143,12 @@ def _shown(old, new) -> tuple[str, str]:
     return short if short[0] != short[1] else (repr(old), repr(new))
 
 
-def difference_hints(kind: RunKind, differences: list[str]) -> list[str]:
-    """The kind's hints for the keys that `differences` (record_differences) name: fixes that no option gives."""
-    named = (kind.hints[key] for key in kind.hints if any(d.startswith(f"{key}:") for d in differences))
-    return list(dict.fromkeys(named))  # each once: several keys may share a fix
+def difference_fixes(kind: RunKind, differences: list[str], options_fix: str) -> str:
+    """The fixes for `differences` (record_differences): `options_fix` when a difference has no hint (an option
+    differs), then the kind's hints for the keys they name (fixes no option gives), each once."""
+    hinted = [d for d in differences if any(d.startswith(f"{key}:") for key in kind.hints)]
+    named = (kind.hints[key] for key in kind.hints if any(d.startswith(f"{key}:") for d in hinted))
+    return "; ".join(([] if len(hinted) == len(differences) else [options_fix]) + list(dict.fromkeys(named)))
 
 
 # --- claiming a folder ----------------------------------------------------------------------------------------------
@@ -279,11 +281,9 @@ def _check_folder(out: Path, record: dict, kind: RunKind, resume: bool, overwrit
         return old
     differences = record_differences(old, record, kind.operational)
     if differences:
-        hinted = [d for d in differences if any(d.startswith(f"{key}:") for key in kind.hints)]
-        fixes = ([] if len(hinted) == len(differences) else ["pass the same options to continue it"])
+        fixes = difference_fixes(kind, differences, "pass the same options to continue it")
         raise UserError(f"--out {out} holds a {kind.name} run made with another config ({'; '.join(differences)}): "
-                        f"{'; '.join(fixes + difference_hints(kind, differences))}, another --out, or --overwrite to "
-                        f"replace it")
+                        f"{fixes}, another --out, or --overwrite to replace it")
     if not resume:
         raise UserError(f"--out {out} already holds {kind.describe(out)} with these settings: pass --resume to "
                         f"continue it (a finished run is left as it is), or --overwrite to start again")

@@ -79,7 +79,7 @@ def check_trained_as_planned(runs: list, manifest) -> None:
     the shards (source, generator, bytes), a streamed run's loader processes and the augmentation (recipe, draws), so
     a study never reports a run trained otherwise as one of its own, nor trains for hours before train refuses to
     resume one."""
-    from clsp.run_dir import difference_hints, read_record, record_differences
+    from clsp.run_dir import difference_fixes, read_record, record_differences
     from clsp.train.augment import AUGMENT_DRAWS, recipe_for
     from clsp.train.cache import use_cache
     from clsp.train.loop import TRAIN_RUN, TrainConfig, recorded_generator, shards_sha256, stream_plan, stream_workers
@@ -104,8 +104,7 @@ def check_trained_as_planned(runs: list, manifest) -> None:
                     "augment_draws": old.get("augment_draws")}  # None: kornia's modules (clsp <= 0.3.0)
         differences = record_differences(recorded, planned, TRAIN_RUN.operational)
         if differences:
-            fix = ("; ".join(difference_hints(TRAIN_RUN, differences))
-                   or "rerun with the options the study was begun with")
+            fix = difference_fixes(TRAIN_RUN, differences, "rerun with the options the study was begun with")
             raise UserError(f"{run.out} was trained otherwise than this study would train it ({'; '.join(differences)})"
                             f": its scores are not this study's; {fix}, or pass another --out")
 
