@@ -335,14 +335,14 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
         acc.print(f"{out} is already finished with these settings: nothing to do")
         return None
     checkpoint = find_checkpoint(out) if claim.resumed else None
+    threads = record["compute"].get("threads")  # None on a GPU; a record without the count reads as this one
+    began = before.get("threads", threads)
     # without a checkpoint the run begins again from its first step: on this count, as an uninterrupted run would
-    if checkpoint is not None and before.get("threads", record["compute"].get("threads")) != \
-            record["compute"].get("threads"):
-        acc.print(f"note: {out} trained on {before['threads']} CPU thread(s) per process and goes on on "
-                  f"{record['compute']['threads']}: a CPU run's weights depend on its thread count, so from here on "
-                  f"they differ from an uninterrupted run's on either count (to keep them, go on with "
-                  f"{before['threads']} thread(s) per process: OMP_NUM_THREADS={before['threads']}, or in a study the "
-                  f"--jobs and cores it began with)")
+    if checkpoint is not None and began != threads:
+        acc.print(f"note: {out} trained on {began} CPU thread(s) per process and goes on on {threads}: a CPU run's "
+                  f"weights depend on its thread count, so from here on they differ from an uninterrupted run's on "
+                  f"either count (to keep them, go on with {began} thread(s) per process: OMP_NUM_THREADS={began}, "
+                  f"or in a study the --jobs and cores it began with)")
     if cfg.log_with:  # e.g. tensorboard: OUT/tracker/events.out.tfevents.*; the config is in config.json
         acc.init_trackers(TRACKER_DIR)
         stack.callback(acc.end_training)
