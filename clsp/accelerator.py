@@ -61,14 +61,18 @@ def broadcast_int(procs, value: int) -> int:
     return int(broadcast(torch.tensor([value], device=procs.device))[0])
 
 
-def any_process(procs, *flags: bool) -> list[bool]:
-    """The flags OR-ed over all processes (all call this), so that every process stops at the same step."""
+def sum_over_processes(procs, values: torch.Tensor) -> list[float]:
+    """(n,) float on each process -> its sum over all processes (all call this), on the host in one copy."""
     from accelerate.utils import reduce
 
     if procs.num_processes == 1:
-        return [bool(f) for f in flags]
-    values = reduce(torch.tensor([float(f) for f in flags], device=procs.device), reduction="sum")
-    return [bool(v > 0) for v in values.tolist()]
+        return values.tolist()
+    return reduce(values.to(procs.device), reduction="sum").tolist()
+
+
+def any_process(procs, *flags: bool) -> list[bool]:
+    """The flags OR-ed over all processes (all call this), so that every process stops at the same step."""
+    return [v > 0 for v in sum_over_processes(procs, torch.tensor([float(f) for f in flags]))]
 
 
 class StopFlag:

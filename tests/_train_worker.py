@@ -9,6 +9,8 @@
         int-group    SIGINT to its whole process group, as a terminal's Ctrl-C (likewise; start it with SIGINT at
                      its default, as a terminal's job has it)
         kill-loader  SIGKILL to one of its loader processes
+    python tests/_train_worker.py OPTIONS.json --record-losses DIR   # each process also writes the losses of its own
+                                                                      # anchors, a line a step, to DIR/rank-R.txt
 
 The faults use torch's global optimizer-step hook, so the training code runs unchanged up to them. A UserError is
 printed as the CLI prints it (`error: ...`, exit 2).
@@ -47,6 +49,22 @@ def fault(name: str) -> None:
         raise SystemExit(f"unknown fault {name!r}")
 
 
+def record(folder: Path) -> None:
+    """Wraps the epoch's loss function (it still computes and returns the same) to write this process's own loss."""
+    from clsp.train import epoch
+    from clsp.train.distributed import world_info
+
+    losses = epoch._losses
+
+    def recorded(run, batch):
+        out = losses(run, batch)
+        with open(folder / f"rank-{world_info()[0]}.txt", "a") as handle:
+            handle.write(f"{float(out['loss'])!r}\n")
+        return out
+
+    epoch._losses = recorded
+
+
 def main(argv: list[str]) -> None:
     options = json.loads(Path(argv[0]).read_text())
     if "--after-step" in argv:
@@ -59,6 +77,8 @@ def main(argv: list[str]) -> None:
                 fault(name)
 
         register_optimizer_step_post_hook(hook)
+    if "--record-losses" in argv:
+        record(Path(argv[argv.index("--record-losses") + 1]))
     try:
         train(make_config(**options))
     except UserError as error:

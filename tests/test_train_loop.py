@@ -600,8 +600,9 @@ def test_two_processes_under_torchrun_take_equal_steps(shards, tmp_path):
     out = tmp_path / "ddp"
     spec = tmp_path / "ddp.json"
     spec.write_text(json.dumps(options(shards, out, epochs=2, warmup_epochs=0.5)))
+    (losses := tmp_path / "losses").mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-               str(spec)]
+               str(spec), "--record-losses", str(losses)]
     cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two gloo processes, also on a machine with one GPU
     result = subprocess.run(command, cwd=REPO, env=cpu_only, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -610,6 +611,12 @@ def test_two_processes_under_torchrun_take_equal_steps(shards, tmp_path):
     assert summary["world_size"] == 2 and summary["steps_per_rank_this_launch"] == [12, 12]
     assert log_steps(out) == list(range(1, 13))
     assert {p.name for p in (out / "checkpoint").glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+    # the logged loss is the mean of the two processes' losses on their own anchors, not the first process's
+    own = [[float(line) for line in (losses / f"rank-{rank}.txt").read_text().split()] for rank in (0, 1)]
+    with open(out / "log.csv", newline="") as handle:
+        logged = [float(row["loss"]) for row in csv.DictReader(handle)]
+    assert len(own[0]) == len(own[1]) == 12 and own[0] != own[1]
+    assert logged == pytest.approx([(a + b) / 2 for a, b in zip(*own)], rel=6e-6)  # log.csv: 6 digits
 
 
 def test_cli_applies_the_preset_under_explicit_options(shards, tmp_path):

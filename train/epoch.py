@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clsp.accelerator import StopFlag, any_process
+from clsp.accelerator import StopFlag, sum_over_processes
 from clsp.errors import StoppedBySignal, UserError
 from clsp.train.checkpoint import RunLog, find_checkpoint, save_checkpoint
 from clsp.train.speed import to_view_layout
@@ -141,8 +141,13 @@ def _step(run: Launch, epoch: int, step: int, batch: dict, stop_flag: StopFlag) 
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.method.after_step((gstep + 1) / run.total)
-    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))  # one copy
-    diverged, stop = any_process(acc, not math.isfinite(values["loss"]), raised)
+    # (losses + 1,): the losses and the stop flag, summed over the processes in one reduction and one copy, so that
+    # log.csv holds each loss's mean over the processes and every process stops at the same step; a non-finite loss
+    # on any process makes the mean non-finite, so every process stops on it
+    local = torch.stack([v.detach().float() for v in losses.values()])
+    *sums, stops = sum_over_processes(acc, torch.cat([local, local.new_tensor([float(raised)])]))
+    values = {name: total / acc.num_processes for name, total in zip(losses, sums)}
+    diverged, stop = not math.isfinite(values["loss"]), stops > 0
     if diverged:
         run.run_log.flush()
         kept = (f"the last good checkpoint in {run.out} is kept" if find_checkpoint(run.out) is not None
