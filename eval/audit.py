@@ -70,7 +70,8 @@ class Reference:
     pca: object  # sklearn PCA of raw pixels in [0, 1]
     classifier: object  # StandardScaler -> LogisticRegression on the PCA features of the labelled real images
     real_z: np.ndarray  # (M, c) features of every real image, in the real set's row order
-    fit_count: int  # real images PCA and the classifier were fitted on
+    fit_count: int  # real images PCA was fitted on
+    labelled_count: int  # those of them with a label, which the classifier was fitted on
     typical_distance: float  # median distance between two random real images: the scale of every distance
     fold_of_row: np.ndarray | None = None  # (M,) fold of each real image among the fitted ones, -1 for the others
     fold_classifiers: tuple = ()  # classifier f: the same fitted on the fitted images outside fold f
@@ -80,7 +81,8 @@ class Reference:
         return self.pca.transform(_flat(images))
 
     def describe(self) -> str:
-        return f"PCA({self.pca.n_components_}) of raw pixels in [0,1], fitted on {self.fit_count} real images"
+        labelled = f" ({self.labelled_count} labelled)" if self.labelled_count < self.fit_count else ""
+        return f"PCA({self.pca.n_components_}) of raw pixels in [0,1], fitted on {self.fit_count} real images{labelled}"
 
     def predict_unseen(self, z: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(N, c) features and (N,) the real image each belongs to (its row in the real set: the image itself, or the
@@ -115,7 +117,11 @@ def fit_reference(real_images: np.ndarray, real_labels: np.ndarray, config: Audi
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(config.seed)
-    fit_rows = rng.permutation(real_images.shape[0])[: config.max_fit]
+    order = rng.permutation(real_images.shape[0])
+    # labelled rows first (a stable sort: a fully labelled set keeps its order, and its fit sample as before), so that
+    # a split that is mostly unlabelled (STL-10's train: 5,000 of 105,000) gives the classifier its labelled images,
+    # not the 464 that a sample of 10,000 over all rows holds
+    fit_rows = order[np.argsort(real_labels[order] < 0, kind="stable")][: config.max_fit]
     fit_x = _flat(real_images[fit_rows])  # (min(M, max_fit), P): never all M images as floats
     pca = PCA(n_components=min(config.pca_components, len(fit_rows), fit_x.shape[1]), random_state=config.seed)
     pca.fit(fit_x)
@@ -132,11 +138,12 @@ def fit_reference(real_images: np.ndarray, real_labels: np.ndarray, config: Audi
     pair_a, pair_b = rng.integers(0, len(real_z), 2000), rng.integers(0, len(real_z), 2000)
     typical = float(np.median(np.sqrt(((real_z[pair_a] - real_z[pair_b]) ** 2).sum(-1))))
     if folds < 2:
-        return Reference(pca, classifier, real_z, len(fit_rows), typical)
+        return Reference(pca, classifier, real_z, len(fit_rows), int(labelled.sum()), typical)
     fold_of_row = np.full(len(real_z), -1)
     fold_of_row[fit_rows] = np.arange(len(fit_rows)) % folds  # fit_rows is a seeded permutation: random folds
     fold_classifiers = tuple(fit(fit_rows[labelled & (fold_of_row[fit_rows] != f)]) for f in range(folds))
-    return Reference(pca, classifier, real_z, len(fit_rows), typical, fold_of_row, fold_classifiers)
+    return Reference(pca, classifier, real_z, len(fit_rows), int(labelled.sum()), typical, fold_of_row,
+                     fold_classifiers)
 
 
 def _check_shapes(anchors: np.ndarray, positives: np.ndarray, anchor_labels: np.ndarray,
@@ -294,24 +301,36 @@ def anchor_rows(ids: list[str], anchors: np.ndarray, real_ids: list[str], real_i
     return rows
 
 
-def audit_shards(shards_dir: str, source_spec: str, config: AuditConfig = AuditConfig()) -> dict:
-    """Audit a sample of a shard directory against its real source (train split fits, test split checks)."""
+def audit_shards(shards_dir: str, source_spec: str, config: AuditConfig = AuditConfig(), real: tuple | None = None,
+                 held: tuple | None = None) -> dict:
+    """Audit a sample of a shard directory against its real source (train split fits, test split checks).
+
+    `real`: (images, labels, ids, fingerprint) of the whole train split of `source_spec`, and `held`: (images, labels)
+    of its test split, when the caller holds them already (`clsp eval all`): used where their image size is the
+    shards', so that the split is not held twice (at 224 px ImageNet-100's train split takes 17.8 GiB)."""
     from clsp.errors import UserError
     from clsp.sources import load_arrays, open_source
 
     anchors, positives, labels, ids, run = load_shard_sample(shards_dir, config.max_anchors, config.seed)
     size = int(anchors.shape[1])
-    real_images, real_labels, real_ids = load_arrays(open_source(source_spec, "train", image_size=size))
+    if real is not None and real[0].shape[1:] != anchors.shape[1:]:
+        real = None
+    real_images, real_labels, real_ids = real[:3] if real is not None else \
+        load_arrays(open_source(source_spec, "train", image_size=size))
     index = anchor_rows(ids, anchors, real_ids, real_images)
-    try:
-        held_images, held_labels, _ = load_arrays(open_source(source_spec, "test", image_size=size))
-    except UserError:  # a source without a test split is audited without the held-out check
-        held_images, held_labels = None, None
+    if held is not None and held[0].shape[1:] == anchors.shape[1:]:
+        held_images, held_labels = held[:2]
+    else:
+        try:
+            held_images, held_labels, _ = load_arrays(open_source(source_spec, "test", image_size=size))
+        except UserError:  # a source without a test split is audited without the held-out check
+            held_images, held_labels = None, None
     result = audit_arrays(anchors, positives, labels, real_images, real_labels, index, held_images, held_labels, config)
     result["shards"] = {"source": run.get("source"), "generator": run.get("generator"), "sampler": run.get("sampler")}
     made_from = run.get("source") or {}
     try:  # were the shards made from this very source? (fingerprints cover ids, labels, pixels and image size)
-        same = open_source(source_spec, made_from.get("split", "train"), image_size=size).fingerprint()
+        same = real[3] if real is not None and made_from.get("split", "train") == "train" else \
+            open_source(source_spec, made_from.get("split", "train"), image_size=size).fingerprint()
         result["source_matches_shards"] = same == made_from.get("fingerprint")
     except UserError:
         result["source_matches_shards"] = False

@@ -145,13 +145,13 @@ def _open_test(spec: str, split: str, size: int, explicit: bool):
         return open_source(spec, "all", image_size=size)
 
 
-def _labelled_bank(source) -> tuple[tuple[np.ndarray, np.ndarray, str], int]:
-    """((images (N, H, W, 3) uint8, labels (N,), fingerprint), unlabelled left out) of the kNN bank / probe train set:
-    its labelled images only (STL-10's train split: 5,000 labelled, 100,000 unlabelled read past, never kept)."""
+def _labelled_bank(source) -> tuple[tuple[np.ndarray, np.ndarray, str], int, list[str]]:
+    """((images (N, H, W, 3) uint8, labels (N,), fingerprint), unlabelled left out, ids) of the kNN bank / probe train
+    set: its labelled images only (STL-10's train split: 5,000 labelled, 100,000 unlabelled read past, never kept)."""
     from clsp.sources import NoLabelsError, load_arrays
 
     try:
-        images, labels, _ = load_arrays(source, labelled=True)
+        images, labels, ids = load_arrays(source, labelled=True)
     except NoLabelsError:
         raise UserError(f"{source.name} has no labelled image, and the kNN bank and the linear probe are fitted on "
                         f"labelled ones: pass --source a labelled source of the images the run trained on (--transfer "
@@ -160,7 +160,7 @@ def _labelled_bank(source) -> tuple[tuple[np.ndarray, np.ndarray, str], int]:
     if left_out:
         print(f"kNN bank and linear probe: the {len(labels):,} labelled images of {source.name} ({left_out:,} "
               f"unlabelled left out)", file=sys.stderr)
-    return (images, labels, source.fingerprint()), left_out
+    return (images, labels, source.fingerprint()), left_out, ids
 
 
 def _labelled_test(source) -> tuple[np.ndarray, np.ndarray, str]:
@@ -206,6 +206,7 @@ class EvalInputs:
     train: tuple[np.ndarray, np.ndarray, str]  # images (N, H, W, 3) uint8, labels (N,), fingerprint
     test: tuple[np.ndarray, np.ndarray, str]
     result: dict  # the start of results.json: the run's identity, the data it is scored on and the class names
+    train_ids: tuple[str, ...] = ()  # ids of `train`'s images, in its order (eval all hands them to the audit)
 
 
 @dataclass
@@ -262,7 +263,7 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
     test = _open_test(config.test_source or run.spec, config.test_split, run.image_size,
                       explicit=config.test_source is not None)
     _check_classes(bank, test)
-    (train, left_out), held_out = _labelled_bank(bank), _labelled_test(test)
+    (train, left_out, train_ids), held_out = _labelled_bank(bank), _labelled_test(test)
     shared = _check_disjoint(bank, test, train[0], held_out[0])
     settings = asdict(replace(config, source=run.spec, test_source=test.spec))  # the sources as resolved
     computed_with = {"device": settings.pop("device"), "forward_batch": settings.pop("batch_size")}
@@ -273,7 +274,7 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
                   computed_with=computed_with, class_names=list(test.classes or bank.classes))
     if left_out:  # recorded only then: a result of a fully labelled bank reads as before
         result["bank_unlabelled_left_out"] = left_out
-    return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result)
+    return EvalInputs(run.run_dir, run.backbone, run.normalize, train, held_out, result, tuple(train_ids))
 
 
 def _check_classes(bank, test) -> None:

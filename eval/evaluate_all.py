@@ -36,7 +36,8 @@ def evaluate_all(cfg: AllConfig) -> dict:
     for spec in {inputs.result["source"], inputs.result["test_source"]}:
         refuse_out_inside(spec, out)  # its pictures would become images of the source
     _check_trained_on_these(cfg, read_manifest(cfg.shards), inputs.result["trained_on"])
-    audit = audit_shards(cfg.shards, inputs.result["source"], AuditConfig(cfg.audit_anchors))
+    audit = audit_shards(cfg.shards, inputs.result["source"], AuditConfig(cfg.audit_anchors),
+                         *_loaded_splits(cfg, inputs))  # the splits prepare_eval holds: never two copies
     results = score_run(inputs, cfg.eval)
     png = io.BytesIO()
     sheet_image(cfg.shards).save(png, format="png")
@@ -45,6 +46,18 @@ def evaluate_all(cfg: AllConfig) -> dict:
     (out / ".contact_sheet.tmp.png").unlink(missing_ok=True)  # the fixed-name temp that earlier versions' kills left
     summary = report([cfg.run_dir], out)
     return {**summary, "results": results, "audit": str(audit_json), "audit_md": str(audit_md), "sheet": str(sheet)}
+
+
+def _loaded_splits(cfg: AllConfig, inputs) -> tuple[tuple | None, tuple | None]:
+    """(train, test) of the audited source that prepare_eval holds already, else None: the train split when the bank
+    is the whole train split (no unlabelled image left out), the test split when it is the source's own."""
+    train = test = None
+    if cfg.eval.train_split == "train" and "bank_unlabelled_left_out" not in inputs.result and inputs.train_ids:
+        images, labels, fingerprint = inputs.train
+        train = (images, labels, list(inputs.train_ids), fingerprint)
+    if cfg.eval.test_source is None and cfg.eval.test_split == "test":
+        test = inputs.test[:2]
+    return train, test
 
 
 def _check_trained_on_these(cfg: AllConfig, manifest, record: dict | None) -> None:
