@@ -202,12 +202,17 @@ def audit_arrays(
     nn_pred = ref.predict_unseen(real_z[nn_idx], nn_idx)  # (N,)
     anchor_pred = ref.predict_unseen(anchor_z, index)  # (N,)
     labels_l = anchor_labels[has_label]
+    # a neighbour's true label is known only where it has one: STL-10's train split is 5,000 labelled images and
+    # 100,000 unlabelled ones (-1), and an unlabelled neighbour is of unknown class, not of another one
+    nn_labels = real_labels[nn_idx]  # (N,)
+    known_nn = has_label & (nn_labels >= 0)
     hard_pos = np.sqrt(((pos_z - anchor_z[:, None, :]) ** 2).sum(-1))  # (N, K)
     hard_nn = dist[np.arange(n), nn_idx]  # (N,)
     result = {
         "anchors": int(n),
         "k": int(k),
         "labelled_anchors": int(has_label.sum()),
+        "nearest_real_labelled": int(known_nn.sum()),  # labelled anchors whose nearest real neighbour has a label
         "feature_space": ref.describe(),
         "explained_variance_pct": float(ref.pca.explained_variance_ratio_.sum() * 100.0),
         "reference_classifier": f"LogisticRegression on standardised PCA features of the real labelled images, "
@@ -216,7 +221,7 @@ def audit_arrays(
         "agreement_pct": {
             "synthetic": _pct(pos_pred[has_label] == labels_l[:, None]),
             "nearest_real": _pct(nn_pred[has_label] == labels_l),
-            "nearest_real_true_label": _pct(real_labels[nn_idx][has_label] == labels_l),
+            "nearest_real_true_label": _pct(nn_labels[known_nn] == anchor_labels[known_nn]),
             "anchor_itself": _pct(anchor_pred[has_label] == labels_l),
         },
         "hardness": {"synthetic": float(hard_pos.mean()), "nearest_real": float(hard_nn.mean())},
@@ -236,9 +241,14 @@ def audit_arrays(
 def audit_markdown(result: dict) -> str:
     """The audit as a Markdown table (synthetic positives beside each anchor's nearest real neighbour)."""
     a, h, d = result["agreement_pct"], result["hardness"], result["diversity"]
-    fmt = lambda v, p=1: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
+    fmt = lambda v, p=1: "n/a" if v is None or v != v else f"{v:.{p}f}"  # noqa: E731  (NaN: no such image)
+    labelled, anchors = result.get("labelled_anchors", result["anchors"]), result["anchors"]
+    over = f" ({labelled} labelled: the class agreements are over these)" if labelled < anchors else ""
+    known_nn = result.get("nearest_real_labelled", labelled)
+    nn_over = (f" (of the {known_nn} labelled anchors whose nearest neighbour has a label)" if known_nn < labelled
+               else "")
     lines = [
-        f"Audit of {result['anchors']} anchors x {result['k']} synthetic positives. Feature space: "
+        f"Audit of {anchors} anchors{over} x {result['k']} synthetic positives. Feature space: "
         f"{result['feature_space']} ({result['explained_variance_pct']:.1f}% of pixel variance).",
         "",
         "| metric | synthetic positives | nearest real neighbour (NNCLR) |",
@@ -249,7 +259,8 @@ def audit_markdown(result: dict) -> str:
         f"{fmt(d['nearest_real'], 3)} (its {result['k']} nearest) |",
         "",
         f"Scale: median distance between two random real images {result['typical_real_pair_distance']:.3f}. "
-        f"The nearest neighbour's true label matches the anchor's {fmt(a['nearest_real_true_label'])}% of the time; "
+        f"The nearest neighbour's true label matches the anchor's {fmt(a['nearest_real_true_label'])}% of the time"
+        f"{nn_over}; "
         f"the reference classifier ({result['reference_classifier']}) labels the anchors themselves correctly "
         f"{fmt(a['anchor_itself'])}% of the time"
         + (f" and held-out real images {fmt(result['reference_heldout_accuracy_pct'])}%." if
@@ -347,7 +358,8 @@ def write_audit(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def audit_files(result: dict, out_dir: str | Path) -> dict[Path, str]:
-    """{path: text} of audit.json and audit.md in out_dir."""
+    """{path: text} of audit.json (a figure over no image, NaN in `result`, as null: strict JSON) and audit.md."""
     out_dir = Path(out_dir)
-    return {out_dir / "audit.json": json.dumps(result, indent=2, sort_keys=True) + "\n",
+    strict = json.loads(json.dumps(result), parse_constant=lambda name: None)  # NaN, Infinity -> None
+    return {out_dir / "audit.json": json.dumps(strict, indent=2, sort_keys=True, allow_nan=False) + "\n",
             out_dir / "audit.md": audit_markdown(result)}

@@ -284,8 +284,8 @@ def _check_classes(bank, test) -> None:
     means class '10'), and said otherwise, since CIFAR's and STL-10's names read in name order are their numbering."""
     if bank.classes and test.classes:
         if bank.classes != test.classes:
-            raise UserError(f"{bank.name} has classes {bank.classes[:5]}... but {test.name} has {test.classes[:5]}...: "
-                            f"a label would name another class in each; give splits of one dataset")
+            raise UserError(f"{bank.name} and {test.name} name other classes ({_class_difference(bank, test)}), so a "
+                            f"label would name another class in each: {_one_dataset_fix(bank, test)}")
         return
     named, bare = (bank, test) if bank.classes else (test, bank)
     if not named.classes or named.classes == [str(i) for i in range(len(named.classes))]:
@@ -300,6 +300,33 @@ def _check_classes(bank, test) -> None:
     print(f"warning: {bare.name} does not name its classes: its label i is read as {named.name}'s i-th class "
           f"({', '.join(f'{i} = {n}' for i, n in enumerate(named.classes[:3]))}, ...); if it numbers them otherwise, "
           f"these accuracies are wrong", file=sys.stderr)
+
+
+def _class_difference(bank, test) -> str:
+    """What differs between two class lists, e.g. "n06 only in ...[train]", or the first label they read otherwise."""
+    shown = lambda names: ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")  # noqa
+    only_bank = [c for c in bank.classes if c not in set(test.classes)]
+    only_test = [c for c in test.classes if c not in set(bank.classes)]
+    parts = [f"{shown(names)} only in {source.name}" for names, source in ((only_bank, bank), (only_test, test))
+             if names]
+    if parts:
+        return "; ".join(parts)
+    first = next(i for i, (a, b) in enumerate(zip(bank.classes, test.classes)) if a != b)
+    return f"the same names in another order: label {first} is {bank.classes[first]} in one, {test.classes[first]} " \
+           f"in the other"
+
+
+def _one_dataset_fix(bank, test) -> str:
+    """The fix for split folders given one by one (DIR/train and DIR/val): the folder holding both, whose classes
+    are those of every split, so each label names one class in both."""
+    from pathlib import Path
+
+    kinds = {s.spec.partition(":")[0] for s in (bank, test)}
+    parents = {Path(s.spec.partition(":")[2]).expanduser().resolve().parent for s in (bank, test)}
+    if kinds == {"folder"} and len(parents) == 1:
+        return (f"pass --source folder:{parents.pop()} (no --test-source), whose classes are those of every split "
+                f"folder, or add the missing class folders")
+    return "give splits of one dataset, or add the missing classes"
 
 
 def evaluate_run(run_dir: str | Path, config: EvalConfig = EvalConfig()) -> dict:

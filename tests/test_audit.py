@@ -1,11 +1,12 @@
 """Audit of synthetic positives on hand-made arrays: identical positives, wrong-class positives, spread positives."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 
-from clsp.eval.audit import AuditConfig, audit_arrays, audit_markdown, write_audit
+from clsp.eval.audit import AuditConfig, audit_arrays, audit_files, audit_markdown, write_audit
 
 
 def digit_like(n_per_class: int, seed: int):
@@ -120,3 +121,59 @@ def test_the_reference_never_holds_every_real_image_as_floats():
         tracemalloc.stop()
     assert reference.real_z.shape[0] == len(images)
     assert peak < 4 * images.nbytes, f"peak {peak / 2**20:.1f} MiB for {images.nbytes / 2**20:.1f} MiB of images"
+
+
+def test_an_unlabelled_nearest_neighbour_is_not_counted_as_a_label_mismatch():
+    real, labels = digit_like(20, 0)  # 60 labelled images, 3 classes
+    rows = np.arange(0, len(real), 4)  # 15 anchors, each a row of the real set
+    anchors = real[rows]
+    copies = anchors[::2]  # unlabelled near-duplicates of 8 anchors, as STL-10's 100,000 unlabelled images hold
+    real_all = np.concatenate([real, copies])
+    labels_all = np.concatenate([labels, np.full(len(copies), -1)])
+    positives = np.repeat(anchors[:, None], 2, axis=1)
+    result = audit_arrays(anchors, positives, labels[rows], real_all, labels_all, rows, config=CONFIG)
+    # 8 anchors' nearest neighbour is an unlabelled copy: its label is unknown, not another class; the other 7 agree
+    assert result["agreement_pct"]["nearest_real_true_label"] == 100.0
+    assert "true label matches the anchor's 100.0% of the time" in audit_markdown(result)
+
+
+def test_an_stl10_audit_reads_unlabelled_neighbours_as_unknown(tmp_path):
+    """The same through `stl10:DIR` on disk: every labelled train image has a near-copy among unlabeled_X.bin."""
+    from clsp.eval.audit import audit_shards
+    from clsp.sources import open_source
+    from clsp.shards.manifest_writer import write_manifest
+    from clsp.shards.schema import ShardSample
+    from clsp.shards.writer import ShardWriter, shard_name
+
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 3)
+    train = rng.integers(0, 40, (9, 3, 96, 96)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        train[i, :, 20 * label:20 * label + 20, :] += 200  # a class-specific band of columns
+    (folder / "train_X.bin").write_bytes(train.tobytes())
+    (folder / "train_y.bin").write_bytes(bytes((labels + 1).tolist()))
+    near = np.clip(train.astype(int) + rng.integers(-2, 3, train.shape), 0, 255).astype(np.uint8)
+    (folder / "unlabeled_X.bin").write_bytes(near.tobytes())
+    spec = f"stl10:{tmp_path}"
+    source = open_source(spec, "train", image_size=16)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with ShardWriter(shards / shard_name(0), 2, 16, "png") as writer:
+        for record in source:
+            positives = np.stack([record.image] * 2)
+            writer.write(ShardSample(record.anchor_id, record.image, positives, record.label, [1, 2]))
+    write_manifest(shards, {"source": {"spec": spec, "split": "train", "fingerprint": source.fingerprint(),
+                                       "count": len(source)},
+                            "generator": {"model_id": "none", "weights_sha256": "0" * 64},
+                            "sampler": {"w": 0.1, "steps": 2, "eta": 0.1}, "k": 2, "seed": 0, "image_size": 16,
+                            "anchors_per_shard": len(source), "package_version": "test"})
+    result = audit_shards(str(shards), spec, AuditConfig(max_anchors=64, pca_components=4))
+    assert result["labelled_anchors"] == 9
+    # every labelled anchor's nearest neighbour is its unlabelled near-copy: no labelled neighbour to compare with,
+    # so no figure (not 0 %, which read as "every neighbour is of another class")
+    assert result["nearest_real_labelled"] == 0 and math.isnan(result["agreement_pct"]["nearest_real_true_label"])
+    assert "matches the anchor's n/a% of the time (of the 0 labelled anchors" in audit_markdown(result)
+    written = json.loads(audit_files(result, tmp_path)[tmp_path / "audit.json"], parse_constant=pytest.fail)
+    assert written["agreement_pct"]["nearest_real_true_label"] is None  # strict JSON: null, not NaN

@@ -582,3 +582,19 @@ def test_a_run_on_shards_of_the_all_split_is_told_a_fix_that_works(trained, tmp_
     assert refused.exit_code == 2 and "made from the all split" in refused.output
     assert "--transfer" in refused.output and f"--source {source}" not in refused.output
     assert _cli("eval", "knn", run, "--transfer").exit_code == 0  # the fix it names works
+
+
+def test_a_test_folder_without_one_of_the_bank_classes_is_named_in_the_error(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"n{i:02d}" for i in range(8)]
+    for split, present in (("train", names), ("val", [n for n in names if n != "n06"])):  # val lacks n06
+        for name in present:
+            (tmp_path / split / name).mkdir(parents=True)
+            (tmp_path / split / name / "0.png").write_bytes(png_bytes(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+    from clsp.eval.evaluate import _check_classes
+
+    with pytest.raises(UserError) as refused:
+        _check_classes(open_source(f"folder:{tmp_path / 'train'}", "train", 8),
+                       open_source(f"folder:{tmp_path / 'val'}", "test", 8))
+    assert "n06" in str(refused.value)  # the class that differs, not two identical first-five lists
+    assert f"folder:{tmp_path}" in str(refused.value)  # the fix: the folder that holds both splits
