@@ -6,10 +6,34 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 SMALL_JSON = 1 << 20  # JSON files read to recognise our own: at most this many bytes
+
+
+class NotARegularFile(ValueError):
+    """A file that `read_regular` refused unread: not a regular file, or larger than the caller allows."""
+
+
+def read_regular(path: str | os.PathLike, most: int) -> bytes:
+    """The bytes of `path` when it is a regular file (a link to one is followed) of at most `most` bytes; else
+    NotARegularFile before any byte is read: a FIFO a stranger's folder holds would be waited on forever, a link to
+    /dev/zero read until memory runs out. OSError as open() raises it (FileNotFoundError, PermissionError)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO's open would wait for a writer
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(f"{path} is not a regular file (a device, a FIFO or a directory, or a link to one): "
+                                  f"it was not read")
+        if info.st_size > most:
+            raise NotARegularFile(f"{path} is larger than {most} bytes, more than such a file of clsp's takes: it was "
+                                  f"not read")
+        data = handle.read(most + 1)
+    if len(data) > most:  # grew since the fstat
+        raise NotARegularFile(f"{path} is larger than {most} bytes: it was not read")
+    return data
 
 
 def small_json(path: Path):
@@ -86,6 +110,22 @@ def left_by_a_killed_writer(path: Path) -> bool:
     return False
 
 
+def linked_folders(out: Path) -> list[Path]:
+    """Links to folders anywhere under `out`, found without following any: through one, a stage's writes and
+    --overwrite's deletions would land in another folder (a stranger's run whose checkpoint/ leads to one of yours)."""
+    found = []
+    for folder, subfolders, _ in os.walk(out):  # followlinks=False: a link to a folder is listed, never entered
+        found += [Path(folder) / name for name in subfolders if os.path.islink(os.path.join(folder, name))]
+    return sorted(found)
+
+
+def _through_a_link(out: Path, path: Path) -> bool:
+    """Whether a folder between `out` and `path` is a link (glob follows links to folders)."""
+    return any(folder.is_symlink() for folder in path.parents if out in folder.parents)
+
+
 def owned_files(out: Path, rules: dict[str, Callable[[Path], bool]]) -> list[Path]:
-    """Files under `out` that match a rule's glob pattern and pass its content check."""
-    return sorted({p for pattern, check in rules.items() for p in out.glob(pattern) if p.is_file() and check(p)})
+    """Files under `out` that match a rule's glob pattern and pass its content check; never one reached through a link
+    to a folder, which lies outside `out`."""
+    return sorted({p for pattern, check in rules.items() for p in out.glob(pattern)
+                   if not _through_a_link(out, p) and p.is_file() and check(p)})

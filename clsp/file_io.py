@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clsp.errors import NO_ROOM, UserError, error_number, os_problem
+from clsp.file_checks import read_regular
 from clsp.shards.atomic import write_atomic  # noqa: F401  (re-exported)
 
 
@@ -64,5 +65,9 @@ def write_json(path: str | Path, data: dict) -> Path:
     return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+MAX_JSON_BYTES = 64 << 20  # a record, position or result JSON of ours takes far less
+
+
 def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A JSON file of ours: a regular file of at most MAX_JSON_BYTES (NotARegularFile, a ValueError, otherwise)."""
+    return json.loads(read_regular(path, MAX_JSON_BYTES))

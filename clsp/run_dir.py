@@ -35,7 +35,8 @@ from typing import IO
 from weakref import WeakSet
 
 from clsp.errors import UserError
-from clsp.file_checks import SMALL_JSON, is_temp_of, json_with, left_by_a_killed_writer, small_json
+from clsp.file_checks import SMALL_JSON, is_temp_of, json_with, left_by_a_killed_writer, linked_folders, \
+    small_json
 from clsp.file_io import write_json
 
 MARKER = "clsp_run"  # record key naming the kind of run: what marks a folder as ours
@@ -294,6 +295,12 @@ def _not_ours(out: Path, kind: RunKind) -> str | None:
     """Why `out` must not be used for a `kind` run, or None (new, empty, or a `kind` run of ours)."""
     if not out.is_dir():
         return None
+    links = linked_folders(out)
+    if links:  # also in a run of ours: its writes and --overwrite's deletions would go through them
+        shown = ", ".join(f"{p.relative_to(out)} -> {os.readlink(p)}" for p in links[:3])
+        return (f"--out {out} holds {len(links)} link(s) to folders ({shown}); clsp writes and deletes only inside "
+                f"its --out, never through a link: remove the link(s) (copy what they lead to, if it belongs there) "
+                f"or choose another --out; nothing in it was changed")
     entries = [p for p in out.iterdir() if not (p.name == LOCK_FILE and _is_lock(p))
                and not is_temp_of(kind.record_file)(p)]  # a fresh claim killed while writing its record
     if not entries or read_record(out, kind) is not None:

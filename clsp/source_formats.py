@@ -16,7 +16,8 @@ from PIL import Image
 
 from clsp.errors import UserError
 from clsp.shards.schema import MAX_ID_CHARS
-from clsp.sources import Record, Source, pick_split, safe_id, split_named, splits_note, to_rgb_square
+from clsp.sources import PIL_FORMATS, Record, Source, pick_split, safe_id, split_named, splits_note, \
+    to_rgb_square
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -173,7 +174,8 @@ class ParquetSource(Source):
     def _load(self, item) -> Record:
         anchor_id, label, data = self._raw(item)
         try:
-            return Record(anchor_id, to_rgb_square(Image.open(io.BytesIO(data)), self._size), label)
+            image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            return Record(anchor_id, to_rgb_square(image, self._size), label)
         except (OSError, ValueError) as error:  # PIL: unidentified, truncated or unsupported image
             raise UserError(f"{self._paths[item[0]]}: the image of row {anchor_id} cannot be read ({error}): "
                             f"replace the file or leave it out of the source") from None
@@ -255,7 +257,7 @@ class FolderSource(Source):
     def _load(self, item) -> Record:
         anchor_id, file, label = item
         try:
-            with Image.open(file) as image:
+            with Image.open(file, formats=PIL_FORMATS) as image:
                 return Record(anchor_id, to_rgb_square(image, self._size), label)
         except (OSError, ValueError) as error:  # PIL: unidentified, truncated (an interrupted copy) or unsupported
             raise UserError(f"{file} cannot be read as an image ({error}): replace it or move it out of the "

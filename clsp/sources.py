@@ -31,6 +31,10 @@ from PIL import Image
 from clsp.errors import UserError
 from clsp.shards.schema import MAX_ID_CHARS
 
+# the PIL formats a source image may be in (those of IMAGE_EXTENSIONS): PIL would open others too, by their content,
+# and loading some runs an external program on the file (EPS: Ghostscript)
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+
 SPLITS = ("train", "test", "all")
 TEST_NAMES = ("test", "val", "validation")  # a folder or file named for one of these holds the test split
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
@@ -236,7 +240,7 @@ class Source:
     def _check_side(self, anchor_id: str, encoded: bytes) -> None:
         """An encoded image whose centre square (to_rgb_square) is not the source's native size: refused."""
         try:
-            with Image.open(io.BytesIO(encoded)) as image:
+            with Image.open(io.BytesIO(encoded), formats=PIL_FORMATS) as image:
                 width, height = image.size
         except (OSError, ValueError):  # unreadable: its _load names it
             return

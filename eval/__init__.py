@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import clsp.shards  # noqa: F401  (loads pyarrow before torch; see shards/__init__.py)
-from clsp.file_checks import left_by_a_killed_writer
-from clsp.file_io import write_atomic
+from clsp.file_checks import left_by_a_killed_writer, read_regular
+from clsp.file_io import MAX_JSON_BYTES, write_atomic
 
 
 def write_new(path: str | Path, content: str | bytes) -> Path:
@@ -41,13 +41,12 @@ def write_new_set(files: dict[str | Path, str | bytes], named: bool = False) -> 
     while True:  # again only when another process claimed the number first
         found = {path: latest(path) for path in data}
         newest = max((_number(path, found[path]) for path in data if found[path] is not None), default=0)
-        same = [n for n in range(1, newest + 1) if named and all(_numbered(path, n).is_file() and
-                                                                  _numbered(path, n).read_bytes() == content
+        same = [n for n in range(1, newest + 1) if named and all(_holds(_numbered(path, n), content)
                                                                   for path, content in data.items())]
         if same:
             return [_numbered(path, same[-1]) for path in data]
         at = {path: _numbered(path, max(newest, 1)) for path in data}
-        if newest and all(not at[path].exists() or at[path].read_bytes() == content for path, content in data.items()):
+        if newest and all(not at[path].exists() or _holds(at[path], content) for path, content in data.items()):
             missing, moved = [path for path in data if not at[path].exists()], False
         else:
             at = {path: _numbered(path, newest + 1) for path in data}
@@ -65,8 +64,16 @@ def _claimed(path: Path, content: bytes) -> bool:
     try:
         write_atomic(path, content, exclusive=True)
     except FileExistsError:
-        return path.read_bytes() == content
+        return _holds(path, content)
     return True
+
+
+def _holds(path: Path, content: bytes) -> bool:
+    """Whether `path` is a regular file holding exactly `content` (a FIFO or a device a stranger left is not read)."""
+    try:
+        return read_regular(path, len(content)) == content
+    except (OSError, ValueError):
+        return False
 
 
 def _cut_writes(path: Path) -> list[Path]:
@@ -114,7 +121,7 @@ def readable_results(files: list[Path]) -> list[tuple[Path, dict]]:
     found = []
     for path in files:
         try:
-            result = json.loads(path.read_text())
+            result = json.loads(read_regular(path, MAX_JSON_BYTES))  # a FIFO or a device there is not read
         except (OSError, ValueError):
             continue
         if isinstance(result, dict):

@@ -19,10 +19,13 @@ from torch import nn
 
 from clsp.accelerator import resolve_device  # the one device check (--device cuda without CUDA is a UserError)
 from clsp.errors import UserError
+from clsp.file_checks import SMALL_JSON, read_regular
 from clsp.file_io import write_atomic
 from clsp.hashing import weights_sha256
 from clsp.train.augment import EvalTransform
 from clsp.train.backbones import embed
+
+MAX_FEATURE_BYTES = 16 << 30  # the most a cached feature array (N x D float32) is read for
 
 
 def normalization_from_config(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -89,7 +92,8 @@ def extract_features(
     cache_dir = Path(cache_dir)
     npy, sidecar = cache_dir / f"{source_fingerprint}.npy", cache_dir / f"{source_fingerprint}.json"
     try:  # one read of each: the array's bytes are used only if they are those its key was written with
-        recorded, blob = json.loads(sidecar.read_text()), npy.read_bytes()
+        recorded = json.loads(read_regular(sidecar, SMALL_JSON))  # regular files only: a FIFO is never waited on
+        blob = read_regular(npy, MAX_FEATURE_BYTES)
     except (OSError, ValueError):
         recorded, blob = None, b""
     if (isinstance(recorded, dict) and recorded.get("npy_sha256") == hashlib.sha256(blob).hexdigest()

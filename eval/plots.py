@@ -141,8 +141,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path, weights: str | None = Non
     result = next((r for r in results if r is not None and r.get("test_features") and r.get("test_labels")), None)
     if result is not None:  # the embeddings, labels and class names of one evaluation of these weights
         # file names only: a result names files beside it in eval/, never a path elsewhere
-        features = np.load(run_dir / "eval" / Path(result["test_features"]).name, allow_pickle=False)
-        labels = np.load(run_dir / "eval" / Path(result["test_labels"]).name, allow_pickle=False)
+        features, labels = (_saved_array(run_dir / "eval" / Path(result[key]).name)
+                            for key in ("test_features", "test_labels"))
         if len(labels) < TSNE_MIN_POINTS:
             print(f"note: no t-SNE of {run_dir.name}: {len(labels)} test images, it needs {TSNE_MIN_POINTS}",
                   file=sys.stderr)
@@ -150,6 +150,22 @@ def plot_run(run_dir: str | Path, out_dir: str | Path, weights: str | None = Non
             written.append(plot_tsne(features, labels, out_dir / f"{run_dir.name}-tsne.png", f"{run_dir.name}: test",
                                      class_names=result.get("class_names") or None))
     return written
+
+
+def _saved_array(path: Path) -> np.ndarray:
+    """An array evaluation saved in a run's eval/ (np.save, no pickle): a regular file only, so that a FIFO or a
+    device a stranger's run folder holds under that name is never read (UserError)."""
+    import io
+
+    from clsp.errors import UserError
+    from clsp.eval.features import MAX_FEATURE_BYTES
+    from clsp.file_checks import read_regular
+
+    try:
+        return np.load(io.BytesIO(read_regular(path, MAX_FEATURE_BYTES)), allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not an array that evaluation saved ({error}): evaluate the run again") \
+            from None
 
 
 SUMMARY_METRICS = (("linear_top1", "linear top-1"), ("knn_best", "kNN top-1 (best k)"))

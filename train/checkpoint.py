@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -174,7 +175,16 @@ def load_backbone(run_dir: str | Path) -> tuple[nn.Module, dict]:
     with refused_if_not_ours(run_dir / CONFIG, fix):
         config = read_json(run_dir / CONFIG)
         spec = config["backbone"]
-        backbone, _ = build_backbone(spec["name"], width=spec["width"], small_stem=spec["small_stem"])
+        with torch.device("meta"):  # shapes only: config.json's width must not size an allocation before it is checked
+            skeleton, _ = build_backbone(spec["name"], width=spec["width"], small_stem=spec["small_stem"])
+    with refused_if_not_ours(run_dir / BACKBONE, fix):
+        with safe_open(str(run_dir / BACKBONE), "pt") as weights:
+            stored = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    if stored != {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}:
+        raise UserError(f"{run_dir / BACKBONE} does not hold the weights of the {spec['name']} of width "
+                        f"{spec['width']} that {run_dir / CONFIG} names (other tensors or shapes): the two files are "
+                        f"not of one run; {fix}")
+    backbone, _ = build_backbone(spec["name"], width=spec["width"], small_stem=spec["small_stem"])
     with refused_if_not_ours(run_dir / BACKBONE, fix):
         load_model(backbone, str(run_dir / BACKBONE))
     return backbone.eval(), config
