@@ -42,11 +42,12 @@ def no_source(generator: str) -> ValueError:
                       f"generator, {fix}")
 
 
-def synth_config(generator: str, source: str, out: str | Path, k: int, sampler, seed: int):
-    """The synth job's config for sampling outside the job (sample_batch reads k, seed, sampler and bf16)."""
+def synth_config(generator: str, source: str, out: str | Path, k: int, sampler, seed: int, bf16: bool = True):
+    """The synth job's config for sampling outside the job (sample_batch reads k, seed, sampler and bf16; bf16, as
+    the job's default: bf16 autocast on a GPU, ignored on the CPU)."""
     from clsp.synth.job import SynthConfig
 
-    return SynthConfig(source=source, model=generator, out=Path(out), k=k, sampler=sampler, seed=seed)
+    return SynthConfig(source=source, model=generator, out=Path(out), k=k, sampler=sampler, seed=seed, bf16=bf16)
 
 
 def open_generator(synth_cfg, device: str):

@@ -69,6 +69,7 @@ class _Plan:
     settings: tuple[tuple[float, int], ...]  # (w, steps), sorted
     marked: tuple[float, int] | None  # the shards' own setting
     sampling: dict  # the shards' generator of noise and anchor-noise sharing ({}: the sampler's defaults)
+    bf16: bool  # bf16 autocast on a GPU: as the shards were made (their compute.precision), else the job's default
 
 
 def _plan(config: SweepConfig) -> _Plan:
@@ -82,7 +83,7 @@ def _plan(config: SweepConfig) -> _Plan:
             raise ValueError(f"{config.target} is a generator, not a shard dir: leave --model out (or pass shards)")
         generator, spec, defaults = config.target, config.source or card_source(config.target)[0], {}
         own = marked = None
-        sampling = {}
+        sampling, bf16 = {}, True
     else:
         generator = config.model
         if generator is None:
@@ -99,13 +100,14 @@ def _plan(config: SweepConfig) -> _Plan:
         own = (float(sampler["w"]), int(sampler["steps"]))  # swept in any case, beside the asked grid
         marked = own if same else None
         sampling = {key: sampler[key] for key in ("noise", "share_anchor_noise") if key in sampler}  # as they were made
+        bf16 = (run.get("compute") or {}).get("precision") != "fp32"  # fp32 shards are compared with fp32 samples
     if spec is None:
         raise no_source(generator)
     settings = {(float(w), int(s)) for w in config.ws for s in config.steps} | ({own} if own else set())
     pick = lambda name, fallback: next(v for v in (getattr(config, name), defaults.get(name), fallback)  # noqa: E731
                                        if v is not None)
     return _Plan(generator, spec, int(pick("k", 4)), float(pick("eta", 0.1)), int(pick("seed", 0)), run,
-                 tuple(sorted(settings, key=lambda ws: (ws[1], ws[0]))), marked, sampling)
+                 tuple(sorted(settings, key=lambda ws: (ws[1], ws[0]))), marked, sampling, bf16)
 
 
 def _anchors(config: SweepConfig, plan: _Plan, real, real_labels, real_ids):
@@ -128,7 +130,7 @@ def _open_generator(config: SweepConfig, plan: _Plan):
     from clsp.eval.generator_samples import open_generator, sampler_config, synth_config
 
     longest = sampler_config(1.0, max(s for _, s in plan.settings), plan.eta)
-    opened = open_generator(synth_config(plan.generator, plan.spec, config.out, plan.k, longest, plan.seed),
+    opened = open_generator(synth_config(plan.generator, plan.spec, config.out, plan.k, longest, plan.seed, plan.bf16),
                             config.device)
     _check_made_by(config, plan, opened[2])
     return opened
@@ -216,6 +218,7 @@ def sweep(config: SweepConfig) -> dict:
         "source": {"spec": plan.spec, "split": "train", "fingerprint": source.fingerprint(), "count": len(real)},
         "anchors": len(ids), "k": plan.k, "eta": plan.eta, "seed": plan.seed,
         "noise": sampler_config(0.0, 1, plan.eta, **plan.sampling).noise,  # the bytes of the positives depend on it
+        "precision": "bf16" if plan.bf16 and device.type == "cuda" else "fp32",  # ... and so does this
         "labelled_anchors": last["labelled_anchors"],
         "feature_space": last["feature_space"],
         "typical_real_pair_distance": last["typical_real_pair_distance"],
@@ -240,7 +243,7 @@ def _measure(config: SweepConfig, plan: _Plan, anchors, model, audit, own_positi
         for w, steps in plan.settings:
             bar.set_postfix(w=w, steps=steps)
             sampler = sampler_config(w, steps, plan.eta, **plan.sampling)
-            cfg = synth_config(plan.generator, plan.spec, config.out, plan.k, sampler, plan.seed)
+            cfg = synth_config(plan.generator, plan.spec, config.out, plan.k, sampler, plan.seed, plan.bf16)
             if (w, steps) == plan.marked and own_positives is not None:
                 # the shards' own positives, as written: sampled again here, with another forward batch (and, on
                 # the CPU, thread count) than the job's, a pixel may move by one level (README: --forward-batch)

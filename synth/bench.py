@@ -45,20 +45,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, launch_unit, launches, on_cuda, peak_bf16_flops,
                         provenance, set_threads, write_results)
 from clsp.synth.cuda_graph import GraphedSampler
-from clsp.synth.job_setup import prepare_unet
+from clsp.synth.job_setup import more_recompiles, prepare_unet
 from clsp.synth.noise import row_noise
 from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
-from clsp.synth.unet_split import compile_blocks, decode, embed_time, encode
+from clsp.synth.unet_split import decode, embed_time, encode
 from clsp.vocabulary import CPU_COMPILE_REFUSED
 from clsp.synth.untrained_unets import ddpm_cifar10_scheduler, ddpm_cifar10_unet, tiny_unet
 
 MODELS = ("small", "ddpm-cifar10")
 VARIANTS = ("split", "cpu-noise", "naive", "authors", "shared", "bf16-weights", "graphed")  # the last two: CUDA
 REQUIRED = ("split", "naive")  # every figure is relative to these two; another variant may fail and be left out
-# Graphs dynamo may keep per compiled function. One block class serves several blocks (the DDPM UNet's three
-# DownBlock2D), each compiled per state (fp32 weights under autocast, bf16 weights, the authors' fp32) and per batch
-# shape (2B, B + A and B rows): up to 15 for DownBlock2D, where dynamo's default of 8 would run the rest eagerly.
-RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -150,27 +146,6 @@ def authors_recipe(unet, scheduler, anchors: torch.Tensor, config: SamplerConfig
     return x.clamp(-1.0, 1.0)
 
 
-@contextlib.contextmanager
-def more_recompiles(limit: int = RECOMPILE_LIMIT):
-    """Within: dynamo may keep up to `limit` graphs per compiled function, as the process had it afterwards (torch >=
-    2.7 calls the setting recompile_limit, older releases cache_size_limit)."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    with config.patch(**{name: max(limit, getattr(config, name))}):
-        yield
-
-
-def bench_unet(unet, device: torch.device, compile: bool):
-    """prepare_unet (the job's placement: channels_last and deterministic cuDNN on a GPU), its blocks compiled for
-    static shapes: one graph per batch shape, as the job's steady state runs them."""
-    unet = prepare_unet(unet, device)
-    if compile:
-        compile_blocks(unet, dynamic=False)
-    return unet
-
-
 def _dynamo_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -205,8 +180,8 @@ def _measure(cfg: BenchConfig) -> dict:
     unet, scheduler = build_model(cfg.model)
     weights_bf16 = None  # on CUDA: the same UNet cast to bf16, sampled without autocast ("bf16-weights")
     if cfg.on_cuda and cfg.fast and "bf16-weights" not in cfg.skip:
-        weights_bf16 = bench_unet(copy.deepcopy(unet).to(torch.bfloat16).eval(), device, cfg.compile)
-    unet = bench_unet(unet.eval(), device, cfg.compile)
+        weights_bf16 = prepare_unet(copy.deepcopy(unet).to(torch.bfloat16).eval(), device, cfg.compile)
+    unet = prepare_unet(unet.eval(), device, cfg.compile)  # as the job places and compiles it
     size, channels = unet.config.sample_size, unet.config.in_channels
     shape = (channels, size, size)
     anchor_ids = [f"a{i}" for i in range(batch // cfg.k)]

@@ -46,7 +46,10 @@ class GraphedSampler:
             self.loop.run(self.anchors, self.noise)  # warm-up: nothing runs for the first time inside the capture
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
+        # captured on `side`, a stream of the UNet's device: torch.cuda.graph's default capture stream is made once per
+        # process on whatever device was current then (cuda:0), where the loop's kernels on cuda:N would not be
+        # recorded (an empty graph, whose replays return the capture's positives)
+        with torch.inference_mode(), torch.cuda.graph(self.graph, stream=side):
             self.positives = self.loop.run(self.anchors, self.noise)  # (B, C, H, W), rewritten by every replay
 
     def __call__(self, anchors: torch.Tensor, noise: CounterNoise) -> torch.Tensor:
@@ -60,6 +63,7 @@ class GraphedSampler:
                              "sample_positives.")
         self.anchors.copy_(anchors)
         self.noise.set_keys(noise)
-        self.graph.replay()
+        with torch.cuda.device(self.anchors.device):  # replay launches on the current device's stream
+            self.graph.replay()
         with torch.inference_mode():
             return self.positives.clone()

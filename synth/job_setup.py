@@ -3,6 +3,7 @@ size, the run record written to run.json and the manifest, the compute record, a
 scores class agreement."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -147,6 +148,26 @@ def compute_record(cfg: SynthConfig, device: torch.device, forward_batch: int | 
             **image_library()}
 
 
+# Graphs dynamo may keep per compiled function. One block class serves several blocks (the DDPM UNet's three
+# DownBlock2D), each compiled per state (fp32 weights under autocast, bf16 weights, the authors' fp32 in the bench) and
+# per batch shape (the job: full batches, a shard's last one, and each halving after running out of memory; the bench:
+# 2B, B + A and B rows): up to 15 for DownBlock2D, where dynamo's default of 8 would run the rest eagerly, on other
+# kernels than a fresh process would use.
+RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def more_recompiles(limit: int = RECOMPILE_LIMIT):
+    """Within: dynamo may keep up to `limit` graphs per compiled function, as the process had it afterwards (torch >=
+    2.7 calls the setting recompile_limit, older releases cache_size_limit)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with config.patch(**{name: max(limit, getattr(config, name))}):
+        yield
+
+
 def prepare_unet(unet, device: torch.device, compile: bool = False):
     """The UNet as the job samples with it (the benchmark too): on `device`; on a GPU channels_last and cuDNN in its
     deterministic mode; with `compile`, the blocks the split sampler calls compiled."""
@@ -158,5 +179,8 @@ def prepare_unet(unet, device: torch.device, compile: bool = False):
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     if compile:  # the sampler calls the blocks directly (split UNet), so compile them, not unet.forward
-        compile_blocks(unet)
+        # static: one graph per batch shape. Dynamo's automatic dynamic shapes would serve a shard's full batches from
+        # a static graph in a fresh process but from a dynamic one after any shard's smaller last batch, so the same
+        # shard would be sampled on other kernels in a resumed run or on another rank
+        compile_blocks(unet, dynamic=False)
     return unet

@@ -170,7 +170,6 @@ def test_the_compiled_bench_makes_static_graphs_and_keeps_one_per_variant_and_sh
         return unet
 
     assert torch._dynamo.config.recompile_limit == 8  # torch's default
-    monkeypatch.setattr(sampler_bench, "compile_blocks", compile_blocks, raising=False)
     monkeypatch.setattr(clsp.synth.job_setup, "compile_blocks", compile_blocks)
     monkeypatch.setattr(clsp.synth.noise, "compiled_counter_normal", lambda backend: clsp.synth.noise.counter_normal)
     cfg = sampler_bench.BenchConfig(steps=1, batch=8, k=4, repeats=1)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from clsp.cli import app
 from clsp.eval.audit import AuditConfig, audit_shards
-from clsp.eval.sweep import SweepConfig, run_sweep, sweep
+from clsp.eval.sweep import SweepConfig, _plan, run_sweep, sweep
+from clsp.shards.manifest import read_manifest
 from clsp.synth.job import SynthConfig, run_synth
 from clsp.synth.models import save_generator
 from clsp.synth.sampler import SamplerConfig
@@ -61,6 +62,11 @@ def test_the_point_at_the_shards_setting_is_the_audit_of_those_shards(generator,
                                                                                         (1.0, 3, False)]
     assert result["k"] == 2 and result["shards"] == str(shards)  # K, eta, seed and noise come from the shards
     assert result["noise"] == "cpu-generator"  # not the sampler's default (counter): the shards' own draws
+    # ... and their precision: shards made in fp32 (on the CPU here) are swept in fp32 on a GPU too, a generator alone
+    # as `synth run` samples by default (bf16 autocast on a GPU)
+    assert result["precision"] == "fp32" and read_manifest(shards).run["compute"]["precision"] == "fp32"
+    assert not _plan(SweepConfig(str(shards), str(tmp_path / "sweep"), model=str(generator))).bf16
+    assert _plan(SweepConfig(str(generator), str(tmp_path / "sweep"))).bf16
     audit = audit_shards(str(shards), "digits", AuditConfig(max_anchors=5, pca_components=8))
     at_shards = result["settings"][0]
     for key in ("agreement_pct", "hardness", "diversity"):  # the shards' own positives: the audit's numbers exactly

@@ -1,10 +1,22 @@
 """Contrastive losses as pure tensor functions (no modules, no state). Inputs need not be L2-normalised."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 
+@contextlib.contextmanager
+def without_autocast():
+    """Autocast off (also usable as a decorator). On a GPU accelerate runs Method.forward, the losses included, under
+    bf16 autocast, which runs a matmul in bf16 even on .float() inputs: logits and similarities rounded to 2^-8 of
+    their size (cosines within 0.004 tie). A no-op where autocast is off (CPU runs)."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield
+
+
+@without_autocast()
 def info_nce(
     z: torch.Tensor, ids: torch.Tensor, temperature: float, anchors: slice | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -33,6 +45,7 @@ def info_nce(
     return per_anchor.sum() / (n_pos > 0).sum()  # the mean over the anchors that have positives
 
 
+@without_autocast()
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo InfoNCE: query q_i (B, d) against its key k_i (B, d) and the queued negatives (Q, d)."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
@@ -43,11 +56,13 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperat
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+@without_autocast()
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL regression loss mean(2 - 2 cos(p_i, z_i)); p: (B, d) online predictions, z: (B, d) target projections."""
     return (2.0 - 2.0 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
 
 
+@without_autocast()
 def nnclr_loss(nn: torch.Tensor, p: torch.Tensor, temperature: float, first_label: int = 0,
                ids: torch.Tensor | None = None, p_ids: torch.Tensor | None = None) -> torch.Tensor:
     """NNCLR: nearest neighbour nn_i (B, d) must pick its own prediction among p (N, d), N >= B.
@@ -66,6 +81,7 @@ def nnclr_loss(nn: torch.Tensor, p: torch.Tensor, temperature: float, first_labe
     return F.cross_entropy(logits, labels)
 
 
+@without_autocast()
 def clsp_term(z1: torch.Tensor, z3: torch.Tensor) -> torch.Tensor:
     """CLSP pull term mean_i ||z1_i - z3_i||^2 of L2-normalised (B, d) projections, = mean(2 - 2 cos)."""
     z1, z3 = F.normalize(z1.float(), dim=1), F.normalize(z3.float(), dim=1)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clsp.train.distributed import FeatureQueue, concat_all_gather, gather_with_grad, world_info
-from clsp.train.losses import nnclr_loss
+from clsp.train.losses import nnclr_loss, without_autocast
 from clsp.train.methods import InfoNCEConfig, Method, PredictorConfig, QueueConfig, register
 
 
@@ -35,7 +35,8 @@ class NNCLR(Method):
         support = self.support.get()  # (S, p)
         if len(support) == 0:
             return z
-        return support[(z @ support.T).argmax(dim=1)]
+        with without_autocast():  # fp32 cosines: in bf16 (a GPU's autocast) neighbours within 2^-8 tie, the first wins
+            return support[(z.float() @ support.T).argmax(dim=1)]
 
     def base_loss(self, v1, v2, ids):
         z1, z2 = self.project(v1), self.project(v2)  # (B, p)
