@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from clsp.bench import (DEVICE, OUT, REPEATS, THREADS, best_of, launch_unit, launches, on_cuda, peak_bf16_flops,
                         provenance, set_threads, write_results)
 from clsp.synth.cuda_graph import GraphedSampler
-from clsp.synth.job_setup import more_recompiles, prepare_unet
+from clsp.synth.job_setup import compiled_as_the_job_runs, prepare_unet
 from clsp.synth.noise import row_noise
 from clsp.synth.sampler import SamplerConfig, ddim_scheduler, mixed_eps, naive_reference, sample_positives
 from clsp.synth.unet_split import decode, embed_time, encode
@@ -167,7 +167,7 @@ def _progress(start: float, what: str) -> None:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    with more_recompiles() if cfg.compile else contextlib.nullcontext():
+    with compiled_as_the_job_runs() if cfg.compile else contextlib.nullcontext():
         return _measure(cfg)
 
 

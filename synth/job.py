@@ -42,7 +42,7 @@ from clsp.shards.schema import ShardSample
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, ShardWriter, shard_name
 from clsp.synth.noise import LEGACY_NOISE, candidate_seed, row_noise
 from clsp.synth.job_setup import GENERATOR_CONFIGS, compute_record, image_library, load_job_generator, \
-    more_recompiles, open_matching_source, prepare_unet, reference_scorer, run_metadata, sample_size
+    compiled_as_the_job_runs, open_matching_source, prepare_unet, reference_scorer, run_metadata, sample_size
 from clsp.synth.models import HUB_ID
 from clsp.synth.sampler import SamplerConfig, sample_positives
 from clsp.vocabulary import CPU_COMPILE_REFUSED, SOURCE_CHANGED
@@ -259,9 +259,10 @@ def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, 
     unet = prepare_unet(unet, state.device, cfg.compile)
     batch_rows = forward_rows(cfg, state.device) or GPU_BATCH_ROWS
     progress = _progress_bar(cfg, todo, count, num_shards, state)
-    # --compile: a graph per batch shape, each compiled (past dynamo's default limit a block would run eagerly)
+    # --compile: a graph per batch shape, each compiled (past dynamo's default limit a block would run eagerly), and
+    # no kernel chosen by timing it
     try:
-        with more_recompiles() if cfg.compile else contextlib.nullcontext():
+        with compiled_as_the_job_runs() if cfg.compile else contextlib.nullcontext():
             for index in mine:
                 start, stop = index * cfg.anchors_per_shard, min((index + 1) * cfg.anchors_per_shard, count)
                 records = list(source.records(start, stop))

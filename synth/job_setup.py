@@ -157,14 +157,19 @@ RECOMPILE_LIMIT = 64
 
 
 @contextlib.contextmanager
-def more_recompiles(limit: int = RECOMPILE_LIMIT):
-    """Within: dynamo may keep up to `limit` graphs per compiled function, as the process had it afterwards (torch >=
-    2.7 calls the setting recompile_limit, older releases cache_size_limit)."""
+def compiled_as_the_job_runs(limit: int = RECOMPILE_LIMIT):
+    """Within, torch.compile as the synth job (and its benchmark) uses it; the process's settings are restored after.
+    Dynamo may keep up to `limit` graphs per compiled function (torch >= 2.7 calls the setting recompile_limit, older
+    releases cache_size_limit), and inductor runs in its deterministic mode: it never picks a kernel by timing the
+    candidates (its reduction configs, e.g. GroupNorm's), a choice that may differ from one process to the next and,
+    with it, the last bits of the positives."""
     import torch._dynamo
+    import torch._inductor.config
 
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    with config.patch(**{name: max(limit, getattr(config, name))}):
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    inductor = {"deterministic": True} if hasattr(torch._inductor.config, "deterministic") else {}
+    with dynamo.patch(**{name: max(limit, getattr(dynamo, name))}), torch._inductor.config.patch(**inductor):
         yield
 
 

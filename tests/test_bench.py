@@ -159,6 +159,7 @@ def test_a_variant_that_fails_its_warm_up_is_named_and_the_others_still_measured
 
 def test_the_compiled_bench_makes_static_graphs_and_keeps_one_per_variant_and_shape(monkeypatch):
     import torch._dynamo
+    import torch._inductor.config
 
     import clsp.synth.job_setup
     import clsp.synth.noise
@@ -167,6 +168,7 @@ def test_the_compiled_bench_makes_static_graphs_and_keeps_one_per_variant_and_sh
 
     def compile_blocks(unet, **kwargs):  # what the bench asks of torch.compile, and dynamo's limit at that moment
         compiled.append((kwargs, torch._dynamo.config.recompile_limit))
+        assert torch._inductor.config.deterministic  # as the job compiles: no kernel picked by timing it
         return unet
 
     assert torch._dynamo.config.recompile_limit == 8  # torch's default
