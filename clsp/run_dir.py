@@ -295,16 +295,18 @@ def _not_ours(out: Path, kind: RunKind) -> str | None:
     """Why `out` must not be used for a `kind` run, or None (new, empty, or a `kind` run of ours)."""
     if not out.is_dir():
         return None
-    links = linked_folders(out)
-    if links:  # also in a run of ours: its writes and --overwrite's deletions would go through them
+    entries = [p for p in out.iterdir() if not (p.name == LOCK_FILE and _is_lock(p))
+               and not is_temp_of(kind.record_file)(p)]  # a fresh claim killed while writing its record
+    if not entries:
+        return None
+    if read_record(out, kind) is not None:  # a run of ours: only then are links worth a walk (a stranger's folder is
+        links = linked_folders(out)  # refused below whatever it holds, and may be a whole home directory)
+        if not links:  # else its writes and --overwrite's deletions would go through them
+            return None
         shown = ", ".join(f"{p.relative_to(out)} -> {os.readlink(p)}" for p in links[:3])
         return (f"--out {out} holds {len(links)} link(s) to folders ({shown}); clsp writes and deletes only inside "
                 f"its --out, never through a link: remove the link(s) (copy what they lead to, if it belongs there) "
                 f"or choose another --out; nothing in it was changed")
-    entries = [p for p in out.iterdir() if not (p.name == LOCK_FILE and _is_lock(p))
-               and not is_temp_of(kind.record_file)(p)]  # a fresh claim killed while writing its record
-    if not entries or read_record(out, kind) is not None:
-        return None
     for path in entries:
         other = small_json(path) if path.suffix == ".json" else None
         if isinstance(other, dict) and isinstance(other.get(MARKER), str):

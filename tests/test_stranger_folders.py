@@ -141,3 +141,21 @@ def test_a_source_image_that_is_postscript_is_refused_and_never_handed_to_ghosts
     with pytest.raises(UserError):
         next(source.records(0, 1))
     assert not marker.exists(), marker.read_text()
+
+
+def test_a_folder_not_ours_that_holds_a_link_is_refused_as_not_ours_not_told_to_drop_its_link(tmp_path):
+    """A stranger's folder (here a home directory with a link to a data disk) is refused whatever it holds: the
+    refusal must not send the user to delete their link, after which it is refused anyway."""
+    from clsp.run_dir import prepare_run_dir
+    from clsp.train.loop import TRAIN_RUN
+
+    home = tmp_path / "home"
+    (tmp_path / "disk").mkdir()
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    (home / "data").symlink_to(tmp_path / "disk", target_is_directory=True)
+    with pytest.raises(UserError, match="not made by") as refused:
+        with prepare_run_dir(home, {"new": 1}, TRAIN_RUN, resume=False, overwrite=False):
+            pass
+    assert "remove the link" not in str(refused.value)
+    assert (home / "data").is_symlink()
