@@ -39,11 +39,9 @@ def read_regular(path: str | os.PathLike, most: int) -> bytes:
 def small_json(path: Path):
     """The JSON in `path` when it is a file of at most SMALL_JSON bytes that parses, else None."""
     try:
-        if path.is_file() and path.stat().st_size <= SMALL_JSON:
-            return json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        pass
-    return None
+        return json.loads(read_regular(path, SMALL_JSON))
+    except (OSError, ValueError):  # missing, not a regular file, too large, not JSON (UnicodeDecodeError included)
+        return None
 
 
 def _head(path: Path, size: int) -> bytes:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from clsp.accelerator import resolve_device
+from clsp.file_io import read_json
 
 
 def sampler_config(w: float, steps: int, eta: float, **options):
@@ -22,7 +22,7 @@ def card_source_record(generator: str) -> dict:
     from clsp.synth.models import CARD_NAME
 
     card_file = Path(generator).expanduser() / CARD_NAME
-    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    card = read_json(card_file) if card_file.is_file() else {}  # a regular file of bounded size
     return card.get("source") if isinstance(card.get("source"), dict) else {}
 
 

@@ -218,13 +218,13 @@ def write_quality(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
 
 def record_in_card(generator_dir: str | Path, result: dict, json_path: Path) -> bool:
     """Add the headline numbers to a saved generator's card.json and README.md; False when it has no card."""
-    from clsp.file_io import write_atomic
+    from clsp.file_io import read_json, write_atomic
     from clsp.synth.models import CARD_NAME, card_readme, write_readme
 
     card_file = Path(generator_dir).expanduser() / CARD_NAME
     if not card_file.is_file():
         return False
-    card = json.loads(card_file.read_text())
+    card = read_json(card_file)  # a regular file of bounded size
     if card.get("weights_sha256") != result["generator"]["weights_sha256"]:  # weights replaced after the save
         print(f"note: {card_file} describes other weights than the ones scored: the card is left as it is",
               file=sys.stderr)

@@ -11,7 +11,6 @@ counted twice; runs of one method trained otherwise (training_setup) and rows sc
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from clsp.errors import UserError
+from clsp.file_io import read_json
 from clsp.eval import readable_results, series, written_order
 from clsp.eval.evaluate import RUN_KEYS, run_identity
 from clsp.eval.knn import KNN_KS, KNN_TEMPERATURE
@@ -151,7 +151,7 @@ def with_identity(result: dict, run_dir: str | Path) -> dict:
         from clsp.run_dir import read_record
         from clsp.train.loop import TRAIN_RUN
 
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)  # a regular file of bounded size
         recorded = read_record(run_dir, TRAIN_RUN)  # as today's clsp writes it (older ones listed other methods' keys)
         result.update(run_identity(config), training_setup=training_setup(recorded or config))
     result.setdefault("run", run_dir.name)

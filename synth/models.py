@@ -29,7 +29,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from clsp.errors import UserError
 from clsp.file_checks import small_json, starts_with
-from clsp.file_io import write_atomic
+from clsp.file_checks import NotARegularFile
+from clsp.file_io import read_json, write_atomic
 from clsp.hashing import weights_sha256
 
 CARD_NAME = "card.json"
@@ -127,7 +128,9 @@ def _read_json(file: Path, spec: str, fix: str) -> dict:
     """A generator dir's JSON object file; a damaged or foreign one (not JSON, not UTF-8, not an object) is a UserError
     naming it, not a traceback from deep inside the loader."""
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = read_json(file)  # a regular file of bounded size
+    except NotARegularFile as error:  # a device, a FIFO, or larger than any of ours: never read
+        raise UserError(f"generator {spec!r}: {error}. Fix: {fix}.") from None
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         reason = f"not valid JSON: {error}"
     else:

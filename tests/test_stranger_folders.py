@@ -159,3 +159,20 @@ def test_a_folder_not_ours_that_holds_a_link_is_refused_as_not_ours_not_told_to_
             pass
     assert "remove the link" not in str(refused.value)
     assert (home / "data").is_symlink()
+
+
+def test_a_generator_json_larger_than_any_of_ours_is_refused_unread(tmp_path):
+    """A generator dir's card.json was read whole, whatever its size (here 65 MiB, a sparse file: nothing written)."""
+    from diffusers import DDIMScheduler
+
+    from clsp.synth.models import CARD_NAME, load_generator, save_generator
+    from clsp.synth.untrained_unets import tiny_unet
+
+    out = tmp_path / "generator"
+    save_generator(out, tiny_unet(sample_size=8, block_out_channels=(8, 8)), DDIMScheduler(num_train_timesteps=10),
+                   {"model_id": "tiny"})
+    with open(out / CARD_NAME, "r+b") as handle:
+        handle.truncate(65 << 20)
+    with pytest.raises(UserError, match=f"{CARD_NAME} is larger than .* it was not read. Fix: delete {CARD_NAME}"):
+        load_generator(str(out))
+
