@@ -161,6 +161,30 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def processes_here() -> int:
+    """Processes of this job on this machine: LOCAL_WORLD_SIZE, which torchrun (and so `accelerate launch`) sets per
+    machine (the world size would count other machines' processes too); 1 without it."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give without swapping (/proc/meminfo's MemAvailable), narrowed by the limit of a
+    container's cgroup (v2) when it has one; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as meminfo:
+            found += [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
 def threads_beside_workers(workers: int) -> int | None:
     """Give this process's torch ops the cores its loader processes and its sibling training processes on this machine
     leave free, so that they do not oversubscribe the cores (OpenMP threads that wait on a busy core spin, and a batch
@@ -178,5 +202,4 @@ def threads_for_workers(workers: int) -> int | None:
     user's)."""
     if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _TORCH_DEFAULT_THREADS:
         return None
-    processes_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, available_cores() // processes_here - workers)
+    return max(1, available_cores() // processes_here() - workers)

@@ -110,6 +110,26 @@ def test_auto_caches_what_fits_and_the_record_says_so(tmp_path):
     train(make_config(**tiny, out=str(tmp_path / "streamed"), resume=True, cache=False))
 
 
+def test_a_cache_this_machine_cannot_hold_is_refused_before_anything_is_decoded_or_written(tmp_path, monkeypatch):
+    import clsp.accelerator
+
+    directory = build_shard_dir(tmp_path / "s", counts=(6, 6), k=1, size=8)
+    tiny = dict(shards=str(directory), width=4, epochs=1, batch_size=4, lr=0.05, warmup_epochs=0.0, proj_hidden=16,
+                proj_dim=8, workers=0)
+    need = decoded_bytes(12, 1, 8, "synthetic", 1)  # 12 anchors with 1 positive each, 8 px
+    assert clsp.accelerator.available_memory() > need  # this machine's own figure (Linux: /proc/meminfo)
+    monkeypatch.setattr(clsp.accelerator, "available_memory", lambda: 2 * need - 1)  # two processes need 2 x need
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(CachedStream, "load", lambda self: pytest.fail("decoding began"))
+    with pytest.raises(UserError, match=r"needs .* on this machine \(.* per process x 2\).*--no-cache"):
+        train(make_config(**tiny, out=str(tmp_path / "cached"), cache=True))
+    assert not (tmp_path / "cached").exists()
+    monkeypatch.undo()  # one process (LOCAL_WORLD_SIZE unset) and the real load again: it fits in `need`
+    monkeypatch.setattr(clsp.accelerator, "available_memory", lambda: need)
+    train(make_config(**tiny, out=str(tmp_path / "cached"), cache=True))
+    assert read_json(tmp_path / "cached" / "summary.json")["steps"] == 3
+
+
 def test_an_anchor_visited_again_in_an_epoch_draws_its_positive_again(tmp_path):
     """The method draws one of the K positives each time the anchor is visited: a shard skipped (--skip-corrupt)
     makes an epoch go round the readable anchors again, and the second visit draws anew, as the stream does."""

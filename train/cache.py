@@ -44,6 +44,22 @@ def use_cache(requested: bool | None, count: int, k: int, image_size: int, posit
     return decoded_bytes(count, k, image_size, positives, world_size) <= AUTO_CACHE_BYTES
 
 
+def check_room(count: int, k: int, image_size: int, positives: str, world_size: int) -> None:
+    """Refuses a cache that this machine's processes could not hold (UserError), before anything is decoded: the
+    arrays are filled as the shards are read, so a cache too large for the memory would be killed part way, and could
+    take other jobs on the machine with it."""
+    from clsp.accelerator import available_memory, processes_here
+
+    per_process, processes, available = decoded_bytes(count, k, image_size, positives, world_size), processes_here(), \
+        available_memory()
+    if available is not None and per_process * processes > available:
+        gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+        raise UserError(f"the decoded cache needs {gib(per_process * processes)} on this machine ({gib(per_process)} "
+                        f"per process x {processes}), and {gib(available)} is available: pass --no-cache to stream "
+                        f"the shards instead (a run of its own: it visits the anchors in another order), or free "
+                        f"memory or run on a machine with more")
+
+
 class CachedStream(IterableDataset):
     """Same batches as `ShardStream` yields (anchor (B, H, W, 3) uint8, positive (B, H, W, 3) uint8 when synthetic,
     ids (B,) int64, labels (B,) int64, skipped), from images decoded once. Iterate it directly (no DataLoader

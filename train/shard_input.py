@@ -14,7 +14,7 @@ from clsp.accelerator import stop_only_when_the_parent_says, threads_beside_work
 from clsp.errors import UserError
 from clsp.shards.manifest import Manifest, read_manifest
 from clsp.shards.reader import ShardError
-from clsp.train.cache import CachedStream
+from clsp.train.cache import CachedStream, check_room
 from clsp.train.stream import PositiveDraw, ShardStream, StreamConfig, positive_draw, steps_per_epoch
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ def open_input(cfg: TrainConfig, manifest: Manifest, draw: PositiveDraw | None, 
                               cfg.positives, acc.process_index, acc.num_processes, cfg.shuffle_buffer,
                               cfg.skip_corrupt)
     if cached:  # decoded once, batches drawn from memory in this process: no loader processes
+        check_room(manifest.count, manifest.k, int(manifest.run["image_size"]), cfg.positives, acc.num_processes)
         stream = loader = CachedStream(stream_cfg, contract, draw, progress=acc.is_main_process)
     else:
         stream = ShardStream(stream_cfg, contract.rows, contract, draw)
