@@ -57,10 +57,10 @@ def _decoded_positives(sample: RawSample, k) -> tuple[np.ndarray, np.ndarray] | 
     return (anchor, positives) if positives.shape[1:] == anchor.shape else None
 
 
-def _index_shard(path: Path, k, agreement: AgreementScorer | None) -> tuple[dict, dict[str, list], list]:
-    """One finished shard: its manifest entry, its index rows {column: values}, and (row in the shard, positives
-    (K, H, W, 3), label) of the samples the agreement scorer is to score. Runs in a thread: PNG decoding, sha256 and
-    numpy let go of the GIL."""
+def _index_shard(path: Path, k, scored: bool) -> tuple[dict, dict[str, list], list]:
+    """One finished shard: its manifest entry, its index rows {column: values}, and, when `scored`, (row in the shard,
+    positives (K, H, W, 3), label) of the samples the agreement scorer is to score. Runs in a thread: PNG decoding,
+    sha256 and numpy let go of the GIL."""
     rows: dict[str, list] = {"anchor_id": [], "shard": [], "label": [], "sha256": [], "distance": []}
     pending = []
     for sample in iter_shard(str(path)):
@@ -70,7 +70,7 @@ def _index_shard(path: Path, k, agreement: AgreementScorer | None) -> tuple[dict
         rows["sha256"].append(sample_sha256(sample.ordered_members()))
         images = _decoded_positives(sample, k)
         rows["distance"].append(None if images is None else positive_distances(*images).tolist())
-        if agreement is not None and images is not None and sample.label >= 0:
+        if scored and images is not None and sample.label >= 0:
             pending.append((len(rows["label"]) - 1, images[1], sample.label))
     entry = {"name": path.name, "sha256": file_sha256(path), "count": len(rows["label"]), "bytes": path.stat().st_size}
     return entry, rows, pending
@@ -93,12 +93,12 @@ def _index_shards(directory: Path, k, agreement: AgreementScorer | None) -> tupl
     # with agreement scores each shard waiting holds its positives (1,000 anchors x K = 8 at 224 px: 1.2 GB): 4 at most
     threads = max(1, min(16 if agreement is None else 4, available_cores(), len(paths)))
     with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(_index_shard, path, k, agreement) for path in paths[:threads]]
+        futures = [pool.submit(_index_shard, path, k, agreement is not None) for path in paths[:threads]]
         for i in range(len(paths)):
             entry, rows, pending = futures[i].result()
             futures[i] = None  # its rows are copied below; the window moves on
             if i + threads < len(paths):
-                futures.append(pool.submit(_index_shard, paths[i + threads], k, agreement))
+                futures.append(pool.submit(_index_shard, paths[i + threads], k, agreement is not None))
             scores = [None] * len(rows["label"])
             if pending:
                 values = agreement.score(np.stack([p[1] for p in pending]), np.array([p[2] for p in pending]))
