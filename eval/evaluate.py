@@ -305,8 +305,8 @@ def _check_classes(bank, test) -> None:
 def _class_difference(bank, test) -> str:
     """What differs between two class lists, e.g. "n06 only in ...[train]", or the first label they read otherwise."""
     shown = lambda names: ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")  # noqa
-    only_bank = [c for c in bank.classes if c not in set(test.classes)]
-    only_test = [c for c in test.classes if c not in set(bank.classes)]
+    in_bank, in_test = set(bank.classes), set(test.classes)
+    only_bank, only_test = [c for c in bank.classes if c not in in_test], [c for c in test.classes if c not in in_bank]
     parts = [f"{shown(names)} only in {source.name}" for names, source in ((only_bank, bank), (only_test, test))
              if names]
     if parts:
@@ -319,8 +319,6 @@ def _class_difference(bank, test) -> str:
 def _one_dataset_fix(bank, test) -> str:
     """The fix for split folders given one by one (DIR/train and DIR/val): the folder holding both, whose classes
     are those of every split, so each label names one class in both."""
-    from pathlib import Path
-
     kinds = {s.spec.partition(":")[0] for s in (bank, test)}
     parents = {Path(s.spec.partition(":")[2]).expanduser().resolve().parent for s in (bank, test)}
     if kinds == {"folder"} and len(parents) == 1:
