@@ -1,6 +1,7 @@
 """Process helpers every stage shares: the device a run asks for, one Accelerator per run (also when a process runs
-several), an int from the main process on every process, flags OR-ed over processes, SIGTERM and Ctrl-C as a flag, and
-loader processes that leave stopping to their parent."""
+several), an int from the main process on every process, flags OR-ed over processes, SIGTERM and Ctrl-C as a flag,
+loader processes that leave stopping to their parent, and the cores, memory and torch threads a process may use beside
+its loader processes."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from clsp.errors import UserError
+from clsp.shards.cores import available_cores  # the stages' one core count (shards/ indexes on it too)
 
 DEVICES = "cpu | cuda | cuda:N | auto"
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()  # at import: what torch chose, before anyone set it
@@ -151,14 +153,6 @@ def stop_loader_processes(batches) -> None:
         shutdown()  # joins the loader processes, then forgets their pids: the handler has nothing left to raise about
     finally:
         signal.signal(signal.SIGCHLD, handler)
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def processes_here() -> int:

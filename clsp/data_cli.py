@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from clsp.errors import UserError
-from clsp.sources import SPEC_HELP, SPLIT_HELP
+from clsp.sources import SPLIT_HELP
+from clsp.vocabulary import SPEC_HELP
 
 app = typer.Typer(help=f"Inspect data sources ({SPEC_HELP}).", no_args_is_help=True)
 

@@ -1,5 +1,6 @@
 """Recognising our own files by name and content: the checks of a stage's `RunKind.owned` rules (clsp/run_dir.py),
-so that --overwrite deletes only files that the stage made.
+so that --overwrite deletes only files that the stage made; bounded reads of regular files only (`read_regular`,
+`small_json`), and the check for links to folders in a run folder (`linked_folders`).
 """
 from __future__ import annotations
 

@@ -251,7 +251,7 @@ def _claim(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool
 def _cut_writes(out: Path, kind: RunKind) -> list[Path]:
     """The temp files (.NAME.tmp-PID) of the kind's writes that a kill cut short (the record's, a checkpoint's, a
     log's): named so, recognised by the kind, and their writer gone (a command that writes into the folder without
-    claiming it, such as `clsp eval quality` into a generator's card, may be at work)."""
+    claiming it, such as `clsp diffusion eval` into a generator's card, may be at work)."""
     named = [p for p in out.rglob(".*.tmp-*") if left_by_a_killed_writer(p)]
     if not named:  # the usual case: no content check of the kind's files
         return []

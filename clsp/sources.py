@@ -30,6 +30,7 @@ from PIL import Image
 
 from clsp.errors import UserError
 from clsp.shards.schema import MAX_ID_CHARS
+from clsp.vocabulary import SPEC_HELP
 
 # the PIL formats a source image may be in (those of IMAGE_EXTENSIONS): PIL would open others too, by their content,
 # and loading some runs an external program on the file (EPS: Ghostscript)
@@ -266,13 +267,13 @@ class Source:
         }
 
 
-SPEC_HELP = "digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR | stl10:DIR"
 SPLIT_HELP = ("train | test | all. Test reads folders and files named test, val or validation; a file, glob or folder "
               "whose names say no split is one split (train), and test on it is refused")
 
 
 def open_source(spec: str, split: str = "train", image_size: int | None = None) -> Source:
-    """Open a source by spec (see SPEC_HELP). Raises UserError naming the problem for anything it cannot read."""
+    """Open a source by spec (see clsp.vocabulary.SPEC_HELP). Raises UserError naming the problem for anything it
+    cannot read."""
     from clsp.source_formats import (  # here: they import sources
         CifarSource, DigitsSource, FolderSource, ParquetSource, Stl10Source)
 

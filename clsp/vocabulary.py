@@ -2,9 +2,11 @@
 reads its help strings from here before torch is loaded.
 
   --precision      auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs only) | fp32, in every stage that
-                   runs a network for long (generator training, synth, training); evaluation computes in fp32.
-  --device         auto | cpu | cuda | cuda:N, default auto, where a stage runs in one process (synth, eval, sweep,
-                   quality); the training stages use the GPU of each process when there is one (Accelerate).
+                   runs a network for long (generator training, synth, training); evaluation computes features and
+                   probes in fp32, and its sampling (sweep, quality) is as synth's.
+  --device         auto | cpu | cuda | cuda:N, default auto, where a stage runs in one process (eval, sweep,
+                   quality); synth takes auto | cpu | cuda (CUDA_VISIBLE_DEVICES picks the GPU); the training
+                   stages use the GPU of each process when there is one (Accelerate).
   --batch-size     training only: examples per optimizer step over all processes (images for the generator, anchors
                    for contrastive training, each seen in three views).
   --forward-batch  inference only: images per forward pass per process (synth, sweep, quality, eval); it sets memory
@@ -17,6 +19,7 @@ from __future__ import annotations
 from clsp.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+SPEC_HELP = "digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR | stl10:DIR"  # a source
 POSITIVES = ("synthetic", "augment", "none")  # --positives, the third view: synthetic positive, third real view, none
 PRECISION_HELP = "auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 (GPUs only) | fp32"
 DEVICE_HELP = "auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N"

@@ -1,4 +1,5 @@
-"""`clsp eval knn|linear|audit|plots|report|all|study`: each command builds a frozen config and calls one function."""
+"""`clsp eval knn|linear|audit|plots|report|all|study|sweep`: each command builds a frozen config and calls one
+function."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Optional
 import typer
 
 from clsp.errors import UserError
-from clsp.vocabulary import DEVICE_HELP, FORWARD_BATCH_HELP
+from clsp.vocabulary import DEVICE_HELP, FORWARD_BATCH_HELP, SPEC_HELP
 
 app = typer.Typer(help="Evaluate runs: kNN, linear probe, audit of positives, pictures, report.", no_args_is_help=True)
 
-SOURCE_HELP = "labelled source: digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"
+SOURCE_HELP = f"labelled source: {SPEC_HELP}"
 RUN_SOURCE_HELP = SOURCE_HELP + " (default: the source the run's shards were made from, as its config.json records)"
 TEST_SOURCE_HELP = ("the test images as their own source, when --source holds no test split (e.g. "
                     "parquet:DIR/test-*.parquet); default: the test split of --source")

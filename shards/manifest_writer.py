@@ -23,6 +23,7 @@ from clsp.shards.manifest_checks import INDEX, INDEX_SCHEMA, MANIFEST, SCORE_TYP
     looks_like_index, run_problems, score_column
 from clsp.shards.reader import RawSample, ShardError, iter_shard, open_location
 from clsp.shards.codecs import DEFAULT_CODEC
+from clsp.shards.cores import available_cores
 from clsp.shards.schema import CODEC_VERSIONS, SCHEMA_VERSION, positive_distances, sample_sha256
 from clsp.shards.writer import SHARD_PATTERN, TEMP_PREFIX, shard_name
 
@@ -81,8 +82,6 @@ def _index_shards(directory: Path, k, agreement: AgreementScorer | None) -> tupl
     are read and scored on the available cores (a few at a time, so that at most that many shards' positives wait for
     the agreement scorer), and indexed in name order: the same index as one at a time."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from clsp.accelerator import available_cores
 
     distance, agree = score_column("distance"), score_column("agreement")
     schema = pa.schema([*INDEX_SCHEMA, pa.field(distance, SCORE_TYPE)]

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from clsp.presets import source_defaults, source_fields, source_literal
-from clsp.vocabulary import FORWARD_BATCH_HELP, SYNTH_DEVICE_HELP, PRECISION_HELP, bf16_for
+from clsp.vocabulary import FORWARD_BATCH_HELP, SPEC_HELP, SYNTH_DEVICE_HELP, PRECISION_HELP, bf16_for
 
 # --help shows each unset option's default from SynthConfig and SamplerConfig (read without importing torch)
 SAMPLER_FIELDS = source_fields("clsp.synth.sampler", "SamplerConfig")  # [(name, "float", default)]: one option each
@@ -26,7 +26,7 @@ def main() -> None:
 
 
 def run(
-    source: str = typer.Argument(..., help="digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"),
+    source: str = typer.Argument(..., help=SPEC_HELP),
     model: str = typer.Option(..., "--model", help="generator dir (unet/, scheduler/) or hub id"),
     out: Path = typer.Option(..., "--out", help="shard directory"),
     preset: Optional[str] = typer.Option(None, help="defaults for a known run: embedded (digits, K=4, 32 steps)"),

@@ -12,7 +12,7 @@ import typer
 
 from clsp.errors import UserError
 from clsp.presets import preset_values, source_defaults
-from clsp.vocabulary import BATCH_SIZE_HELP, DEVICE_HELP, FORWARD_BATCH_HELP, PRECISION_HELP, bf16_for
+from clsp.vocabulary import BATCH_SIZE_HELP, DEVICE_HELP, FORWARD_BATCH_HELP, PRECISION_HELP, SPEC_HELP, bf16_for
 
 PRECISION_TO_MIXED = {"auto": "auto", "bf16": "bf16", "fp32": "no"}  # --precision -> the config's mixed_precision
 
@@ -30,7 +30,7 @@ def diffusion() -> None:
 
 @app.command("train")
 def train(
-    source: str = typer.Argument(..., help="digits | parquet:PATH_OR_GLOB | folder:DIR | cifar10:DIR | cifar100:DIR"),
+    source: str = typer.Argument(..., help=SPEC_HELP),
     out: Path = typer.Option(..., "--out", help="run directory; the generator (unet/, scheduler/) is written here"),
     preset: Optional[str] = typer.Option(None, help="embedded (small UNet for 16 px digits, ~46 min on one CPU thread) "
                                          "| ddpm-cifar10 (the DDPM CIFAR-10 settings)"),
@@ -122,8 +122,8 @@ def convert_command(
 @app.command("eval")
 def eval_command(
     generator: str = typer.Argument(..., help="generator dir (from clsp diffusion train --out) or hub id"),
-    source: Optional[str] = typer.Option(None, help="labelled real data: digits | parquet:PATH_OR_GLOB | folder:DIR | "
-                                         "cifar10:DIR | cifar100:DIR; default: the source in the generator's card"),
+    source: Optional[str] = typer.Option(None, help=f"labelled real data: {SPEC_HELP}; default: the source in "
+                                         "the generator's card"),
     split: Optional[str] = typer.Option(None, help="real split to compare with; default: the card's, else train"),
     out: Optional[Path] = typer.Option(None, help="directory for quality.json and quality.md; default: the generator"),
     samples: int = typer.Option(1000, help="plain samples generated (and at most as many real images)"),

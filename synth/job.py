@@ -59,7 +59,7 @@ PROCESS_GROUP_TIMEOUT = timedelta(hours=24)
 
 @dataclass(frozen=True)
 class SynthConfig:
-    source: str  # a clsp.sources spec: digits | parquet:PATH | folder:DIR | cifar10:DIR | cifar100:DIR
+    source: str  # a clsp.sources spec (clsp.vocabulary.SPEC_HELP)
     model: str  # generator dir (diffusers layout: unet/, scheduler/) or hub id
     out: Path  # shard directory
     split: str = "train"

@@ -29,7 +29,7 @@ EpsFn = Callable[[UNet2DModel, torch.Tensor, torch.Tensor, int, float], torch.Te
 
 
 # Every field of SamplerConfig is a `clsp synth run` option (synth/cli.py builds them from the class and this dict,
-# without importing this module), is recorded in the manifest and is part of a run's resume identity (synth/job.py
+# without importing this module), is recorded in the manifest and is part of a run's resume identity (synth/job_setup.py
 # records asdict(SamplerConfig)): a new sampler option is a field, its help line here, and its use below.
 SAMPLER_HELP = {
     "w": "weight of the sample's own bottleneck, 0..1 (1 = plain DDIM, 0 = all anchor)",

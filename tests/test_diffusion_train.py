@@ -124,7 +124,7 @@ def test_a_kill_right_after_a_checkpoint_keeps_its_grid_and_rows_and_resume_clea
     for path in cut:
         path.write_bytes(b"half")
     (out / f".notes.txt.tmp-{dead}").write_text("the user's")
-    writing = subprocess.Popen(["sleep", "60"])  # as `clsp eval quality` writing the card beside a resume
+    writing = subprocess.Popen(["sleep", "60"])  # as `clsp diffusion eval` writing the card beside a resume
     try:
         (out / f".README.md.tmp-{writing.pid}").write_text("# Generator (being written)")
         train_diffusion(tiny(out, resume=True))

@@ -82,15 +82,14 @@ def test_the_manifest_indexes_shards_on_several_cores_a_window_at_a_time(tmp_pat
     as one at a time."""
     import threading
 
-    import clsp.accelerator
     import clsp.shards.manifest_writer as writer
     from conftest import build_shard_dir
 
     from clsp.shards.manifest import read_manifest
 
-    monkeypatch.setattr(clsp.accelerator, "available_cores", lambda: 1)
+    monkeypatch.setattr(writer, "available_cores", lambda: 1)
     serial = build_shard_dir(tmp_path / "a", counts=(3, 3, 3, 3, 2), k=2, size=8)
-    monkeypatch.setattr(clsp.accelerator, "available_cores", lambda: 3)
+    monkeypatch.setattr(writer, "available_cores", lambda: 3)
     running, most, lock, index_shard = [0], [0], threading.Lock(), writer._index_shard
     together = threading.Barrier(3, timeout=60)  # the first 3 shards wait for each other: they must be read at once
 

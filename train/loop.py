@@ -2,9 +2,10 @@
 checkpoint.
 
 It knows nothing about methods beyond `Method.forward(views, ids, third) -> dict(loss, loss_base, loss_clsp)`,
-`Method.after_step(progress)` and `Method.backbone`. One process on the CPU, or many under
-`torchrun`/`accelerate launch` (DDP, bf16 autocast on GPUs). `batch_size` is global: each of N processes takes
-batch_size / N anchors a step, and every process takes `steps_per_epoch` equal batches.
+`Method.after_step(progress)` and `Method.backbone` (and, for the run record, `Method.cfg` and `Method.state_layout`).
+One process on the CPU, or many under `torchrun`/`accelerate launch` (DDP, bf16 autocast on GPUs). `batch_size` is
+global: each of N processes takes batch_size / N anchors a step, and every process takes `steps_per_epoch` equal
+batches.
 
 Here: the config, the presets, the run record and a launch's setup and finish; train.epoch runs the epochs,
 train.shard_input reads the shards.
