@@ -68,13 +68,17 @@ eval: setup
 # (twice the time).
 STUDY_METHODS ?= simclr
 STUDY_JOBS ?= 2
+# another source: `clsp train run`'s defaults for every method (set the schedule with --train-option) and the paper's
+# probe, the study's form of the paper's settings
+STUDY_PRESET ?= $(if $(filter digits,$(SOURCE)),,--preset paper)
 # Class agreement against hardness of the positives for w in {0, 0.05, 0.1, 0.2, 0.5, 1} x 16 and 50 DDIM steps.
 sweep: setup
 	$(CLSP) eval sweep $(MODEL) --source $(SOURCE) --out $(RUN)/sweep --anchors 64 --steps 16,50
 
 study: setup
 	$(CLSP) synth run $(SOURCE) --model $(MODEL) --out $(SHARDS) $(PRESET)
-	$(CLSP) eval study $(SHARDS) --source $(SOURCE) --out $(RUN)/study --methods $(STUDY_METHODS) --jobs $(STUDY_JOBS)
+	$(CLSP) eval study $(SHARDS) --source $(SOURCE) --out $(RUN)/study --methods $(STUDY_METHODS) $(STUDY_PRESET) \
+		--jobs $(STUDY_JOBS)
 
 test: setup
 	$(PY) -m pytest -q

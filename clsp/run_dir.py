@@ -271,6 +271,15 @@ def check_out_path(out: str | Path) -> None:
             return
 
 
+def check_usable(out: str | Path, kind: RunKind) -> None:
+    """Read only: UserError when `out` can hold no `kind` run (a file, a folder not ours, links to folders), for a
+    command that claims many folders later and checks them all first."""
+    check_out_path(out)
+    why = _not_ours(Path(out), kind)
+    if why:
+        raise UserError(why)
+
+
 def _check_folder(out: Path, record: dict, kind: RunKind, resume: bool, overwrite: bool) -> dict | None:
     """The folder's record when a run of ours is there (None: the folder is new or empty); UserError when the run
     must not go on in it."""
@@ -307,13 +316,20 @@ def _not_ours(out: Path, kind: RunKind) -> str | None:
         return (f"--out {out} holds {len(links)} link(s) to folders ({shown}); clsp writes and deletes only inside "
                 f"its --out, never through a link: remove the link(s) (copy what they lead to, if it belongs there) "
                 f"or choose another --out; nothing in it was changed")
-    for path in entries:
-        other = small_json(path) if path.suffix == ".json" else None
-        if isinstance(other, dict) and isinstance(other.get(MARKER), str):
-            return (f"--out {out} holds a clsp {other[MARKER]} run ({path.name}), not a {kind.name} run: choose "
-                    f"another --out")
+    other = run_here(out)
+    if other:
+        return f"--out {out} holds a clsp {other[0]} run ({other[1]}), not a {kind.name} run: choose another --out"
     return (f"--out {out} is not empty and was not made by `{kind.command}` (it holds no {kind.record_file} of "
             f"ours): choose a new or empty directory; nothing in it was changed")
+
+
+def run_here(out: Path) -> tuple[str, str] | None:
+    """(kind, record file name) of the clsp run whose record lies in `out` (generator, synth or train), else None."""
+    for path in sorted(out.glob("*.json")):
+        record = small_json(path)
+        if isinstance(record, dict) and isinstance(record.get(MARKER), str):
+            return record[MARKER], path.name
+    return None
 
 
 def _is_lock(path: Path) -> bool:

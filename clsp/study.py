@@ -15,6 +15,7 @@ checkpoint, with a note when it goes on on another thread count than it began on
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def check_trained_as_planned(runs: list, manifest) -> None:
     the shards (source, generator, bytes), a streamed run's loader processes and the augmentation (recipe, draws), so
     a study never reports a run trained otherwise as one of its own, nor trains for hours before train refuses to
     resume one."""
-    from clsp.run_dir import difference_fixes, read_record, record_differences
+    from clsp.run_dir import check_usable, difference_fixes, read_record, record_differences
     from clsp.train.augment import AUGMENT_DRAWS, recipe_for
     from clsp.train.cache import use_cache
     from clsp.train.loop import TRAIN_RUN, TrainConfig, recorded_generator, shards_sha256, stream_plan, stream_workers
@@ -88,6 +89,7 @@ def check_trained_as_planned(runs: list, manifest) -> None:
     made_from = {"source": manifest.run.get("source"), "generator": recorded_generator(manifest),
                  "shards_sha256": shards_sha256(manifest)}  # the same source and generator may have made other shards
     for run in runs:
+        check_usable(run.out, TRAIN_RUN)  # a folder not made by train: refused now, not when its turn comes
         old = read_record(run.out, TRAIN_RUN)
         if old is None:
             continue
@@ -117,8 +119,14 @@ def study(cfg: StudyConfig) -> dict:
     from clsp.eval.evaluate import check_trained_on
     from clsp.eval.report import write_report
     from clsp.shards.manifest import read_manifest
+    from clsp.train.shard_input import check_present
 
     manifest = read_manifest(cfg.shards)  # every check here comes before hours of training, not after
+    check_present(manifest, cfg.shards)
+    held = _other_output(Path(cfg.out))
+    if held:  # the study's files would land among theirs
+        raise UserError(f"--out {cfg.out} holds {held}, and a study writes runs/, its report and pictures into a "
+                        f"folder of its own: pass another --out")
     made_from = manifest.run
     spec = cfg.source or made_from["source"]["spec"]
     shard_size = int(made_from["image_size"])
@@ -133,8 +141,9 @@ def study(cfg: StudyConfig) -> dict:
     print(f"study: {len(runs)} runs, each scored by {cfg.folds}-fold over the {len(data.ids)} labelled images of "
           f"{spec}")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)  # everything is checked: claim --out for the whole study
-    lock = lock_folder(Path(cfg.out), "study")  # a second study here would take runs this one has not begun
-    try:
+    # the lock: a second study here would take runs this one has not begun; stops: one error line, also outside
+    # its training's own handlers
+    with lock_folder(Path(cfg.out), "study"), _stops_as_errors():
         pending = [run for run in runs if (load_kfold(run.out) or {}).get("scoring") != scoring]
         to_train = [run for run in pending if not _finished(run)]
         note_thread_changes(to_train, {Path(run.out).name: threads_per_run(cfg.jobs, run, manifest)
@@ -151,8 +160,6 @@ def study(cfg: StudyConfig) -> dict:
             result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
             print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "
                   f"({time.perf_counter() - started:.1f} s to score)")
-    finally:
-        lock.close()  # releases the flock
     run_dirs = [Path(run.out) for run in runs]
     rows = [load_kfold(d) for d in run_dirs]
     scored = (f"{cfg.folds}-fold evaluation over all {len(data.ids)} labelled images of {spec} (each image scored by "
@@ -160,6 +167,17 @@ def study(cfg: StudyConfig) -> dict:
               f"run, so runs are compared image by image; the backbones saw the train split's images, without labels, "
               f"while training)")
     return write_report(rows, run_dirs, cfg.out, scored)
+
+
+def _other_output(out: Path) -> str | None:
+    """What of another stage `out` holds: a clsp run (its record), or shards (made here or elsewhere); else None."""
+    from clsp.run_dir import run_here
+    from clsp.shards.manifest_checks import MANIFEST
+
+    record = run_here(out) if out.is_dir() else None
+    if record:
+        return f"a clsp {record[0]} run ({record[1]})"
+    return f"shards ({MANIFEST})" if (out / MANIFEST).exists() else None
 
 
 def _finished(run) -> bool:
@@ -372,6 +390,30 @@ class Stopped(KeyboardInterrupt):
     """SIGTERM, raised in the main thread: the study stops as it does on Ctrl-C."""
 
 
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped
+
+
+@contextmanager
+def _stops_as_errors():
+    """SIGTERM and Ctrl-C while the study sets up or scores (training has handlers of its own): one `error:` line and
+    exit status 2, as a stop in training gives. Nothing is lost: results are written atomically, and the rerun scores
+    again a run whose scoring was cut short."""
+    import signal
+    import threading
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # the only thread that may set handlers
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if in_main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        raise UserError(f"the study was stopped by {'SIGTERM' if isinstance(stop, Stopped) else 'Ctrl-C'}: "
+                        f"{STUDY_AGAIN}") from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     """Train `runs` (TrainConfigs) `jobs` at a time in fresh processes. Two one-thread runs on two cores do about 1.8x
     the work of one two-thread run: a small network's layers do not split well across threads. A run's result does
@@ -439,9 +481,10 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     except BaseException as error:  # Ctrl-C or SIGTERM: stop the runs in training as well, and start no other
         stopping.set()
         terminate_pool()
-        if isinstance(error, Stopped):  # as with --jobs 1: one error line, exit status 2
-            raise UserError(f"the study was stopped by SIGTERM, and the runs it was training with it (each goes on "
-                            f"from its last checkpoint): {STUDY_AGAIN}") from None
+        if isinstance(error, KeyboardInterrupt):  # as with --jobs 1: one error line, exit status 2
+            raise UserError(f"the study was stopped by {'SIGTERM' if isinstance(error, Stopped) else 'Ctrl-C'}, and "
+                            f"the runs it was training with it (each goes on from its last checkpoint): "
+                            f"{STUDY_AGAIN}") from None
         raise
     else:
         pool.shutdown(wait=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -51,14 +52,34 @@ def verdicts(comparisons: list[dict]) -> list[str]:
     return lines or ["- no two modes of one method share a seed here: nothing to compare."]
 
 
+def _shards_sha256(row: dict) -> str | None:
+    """The shards whose synthetic positives a run trained on (None: it trained on none)."""
+    return ((row.get("training_setup") or {}).get("positives") or {}).get("shards_sha256")
+
+
+def _trained_with(rows: list[dict]) -> str:
+    """How one method's runs on one source were trained (common_setup has checked that they agree): the options, the
+    method's settings, the anchors and the shards that gave the synthetic positives."""
+    setup = next((row["training_setup"] for row in rows if row.get("training_setup")), None)
+    if not setup:
+        return "Trained with: not recorded (runs from before clsp recorded their training setup)."
+    settings = {**setup.get("options", {}), **setup.get("method", {})}
+    shown = ", ".join(f"{key} {value}" for key, value in settings.items() if value is not None)
+    shards = sorted({sha[:12] for sha in map(_shards_sha256, rows) if sha})
+    anchors = setup.get("anchors") or {}
+    return (f"Trained with: {shown}; {anchors.get('count')} anchors at {setup.get('image_size')} px"
+            + (f"; synthetic positives from shards {', '.join(shards)} (sha256)" if shards else "") + ".")
+
+
 def _method_tables(groups: list[dict], comparisons: list[dict]) -> list[str]:
-    """Per (source, method): mode rows with mean ± std and the paired difference against the baseline; then every
-    comparison with its per-seed differences, both intervals and the verdict."""
+    """Per (source, method): how its runs were trained, mode rows with mean ± std and the paired difference against
+    the baseline; then every comparison with its per-seed differences, both intervals and the verdict."""
     md = []
     for source, method in sorted({(g["source"], g["method"]) for g in groups}, key=str):
         mine = [c for c in comparisons if (c["source"], c["method"]) == (source, method)]
         vs_none = {(c["mode"], c["lam"]): c for c in mine if c["against"] == "none"}
-        md += [f"### {method} on {source}", "",
+        rows = [row for g in groups if (g["source"], g["method"]) == (source, method) for row in g["by_seed"].values()]
+        md += [f"### {method} on {source}", "", _trained_with(rows), "",
                "| positives | lam | seeds | kNN best k | kNN k=20 | linear top-1 | Δ kNN best vs none [95 %] | "
                "Δ linear vs none [95 %] |", "|---|---|---|---|---|---|---|---|"]
         for g in (g for g in groups if (g["source"], g["method"]) == (source, method)):
@@ -97,11 +118,16 @@ def write_report(rows: list[dict], run_dirs: list[str | Path], out: str | Path, 
     groups = aggregate(rows)  # and repeated seeds
     comparisons = paired_differences(groups, METRICS)
     csv_cols = ["run", *RUN_KEYS, "knn_best", "knn_best_k", "knn_k20", "linear_top1", "weights_sha256", "source",
-                "train_fingerprint", "test_fingerprint"]
+                "train_fingerprint", "test_fingerprint", "run_dir", "results_file", "shards_sha256", "training"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=csv_cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    for row in rows:  # where each number comes from: the run folder, its result file, its shards and options
+        setup = row.get("training_setup") or {}
+        training = {**setup.get("options", {}), **setup.get("method", {})}
+        writer.writerow({**{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+                         "shards_sha256": _shards_sha256(row),
+                         "training": json.dumps(training, sort_keys=True) if training else None})
     csv_path = write_new(out / "results.csv", buffer.getvalue())
     probe, ks = settings.get("probe") or {}, settings["ks"]
     sources = sorted({g["source"] for g in groups})

@@ -154,8 +154,7 @@ def with_identity(result: dict, run_dir: str | Path) -> dict:
         config = read_json(config_path)  # a regular file of bounded size
         recorded = read_record(run_dir, TRAIN_RUN)  # as today's clsp writes it (older ones listed other methods' keys)
         result.update(run_identity(config), training_setup=training_setup(recorded or config))
-    result.setdefault("run", run_dir.name)
-    result["run_dir"] = str(run_dir)
+    result["run"], result["run_dir"] = run_dir.name, str(run_dir)  # the folder given, also when copied or renamed
     return result
 
 

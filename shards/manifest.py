@@ -180,6 +180,13 @@ class Manifest:
         """Where the shards are: beside the manifest, or under `base` (a directory or URL the user gives)."""
         return [join_location(base or self.location, s["name"]) for s in self.shards]
 
+    def absent_shards(self) -> list[str]:
+        """The listed shards that are not files beside a local manifest: found before a run claims its --out, not
+        hours into it. [] for a URL, whose shards are found as they stream."""
+        if "://" in self.location:
+            return []
+        return [s["name"] for s in self.shards if not Path(self.location, s["name"]).is_file()]
+
     def samples(self, base: str | None = None) -> Iterator[RawSample]:
         """Every sample of every shard in order, each checked against the manifest (SchemaError / ShardError)."""
         contract = self.contract()

@@ -5,6 +5,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -486,6 +487,33 @@ def test_eval_all_command_end_to_end_and_idempotent(tiny_world):
 
     with pytest.raises(UserError, match="has no eval/results.json"):  # the root CLI prints it as one `error:` line
         report([root], root / "r2")
+
+
+def test_a_report_row_names_the_folder_given_its_result_file_shards_and_training_options(tiny_world, tmp_path):
+    """A copied run was listed under the name its results.json recorded, and neither the tables nor report.md said
+    which shards or training options a row came from: two studies at 25 and 80 epochs read alike."""
+    import csv
+    import shutil
+
+    from clsp.eval.evaluate import evaluate_run
+    from clsp.file_io import read_json
+    from clsp.train.loop import make_config, train
+
+    root, shards, source = tiny_world
+    run = tmp_path / "trained-here"
+    train(make_config(None, shards=str(shards), out=str(run), method="simclr", positives="synthetic",
+                      **dict(TINY_TRAIN)))
+    evaluate_run(run, EvalConfig(source=source, probe=FAST_PROBE))
+    copy = tmp_path / "copied"
+    shutil.copytree(run, copy)
+    report([copy], tmp_path / "report")
+    (row,) = csv.DictReader(open(tmp_path / "report" / "results.csv"))
+    assert row["run"] == "copied" and row["run_dir"] == str(copy) and row["results_file"] == "results.json"
+    assert row["shards_sha256"] == read_json(run / "config.json")["data"]["shards_sha256"]
+    assert json.loads(row["training"])["epochs"] == 1 and json.loads(row["training"])["width"] == 2
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert re.search(rf"Trained with: .*epochs 1, .*; 12 anchors at 8 px; synthetic positives from shards "
+                     rf"{row['shards_sha256'][:12]} \(sha256\)\.", text), text
 
 
 def test_a_rerun_on_the_same_inputs_replaces_its_result_and_other_inputs_get_a_new_file(tmp_path):

@@ -17,6 +17,7 @@ from clsp.eval.kfold import assign_folds, kfold_accuracy
 from clsp.file_io import read_json
 from clsp.eval.linear import ProbeConfig
 from clsp.eval.paired import interval_verdict, paired_bootstrap, paired_interval
+from clsp.run_dir import lock_folder
 from conftest import as_a_terminals_job, lock_held
 from test_eval import FAST_PROBE, TINY_TRAIN, tiny_world  # noqa: F401  (tiny_world: shards made from an image folder)
 
@@ -197,6 +198,79 @@ def test_study_command_passes_options_and_refuses_bad_ones_before_training(tiny_
         assert not (root / "x").exists()  # refused before anything was written
 
 
+def test_folders_a_study_cannot_use_are_refused_before_any_run_trains(tiny_world, tmp_path):
+    """A folder under runs/ that train did not make was refused only when the study reached it, after the runs before
+    it had trained; --out the shard folder or a training run put the study's files among theirs; a shard the
+    manifest lists but the folder lacks was reported as corrupt, with an option the study does not have, once --out
+    was claimed."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+    from clsp.train.loop import make_config, train
+
+    root, shards, source = tiny_world
+    options = [arg for key, value in TINY_TRAIN for arg in ("--train-option", f"{key}={json.dumps(value)}")]
+
+    def refused(out, words, shard_dir=shards):
+        result = CliRunner().invoke(app, ["eval", "study", str(shard_dir), "--source", source, "--out", str(out),
+                                          "--positives", "none,synthetic", "--seeds", "0", "--folds", "2",
+                                          "--preset", "paper", *options])
+        assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
+        return result.output
+
+    stranger = tmp_path / "study" / "runs" / "simclr-synthetic-seed0"  # the second run of two
+    stranger.mkdir(parents=True)
+    (stranger / "notes.txt").write_text("mine")
+    refused(tmp_path / "study", f"--out {stranger} is not empty and was not made by `clsp train run`")
+    assert sorted(p.name for p in (tmp_path / "study" / "runs").iterdir()) == [stranger.name]  # nothing trained
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+    before = sorted(p.name for p in shards.iterdir())
+    refused(shards, f"--out {shards} holds shards (manifest.json), and a study writes runs/")
+    assert sorted(p.name for p in shards.iterdir()) == before
+    run = tmp_path / "a-run"
+    train(make_config(None, shards=str(shards), out=str(run), method="simclr", positives="none", **dict(TINY_TRAIN)))
+    refused(run, f"--out {run} holds a clsp train run (config.json)")
+    assert not (run / "runs").exists()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    (copy / "shard-000001.tar").unlink()
+    output = refused(tmp_path / "new", f"{copy} lists 1 shard(s) that are not there (shard-000001.tar): copy them",
+                     shard_dir=copy)
+    assert "corrupt" not in output and "--skip-corrupt" not in output and not (tmp_path / "new").exists()
+    alone = CliRunner().invoke(app, ["train", "run", str(copy), "--out", str(tmp_path / "new")])  # train itself too
+    assert alone.exit_code == 2 and "lists 1 shard(s) that are not there" in alone.output, alone.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_stop_while_the_study_scores_is_one_error_line(tiny_world, tmp_path, monkeypatch):
+    """SIGTERM while the study scored a run killed it with status 143 and no word (Ctrl-C: a traceback); the rerun
+    scores that run again."""
+    import clsp.eval.kfold
+    from clsp.errors import UserError
+    from clsp.study import StudyConfig, study
+
+    root, shards, source = tiny_world
+    config = StudyConfig(str(shards), source, str(tmp_path / "study"), positives=("none",), seeds=(0,), folds=2,
+                         train_preset=None, train_options=TINY_TRAIN)
+    scoring = clsp.eval.kfold.evaluate_run_kfold
+
+    def stopped_while_scoring(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return scoring(*args, **kwargs)
+
+    monkeypatch.setattr(clsp.eval.kfold, "evaluate_run_kfold", stopped_while_scoring)
+    with pytest.raises(UserError, match=r"^the study was stopped by SIGTERM: run the same `clsp eval study` command "
+                                        r"again to go on$"):
+        study(config)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the study's handler is gone with it
+    monkeypatch.setattr(clsp.eval.kfold, "evaluate_run_kfold", scoring)
+    assert study(config)["report"].endswith("report.md")  # trained already: scored now
+
+
 def test_a_streamed_run_with_other_loader_processes_is_refused_before_training(tiny_world):
     """A streamed run's order depends on its loader processes (train refuses to resume it with another count): the
     study refuses such a run folder before anything trains, not when it reaches that run."""
@@ -324,9 +398,9 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
         if study.poll() is None:
             study.kill()
     assert study.returncode != 0
-    if stop == "SIGTERM":  # as with --jobs 1: one error line, exit status 2
+    if stop != "SIGKILL":  # as with --jobs 1: one error line, exit status 2 (Ctrl-C ended it silently with 130)
         assert study.returncode == 2 and "Traceback" not in stderr, stderr
-        assert "error: the study was stopped by SIGTERM, and the runs it was training with it (each goes on from its " \
+        assert f"error: the study was stopped by {stop}, and the runs it was training with it (each goes on from its " \
                "last checkpoint): run the same `clsp eval study` command again" in stderr, stderr
     _wait_for(lambda: not any(lock_held(run) for run in first), "the training processes to end")
     assert sorted(p.name for p in (out / "runs").iterdir()) == [run.name for run in first]  # no third run began
@@ -335,7 +409,8 @@ def test_stopping_a_parallel_study_stops_its_training_processes(tiny_world, tmp_
 @pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
 def test_a_stop_while_a_parallel_study_waits_for_its_runs_after_one_failed_ends_them_and_names_the_failure(
         tiny_world, tmp_path, stop):
-    """One run fails at once (its folder is a file), the other trains on: the study says so and waits for it. A stop
+    """One run fails at once (another process holds its folder), the other trains on: the study says so and waits for
+    it. A stop
     then was taken inside that wait and never reached the run, whose pool process then waited forever on the queue
     lock of the idle one the stop had killed, and the study on it."""
     import os
@@ -347,8 +422,9 @@ def test_a_stop_while_a_parallel_study_waits_for_its_runs_after_one_failed_ends_
     long = {**dict(TINY_TRAIN), "epochs": 100000}  # trains until stopped
     options = [arg for key, value in long.items() for arg in ("--train-option", f"{key}={json.dumps(value)}")]
     out = tmp_path / "study"
-    (out / "runs").mkdir(parents=True)
-    (out / "runs" / "simclr-synthetic-seed0").write_text("not a folder")
+    busy = out / "runs" / "simclr-synthetic-seed0"
+    busy.mkdir(parents=True)
+    held = lock_folder(busy, "train")  # in use: a failure only the claim finds, when the run's turn comes
     study = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "clsp", "eval", "study", str(shards),
                               "--source", source, "--out", str(out), "--positives", "none,synthetic", "--seeds", "0",
                               "--folds", "2", "--preset", "paper", "--jobs", "2", *options],
@@ -372,12 +448,13 @@ def test_a_stop_while_a_parallel_study_waits_for_its_runs_after_one_failed_ends_
     finally:
         if study.poll() is None:
             os.killpg(study.pid, signal.SIGKILL)
+        held.close()
     assert study.returncode == 2 and "Traceback" not in stderr, stderr
     assert "study: a run failed (--out " in stderr and "the runs in training finish first" in stderr, stderr
     # the study's own last line; Python's resource tracker, a process of its own, may add its warnings after the study
     # ended (a pool process killed in the Ctrl-C leaves a semaphore of the pool's queues for it to clean up)
     ours = [line for line in stderr.strip().splitlines() if "resource_tracker" not in line]
-    assert ours[-1].startswith(f"error: --out {out / 'runs' / 'simclr-synthetic-seed0'} is a file"), stderr
+    assert ours[-1].startswith(f"error: --out {busy} is in use by another run"), stderr
     _wait_for(lambda: not lock_held(training), "the training process to end")
 
 
@@ -386,7 +463,6 @@ def test_a_second_study_on_the_same_out_is_refused_and_a_sigterm_names_the_study
     refused before it trains. A SIGTERM while the study trains a run in its own process says to rerun the study,
     not `--resume`, which `clsp eval study` does not have."""
     from clsp.errors import UserError
-    from clsp.run_dir import lock_folder
     from clsp.study import StudyConfig, study
 
     root, shards, source = tiny_world

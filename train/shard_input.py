@@ -29,11 +29,22 @@ def open_shards(cfg: TrainConfig) -> tuple[Manifest, PositiveDraw | None]:
         manifest = read_manifest(cfg.shards)
     except (ShardError, OSError) as error:
         raise UserError(f"cannot open shards at {cfg.shards}: {error}") from None
+    check_present(manifest, cfg.shards)
     if cfg.expect_k is not None and manifest.k != cfg.expect_k:
         raise UserError(f"{cfg.shards} holds K={manifest.k} positives per anchor, but --expect-k is {cfg.expect_k}")
     draw = positive_draw(cfg.positive_filter, cfg.positive_weighting, manifest.scores,
                          f"{cfg.shards} (shard schema version {manifest.schema_version})")
     return manifest, draw
+
+
+def check_present(manifest: Manifest, shards: str) -> None:
+    """Refuse shards listed in the manifest that are not there (a copy left some out), before anything is claimed."""
+    absent = manifest.absent_shards()
+    if absent:
+        raise UserError(f"{shards} lists {len(absent)} shard(s) that are not there ({', '.join(absent[:3])}"
+                        f"{', ...' if len(absent) > 3 else ''}): copy them from where the shards were made, or rerun "
+                        f"the `clsp synth run` command that made them (it makes only the missing ones); `clsp shards "
+                        f"verify {shards}` checks every shard")
 
 
 def split_batch(batch_size: int, count: int, world: int) -> tuple[int, int]:
