@@ -38,6 +38,10 @@ STAGES = [  # (name, module holding `app`)
 ]
 
 
+STOPPED_BY_CTRL_C = ("stopped by Ctrl-C; every file is written whole or not at all, so what finished is kept: run the "
+                     "same command again to go on (with --resume for `clsp train run` and `clsp diffusion train`)")
+
+
 class _Group(TyperGroup):
     """The root group: loads a stage's sub-app when it is asked for, and turns the errors a user can fix into one clear
     line and exit status 2, for every sub-command."""
@@ -54,6 +58,9 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):  # --help, usage errors: typer's own handling
             raise
+        except KeyboardInterrupt:  # a command that keeps no StopFlag (synth, eval), or a second Ctrl-C in training
+            typer.echo(f"\nerror: {STOPPED_BY_CTRL_C}", err=True)
+            raise typer.Exit(130) from None  # the shell's status for SIGINT
         except Exception as error:
             message = user_message(error)
             if message is None:

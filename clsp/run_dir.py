@@ -325,11 +325,20 @@ def _not_ours(out: Path, kind: RunKind) -> str | None:
 
 def run_here(out: Path) -> tuple[str, str] | None:
     """(kind, record file name) of the clsp run whose record lies in `out` (generator, synth or train), else None."""
-    for path in sorted(out.glob("*.json")):
+    for path in sorted(out.glob("*.json")) if out.is_dir() else ():
         record = small_json(path)
         if isinstance(record, dict) and isinstance(record.get(MARKER), str):
             return record[MARKER], path.name
     return None
+
+
+def stage_output(out: Path) -> str | None:
+    """What another stage made in `out`, in words: a clsp run (its record), or shards (made here or elsewhere: their
+    manifest); None when neither. For commands that write beside no stage's files (eval's reports, the study)."""
+    record = run_here(out)
+    if record:
+        return f"a clsp {record[0]} run ({record[1]})"
+    return "shards (manifest.json)" if (out / "manifest.json").exists() else None
 
 
 def _is_lock(path: Path) -> bool:

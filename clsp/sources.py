@@ -315,6 +315,18 @@ def refuse_out_inside(spec: str, out: str | Path) -> None:
                         f"would become part of the source; choose an --out outside {location}")
 
 
+def refuse_out_in_sources(out: str | Path, given=(), recorded=()) -> None:
+    """refuse_out_inside for every source a command is `given` and those its inputs were made from (`recorded`: in
+    their records). A recorded spec is checked only where it names an absolute path that exists: a relative one was
+    relative to wherever that stage ran, not to here."""
+    def checkable(spec: str) -> bool:
+        location = spec.partition(":")[2]
+        return os.path.isabs(location) and os.path.exists(location)
+
+    for spec in sorted({*filter(None, given), *filter(checkable, filter(None, recorded))}):
+        refuse_out_inside(spec, out)
+
+
 def load_arrays(source: Source, limit: int | None = None,
                 labelled: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The whole source in memory: images (N, H, W, 3) uint8, labels (N,), ids. With `limit`, at most that many,

@@ -123,10 +123,6 @@ def study(cfg: StudyConfig) -> dict:
 
     manifest = read_manifest(cfg.shards)  # every check here comes before hours of training, not after
     check_present(manifest, cfg.shards)
-    held = _other_output(Path(cfg.out))
-    if held:  # the study's files would land among theirs
-        raise UserError(f"--out {cfg.out} holds {held}, and a study writes runs/, its report and pictures into a "
-                        f"folder of its own: pass another --out")
     made_from = manifest.run
     spec = cfg.source or made_from["source"]["spec"]
     shard_size = int(made_from["image_size"])
@@ -167,17 +163,6 @@ def study(cfg: StudyConfig) -> dict:
               f"run, so runs are compared image by image; the backbones saw the train split's images, without labels, "
               f"while training)")
     return write_report(rows, run_dirs, cfg.out, scored)
-
-
-def _other_output(out: Path) -> str | None:
-    """What of another stage `out` holds: a clsp run (its record), or shards (made here or elsewhere); else None."""
-    from clsp.run_dir import run_here
-    from clsp.shards.manifest_checks import MANIFEST
-
-    record = run_here(out) if out.is_dir() else None
-    if record:
-        return f"a clsp {record[0]} run ({record[1]})"
-    return f"shards ({MANIFEST})" if (out / MANIFEST).exists() else None
 
 
 def _finished(run) -> bool:

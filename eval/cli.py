@@ -38,22 +38,17 @@ def _check_out(out: Path, given=(), recorded=()) -> None:
     """An --out that is a file is refused before any work, and so is one inside a folder (or Parquet directory) that a
     source reads: what the command writes there would be added to the data (a new class folder, pictures read as
     images, another fingerprint), so that the next evaluation scores other data or refuses the run's own. Checked for
-    every source the command is `given` and those its runs and shards were made from (`recorded`). A recorded spec is
-    checked only where it names an absolute path that exists: a relative one was relative to wherever that stage ran,
-    not to here."""
-    import os
-
-    from clsp.run_dir import check_out_path
-    from clsp.sources import refuse_out_inside
+    every source the command is `given` and those its runs and shards were made from (`recorded`:
+    clsp.sources.refuse_out_in_sources). Nor may it hold another stage's output (shards, a run)."""
+    from clsp.run_dir import check_out_path, stage_output
+    from clsp.sources import refuse_out_in_sources
 
     check_out_path(out)  # a file there: refused now, not after the features and the probe were computed
-
-    def checkable(spec: str) -> bool:
-        location = spec.partition(":")[2]
-        return os.path.isabs(location) and os.path.exists(location)
-
-    for spec in sorted({*filter(None, given), *filter(checkable, filter(None, recorded))}):
-        refuse_out_inside(spec, out)
+    held = stage_output(Path(out))
+    if held:  # its reports and pictures would land among the files of shards others read, or of a run
+        raise UserError(f"--out {out} holds {held}, and this command writes its results into a folder of its own: "
+                        f"pass another --out")
+    refuse_out_in_sources(out, given, recorded)
 
 
 def _shards_source(shards: str) -> str | None:

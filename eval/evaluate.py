@@ -12,6 +12,7 @@ shards' source; `--transfer` scores other data on purpose), and every input is c
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -254,7 +255,8 @@ def prepare_eval(run_dir: str | Path, config: EvalConfig) -> EvalInputs:
     try:
         bank = open_source(run.spec, config.train_split, image_size=run.image_size)
     except UserError as error:
-        if config.source is not None:
+        location = run.spec.partition(":")[2]
+        if config.source is not None or not location or os.path.isabs(os.path.expanduser(location)):
             raise
         raise UserError(f"{error} (the source {run.spec} is the one {run.run_dir}/config.json records: a relative path "
                         f"there is relative to where the run was made; pass --source with its path from here)") \

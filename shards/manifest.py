@@ -185,7 +185,8 @@ class Manifest:
         hours into it. [] for a URL, whose shards are found as they stream."""
         if "://" in self.location:
             return []
-        return [s["name"] for s in self.shards if not Path(self.location, s["name"]).is_file()]
+        # a FIFO or a link to a device is there: the reader refuses it as not a regular file
+        return [s["name"] for s in self.shards if not Path(self.location, s["name"]).exists()]
 
     def samples(self, base: str | None = None) -> Iterator[RawSample]:
         """Every sample of every shard in order, each checked against the manifest (SchemaError / ShardError)."""

@@ -63,6 +63,19 @@ def test_bad_source_exits_2_with_one_clear_line():
     assert "error: unknown source kind 'nope'" in result.output
 
 
+def test_ctrl_c_in_a_command_is_one_line_and_the_shells_status(monkeypatch):
+    """Ctrl-C in synth or eval (no StopFlag of their own) ended the command with status 130 and not a word."""
+    import clsp.sources
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clsp.sources, "open_source", interrupted)
+    result = runner.invoke(app, ["data", "info", "digits"])
+    assert result.exit_code == 130 and "error: stopped by Ctrl-C; every file is written whole" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_shards_verify_info_and_sheet(shard_dir, tmp_path):
     ok = runner.invoke(app, ["shards", "verify", str(shard_dir)])
     assert ok.exit_code == 0 and "OK (11 anchors x 2 positives in 3 shards)" in ok.output

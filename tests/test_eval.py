@@ -516,6 +516,58 @@ def test_a_report_row_names_the_folder_given_its_result_file_shards_and_training
                      rf"{row['shards_sha256'][:12]} \(sha256\)\.", text), text
 
 
+def test_outputs_inside_a_source_or_among_another_stages_files_are_refused_before_anything_is_written(tiny_world,
+                                                                                                     tmp_path):
+    """train wrote its run inside the folder source its shards were made from, which every later command then read
+    as a split-less part ("mixes parts named for a split"); eval wrote its report among a shard folder's files."""
+    from typer.testing import CliRunner
+
+    from clsp.cli import app
+    from clsp.train.loop import make_config, train
+
+    root, shards, source = tiny_world
+    options = ["--width", "2", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+    for out, extra in ((root / "images" / "runs", []), (tmp_path / "r", ["--knn-every", "1", "--knn-source",
+                                                                          f"folder:{tmp_path}"])):
+        refused = CliRunner().invoke(app, ["train", "run", str(shards), "--out", str(out), *options, *extra])
+        assert refused.exit_code == 2 and f"--out {out} lies inside" in refused.output, refused.output
+        assert not out.exists()
+    run = tmp_path / "run"
+    train(make_config(None, shards=str(shards), out=str(run), method="simclr", positives="none", **dict(TINY_TRAIN)))
+    for out, held in ((shards, "shards (manifest.json)"), (run, "a clsp train run (config.json)")):
+        before = sorted(p.name for p in out.iterdir())
+        refused = CliRunner().invoke(app, ["eval", "all", str(run), "--shards", str(shards), "--source", source,
+                                           "--out", str(out)])
+        assert refused.exit_code == 2 and f"--out {out} holds {held}" in refused.output, refused.output
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_moved_source_is_said_relative_only_when_the_run_recorded_a_relative_path(tiny_world, tmp_path,
+                                                                                     monkeypatch):
+    """A recorded source that is gone got "a relative path there is relative to where the run was made" also when the
+    run had recorded an absolute path."""
+    import shutil
+
+    from clsp.eval.evaluate import EvalConfig, prepare_eval
+    from clsp.errors import UserError
+    from clsp.train.loop import make_config, train
+
+    root, shards, _ = tiny_world
+    monkeypatch.chdir(tmp_path)
+    for spec in (f"folder:{tmp_path / 'absolute'}", "folder:relative"):
+        images = tmp_path / spec.partition(":")[2]
+        shutil.copytree(root / "images", images)
+        made = shutil.copytree(shards, tmp_path / f"shards-{images.name}")
+        record_source(made, spec)
+        run = tmp_path / f"run-{images.name}"
+        train(make_config(None, shards=str(made), out=str(run), method="simclr", positives="none", **dict(TINY_TRAIN)))
+        images.rename(tmp_path / f"moved-{images.name}")
+        with pytest.raises(UserError) as refused:
+            prepare_eval(run, EvalConfig())
+        relative = "a relative path there is relative to where the run was made" in str(refused.value)
+        assert relative == (spec == "folder:relative"), str(refused.value)
+
+
 def test_a_rerun_on_the_same_inputs_replaces_its_result_and_other_inputs_get_a_new_file(tmp_path):
     from clsp.eval import write_result
 

@@ -265,6 +265,14 @@ def test_a_run_that_has_not_finished_training_is_not_scored(trained, tmp_path):
         result = _cli(*command)
         assert result.exit_code == 2 and "has not finished training" in result.output, result.output
         assert "--resume" in result.output and not (run / "eval").exists() and not (tmp_path / "report").exists()
+    (run / "backbone.safetensors").unlink()  # still running, or stopped before its first checkpoint: no weights yet
+    result = _cli("eval", "knn", run)
+    assert result.exit_code == 2 and f"{run} has no backbone.safetensors yet: its training is still running, or " \
+                                      f"stopped before its first checkpoint" in result.output, result.output
+    assert "--resume" in result.output and "train a model there first" not in result.output
+    result = _cli("eval", "knn", shards)  # the shards given for the run
+    assert result.exit_code == 2 and f"{shards} holds shards (manifest.json), not a training run" in result.output, \
+        result.output
 
 
 def test_eval_all_refuses_an_out_inside_the_source_folder(trained, tmp_path):

@@ -228,7 +228,7 @@ def test_folders_a_study_cannot_use_are_refused_before_any_run_trains(tiny_world
     assert (stranger / "notes.txt").read_text() == "mine"
 
     before = sorted(p.name for p in shards.iterdir())
-    refused(shards, f"--out {shards} holds shards (manifest.json), and a study writes runs/")
+    refused(shards, f"--out {shards} holds shards (manifest.json), and this command writes its results into a folder")
     assert sorted(p.name for p in shards.iterdir()) == before
     run = tmp_path / "a-run"
     train(make_config(None, shards=str(shards), out=str(run), method="simclr", positives="none", **dict(TINY_TRAIN)))

@@ -29,6 +29,7 @@ from torch import nn
 from clsp.errors import UserError
 from clsp.file_checks import IS_TORCH_SAVE, contains, is_safetensors, is_temp_of, json_with, owned_files, starts_with
 from clsp.file_io import partial_removed, read_json, refused_if_not_ours, torch_save, write_atomic, write_json
+from clsp.run_dir import run_here, stage_output
 
 CHECKPOINT, BACKBONE, CONFIG, LOG, SUMMARY = ("checkpoint", "backbone.safetensors", "config.json", "log.csv",
                                               "summary.json")
@@ -169,6 +170,14 @@ def load_backbone(run_dir: str | Path) -> tuple[nn.Module, dict]:
     run_dir = Path(run_dir)
     for name in (CONFIG, BACKBONE):
         if not (run_dir / name).exists():
+            if (run_here(run_dir) or ("",))[0] == "train":  # its record is there: it has not saved a checkpoint yet
+                raise UserError(f"{run_dir} has no {BACKBONE} yet: its training is still running, or stopped before "
+                                f"its first checkpoint; finish it with `clsp train run SHARDS --out {run_dir} "
+                                f"--resume` (the same options), then evaluate")
+            held = stage_output(run_dir)
+            if held:
+                raise UserError(f"{run_dir} holds {held}, not a training run: pass the folder `clsp train run` wrote "
+                                f"(its --out)")
             raise FileNotFoundError(f"{run_dir / name} does not exist: train a model there first "
                                     "(`clsp train run SHARDS --out DIR`)")
     fix = "point to a run directory written by `clsp train run`, or train it again there"

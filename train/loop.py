@@ -34,6 +34,7 @@ from clsp.file_io import write_json
 from clsp.presets import preset_values
 from clsp.run_dir import RunKind, prepare_run_dir, read_record
 from clsp.schedules import warmup_cosine
+from clsp.sources import refuse_out_in_sources
 from clsp.shards.manifest import Manifest
 from clsp.train.augment import AUGMENT_DRAWS, DEFAULT_MEAN, DEFAULT_STD, BatchAugment, recipe_for
 from clsp.train.backbones import RESNET_LAYOUTS, build_backbone, wants_small_stem
@@ -311,6 +312,8 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
                             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
                             **tracker_options(cfg.log_with, cfg.out))
     manifest, draw = open_shards(cfg)
+    # what train writes inside a folder source would become part of it (the shards' source, the kNN monitor's)
+    refuse_out_in_sources(cfg.out, [cfg.knn_source], [(manifest.run.get("source") or {}).get("spec")])
     size = cfg.image_size or int(manifest.run["image_size"])
     world = acc.num_processes
     per_process, spe = split_batch(cfg.batch_size, manifest.count, world)
