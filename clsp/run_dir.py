@@ -38,6 +38,7 @@ from clsp.errors import UserError
 from clsp.file_checks import SMALL_JSON, is_temp_of, json_with, left_by_a_killed_writer, linked_folders, \
     small_json
 from clsp.file_io import write_json
+from clsp.shards.manifest_checks import MANIFEST
 
 MARKER = "clsp_run"  # record key naming the kind of run: what marks a folder as ours
 LOCK_FILE = ".clsp-lock"
@@ -338,7 +339,7 @@ def stage_output(out: Path) -> str | None:
     record = run_here(out)
     if record:
         return f"a clsp {record[0]} run ({record[1]})"
-    return "shards (manifest.json)" if (out / "manifest.json").exists() else None
+    return f"shards ({MANIFEST})" if (out / MANIFEST).exists() else None
 
 
 def _is_lock(path: Path) -> bool:
