@@ -77,6 +77,7 @@ def resume_step(cfg: DiffusionTrainConfig, claim: RunDir, procs) -> int:
             start = -1
         else:
             (cfg.out / INDEX_NAME).unlink(missing_ok=True)  # about to change: must not look complete
+            tidy_checkpoints(cfg.out, cfg.keep_checkpoints)  # a resume at its last step saves none that would
             start = checkpoint_dirs(cfg.out)[-1][0] if checkpoint_dirs(cfg.out) else 0
     return broadcast_int(procs, start)
 
@@ -87,7 +88,7 @@ def save_checkpoint(out: Path, step: int, unet, ema, optimizer, extra: dict, kee
 
     final = out / "checkpoints" / f"{STEP_PREFIX}{step:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tidy_checkpoints(out, keep)
     with partial_removed(tmp, f"while writing a checkpoint in {out}", " with --resume (the last complete checkpoint "
                          "is kept)"):
         tmp.mkdir(parents=True)
@@ -97,9 +98,20 @@ def save_checkpoint(out: Path, step: int, unet, ema, optimizer, extra: dict, kee
         torch_save({"optimizer": optimizer.state_dict(), "step": step, **extra}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for _, old in checkpoint_dirs(out)[:-keep]:
-        shutil.rmtree(old)
+    tidy_checkpoints(out, keep)
     return final
+
+
+def tidy_checkpoints(out: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints. One goes out of the list (renamed to .tmp-step-N) before it is deleted, so
+    a kill mid-delete leaves no partial checkpoint listed; the .tmp-step-N folders such kills, or a kill while one was
+    written, left are deleted here."""
+    for stale in (out / "checkpoints").glob(f".tmp-{STEP_PREFIX}*"):
+        shutil.rmtree(stale)
+    for _, old in checkpoint_dirs(out)[:-keep]:
+        gone = old.with_name(f".tmp-{old.name}")
+        old.rename(gone)
+        shutil.rmtree(gone)
 
 
 def rng_states(procs) -> dict:

@@ -97,6 +97,21 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     assert steps == [2, 4]  # one row per step, none repeated by the resume
 
 
+def test_a_kill_while_an_old_checkpoint_is_deleted_lists_no_partial_one_and_the_resume_tidies(tmp_path):
+    """A kill while the oldest checkpoint was pruned left it half-deleted and still listed, and a resume at the last
+    step (which saves none) kept it, a checkpoint more than --keep-checkpoints, for good."""
+    out = tmp_path / "run"
+    train_diffusion(tiny(out, steps=6))  # checkpoints at steps 2, 4, 6; keeps 4 and 6
+    assert [step for step, _ in checkpoint_dirs(out)] == [4, 6]
+    (out / "model_index.json").unlink()  # killed before the generator was saved
+    shutil.copytree(out / "checkpoints" / "step-000004", out / "checkpoints" / "step-000002")
+    (out / "checkpoints" / "step-000002" / "unet.safetensors").unlink()  # a prune cut short, as it was
+    shutil.copytree(out / "checkpoints" / "step-000004", out / "checkpoints" / ".tmp-step-000002")  # as it is now
+    train_diffusion(tiny(out, steps=6, resume=True))
+    assert [step for step, _ in checkpoint_dirs(out)] == [4, 6] and (out / "model_index.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+
+
 def test_a_kill_right_after_a_checkpoint_keeps_its_grid_and_rows_and_resume_clears_cut_writes(tmp_path, monkeypatch):
     """kill -9 right after a checkpoint's rename: its sample grid and log rows are there (they were written after it,
     so lost); the temp files of writes a kill cut short are removed by --resume (they stayed), a stranger's are not,

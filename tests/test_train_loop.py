@@ -379,6 +379,37 @@ def test_a_run_stopped_after_its_last_checkpoint_and_before_its_summary_gets_the
         assert resumed[key] == pytest.approx(straight[key], rel=1e-5) and straight[key] is not None, key
 
 
+def test_a_resume_at_the_last_step_drops_a_superseded_checkpoint_and_a_stop_in_the_final_writes_lets_them_end(
+        shards, tmp_path, monkeypatch):
+    """A kill between save_checkpoint's renames left .checkpoint.old, which a resume at the last step (no checkpoint
+    saved) kept for good; a SIGTERM while the backbone and summary were written killed the run with no word."""
+    import shutil
+
+    import clsp.train.loop
+    from clsp.accelerator import StopFlag
+
+    out = tmp_path / "run"
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0)))
+    (out / "summary.json").unlink()
+    (out / "checkpoint").rename(out / ".checkpoint.old")  # a kill between the renames: the old one is the last
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True)))  # from the old one
+    assert (out / "summary.json").is_file() and (out / "checkpoint" / "position.json").is_file()
+    assert not (out / ".checkpoint.old").exists()  # under its own name again
+    (out / "summary.json").unlink()
+    shutil.copytree(out / "checkpoint", out / ".checkpoint.old")  # a kill after the renames, before the delete
+    saving = clsp.train.loop.save_backbone
+
+    def stopped_while_saving(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return saving(*args)
+
+    monkeypatch.setattr(clsp.train.loop, "save_backbone", stopped_while_saving)
+    stop_flag = StopFlag()
+    train(make_config(**options(shards, out, epochs=1, warmup_epochs=0.0, resume=True)), stop_flag)
+    assert stop_flag.raised and stop_flag.by == "SIGTERM"  # taken as a flag: the run finished its writes
+    assert read_json(out / "summary.json")["finished"] and not (out / ".checkpoint.old").exists()
+
+
 @pytest.mark.parametrize("fault", ["term-group", "int-group", "kill-loader", "kill"])
 def test_a_stop_that_reaches_the_loader_processes_resumes_to_the_uninterrupted_weights(shards, tmp_path, fault):
     """Streamed by 2 loader processes, in a process group of its own:

@@ -110,6 +110,15 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
+def settle_checkpoint(out: Path) -> None:
+    """Finish the swap of `save_checkpoint` that a kill cut short: the last complete checkpoint under its own name,
+    and no previous one beside it (a kill between the two renames, or during the delete)."""
+    final, old = out / CHECKPOINT, out / _OLD
+    if not (final / "position.json").exists() and (old / "position.json").exists():
+        old.rename(final)  # `final` is only ever made by a rename of a whole checkpoint: absent here
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(out: Path, procs: Processes, model: nn.Module, optimizer, scheduler, position: dict,
                     backbone: nn.Module) -> Path:
     """Every process calls this (it synchronises them). `model` and `backbone` are unwrapped (no DDP)."""
@@ -133,7 +142,7 @@ def save_checkpoint(out: Path, procs: Processes, model: nn.Module, optimizer, sc
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         temp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        settle_checkpoint(out)
     procs.wait_for_everyone()
     return final
 

@@ -40,7 +40,7 @@ from clsp.train.augment import AUGMENT_DRAWS, DEFAULT_MEAN, DEFAULT_STD, BatchAu
 from clsp.train.backbones import RESNET_LAYOUTS, build_backbone, wants_small_stem
 from clsp.train.cache import use_cache
 from clsp.train.checkpoint import (CONFIG, LOG, SUMMARY, TRACKER_DIR, RunLog, describe_run, find_checkpoint,
-                                   load_checkpoint, run_files, save_backbone)
+                                   load_checkpoint, run_files, save_backbone, settle_checkpoint)
 from clsp.train.epoch import Launch, run_epoch
 from clsp.train.knn_monitor import KnnMonitor
 from clsp.train.methods import Method, MethodConfig, build_method, method_names, setting_names
@@ -273,6 +273,7 @@ def _train(cfg: TrainConfig, stack: ExitStack, stop_flag: StopFlag | None) -> Pa
             with stop_flag if stop_flag is not None else StopFlag() as stop_flag:
                 for epoch in range(run.position["epoch"], cfg.epochs):
                     run_epoch(run, epoch, stop_flag)
+                _finish(run)  # under the flag: a stop while the last files are written lets them finish
         except (RuntimeError, ConnectionError) as error:
             if not _loader_died(error, run):
                 raise
@@ -287,7 +288,6 @@ def _train(cfg: TrainConfig, stack: ExitStack, stop_flag: StopFlag | None) -> Pa
                             f"cause. {run.out} holds {describe_run(run.out)}: rerun the same command with --resume to "
                             f"go on from there "
                             f"(fewer --workers or a smaller --shuffle-buffer use less memory)") from None
-        _finish(run)
     return Path(cfg.out)
 
 
@@ -438,6 +438,7 @@ def _finish(run: Launch) -> None:
     counts = acc.gather(torch.tensor([run.steps_here, len(run.skipped)], device=acc.device).view(1, 2)).view(-1, 2)
     counts = counts.tolist()
     if acc.is_main_process:
+        settle_checkpoint(run.out)  # a resume at the last step saves no checkpoint that would settle it
         save_backbone(run.out, run.method.backbone)
         last = run.run_log.last or {}
         write_json(run.out / SUMMARY, {
