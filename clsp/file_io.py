@@ -3,10 +3,11 @@
 `write_atomic` is the project's one atomic file write, re-exported from shards.atomic (shards/ imports nothing of the
 project, so the one implementation lives there), and `write_json` writes through it; `partial_removed` cleans up a
 checkpoint or shard that could not be finished, and `refused_if_not_ours` turns a file that does not load (not ours,
-or damaged) into a clear error.
+or damaged) into a clear error; `remove_cut_writes` removes the temp files of a write that a kill cut short.
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import pickle
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clsp.errors import NO_ROOM, UserError, error_number, os_problem
-from clsp.file_checks import read_regular
+from clsp.file_checks import left_by_a_killed_writer, read_regular
 from clsp.shards.atomic import write_atomic  # noqa: F401  (re-exported)
 
 
@@ -33,6 +34,14 @@ def partial_removed(temp: Path, doing: str, then: str = ""):
         if isinstance(error, Exception) and error_number(error) in NO_ROOM:  # also safetensors' "(os error 28)"
             raise UserError(f"{os_problem(error, doing)}{then}") from None
         raise
+
+
+def remove_cut_writes(path: Path) -> None:
+    """Remove the temp files of `path` (.NAME.tmp-PID) whose writers a kill stopped; call before writing `path` again
+    where no claimed run folder's own sweep (clsp.run_dir) covers it."""
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        if left_by_a_killed_writer(temp):
+            temp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from torch import nn
 from clsp.accelerator import resolve_device  # the one device check (--device cuda without CUDA is a UserError)
 from clsp.errors import UserError
 from clsp.file_checks import SMALL_JSON, read_regular
-from clsp.file_io import write_atomic
+from clsp.file_io import remove_cut_writes, write_atomic
 from clsp.hashing import weights_sha256
 from clsp.train.augment import EvalTransform
 from clsp.train.backbones import embed
@@ -103,6 +103,8 @@ def extract_features(
             return cached
     feats = _embed(backbone, images, mean, std, batch_size, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for path in (npy, sidecar):  # what a kill during an earlier write left
+        remove_cut_writes(path)
     sidecar.unlink(missing_ok=True)  # first: a kill between the two writes must not leave the old key on the new array
     blob = npy_bytes(feats)
     write_atomic(npy, blob)

@@ -218,7 +218,7 @@ def write_quality(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
 
 def record_in_card(generator_dir: str | Path, result: dict, json_path: Path) -> bool:
     """Add the headline numbers to a saved generator's card.json and README.md; False when it has no card."""
-    from clsp.file_io import read_json, write_atomic
+    from clsp.file_io import read_json, remove_cut_writes, write_atomic
     from clsp.synth.models import CARD_NAME, card_readme, write_readme
 
     card_file = Path(generator_dir).expanduser() / CARD_NAME
@@ -236,6 +236,8 @@ def record_in_card(generator_dir: str | Path, result: dict, json_path: Path) -> 
                        "sampler": result["sampler"], "generated": pick(result["generated"]),
                        "heldout_real": pick(result["heldout_real"]),
                        "fid": None if result["fid"] is None else result["fid"]["value"]}
+    for path in (card_file, card_file.with_name("README.md")):  # what a kill during an earlier write left
+        remove_cut_writes(path)
     write_atomic(card_file, json.dumps(card, indent=2, sort_keys=True, default=str))
     write_readme(card_file.with_name("README.md"), card_readme(card) + "\n## Quality\n\n" + quality_markdown(result))
     return True

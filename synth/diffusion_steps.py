@@ -20,6 +20,7 @@ from clsp.synth.diffusion_run_dir import STEP_PREFIX, append_log, rng_states, sa
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from clsp.accelerator import StopFlag
     from clsp.synth.diffusion_train import DiffusionTrainConfig
 
 LOG_EVERY = 25  # steps per log.csv row
@@ -138,14 +139,14 @@ class _Progress:
 
 
 def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, models: Models, state: dict,
-              accelerator: Accelerator, stack: ExitStack) -> dict:
+              accelerator: Accelerator, stack: ExitStack, stop_flag: StopFlag) -> dict:
     """Steps start .. cfg.steps - 1 on `images` (N, 3, H, W) uint8; returns `state` (loss, wall_time_s) at the end.
 
-    SIGTERM or Ctrl-C stops the run after the current step with a checkpoint, and a UserError that says how to
-    resume."""
+    `stop_flag` (entered by the caller): SIGTERM or Ctrl-C stops the run after the current step with a checkpoint,
+    and a UserError that says how to resume; after the last step the run just ends (its caller saves the generator)."""
     from tqdm.auto import tqdm
 
-    from clsp.accelerator import StopFlag, any_process
+    from clsp.accelerator import any_process
 
     world, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(total=cfg.steps, initial=start, disable=not accelerator.is_main_process, desc="diffusion train")
@@ -153,25 +154,24 @@ def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, model
     progress = _Progress(state, accelerator.device)
     local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     models.unet.train()
-    with StopFlag() as stop_flag:
-        for step in range(start, cfg.steps):
-            loss = train_step(cfg, step, models, draw_batch(cfg, step, images, local, accelerator.device), accelerator)
-            progress.add(loss)
-            done = step + 1
-            scheduled = done % cfg.checkpoint_every == 0 or done == cfg.steps
-            stop = any_process(accelerator, stop_flag.raised)[0]  # every process stops after the same step
-            if done % LOG_EVERY == 0 or scheduled:  # not on a stop: its window goes into the checkpoint
-                bar.set_postfix(loss=f"{progress.log_row(cfg, step, accelerator):.4f}")
-            bar.update(1)
-            if scheduled or stop:
-                rng = rng_states(accelerator)  # what dropout draws from next: a resume goes on from the same state
-                window = progress.held(accelerator)  # empty but after a stop between rows
-                if accelerator.is_main_process:
-                    progress.checkpoint(cfg, done, models, grid=scheduled, rng=rng, window=window)
-                accelerator.wait_for_everyone()
-            if stop:
-                raise UserError(f"stopped by {stop_flag.by or 'a stop signal to another process'} after step {done}; "
-                                f"a checkpoint was saved in {cfg.out}: rerun "
-                                f"the same command with --resume to continue")
+    for step in range(start, cfg.steps):
+        loss = train_step(cfg, step, models, draw_batch(cfg, step, images, local, accelerator.device), accelerator)
+        progress.add(loss)
+        done = step + 1
+        scheduled = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        stop = any_process(accelerator, stop_flag.raised)[0]  # every process stops after the same step
+        if done % LOG_EVERY == 0 or scheduled:  # not on a stop: its window goes into the checkpoint
+            bar.set_postfix(loss=f"{progress.log_row(cfg, step, accelerator):.4f}")
+        bar.update(1)
+        if scheduled or stop:
+            rng = rng_states(accelerator)  # what dropout draws from next: a resume goes on from the same state
+            window = progress.held(accelerator)  # empty but after a stop between rows
+            if accelerator.is_main_process:
+                progress.checkpoint(cfg, done, models, grid=scheduled, rng=rng, window=window)
+            accelerator.wait_for_everyone()
+        if stop and done < cfg.steps:  # after the last step the run is complete: its generator is saved
+            raise UserError(f"stopped by {stop_flag.by or 'a stop signal to another process'} after step {done}; "
+                            f"a checkpoint was saved in {cfg.out}: rerun "
+                            f"the same command with --resume to continue")
     bar.close()
     return progress.state

@@ -161,14 +161,15 @@ PRESETS: dict[str, dict] = {
 def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Path:
     """Train (or resume) per cfg; write the EMA generator to cfg.out and return cfg.out. `command`: for the card.
 
-    SIGTERM stops the run after the current step with a checkpoint, and a UserError that says how to resume."""
+    SIGTERM stops the run after the current step with a checkpoint, and a UserError that says how to resume; after
+    the last step it lets the generator be saved, and the run ends as usual."""
     with ExitStack() as stack:  # holds the claim on cfg.out (clsp.run_dir) until the run ends
         return _train(cfg, command, stack)
 
 
 def _train(cfg: DiffusionTrainConfig, command: str | None, stack: ExitStack) -> Path:
     """Check the input, claim cfg.out, build (or resume) the models, run the steps, save the generator."""
-    from clsp.accelerator import fresh_accelerator
+    from clsp.accelerator import StopFlag, fresh_accelerator
     from clsp.synth.models import save_generator
 
     cuda = torch.cuda.is_available()
@@ -193,11 +194,12 @@ def _train(cfg: DiffusionTrainConfig, command: str | None, stack: ExitStack) -> 
     models, state = _build(cfg, size, start, accelerator)
     if accelerator.is_main_process:
         append_log(cfg.out, [], truncate_after=start)
-    state = run_steps(cfg, start, images, models, state, accelerator, stack)
-    if accelerator.is_main_process:
-        card = _card(cfg, command, source, size, state, models.ema, accelerator, precision)
-        save_generator(cfg.out, models.ema.cpu(), models.scheduler, card)
-    accelerator.wait_for_everyone()
+    with StopFlag() as stop_flag:  # a stop while the generator is saved lets the save finish: the run is complete
+        state = run_steps(cfg, start, images, models, state, accelerator, stack, stop_flag)
+        if accelerator.is_main_process:
+            card = _card(cfg, command, source, size, state, models.ema, accelerator, precision)
+            save_generator(cfg.out, models.ema.cpu(), models.scheduler, card)
+        accelerator.wait_for_everyone()
     return cfg.out
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -270,34 +271,62 @@ def test_resume_is_refused_on_changed_data_or_another_precision_but_old_records_
 STOPPABLE = {**TINY, "attention_levels": (1,), "hflip": False, "sample_steps": 2}  # 4 steps, checkpoints after 2 and 4
 
 
-def test_a_stopped_and_resumed_run_has_the_uninterrupted_runs_card_and_log(tmp_path):
-    """A stop after a step that is no checkpoint step wrote a log row over the steps since the last one, and the
-    resume began a new, shorter window: card.json's final_loss and log.csv differed from an uninterrupted run's."""
+@contextmanager
+def sigterm_after_step(n: int):
+    """Within the block, the process sends itself SIGTERM right after the optimiser's n-th step."""
     import signal
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    straight = train_diffusion(DiffusionTrainConfig(out=tmp_path / "straight", **STOPPABLE))
-    out = tmp_path / "stopped"
     count = [0]
 
-    def terminate_after_step_3(optimizer, args, kwargs):
+    def terminate(optimizer, args, kwargs):
         count[0] += 1
-        if count[0] == 3:
+        if count[0] == n:
             signal.raise_signal(signal.SIGTERM)
 
-    hook = register_optimizer_step_post_hook(terminate_after_step_3)
+    hook = register_optimizer_step_post_hook(terminate)
     try:
-        try:
-            train_diffusion(DiffusionTrainConfig(out=out, **STOPPABLE))
-            raise AssertionError("not stopped")
-        except UserError as stopped:
-            assert "after step 3" in str(stopped)
+        yield
     finally:
         hook.remove()
+
+
+def test_a_stopped_and_resumed_run_has_the_uninterrupted_runs_card_and_log(tmp_path):
+    """A stop after a step that is no checkpoint step wrote a log row over the steps since the last one, and the
+    resume began a new, shorter window: card.json's final_loss and log.csv differed from an uninterrupted run's."""
+    straight = train_diffusion(DiffusionTrainConfig(out=tmp_path / "straight", **STOPPABLE))
+    out = tmp_path / "stopped"
+    with sigterm_after_step(3), pytest.raises(UserError, match="after step 3"):
+        train_diffusion(DiffusionTrainConfig(out=out, **STOPPABLE))
     train_diffusion(DiffusionTrainConfig(out=out, resume=True, **STOPPABLE))
     cards = [json.loads((run / "card.json").read_text()) for run in (out, straight)]
     assert cards[0]["weights_sha256"] == cards[1]["weights_sha256"]  # the weights matched already
     assert cards[0]["final_loss"] == cards[1]["final_loss"]
     logs = [[line.split(",")[:2] for line in (run / "log.csv").read_text().splitlines()] for run in (out, straight)]
     assert logs[0] == logs[1]
+
+
+def test_a_stop_on_the_last_step_or_while_the_generator_is_saved_lets_the_run_finish(tmp_path, monkeypatch):
+    """SIGTERM after the run's last step raised "stopped ... rerun with --resume" for a run with nothing left to do,
+    and one while the generator was saved killed the process with no word (the save ran outside the signal block)."""
+    import signal
+
+    import clsp.synth.models as models
+
+    straight = train_diffusion(DiffusionTrainConfig(out=tmp_path / "straight", **STOPPABLE))
+    with sigterm_after_step(4):
+        on_last_step = train_diffusion(DiffusionTrainConfig(out=tmp_path / "last-step", **STOPPABLE))
+
+    real_save = models.save_generator
+
+    def terminated_while_saving(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(models, "save_generator", terminated_while_saving)
+    while_saving = train_diffusion(DiffusionTrainConfig(out=tmp_path / "saving", **STOPPABLE))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back after the save
+    cards = [json.loads((run / "card.json").read_text()) for run in (straight, on_last_step, while_saving)]
+    assert len({card["weights_sha256"] for card in cards}) == 1
+    assert all((run / "model_index.json").is_file() for run in (on_last_step, while_saving))

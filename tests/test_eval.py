@@ -152,8 +152,12 @@ def test_feature_cache_is_keyed_by_weights(tmp_path):
     backbone, dim = build_backbone("resnet18", width=2, small_stem=True)
     images, _ = tiny_images(10, 2)
     norm = ((0.5,) * 3, (0.25,) * 3)
+    left = [tmp_path / f".abc.{ext}.tmp-{dead_pid()}" for ext in ("npy", "json")]  # what a killed write left
+    for temp in left:
+        temp.write_bytes(b"\x93NUMPY")
     first = extract_features(backbone, images, *norm, batch_size=4, cache_dir=tmp_path, source_fingerprint="abc")
     assert first.shape == (10, dim) and first.dtype == np.float32
+    assert not any(temp.exists() for temp in left)
     np.testing.assert_allclose(first, extract_features(backbone, images, *norm, batch_size=10), rtol=1e-5, atol=1e-6)
     assert np.array_equal(np.load(tmp_path / "abc.npy", allow_pickle=False), first)
     with torch.no_grad():
@@ -575,8 +579,13 @@ def test_a_rerun_on_the_same_inputs_replaces_its_result_and_other_inputs_get_a_n
     first = {"weights_sha256": "aa", "eval_config": {"ks": [20]}, "knn_best": 90.0}
     assert write_result(target, first, {"knn_best"}) == target
     again = {**first, "knn_best": 90.5}  # e.g. other float rounding on another thread count: same inputs
-    assert write_result(target, again, {"knn_best"}) == target
+    cut, live = tmp_path / f".knn-2.json.tmp-{dead_pid()}", tmp_path / f".knn.json.tmp-{os.getppid()}"
+    for temp in (cut, live):  # a killed write's leftover, and a running writer's temp
+        temp.write_text('{"weights')
+    assert write_result(target, again, {"knn_best"}) == target  # the rerun in place also removes the leftover
     assert json.loads(target.read_text())["knn_best"] == 90.5 and not (tmp_path / "knn-2.json").exists()
+    assert not cut.exists() and live.exists()
+    live.unlink()
     retrained = {**first, "weights_sha256": "bb"}  # other weights: the earlier result is kept
     assert write_result(target, retrained, {"knn_best"}).name == "knn-2.json"
     assert json.loads(target.read_text())["weights_sha256"] == "aa"

@@ -20,7 +20,7 @@ from clsp.sources import load_arrays, open_source
 from clsp.synth.diffusion_train import DiffusionTrainConfig, train_diffusion
 from clsp.synth.models import save_generator
 from clsp.synth.untrained_unets import tiny_unet
-from conftest import Planted
+from conftest import Planted, dead_pid
 
 SIZE = 8
 FAST = ["--steps", "2", "--components", "8"]
@@ -106,6 +106,9 @@ def test_the_class_shares_name_numbered_class_folders_by_their_names(generator, 
 
 
 def test_cli_writes_quality_files_and_records_them_in_the_card(generator):
+    left = [generator / f".{name}.tmp-{dead_pid()}" for name in ("card.json", "README.md")]  # a killed write's
+    for temp in left:
+        temp.write_text("{")
     result = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "16", *FAST])
     assert result.exit_code == 0, result.output
     assert "NOT FID" in result.output and "| precision, % (k-NN manifold, k = 3) |" in result.output
@@ -115,6 +118,7 @@ def test_cli_writes_quality_files_and_records_them_in_the_card(generator):
     assert card["quality"]["generated"]["frechet_distance"] == saved["generated"]["frechet_distance"]
     assert card["quality"]["file"] == "quality.json" and card["model_id"] == "tiny-quality"
     assert "## Quality" in (generator / "README.md").read_text()
+    assert not any(temp.exists() for temp in left)
     again = runner.invoke(app, ["diffusion", "eval", str(generator), "--samples", "20", *FAST])
     assert again.exit_code == 0, again.output
     assert json.loads((generator / "quality.json").read_text()) == saved  # the earlier result is kept
