@@ -258,7 +258,10 @@ def save_generator(out_dir: str | os.PathLike, unet: UNet2DModel, scheduler, car
     scheduler.save_pretrained(out / "scheduler")
     info = generator_info(str(card.get("model_id") or out.name), unet, scheduler)
     versions = {"diffusers": _version("diffusers"), "torch": torch.__version__}
-    full_card = {**card, **info, "unet_config": dict(unet.config), "scheduler_class": type(scheduler).__name__,
+    unet_config = dict(unet.config)
+    if "_use_default_values" in unet_config:  # a set in diffusers, listed in hash order: it would differ run to run
+        unet_config["_use_default_values"] = sorted(unet_config["_use_default_values"])
+    full_card = {**card, **info, "unet_config": unet_config, "scheduler_class": type(scheduler).__name__,
                  "versions": versions}
     write_atomic(out / CARD_NAME, json.dumps(full_card, indent=2, sort_keys=True, default=str))
     write_readme(out / "README.md", card_readme(full_card))

@@ -330,3 +330,23 @@ def test_a_stop_on_the_last_step_or_while_the_generator_is_saved_lets_the_run_fi
     cards = [json.loads((run / "card.json").read_text()) for run in (straight, on_last_step, while_saving)]
     assert len({card["weights_sha256"] for card in cards}) == 1
     assert all((run / "model_index.json").is_file() for run in (on_last_step, while_saving))
+
+
+
+def test_two_processes_saving_one_generator_write_the_same_card(tmp_path):
+    """The card listed diffusers' set of the UNet's defaulted settings in the order of Python's string hashes, so two
+    identical training runs (two processes) wrote different cards."""
+    import os
+    import sys
+
+    save = ("import sys, torch; from clsp.synth.ddpm import build_scheduler, build_unet; "
+            "from clsp.synth.diffusion_train import DiffusionTrainConfig; from clsp.synth.models import save_generator; "
+            f"cfg = DiffusionTrainConfig(out=sys.argv[1], **{TINY!r}); torch.manual_seed(0); "
+            "save_generator(sys.argv[1], build_unet(cfg, 8), build_scheduler(cfg), {'model_id': 'tiny'})")
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", save, str(tmp_path / seed)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed})
+        assert done.returncode == 0, done.stderr
+    cards = [(tmp_path / seed / "card.json").read_bytes() for seed in ("1", "2")]
+    assert json.loads(cards[0])["unet_config"]["_use_default_values"]  # the list the order was lost in
+    assert cards[0] == cards[1]
