@@ -156,7 +156,9 @@ def study(cfg: StudyConfig) -> dict:
             result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
             print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "
                   f"({time.perf_counter() - started:.1f} s to score)")
-    run_dirs = [Path(run.out) for run in runs]
+    # the report lists runs in one order, whatever order --methods, --positives and --seeds were given in: a rerun
+    # that only reorders them writes the same files, not a second report
+    run_dirs = [Path(run.out) for run in sorted(runs, key=lambda run: (run.method, run.positives, run.seed))]
     rows = [load_kfold(d) for d in run_dirs]
     scored = (f"{cfg.folds}-fold evaluation over all {len(data.ids)} labelled images of {spec} (each image scored by "
               f"a kNN bank / linear probe fitted on the other folds; folds keyed on image ids, the same for every "

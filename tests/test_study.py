@@ -145,6 +145,12 @@ def test_tiny_study_trains_scores_all_images_reports_paired_differences_and_resu
     again = study(config)  # everything exists: nothing is trained or scored again
     assert capsys.readouterr().out.count("trained and scored already, skipped") == 4
     assert again["verdicts"] == summary["verdicts"]
+    written = lambda: {p.name: p.read_bytes() for p in (root / "study").glob("[!.]*") if p.is_file()}  # noqa: E731
+    files = written()  # the report's files (the lock file records its time)
+    reordered = study(replace(config, positives=("synthetic", "none"), seeds=(1, 0)))  # the same runs, listed otherwise
+    assert written() == files
+    assert reordered["report"] == summary["report"]  # no report-2.md beside it
+    capsys.readouterr()
 
     run = runs / "simclr-synthetic-seed1"
     scores, weights = (run / "eval" / "kfold.json").read_bytes(), (run / "backbone.safetensors").read_bytes()
@@ -154,10 +160,6 @@ def test_tiny_study_trains_scores_all_images_reports_paired_differences_and_resu
     assert out.count("skipped") == 3 and "is already finished with these settings: nothing to do" in out
     assert (run / "backbone.safetensors").read_bytes() == weights  # not retrained
     assert (run / "eval" / "kfold.json").read_bytes() == scores  # scored again, to the same bytes
-
-    from dataclasses import replace
-
-    from clsp.errors import UserError
 
     longer = replace(config, train_options=(*TINY_TRAIN, ("epochs", 2)))  # the same --out, other training options
     with pytest.raises(UserError, match=r"simclr-none-seed0 was trained otherwise .*config.epochs: 1 there, 2 now"
