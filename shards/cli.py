@@ -12,7 +12,7 @@ app = typer.Typer(help="Inspect and check shard directories (the contract betwee
 
 
 @app.command("verify")
-def verify_command(directory: Path = typer.Argument(..., help="Shard directory (holds manifest.json).")) -> None:
+def verify_command(directory: str = typer.Argument(..., help="Shard directory (holds manifest.json).")) -> None:
     """Check every shard opens, every anchor appears exactly once with K positives, and checksums match."""
     # imported here: the reader imports torch (webdataset); --help stays fast
     from clsp.shards.manifest import read_manifest
@@ -24,7 +24,7 @@ def verify_command(directory: Path = typer.Argument(..., help="Shard directory (
             typer.echo(f"FAIL {printable(problem)}", err=True)  # names a stranger's files hold, escaped
         typer.echo(f"{directory}: {len(problems)} problem(s)", err=True)
         raise typer.Exit(1)
-    manifest = read_manifest(str(directory))
+    manifest = read_manifest(directory)
     typer.echo(f"{directory}: OK ({manifest.count} anchors x {manifest.k} positives in {len(manifest.shards)} shards)")
     typer.echo(printable(f"made with   {_compute(manifest.run)}"))
 

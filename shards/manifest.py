@@ -97,8 +97,8 @@ class Contract:
             meta = sample.meta
             if meta["anchor_id"] != sample.key or len(meta["seeds"]) != self.k:
                 problems.append(f"{where}: {META} must name the anchor and hold {self.k} seeds")
-        except SchemaError as error:
-            problems.append(f"{where}: {error}")
+        except SchemaError as error:  # a missing member's error names the shard and sample itself
+            problems.append(str(error) if str(error).startswith(where) else f"{where}: {error}")
         problems += self._image_problems(sample)
         if row in self.unscored and not problems:
             problems.append(f"{where} has no scores in {INDEX}: its images could not be scored when the manifest was "
@@ -118,9 +118,10 @@ class Contract:
         expected = set(member_keys(self.k, self.codec))
         if set(sample.members) != expected:
             lacking, extra = sorted(expected - set(sample.members)), sorted(set(sample.members) - expected)
-            problems.append(f"{where} has {sample.k} positives, expected {self.k}"
-                            + (f"; lacks {', '.join(lacking)}" if lacking else "")
-                            + (f"; has extra {', '.join(extra)}" if extra else ""))
+            parts = [f"has {sample.k} positives, expected {self.k}"] if sample.k != self.k else []
+            parts += [f"lacks {', '.join(lacking)}"] if lacking else []
+            parts += [f"has extra {', '.join(extra)}"] if extra else []
+            problems.append(f"{where} {'; '.join(parts)}")
         return problems
 
     def _image_problems(self, sample: RawSample) -> list[str]:
@@ -386,8 +387,9 @@ def read_manifest(location: str | Path) -> Manifest:
         if not _begun_by_synth(Path(location)):
             raise ShardError(f"{location} is not a shard directory (it has no {MANIFEST}, and no {SYNTH_RECORD} of a "
                              f"`clsp synth run`): name the folder `clsp synth run` wrote (its --out)") from None
-        raise ShardError(f"{location} has no {MANIFEST}: the synth job did not finish there; rerun it with the same "
-                         f"command to complete it") from None
+        raise ShardError(f"{location} has no {MANIFEST}: the synth job did not finish there (rerun it with the same "
+                         f"command to complete it), or the folder was copied without it (copy its {MANIFEST} and "
+                         f"{INDEX} too)") from None
     except (OSError, SchemaError) as error:
         raise ShardError(f"{error}: {FIX}" if isinstance(error, SchemaError) else f"{where} cannot be read ({error})") \
             from None

@@ -83,6 +83,8 @@ def test_shards_verify_info_and_sheet(shard_dir, tmp_path):
     assert json.loads(info.output)["run"]["k"] == 2
     sheet = runner.invoke(app, ["shards", "sheet", str(shard_dir), "--out", str(tmp_path / "s.png")])
     assert sheet.exit_code == 0 and (tmp_path / "s.png").exists()
+    url = runner.invoke(app, ["shards", "verify", f"file://{shard_dir}"])  # typed as a path, it lost a slash and
+    assert url.exit_code == 2 and "verify checks a local shard directory" in url.output  # "did not exist"
     (shard_dir / "shard-000001.tar").write_bytes(b"garbage")
     bad = runner.invoke(app, ["shards", "verify", str(shard_dir)])
     assert bad.exit_code == 1 and "FAIL shard-000001.tar" in bad.output and "problem(s)" in bad.output
@@ -95,6 +97,7 @@ def test_shards_info_and_verify_on_a_folder_that_is_no_shard_directory_exit_2(tm
     (tmp_path / "run.json").write_text(json.dumps({"clsp_run": "synth"}))  # a synth job's record, written first
     unfinished = runner.invoke(app, ["shards", "info", str(tmp_path)])
     assert unfinished.exit_code == 2 and "has no manifest.json: the synth job did not finish" in unfinished.output
+    assert "or the folder was copied without it (copy its manifest.json and index.parquet too)" in unfinished.output
     for command in ("verify", "info"):  # nothing to verify is a usage error (2), not a directory that fails (1)
         missing = runner.invoke(app, ["shards", command, str(tmp_path / "typo")])
         assert missing.exit_code == 2 and "typo does not exist" in missing.output, (command, missing.output)

@@ -31,7 +31,7 @@ from conftest import Planted, build_shard_dir, random_sample
 from clsp.shards.manifest import INDEX, MANIFEST, read_manifest
 from clsp.shards.manifest_writer import write_manifest
 from clsp.shards.reader import MAX_MEMBER_BYTES, ShardError, iter_samples, iter_shard
-from clsp.shards.schema import is_schema_key, sample_sha256
+from clsp.shards.schema import is_schema_key, member_keys, sample_sha256
 from clsp.shards.verify import verify
 from clsp.shards.writer import ShardWriter, shard_name
 from test_stream import write_raw_shard
@@ -483,6 +483,32 @@ def test_an_index_that_would_decode_into_far_more_than_its_anchors_need_is_refus
         pa.set_memory_pool(default)
     assert any(p.startswith("manifest: index.parquet column anchor_id ") and refusal in p for p in problems), problems
     assert pool.max_memory() < 4 << 20, pool.max_memory()  # never the megabytes the id decodes to
+
+
+def test_the_readmes_webdataset_pipeline_never_unpickles_a_hostile_member(fresh, tmp_path):
+    """The README's example for other teams was `.decode("rgb8")`, which still unpickles a `.pyd` member."""
+    import webdataset as wds
+
+    marker = tmp_path / "pwned"
+    pickle_member(fresh, marker)
+    manifest = read_manifest(str(fresh))
+    readme = wds.WebDataset(manifest.shard_locations(), shardshuffle=False).decode("rgb8", only=member_keys(manifest.k))
+    samples = {sample["__key__"]: sample for sample in readme}
+    assert not marker.exists() and isinstance(samples["anchor-00003"]["pyd"], bytes)  # passed through, undecoded
+    assert samples["anchor-00003"]["anchor.png"].shape == (manifest.run["image_size"],) * 2 + (3,)
+    list(wds.WebDataset(manifest.shard_locations(), shardshuffle=False).decode("rgb8"))  # why the README names keys
+    assert marker.exists()
+
+
+def test_a_missing_member_is_named_with_its_shard_and_sample_once(fresh):
+    """verify said "shard-000000.tar: sample anchor-00001: shard-000000.tar: sample anchor-00001 has no cls.txt",
+    beside "... has 2 positives, expected 2; lacks cls.txt"."""
+    path = fresh / shard_name(0)
+    write_raw_shard(path, [(name, data) for name, data in tar_members(path) if name != "anchor-00001.cls.txt"])
+    forge_manifest(fresh)
+    problems = [p for p in verify(fresh) if "anchor-00001" in p]
+    assert problems == ["shard-000000.tar: sample anchor-00001 lacks cls.txt",
+                        "shard-000000.tar: sample anchor-00001 has no cls.txt"]
 
 
 def test_what_pil_decodes_is_checked_even_where_the_header_check_is_fooled(monkeypatch):

@@ -25,8 +25,9 @@ from test_stream import write_raw_shard
 def test_a_plain_webdataset_pipeline_reads_our_shards_as_we_do(tmp_path):
     directory = build_shard_dir(tmp_path / "s", counts=(4, 3), k=2, classes=3)
     urls = [str(directory / shard_name(i)) for i in range(2)]
-    # as another team would write it: WebDataset's own URL opener and its standard decoders
-    theirs = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    # as another team would write it, as the README shows: WebDataset's own URL opener and its standard decoders,
+    # for the schema's members only
+    theirs = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8", only=member_keys(2)))
     ours = list(iter_samples(read_manifest(directory).shard_locations()))
     assert [s["__key__"] for s in theirs] == [s.key for s in ours] == [f"anchor-{n:05d}" for n in range(7)]
     for n, (their, our) in enumerate(zip(theirs, ours)):
@@ -40,10 +41,10 @@ def test_a_plain_webdataset_pipeline_reads_our_shards_as_we_do(tmp_path):
 
 
 def test_a_plain_webdataset_pipeline_reads_raw_shards_as_arrays(tmp_path):
-    """Raw shards (schema 3) hold standard .npy members: webdataset's default `.decode()` gives the same arrays."""
+    """Raw shards (schema 3) hold standard .npy members: webdataset's default decoders give the same arrays."""
     directory = build_shard_dir(tmp_path / "s", counts=(4, 3), k=2, classes=3, codec="raw")
     urls = [str(directory / shard_name(i)) for i in range(2)]
-    theirs = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    theirs = list(wds.WebDataset(urls, shardshuffle=False).decode(only=member_keys(2, "raw")))
     ours = list(read_manifest(directory).samples())
     assert [s["__key__"] for s in theirs] == [s.key for s in ours] == [f"anchor-{n:05d}" for n in range(7)]
     for n, (their, our) in enumerate(zip(theirs, ours)):
