@@ -18,8 +18,11 @@ def convert_pickle_weights(path: str | os.PathLike) -> dict:
     """Write diffusion_pytorch_model.safetensors beside the .bin of a generator dir, from its tensors only.
 
     The .bin is read with torch.load(weights_only=True), which refuses pickled objects other than tensors and plain
-    containers; the tensors must fit the dir's config.json. Returns {"path", "tensors", "weights_sha256"} (the
-    fingerprint load_generator reports). Nothing is written unless every check passes; nothing is overwritten.
+    containers; the tensors must fit the dir's config.json, under their names or the attention names of diffusers
+    before 0.14 (query, key, value, proj_attn), which diffusers renames on load and so are written renamed. Returns
+    {"path", "tensors", "weights_sha256"}: the fingerprint load_generator reports, of the weights as they load (in
+    the model's float32: an fp16 .bin's tensors are written as they are and widened on load). Nothing is written
+    unless every check passes; nothing is overwritten.
     """
     from safetensors.torch import save_file
 
@@ -39,20 +42,26 @@ def convert_pickle_weights(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise UserError(f"{source} was not converted: it holds {type(state).__name__}, not a state dict (names -> "
                         "tensors). Fix: ask its author for safetensors weights.")
-    _check_fits_config(folder, state)
+    unet = _loaded(folder, state)
     state = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}  # no shared storage
     write_atomic(target, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
-    return {"path": str(target), "tensors": len(state), "weights_sha256": weights_sha256(state)}
+    return {"path": str(target), "tensors": len(state), "weights_sha256": weights_sha256(unet)}
 
 
-def _check_fits_config(folder: Path, state: dict) -> None:
+def _loaded(folder: Path, state: dict) -> UNet2DModel:
+    """The dir's UNet with `state` loaded, as from_pretrained loads it; `state`'s pre-0.14 attention names are
+    renamed in place."""
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json beside {PICKLE_NAME}. Fix: pass a generator dir as the hub "
                         "has it (config.json, the weights and scheduler_config.json).")
     unet = UNet2DModel.from_config(UNet2DModel.load_config(folder))
+    rename = getattr(unet, "_fix_state_dict_keys_on_load", None)  # what from_pretrained does to a single file
+    if rename is not None:
+        rename(state)
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise UserError(f"{folder / PICKLE_NAME} was not converted: its tensors do not fit config.json "
                         f"({str(error).splitlines()[0]} ...). "
                         "Fix: pair it with the config it was saved with.") from None
+    return unet

@@ -32,6 +32,10 @@ def load_job_generator(cfg: SynthConfig):
         cfg.sampler.check_scheduler(scheduler)  # steps <= the generator's training timesteps
     except ValueError as error:
         raise UserError(f"{cfg.model}: {error}") from None
+    if unet.config.in_channels == 3 and unet.config.out_channels == 6:
+        raise UserError(f"{cfg.model} predicts a learned variance beside the noise (out_channels 6: improved-DDPM / "
+                        f"ADM style), which the sampler's DDIM steps do not use: use a generator that predicts the "
+                        f"noise alone (out_channels 3)")
     if unet.config.in_channels != 3 or unet.config.out_channels != 3:
         raise UserError(f"{cfg.model} makes {unet.config.out_channels}-channel images; the anchors are RGB: "
                         f"use a generator trained on RGB images")

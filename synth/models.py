@@ -8,7 +8,8 @@ Two layouts load:
       config.json + diffusion_pytorch_model.safetensors + scheduler_config.json at the root
 Weights load from safetensors only (never pickle); `clsp diffusion convert DIR` (synth.convert_weights) turns a
 `.bin`-only dir into safetensors when the user asks (torch.load with weights_only=True: tensors, no code). Whatever
-scheduler class was saved, the sampler gets a DDIMScheduler built from its config (same betas and timestep count).
+scheduler class was saved, the sampler gets a DDIMScheduler built from its config (same betas and timestep count); a
+config without betas (variance-exploding, EDM) or with betas DDIM does not implement is refused.
 
 A hub id loads from the local Hugging Face cache when it is there (offline too); otherwise one short probe of the hub
 (or HF_HUB_OFFLINE) decides at once that the machine is offline, instead of a minute of retries.
@@ -56,6 +57,26 @@ def as_ddim(scheduler_config: dict) -> DDIMScheduler:
     """A DDIMScheduler with the betas/timesteps of any diffusers scheduler config (e.g. a DDPMScheduler's)."""
     accepted = set(inspect.signature(DDIMScheduler.__init__).parameters) - {"self"}
     return DDIMScheduler(**{k: v for k, v in dict(scheduler_config).items() if k in accepted})
+
+
+BETAS = ("beta_schedule", "beta_start", "trained_betas")  # how a DDPM-style (variance-preserving) config gives them
+
+
+def generator_ddim(scheduler_config: dict, spec: str) -> DDIMScheduler:
+    """as_ddim of a generator's saved scheduler config, refused (UserError) where DDIM cannot sample its model: a
+    config with no betas (a variance-exploding or EDM scheduler, whose sigmas DDIM's default betas would replace
+    without a word) or betas DDIM does not implement."""
+    config = dict(scheduler_config)
+    kind = config.get("_class_name", "scheduler")
+    if not any(key in config for key in BETAS):
+        raise UserError(f"generator {spec!r}: its {kind} config gives no betas ({', '.join(BETAS)}): a "
+                        f"variance-exploding or EDM model, which the sampler's DDIM steps cannot drive. Fix: use a "
+                        f"DDPM-style (variance-preserving, noise-predicting) generator")
+    try:
+        return as_ddim(config)
+    except (NotImplementedError, ValueError, TypeError) as error:
+        raise UserError(f"generator {spec!r}: DDIM cannot take its {kind} config ({error}). Fix: use a generator "
+                        f"whose scheduler has a linear, scaled_linear or squaredcos_cap_v2 beta_schedule") from None
 
 
 def load_generator(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -118,10 +139,13 @@ def _refuse_unfinished_training(path: Path, spec: str) -> None:
 def _read_scheduler(folder: Path, spec: str) -> DDIMScheduler:
     config_file = folder / "scheduler_config.json"
     if not config_file.is_file():
+        if (folder.parent / "scheduler" / config_file.name).is_file():  # PIPELINE/unet given: the folder above loads
+            raise UserError(f"generator {spec!r} is the unet/ of a pipeline folder: pass that folder "
+                            f"({folder.parent}), which holds the scheduler/ beside it")
         raise UserError(f"generator {spec!r} has no {config_file.name} in {folder.name or '.'}/. Fix: save the "
                         "scheduler next to the unet (scheduler.save_pretrained) or use synth.models.save_generator.")
-    return as_ddim(_read_json(config_file, spec, "re-save the scheduler (scheduler.save_pretrained) or re-run the "
-                                                 "command that wrote the dir"))
+    return generator_ddim(_read_json(config_file, spec, "re-save the scheduler (scheduler.save_pretrained) or re-run "
+                                                        "the command that wrote the dir"), spec)
 
 
 def _read_json(file: Path, spec: str, fix: str) -> dict:
@@ -180,9 +204,9 @@ def _load_hub_files(model_id: str, local_files_only: bool):
     with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated: not the user's concern
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
         if local_files_only:  # a miss is expected here: the caller goes online, so no UserError wording
-            return unet_loader(), as_ddim(scheduler_loader()), model_id
+            return unet_loader(), generator_ddim(scheduler_loader(), model_id), model_id
         unet = _from_pretrained(model_id, unet_loader)
-        return unet, as_ddim(_from_pretrained(model_id, scheduler_loader)), model_id
+        return unet, generator_ddim(_from_pretrained(model_id, scheduler_loader), model_id), model_id
 
 
 _GIVE_DIR = "give DIR as the generator (synth: --model DIR; diffusion eval, sweep: GENERATOR)"

@@ -106,6 +106,28 @@ def test_convert_turns_a_bin_only_generator_into_safetensors_that_load(tmp_path,
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_convert_takes_an_fp16_bin_with_old_attention_names_and_prints_the_hash_synth_records(tmp_path):
+    """diffusers before 0.14 named attention weights query/key/value/proj_attn (its loader still renames them), and an
+    fp16 .bin loads widened to float32: convert refused the first, and printed the second's fp16 hash, which no
+    manifest records."""
+    unet = tiny_unet(sample_size=8, block_out_channels=(4, 8), attention=True)
+    renamed = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+    def old_name(name: str) -> str:
+        for new, old in renamed.items():
+            name = name.replace(new, old)
+        return name
+
+    state = {old_name(name): tensor.half() for name, tensor in unet.state_dict().items()}
+    assert any(".query." in name for name in state)
+    gen = _bin_only_dir(tmp_path / "gen", unet, state)
+    result = runner.invoke(app, ["diffusion", "convert", str(gen)])
+    assert result.exit_code == 0, result.output
+    _, _, info = load_generator(gen)
+    assert f"weights sha256 {info['weights_sha256']}" in result.output
+    assert info["weights_sha256"] == weights_sha256(unet.half().float())  # the fp16 values, as float32
+
+
 def test_convert_refuses_a_bin_holding_pickled_objects(tmp_path, unet):
     marker = tmp_path / "code-ran"
     gen = _bin_only_dir(tmp_path / "gen", unet, {"conv_in.weight": Planted(marker)})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, ScoreSdeVeScheduler
 
 from clsp.errors import UserError
 from clsp.hashing import weights_sha256
@@ -50,6 +50,18 @@ def test_hub_layout_dir_loads_with_a_ddim_scheduler_and_the_same_fingerprint(tmp
     assert info["weights_sha256"] == weights_sha256(unet)
 
 
+@pytest.mark.parametrize("scheduler, message", [
+    # sigmas, no betas: DDIM's default linear betas took their place without a word
+    (lambda: ScoreSdeVeScheduler(), r"its ScoreSdeVeScheduler config gives no betas .*variance-exploding or EDM"),
+    (lambda: DDPMScheduler(beta_schedule="sigmoid"), r"DDIM cannot take its DDPMScheduler config \(sigmoid"),  # was
+])  # a traceback
+def test_a_scheduler_ddim_cannot_follow_is_refused_by_name(tmp_path, unet, scheduler, message):
+    unet.save_pretrained(tmp_path / "hub", safe_serialization=True)
+    scheduler().save_pretrained(tmp_path / "hub")
+    with pytest.raises(UserError, match=message):
+        load_generator(str(tmp_path / "hub"))
+
+
 def test_fingerprint_changes_with_the_weights(unet):
     other = tiny_unet(sample_size=16, block_out_channels=(8, 16))
     assert weights_sha256(other) == weights_sha256(unet)  # same seed, same weights
@@ -69,6 +81,9 @@ def test_unusable_paths_raise_user_errors_with_a_fix(tmp_path, unet):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a generator dir"):
         load_generator(tmp_path / "empty")
+    (tmp_path / "gen" / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match=r"gen/unet' is the unet/ of a pipeline folder: pass that folder \(.*gen\)"):
+        load_generator(tmp_path / "gen" / "unet")  # "has no scheduler_config.json in unet/", it said
 
 
 def test_an_unfinished_training_run_is_named_with_how_to_finish_it(tmp_path):

@@ -220,6 +220,24 @@ def test_a_class_conditional_generator_is_refused_before_anything_is_written(tmp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("channels, message", [
+    (dict(in_channels=1), r"makes 1-channel images; the anchors are RGB"),
+    (dict(out_channels=6), r"predicts a learned variance beside the noise \(out_channels 6"),  # was "6-channel images"
+])
+def test_a_generator_of_other_channels_is_refused_for_what_it_is(tmp_path, channels, message):
+    from diffusers import DDIMScheduler
+
+    from clsp.synth.models import save_generator
+    from clsp.synth.untrained_unets import tiny_unet
+
+    folder, out = tmp_path / "generator", tmp_path / "shards"
+    save_generator(folder, tiny_unet(sample_size=8, block_out_channels=(8, 8), **channels),
+                   DDIMScheduler(num_train_timesteps=1000), {"model_id": "tiny"})
+    with pytest.raises(UserError, match=message):
+        run_synth(config(folder, out, **SMALL))
+    assert not out.exists()
+
+
 def edited_generator(generator, folder, file: str, **changes):
     """A copy of `generator` whose config `file` (scheduler/scheduler_config.json, unet/config.json) has `changes`."""
     shutil.copytree(generator, folder)
