@@ -1,7 +1,7 @@
 """Process helpers every stage shares: the device a run asks for, one Accelerator per run (also when a process runs
 several), an int from the main process on every process, flags OR-ed over processes, SIGTERM and Ctrl-C as a flag,
-loader processes that leave stopping to their parent, and the cores, memory and torch threads a process may use beside
-its loader processes."""
+loader processes that leave stopping to their parent, the cores, memory and torch threads a process may use beside
+its loader processes, and status lines from the main process (`say`)."""
 from __future__ import annotations
 
 import os
@@ -52,6 +52,15 @@ def fresh_accelerator(**kwargs) -> Accelerator:
     # No public API resets it; accelerate's own test cases call this between tests.
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(**kwargs)
+
+
+def say(procs, text: str) -> None:
+    """A status line from the main process only (procs: an Accelerator or PartialState), on stderr, above any progress
+    bar: stdout carries a command's result alone (`clsp train run` prints the run folder there, for `RUN=$(...)`)."""
+    if procs.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr)
 
 
 def broadcast_int(procs, value: int) -> int:

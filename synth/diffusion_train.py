@@ -169,7 +169,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, command: str | None = None) -> Pa
 
 def _train(cfg: DiffusionTrainConfig, command: str | None, stack: ExitStack) -> Path:
     """Check the input, claim cfg.out, build (or resume) the models, run the steps, save the generator."""
-    from clsp.accelerator import StopFlag, fresh_accelerator
+    from clsp.accelerator import StopFlag, fresh_accelerator, say
     from clsp.synth.models import save_generator
 
     cuda = torch.cuda.is_available()
@@ -188,7 +188,7 @@ def _train(cfg: DiffusionTrainConfig, command: str | None, stack: ExitStack) -> 
                                                 cfg.overwrite, accelerator))
     start = resume_step(cfg, claim, accelerator)
     if start < 0:
-        accelerator.print(f"{cfg.out} already holds the finished generator for this config: nothing to do")
+        say(accelerator, f"{cfg.out} already holds the finished generator for this config: nothing to do")
         return cfg.out
     images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(accelerator.device)  # (N, 3, H, W) uint8
     models, state = _build(cfg, size, start, accelerator)
@@ -220,6 +220,8 @@ def _read_source(cfg: DiffusionTrainConfig, world: int):
 def _build(cfg: DiffusionTrainConfig, size: int, start: int, accelerator) -> tuple[Models, dict]:
     """The UNet (initialised from cfg.seed, global RNG untouched), its EMA copy, schedule and optimiser, prepared; when
     resuming (start > 0) with the last checkpoint's weights. Returns them and the state (loss, wall_time_s)."""
+    from clsp.accelerator import say
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         unet = build_unet(cfg, size)
@@ -236,10 +238,10 @@ def _build(cfg: DiffusionTrainConfig, size: int, start: int, accelerator) -> tup
         path = checkpoint_dirs(cfg.out)[-1][1]
         state = load_checkpoint(path, raw, ema, optimizer)
         if not restore_rng(state.pop("rng", None), accelerator) and cfg.dropout > 0:  # still resumable: nothing lost
-            accelerator.print(f"note: {path} holds no RNG state for this device and number of processes (written by "
+            say(accelerator, f"note: {path} holds no RNG state for this device and number of processes (written by "
                               f"an older clsp or elsewhere): dropout from step {start} on will differ from an "
                               f"uninterrupted run")
-        accelerator.print(f"resuming {cfg.out} from step {start}")
+        say(accelerator, f"resuming {cfg.out} from step {start}")
     else:  # dropout draws from the global RNGs: a fresh run starts them from its seed, not from whatever ran before
         torch.manual_seed(keyed_seed("diffusion-dropout", cfg.seed, accelerator.process_index))
     return Models(unet, raw, ema, scheduler, optimizer), state

@@ -258,7 +258,7 @@ def _scored_agreement(out: Path) -> bool:
 def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, mine) -> None:
     unet = prepare_unet(unet, state.device, cfg.compile)
     batch_rows = forward_rows(cfg, state.device) or GPU_BATCH_ROWS
-    progress = _progress_bar(cfg, todo, count, num_shards, state)
+    progress = _progress_bar(cfg, todo, mine, count, num_shards, state)
     # --compile: a graph per batch shape, each compiled (past dynamo's default limit a block would run eagerly), and
     # no kernel chosen by timing it
     try:
@@ -351,13 +351,13 @@ SYNTH_RUN = RunKind("synth", RUN_FILE, "clsp synth run", owned=lambda out: owned
                     | {"source.fingerprint": SOURCE_CHANGED})
 
 
-def _progress_bar(cfg: SynthConfig, todo: list[int], count: int, num_shards: int, state):
-    """One bar on the main process over all ranks' remaining images. The main process only sees its own work, so it
-    advances by its own images x world size (an estimate when ranks run at different speeds)."""
-    images = sum(min((i + 1) * cfg.anchors_per_shard, count) - i * cfg.anchors_per_shard for i in todo) * cfg.k
+def _progress_bar(cfg: SynthConfig, todo: list[int], mine: list[int], count: int, num_shards: int, state):
+    """One bar, on the main process, over the images of its own shards (`mine`): it sees only its own work. Shards are
+    dealt out in turn, so it has the most; the others finish about when it does."""
+    images = sum(min((i + 1) * cfg.anchors_per_shard, count) - i * cfg.anchors_per_shard for i in mine) * cfg.k
     world = state.num_processes
     skipped = num_shards - len(todo)
-    desc = "synth" + (f" (rank 0 x {world})" if world > 1 else "")
+    desc = "synth" + (f" (rank 0 of {world}: {len(mine)} of {len(todo)} shards)" if world > 1 else "")
     if state.is_main_process and skipped:
         tqdm.write(f"{cfg.out}: {skipped} of {num_shards} shards already finished, skipped", file=sys.stderr)
     return tqdm(total=images, desc=desc, unit="img", disable=not state.is_main_process, dynamic_ncols=True)
@@ -391,7 +391,7 @@ def _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progre
                     writer.write(ShardSample(anchor_id=record.anchor_id, anchor=record.image, positives=images,
                                              label=record.label, seeds=row_seeds))
                 done += len(batch)
-                progress.update(len(batch) * cfg.k * state.num_processes)
+                progress.update(len(batch) * cfg.k)
     return batch_rows
 
 

@@ -224,7 +224,7 @@ def test_resume_with_dropout_repeats_the_uninterrupted_run_bit_for_bit(tmp_path,
     shutil.rmtree(last)
     capsys.readouterr()
     train_diffusion(tiny(out, dropout=0.5, resume=True))
-    assert "holds no RNG state" in capsys.readouterr().out and (out / "model_index.json").is_file()
+    assert "holds no RNG state" in capsys.readouterr().err and (out / "model_index.json").is_file()
 
 
 def _image_folder(root: Path, shade: int = 0) -> str:

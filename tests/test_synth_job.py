@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def test_two_processes_under_torchrun_write_the_same_bytes(generator, reference,
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[:3000] + "\n[...]\n" + result.stderr[-3000:]
     assert "[rank 1] wrote shard-000001.tar" in result.stderr  # the shards to make are dealt out in turn
+    # rank 0's bar counts its own 3 of the 5 shards (9 anchors x 2): it counted its images x 2 and ended at 36/30
+    assert re.search(r"synth \(rank 0 of 2: 3 of 5 shards\): 100%\S* 18/18 ", result.stderr), result.stderr[-2000:]
     assert shard_hashes(out) == shard_hashes(reference)
     assert read_manifest(out).index.to_pylist() == read_manifest(reference).index.to_pylist()
 

@@ -217,7 +217,7 @@ def test_a_cpu_run_resumed_on_another_thread_count_says_so_and_goes_on(shards, t
         (out / "config.json").write_text(json.dumps({**record, "compute": compute}))
         capsys.readouterr()
         train(make_config(**options(shards, out, epochs=2, warmup_epochs=0.0, resume=True)))
-        shown = capsys.readouterr().out
+        shown = capsys.readouterr().err
         assert (f"trained on {threads + 3} CPU thread(s) per process and goes on on {threads}" in shown) == said
         assert ("OMP_NUM_THREADS" in shown) == said
         assert read_json(out / "config.json")["compute"]["threads"] == threads  # the count it goes on with
@@ -648,6 +648,19 @@ def test_two_processes_under_torchrun_take_equal_steps(shards, tmp_path):
         logged = [float(row["loss"]) for row in csv.DictReader(handle)]
     assert len(own[0]) == len(own[1]) == 12 and own[0] != own[1]
     assert logged == pytest.approx([(a + b) / 2 for a, b in zip(*own)], rel=6e-6)  # log.csv: 6 digits
+    # one process goes on from it: refused, naming what to do (it said "pass the same options", which were)
+    with pytest.raises(UserError, match=r"data.world_size: 2 there, 1 now.*relaunch it so, e.g. `accelerate launch "
+                                        r"--num_processes N") as refused:
+        train(make_config(None, **{**options(shards, out, epochs=2, warmup_epochs=0.5), "resume": True}))
+    assert "pass the same options" not in str(refused.value)
+    # the command again on its two processes: the finished run is named once on stdout, not once per process
+    flags = ["--width", "4", "--epochs", "2", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0.5",
+             "--proj-hidden", "16", "--proj-dim", "8", "--workers", "0", "--seed", "1", "--resume"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "clsp.train.cli", "run", str(shards), "--out", str(out), *flags]
+    again = subprocess.run(command, cwd=REPO, env=cpu_only, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines() == [str(out)]
 
 
 def test_cli_applies_the_preset_under_explicit_options(shards, tmp_path):

@@ -91,7 +91,11 @@ def run_command(
 
     options["bf16"] = bf16_for(options.pop("precision"), torch.cuda.is_available())
 
-    typer.echo(train(make_config(preset, **options)))
+    out = train(make_config(preset, **options))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # once, not once per process: `RUN=$(accelerate launch ... train run ...)`
+        typer.echo(out)
 
 
 if __name__ == "__main__":  # torchrun / accelerate launch -m clsp.train.cli run ...

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clsp.accelerator import StopFlag, sum_over_processes
+from clsp.accelerator import StopFlag, say, sum_over_processes
 from clsp.errors import StoppedBySignal, UserError
 from clsp.train.checkpoint import RunLog, find_checkpoint, save_checkpoint
 from clsp.train.speed import to_view_layout
@@ -87,7 +87,7 @@ def run_epoch(run: Launch, epoch: int, stop_flag: StopFlag) -> None:
                 by if epoch + 1 < cfg.epochs else "")
     if stop:  # on the run's last step nothing is left to resume: the launch finishes the run (a few files)
         run.bar.close()  # so that the note starts its own line
-        acc.print(f"{by} came during the run's last step: {run.out} is finished")
+        say(acc, f"{by} came during the run's last step: {run.out} is finished")
 
 
 def fetched(batches: Iterator[dict]) -> Iterator[dict]:

@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from clsp import __version__
-from clsp.accelerator import StopFlag, fresh_accelerator, stop_loader_processes
+from clsp.accelerator import StopFlag, fresh_accelerator, say, stop_loader_processes
 from clsp.errors import UserError
 from clsp.file_io import write_json
 from clsp.presets import preset_values
@@ -104,7 +104,13 @@ TRAIN_RUN = RunKind("train", CONFIG, "clsp train run", owned=run_files, describe
                                              "come from that device's generator, and its float sums differ): resume "
                                              "it on a machine like the first",
                            "compute.precision": "bf16 autocast runs on a GPU only: resume it on the kind of device it "
-                                                "began on, with the --precision it began with"})
+                                                "began on, with the --precision it began with",
+                           # the global batch splits over the processes, each drawing its own part of every step
+                           "data.world_size": "a run goes on on as many processes as it began on (data.world_size "
+                                              "there): relaunch it so, e.g. `accelerate launch --num_processes N -m "
+                                              "clsp train run ... --resume`",
+                           "data.per_process_batch": "each process's batch is --batch-size over the processes: pass "
+                                                     "the --batch-size it began with, on as many processes"})
 # embedded: 16 px digits (1,437 anchors, 11 steps an epoch) on 2 CPU cores, about 2.5 minutes a run (550 steps).
 # lam 0.2 rather than SimCLR's 1.0: on this short schedule a freshly initialised network is nearly collapsed (all
 # projections alike) and a pull term of weight >= 0.5 finishes the collapse within ~10 steps, for a third *real* view as
@@ -330,20 +336,20 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
     monitor = KnnMonitor(cfg.knn_source, size) if cfg.knn_every and acc.is_main_process else None
     out = Path(cfg.out)  # everything above checked the input; nothing was written before this line
     if draw is not None:
-        acc.print(draw.note)
+        say(acc, draw.note)
     # a run begun before the device was recorded: where it ran cannot be known, so it reads as run here and resumes
     kind = replace(TRAIN_RUN, absent_means={**TRAIN_RUN.absent_means, "compute": record["compute"]})
     before = (read_record(out, kind) or {}).get("compute", {}) if cfg.resume else {}  # the claim rewrites the record
     claim = stack.enter_context(prepare_run_dir(out, record, kind, cfg.resume, cfg.overwrite, acc))
     if claim.resumed and (out / SUMMARY).exists():
-        acc.print(f"{out} is already finished with these settings: nothing to do")
+        say(acc, f"{out} is already finished with these settings: nothing to do")
         return None
     checkpoint = find_checkpoint(out) if claim.resumed else None
     threads = record["compute"].get("threads")  # None on a GPU; a record without the count reads as this one
     began = before.get("threads", threads)
     # without a checkpoint the run begins again from its first step: on this count, as an uninterrupted run would
     if checkpoint is not None and began != threads:
-        acc.print(f"note: {out} trained on {began} CPU thread(s) per process and goes on on {threads}: a CPU run's "
+        say(acc, f"note: {out} trained on {began} CPU thread(s) per process and goes on on {threads}: a CPU run's "
                   f"weights depend on its thread count, so from here on they differ from an uninterrupted run's on "
                   f"either count (to keep them, go on with {began} thread(s) per process: OMP_NUM_THREADS={began}, "
                   f"or in a study the --jobs and cores it began with)")
@@ -421,7 +427,7 @@ def _start(cfg: TrainConfig, acc: Accelerator, method: Method, checkpoint: Path 
     if checkpoint is not None:
         position = load_checkpoint(checkpoint, acc.process_index, method, optimizer, scheduler)
         total, step = spe * cfg.epochs, position["global_step"]
-        acc.print(f"resuming {out} after step {step} of {total}" + (": finishing it" if step >= total else
+        say(acc, f"resuming {out} after step {step} of {total}" + (": finishing it" if step >= total else
                   f", in epoch {position['epoch'] + 1} of {cfg.epochs} (as log.csv counts them)"))
     run_log = RunLog(out / LOG, acc.is_main_process, keep_steps=position["global_step"])
     bar = tqdm(total=spe * cfg.epochs, initial=position["global_step"], disable=not acc.is_main_process,
