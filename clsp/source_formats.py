@@ -82,10 +82,13 @@ class ParquetSource(Source):
         if other is not None:
             raise UserError(f"{other} has no `{self._image_col}` column, which {files[0]} holds images in: the files "
                             f"of a source must be parts of one table; pass only its files (a narrower glob or folder)")
-        self._label_col = next((c for c in self.LABEL_COLUMNS if c in schema.names), None)
+        self._check_image_type(files)
+        # a column any file has: a file without it is then refused, not the whole source read as unlabelled
+        self._label_col = next((c for c in self.LABEL_COLUMNS if any(c in pf.schema_arrow.names for pf in self._files)),
+                               None)
+        self.classes = self._class_names(schema)
         if self._label_col:
             self._check_labels(files)
-        self.classes = self._class_names(schema)
         stems = [safe_id(Path(f).name.split(".")[0], MAX_ID_CHARS - 12) for f in files]  # room for "-ROW" (11 digits)
         if len(set(stems)) != len(stems):  # e.g. train/0000.parquet + test/0000.parquet read as --split all
             stems = [safe_id(f"{Path(f).parent.name}-{Path(f).name.split('.')[0]}", MAX_ID_CHARS - 12) for f in files]
@@ -125,9 +128,23 @@ class ParquetSource(Source):
         words = [split_named(Path(file).name, prefix=True)] + [split_named(f, prefix=False) for f in reversed(folders)]
         return next((w for w in words if w), None)
 
-    def _check_labels(self, files: list[str]) -> None:
-        """Labels must be class numbers in every file: a float 0.5 would be read as class 0, a string not at all."""
+    def _check_image_type(self, files: list[str]) -> None:
+        """The image column must hold encoded images: {bytes, path} structs or bytes, not file paths or pixel arrays."""
         import pyarrow as pa
+
+        for path, parquet in zip(files, self._files):
+            kind = parquet.schema_arrow.field(self._image_col).type
+            struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+            if not (struct or pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_null(kind)):
+                raise UserError(f"{path}: the image column `{self._image_col}` holds {kind}, not encoded images: "
+                                f"store each image's file bytes (PNG, JPEG, ...) in it, as {{bytes, path}} structs (a "
+                                f"datasets Image feature) or plain bytes; file paths are never followed")
+
+    def _check_labels(self, files: list[str]) -> None:
+        """Labels must be class numbers in every file: a float 0.5 would be read as class 0, a string not at all; and
+        -1 (unknown) or a class the names list, found now rather than by the manifest after the shards are made."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
         for path, parquet in zip(files, self._files):
             schema = parquet.schema_arrow
@@ -137,6 +154,15 @@ class ParquetSource(Source):
                 raise UserError(f"{path}: the label column `{self._label_col}` holds {held}, not class numbers: store "
                                 f"integers 0, 1, ... in it (a datasets ClassLabel, or pandas' "
                                 f"`df['{self._label_col}'].astype('category').cat.codes`), in every file of the source")
+            if pa.types.is_null(kind):
+                continue
+            low, high = pc.min_max(parquet.read(columns=[self._label_col]).column(0)).values()
+            bound = f"0..{len(self.classes) - 1} (the {len(self.classes)} class names of its metadata)" \
+                if self.classes else "0, 1, ..."
+            if (low.as_py() is not None and low.as_py() < -1) or (self.classes and high.as_py() is not None
+                                                                  and high.as_py() >= len(self.classes)):
+                raise UserError(f"{path}: the label column `{self._label_col}` holds labels from {low.as_py()} to "
+                                f"{high.as_py()}: a label must be -1 (unknown) or a class {bound}; mend the file")
 
     def _class_names(self, schema) -> list[str]:
         meta = (schema.metadata or {}).get(b"huggingface")
@@ -165,8 +191,11 @@ class ParquetSource(Source):
         cell = rows[self._image_col][r]
         data = cell.get("bytes") if isinstance(cell, dict) else cell
         if not data:
-            raise UserError(f"row {r} of {self._paths[f]} has no image bytes: the image column must hold "
-                            f"encoded images ({{bytes, path}} structs)")
+            only_path = isinstance(cell, dict) and cell.get("path")
+            raise UserError(f"row {self._row_number(f, g, r)} of {self._paths[f]} has no image bytes"
+                            + (" (only a path, which is never followed)" if only_path else "")
+                            + ": store each image's file bytes in the image column (a datasets Image feature "
+                              "with the files embedded) or leave the row out")
         value = rows[self._label_col][r] if self._label_col else None
         label = -1 if value is None else int(value)  # a null label: unknown, as with no label column
         return f"{self._stems[f]}-{self._row_number(f, g, r):07d}", label, data

@@ -299,12 +299,17 @@ def load_shard_sample(shards_dir: str, max_anchors: int, seed: int = 0):
 
 
 def anchor_rows(ids: list[str], anchors: np.ndarray, real_ids: list[str], real_images: np.ndarray) -> np.ndarray:
-    """(N,) each anchor's row in the real set (N anchors (N, H, W, 3), M real images (M, H, W, 3)): by its id, else by
-    its pixels; -1 where it is not there. Pixels too, because the audit reads the train split and ids under --split
-    all name the split (cifar10-all-00003 is cifar10-train-00003; a folder's train/ images gain a `train-` prefix):
-    an anchor not found would be judged by a classifier fitted on it."""
+    """(N,) each anchor's row in the real set (N anchors (N, H, W, 3), M real images (M, H, W, 3)): by its id where
+    that row holds the anchor's pixels, else by its pixels; -1 where it is not there. Pixels too, because the audit
+    reads the train split and ids under --split all name the split (cifar10-all-00003 is cifar10-train-00003; a
+    folder's train/ images gain a `train-` prefix): an anchor not found would be judged by a classifier fitted on it.
+    And an id alone is not enough: two splits' images can share one (a folder's train/cat/0.png and test/cat/0.png are
+    both cat-0 under their own split), and a test anchor taken for a train image would leave that image out."""
     by_id = {anchor_id: i for i, anchor_id in enumerate(real_ids)}
     rows = np.array([by_id.get(anchor_id, -1) for anchor_id in ids], dtype=np.int64)
+    for i in np.flatnonzero(rows >= 0):
+        if not np.array_equal(anchors[i], real_images[rows[i]]):
+            rows[i] = -1
     if (rows < 0).any():
         by_pixels = {hashlib.sha256(image.tobytes()).digest(): i for i, image in enumerate(real_images)}
         for i in np.flatnonzero(rows < 0):

@@ -101,6 +101,9 @@ def test_anchors_of_shards_made_under_split_all_are_found_in_the_train_split(tmp
     assert not set(ids) & set(real_ids)  # no id in common: found by pixels
     assert anchor_rows(ids, anchors, real_ids, real_images).tolist() == [*range(10), -1, -1, -1]
     assert anchor_rows(real_ids[::-1], real_images[::-1], real_ids, real_images).tolist() == list(range(10))[::-1]
+    # a test image whose id a train image has too (a folder's train/cat/0.png and test/cat/0.png are both cat-0): it
+    # was taken for that train image, which the audit then left out of the anchor's neighbours
+    assert anchor_rows(real_ids[:3], anchors[10:], real_ids, real_images).tolist() == [-1, -1, -1]
 
 
 def test_the_reference_never_holds_every_real_image_as_floats():

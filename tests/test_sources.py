@@ -349,3 +349,43 @@ def test_load_arrays_fills_one_array_and_shows_its_progress(tmp_path, capsys):
     assert "reading folder:" in capsys.readouterr().err
     source.describe()
     assert "reading folder:" in capsys.readouterr().err
+
+
+def test_parquet_images_that_are_not_encoded_bytes_are_refused_naming_the_row_or_the_column(tmp_path):
+    """A string (a file path) or a pixel array in the image column ended in a TypeError traceback; a missing image
+    was named by its row within its row group, and a path-only struct was told to be a {bytes, path} struct."""
+    rng = np.random.default_rng(0)
+    cells = [{"bytes": _png(rng, size=8), "path": None} for _ in range(30)]
+    cells[25] = None
+    cells[27] = {"bytes": None, "path": "/elsewhere/27.png"}  # datasets' to_parquet of images loaded from paths
+    pq.write_table(pa.table({"img": cells, "label": [0] * 30}), tmp_path / "gaps.parquet", row_group_size=10)
+    source = open_source(f"parquet:{tmp_path / 'gaps.parquet'}")
+    with pytest.raises(UserError, match=r"row 25 of .*gaps.parquet has no image bytes: store each image's file bytes"):
+        source.fingerprint()
+    with pytest.raises(UserError, match=r"row 27 of .*gaps.parquet has no image bytes \(only a path, which is never "
+                                        r"followed\)"):
+        list(source.records(26, 28))
+    for name, column in (("paths", ["/data/0.png", "/data/1.png"]), ("arrays", [[0.5] * 12, [0.25] * 12])):
+        pq.write_table(pa.table({"image": column, "label": [0, 1]}), tmp_path / f"{name}.parquet")
+        with pytest.raises(UserError, match=rf"{name}.parquet: the image column `image` holds .*, not encoded images: "
+                                            rf"store each image's file bytes"):
+            open_source(f"parquet:{tmp_path / name}.parquet")
+
+
+def test_parquet_labels_outside_the_class_names_or_in_only_some_files_are_refused_at_open(tmp_path):
+    """A label past the ClassLabel names was found by the manifest after every shard was sampled, with "regenerate the
+    shards" as its fix; a label column that the first file lacks made the whole source unlabelled without a word."""
+    images = [np.zeros((8, 8, 3), np.uint8)] * 3
+    for labels in ([0, 3, 1], [0, -5, 1]):
+        write_hf_parquet(tmp_path / "named" / "train.parquet", images, labels, class_names=["a", "b", "c"])
+        with pytest.raises(UserError, match=rf"train.parquet: the label column `label` holds labels from {min(labels)} "
+                                            rf"to {max(labels)}: a label must be -1 \(unknown\) or a class 0..2"):
+            open_source(f"parquet:{tmp_path / 'named'}")
+    write_hf_parquet(tmp_path / "named" / "train.parquet", images, [0, 2, None], class_names=["a", "b", "c"])
+    assert [r.label for r in open_source(f"parquet:{tmp_path / 'named'}")] == [0, 2, -1]  # nulls are unknown
+    (tmp_path / "mixed").mkdir()
+    unlabelled = pa.table({"img": [{"bytes": png_bytes(image), "path": None} for image in images]})
+    pq.write_table(unlabelled, tmp_path / "mixed" / "train-0.parquet")
+    write_hf_parquet(tmp_path / "mixed" / "train-1.parquet", images, [0, 1, 2])
+    with pytest.raises(UserError, match=r"train-0.parquet: the label column `label` holds no such column"):
+        open_source(f"parquet:{tmp_path / 'mixed'}")
