@@ -67,6 +67,19 @@ class _Group(TyperGroup):
                 raise
             typer.echo(f"error: {printable(message)}", err=True)  # one line, whatever a file put in it
             raise typer.Exit(2) from None
+        finally:
+            _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Shut this process's part of a launch's process group down before the interpreter exits: left to exit, gloo's
+    threads could meet a peer's closed connection and abort the process ("terminate called without an active
+    exception") after the command had done its work."""
+    import sys
+
+    distributed = getattr(sys.modules.get("torch"), "distributed", None)  # torch only if the command imported it
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def user_message(error: Exception) -> str | None:

@@ -189,6 +189,7 @@ def _train(cfg: DiffusionTrainConfig, command: str | None, stack: ExitStack) -> 
     start = resume_step(cfg, claim, accelerator)
     if start < 0:
         say(accelerator, f"{cfg.out} already holds the finished generator for this config: nothing to do")
+        accelerator.wait_for_everyone()  # no process leaves while another is still in a collective
         return cfg.out
     images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(accelerator.device)  # (N, 3, H, W) uint8
     models, state = _build(cfg, size, start, accelerator)

@@ -343,6 +343,7 @@ def _setup(cfg: TrainConfig, stack: ExitStack) -> Launch | None:
     claim = stack.enter_context(prepare_run_dir(out, record, kind, cfg.resume, cfg.overwrite, acc))
     if claim.resumed and (out / SUMMARY).exists():
         say(acc, f"{out} is already finished with these settings: nothing to do")
+        acc.wait_for_everyone()  # no process leaves while another is still in a collective (gloo aborts then)
         return None
     checkpoint = find_checkpoint(out) if claim.resumed else None
     threads = record["compute"].get("threads")  # None on a GPU; a record without the count reads as this one
