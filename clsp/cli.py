@@ -19,14 +19,22 @@ text (no rich markup, which ate bracketed words such as `[train]`); every option
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
-import typer
-from typer.core import TyperArgument, TyperGroup
-from typer.main import get_group
+# Progress bars into a log file, a pipe or a scheduler's output (no terminal): a frame every 30 s rather than up to ten
+# a second, so a long run's log stays small. tqdm reads these when it is imported, which no stage has done yet here.
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_MININTERVAL", "30")
+    os.environ.setdefault("TQDM_MAXINTERVAL", "60")
 
-from clsp import __version__
-from clsp.errors import UserError, os_problem, printable
-from clsp.presets import default_note
+import typer  # noqa: E402
+from typer.core import TyperArgument, TyperGroup  # noqa: E402
+from typer.main import get_group  # noqa: E402
+
+from clsp import __version__  # noqa: E402
+from clsp.errors import UserError, os_problem, printable  # noqa: E402
+from clsp.presets import default_note  # noqa: E402
 
 STAGES = [  # (name, module holding `app`)
     ("data", "clsp.data_cli"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import os
 import pickle
 import shutil
 from contextlib import contextmanager
@@ -38,9 +39,10 @@ def partial_removed(temp: Path, doing: str, then: str = ""):
 
 def remove_cut_writes(path: Path) -> None:
     """Remove the temp files of `path` (.NAME.tmp-PID) whose writers a kill stopped; call before writing `path` again
-    where no claimed run folder's own sweep (clsp.run_dir) covers it."""
+    where no claimed run folder's own sweep (clsp.run_dir) covers it. This process's own are left: another of its
+    threads may be writing one."""
     for temp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        if left_by_a_killed_writer(temp):
+        if not temp.name.endswith(f".tmp-{os.getpid()}") and left_by_a_killed_writer(temp):
             temp.unlink(missing_ok=True)
 
 

@@ -254,7 +254,7 @@ class Source:
         known = self.labels()
         labels = known.tolist() if known is not None else [
             r.label for r in tqdm(self, total=len(self), desc=f"reading {self.name}", unit="img", leave=False,
-                                  file=sys.stderr)]
+                                  position=0, file=sys.stderr)]
         return {
             "source": self.spec,
             "split": self.split,
@@ -346,8 +346,10 @@ def load_arrays(source: Source, limit: int | None = None,
     images = np.empty((len(positions), size, size, 3), dtype=np.uint8)  # filled in place: no second copy
     labels, ids = np.empty(len(positions), dtype=np.int64), []
     records = source.records_at(positions)
+    # position 0 (also under a running bar, e.g. training's): drawn on that bar's line, not below it with cursor moves
+    # that a log file keeps as escape codes
     for record in tqdm(records, total=len(positions), desc=f"reading {source.name}", unit="img", leave=False,
-                       file=sys.stderr):
+                       position=0, file=sys.stderr, disable=os.environ.get("RANK", "0") != "0"):  # one launch, one bar
         if record.label >= 0 or not labelled:
             images[len(ids)], labels[len(ids)] = record.image, record.label
             ids.append(record.anchor_id)

@@ -151,7 +151,8 @@ def study(cfg: StudyConfig) -> dict:
             if run not in pending:
                 print(f"{name}: trained and scored already, skipped")
                 continue
-            _train_here(run)  # a finished run returns at once; an unfinished one resumes
+            if not _finished(run):  # trains, or resumes; a finished run (also one the pool trained) is scored
+                _train_here(run)
             started = time.perf_counter()
             result = evaluate_run_kfold(run.out, data, bank, eval_config, cfg.folds)
             print(f"{name}: kNN best {result['knn_best']:.2f}%, linear {result['linear_top1']:.2f}% "

@@ -7,6 +7,7 @@ inputs; a rerun on the same inputs replaces its own earlier result.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def write_result(path: str | Path, result: dict, outputs: set[str] | tuple[str, 
     in any copy of the folder; file times would not say so (cp -r, rsync and git write them anew)."""
     inputs = lambda r: {k: v for k, v in r.items() if k not in {*outputs, WRITTEN}}  # noqa: E731
     for temp in _cut_writes(Path(path)):  # the in-place rewrite below would not remove them (write_new_set does)
-        temp.unlink(missing_ok=True)
+        if not temp.name.endswith(f".tmp-{os.getpid()}"):  # another thread of this process may be writing it
+            temp.unlink(missing_ok=True)
     mine = inputs(json.loads(json.dumps(result)))  # as read back (tuples -> lists)
     found = readable_results(series(path))  # a file that holds no JSON object is a stranger's: never written over
     last = max((written_order(content) for _, content in found), default=0)

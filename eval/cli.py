@@ -75,13 +75,13 @@ def _eval_config(source: Optional[str], preset: str, probe_epochs: Optional[int]
                       batch_size=batch_size, device=device)
 
 
-def _echo_results(result: dict) -> None:
+def _echo_results(result: dict, run: Path) -> None:
     if "knn" in result:
         typer.echo("kNN top-1 %: " + ", ".join(f"k={k} {v:.2f}" for k, v in result["knn"].items()) +
                    f"  (best k={result['knn_best_k']})")
     if "linear_top1" in result:
         typer.echo(f"linear top-1 %: {result['linear_top1']:.2f} (train {result['linear_train_top1']:.2f})")
-    typer.echo(f"wrote {result['results_file']} in the run's eval/")
+    typer.echo(f"wrote {Path(run) / 'eval' / result['results_file']}")
 
 
 @app.command("knn")
@@ -97,7 +97,7 @@ def knn_command(run: Path = typer.Argument(..., help="training run directory (ba
     with _user_errors():
         config = _eval_config(source, "embedded", None, forward_batch, device, test_source=test_source,
                               transfer=transfer, linear=False)
-        _echo_results(evaluate_run(run, config))
+        _echo_results(evaluate_run(run, config), run)
 
 
 @app.command("linear")
@@ -115,7 +115,7 @@ def linear_command(run: Path = typer.Argument(..., help="training run directory"
     with _user_errors():
         config = _eval_config(source, preset, probe_epochs, forward_batch, device, test_source=test_source,
                               transfer=transfer, knn=False)
-        _echo_results(evaluate_run(run, config))
+        _echo_results(evaluate_run(run, config), run)
 
 
 @app.command("audit")
@@ -189,9 +189,10 @@ def all_command(run: Path = typer.Argument(..., help="training run directory"),
         _check_out(out, recorded=[*run_sources(run), _shards_source(shards)])
         config = AllConfig(str(run), shards, str(out), eval_config, audit_anchors)
         summary = evaluate_all(config)
-    _echo_results(summary["results"])
+    _echo_results(summary["results"], run)
     typer.echo(Path(summary["audit_md"]).read_text())
-    typer.echo(f"wrote {summary['report']}, {summary['csv']}, {summary['audit']}, {summary['sheet']}")
+    typer.echo(f"wrote {summary['report']} (with its plots and pictures/), {summary['csv']}, {summary['audit']}, "
+               f"{summary['audit_md']}, {summary['sheet']}")
 
 
 def _key_values(options: list[str]) -> tuple[tuple[str, object], ...]:

@@ -80,7 +80,7 @@ def train_linear_probe(features: np.ndarray, labels: np.ndarray, config: ProbeCo
         head.bias.zero_()
     opt = torch.optim.SGD(head.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(config.milestones), gamma=config.gamma)
-    for _ in tqdm(range(config.epochs), desc="linear probe", unit="epoch", leave=False):
+    for _ in tqdm(range(config.epochs), desc="linear probe", unit="epoch", leave=False, position=0):
         order = torch.randperm(x.shape[0], generator=gen)
         for start in range(0, x.shape[0], config.batch_size):
             idx = order[start : start + config.batch_size]

@@ -161,7 +161,7 @@ def run_steps(cfg: DiffusionTrainConfig, start: int, images: torch.Tensor, model
         scheduled = done % cfg.checkpoint_every == 0 or done == cfg.steps
         stop = any_process(accelerator, stop_flag.raised)[0]  # every process stops after the same step
         if done % LOG_EVERY == 0 or scheduled:  # not on a stop: its window goes into the checkpoint
-            bar.set_postfix(loss=f"{progress.log_row(cfg, step, accelerator):.4f}")
+            bar.set_postfix(loss=f"{progress.log_row(cfg, step, accelerator):.4f}", refresh=False)
         bar.update(1)
         if scheduled or stop:
             rng = rng_states(accelerator)  # what dropout draws from next: a resume goes on from the same state

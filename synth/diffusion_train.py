@@ -200,6 +200,8 @@ def _train(cfg: DiffusionTrainConfig, command: str | None, stack: ExitStack) -> 
         if accelerator.is_main_process:
             card = _card(cfg, command, source, size, state, models.ema, accelerator, precision)
             save_generator(cfg.out, models.ema.cpu(), models.scheduler, card)
+            say(accelerator, f"{cfg.out}: finished {cfg.steps} steps, final loss {state['loss']:.4f}; wrote the "
+                             f"generator (unet/, scheduler/, card.json; the sample grids are in samples/)")
         accelerator.wait_for_everyone()
     return cfg.out
 

@@ -227,7 +227,7 @@ def _check_anchors_decode(cfg: SynthConfig, source, count: int, state) -> None:
     per = cfg.anchors_per_shard
     positions = [p for i in _shards_to_make(cfg, count) for p in range(i * per, min((i + 1) * per, count))]
     threads = max(1, min(16, available_cores() // state.num_processes))
-    with tqdm(total=len(positions), desc="checking anchors", unit="img", leave=False, dynamic_ncols=True,
+    with tqdm(total=len(positions), desc="checking anchors", unit="img", leave=False, position=0, dynamic_ncols=True,
               disable=not state.is_main_process or not positions, file=sys.stderr) as bar:
         source.check_readable(positions, threads, bar)
 
@@ -269,8 +269,9 @@ def _write_shards(cfg, state, unet, scheduler, source, count, num_shards, todo, 
                 began = time.perf_counter()
                 batch_rows = _write_shard(cfg, index, records, unet, scheduler, state, batch_rows, progress)
                 rate = len(records) * cfg.k / (time.perf_counter() - began)
-                tqdm.write(f"[rank {state.process_index}] wrote {shard_name(index)}: {len(records)} anchors x "
-                           f"{cfg.k} positives ({rate:.1f} images/s)", file=sys.stderr)
+                if state.is_main_process:  # the others' lines would land inside its bar's line, which they cannot see
+                    tqdm.write(f"[rank {state.process_index}] wrote {shard_name(index)}: {len(records)} anchors x "
+                               f"{cfg.k} positives ({rate:.1f} images/s)", file=sys.stderr)
     finally:
         progress.close()  # before any error message, so that it starts on its own line
 

@@ -59,7 +59,7 @@ def record(folder: Path) -> None:
     def recorded(run, batch):
         out = losses(run, batch)
         with open(folder / f"rank-{world_info()[0]}.txt", "a") as handle:
-            handle.write(f"{float(out['loss'])!r}\n")
+            handle.write(f"{float(out['loss'].detach())!r}\n")
         return out
 
     epoch._losses = recorded

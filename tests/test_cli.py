@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -102,3 +103,14 @@ def test_shards_info_and_verify_on_a_folder_that_is_no_shard_directory_exit_2(tm
         missing = runner.invoke(app, ["shards", command, str(tmp_path / "typo")])
         assert missing.exit_code == 2 and "typo does not exist" in missing.output, (command, missing.output)
         assert "FAIL" not in missing.output and "did not finish" not in missing.output
+
+
+def test_progress_bars_into_a_log_draw_a_frame_every_30_s():
+    """A redirected run's log got a bar frame up to ten times a second (a 48,800-step run: megabytes on one line)."""
+    show = "import os, clsp.cli; print(os.environ.get('TQDM_MININTERVAL'), os.environ.get('TQDM_MAXINTERVAL'))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    logged = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, env=env)  # stderr: a pipe
+    assert logged.stdout.split() == ["30", "60"]
+    mine = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True,
+                          env={**env, "TQDM_MININTERVAL": "5"})
+    assert mine.stdout.split() == ["5", "60"]  # a user's own setting stands

@@ -191,7 +191,9 @@ def test_cli_overwrite_replaces_a_run_with_other_settings(tmp_path):
             "--norm-groups", "4", "--attention-levels", "none", "--batch-size", "4", "--steps", "1",
             "--checkpoint-every", "1", "--sample-steps", "2", "--grid-size", "1"]
     runner = CliRunner()
-    assert runner.invoke(app, base).exit_code == 0
+    first = runner.invoke(app, base)
+    assert first.exit_code == 0, first.output
+    assert f"{out}: finished 1 steps, final loss " in first.stderr and "wrote the generator" in first.stderr
     refused = runner.invoke(app, base + ["--seed", "3"])
     assert isinstance(refused.exception, UserError) and "seed: 0 there, 3 now" in str(refused.exception)
     replaced = runner.invoke(app, base + ["--seed", "3", "--overwrite"])

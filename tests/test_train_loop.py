@@ -637,6 +637,7 @@ def test_two_processes_under_torchrun_take_equal_steps(shards, tmp_path):
     cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two gloo processes, also on a machine with one GPU
     result = subprocess.run(command, cwd=REPO, env=cpu_only, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr  # torch's about DDP's broadcast_buffers, once per process
     summary = read_json(out / "summary.json")
     # --batch-size 4 is global: 2 anchors per process a step, 26 // (2 * 2) = 6 steps an epoch on each process
     assert summary["world_size"] == 2 and summary["steps_per_rank_this_launch"] == [12, 12]
@@ -671,6 +672,10 @@ def test_cli_applies_the_preset_under_explicit_options(shards, tmp_path):
                                       "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--proj-hidden",
                                       "8", "--workers", "0"])
     assert result.exit_code == 0, result.output
+    # stdout: the run folder alone (for RUN=$(...)); stderr: how the run ended and what it wrote (it said nothing)
+    assert result.stdout.splitlines() == [str(out)]
+    assert re.search(rf"{re.escape(str(out))}: finished 6 steps, final loss \d+\.\d{{4}}; wrote backbone.safetensors "
+                     rf"and summary.json", result.stderr), result.stderr
     config = read_json(out / "config.json")["config"]
     assert config["width"] == 4 and config["batch_size"] == 4 and config["proj_dim"] == 128  # 128: from the preset
     result = CliRunner().invoke(app, ["run", str(shards), "--out", str(out), "--positives", "sometimes"])

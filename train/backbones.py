@@ -157,7 +157,8 @@ def embed(backbone: nn.Module, images: np.ndarray, transform: nn.Module, batch_s
     """
     from tqdm.auto import tqdm
 
-    starts = tqdm(range(0, len(images), batch_size), desc=progress, unit="batch", leave=False, disable=progress is None)
+    starts = tqdm(range(0, len(images), batch_size), desc=progress, unit="batch", leave=False, position=0,
+                  disable=progress is None)
     return torch.cat([backbone(transform(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
                                          .to(device))).float().flatten(1)  # (b, D)
                       for start in starts])

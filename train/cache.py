@@ -86,7 +86,8 @@ class CachedStream(IterableDataset):
         images = np.empty((len(mine), 1 + k, size, size, 3), np.uint8)  # (N_rank, 1 + K, H, W, 3)
         rows, labels, keys = np.empty(len(mine), np.int64), np.empty(len(mine), np.int64), [""] * len(mine)
         filled, skipped = 0, []
-        bar = tqdm(cfg.urls, desc="decoding shards into memory", unit="shard", disable=not progress, leave=False)
+        bar = tqdm(cfg.urls, desc="decoding shards into memory", unit="shard", disable=not progress, leave=False,
+                   position=0)  # on the training bar's line, which it replaces while it runs
         for url in bar:
             start = filled
             try:

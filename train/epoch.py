@@ -186,4 +186,4 @@ def _log_step(run: Launch, epoch: int, gstep: int, lr: float, losses: dict[str, 
         run.acc.log({k: v for k, v in run.run_log.last.items() if k not in ("step", "knn_top1_pct")}, gstep + 1)
     run.tick = now
     run.bar.update(1)
-    run.bar.set_postfix(loss=f"{run.run_log.last['loss']:.3f}")
+    run.bar.set_postfix(loss=f"{run.run_log.last['loss']:.3f}", refresh=False)  # drawn at the bar's pace

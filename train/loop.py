@@ -16,6 +16,7 @@ import hashlib
 import numbers
 import os
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
@@ -39,7 +40,7 @@ from clsp.shards.manifest import Manifest
 from clsp.train.augment import AUGMENT_DRAWS, DEFAULT_MEAN, DEFAULT_STD, BatchAugment, recipe_for
 from clsp.train.backbones import RESNET_LAYOUTS, build_backbone, wants_small_stem
 from clsp.train.cache import use_cache
-from clsp.train.checkpoint import (CONFIG, LOG, SUMMARY, TRACKER_DIR, RunLog, describe_run, find_checkpoint,
+from clsp.train.checkpoint import (BACKBONE, CONFIG, LOG, SUMMARY, TRACKER_DIR, RunLog, describe_run, find_checkpoint,
                                    load_checkpoint, run_files, save_backbone, settle_checkpoint)
 from clsp.train.epoch import Launch, run_epoch
 from clsp.train.knn_monitor import KnnMonitor
@@ -421,7 +422,10 @@ def _start(cfg: TrainConfig, acc: Accelerator, method: Method, checkpoint: Path 
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, warmup_steps=round(cfg.warmup_epochs * spe), total_steps=spe * cfg.epochs))
-    model, optimizer = acc.prepare(method, optimizer)  # model: DDP-wrapped when world > 1, autocast when bf16
+    with warnings.catch_warnings():  # torch deprecates DDP's broadcast_buffers for forward_sync_buffers, which
+        # accelerate's DDP kwargs do not pass yet; buffers are loaded after this, so the two do the same here
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        model, optimizer = acc.prepare(method, optimizer)  # model: DDP-wrapped when world > 1, autocast when bf16
     set_seed(cfg.seed, device_specific=True)  # processes augment differently; a checkpoint's RNG replaces this
     out = Path(cfg.out)
     position = {"epoch": 0, "step": 0, "global_step": 0}
@@ -455,4 +459,7 @@ def _finish(run: Launch) -> None:
             "skipped_shards": sorted(run.skipped), "skipped_per_rank": [c[1] for c in counts],
             "final_loss": last.get("loss"), "knn_top1_pct": last.get("knn_top1_pct") or None,
             "wall_s_this_launch": round(time.perf_counter() - run.started, 2)})
+        knn = f", kNN monitor {last['knn_top1_pct']:.2f}%" if last.get("knn_top1_pct") else ""
+        loss = f", final loss {last['loss']:.4f}" if isinstance(last.get("loss"), float) else ""
+        say(acc, f"{run.out}: finished {run.total} steps{loss}{knn}; wrote {BACKBONE} and {SUMMARY}")
     acc.wait_for_everyone()
