@@ -149,6 +149,7 @@ TINY_DDPM = dict(source="digits", split="test", image_size=8, channels=(8, 8), l
                  ema_decay=0.9, checkpoint_every=2, sample_steps=2, grid_size=4)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch.load notes the planted pickle's protocol
 def test_sigterm_stops_diffusion_training_with_a_checkpoint_and_the_resume_matches(tmp_path):
     straight = train_diffusion(DiffusionTrainConfig(out=tmp_path / "straight", **TINY_DDPM))
     out = tmp_path / "stopped"
