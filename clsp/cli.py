@@ -63,7 +63,7 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):  # --help, usage errors: typer's own handling
             raise
         except KeyboardInterrupt:  # a command that keeps no StopFlag (synth, eval), or a second Ctrl-C in training
@@ -75,16 +75,15 @@ class _Group(TyperGroup):
                 raise
             typer.echo(f"error: {printable(message)}", err=True)  # one line, whatever a file put in it
             raise typer.Exit(2) from None
-        finally:
-            _leave_process_group()
+        _leave_process_group()
+        return result
 
 
 def _leave_process_group() -> None:
-    """Shut this process's part of a launch's process group down before the interpreter exits: left to exit, gloo's
-    threads could meet a peer's closed connection and abort the process ("terminate called without an active
-    exception") after the command had done its work."""
-    import sys
-
+    """After a command that succeeded, shut this process's part of a launch's process group down before the
+    interpreter exits: left to exit, gloo's threads could meet a peer's closed connection and abort the process
+    ("terminate called without an active exception") after the command had done its work. Not after an error: a
+    peer may still wait in a collective, and the launcher ends the launch."""
     distributed = getattr(sys.modules.get("torch"), "distributed", None)  # torch only if the command imported it
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
