@@ -10,11 +10,12 @@ from conftest import host_traffic
 from clsp.train.backbones import build_backbone, mlp_head, wants_small_stem
 from clsp.train.distributed import FeatureQueue
 from clsp.train.losses import moco_infonce
-from clsp.train.methods import MethodConfig, build_method, setting_names
+from clsp.train.methods import MethodConfig, build_method, method_names, setting_names
 from clsp.train.methods.byol import BYOLConfig
 from clsp.train.methods.moco import MoCoConfig
 
-METHODS = ("simclr", "moco", "nnclr", "byol")
+METHODS = tuple(method_names())  # every registered method: one added later gets these tests too
+assert {"simclr", "moco", "nnclr", "byol"} <= set(METHODS)
 TINY = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32, "queue_size": 16}  # each method takes those it has
 
 

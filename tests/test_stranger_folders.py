@@ -176,3 +176,21 @@ def test_a_generator_json_larger_than_any_of_ours_is_refused_unread(tmp_path):
     with pytest.raises(UserError, match=f"{CARD_NAME} is larger than .* it was not read. Fix: delete {CARD_NAME}"):
         load_generator(str(out))
 
+
+
+def test_a_run_of_a_backbone_this_clsp_lacks_says_so(tmp_path):
+    """A run trained with a backbone added to another install's code was "not written by clsp or damaged"."""
+    from safetensors.torch import save_model
+
+    from clsp.errors import UserError
+    from clsp.train.backbones import build_backbone
+    from clsp.train.checkpoint import load_backbone
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(build_backbone("resnet18", width=4)[0], str(run / "backbone.safetensors"))
+    (run / "config.json").write_text(json.dumps({"clsp_run": "train", "backbone": {"name": "resnet10", "width": 4,
+                                                                                    "small_stem": True}}))
+    with pytest.raises(UserError, match=r"run was trained with backbone 'resnet10', which this clsp does not have "
+                                        r"\(resnet18, resnet50\): evaluate it where the code that trained it"):
+        load_backbone(run)

@@ -174,7 +174,7 @@ def load_backbone(run_dir: str | Path) -> tuple[nn.Module, dict]:
 
     The config has `image_size` and `normalize` {mean, std}: feed the backbone (B, 3, image_size, image_size) floats
     normalised with them, as the training augmentation did."""
-    from clsp.train.backbones import build_backbone
+    from clsp.train.backbones import RESNET_LAYOUTS, build_backbone
 
     run_dir = Path(run_dir)
     for name in (CONFIG, BACKBONE):
@@ -193,6 +193,12 @@ def load_backbone(run_dir: str | Path) -> tuple[nn.Module, dict]:
     with refused_if_not_ours(run_dir / CONFIG, fix):
         config = read_json(run_dir / CONFIG)
         spec = config["backbone"]
+        name = spec["name"]
+    if isinstance(name, str) and name not in RESNET_LAYOUTS:  # a backbone added to the code that trained it
+        raise UserError(f"{run_dir} was trained with backbone {name!r}, which this clsp does not have "
+                        f"({', '.join(sorted(RESNET_LAYOUTS))}): evaluate it where the code that trained it is "
+                        f"installed")
+    with refused_if_not_ours(run_dir / CONFIG, fix):
         with torch.device("meta"):  # shapes only: config.json's width must not size an allocation before it is checked
             skeleton, _ = build_backbone(spec["name"], width=spec["width"], small_stem=spec["small_stem"])
     with refused_if_not_ours(run_dir / BACKBONE, fix):
