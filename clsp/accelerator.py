@@ -63,6 +63,15 @@ def say(procs, text: str) -> None:
         tqdm.write(text, file=sys.stderr)
 
 
+def leave_process_group() -> None:
+    """Shut this process's part of a launch's process group (torchrun, accelerate launch) down, once its work is done:
+    left to the interpreter's exit, gloo's threads could meet a peer's closed connection and abort the process
+    ("terminate called without an active exception") after the work was done. The `clsp` command calls it after a
+    command succeeds; call it at the end of a script that calls the stages' library entries under a launcher."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def broadcast_int(procs, value: int) -> int:
     """The main process's `value` on every process. procs: an Accelerator or PartialState (all processes call this)."""
     from accelerate.utils import broadcast

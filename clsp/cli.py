@@ -19,14 +19,11 @@ text (no rich markup, which ate bracketed words such as `[train]`); every option
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
-# Progress bars into a log file, a pipe or a scheduler's output (no terminal): a frame every 30 s rather than up to ten
-# a second, so a long run's log stays small. tqdm reads these when it is imported, which no stage has done yet here.
-if not sys.stderr.isatty():
-    os.environ.setdefault("TQDM_MININTERVAL", "30")
-    os.environ.setdefault("TQDM_MAXINTERVAL", "60")
+from clsp.progress import bars_for_stderr
+
+bars_for_stderr()  # before any stage imports tqdm: into a log, a bar's frame every 30 s
 
 import typer  # noqa: E402
 from typer.core import TyperArgument, TyperGroup  # noqa: E402
@@ -75,18 +72,11 @@ class _Group(TyperGroup):
                 raise
             typer.echo(f"error: {printable(message)}", err=True)  # one line, whatever a file put in it
             raise typer.Exit(2) from None
-        _leave_process_group()
+        if "torch" in sys.modules:  # after a command that succeeded (not after an error: a peer may still wait in a
+            from clsp.accelerator import leave_process_group  # collective, and the launcher ends the launch)
+
+            leave_process_group()
         return result
-
-
-def _leave_process_group() -> None:
-    """After a command that succeeded, shut this process's part of a launch's process group down before the
-    interpreter exits: left to exit, gloo's threads could meet a peer's closed connection and abort the process
-    ("terminate called without an active exception") after the command had done its work. Not after an error: a
-    peer may still wait in a collective, and the launcher ends the launch."""
-    distributed = getattr(sys.modules.get("torch"), "distributed", None)  # torch only if the command imported it
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()
 
 
 def user_message(error: Exception) -> str | None:

@@ -149,9 +149,12 @@ class ParquetSource(Source):
         for path, parquet in zip(files, self._files):
             schema = parquet.schema_arrow
             kind = schema.field(self._label_col).type if self._label_col in schema.names else None
-            if kind is None or not (pa.types.is_integer(kind) or pa.types.is_null(kind)):  # null: unknown
-                held = "no such column" if kind is None else kind
-                raise UserError(f"{path}: the label column `{self._label_col}` holds {held}, not class numbers: store "
+            if kind is None:
+                holder = next(f for f, pf in zip(files, self._files) if self._label_col in pf.schema_arrow.names)
+                raise UserError(f"{path} has no `{self._label_col}` column, which {holder} has: add one to it (-1 "
+                                f"where a label is unknown), or leave that file out of the source")
+            if not (pa.types.is_integer(kind) or pa.types.is_null(kind)):  # null: unknown
+                raise UserError(f"{path}: the label column `{self._label_col}` holds {kind}, not class numbers: store "
                                 f"integers 0, 1, ... in it (a datasets ClassLabel, or pandas' "
                                 f"`df['{self._label_col}'].astype('category').cat.codes`), in every file of the source")
             if pa.types.is_null(kind):

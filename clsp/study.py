@@ -159,7 +159,10 @@ def study(cfg: StudyConfig) -> dict:
                   f"({time.perf_counter() - started:.1f} s to score)")
     # the report lists runs in one order, whatever order --methods, --positives and --seeds were given in: a rerun
     # that only reorders them writes the same files, not a second report
-    run_dirs = [Path(run.out) for run in sorted(runs, key=lambda run: (run.method, run.positives, run.seed))]
+    order = StudyConfig.positives  # the baseline first, as the study lists them by default
+    run_dirs = [Path(run.out) for run in sorted(runs, key=lambda run: (run.method, order.index(run.positives)
+                                                                        if run.positives in order else len(order),
+                                                                        run.positives, run.seed))]
     rows = [load_kfold(d) for d in run_dirs]
     scored = (f"{cfg.folds}-fold evaluation over all {len(data.ids)} labelled images of {spec} (each image scored by "
               f"a kNN bank / linear probe fitted on the other folds; folds keyed on image ids, the same for every "
@@ -416,8 +419,11 @@ def train_in_parallel(runs: list, jobs: int, log_dir: Path) -> None:
     import threading
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from clsp.progress import bars_for_a_log
+
     threads = pool_threads(jobs)
     log_dir.mkdir(parents=True, exist_ok=True)
+    bars_for_a_log()  # the pool processes, started below, write their bars into log files (this one's tqdm is loaded)
     print(f"study: training {len(runs)} run(s), {jobs} at a time on {threads} thread(s) each; progress in "
           f"{log_dir}/")
 

@@ -64,12 +64,13 @@ BETAS = ("beta_schedule", "beta_start", "trained_betas")  # how a DDPM-style (va
 
 def generator_ddim(scheduler_config: dict, spec: str) -> DDIMScheduler:
     """as_ddim of a generator's saved scheduler config, refused (UserError) where DDIM cannot sample its model: a
-    config with no betas (a variance-exploding or EDM scheduler, whose sigmas DDIM's default betas would replace
-    without a word) or betas DDIM does not implement."""
+    config of sigmas and no betas (a variance-exploding or EDM scheduler, whose sigmas DDIM's default betas would
+    replace without a word) or betas DDIM does not implement. A DDPM config that names no betas has the defaults."""
     config = dict(scheduler_config)
     kind = config.get("_class_name", "scheduler")
-    if not any(key in config for key in BETAS):
-        raise UserError(f"generator {spec!r}: its {kind} config gives no betas ({', '.join(BETAS)}): a "
+    sigmas = sorted(key for key in config if key.startswith("sigma_"))  # sigma_min, sigma_max, sigma_data
+    if sigmas and not any(key in config for key in BETAS):  # no betas at all: a DDPM config may rely on defaults
+        raise UserError(f"generator {spec!r}: its {kind} config gives sigmas ({', '.join(sigmas)}) and no betas: a "
                         f"variance-exploding or EDM model, which the sampler's DDIM steps cannot drive. Fix: use a "
                         f"DDPM-style (variance-preserving, noise-predicting) generator")
     try:

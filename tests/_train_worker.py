@@ -30,6 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 torch.set_num_threads(1)  # as in the test process: same kernels, bit-identical results
 
+from clsp.accelerator import leave_process_group  # noqa: E402
 from clsp.errors import UserError  # noqa: E402
 from clsp.train.loop import make_config, train  # noqa: E402
 
@@ -84,6 +85,7 @@ def main(argv: list[str]) -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    leave_process_group()  # as a script calling the library under a launcher must (README)
 
 
 if __name__ == "__main__":

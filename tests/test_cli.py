@@ -114,3 +114,6 @@ def test_progress_bars_into_a_log_draw_a_frame_every_30_s():
     mine = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True,
                           env={**env, "TQDM_MININTERVAL": "5"})
     assert mine.stdout.split() == ["5", "60"]  # a user's own setting stands
+    closed = subprocess.run(["bash", "-c", f'"{sys.executable}" -m clsp --version 2>&-'], capture_output=True,
+                            text=True, env=env)  # no stderr at all: the import asked it whether it was a terminal
+    assert closed.returncode == 0 and closed.stdout.strip(), closed.stdout

@@ -52,7 +52,8 @@ def test_hub_layout_dir_loads_with_a_ddim_scheduler_and_the_same_fingerprint(tmp
 
 @pytest.mark.parametrize("scheduler, message", [
     # sigmas, no betas: DDIM's default linear betas took their place without a word
-    (lambda: ScoreSdeVeScheduler(), r"its ScoreSdeVeScheduler config gives no betas .*variance-exploding or EDM"),
+    (lambda: ScoreSdeVeScheduler(), r"its ScoreSdeVeScheduler config gives sigmas \(sigma_max, sigma_min\) and no "
+                                    r"betas: a variance-exploding or EDM model"),
     (lambda: DDPMScheduler(beta_schedule="sigmoid"), r"DDIM cannot take its DDPMScheduler config \(sigmoid"),  # was
 ])  # a traceback
 def test_a_scheduler_ddim_cannot_follow_is_refused_by_name(tmp_path, unet, scheduler, message):
@@ -60,6 +61,15 @@ def test_a_scheduler_ddim_cannot_follow_is_refused_by_name(tmp_path, unet, sched
     scheduler().save_pretrained(tmp_path / "hub")
     with pytest.raises(UserError, match=message):
         load_generator(str(tmp_path / "hub"))
+
+
+def test_a_ddpm_config_that_names_no_betas_has_the_default_ones(tmp_path, unet):
+    """A hub config of only {_class_name, num_train_timesteps} relies on diffusers' default (linear) betas."""
+    unet.save_pretrained(tmp_path / "hub", safe_serialization=True)
+    (tmp_path / "hub" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler",
+                                                                         "num_train_timesteps": 1000}))
+    _, scheduler, _ = load_generator(str(tmp_path / "hub"))
+    torch.testing.assert_close(scheduler.alphas_cumprod, DDPMScheduler().alphas_cumprod)
 
 
 def test_fingerprint_changes_with_the_weights(unet):

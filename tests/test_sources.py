@@ -387,5 +387,6 @@ def test_parquet_labels_outside_the_class_names_or_in_only_some_files_are_refuse
     unlabelled = pa.table({"img": [{"bytes": png_bytes(image), "path": None} for image in images]})
     pq.write_table(unlabelled, tmp_path / "mixed" / "train-0.parquet")
     write_hf_parquet(tmp_path / "mixed" / "train-1.parquet", images, [0, 1, 2])
-    with pytest.raises(UserError, match=r"train-0.parquet: the label column `label` holds no such column"):
+    with pytest.raises(UserError, match=r"train-0.parquet has no `label` column, which .*train-1.parquet has: add one "
+                                        r"to it \(-1 where a label is unknown\), or leave that file out"):
         open_source(f"parquet:{tmp_path / 'mixed'}")
