@@ -92,14 +92,15 @@ def is_atomic_temp(path: Path) -> bool:
     return re.fullmatch(r"\..+\.tmp-[0-9]+", path.name) is not None
 
 
-def left_by_a_killed_writer(path: Path) -> bool:
+def left_by_a_killed_writer(path: Path, this_process_too: bool = True) -> bool:
     """Whether `path` is a `write_atomic` temp file whose writer no longer runs on this machine, so a kill cut its
-    write short. This process counts as gone: it asks while starting, before it writes anything."""
+    write short. This process counts as gone where it asks while starting, before it writes anything; asked later
+    (`this_process_too=False`), its own are left: another of its threads may be writing one."""
     if not is_atomic_temp(path):
         return False
     pid = int(path.name.rsplit("-", 1)[1])
     if pid == os.getpid():
-        return True
+        return this_process_too
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):  # OverflowError: a pid no process can have

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import io
 import json
-import os
 import pickle
 import shutil
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ def remove_cut_writes(path: Path) -> None:
     where no claimed run folder's own sweep (clsp.run_dir) covers it. This process's own are left: another of its
     threads may be writing one."""
     for temp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        if not temp.name.endswith(f".tmp-{os.getpid()}") and left_by_a_killed_writer(temp):
+        if left_by_a_killed_writer(temp, this_process_too=False):
             temp.unlink(missing_ok=True)
 
 

@@ -159,10 +159,9 @@ def study(cfg: StudyConfig) -> dict:
                   f"({time.perf_counter() - started:.1f} s to score)")
     # the report lists runs in one order, whatever order --methods, --positives and --seeds were given in: a rerun
     # that only reorders them writes the same files, not a second report
-    order = StudyConfig.positives  # the baseline first, as the study lists them by default
-    run_dirs = [Path(run.out) for run in sorted(runs, key=lambda run: (run.method, order.index(run.positives)
-                                                                        if run.positives in order else len(order),
-                                                                        run.positives, run.seed))]
+    order = StudyConfig.positives  # every kind, the baseline first, as the study lists them by default
+    run_dirs = [Path(run.out) for run in sorted(runs, key=lambda run: (run.method, order.index(run.positives),
+                                                                        run.seed))]
     rows = [load_kfold(d) for d in run_dirs]
     scored = (f"{cfg.folds}-fold evaluation over all {len(data.ids)} labelled images of {spec} (each image scored by "
               f"a kNN bank / linear probe fitted on the other folds; folds keyed on image ids, the same for every "

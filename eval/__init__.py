@@ -7,7 +7,6 @@ inputs; a rerun on the same inputs replaces its own earlier result.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -77,10 +76,11 @@ def _holds(path: Path, content: bytes) -> bool:
         return False
 
 
-def _cut_writes(path: Path) -> list[Path]:
-    """Temp files of `path`'s series (.stem-N.ext.tmp-PID) that a killed write left behind."""
+def _cut_writes(path: Path, this_process_too: bool = True) -> list[Path]:
+    """Temp files of `path`'s series (.stem-N.ext.tmp-PID) that a killed write left behind (left_by_a_killed_writer)."""
     name = re.compile(re.escape(f".{path.stem}") + r"(-\d+)?" + re.escape(path.suffix) + r"\.tmp-\d+")
-    return [p for p in path.parent.glob(".*.tmp-*") if name.fullmatch(p.name) and left_by_a_killed_writer(p)]
+    return [p for p in path.parent.glob(".*.tmp-*")
+            if name.fullmatch(p.name) and left_by_a_killed_writer(p, this_process_too)]
 
 
 def _number(path: Path, found: Path) -> int:
@@ -105,9 +105,8 @@ def write_result(path: str | Path, result: dict, outputs: set[str] | tuple[str, 
     last, so its bytes stay those of the first run): after A, B, A again, A's file is the last written by its content,
     in any copy of the folder; file times would not say so (cp -r, rsync and git write them anew)."""
     inputs = lambda r: {k: v for k, v in r.items() if k not in {*outputs, WRITTEN}}  # noqa: E731
-    for temp in _cut_writes(Path(path)):  # the in-place rewrite below would not remove them (write_new_set does)
-        if not temp.name.endswith(f".tmp-{os.getpid()}"):  # another thread of this process may be writing it
-            temp.unlink(missing_ok=True)
+    for temp in _cut_writes(Path(path), this_process_too=False):  # the in-place rewrite below would not remove them
+        temp.unlink(missing_ok=True)
     mine = inputs(json.loads(json.dumps(result)))  # as read back (tuples -> lists)
     found = readable_results(series(path))  # a file that holds no JSON object is a stranger's: never written over
     last = max((written_order(content) for _, content in found), default=0)
