@@ -9,7 +9,7 @@ Two layouts load:
 Weights load from safetensors only (never pickle); `clsp diffusion convert DIR` (synth.convert_weights) turns a
 `.bin`-only dir into safetensors when the user asks (torch.load with weights_only=True: tensors, no code). Whatever
 scheduler class was saved, the sampler gets a DDIMScheduler built from its config (same betas and timestep count); a
-config without betas (variance-exploding, EDM) or with betas DDIM does not implement is refused.
+config of sigmas without betas (variance-exploding, EDM) or with betas DDIM does not implement is refused.
 
 A hub id loads from the local Hugging Face cache when it is there (offline too); otherwise one short probe of the hub
 (or HF_HUB_OFFLINE) decides at once that the machine is offline, instead of a minute of retries.
